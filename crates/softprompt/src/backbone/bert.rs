@@ -1,0 +1,264 @@
+//! BERT-family encoder (BERT, MiniLM): word + position + token-type embeddings, post-LayerNorm
+//! blocks with exact GELU, and the tanh pooler over position 0. Forward and input-gradient passes
+//! are written out layer by layer.
+//!
+//! ```text
+//! x0 = LN(e + pos + type)
+//! per layer: a = softmax(q·kᵀ/√d + mask)·v;  x1 = LN(x + a·Woᵀ + bo);  out = LN(x1 + gelu(x1·W1ᵀ + b1)·W2ᵀ + b2)
+//! pooler: tanh(Wp·h[:, 0] + bp)
+//! ```
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use std::path::Path;
+
+use super::ops::{self, AttentionSaved};
+use super::weights::WeightSource;
+use super::{Arch, Backbone, BackboneInput, ConfigFields, ModelInfo, Tape};
+
+struct Dense {
+    w: Tensor,
+    b: Tensor,
+}
+
+impl Dense {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(ops::linear(x, &self.w, Some(&self.b))?)
+    }
+    fn backward(&self, dy: &Tensor) -> Result<Tensor> {
+        Ok(ops::linear_backward(dy, &self.w)?)
+    }
+}
+
+struct Norm {
+    g: Tensor,
+    b: Tensor,
+}
+
+struct Layer {
+    q: Dense,
+    k: Dense,
+    v: Dense,
+    o: Dense,
+    attn_norm: Norm,
+    inner: Dense,
+    out: Dense,
+    out_norm: Norm,
+}
+
+/// A frozen BERT-family encoder.
+pub struct Bert {
+    info: ModelInfo,
+    eps: f64,
+    word: Tensor,
+    position: Tensor,
+    token_type: Tensor,
+    emb_norm: Norm,
+    layers: Vec<Layer>,
+    pooler: Option<Dense>,
+}
+
+struct LayerTape {
+    r1: Tensor,
+    z: Tensor,
+    r2: Tensor,
+    attn: AttentionSaved,
+}
+
+struct BertTape {
+    e: Tensor,
+    layers: Vec<LayerTape>,
+}
+
+impl Bert {
+    /// Loads a Hugging Face BERT directory (`config.json` + safetensors, with or without the
+    /// `bert.` prefix, `LayerNorm.weight` or the older `LayerNorm.gamma` names).
+    pub fn from_hf(dir: &Path, config: &serde_json::Value, w: &dyn WeightSource, device: &Device) -> Result<Self> {
+        let f = ConfigFields::new(dir, config);
+        let d = f.usize("hidden_size")?;
+        let heads = f.usize("num_attention_heads")?;
+        let n_layers = f.usize("num_hidden_layers")?;
+        let inter = f.usize("intermediate_size")?;
+        let vocab = f.usize("vocab_size")?;
+        let max_pos = f.opt_usize("max_position_embeddings")?.unwrap_or(512);
+        let types = f.opt_usize("type_vocab_size")?.unwrap_or(2);
+        let eps = f.f64_or("layer_norm_eps", 1e-12)?;
+        let act = f.str_or("hidden_act", "gelu")?;
+        if act != "gelu" {
+            bail!("{}: hidden_act `{act}` is not supported (supported: gelu)", dir.join("config.json").display());
+        }
+        if heads == 0 || d % heads != 0 {
+            bail!("{}: hidden_size {d} is not divisible by num_attention_heads {heads}", dir.join("config.json").display());
+        }
+        let prefix = if w.contains("bert.embeddings.word_embeddings.weight") { "bert." } else { "" };
+        let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let full = format!("{prefix}{name}");
+            if !w.contains(&full) {
+                // Older checkpoints name LayerNorm parameters gamma/beta.
+                let old = full.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta");
+                if w.contains(&old) {
+                    return w.tensor_shaped(&old, shape, device);
+                }
+            }
+            w.tensor_shaped(&full, shape, device)
+        };
+        let dense = |name: &str, o: usize, i: usize| -> Result<Dense> {
+            Ok(Dense { w: get(&format!("{name}.weight"), &[o, i])?, b: get(&format!("{name}.bias"), &[o])? })
+        };
+        let norm = |name: &str| -> Result<Norm> {
+            Ok(Norm { g: get(&format!("{name}.weight"), &[d])?, b: get(&format!("{name}.bias"), &[d])? })
+        };
+        let mut layers = Vec::with_capacity(n_layers);
+        for l in 0..n_layers {
+            let p = format!("encoder.layer.{l}");
+            layers.push(Layer {
+                q: dense(&format!("{p}.attention.self.query"), d, d)?,
+                k: dense(&format!("{p}.attention.self.key"), d, d)?,
+                v: dense(&format!("{p}.attention.self.value"), d, d)?,
+                o: dense(&format!("{p}.attention.output.dense"), d, d)?,
+                attn_norm: norm(&format!("{p}.attention.output.LayerNorm"))?,
+                inner: dense(&format!("{p}.intermediate.dense"), inter, d)?,
+                out: dense(&format!("{p}.output.dense"), d, inter)?,
+                out_norm: norm(&format!("{p}.output.LayerNorm"))?,
+            });
+        }
+        let pooler = if w.contains(&format!("{prefix}pooler.dense.weight")) {
+            Some(dense("pooler.dense", d, d)?)
+        } else {
+            None
+        };
+        let params = (vocab + max_pos + types) * d
+            + 2 * d
+            + n_layers * (4 * (d * d + d) + 4 * d + 2 * inter * d + inter + d)
+            + pooler.as_ref().map_or(0, |_| d * d + d);
+        let info = ModelInfo {
+            arch: Arch::Bert,
+            model_type: "bert".into(),
+            source: w.location().to_path_buf(),
+            layers: n_layers,
+            hidden: d,
+            heads,
+            kv_heads: heads,
+            intermediate: inter,
+            vocab,
+            max_positions: max_pos,
+            params,
+            dtypes_on_disk: w.dtype_counts(),
+        };
+        Ok(Self {
+            info,
+            eps,
+            word: get("embeddings.word_embeddings.weight", &[vocab, d])?,
+            position: get("embeddings.position_embeddings.weight", &[max_pos, d])?,
+            token_type: get("embeddings.token_type_embeddings.weight", &[types, d])?,
+            emb_norm: norm("embeddings.LayerNorm")?,
+            layers,
+            pooler,
+        })
+    }
+
+    fn layer_forward(&self, layer: &Layer, x: &Tensor, bias: &Tensor, keep: bool) -> Result<(Tensor, Option<LayerTape>)> {
+        let (b, t, d) = x.dims3()?;
+        let (h, hd) = (self.info.heads, self.info.head_dim());
+        let heads = |y: Tensor| -> Result<Tensor> { Ok(y.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?) };
+        let q = heads(layer.q.forward(x)?)?;
+        let k = heads(layer.k.forward(x)?)?;
+        let v = heads(layer.v.forward(x)?)?;
+        let (a, saved) = ops::attention(&q, &k, &v, bias, 1, keep)?;
+        let a = a.transpose(1, 2)?.reshape((b, t, d))?;
+        let r1 = (x + layer.o.forward(&a)?)?;
+        let x1 = ops::layer_norm(&r1, &layer.attn_norm.g, &layer.attn_norm.b, self.eps)?;
+        let z = layer.inner.forward(&x1)?;
+        let r2 = (&x1 + layer.out.forward(&z.gelu_erf()?)?)?;
+        let out = ops::layer_norm(&r2, &layer.out_norm.g, &layer.out_norm.b, self.eps)?;
+        let tape = saved.map(|attn| LayerTape { r1, z, r2, attn });
+        Ok((out, tape))
+    }
+
+    fn layer_backward(&self, layer: &Layer, tape: &LayerTape, dy: &Tensor) -> Result<Tensor> {
+        let (b, t, d) = dy.dims3()?;
+        let (h, hd) = (self.info.heads, self.info.head_dim());
+        let dr2 = ops::layer_norm_backward(&tape.r2, &layer.out_norm.g, self.eps, dy)?;
+        let dz = ops::gelu_erf_backward(&tape.z, &layer.out.backward(&dr2)?)?;
+        let dx1 = (&dr2 + layer.inner.backward(&dz)?)?;
+        let dr1 = ops::layer_norm_backward(&tape.r1, &layer.attn_norm.g, self.eps, &dx1)?;
+        let da = layer.o.backward(&dr1)?.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?;
+        let (dq, dk, dv) = ops::attention_backward(&tape.attn, &da)?;
+        let flat = |y: Tensor| -> Result<Tensor> { Ok(y.transpose(1, 2)?.reshape((b, t, d))?) };
+        let dx = ((layer.q.backward(&flat(dq)?)? + layer.k.backward(&flat(dk)?)?)? + layer.v.backward(&flat(dv)?)?)?;
+        Ok((dr1 + dx)?)
+    }
+
+    fn run(&self, input: &BackboneInput, keep: bool) -> Result<(Tensor, Option<BertTape>)> {
+        let (b, t, d) = input.embeds.dims3()?;
+        if d != self.info.hidden {
+            bail!("input embeddings have width {d}, the model's hidden size is {}", self.info.hidden);
+        }
+        if t > self.info.max_positions {
+            bail!("sequence of {t} positions exceeds the model's {} positions", self.info.max_positions);
+        }
+        let types = match input.token_types {
+            Some(tt) => self.token_type.index_select(&tt.flatten_all()?, 0)?.reshape((b, t, d))?,
+            None => self.token_type.get(0)?.reshape((1, 1, d))?.broadcast_as((b, t, d))?.contiguous()?,
+        };
+        let pos = self.position.narrow(0, 0, t)?.unsqueeze(0)?;
+        let e = input.embeds.broadcast_add(&pos)?.add(&types)?;
+        let mut x = ops::layer_norm(&e, &self.emb_norm.g, &self.emb_norm.b, self.eps)?;
+        let bias = ops::attention_bias(&input.mask.to_dtype(DType::F32)?, t, false)?;
+        let mut tapes = Vec::new();
+        for layer in &self.layers {
+            let (y, tape) = self.layer_forward(layer, &x, &bias, keep)?;
+            tapes.extend(tape);
+            x = y;
+        }
+        Ok((x, keep.then_some(BertTape { e, layers: tapes })))
+    }
+
+    fn pooler(&self) -> Result<&Dense> {
+        self.pooler
+            .as_ref()
+            .with_context(|| format!("{}: this BERT checkpoint has no pooler weights", self.info.source.display()))
+    }
+}
+
+impl Backbone for Bert {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+    fn embedding_table(&self) -> &Tensor {
+        &self.word
+    }
+    fn forward(&self, input: &BackboneInput) -> Result<Tensor> {
+        Ok(self.run(input, false)?.0)
+    }
+    fn forward_train(&self, input: &BackboneInput) -> Result<(Tensor, Tape)> {
+        let (h, tape) = self.run(input, true)?;
+        Ok((h, Tape(Box::new(tape.expect("keep=true yields a tape")))))
+    }
+    fn backward(&self, tape: &Tape, d_hidden: &Tensor) -> Result<Tensor> {
+        let tape = tape.0.downcast_ref::<BertTape>().context("tape was not made by a BERT model")?;
+        let mut dx = d_hidden.clone();
+        for (layer, lt) in self.layers.iter().zip(&tape.layers).rev() {
+            dx = self.layer_backward(layer, lt, &dx)?;
+        }
+        Ok(ops::layer_norm_backward(&tape.e, &self.emb_norm.g, self.eps, &dx)?)
+    }
+    fn lm_head(&self) -> Option<&Tensor> {
+        None
+    }
+    fn pool(&self, hidden: &Tensor) -> Result<Tensor> {
+        let first = hidden.narrow(1, 0, 1)?.squeeze(1)?;
+        Ok(self.pooler()?.forward(&first)?.tanh()?)
+    }
+    fn pool_backward(&self, hidden: &Tensor, d_pooled: &Tensor) -> Result<Tensor> {
+        let (b, t, d) = hidden.dims3()?;
+        let pooled = self.pool(hidden)?;
+        let dz = (d_pooled * pooled.sqr()?.affine(-1.0, 1.0)?)?;
+        let d_first = self.pooler()?.backward(&dz)?.unsqueeze(1)?;
+        if t == 1 {
+            return Ok(d_first);
+        }
+        let rest = Tensor::zeros((b, t - 1, d), DType::F32, hidden.device())?;
+        Ok(Tensor::cat(&[&d_first, &rest], 1)?)
+    }
+}

@@ -1,0 +1,279 @@
+//! Frozen pretrained backbones with an embeddings entry point.
+//!
+//! A backbone maps input embeddings (not only ids) to the hidden states of **every** position.
+//! The vocabulary head and the pooler are separate calls, so a task can apply the large head
+//! only where a label is. Training a prompt needs d(loss)/d(input embeddings) and nothing else:
+//! [`Backbone::forward_train`] keeps what the backward pass needs in a [`Tape`] and
+//! [`Backbone::backward`] turns d(loss)/d(hidden) into d(loss)/d(embeddings). The first
+//! implementation composes candle tensor ops; a fused kernel can replace it behind this trait.
+
+pub mod bert;
+pub mod llama;
+pub mod ops;
+pub mod weights;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::gguf::GgufFile;
+use crate::model_source::ModelLocation;
+use crate::tokenizer::TextTokenizer;
+
+/// The architecture families softprompt runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// Llama family: Llama 2/3, SmolLM/SmolLM2, Mistral, Qwen2 (causal decoder).
+    Llama,
+    /// BERT family: BERT, MiniLM (bidirectional encoder).
+    Bert,
+}
+
+impl Arch {
+    /// Whether the model is a causal language model.
+    pub fn is_causal(self) -> bool {
+        matches!(self, Arch::Llama)
+    }
+}
+
+/// Shape and provenance of a loaded model.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// Architecture family.
+    pub arch: Arch,
+    /// The `model_type` / `general.architecture` string the file declared.
+    pub model_type: String,
+    /// File or directory the weights came from.
+    pub source: PathBuf,
+    /// Number of transformer layers.
+    pub layers: usize,
+    /// Hidden size (embedding dimension).
+    pub hidden: usize,
+    /// Attention (query) heads.
+    pub heads: usize,
+    /// Key/value heads (fewer than `heads` with grouped-query attention).
+    pub kv_heads: usize,
+    /// Feed-forward inner size.
+    pub intermediate: usize,
+    /// Rows of the embedding table.
+    pub vocab: usize,
+    /// Longest sequence the position encoding supports.
+    pub max_positions: usize,
+    /// Total parameter count.
+    pub params: usize,
+    /// Number of tensors per storage type on disk (e.g. `Q4_1 → 210`).
+    pub dtypes_on_disk: BTreeMap<String, usize>,
+}
+
+impl ModelInfo {
+    /// Size of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden / self.heads
+    }
+}
+
+/// One forward call's inputs.
+pub struct BackboneInput<'a> {
+    /// Input embeddings `[B, T, hidden]` (the word embeddings, prompts spliced in).
+    pub embeds: &'a Tensor,
+    /// `[B, T]` with 1 for real positions and 0 for padding (u32 or f32).
+    pub mask: &'a Tensor,
+    /// BERT token types `[B, T]` (u32); zeros when absent.
+    pub token_types: Option<&'a Tensor>,
+}
+
+/// Per-layer keys and values already computed (a generation cache, or a prompt's K/V reused
+/// by many requests). Keys are stored after rotary encoding.
+#[derive(Clone, Default)]
+pub struct KvCache {
+    /// `(k, v)` per layer, each `[B, Hkv, S, head_dim]`.
+    pub layers: Vec<(Tensor, Tensor)>,
+    /// `[B, S]` key mask (f32) of the cached positions.
+    pub mask: Option<Tensor>,
+}
+
+impl KvCache {
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.mask.as_ref().map_or(0, |m| m.dim(1).unwrap_or(0))
+    }
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Activations a forward pass kept for its backward pass (architecture-specific).
+pub struct Tape(pub(crate) Box<dyn Any + Send + Sync>);
+
+/// A frozen transformer that runs from input embeddings.
+pub trait Backbone: Send + Sync {
+    /// Shape and provenance.
+    fn info(&self) -> &ModelInfo;
+    /// The input (word) embedding table `[vocab, hidden]`.
+    fn embedding_table(&self) -> &Tensor;
+    /// Word embeddings of `ids` (`[B, T]` u32) → `[B, T, hidden]`.
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let flat = self.embedding_table().index_select(&ids.flatten_all()?, 0)?;
+        Ok(flat.reshape((b, t, self.info().hidden))?)
+    }
+    /// Hidden states of every position `[B, T, hidden]` (after the final norm for decoders).
+    fn forward(&self, input: &BackboneInput) -> Result<Tensor>;
+    /// Like [`Backbone::forward`], keeping the activations the backward pass needs.
+    fn forward_train(&self, input: &BackboneInput) -> Result<(Tensor, Tape)>;
+    /// d(loss)/d(input embeddings) `[B, T, hidden]` from d(loss)/d(hidden) of every position.
+    fn backward(&self, tape: &Tape, d_hidden: &Tensor) -> Result<Tensor>;
+    /// Causal models: forward `input` after the positions already in `cache`, appending the new
+    /// keys and values to it. Returns the new positions' hidden states.
+    fn forward_cached(&self, input: &BackboneInput, cache: &mut KvCache) -> Result<Tensor> {
+        let _ = (input, cache);
+        bail!("{:?} models have no key/value cache", self.info().arch)
+    }
+    /// The vocabulary head `[vocab, hidden]`, for causal models.
+    fn lm_head(&self) -> Option<&Tensor>;
+    /// Pooler of encoders: `tanh(W·h[:, 0] + b)` → `[B, hidden]`.
+    fn pool(&self, hidden: &Tensor) -> Result<Tensor> {
+        let _ = hidden;
+        bail!("{:?} models have no pooler", self.info().arch)
+    }
+    /// Input gradient of [`Backbone::pool`]: d(loss)/d(hidden) `[B, T, hidden]`.
+    fn pool_backward(&self, hidden: &Tensor, d_pooled: &Tensor) -> Result<Tensor> {
+        let _ = (hidden, d_pooled);
+        bail!("{:?} models have no pooler", self.info().arch)
+    }
+}
+
+/// Logits of the vocabulary head for hidden rows `[N, hidden]` → `[N, vocab]`.
+pub fn lm_logits(backbone: &dyn Backbone, rows: &Tensor) -> Result<Tensor> {
+    let head = backbone
+        .lm_head()
+        .with_context(|| format!("{:?} models have no language-model head", backbone.info().arch))?;
+    Ok(rows.matmul(&head.t()?)?)
+}
+
+/// A model and its tokenizer, loaded together.
+pub struct LoadedModel {
+    /// The frozen network.
+    pub backbone: Box<dyn Backbone>,
+    /// Its tokenizer.
+    pub tokenizer: TextTokenizer,
+}
+
+/// Loads a model (GGUF file or Hugging Face directory) and its tokenizer on `device`.
+pub fn load(location: &ModelLocation, device: &Device) -> Result<LoadedModel> {
+    let (backbone, tokenizer): (Box<dyn Backbone>, TextTokenizer) = match location {
+        ModelLocation::Gguf(path) => {
+            let file = GgufFile::open(path)?;
+            let arch = file.get_str("general.architecture")?.to_string();
+            let backbone: Box<dyn Backbone> = match arch.as_str() {
+                "llama" | "qwen2" | "mistral" | "smollm" => Box::new(llama::Llama::from_gguf(&file, device)?),
+                other => bail!(
+                    "{}: architecture `{other}` is not supported (supported in GGUF: llama, qwen2, mistral)",
+                    path.display()
+                ),
+            };
+            let tokenizer = TextTokenizer::from_gguf(&file)?;
+            (backbone, tokenizer)
+        }
+        ModelLocation::HfDir(dir) => {
+            let config = read_config(dir)?;
+            let model_type = config
+                .get("model_type")
+                .and_then(|v| v.as_str())
+                .with_context(|| format!("{}: field `model_type` is missing", dir.join("config.json").display()))?
+                .to_string();
+            let weights = weights::SafetensorsWeights::open(dir)?;
+            let backbone: Box<dyn Backbone> = match model_type.as_str() {
+                "llama" | "mistral" | "qwen2" => Box::new(llama::Llama::from_hf(dir, &config, &weights, device)?),
+                "bert" => Box::new(bert::Bert::from_hf(dir, &config, &weights, device)?),
+                other => bail!(
+                    "{}: model_type `{other}` is not supported (supported: llama, mistral, qwen2, bert)",
+                    dir.join("config.json").display()
+                ),
+            };
+            let tokenizer = TextTokenizer::from_json_file(&dir.join("tokenizer.json"))?;
+            (backbone, tokenizer)
+        }
+    };
+    check_vocab(backbone.info(), &tokenizer)?;
+    Ok(LoadedModel { backbone, tokenizer })
+}
+
+/// Refuses a tokenizer that can produce ids the embedding table does not have.
+fn check_vocab(info: &ModelInfo, tokenizer: &TextTokenizer) -> Result<()> {
+    let n = tokenizer.vocab_size();
+    if n > info.vocab {
+        bail!(
+            "{}: the tokenizer has {n} tokens but the model's embedding table has only {} rows; \
+             the tokenizer does not belong to this model",
+            info.source.display(),
+            info.vocab
+        );
+    }
+    Ok(())
+}
+
+/// Reads `config.json` of a Hugging Face model directory.
+pub fn read_config(dir: &Path) -> Result<serde_json::Value> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
+}
+
+/// Typed access to `config.json` fields with errors that name the file and the field.
+pub struct ConfigFields<'a> {
+    path: PathBuf,
+    value: &'a serde_json::Value,
+}
+
+impl<'a> ConfigFields<'a> {
+    /// Wraps the parsed `config.json` of `dir`.
+    pub fn new(dir: &Path, value: &'a serde_json::Value) -> Self {
+        Self { path: dir.join("config.json"), value }
+    }
+    /// A required unsigned integer field.
+    pub fn usize(&self, field: &str) -> Result<usize> {
+        self.opt_usize(field)?
+            .with_context(|| format!("{}: required field `{field}` is missing", self.path.display()))
+    }
+    /// An optional unsigned integer field.
+    pub fn opt_usize(&self, field: &str) -> Result<Option<usize>> {
+        match self.value.get(field) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(|n| Some(n as usize))
+                .with_context(|| format!("{}: field `{field}` should be an unsigned integer, found {v}", self.path.display())),
+        }
+    }
+    /// A float field with a default.
+    pub fn f64_or(&self, field: &str, default: f64) -> Result<f64> {
+        match self.value.get(field) {
+            None | Some(serde_json::Value::Null) => Ok(default),
+            Some(v) => v
+                .as_f64()
+                .with_context(|| format!("{}: field `{field}` should be a number, found {v}", self.path.display())),
+        }
+    }
+    /// A boolean field with a default.
+    pub fn bool_or(&self, field: &str, default: bool) -> Result<bool> {
+        match self.value.get(field) {
+            None | Some(serde_json::Value::Null) => Ok(default),
+            Some(v) => v
+                .as_bool()
+                .with_context(|| format!("{}: field `{field}` should be true or false, found {v}", self.path.display())),
+        }
+    }
+    /// A string field with a default.
+    pub fn str_or(&self, field: &str, default: &'a str) -> Result<&'a str> {
+        match self.value.get(field) {
+            None | Some(serde_json::Value::Null) => Ok(default),
+            Some(v) => v
+                .as_str()
+                .with_context(|| format!("{}: field `{field}` should be a string, found {v}", self.path.display())),
+        }
+    }
+}

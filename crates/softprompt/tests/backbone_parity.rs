@@ -1,0 +1,60 @@
+//! The frozen backbones reproduce transformers' numbers (fixtures written by transformers 5.24,
+//! f32, CPU) on the real SmolLM2-135M-Instruct (GGUF) and all-MiniLM-L6-v2 (safetensors).
+
+mod common;
+use candle_core::{DType, IndexOp};
+use common::*;
+use softprompt::backbone::{lm_logits, BackboneInput};
+
+const TOL: f32 = 2e-3;
+
+#[test]
+fn smollm2_matches_transformers() {
+    let model = load_model("smollm2-135m");
+    let exp = expected("smollm2_base");
+    let ids = as_u32(&exp["input_ids"]);
+    let mask = as_u32(&exp["attention_mask"]);
+    let embeds = model.backbone.embed(&ids).unwrap();
+    let hidden = model
+        .backbone
+        .forward(&BackboneInput { embeds: &embeds, mask: &mask, token_types: None })
+        .unwrap();
+    let lens: Vec<u32> = mask.sum(1).unwrap().to_vec1().unwrap();
+    // Hidden states at real positions (padded positions are not meaningful and transformers'
+    // mask handling there is an implementation detail).
+    let mut worst_hidden = 0f32;
+    let mut worst_logits = 0f32;
+    for (b, &len) in lens.iter().enumerate() {
+        let len = len as usize;
+        let ours = hidden.i((b, 0..len)).unwrap();
+        let theirs = exp["last_hidden"].i((b, 0..len)).unwrap();
+        worst_hidden = worst_hidden.max(max_abs_diff(&ours, &theirs));
+        let last = hidden.i((b, len - 1)).unwrap().unsqueeze(0).unwrap();
+        let logits = lm_logits(model.backbone.as_ref(), &last).unwrap().squeeze(0).unwrap();
+        worst_logits = worst_logits.max(max_abs_diff(&logits, &exp["last_logits"].i(b).unwrap()));
+    }
+    println!("smollm2_base: max-abs last_hidden {worst_hidden:.2e}, last_logits {worst_logits:.2e}");
+    assert!(worst_hidden < TOL, "last_hidden differs by {worst_hidden}");
+    assert!(worst_logits < TOL, "last_logits differ by {worst_logits}");
+}
+
+#[test]
+fn minilm_matches_transformers() {
+    let model = load_model("minilm-l6");
+    let exp = expected("minilm_base");
+    let ids = as_u32(&exp["input_ids"]);
+    let mask = as_u32(&exp["attention_mask"]);
+    let types = as_u32(&exp["token_type_ids"]);
+    let embeds = model.backbone.embed(&ids).unwrap();
+    let hidden = model
+        .backbone
+        .forward(&BackboneInput { embeds: &embeds, mask: &mask, token_types: Some(&types) })
+        .unwrap();
+    let pooled = model.backbone.pool(&hidden).unwrap();
+    let dh = max_abs_diff(&hidden, &exp["last_hidden"]);
+    let dp = max_abs_diff(&pooled, &exp["pooler_output"]);
+    println!("minilm_base: max-abs last_hidden {dh:.2e}, pooler_output {dp:.2e}");
+    assert!(dh < TOL, "last_hidden differs by {dh}");
+    assert!(dp < TOL, "pooler_output differs by {dp}");
+    assert_eq!(hidden.dtype(), DType::F32);
+}
