@@ -90,7 +90,10 @@ impl GgufVocab {
             bail!("{file}: metadata `tokenizer.ggml.tokens` is empty");
         }
         if u32::try_from(tokens.len()).is_err() {
-            bail!("{file}: metadata `tokenizer.ggml.tokens` has {} entries, too many for u32 ids", tokens.len());
+            bail!(
+                "{file}: metadata `tokenizer.ggml.tokens` has {} entries, too many for u32 ids",
+                tokens.len()
+            );
         }
         let n = tokens.len();
         let per_token_len = |key: &str, len: usize| -> Result<()> {
@@ -185,12 +188,18 @@ impl GgufVocab {
 
     /// Token → id; for a token listed twice the last id wins (as in transformers' converter).
     fn bpe_vocab(&self) -> Vocab {
-        self.tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect()
+        self.tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect()
     }
 
     /// `tokenizer.ggml.merges` split into pairs.
     fn explicit_merges(&self, file: &str) -> Result<Option<Vec<(String, String)>>> {
-        let Some(merges) = &self.merges else { return Ok(None) };
+        let Some(merges) = &self.merges else {
+            return Ok(None);
+        };
         merges
             .iter()
             .enumerate()
@@ -224,18 +233,28 @@ impl GgufVocab {
         if let Some(unk) = self.unk {
             builder = builder.unk_token(self.tokens[unk as usize].clone());
         }
-        let bpe = builder
-            .build()
-            .map_err(|e| anyhow!("{file}: cannot build the BPE tokenizer from its vocabulary and merges: {e}"))?;
+        let bpe = builder.build().map_err(|e| {
+            anyhow!("{file}: cannot build the BPE tokenizer from its vocabulary and merges: {e}")
+        })?;
         let mut tok = Tokenizer::new(bpe);
         tok.with_pre_tokenizer(Some(pre));
         tok.with_decoder(Some(ByteLevel::new(false, true, true)));
         let specials: Vec<AddedToken> = (0..self.tokens.len())
-            .filter(|&i| matches!(self.token_type(i), TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED))
+            .filter(|&i| {
+                matches!(
+                    self.token_type(i),
+                    TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED
+                )
+            })
             .map(|i| AddedToken::from(self.tokens[i].clone(), true).normalized(false))
             .collect();
         tok.add_special_tokens(&specials);
-        self.finish(tok, self.add_bos.unwrap_or(false), self.add_eos.unwrap_or(false), file)
+        self.finish(
+            tok,
+            self.add_bos.unwrap_or(false),
+            self.add_eos.unwrap_or(false),
+            file,
+        )
     }
 
     fn build_sentencepiece(&self, file: &str) -> Result<TextTokenizer> {
@@ -255,9 +274,9 @@ impl GgufVocab {
         if let Some(unk) = self.unk {
             builder = builder.unk_token(self.tokens[unk as usize].clone());
         }
-        let bpe = builder
-            .build()
-            .map_err(|e| anyhow!("{file}: cannot build the SentencePiece BPE tokenizer from its vocabulary: {e}"))?;
+        let bpe = builder.build().map_err(|e| {
+            anyhow!("{file}: cannot build the SentencePiece BPE tokenizer from its vocabulary: {e}")
+        })?;
         let mut tok = Tokenizer::new(bpe);
 
         let add_space_prefix = self.add_space_prefix.unwrap_or(true);
@@ -265,13 +284,19 @@ impl GgufVocab {
         if add_space_prefix {
             norm.push(Prepend::new(SPM_SPACE.to_string()).into());
         }
-        norm.push(Replace::new(" ", SPM_SPACE).map_err(|e| anyhow!("{file}: {e}"))?.into());
+        norm.push(
+            Replace::new(" ", SPM_SPACE)
+                .map_err(|e| anyhow!("{file}: {e}"))?
+                .into(),
+        );
         tok.with_normalizer(Some(NormalizerSequence::new(norm)));
 
         let mut dec: Vec<DecoderWrapper> = vec![
             ByteFallback::new().into(),
             Fuse::new().into(),
-            Replace::new(SPM_SPACE, " ").map_err(|e| anyhow!("{file}: {e}"))?.into(),
+            Replace::new(SPM_SPACE, " ")
+                .map_err(|e| anyhow!("{file}: {e}"))?
+                .into(),
         ];
         if add_space_prefix {
             dec.push(DecoderStrip::new(' ', 1, 0).into());
@@ -294,11 +319,22 @@ impl GgufVocab {
                 .collect(),
         };
         tok.add_special_tokens(&specials);
-        self.finish(tok, self.add_bos.unwrap_or(true), self.add_eos.unwrap_or(false), file)
+        self.finish(
+            tok,
+            self.add_bos.unwrap_or(true),
+            self.add_eos.unwrap_or(false),
+            file,
+        )
     }
 
     /// Adds the post-processor for `add_bos` / `add_eos` and wraps the tokenizer.
-    fn finish(&self, mut tok: Tokenizer, add_bos: bool, add_eos: bool, file: &str) -> Result<TextTokenizer> {
+    fn finish(
+        &self,
+        mut tok: Tokenizer,
+        add_bos: bool,
+        add_eos: bool,
+        file: &str,
+    ) -> Result<TextTokenizer> {
         let bos = if add_bos {
             Some(self.bos.ok_or_else(|| {
                 anyhow!("{file}: `tokenizer.ggml.add_bos_token` is set but `tokenizer.ggml.bos_token_id` is missing")
@@ -313,21 +349,34 @@ impl GgufVocab {
         } else {
             None
         };
-        if let Some(pp) = template_processor(bos.map(|i| (i, &self.tokens[i as usize])), eos.map(|i| (i, &self.tokens[i as usize])))
-            .map_err(|e| anyhow!("{file}: cannot build the special-token template: {e}"))?
+        if let Some(pp) = template_processor(
+            bos.map(|i| (i, &self.tokens[i as usize])),
+            eos.map(|i| (i, &self.tokens[i as usize])),
+        )
+        .map_err(|e| anyhow!("{file}: cannot build the special-token template: {e}"))?
         {
             tok.with_post_processor(Some(pp));
         }
-        Ok(TextTokenizer { inner: tok, bos: self.bos, eos: self.eos, pad: self.pad })
+        Ok(TextTokenizer {
+            inner: tok,
+            bos: self.bos,
+            eos: self.eos,
+            pad: self.pad,
+        })
     }
 }
 
 /// The pre-tokenizer llama.cpp uses for a byte-level BPE with pre-tokenizer name `pre`.
 fn byte_level_pre_tokenizer(pre: Option<&str>, file: &str) -> Result<PreTokenizerWrapper> {
-    let byte_level = |use_regex: bool| PreTokenizerWrapper::from(ByteLevel::new(false, true, use_regex));
+    let byte_level =
+        |use_regex: bool| PreTokenizerWrapper::from(ByteLevel::new(false, true, use_regex));
     let split = |pattern: &str| -> Result<PreTokenizerWrapper> {
-        let s = Split::new(SplitPattern::Regex(pattern.to_string()), SplitDelimiterBehavior::Isolated, false)
-            .map_err(|e| anyhow!("{file}: cannot compile the pre-tokenizer regex: {e}"))?;
+        let s = Split::new(
+            SplitPattern::Regex(pattern.to_string()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| anyhow!("{file}: cannot compile the pre-tokenizer regex: {e}"))?;
         Ok(PreSequence::new(vec![s.into(), byte_level(false)]).into())
     };
     Ok(match pre {
@@ -357,12 +406,18 @@ fn template_processor(
     let mut single = Vec::new();
     let mut pair = Vec::new();
     if let Some((id, tok)) = bos {
-        specials.push(SpecialToken::new("BOS".into(), vec![id], vec![tok.clone()]).map_err(|e| e.to_string())?);
+        specials.push(
+            SpecialToken::new("BOS".into(), vec![id], vec![tok.clone()])
+                .map_err(|e| e.to_string())?,
+        );
         single.push("BOS");
     }
     single.push("$A");
     if let Some((id, tok)) = eos {
-        specials.push(SpecialToken::new("EOS".into(), vec![id], vec![tok.clone()]).map_err(|e| e.to_string())?);
+        specials.push(
+            SpecialToken::new("EOS".into(), vec![id], vec![tok.clone()])
+                .map_err(|e| e.to_string())?,
+        );
         single.push("EOS");
     }
     pair.extend(single.iter().copied());
@@ -411,7 +466,10 @@ fn spm_merges_from_scores(tokens: &[String], scores: &[f64]) -> Vec<(String, Str
         merges.extend(local);
     }
     merges.sort_by(|a, b| b.2.total_cmp(&a.2));
-    merges.into_iter().map(|(l, r, _)| (l.to_string(), r.to_string())).collect()
+    merges
+        .into_iter()
+        .map(|(l, r, _)| (l.to_string(), r.to_string()))
+        .collect()
 }
 
 /// Reads `path` as JSON, if the file exists.
@@ -420,7 +478,8 @@ fn read_optional_json(path: &Path) -> Result<Option<serde_json::Value>> {
         return Ok(None);
     }
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let v = serde_json::from_slice(&bytes).with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let v = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not valid JSON", path.display()))?;
     Ok(Some(v))
 }
 
@@ -434,7 +493,8 @@ impl TextTokenizer {
     /// `tokenizer.ggml.add_bos_token` / `add_eos_token` say (defaults: gpt2 none, llama BOS).
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
         let file = gguf.path().display().to_string();
-        let vocab = GgufVocab::read(gguf).with_context(|| format!("cannot read the tokenizer of {file}"))?;
+        let vocab = GgufVocab::read(gguf)
+            .with_context(|| format!("cannot read the tokenizer of {file}"))?;
         vocab.build(&file)
     }
 
@@ -446,7 +506,8 @@ impl TextTokenizer {
     /// `eos_token`, else `sep_token`; `pad_token`), then from the file's padding settings, then
     /// from well-known token names (`<s>`, `</s>`, `<pad>`, `[CLS]`, `[SEP]`, `[PAD]`, …).
     pub fn from_json_file(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).with_context(|| format!("cannot read tokenizer file {}", path.display()))?;
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("cannot read tokenizer file {}", path.display()))?;
         let mut inner = Tokenizer::from_bytes(&bytes)
             .map_err(|e| anyhow!("{} is not a valid tokenizer.json: {e}", path.display()))?;
         let padding_id = inner.get_padding().map(|p| p.pad_id);
@@ -458,11 +519,16 @@ impl TextTokenizer {
         let dir = path.parent().unwrap_or(Path::new("."));
         let mut named: HashMap<String, String> = HashMap::new();
         for name in ["tokenizer_config.json", "special_tokens_map.json"] {
-            let Some(serde_json::Value::Object(map)) = read_optional_json(&dir.join(name))? else { continue };
+            let Some(serde_json::Value::Object(map)) = read_optional_json(&dir.join(name))? else {
+                continue;
+            };
             for (k, v) in map {
                 let content = match &v {
                     serde_json::Value::String(s) => Some(s.clone()),
-                    serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+                    serde_json::Value::Object(o) => o
+                        .get("content")
+                        .and_then(|c| c.as_str())
+                        .map(str::to_string),
                     _ => None,
                 };
                 if let Some(c) = content {
@@ -476,12 +542,23 @@ impl TextTokenizer {
                 .find_map(|t| inner.token_to_id(t))
                 .or_else(|| fallbacks.iter().find_map(|t| inner.token_to_id(t)))
         };
-        let bos = lookup(&["bos_token", "cls_token"], &["<|begin_of_text|>", "<s>", "<bos>", "[CLS]"]);
-        let eos = lookup(&["eos_token", "sep_token"], &["<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>", "[SEP]"]);
+        let bos = lookup(
+            &["bos_token", "cls_token"],
+            &["<|begin_of_text|>", "<s>", "<bos>", "[CLS]"],
+        );
+        let eos = lookup(
+            &["eos_token", "sep_token"],
+            &["<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>", "[SEP]"],
+        );
         let pad = lookup(&["pad_token"], &[])
             .or(padding_id)
             .or_else(|| lookup(&[], &["<pad>", "[PAD]", "<|pad|>"]));
-        Ok(Self { inner, bos, eos, pad })
+        Ok(Self {
+            inner,
+            bos,
+            eos,
+            pad,
+        })
     }
 
     /// Text → token ids; with `add_special`, also the BOS/EOS (or [CLS]/[SEP]) the tokenizer
@@ -499,7 +576,10 @@ impl TextTokenizer {
     /// vocabulary is an error.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         if let Some(&bad) = ids.iter().find(|&&id| self.inner.id_to_token(id).is_none()) {
-            bail!("cannot decode token id {bad}: the vocabulary has {} tokens", self.vocab_size());
+            bail!(
+                "cannot decode token id {bad}: the vocabulary has {} tokens",
+                self.vocab_size()
+            );
         }
         self.inner
             .decode(ids, skip_special)
@@ -539,5 +619,157 @@ impl TextTokenizer {
     /// The wrapped Hugging Face tokenizer.
     pub fn inner(&self) -> &Tokenizer {
         &self.inner
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tiny SentencePiece vocabulary: <unk>, <s>, </s>, the 256 byte tokens, then pieces whose
+    /// scores make "▁hello" and "▁world" whole tokens.
+    fn spm_vocab(add_space_prefix: bool) -> GgufVocab {
+        let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+        let mut scores = vec![0.0, 0.0, 0.0];
+        let mut types = vec![2, 3, 3];
+        for b in 0..=255u8 {
+            tokens.push(format!("<0x{b:02X}>"));
+            scores.push(0.0);
+            types.push(6);
+        }
+        for c in ["▁", "h", "e", "l", "o", "w", "r", "d"] {
+            tokens.push(c.into());
+            scores.push(-100.0);
+            types.push(1);
+        }
+        let pieces = [
+            "▁h", "ll", "▁he", "llo", "▁hello", "▁w", "or", "▁wor", "ld", "▁world",
+        ];
+        for (i, p) in pieces.iter().enumerate() {
+            tokens.push((*p).into());
+            scores.push(-(i as f64) - 1.0);
+            types.push(1);
+        }
+        GgufVocab {
+            model: "llama".into(),
+            tokens,
+            scores: Some(scores),
+            token_types: Some(types),
+            bos: Some(1),
+            eos: Some(2),
+            unk: Some(0),
+            add_space_prefix: Some(add_space_prefix),
+            ..Default::default()
+        }
+    }
+
+    fn ids(tok: &TextTokenizer, pieces: &[&str]) -> Vec<u32> {
+        pieces
+            .iter()
+            .map(|p| {
+                tok.token_to_id(p)
+                    .unwrap_or_else(|| panic!("{p} not in vocab"))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn merges_follow_scores() {
+        let v = spm_vocab(true);
+        let merges = spm_merges_from_scores(&v.tokens, v.scores.as_ref().unwrap());
+        let m: Vec<(&str, &str)> = merges
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
+        assert_eq!(
+            m,
+            [
+                ("▁", "h"),
+                ("l", "l"),
+                ("▁h", "e"),
+                ("ll", "o"),
+                ("▁he", "llo"),
+                ("▁", "w"),
+                ("o", "r"),
+                ("▁w", "or"),
+                ("l", "d"),
+                ("▁wor", "ld")
+            ]
+        );
+    }
+
+    #[test]
+    fn sentencepiece_encodes_and_round_trips() {
+        let tok = spm_vocab(true).build("synthetic.gguf").unwrap();
+        assert_eq!(tok.vocab_size(), 3 + 256 + 8 + 10);
+        assert_eq!(
+            tok.encode("hello world", false).unwrap(),
+            ids(&tok, &["▁hello", "▁world"])
+        );
+        // add_bos_token defaults to true for SentencePiece.
+        assert_eq!(
+            tok.encode("hello world", true).unwrap(),
+            ids(&tok, &["<s>", "▁hello", "▁world"])
+        );
+        // "é" is not in the vocabulary: byte fallback to its two UTF-8 bytes.
+        let he = tok.encode("hé", false).unwrap();
+        assert_eq!(he, ids(&tok, &["▁h", "<0xC3>", "<0xA9>"]));
+        // Control tokens in the text are single ids.
+        assert_eq!(
+            tok.encode("<s>hello</s>", false).unwrap(),
+            ids(&tok, &["<s>", "▁hello", "</s>"])
+        );
+        for text in ["hello world", "hé", "world hello  hello", "wörld\n"] {
+            let ids = tok.encode(text, true).unwrap();
+            assert_eq!(tok.decode(&ids, true).unwrap(), text, "{ids:?}");
+        }
+        assert_eq!(tok.bos_id(), Some(1));
+        assert_eq!(tok.eos_id(), Some(2));
+        assert_eq!(tok.pad_id(), None);
+    }
+
+    #[test]
+    fn sentencepiece_without_space_prefix() {
+        let tok = spm_vocab(false).build("synthetic.gguf").unwrap();
+        assert_eq!(
+            tok.encode("hello world", false).unwrap(),
+            ids(&tok, &["h", "e", "llo", "▁world"])
+        );
+        assert_eq!(
+            tok.decode(&tok.encode("hello world", false).unwrap(), false)
+                .unwrap(),
+            "hello world"
+        );
+    }
+
+    #[test]
+    fn bad_vocabularies_are_errors() {
+        let mut v = spm_vocab(true);
+        v.scores = None;
+        let err = v.build("x.gguf").err().unwrap().to_string();
+        assert!(err.contains("x.gguf") && err.contains("scores"), "{err}");
+
+        let mut v = spm_vocab(true);
+        v.model = "bert".into();
+        let err = v.build("x.gguf").err().unwrap().to_string();
+        assert!(err.contains("x.gguf") && err.contains("`bert`"), "{err}");
+
+        let mut v = spm_vocab(true);
+        v.model = "gpt2".into();
+        v.merges = Some(vec!["nospace".into()]);
+        let err = v.build("x.gguf").err().unwrap().to_string();
+        assert!(err.contains("nospace"), "{err}");
+
+        v.merges = Some(vec!["zz q".into()]);
+        let err = v.build("x.gguf").err().unwrap().to_string();
+        assert!(err.contains("x.gguf"), "{err}");
+    }
+
+    #[test]
+    fn pre_tokenizer_regexes_compile() {
+        for pre in ["gpt2", "smollm", "qwen2", "llama-bpe"] {
+            byte_level_pre_tokenizer(Some(pre), "x.gguf").unwrap();
+        }
+        assert!(byte_level_pre_tokenizer(Some("nope"), "x.gguf").is_err());
     }
 }

@@ -17,8 +17,10 @@ fn fixture_dir() -> PathBuf {
 
 fn load_cases(name: &str) -> Vec<Case> {
     let path = fixture_dir().join(name);
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let v: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let ids = |c: &serde_json::Value, key: &str| -> Vec<u32> {
         c[key]
             .as_array()
@@ -32,7 +34,10 @@ fn load_cases(name: &str) -> Vec<Case> {
         .unwrap_or_else(|| panic!("{}: no `cases` array", path.display()))
         .iter()
         .map(|c| Case {
-            text: c["text"].as_str().expect("case text is a string").to_string(),
+            text: c["text"]
+                .as_str()
+                .expect("case text is a string")
+                .to_string(),
             ids: ids(c, "ids"),
             ids_with_special: ids(c, "ids_with_special"),
         })
@@ -78,7 +83,10 @@ fn id_failures(tok: &TextTokenizer, cases: &[Case]) -> Vec<String> {
         }
         let ids = tok.encode(&c.text, true).unwrap();
         if ids != c.ids_with_special {
-            bad.push(format!("{:?}: ids_with_special {ids:?}, expected {:?}", c.text, c.ids_with_special));
+            bad.push(format!(
+                "{:?}: ids_with_special {ids:?}, expected {:?}",
+                c.text, c.ids_with_special
+            ));
         }
     }
     bad
@@ -98,7 +106,13 @@ fn smollm2_gguf_matches_reference_ids_and_round_trips() {
             bad.push(format!("{:?}: decodes to {back:?}", c.text));
         }
     }
-    assert!(bad.is_empty(), "{} of {} SmolLM2 cases fail:\n{}", bad.len(), cases.len(), bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "{} of {} SmolLM2 cases fail:\n{}",
+        bad.len(),
+        cases.len(),
+        bad.join("\n")
+    );
 }
 
 #[test]
@@ -112,7 +126,10 @@ fn smollm2_special_tokens() {
     assert_eq!(tok.id_to_token(2).as_deref(), Some("<|im_end|>"));
     assert_eq!(tok.token_to_id("Ġthe"), Some(260));
     // The GGUF says add_bos_token = false: nothing is added.
-    assert_eq!(tok.encode("hi", true).unwrap(), tok.encode("hi", false).unwrap());
+    assert_eq!(
+        tok.encode("hi", true).unwrap(),
+        tok.encode("hi", false).unwrap()
+    );
     // Special tokens can be skipped when decoding.
     let ids = tok.encode("<|im_start|>user\nhi<|im_end|>", false).unwrap();
     assert_eq!(tok.decode(&ids, true).unwrap(), "user\nhi");
@@ -134,7 +151,10 @@ fn minilm_json_matches_reference_ids_and_round_trips() {
     // differ. The clean-up also rewrites " do not" as " don't", which is undone before comparing.
     // A word with no WordPiece ([UNK], e.g. emoji) cannot come back; those cases are checked
     // against the decoded form with "[UNK]" in place of the word.
-    let normalizer = tok.inner().get_normalizer().expect("MiniLM's tokenizer.json has a normalizer");
+    let normalizer = tok
+        .inner()
+        .get_normalizer()
+        .expect("MiniLM's tokenizer.json has a normalizer");
     let squash = |s: &str| s.chars().filter(|c| !c.is_whitespace()).collect::<String>();
     let unk = tok.token_to_id("[UNK]").expect("[UNK] in the vocabulary");
     for c in &cases {
@@ -145,7 +165,10 @@ fn minilm_json_matches_reference_ids_and_round_trips() {
                     bad.push(format!("{:?}: decodes to {back:?}", c.text));
                 }
             } else {
-                bad.push(format!("{:?}: unexpected [UNK] case, add its decoded form to the test", c.text));
+                bad.push(format!(
+                    "{:?}: unexpected [UNK] case, add its decoded form to the test",
+                    c.text
+                ));
             }
             continue;
         }
@@ -157,7 +180,13 @@ fn minilm_json_matches_reference_ids_and_round_trips() {
             bad.push(format!("{:?}: decodes to {back:?}", c.text));
         }
     }
-    assert!(bad.is_empty(), "{} of {} MiniLM cases fail:\n{}", bad.len(), cases.len(), bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "{} of {} MiniLM cases fail:\n{}",
+        bad.len(),
+        cases.len(),
+        bad.join("\n")
+    );
 }
 
 #[test]
@@ -172,11 +201,16 @@ fn minilm_special_tokens() {
     let long = "word ".repeat(300);
     assert_eq!(tok.encode(&long, false).unwrap().len(), 300);
     assert_eq!(tok.encode("hello", true).unwrap().len(), 3);
-    assert_eq!(tok.decode(&tok.encode("Hello, World!", true).unwrap(), true).unwrap(), "hello, world!");
+    assert_eq!(
+        tok.decode(&tok.encode("Hello, World!", true).unwrap(), true)
+            .unwrap(),
+        "hello, world!"
+    );
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("softprompt-tokenizer-test-{}", std::process::id()));
+    let dir =
+        std::env::temp_dir().join(format!("softprompt-tokenizer-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir.join(name)
 }
@@ -253,31 +287,58 @@ fn gguf_with_unknown_tokenizer_model_is_an_error() {
         ],
     );
     let gguf = GgufFile::open(&path).unwrap();
-    let err = format!("{:#}", TextTokenizer::from_gguf(&gguf).err().expect("unknown model must fail"));
+    let err = format!(
+        "{:#}",
+        TextTokenizer::from_gguf(&gguf)
+            .err()
+            .expect("unknown model must fail")
+    );
     assert!(err.contains("rwkv"), "{err}");
     assert!(err.contains(&path.display().to_string()), "{err}");
 }
 
 #[test]
 fn gguf_with_unknown_pre_tokenizer_or_bad_ids_is_an_error() {
-    let base = |pre: &str, bos: u32| {
+    fn base(pre: &'static str, bos: u32) -> Vec<(&'static str, Val<'static>)> {
         vec![
             ("tokenizer.ggml.model", Val::Str("gpt2")),
-            ("tokenizer.ggml.pre", Val::Str(if pre.is_empty() { "gpt2" } else { pre })),
-            ("tokenizer.ggml.tokens", Val::StrArray(&["a", "b", "ab", "<|end|>"])),
+            (
+                "tokenizer.ggml.pre",
+                Val::Str(if pre.is_empty() { "gpt2" } else { pre }),
+            ),
+            (
+                "tokenizer.ggml.tokens",
+                Val::StrArray(&["a", "b", "ab", "<|end|>"]),
+            ),
             ("tokenizer.ggml.token_type", Val::I32Array(&[1, 1, 1, 3])),
             ("tokenizer.ggml.merges", Val::StrArray(&["a b"])),
             ("tokenizer.ggml.bos_token_id", Val::U32(bos)),
             ("tokenizer.ggml.add_bos_token", Val::Bool(true)),
         ]
-    };
+    }
     let path = write_gguf("unknown-pre.gguf", &base("martian", 3));
-    let err = format!("{:#}", TextTokenizer::from_gguf(&GgufFile::open(&path).unwrap()).err().unwrap());
-    assert!(err.contains("martian") && err.contains(&path.display().to_string()), "{err}");
+    let err = format!(
+        "{:#}",
+        TextTokenizer::from_gguf(&GgufFile::open(&path).unwrap())
+            .err()
+            .unwrap()
+    );
+    assert!(
+        err.contains("martian") && err.contains(&path.display().to_string()),
+        "{err}"
+    );
 
     let path = write_gguf("bad-bos.gguf", &base("", 99));
-    let err = format!("{:#}", TextTokenizer::from_gguf(&GgufFile::open(&path).unwrap()).err().unwrap());
-    assert!(err.contains("bos_token_id") && err.contains(&path.display().to_string()), "{err}");
+    let err = format!(
+        "{:#}",
+        TextTokenizer::from_gguf(&GgufFile::open(&path).unwrap())
+            .err()
+            .unwrap()
+    );
+    assert!(
+        err.contains("bos_token_id") && err.contains(&path.display().to_string()),
+        "{err}"
+    );
 
     // The same file with a valid BOS works: add_bos_token puts it first; "<|end|>" is one token.
     let path = write_gguf("tiny-gpt2.gguf", &base("", 3));
@@ -291,10 +352,20 @@ fn gguf_with_unknown_pre_tokenizer_or_bad_ids_is_an_error() {
 fn tokenizer_json_that_is_not_json_is_an_error_naming_the_file() {
     let path = scratch("tokenizer.json");
     std::fs::write(&path, "this is { not json").unwrap();
-    let err = format!("{:#}", TextTokenizer::from_json_file(&path).err().expect("must fail"));
+    let err = format!(
+        "{:#}",
+        TextTokenizer::from_json_file(&path)
+            .err()
+            .expect("must fail")
+    );
     assert!(err.contains(&path.display().to_string()), "{err}");
 
     let missing = scratch("no-such-dir/tokenizer.json");
-    let err = format!("{:#}", TextTokenizer::from_json_file(&missing).err().expect("must fail"));
+    let err = format!(
+        "{:#}",
+        TextTokenizer::from_json_file(&missing)
+            .err()
+            .expect("must fail")
+    );
     assert!(err.contains(&missing.display().to_string()), "{err}");
 }

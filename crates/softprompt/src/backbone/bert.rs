@@ -9,7 +9,7 @@
 //! ```
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use std::path::Path;
 
 use super::ops::{self, AttentionSaved};
@@ -204,7 +204,7 @@ impl Bert {
         let pos = self.position.narrow(0, 0, t)?.unsqueeze(0)?;
         let e = input.embeds.broadcast_add(&pos)?.add(&types)?;
         let mut x = ops::layer_norm(&e, &self.emb_norm.g, &self.emb_norm.b, self.eps)?;
-        let bias = ops::attention_bias(&input.mask.to_dtype(DType::F32)?, t, false)?;
+        let bias = ops::attention_bias(input.mask, t, false, input.embeds.dtype())?;
         let mut tapes = Vec::new();
         for layer in &self.layers {
             let (y, tape) = self.layer_forward(layer, &x, &bias, keep)?;
@@ -258,7 +258,7 @@ impl Backbone for Bert {
         if t == 1 {
             return Ok(d_first);
         }
-        let rest = Tensor::zeros((b, t - 1, d), DType::F32, hidden.device())?;
+        let rest = Tensor::zeros((b, t - 1, d), hidden.dtype(), hidden.device())?;
         Ok(Tensor::cat(&[&d_first, &rest], 1)?)
     }
 }

@@ -9,7 +9,7 @@
 //! ```
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 
 use super::ops::{self, AttentionSaved};
@@ -279,7 +279,7 @@ impl Llama {
             .map(|l| [&l.bq, &l.bk, &l.bv].iter().filter_map(|b| b.as_ref()).map(|b| b.elem_count()).sum::<usize>())
             .sum();
         let params = cfg.vocab * d * if tied { 1 } else { 2 } + d + cfg.layers * per_layer + biases;
-        let (cos, sin) = rope_tables(&cfg, device)?;
+        let (cos, sin) = rope_tables(&cfg, embed.dtype(), device)?;
         let info = ModelInfo {
             arch: Arch::Llama,
             model_type,
@@ -388,7 +388,7 @@ impl Llama {
             Some(m) => Tensor::cat(&[m, &mask], 1)?,
             None => mask.clone(),
         };
-        let bias = ops::attention_bias(&key_mask, t, true)?;
+        let bias = ops::attention_bias(&key_mask, t, true, input.embeds.dtype())?;
         let (cos, sin) = self.rope_slice(past_len, t)?;
         let mut x = input.embeds.contiguous()?;
         let mut tapes = Vec::new();
@@ -411,7 +411,7 @@ impl Llama {
 }
 
 /// RoPE tables `cos`, `sin` of shape `[max_positions, head_dim/2]`.
-fn rope_tables(cfg: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+fn rope_tables(cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
     let hd = cfg.head_dim();
     let inv: Vec<f32> = (0..hd / 2)
         .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64) as f32)
@@ -421,7 +421,7 @@ fn rope_tables(cfg: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor)> {
     for p in 0..n {
         angles.extend(inv.iter().map(|f| p as f32 * f));
     }
-    let a = Tensor::from_vec(angles, (n, hd / 2), device)?;
+    let a = Tensor::from_vec(angles, (n, hd / 2), device)?.to_dtype(dtype)?;
     Ok((a.cos()?, a.sin()?))
 }
 

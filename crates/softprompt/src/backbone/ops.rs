@@ -31,7 +31,12 @@ pub fn linear_backward(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 /// RMSNorm: `x / sqrt(mean(x²) + eps) · g`.
+/// The fused kernel runs for f32/f16/bf16; f64 (used by the gradient tests) takes the composed path.
 pub fn rms_norm(x: &Tensor, g: &Tensor, eps: f64) -> Result<Tensor> {
+    if x.dtype() == candle_core::DType::F64 {
+        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+        return x.broadcast_mul(&r)?.broadcast_mul(g);
+    }
     candle_nn::ops::rms_norm(&x.contiguous()?, g, eps as f32)
 }
 
@@ -46,7 +51,13 @@ pub fn rms_norm_backward(x: &Tensor, g: &Tensor, eps: f64, dy: &Tensor) -> Resul
 }
 
 /// LayerNorm: `(x − mean) / sqrt(var + eps) · g + b`.
+/// The fused kernel runs for f32/f16/bf16; f64 (used by the gradient tests) takes the composed path.
 pub fn layer_norm(x: &Tensor, g: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    if x.dtype() == candle_core::DType::F64 {
+        let xc = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+        let r = (xc.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+        return xc.broadcast_mul(&r)?.broadcast_mul(g)?.broadcast_add(b);
+    }
     candle_nn::ops::layer_norm(&x.contiguous()?, g, b, eps as f32)
 }
 
@@ -137,7 +148,7 @@ pub fn attention_backward(saved: &AttentionSaved, d_out: &Tensor) -> Result<(Ten
 
 /// Additive attention bias `[B, 1, 1, T, S]` from a key mask `[B, S]` (1 = attend, 0 = padding),
 /// optionally causal with the `T` queries at key positions `S−T .. S`.
-pub fn attention_bias(key_mask: &Tensor, queries: usize, causal: bool) -> Result<Tensor> {
+pub fn attention_bias(key_mask: &Tensor, queries: usize, causal: bool, dtype: candle_core::DType) -> Result<Tensor> {
     let (b, s) = key_mask.dims2()?;
     let mask = key_mask.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
     let offset = s - queries;
@@ -152,7 +163,7 @@ pub fn attention_bias(key_mask: &Tensor, queries: usize, causal: bool) -> Result
             }
         }
     }
-    Tensor::from_vec(bias, (b, 1, 1, queries, s), key_mask.device())
+    Tensor::from_vec(bias, (b, 1, 1, queries, s), key_mask.device())?.to_dtype(dtype)
 }
 
 /// The value added to masked attention scores: finite, so a fully masked row stays defined.

@@ -1,0 +1,186 @@
+//! The input-gradient path: d(loss)/d(input embeddings) from `Backbone::backward` equals central
+//! finite differences through every layer type (tiny random Llama with GQA, q/k/v bias and
+//! padding; tiny random BERT with padding and the pooler), in f64. On the real SmolLM2 the
+//! gradient is finite and non-zero wherever it can reach the loss, and exactly zero where the
+//! causal mask says it cannot.
+
+mod common;
+use candle_core::{DType, Device, IndexOp, Tensor};
+use softprompt::backbone::bert::Bert;
+use softprompt::backbone::llama::{Llama, LlamaConfig};
+use softprompt::backbone::weights::MemoryWeights;
+use softprompt::backbone::{lm_logits, Backbone, BackboneInput};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+fn rand(shape: &[usize], scale: f64, seed: &mut u64) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n)
+        .map(|_| {
+            *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((*seed >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * scale
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn tiny_llama() -> Llama {
+    let cfg = LlamaConfig {
+        layers: 2,
+        hidden: 16,
+        heads: 4,
+        kv_heads: 2,
+        intermediate: 24,
+        vocab: 20,
+        eps: 1e-5,
+        rope_theta: 10_000.0,
+        max_positions: 32,
+    };
+    let mut s = 7u64;
+    let mut t = HashMap::new();
+    t.insert("model.embed_tokens.weight".into(), rand(&[20, 16], 1.0, &mut s));
+    t.insert("model.norm.weight".into(), rand(&[16], 0.5, &mut s).affine(1.0, 1.0).unwrap());
+    for l in 0..2 {
+        let p = |n: &str| format!("model.layers.{l}.{n}");
+        t.insert(p("input_layernorm.weight"), rand(&[16], 0.5, &mut s).affine(1.0, 1.0).unwrap());
+        t.insert(p("post_attention_layernorm.weight"), rand(&[16], 0.5, &mut s).affine(1.0, 1.0).unwrap());
+        t.insert(p("self_attn.q_proj.weight"), rand(&[16, 16], 0.5, &mut s));
+        t.insert(p("self_attn.k_proj.weight"), rand(&[8, 16], 0.5, &mut s));
+        t.insert(p("self_attn.v_proj.weight"), rand(&[8, 16], 0.5, &mut s));
+        t.insert(p("self_attn.q_proj.bias"), rand(&[16], 0.2, &mut s));
+        t.insert(p("self_attn.k_proj.bias"), rand(&[8], 0.2, &mut s));
+        t.insert(p("self_attn.v_proj.bias"), rand(&[8], 0.2, &mut s));
+        t.insert(p("self_attn.o_proj.weight"), rand(&[16, 16], 0.5, &mut s));
+        t.insert(p("mlp.gate_proj.weight"), rand(&[24, 16], 0.5, &mut s));
+        t.insert(p("mlp.up_proj.weight"), rand(&[24, 16], 0.5, &mut s));
+        t.insert(p("mlp.down_proj.weight"), rand(&[16, 24], 0.5, &mut s));
+    }
+    let w = MemoryWeights { tensors: t, origin: PathBuf::from("tiny-llama") };
+    Llama::from_weights(cfg, &w, &Device::Cpu).unwrap()
+}
+
+fn tiny_bert() -> Bert {
+    let mut s = 11u64;
+    let mut t = HashMap::new();
+    let mut ins = |n: &str, shape: &[usize], scale: f64, shift: f64, s: &mut u64| {
+        t.insert(n.to_string(), rand(shape, scale, s).affine(1.0, shift).unwrap());
+    };
+    ins("embeddings.word_embeddings.weight", &[20, 16], 1.0, 0.0, &mut s);
+    ins("embeddings.position_embeddings.weight", &[16, 16], 0.5, 0.0, &mut s);
+    ins("embeddings.token_type_embeddings.weight", &[2, 16], 0.5, 0.0, &mut s);
+    ins("embeddings.LayerNorm.weight", &[16], 0.3, 1.0, &mut s);
+    ins("embeddings.LayerNorm.bias", &[16], 0.3, 0.0, &mut s);
+    for l in 0..2 {
+        let p = |n: &str| format!("encoder.layer.{l}.{n}");
+        for n in ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"] {
+            ins(&p(&format!("{n}.weight")), &[16, 16], 0.5, 0.0, &mut s);
+            ins(&p(&format!("{n}.bias")), &[16], 0.2, 0.0, &mut s);
+        }
+        ins(&p("intermediate.dense.weight"), &[24, 16], 0.5, 0.0, &mut s);
+        ins(&p("intermediate.dense.bias"), &[24], 0.2, 0.0, &mut s);
+        ins(&p("output.dense.weight"), &[16, 24], 0.5, 0.0, &mut s);
+        ins(&p("output.dense.bias"), &[16], 0.2, 0.0, &mut s);
+        for n in ["attention.output.LayerNorm", "output.LayerNorm"] {
+            ins(&p(&format!("{n}.weight")), &[16], 0.3, 1.0, &mut s);
+            ins(&p(&format!("{n}.bias")), &[16], 0.3, 0.0, &mut s);
+        }
+    }
+    ins("pooler.dense.weight", &[16, 16], 0.5, 0.0, &mut s);
+    ins("pooler.dense.bias", &[16], 0.2, 0.0, &mut s);
+    let config = serde_json::json!({
+        "model_type": "bert", "hidden_size": 16, "num_attention_heads": 2, "num_hidden_layers": 2,
+        "intermediate_size": 24, "vocab_size": 20, "max_position_embeddings": 16, "type_vocab_size": 2,
+        "layer_norm_eps": 1e-12, "hidden_act": "gelu"
+    });
+    let w = MemoryWeights { tensors: t, origin: PathBuf::from("tiny-bert") };
+    Bert::from_hf(&PathBuf::from("tiny-bert"), &config, &w, &Device::Cpu).unwrap()
+}
+
+/// Scalar loss `Σ R ⊙ f(embeds)` where f is the backbone (and pooler when `pooled`).
+fn loss(model: &dyn Backbone, embeds: &Tensor, mask: &Tensor, r: &Tensor, pooled: bool) -> f64 {
+    let h = model.forward(&BackboneInput { embeds, mask, token_types: None }).unwrap();
+    let out = if pooled { model.pool(&h).unwrap() } else { h };
+    (out * r).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+}
+
+fn check_against_finite_differences(model: &dyn Backbone, pooled: bool) {
+    let (b, t, d) = (2, 5, 16);
+    let mut s = 3u64;
+    let embeds = rand(&[b, t, d], 1.0, &mut s);
+    // Row 1 is padded after 3 tokens.
+    let mask = Tensor::new(&[[1u32, 1, 1, 1, 1], [1, 1, 1, 0, 0]], &Device::Cpu).unwrap();
+    let r = if pooled { rand(&[b, d], 1.0, &mut s) } else { rand(&[b, t, d], 1.0, &mut s) };
+    let (h, tape) = model.forward_train(&BackboneInput { embeds: &embeds, mask: &mask, token_types: None }).unwrap();
+    let d_hidden = if pooled { model.pool_backward(&h, &r).unwrap() } else { r.clone() };
+    let grad = model.backward(&tape, &d_hidden).unwrap();
+    let grad: Vec<f64> = grad.flatten_all().unwrap().to_vec1().unwrap();
+    let base: Vec<f64> = embeds.flatten_all().unwrap().to_vec1().unwrap();
+    let eps = 1e-5;
+    let mut worst = 0f64;
+    for i in 0..base.len() {
+        let mut plus = base.clone();
+        plus[i] += eps;
+        let mut minus = base.clone();
+        minus[i] -= eps;
+        let f = |v: Vec<f64>| loss(model, &Tensor::from_vec(v, (b, t, d), &Device::Cpu).unwrap(), &mask, &r, pooled);
+        let fd = (f(plus) - f(minus)) / (2.0 * eps);
+        let err = (fd - grad[i]).abs() / (1.0 + fd.abs());
+        worst = worst.max(err);
+    }
+    println!("max relative error vs finite differences: {worst:.2e}");
+    assert!(worst < 1e-6, "backward disagrees with finite differences: {worst}");
+}
+
+#[test]
+fn llama_input_gradient_matches_finite_differences() {
+    check_against_finite_differences(&tiny_llama(), false);
+}
+
+#[test]
+fn bert_input_gradient_matches_finite_differences() {
+    check_against_finite_differences(&tiny_bert(), false);
+}
+
+#[test]
+fn bert_pooler_gradient_matches_finite_differences() {
+    check_against_finite_differences(&tiny_bert(), true);
+}
+
+#[test]
+fn smollm2_gradient_reaches_every_position_that_influences_the_loss() {
+    let model = common::load_model("smollm2-135m");
+    let bb = model.backbone.as_ref();
+    let ids = Tensor::new(&[[504u32, 3575, 282, 4649, 314, 2], [38634, 314, 260, 3575, 282, 2]], &Device::Cpu).unwrap();
+    let mask = Tensor::new(&[[1u32, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]], &Device::Cpu).unwrap();
+    let embeds = bb.embed(&ids).unwrap();
+    let (h, tape) = bb.forward_train(&BackboneInput { embeds: &embeds, mask: &mask, token_types: None }).unwrap();
+    // Loss: −log p(target) at position 2 of row 0 and position 5 of row 1.
+    let targets = [(0usize, 2usize, 3575u32), (1, 5, 1234)];
+    let mut d_hidden = vec![0f32; h.elem_count()];
+    let (_, t, dm) = h.dims3().unwrap();
+    for &(b, pos, target) in &targets {
+        let row = h.i((b, pos)).unwrap().unsqueeze(0).unwrap();
+        let logits = lm_logits(bb, &row).unwrap();
+        let p: Vec<f32> = candle_nn::ops::softmax_last_dim(&logits).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+        let mut dlogits = p;
+        dlogits[target as usize] -= 1.0;
+        let dl = Tensor::new(dlogits.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let drow: Vec<f32> = dl.matmul(bb.lm_head().unwrap()).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+        d_hidden[(b * t + pos) * dm..(b * t + pos + 1) * dm].copy_from_slice(&drow);
+    }
+    let d_hidden = Tensor::from_vec(d_hidden, h.shape(), &Device::Cpu).unwrap();
+    let grad = bb.backward(&tape, &d_hidden).unwrap();
+    assert_eq!(grad.dtype(), DType::F32);
+    let norms: Vec<Vec<f32>> = grad.sqr().unwrap().sum(2).unwrap().sqrt().unwrap().to_vec2().unwrap();
+    for (b, row) in norms.iter().enumerate() {
+        let last = targets[b].1;
+        for (pos, &n) in row.iter().enumerate() {
+            assert!(n.is_finite(), "row {b} position {pos}: gradient is not finite");
+            if pos <= last {
+                assert!(n > 0.0, "row {b} position {pos} influences the loss but got a zero gradient");
+            } else {
+                assert_eq!(n, 0.0, "row {b} position {pos} is after the loss position (causal) but got gradient {n}");
+            }
+        }
+    }
+}
