@@ -83,7 +83,7 @@ impl<'a> Cursor<'a> {
         let n = self.u64(what)?;
         let remaining = (self.bytes.len() - self.pos) as u64;
         if n > remaining {
-            bail!("corrupted: {what} claims length {n} but only {remaining} bytes remain");
+            bail!("truncated or corrupted: {what} claims length {n} but only {remaining} bytes remain");
         }
         Ok(n as usize)
     }

@@ -1,8 +1,13 @@
 //! softprompt: train, evaluate, save, load and serve soft prompts for frozen pretrained
 //! transformers. See `DESIGN.md` at the repository root for the data path and the module map.
 
+pub mod adapter;
 pub mod backbone;
+pub mod data;
 pub mod gguf;
+pub mod infer;
 pub mod io;
 pub mod model_source;
+pub mod prompt;
+pub mod template;
 pub mod tokenizer;

@@ -1,0 +1,37 @@
+//! Greedy decoding with a key/value cache: the prompt (which may hold soft tokens) is run once,
+//! then each new token costs one position.
+
+use anyhow::{bail, Result};
+use candle_core::{IndexOp, Tensor};
+
+use crate::backbone::{lm_logits, Backbone, BackboneInput, KvCache};
+
+/// Greedily extends the input embeddings `[1, T, hidden]` by up to `max_new` tokens, stopping
+/// after any id in `stop`. Returns the generated ids (the stop id included when reached).
+pub fn greedy(backbone: &dyn Backbone, embeds: &Tensor, max_new: usize, stop: &[u32]) -> Result<Vec<u32>> {
+    if !backbone.info().arch.is_causal() {
+        bail!("generation needs a causal language model, not a {:?} encoder", backbone.info().arch);
+    }
+    let (b, t, _) = embeds.dims3()?;
+    if b != 1 || t == 0 {
+        bail!("greedy generation runs one non-empty sequence at a time (got batch {b}, length {t})");
+    }
+    let device = embeds.device();
+    let mut cache = KvCache::default();
+    let mask = Tensor::ones((1, t), candle_core::DType::U32, device)?;
+    let mut hidden = backbone.forward_cached(&BackboneInput { embeds, mask: &mask, token_types: None }, &mut cache)?;
+    let mut out = Vec::new();
+    for _ in 0..max_new {
+        let last = hidden.i((0, hidden.dim(1)? - 1))?.unsqueeze(0)?;
+        let next = lm_logits(backbone, &last)?.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
+        out.push(next);
+        if stop.contains(&next) || cache.len() + 1 > backbone.info().max_positions {
+            break;
+        }
+        let ids = Tensor::new(&[[next]], device)?;
+        let e = backbone.embed(&ids)?;
+        let one = Tensor::ones((1, 1), candle_core::DType::U32, device)?;
+        hidden = backbone.forward_cached(&BackboneInput { embeds: &e, mask: &one, token_types: None }, &mut cache)?;
+    }
+    Ok(out)
+}

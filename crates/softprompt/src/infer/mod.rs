@@ -1,0 +1,3 @@
+//! Inference: greedy generation with a key/value cache, scoring and classification.
+
+pub mod generate;
