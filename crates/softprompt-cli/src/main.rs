@@ -1,6 +1,7 @@
 //! `softprompt`: the command-line interface. Thin: parse, call the library, print.
 
 mod model_cmds;
+mod train_cmds;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -24,6 +25,12 @@ enum Command {
     Tokenize(model_cmds::TokenizeArgs),
     /// Greedy completion of a text with a causal model.
     Complete(model_cmds::CompleteArgs),
+    /// Train a soft prompt (prompt tuning or p-tuning) and save a PEFT-compatible adapter.
+    Train(Box<train_cmds::TrainArgs>),
+    /// Score a JSONL set with an adapter, or with a hand-written template (zero-shot); prints JSON.
+    Eval(train_cmds::ScoreArgs),
+    /// Predict every row of a JSONL set; writes JSONL.
+    Predict(train_cmds::PredictArgs),
 }
 
 fn main() {
@@ -33,6 +40,9 @@ fn main() {
         Command::Info(a) => model_cmds::info(a),
         Command::Tokenize(a) => model_cmds::tokenize(a),
         Command::Complete(a) => model_cmds::complete(a),
+        Command::Train(a) => train_cmds::train_cmd(*a),
+        Command::Eval(a) => train_cmds::eval_cmd(a),
+        Command::Predict(a) => train_cmds::predict_cmd(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-/// One JSON object: field name → value.
+/// One JSON object: field name → value (serde_json keeps the keys sorted by name).
 pub type Row = serde_json::Map<String, Value>;
 
 /// One row of a data set and the line of the file it was read from.
@@ -70,7 +70,8 @@ impl DataSet {
         self.records.iter().map(|r| (self.origin(r), &r.row))
     }
 
-    /// The names of the fields found in the rows, in order of first appearance.
+    /// The names of the fields found in the rows, each once: those of the first row, then new
+    /// ones of later rows (within a row in the map's key order, which serde_json sorts by name).
     pub fn field_names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = Vec::new();
         for r in &self.records {

@@ -30,3 +30,27 @@ pub fn write_atomically(path: &Path, fill: impl FnOnce(&mut dyn Write) -> Result
 pub fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomically(path, |w| Ok(w.write_all(bytes)?))
 }
+
+/// Writes named f32/f64/u32 tensors as a safetensors file (atomically), with optional
+/// string metadata.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, candle_core::Tensor)],
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<()> {
+    let contiguous: Vec<(String, candle_core::Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), t.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let bytes = safetensors::serialize(contiguous.iter().map(|(n, t)| (n.as_str(), t)), metadata)
+        .map_err(|e| anyhow::anyhow!("cannot serialise {}: {e}", path.display()))?;
+    write_bytes(path, &bytes)
+}
+
+/// Reads every tensor of a safetensors file; errors name the file.
+pub fn read_safetensors(path: &Path) -> Result<std::collections::BTreeMap<String, candle_core::Tensor>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let map = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)
+        .map_err(|e| anyhow::anyhow!("{}: corrupted or truncated safetensors file: {e}", path.display()))?;
+    Ok(map.into_iter().collect())
+}

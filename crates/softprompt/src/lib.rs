@@ -9,5 +9,7 @@ pub mod infer;
 pub mod io;
 pub mod model_source;
 pub mod prompt;
+pub mod task;
 pub mod template;
 pub mod tokenizer;
+pub mod train;

@@ -60,7 +60,7 @@
 //! # Errors
 //!
 //! Parse errors name the 1-based character column of the template:
-//! `template column 12: unclosed `{``. Row errors name the row's origin (`FILE:LINE`) and field.
+//! ``template column 12: unclosed `{` ``. Row errors name the row's origin (`FILE:LINE`) and field.
 
 use crate::data::{field_text, Row};
 use crate::tokenizer::TextTokenizer;
@@ -592,7 +592,7 @@ impl Template {
                     }
                 }
             }
-            candidates.sort_by(|a, b| b.0.cmp(&a.0));
+            candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
             for &(_, pi, si) in &candidates {
                 if total <= budget {
                     break;

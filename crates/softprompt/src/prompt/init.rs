@@ -146,7 +146,7 @@ pub fn initial_prompt(
         PromptInit::Vocab => {
             let table = source.table("sampled-vocabulary")?;
             let tok = source.tok("sampled-vocabulary")?;
-            let ids = sample_vocab(tok, table.dim(0)?, p, &[], rng)?;
+            let ids = sample_vocab_ids(tok, table.dim(0)?, p, &[], rng)?;
             rows(table, &ids)
         }
         PromptInit::Text(text) => {
@@ -183,7 +183,7 @@ pub fn initial_prompt(
             }
             let rest = p - labels.len();
             if rest > 0 {
-                let ids = sample_vocab(tok, vocab, rest, &used, rng)?;
+                let ids = sample_vocab_ids(tok, vocab, rest, &used, rng)?;
                 parts.push(rows(table, &ids)?);
             }
             Ok(Tensor::cat(&parts, 0)?)
@@ -261,8 +261,9 @@ fn is_reserved_spelling(tok: &str) -> bool {
 }
 
 /// `k` distinct ids drawn uniformly without replacement from the [`VOCAB_SAMPLE_POOL`] most
-/// common tokens (more when `k` exceeds it), leaving out `exclude`.
-fn sample_vocab(tok: &TextTokenizer, vocab_rows: usize, k: usize, exclude: &[u32], rng: &mut StdRng) -> Result<Vec<u32>> {
+/// common tokens (more when `k` exceeds it), leaving out `exclude`: the ids
+/// [`PromptInit::Vocab`] uses for the same `rng` state.
+pub fn sample_vocab_ids(tok: &TextTokenizer, vocab_rows: usize, k: usize, exclude: &[u32], rng: &mut StdRng) -> Result<Vec<u32>> {
     let pool: Vec<u32> = common_token_ids(tok, vocab_rows, VOCAB_SAMPLE_POOL.max(k) + exclude.len())
         .into_iter()
         .filter(|id| !exclude.contains(id))

@@ -21,7 +21,7 @@ use rand::rngs::StdRng;
 use std::collections::HashMap;
 
 pub use encoder::{EncoderSpec, PromptEncoder};
-pub use init::{common_token_ids, initial_prompt, seeded_rng, text_init_ids, InitSource, PromptInit, VOCAB_SAMPLE_POOL};
+pub use init::{common_token_ids, initial_prompt, sample_vocab_ids, seeded_rng, text_init_ids, InitSource, PromptInit, VOCAB_SAMPLE_POOL};
 
 /// PEFT's name of the prompt-tuning embedding (and of the saved prompt of every method).
 pub const PROMPT_EMBEDDINGS: &str = "prompt_embeddings";

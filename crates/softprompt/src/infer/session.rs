@@ -1,0 +1,100 @@
+//! Everything needed to score rows with a trained adapter (or a hand-written template): the
+//! task rebuilt from the adapter's `softprompt.json` (or from explicit options for a plain PEFT
+//! adapter), the prompt matrix and the classification head.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Tensor, Var};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::adapter::{self, TaskType};
+use crate::backbone::LoadedModel;
+use crate::data::DataSet;
+use crate::task::{ClassifierHead, Task, TaskKind};
+use crate::template::Template;
+use crate::train::state::load_task_file;
+
+/// Options that describe the task when the adapter does not (or to override it).
+#[derive(Debug, Clone, Default)]
+pub struct TaskOptions {
+    /// Template; for a plain PEFT adapter `[soft:N]` is prepended when it has no soft tokens.
+    pub template: Option<String>,
+    /// Target field (default `label`).
+    pub target_field: Option<String>,
+    /// Task kind (default: classify on causal models, seq-cls on encoders).
+    pub task: Option<TaskKind>,
+    /// Label → verbaliser word.
+    pub verbalizer: BTreeMap<String, String>,
+    /// Longest sequence.
+    pub max_len: usize,
+}
+
+/// A task ready to score rows.
+pub struct Session {
+    /// The task.
+    pub task: Task,
+    /// The prompt matrix, when an adapter is used.
+    pub prompt: Option<Tensor>,
+    /// Classification head (SeqCls adapters).
+    pub head: Option<ClassifierHead>,
+}
+
+/// Builds a session from an adapter directory and/or options; labels not stored in the adapter
+/// are collected from `sets`.
+pub fn open(model: &LoadedModel, adapter_dir: Option<&Path>, opts: &TaskOptions, sets: &[&DataSet]) -> Result<Session> {
+    let info = model.backbone.info();
+    let mut opts = opts.clone();
+    let mut labels: Vec<String> = Vec::new();
+    let (prompt, head) = match adapter_dir {
+        Some(dir) => {
+            let a = adapter::load_peft(dir)?;
+            adapter::check_compatible(&a.config, info)?;
+            if dir.join(crate::train::state::TASK_FILE).is_file() {
+                let tf = load_task_file(dir)?;
+                opts.template = opts.template.or(Some(tf.template));
+                opts.target_field = opts.target_field.or(Some(tf.target_field));
+                opts.task = opts.task.or(Some(tf.task));
+                if opts.verbalizer.is_empty() {
+                    opts.verbalizer = tf.verbalizer;
+                }
+                labels = tf.labels;
+            }
+            if opts.task.is_none() {
+                opts.task = Some(if a.config.task_type == Some(TaskType::SeqCls) { TaskKind::SeqCls } else { TaskKind::Classify });
+            }
+            let prompt = a.input_prompt()?.clone();
+            let head = a
+                .classifier()
+                .map(|(w, b)| -> Result<ClassifierHead> { Ok(ClassifierHead { weight: Var::from_tensor(w)?, bias: Var::from_tensor(b)? }) })
+                .transpose()?;
+            let src = opts.template.clone().context("this adapter has no softprompt.json; give the template with --template")?;
+            let t = Template::parse(&src).context("template")?;
+            if t.num_virtual_tokens() == 0 {
+                opts.template = Some(format!("[soft:{}]{src}", prompt.dim(0)?));
+            }
+            (Some(prompt), head)
+        }
+        None => (None, None),
+    };
+    let kind = opts.task.unwrap_or(if info.arch.is_causal() { TaskKind::Classify } else { TaskKind::SeqCls });
+    if kind == TaskKind::SeqCls && head.is_none() {
+        bail!("sequence classification needs an adapter with a classifier head (base_model.classifier.*)");
+    }
+    let target_field = opts.target_field.clone().unwrap_or_else(|| "label".into());
+    let src = opts.template.clone().context("give a template (--template) or an adapter (--adapter)")?;
+    let template = Template::parse(&src).context("template")?.with_target(&target_field)?;
+    if let Some(p) = &prompt {
+        if template.num_virtual_tokens() != p.dim(0)? {
+            bail!("the template has {} virtual tokens but the adapter's prompt has {}", template.num_virtual_tokens(), p.dim(0)?);
+        }
+    } else if template.num_virtual_tokens() > 0 {
+        bail!("the template has [soft:..] tokens; give the adapter that learned them (--adapter)");
+    }
+    if labels.is_empty() {
+        labels = Task::labels_from(sets, &target_field)?;
+    }
+    let verbalizer: Vec<(String, String)> = opts.verbalizer.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let max_len = if opts.max_len == 0 { 512 } else { opts.max_len };
+    let task = Task::new(kind, template, labels, &verbalizer, &model.tokenizer, max_len)?;
+    Ok(Session { task, prompt, head })
+}

@@ -1,0 +1,137 @@
+//! softprompt's own files beside the PEFT adapter:
+//! - `softprompt.json` + `softprompt_prompt.safetensors` in the adapter directory: the template,
+//!   task, labels and verbaliser, and the prompt's raw parameters (the p-tuning encoder too,
+//!   which PEFT never saves), so `eval`/`predict` and prompt transfer need nothing else;
+//! - `checkpoint-last/`: everything needed to resume a run exactly: parameters, AdamW moments,
+//!   the step, the best dev score, the loss history. (The data order and dropout masks are
+//!   functions of the seed and the step, so no RNG state needs saving.)
+
+use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
+use std::collections::HashMap;
+use std::path::Path;
+
+use super::{Learner, Prepared, TrainConfig, HEAD_BIAS, HEAD_WEIGHT};
+use crate::io::{read_safetensors, write_bytes, write_safetensors};
+use crate::task::Task;
+
+/// Counters and history of a run.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Progress {
+    /// Optimiser steps done.
+    pub step: usize,
+    /// Best dev accuracy and its step.
+    pub best: Option<(f64, usize)>,
+    /// Evaluations since the best one.
+    pub evals_since_best: usize,
+    /// Training loss per step.
+    pub losses: Vec<(usize, f32)>,
+    /// Dev accuracy per evaluation.
+    pub dev: Vec<(usize, f64)>,
+}
+
+/// Task description saved next to an adapter.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TaskFile {
+    /// Template source (with its soft tokens).
+    pub template: String,
+    /// Target field.
+    pub target_field: String,
+    /// Task kind.
+    pub task: crate::task::TaskKind,
+    /// Labels or candidate targets.
+    pub labels: Vec<String>,
+    /// Label → verbaliser word.
+    pub verbalizer: std::collections::BTreeMap<String, String>,
+    /// Model the adapter was trained on.
+    pub model: String,
+    /// Method and encoder, for prompt transfer and resuming.
+    pub config: TrainConfig,
+}
+
+/// Name of the task file in an adapter directory.
+pub const TASK_FILE: &str = "softprompt.json";
+/// Name of the raw prompt parameters file in an adapter directory.
+pub const PROMPT_FILE: &str = "softprompt_prompt.safetensors";
+
+/// Writes `softprompt.json` next to an adapter.
+pub fn save_task_file(dir: &Path, task: &Task, cfg: &TrainConfig) -> Result<()> {
+    let file = TaskFile {
+        template: task.template.source().to_string(),
+        target_field: cfg.target_field.clone(),
+        task: cfg.task,
+        labels: task.labels.clone(),
+        verbalizer: cfg.verbalizer.clone(),
+        model: cfg.model.clone(),
+        config: cfg.clone(),
+    };
+    write_bytes(&dir.join(TASK_FILE), serde_json::to_string_pretty(&file)?.as_bytes())
+}
+
+/// Reads `softprompt.json` of an adapter directory.
+pub fn load_task_file(dir: &Path) -> Result<TaskFile> {
+    let path = dir.join(TASK_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not a valid softprompt task file", path.display()))
+}
+
+fn all_tensors(learner: &Learner) -> Result<Vec<(String, Tensor)>> {
+    let mut t = learner.prompt.tensors()?;
+    if let Some(h) = &learner.head {
+        t.push((HEAD_WEIGHT.into(), h.weight.as_tensor().clone()));
+        t.push((HEAD_BIAS.into(), h.bias.as_tensor().clone()));
+    }
+    Ok(t)
+}
+
+/// Saves the raw prompt parameters (encoder included) next to an adapter.
+pub fn save_prompt_params(dir: &Path, learner: &Learner) -> Result<()> {
+    write_safetensors(&dir.join(PROMPT_FILE), &all_tensors(learner)?, None)
+}
+
+/// Saves the full training state into `dir` (created if needed).
+pub fn save_state(dir: &Path, learner: &Learner, progress: &Progress, p: &Prepared) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut tensors = all_tensors(learner)?;
+    for (name, (m, v)) in &learner.optimizer.moments {
+        tensors.push((format!("adamw.m.{name}"), m.clone()));
+        tensors.push((format!("adamw.v.{name}"), v.clone()));
+    }
+    write_safetensors(&dir.join("state.safetensors"), &tensors, None)?;
+    let json = serde_json::json!({
+        "progress": progress,
+        "optimizer_step": learner.optimizer.step,
+        "config": p.cfg,
+    });
+    write_bytes(&dir.join("state.json"), serde_json::to_string_pretty(&json)?.as_bytes())
+}
+
+/// Restores a learner from `dir`; returns the progress to continue from.
+pub fn load_state(dir: &Path, learner: &mut Learner) -> Result<Progress> {
+    let json_path = dir.join("state.json");
+    let text = std::fs::read_to_string(&json_path)
+        .with_context(|| format!("cannot resume: {} is missing (was the run started with this output directory?)", json_path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", json_path.display()))?;
+    let progress: Progress = serde_json::from_value(v["progress"].clone()).with_context(|| format!("{}: field `progress`", json_path.display()))?;
+    let opt_step = v["optimizer_step"].as_u64().with_context(|| format!("{}: field `optimizer_step` is missing", json_path.display()))?;
+    let tensors = read_safetensors(&dir.join("state.safetensors"))?;
+    let params: HashMap<String, Tensor> = tensors.iter().filter(|(k, _)| !k.starts_with("adamw.")).map(|(k, t)| (k.clone(), t.clone())).collect();
+    learner.prompt.set_from(&params)?;
+    if let Some(h) = &learner.head {
+        for (name, var) in [(HEAD_WEIGHT, &h.weight), (HEAD_BIAS, &h.bias)] {
+            let t = params.get(name).with_context(|| format!("{}: `{name}` is missing", dir.display()))?;
+            var.set(t)?;
+        }
+    }
+    learner.optimizer.moments.clear();
+    for (k, m) in &tensors {
+        if let Some(name) = k.strip_prefix("adamw.m.") {
+            let Some(vv) = tensors.get(&format!("adamw.v.{name}")) else {
+                bail!("{}: `adamw.v.{name}` is missing", dir.display());
+            };
+            learner.optimizer.moments.insert(name.to_string(), (m.clone(), vv.clone()));
+        }
+    }
+    learner.optimizer.step = opt_step as usize;
+    Ok(progress)
+}
