@@ -1,5 +1,6 @@
 //! `softprompt`: the command-line interface. Thin: parse, call the library, print.
 
+mod bench_cmd;
 mod model_cmds;
 mod train_cmds;
 
@@ -29,6 +30,8 @@ enum Command {
     Train(Box<train_cmds::TrainArgs>),
     /// Score a JSONL set with an adapter, or with a hand-written template (zero-shot); prints JSON.
     Eval(train_cmds::ScoreArgs),
+    /// Time the backbone's forward and input-gradient backward (prints one run's figures).
+    Bench(bench_cmd::BenchArgs),
     /// Predict every row of a JSONL set; writes JSONL.
     Predict(train_cmds::PredictArgs),
 }
@@ -41,6 +44,7 @@ fn main() {
         Command::Tokenize(a) => model_cmds::tokenize(a),
         Command::Complete(a) => model_cmds::complete(a),
         Command::Train(a) => train_cmds::train_cmd(*a),
+        Command::Bench(a) => bench_cmd::bench(a),
         Command::Eval(a) => train_cmds::eval_cmd(a),
         Command::Predict(a) => train_cmds::predict_cmd(a),
     };

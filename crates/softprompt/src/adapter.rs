@@ -59,7 +59,9 @@ impl PeftType {
             "PROMPT_TUNING" => PeftType::PromptTuning,
             "P_TUNING" => PeftType::PTuning,
             "PREFIX_TUNING" => PeftType::PrefixTuning,
-            other => bail!("unknown peft_type `{other}` (supported: PROMPT_TUNING, P_TUNING, PREFIX_TUNING)"),
+            other => bail!(
+                "unknown peft_type `{other}` (supported: PROMPT_TUNING, P_TUNING, PREFIX_TUNING)"
+            ),
         })
     }
 }
@@ -157,12 +159,12 @@ impl MethodConfig {
         }
     }
 
-    /// Prompt tuning started from `init`. A TEXT init records the text and `tokenizer`
-    /// (PEFT refuses a TEXT config without a tokenizer name); inits PEFT has no name for are
-    /// recorded as RANDOM.
+    /// Prompt tuning started from `init`. A TEXT init records the text and `tokenizer` (PEFT
+    /// refuses a TEXT config whose `tokenizer_name_or_path` is empty, so pass one; PEFT does not
+    /// read it when loading for inference); inits PEFT has no name for are recorded as RANDOM.
     pub fn prompt_tuning(init: &PromptInit, tokenizer: Option<&str>) -> Self {
         let (text, tok) = match init {
-            PromptInit::Text(t) => (Some(t.clone()), Some(tokenizer.unwrap_or("").to_string())),
+            PromptInit::Text(t) => (Some(t.clone()), tokenizer.map(str::to_string)),
             _ => (None, None),
         };
         MethodConfig::PromptTuning {
@@ -177,7 +179,11 @@ impl MethodConfig {
     pub fn p_tuning(spec: &EncoderSpec) -> Self {
         let (layers, dropout) = match spec {
             EncoderSpec::Mlp { .. } => (2, 0.0),
-            EncoderSpec::Lstm { num_layers, dropout, .. } => (*num_layers, *dropout),
+            EncoderSpec::Lstm {
+                num_layers,
+                dropout,
+                ..
+            } => (*num_layers, *dropout),
         };
         MethodConfig::PTuning {
             encoder_reparameterization_type: spec.peft_name().to_string(),
@@ -190,7 +196,12 @@ impl MethodConfig {
     /// The p-tuning encoder this config describes (`token_dim` stands in for a null hidden size).
     pub fn encoder_spec(&self, token_dim: usize) -> Result<Option<EncoderSpec>> {
         match self {
-            MethodConfig::PTuning { encoder_reparameterization_type, encoder_hidden_size, encoder_num_layers, encoder_dropout } => {
+            MethodConfig::PTuning {
+                encoder_reparameterization_type,
+                encoder_hidden_size,
+                encoder_num_layers,
+                encoder_dropout,
+            } => {
                 let hidden = encoder_hidden_size.unwrap_or(token_dim);
                 match encoder_reparameterization_type.as_str() {
                     "MLP" => Ok(Some(EncoderSpec::Mlp { hidden })),
@@ -251,18 +262,23 @@ impl PeftConfig {
     /// `num_attention_heads` from the model (for prefix tuning the key/value width and heads),
     /// `num_layers`, one transformer submodule, `inference_mode: true`, PEFT's `modules_to_save`
     /// for SEQ_CLS, and the model file's name as `base_model_name_or_path`.
-    pub fn new(method: MethodConfig, task_type: TaskType, num_virtual_tokens: usize, info: &ModelInfo) -> Self {
+    pub fn new(
+        method: MethodConfig,
+        task_type: TaskType,
+        num_virtual_tokens: usize,
+        info: &ModelInfo,
+    ) -> Self {
         let (token_dim, heads) = match method {
             MethodConfig::PrefixTuning { .. } => (info.head_dim() * info.kv_heads, info.kv_heads),
             _ => (info.hidden, info.heads),
         };
-        let name = info
-            .source
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| info.source.display().to_string());
-        let modules_to_save = (task_type == TaskType::SeqCls)
-            .then(|| ["classifier", "score", "classifier", "score"].iter().map(|s| s.to_string()).collect());
+        let name = model_name(info);
+        let modules_to_save = (task_type == TaskType::SeqCls).then(|| {
+            ["classifier", "score", "classifier", "score"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        });
         PeftConfig {
             method,
             task_type: Some(task_type),
@@ -281,21 +297,30 @@ impl PeftConfig {
         }
     }
 
-    /// The config describing `prompt` (prompt tuning or p-tuning) trained from `init`.
-    pub fn for_prompt(prompt: &SoftPrompt, init: &PromptInit, task_type: TaskType, info: &ModelInfo) -> Self {
-        let mut config = match prompt.encoder() {
-            Some(enc) => Self::new(MethodConfig::p_tuning(&enc.spec()), task_type, prompt.num_virtual_tokens(), info),
-            None => Self::new(MethodConfig::prompt_tuning(init, None), task_type, prompt.num_virtual_tokens(), info),
+    /// The config describing `prompt` (prompt tuning or p-tuning) trained from `init` (a TEXT
+    /// init names the model as its tokenizer).
+    pub fn for_prompt(
+        prompt: &SoftPrompt,
+        init: &PromptInit,
+        task_type: TaskType,
+        info: &ModelInfo,
+    ) -> Self {
+        let name = model_name(info);
+        let method = match prompt.encoder() {
+            Some(enc) => MethodConfig::p_tuning(&enc.spec()),
+            None => MethodConfig::prompt_tuning(init, Some(&name)),
         };
-        if let MethodConfig::PromptTuning { tokenizer_name_or_path: Some(t), .. } = &mut config.method {
-            *t = config.base_model_name_or_path.clone().unwrap_or_default();
-        }
-        config
+        Self::new(method, task_type, prompt.num_virtual_tokens(), info)
     }
 
     /// `peft_type`.
     pub fn peft_type(&self) -> PeftType {
         self.method.peft_type()
+    }
+
+    /// The p-tuning encoder this config describes (`None` for the other methods).
+    pub fn encoder_spec(&self) -> Result<Option<EncoderSpec>> {
+        self.method.encoder_spec(self.token_dim)
     }
 
     /// Rows of the saved `prompt_embeddings`: `num_virtual_tokens × num_transformer_submodules`.
@@ -326,42 +351,103 @@ impl PeftConfig {
         for (k, v) in &self.extra {
             m.insert(k.clone(), v.clone());
         }
-        m.insert("auto_mapping".into(), self.auto_mapping.clone().unwrap_or(Value::Null));
-        m.insert("base_model_name_or_path".into(), opt_str(&self.base_model_name_or_path));
+        m.insert(
+            "auto_mapping".into(),
+            self.auto_mapping.clone().unwrap_or(Value::Null),
+        );
+        m.insert(
+            "base_model_name_or_path".into(),
+            opt_str(&self.base_model_name_or_path),
+        );
         m.insert("inference_mode".into(), Value::Bool(self.inference_mode));
         m.insert(
             "modules_to_save".into(),
-            self.modules_to_save
-                .as_ref()
-                .map_or(Value::Null, |v| Value::Array(v.iter().cloned().map(Value::String).collect())),
+            self.modules_to_save.as_ref().map_or(Value::Null, |v| {
+                Value::Array(v.iter().cloned().map(Value::String).collect())
+            }),
         );
-        m.insert("num_attention_heads".into(), opt_usize(self.num_attention_heads));
+        m.insert(
+            "num_attention_heads".into(),
+            opt_usize(self.num_attention_heads),
+        );
         m.insert("num_layers".into(), opt_usize(self.num_layers));
-        m.insert("num_transformer_submodules".into(), opt_usize(self.num_transformer_submodules));
-        m.insert("num_virtual_tokens".into(), Value::from(self.num_virtual_tokens as u64));
-        m.insert("peft_type".into(), Value::String(self.peft_type().as_str().into()));
+        m.insert(
+            "num_transformer_submodules".into(),
+            opt_usize(self.num_transformer_submodules),
+        );
+        m.insert(
+            "num_virtual_tokens".into(),
+            Value::from(self.num_virtual_tokens as u64),
+        );
+        m.insert(
+            "peft_type".into(),
+            Value::String(self.peft_type().as_str().into()),
+        );
         m.insert("peft_version".into(), opt_str(&self.peft_version));
         m.insert("revision".into(), opt_str(&self.revision));
-        m.insert("task_type".into(), self.task_type.map_or(Value::Null, |t| Value::String(t.as_str().into())));
+        m.insert(
+            "task_type".into(),
+            self.task_type
+                .map_or(Value::Null, |t| Value::String(t.as_str().into())),
+        );
         m.insert("token_dim".into(), Value::from(self.token_dim as u64));
         match &self.method {
-            MethodConfig::PromptTuning { prompt_tuning_init, prompt_tuning_init_text, tokenizer_name_or_path, tokenizer_kwargs } => {
-                m.insert("prompt_tuning_init".into(), Value::String(prompt_tuning_init.clone()));
-                m.insert("prompt_tuning_init_text".into(), opt_str(prompt_tuning_init_text));
-                m.insert("tokenizer_name_or_path".into(), opt_str(tokenizer_name_or_path));
-                m.insert("tokenizer_kwargs".into(), tokenizer_kwargs.clone().unwrap_or(Value::Null));
-            }
-            MethodConfig::PTuning { encoder_reparameterization_type, encoder_hidden_size, encoder_num_layers, encoder_dropout } => {
-                m.insert("encoder_reparameterization_type".into(), Value::String(encoder_reparameterization_type.clone()));
-                m.insert("encoder_hidden_size".into(), opt_usize(*encoder_hidden_size));
-                m.insert("encoder_num_layers".into(), Value::from(*encoder_num_layers as u64));
+            MethodConfig::PromptTuning {
+                prompt_tuning_init,
+                prompt_tuning_init_text,
+                tokenizer_name_or_path,
+                tokenizer_kwargs,
+            } => {
                 m.insert(
-                    "encoder_dropout".into(),
-                    serde_json::Number::from_f64(*encoder_dropout).map_or(Value::Null, Value::Number),
+                    "prompt_tuning_init".into(),
+                    Value::String(prompt_tuning_init.clone()),
+                );
+                m.insert(
+                    "prompt_tuning_init_text".into(),
+                    opt_str(prompt_tuning_init_text),
+                );
+                m.insert(
+                    "tokenizer_name_or_path".into(),
+                    opt_str(tokenizer_name_or_path),
+                );
+                m.insert(
+                    "tokenizer_kwargs".into(),
+                    tokenizer_kwargs.clone().unwrap_or(Value::Null),
                 );
             }
-            MethodConfig::PrefixTuning { encoder_hidden_size, prefix_projection, init_weights } => {
-                m.insert("encoder_hidden_size".into(), opt_usize(*encoder_hidden_size));
+            MethodConfig::PTuning {
+                encoder_reparameterization_type,
+                encoder_hidden_size,
+                encoder_num_layers,
+                encoder_dropout,
+            } => {
+                m.insert(
+                    "encoder_reparameterization_type".into(),
+                    Value::String(encoder_reparameterization_type.clone()),
+                );
+                m.insert(
+                    "encoder_hidden_size".into(),
+                    opt_usize(*encoder_hidden_size),
+                );
+                m.insert(
+                    "encoder_num_layers".into(),
+                    Value::from(*encoder_num_layers as u64),
+                );
+                m.insert(
+                    "encoder_dropout".into(),
+                    serde_json::Number::from_f64(*encoder_dropout)
+                        .map_or(Value::Null, Value::Number),
+                );
+            }
+            MethodConfig::PrefixTuning {
+                encoder_hidden_size,
+                prefix_projection,
+                init_weights,
+            } => {
+                m.insert(
+                    "encoder_hidden_size".into(),
+                    opt_usize(*encoder_hidden_size),
+                );
                 m.insert("prefix_projection".into(), Value::Bool(*prefix_projection));
                 m.insert("init_weights".into(), opt_str(init_weights));
             }
@@ -378,13 +464,17 @@ impl PeftConfig {
         let peft_type = PeftType::parse(&f.req_str("peft_type")?).context("field `peft_type`")?;
         let method = match peft_type {
             PeftType::PromptTuning => MethodConfig::PromptTuning {
-                prompt_tuning_init: f.opt_str("prompt_tuning_init")?.unwrap_or_else(|| "RANDOM".into()),
+                prompt_tuning_init: f
+                    .opt_str("prompt_tuning_init")?
+                    .unwrap_or_else(|| "RANDOM".into()),
                 prompt_tuning_init_text: f.opt_str("prompt_tuning_init_text")?,
                 tokenizer_name_or_path: f.opt_str("tokenizer_name_or_path")?,
                 tokenizer_kwargs: f.opt_value("tokenizer_kwargs"),
             },
             PeftType::PTuning => {
-                let kind = f.opt_str("encoder_reparameterization_type")?.unwrap_or_else(|| "MLP".into());
+                let kind = f
+                    .opt_str("encoder_reparameterization_type")?
+                    .unwrap_or_else(|| "MLP".into());
                 if kind != "MLP" && kind != "LSTM" {
                     bail!("field `encoder_reparameterization_type`: unknown encoder `{kind}` (expected MLP or LSTM)");
                 }
@@ -411,9 +501,9 @@ impl PeftConfig {
                 items
                     .iter()
                     .map(|v| {
-                        v.as_str()
-                            .map(str::to_string)
-                            .with_context(|| format!("field `modules_to_save` should hold strings, found {v}"))
+                        v.as_str().map(str::to_string).with_context(|| {
+                            format!("field `modules_to_save` should hold strings, found {v}")
+                        })
                     })
                     .collect::<Result<Vec<_>>>()?,
             ),
@@ -466,6 +556,14 @@ impl PeftConfig {
     }
 }
 
+/// The model file's (or folder's) name, as `base_model_name_or_path`.
+fn model_name(info: &ModelInfo) -> String {
+    info.source
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| info.source.display().to_string())
+}
+
 impl TryFrom<Value> for PeftConfig {
     type Error = String;
     fn try_from(value: Value) -> std::result::Result<Self, String> {
@@ -496,8 +594,18 @@ fn known_fields(t: PeftType) -> Vec<&'static str> {
         "token_dim",
     ];
     v.extend_from_slice(match t {
-        PeftType::PromptTuning => &["prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs"][..],
-        PeftType::PTuning => &["encoder_reparameterization_type", "encoder_hidden_size", "encoder_num_layers", "encoder_dropout"][..],
+        PeftType::PromptTuning => &[
+            "prompt_tuning_init",
+            "prompt_tuning_init_text",
+            "tokenizer_name_or_path",
+            "tokenizer_kwargs",
+        ][..],
+        PeftType::PTuning => &[
+            "encoder_reparameterization_type",
+            "encoder_hidden_size",
+            "encoder_num_layers",
+            "encoder_dropout",
+        ][..],
         PeftType::PrefixTuning => &["encoder_hidden_size", "prefix_projection", "init_weights"][..],
     });
     v
@@ -529,7 +637,8 @@ impl Fields<'_> {
         }
     }
     fn req_str(&self, k: &str) -> Result<String> {
-        self.opt_str(k)?.with_context(|| format!("required field `{k}` is missing"))
+        self.opt_str(k)?
+            .with_context(|| format!("required field `{k}` is missing"))
     }
     fn opt_usize(&self, k: &str) -> Result<Option<usize>> {
         match self.0.get(k) {
@@ -538,16 +647,22 @@ impl Fields<'_> {
                 .as_u64()
                 .and_then(|n| usize::try_from(n).ok())
                 .map(Some)
-                .with_context(|| format!("field `{k}` should be a non-negative integer, found {v}")),
+                .with_context(|| {
+                    format!("field `{k}` should be a non-negative integer, found {v}")
+                }),
         }
     }
     fn req_usize(&self, k: &str) -> Result<usize> {
-        self.opt_usize(k)?.with_context(|| format!("required field `{k}` is missing"))
+        self.opt_usize(k)?
+            .with_context(|| format!("required field `{k}` is missing"))
     }
     fn opt_f64(&self, k: &str) -> Result<Option<f64>> {
         match self.0.get(k) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => v.as_f64().map(Some).with_context(|| format!("field `{k}` should be a number, found {v}")),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .with_context(|| format!("field `{k}` should be a number, found {v}")),
         }
     }
     fn opt_bool(&self, k: &str) -> Result<Option<bool>> {
@@ -647,7 +762,11 @@ fn python_float(x: f64) -> String {
         return "NaN".into();
     }
     if x.is_infinite() {
-        return if x > 0.0 { "Infinity".into() } else { "-Infinity".into() };
+        return if x > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
     }
     let sci = format!("{x:e}");
     let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
@@ -665,11 +784,19 @@ fn python_float(x: f64) -> String {
         } else if point >= n {
             format!("{}{}.0", digits, "0".repeat((point - n) as usize))
         } else {
-            format!("{}.{}", &digits[..point as usize], &digits[point as usize..])
+            format!(
+                "{}.{}",
+                &digits[..point as usize],
+                &digits[point as usize..]
+            )
         };
         format!("{sign}{body}")
     } else {
-        let m = if digits.len() > 1 { format!("{}.{}", &digits[..1], &digits[1..]) } else { digits };
+        let m = if digits.len() > 1 {
+            format!("{}.{}", &digits[..1], &digits[1..])
+        } else {
+            digits
+        };
         let es = if exp < 0 { '-' } else { '+' };
         format!("{sign}{m}e{es}{:02}", exp.abs())
     }
@@ -703,7 +830,10 @@ impl PeftAdapter {
 
     /// The sequence-classification head `(weight [labels, hidden], bias [labels])`, if saved.
     pub fn classifier(&self) -> Option<(&Tensor, &Tensor)> {
-        Some((self.tensors.get(CLASSIFIER_WEIGHT)?, self.tensors.get(CLASSIFIER_BIAS)?))
+        Some((
+            self.tensors.get(CLASSIFIER_WEIGHT)?,
+            self.tensors.get(CLASSIFIER_BIAS)?,
+        ))
     }
 
     /// The adapter's prompt as a learnable prompt-tuning [`SoftPrompt`] (for a p-tuning adapter
@@ -714,7 +844,10 @@ impl PeftAdapter {
 
     /// The extra tensors as `(name, tensor)` pairs, ready for [`save_peft`].
     pub fn extra(&self) -> Vec<(String, Tensor)> {
-        self.tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        self.tensors
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 }
 
@@ -723,16 +856,24 @@ impl PeftAdapter {
 /// missing `prompt_embeddings` or one whose shape disagrees with the config.
 pub fn load_peft(dir: &Path) -> Result<PeftAdapter> {
     let cfg_path = dir.join(ADAPTER_CONFIG);
-    let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("cannot read {}", cfg_path.display()))?;
-    let value: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", cfg_path.display()))?;
-    let config = PeftConfig::from_value(&value).with_context(|| format!("{}: invalid adapter config", cfg_path.display()))?;
+    let text = std::fs::read_to_string(&cfg_path)
+        .with_context(|| format!("cannot read {}", cfg_path.display()))?;
+    let value: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", cfg_path.display()))?;
+    let config = PeftConfig::from_value(&value)
+        .with_context(|| format!("{}: invalid adapter config", cfg_path.display()))?;
 
     let w_path = dir.join(ADAPTER_WEIGHTS);
     let mut tensors = read_safetensors(&w_path)?;
-    let pe = tensors
-        .remove(PROMPT_EMBEDDINGS)
-        .with_context(|| format!("{}: tensor `{PROMPT_EMBEDDINGS}` is missing", w_path.display()))?;
-    let want = config.prompt_embeddings_shape().with_context(|| format!("{}", cfg_path.display()))?;
+    let pe = tensors.remove(PROMPT_EMBEDDINGS).with_context(|| {
+        format!(
+            "{}: tensor `{PROMPT_EMBEDDINGS}` is missing",
+            w_path.display()
+        )
+    })?;
+    let want = config
+        .prompt_embeddings_shape()
+        .with_context(|| format!("{}", cfg_path.display()))?;
     if pe.dims() != want {
         bail!(
             "{}: tensor `{PROMPT_EMBEDDINGS}` has shape {:?} but {} says {} ({}) — expected {:?}",
@@ -747,13 +888,21 @@ pub fn load_peft(dir: &Path) -> Result<PeftAdapter> {
                 "num_virtual_tokens {}, token_dim {}{}",
                 config.num_virtual_tokens,
                 config.token_dim,
-                config.num_layers.map(|l| format!(", num_layers {l}")).unwrap_or_default()
+                config
+                    .num_layers
+                    .map(|l| format!(", num_layers {l}"))
+                    .unwrap_or_default()
             ),
             want
         );
     }
     let prompt_embeddings = pe.to_dtype(DType::F32)?;
-    Ok(PeftAdapter { dir: dir.to_path_buf(), config, prompt_embeddings, tensors })
+    Ok(PeftAdapter {
+        dir: dir.to_path_buf(),
+        config,
+        prompt_embeddings,
+        tensors,
+    })
 }
 
 fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
@@ -770,7 +919,10 @@ fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
             safetensors::Dtype::I64 => DType::I64,
             safetensors::Dtype::U32 => DType::U32,
             safetensors::Dtype::U8 => DType::U8,
-            other => bail!("{}: tensor `{name}` has unsupported dtype {other:?}", path.display()),
+            other => bail!(
+                "{}: tensor `{name}` has unsupported dtype {other:?}",
+                path.display()
+            ),
         };
         let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
             .with_context(|| format!("{}: cannot read tensor `{name}`", path.display()))?;
@@ -803,9 +955,16 @@ impl safetensors::View for &RawTensor {
 
 fn raw_f32(name: &str, t: &Tensor) -> Result<RawTensor> {
     let t = t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-    let values: Vec<f32> = t.flatten_all()?.to_vec1().with_context(|| format!("cannot read tensor `{name}`"))?;
+    let values: Vec<f32> = t
+        .flatten_all()?
+        .to_vec1()
+        .with_context(|| format!("cannot read tensor `{name}`"))?;
     let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    Ok(RawTensor { dtype: safetensors::Dtype::F32, shape: t.dims().to_vec(), data })
+    Ok(RawTensor {
+        dtype: safetensors::Dtype::F32,
+        shape: t.dims().to_vec(),
+        data,
+    })
 }
 
 /// Writes a PEFT adapter folder: `adapter_model.safetensors` (`prompt_embeddings` as f32 plus
@@ -813,7 +972,12 @@ fn raw_f32(name: &str, t: &Tensor) -> Result<RawTensor> {
 /// `{"format": "pt"}`) and `adapter_config.json` (with `inference_mode: true`, as PEFT's
 /// `save_pretrained` writes it). For p-tuning pass the encoder's output. Both files are written
 /// atomically; the folder is created if needed.
-pub fn save_peft(dir: &Path, config: &PeftConfig, prompt_embeddings: &Tensor, extra: &[(String, Tensor)]) -> Result<()> {
+pub fn save_peft(
+    dir: &Path,
+    config: &PeftConfig,
+    prompt_embeddings: &Tensor,
+    extra: &[(String, Tensor)],
+) -> Result<()> {
     let want = config.prompt_embeddings_shape()?;
     if prompt_embeddings.dims() != want {
         bail!(
@@ -823,7 +987,10 @@ pub fn save_peft(dir: &Path, config: &PeftConfig, prompt_embeddings: &Tensor, ex
             want
         );
     }
-    let mut raw: Vec<(String, RawTensor)> = vec![(PROMPT_EMBEDDINGS.to_string(), raw_f32(PROMPT_EMBEDDINGS, prompt_embeddings)?)];
+    let mut raw: Vec<(String, RawTensor)> = vec![(
+        PROMPT_EMBEDDINGS.to_string(),
+        raw_f32(PROMPT_EMBEDDINGS, prompt_embeddings)?,
+    )];
     for (name, t) in extra {
         if raw.iter().any(|(n, _)| n == name) {
             bail!("cannot save the adapter: tensor `{name}` is given twice");
@@ -837,7 +1004,10 @@ pub fn save_peft(dir: &Path, config: &PeftConfig, prompt_embeddings: &Tensor, ex
     crate::io::write_bytes(&dir.join(ADAPTER_WEIGHTS), &bytes)?;
     let mut config = config.clone();
     config.inference_mode = true;
-    crate::io::write_bytes(&dir.join(ADAPTER_CONFIG), config.to_json_string().as_bytes())?;
+    crate::io::write_bytes(
+        &dir.join(ADAPTER_CONFIG),
+        config.to_json_string().as_bytes(),
+    )?;
     Ok(())
 }
 
@@ -848,7 +1018,12 @@ pub fn save_peft(dir: &Path, config: &PeftConfig, prompt_embeddings: &Tensor, ex
 pub fn check_compatible(config: &PeftConfig, info: &ModelInfo) -> Result<()> {
     let model = info.source.display();
     let (dim, dim_what, heads, heads_what) = match config.peft_type() {
-        PeftType::PrefixTuning => (info.head_dim() * info.kv_heads, "key/value width (kv_heads × head_dim)", info.kv_heads, "key/value heads"),
+        PeftType::PrefixTuning => (
+            info.head_dim() * info.kv_heads,
+            "key/value width (kv_heads × head_dim)",
+            info.kv_heads,
+            "key/value heads",
+        ),
         _ => (info.hidden, "hidden size", info.heads, "attention heads"),
     };
     if config.token_dim != dim {
@@ -880,16 +1055,29 @@ pub fn check_compatible(config: &PeftConfig, info: &ModelInfo) -> Result<()> {
             );
         }
     }
-    let kind = if info.arch.is_causal() { "a causal language model" } else { "an encoder" };
+    let kind = if info.arch.is_causal() {
+        "a causal language model"
+    } else {
+        "an encoder"
+    };
     match config.task_type {
         Some(TaskType::SeqCls) if info.arch.is_causal() => {
-            bail!("the adapter's task_type is SEQ_CLS but model {model} ({:?}) is {kind}", info.arch)
+            bail!(
+                "the adapter's task_type is SEQ_CLS but model {model} ({:?}) is {kind}",
+                info.arch
+            )
         }
         Some(TaskType::CausalLm) if !info.arch.is_causal() => {
-            bail!("the adapter's task_type is CAUSAL_LM but model {model} ({:?}) is {kind}", info.arch)
+            bail!(
+                "the adapter's task_type is CAUSAL_LM but model {model} ({:?}) is {kind}",
+                info.arch
+            )
         }
         Some(TaskType::Seq2SeqLm) => {
-            bail!("the adapter's task_type is SEQ_2_SEQ_LM but model {model} ({:?}) is {kind}", info.arch)
+            bail!(
+                "the adapter's task_type is SEQ_2_SEQ_LM but model {model} ({:?}) is {kind}",
+                info.arch
+            )
         }
         _ => {}
     }

@@ -112,8 +112,9 @@ impl Task {
         Ok(set.into_iter().collect())
     }
 
-    /// The text scored for label `i` after a prompt whose template moved `prefix` to the target.
-    fn target_text(&self, prefix: &str, i: usize) -> String {
+    /// The text scored for label `i` after a prompt whose template moved `prefix` to the target
+    /// (see the module documentation for the joining rule).
+    pub fn target_text(&self, prefix: &str, i: usize) -> String {
         let word = &self.label_words[i];
         if !prefix.is_empty() || word.starts_with(char::is_whitespace) || self.kind == TaskKind::SeqCls {
             format!("{prefix}{word}")

@@ -88,22 +88,30 @@ impl<'a> InitSource<'a> {
     /// No model: only [`PromptInit::Random`], [`PromptInit::RandomNormal`] and
     /// [`PromptInit::FromTensor`] work.
     pub fn none() -> Self {
-        Self { embedding_table: None, tokenizer: None }
+        Self {
+            embedding_table: None,
+            tokenizer: None,
+        }
     }
 
     /// A model's embedding table and tokenizer.
     pub fn model(embedding_table: &'a Tensor, tokenizer: &'a TextTokenizer) -> Self {
-        Self { embedding_table: Some(embedding_table), tokenizer: Some(tokenizer) }
+        Self {
+            embedding_table: Some(embedding_table),
+            tokenizer: Some(tokenizer),
+        }
     }
 
     fn table(&self, what: &str) -> Result<&'a Tensor> {
-        self.embedding_table
-            .with_context(|| format!("the {what} prompt initialisation needs the model's embedding table"))
+        self.embedding_table.with_context(|| {
+            format!("the {what} prompt initialisation needs the model's embedding table")
+        })
     }
 
     fn tok(&self, what: &str) -> Result<&'a TextTokenizer> {
-        self.tokenizer
-            .with_context(|| format!("the {what} prompt initialisation needs the model's tokenizer"))
+        self.tokenizer.with_context(|| {
+            format!("the {what} prompt initialisation needs the model's tokenizer")
+        })
     }
 }
 
@@ -123,15 +131,27 @@ pub fn initial_prompt(
     if token_dim == 0 {
         bail!("token_dim must be at least 1");
     }
-    let device = source.embedding_table.map(|t| t.device().clone()).unwrap_or(Device::Cpu);
+    let device = source
+        .embedding_table
+        .map(|t| t.device().clone())
+        .unwrap_or(Device::Cpu);
     if let Some(table) = source.embedding_table {
-        let (_, d) = table.dims2().context("the embedding table should be a matrix [vocab, d]")?;
-        if d != token_dim && !matches!(init, PromptInit::Random | PromptInit::RandomNormal | PromptInit::FromTensor(_)) {
+        let (_, d) = table
+            .dims2()
+            .context("the embedding table should be a matrix [vocab, d]")?;
+        if d != token_dim
+            && !matches!(
+                init,
+                PromptInit::Random | PromptInit::RandomNormal | PromptInit::FromTensor(_)
+            )
+        {
             bail!("the embedding table has {d} columns but token_dim is {token_dim}");
         }
     }
     let from_values = |v: Vec<f64>| -> Result<Tensor> {
-        Ok(Tensor::from_vec(v, (p, token_dim), &Device::Cpu)?.to_dtype(DType::F32)?.to_device(&device)?)
+        Ok(Tensor::from_vec(v, (p, token_dim), &Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .to_device(&device)?)
     };
     match init {
         PromptInit::Random => from_values(uniform(rng, p * token_dim, -0.5, 0.5)),
@@ -152,8 +172,11 @@ pub fn initial_prompt(
         PromptInit::Text(text) => {
             let table = source.table("text")?;
             let tok = source.tok("text")?;
-            let ids = tok.encode(text, true).context("cannot tokenize the prompt initialisation text")?;
-            let ids = text_init_ids(&ids, p).context("the prompt initialisation text has no tokens")?;
+            let ids = tok
+                .encode(text, true)
+                .context("cannot tokenize the prompt initialisation text")?;
+            let ids =
+                text_init_ids(&ids, p).context("the prompt initialisation text has no tokens")?;
             check_ids(&ids, table.dim(0)?)?;
             rows(table, &ids)
         }
@@ -173,7 +196,9 @@ pub fn initial_prompt(
             let mut parts = Vec::with_capacity(p);
             let mut used = Vec::new();
             for label in labels {
-                let ids = tok.encode(label, false).with_context(|| format!("cannot tokenize label {label:?}"))?;
+                let ids = tok
+                    .encode(label, false)
+                    .with_context(|| format!("cannot tokenize label {label:?}"))?;
                 if ids.is_empty() {
                     bail!("label {label:?} has no tokens");
                 }
@@ -229,8 +254,12 @@ fn rows(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
 ///
 /// Returns at most `limit` ids below `vocab_rows`.
 pub fn common_token_ids(tokenizer: &TextTokenizer, vocab_rows: usize, limit: usize) -> Vec<u32> {
-    let special: std::collections::HashSet<u32> =
-        tokenizer.inner().get_added_tokens_decoder().keys().copied().collect();
+    let special: std::collections::HashSet<u32> = tokenizer
+        .inner()
+        .get_added_tokens_decoder()
+        .keys()
+        .copied()
+        .collect();
     let n = tokenizer.vocab_size().min(vocab_rows);
     let mut out = Vec::with_capacity(limit.min(n));
     for id in 0..n as u32 {
@@ -240,7 +269,9 @@ pub fn common_token_ids(tokenizer: &TextTokenizer, vocab_rows: usize, limit: usi
         if special.contains(&id) {
             continue;
         }
-        let Some(tok) = tokenizer.id_to_token(id) else { continue };
+        let Some(tok) = tokenizer.id_to_token(id) else {
+            continue;
+        };
         if is_reserved_spelling(&tok) {
             continue;
         }
@@ -255,7 +286,10 @@ pub fn common_token_ids(tokenizer: &TextTokenizer, vocab_rows: usize, limit: usi
 
 fn is_reserved_spelling(tok: &str) -> bool {
     let bracketed = |open: char, close: char| {
-        tok.len() > 2 && tok.starts_with(open) && tok.ends_with(close) && !tok.contains(char::is_whitespace)
+        tok.len() > 2
+            && tok.starts_with(open)
+            && tok.ends_with(close)
+            && !tok.contains(char::is_whitespace)
     };
     bracketed('[', ']') || bracketed('<', '>')
 }
@@ -263,17 +297,27 @@ fn is_reserved_spelling(tok: &str) -> bool {
 /// `k` distinct ids drawn uniformly without replacement from the [`VOCAB_SAMPLE_POOL`] most
 /// common tokens (more when `k` exceeds it), leaving out `exclude`: the ids
 /// [`PromptInit::Vocab`] uses for the same `rng` state.
-pub fn sample_vocab_ids(tok: &TextTokenizer, vocab_rows: usize, k: usize, exclude: &[u32], rng: &mut StdRng) -> Result<Vec<u32>> {
-    let pool: Vec<u32> = common_token_ids(tok, vocab_rows, VOCAB_SAMPLE_POOL.max(k) + exclude.len())
-        .into_iter()
-        .filter(|id| !exclude.contains(id))
-        .take(VOCAB_SAMPLE_POOL.max(k))
-        .collect();
+pub fn sample_vocab_ids(
+    tok: &TextTokenizer,
+    vocab_rows: usize,
+    k: usize,
+    exclude: &[u32],
+    rng: &mut StdRng,
+) -> Result<Vec<u32>> {
+    let pool: Vec<u32> =
+        common_token_ids(tok, vocab_rows, VOCAB_SAMPLE_POOL.max(k) + exclude.len())
+            .into_iter()
+            .filter(|id| !exclude.contains(id))
+            .take(VOCAB_SAMPLE_POOL.max(k))
+            .collect();
     if pool.len() < k {
         bail!(
             "cannot sample {k} distinct vocabulary tokens: the vocabulary has only {} ordinary tokens",
             pool.len()
         );
     }
-    Ok(rand::seq::index::sample(rng, pool.len(), k).into_iter().map(|i| pool[i]).collect())
+    Ok(rand::seq::index::sample(rng, pool.len(), k)
+        .into_iter()
+        .map(|i| pool[i])
+        .collect())
 }

@@ -21,7 +21,10 @@ use rand::rngs::StdRng;
 use std::collections::HashMap;
 
 pub use encoder::{EncoderSpec, PromptEncoder};
-pub use init::{common_token_ids, initial_prompt, sample_vocab_ids, seeded_rng, text_init_ids, InitSource, PromptInit, VOCAB_SAMPLE_POOL};
+pub use init::{
+    common_token_ids, initial_prompt, sample_vocab_ids, seeded_rng, text_init_ids, InitSource,
+    PromptInit, VOCAB_SAMPLE_POOL,
+};
 
 /// PEFT's name of the prompt-tuning embedding (and of the saved prompt of every method).
 pub const PROMPT_EMBEDDINGS: &str = "prompt_embeddings";
@@ -41,7 +44,12 @@ impl SoftPrompt {
     /// Prompt tuning: the prompt is the learnable matrix itself, starting at `init [p, d]`.
     pub fn prompt_tuning(init: &Tensor) -> Result<Self> {
         let (p, d) = dims_of(init)?;
-        Ok(Self { num_virtual_tokens: p, token_dim: d, embedding: Var::from_tensor(&init.contiguous()?)?, encoder: None })
+        Ok(Self {
+            num_virtual_tokens: p,
+            token_dim: d,
+            embedding: Var::from_tensor(&init.contiguous()?)?,
+            encoder: None,
+        })
     }
 
     /// P-tuning: the learnable embedding starts at `init [p, d]` and passes through a new
@@ -141,11 +149,15 @@ impl SoftPrompt {
         let vars = self.vars();
         let mut values = Vec::with_capacity(vars.len());
         for (name, var) in &vars {
-            let t = tensors
-                .get(name)
-                .with_context(|| format!("tensor `{name}` is missing (needed to restore the prompt)"))?;
+            let t = tensors.get(name).with_context(|| {
+                format!("tensor `{name}` is missing (needed to restore the prompt)")
+            })?;
             if t.dims() != var.dims() {
-                bail!("tensor `{name}` has shape {:?}, expected {:?}", t.dims(), var.dims());
+                bail!(
+                    "tensor `{name}` has shape {:?}, expected {:?}",
+                    t.dims(),
+                    var.dims()
+                );
             }
             let t = t.to_dtype(var.dtype())?.to_device(var.device())?;
             values.push(t);
@@ -158,9 +170,12 @@ impl SoftPrompt {
 }
 
 fn dims_of(init: &Tensor) -> Result<(usize, usize)> {
-    let (p, d) = init
-        .dims2()
-        .with_context(|| format!("the initial prompt should be a matrix [p, d], got shape {:?}", init.dims()))?;
+    let (p, d) = init.dims2().with_context(|| {
+        format!(
+            "the initial prompt should be a matrix [p, d], got shape {:?}",
+            init.dims()
+        )
+    })?;
     if p == 0 || d == 0 {
         bail!("the initial prompt has shape [{p}, {d}]; both sizes must be at least 1");
     }

@@ -203,16 +203,19 @@ impl Learner {
 }
 
 /// PEFT's names of the sequence-classification head.
-pub const HEAD_WEIGHT: &str = "base_model.classifier.weight";
+pub const HEAD_WEIGHT: &str = adapter::CLASSIFIER_WEIGHT;
 /// See [`HEAD_WEIGHT`].
-pub const HEAD_BIAS: &str = "base_model.classifier.bias";
+pub const HEAD_BIAS: &str = adapter::CLASSIFIER_BIAS;
 
 fn prompt_init(cfg: &TrainConfig, task: &Task) -> Result<PromptInit> {
     Ok(match cfg.init {
         InitKind::Random => PromptInit::Random,
         InitKind::RandomNormal => PromptInit::RandomNormal,
         InitKind::Vocab => PromptInit::Vocab,
-        InitKind::Labels => PromptInit::Labels(task.label_words.iter().map(|w| w.trim().to_string()).collect()),
+        InitKind::Labels => {
+            let prefix = task.template.target().map(|t| t.prefix.clone()).unwrap_or_default();
+            PromptInit::Labels((0..task.labels.len()).map(|i| task.target_text(&prefix, i)).collect())
+        }
         InitKind::Text => PromptInit::Text(cfg.init_text.clone().context("init = \"text\" needs option `init_text`")?),
         InitKind::From => {
             let dir = cfg.init_from.as_deref().context("init = \"from\" needs option `init_from` (an adapter directory)")?;

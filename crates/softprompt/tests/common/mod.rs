@@ -9,30 +9,45 @@ use std::path::PathBuf;
 
 /// `fixtures/peft/<name>` at the repository root.
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/peft").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/peft")
+        .join(name)
 }
 
 /// `data/<name>` at the repository root.
 pub fn data(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../data")
+        .join(name)
 }
 
 /// Loads a default model by short name; fails with instructions when it is not fetched.
 pub fn load_model(name: &str) -> LoadedModel {
-    let location = model_source::resolve(name)
-        .unwrap_or_else(|e| panic!("{e:#}\n(run `cargo run -p softprompt-cli -- fetch` before the tests)"));
+    let location = model_source::resolve(name).unwrap_or_else(|e| {
+        panic!("{e:#}\n(run `cargo run -p softprompt-cli -- fetch` before the tests)")
+    });
     backbone::load(&location, &Device::Cpu).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Tensors of a fixture's `expected.safetensors`.
 pub fn expected(folder: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture(folder).join("expected.safetensors"), &Device::Cpu).unwrap()
+    candle_core::safetensors::load(fixture(folder).join("expected.safetensors"), &Device::Cpu)
+        .unwrap()
 }
 
 /// Largest absolute difference between two tensors of the same shape.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// An i64 fixture tensor as u32.
