@@ -170,6 +170,7 @@ struct LayerTape {
 
 struct LlamaTape {
     layers: Vec<LayerTape>,
+    packing: ops::Packing,
     last: Tensor,
     cos: Tensor,
     sin: Tensor,
@@ -313,25 +314,31 @@ impl Llama {
         Ok((self.cos.narrow(0, start, len)?, self.sin.narrow(0, start, len)?))
     }
 
-    /// One decoder layer. `past` holds earlier keys/values (already rotated).
+    /// One decoder layer on the packed real positions `x` `[N, D]`. `past` holds earlier
+    /// keys/values (already rotated).
     #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
         layer: &Layer,
         x: &Tensor,
+        packing: &ops::Packing,
         bias: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
         past: Option<&(Tensor, Tensor)>,
         keep: bool,
     ) -> Result<(Tensor, Option<LayerTape>, (Tensor, Tensor))> {
-        let (b, t, d) = x.dims3()?;
         let (h, hkv, hd) = (self.cfg.heads, self.cfg.kv_heads, self.cfg.head_dim());
         let n1 = ops::rms_norm(x, &layer.attn_norm, self.cfg.eps)?;
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?) };
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            let y = packing.unpack(&y)?;
+            let (b, t, _) = y.dims3()?;
+            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
         let q = heads(ops::linear(&n1, &layer.wq, layer.bq.as_ref())?, h)?;
         let k = heads(ops::linear(&n1, &layer.wk, layer.bk.as_ref())?, hkv)?;
         let v = heads(ops::linear(&n1, &layer.wv, layer.bv.as_ref())?, hkv)?;
+        let (b, _, t, _) = q.dims4()?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         let (k, v) = match past {
@@ -340,7 +347,7 @@ impl Llama {
         };
         let qg = q.reshape((b, hkv, (h / hkv) * t, hd))?;
         let (a, saved) = ops::attention(&qg, &k, &v, bias, h / hkv, keep)?;
-        let a = a.reshape((b, h, t, hd))?.transpose(1, 2)?.reshape((b, t, d))?;
+        let a = packing.pack(&a.reshape((b, h, t, hd))?.transpose(1, 2)?.reshape((b, t, h * hd))?)?;
         let x2 = (x + ops::linear(&a, &layer.wo, None)?)?;
         let n2 = ops::rms_norm(&x2, &layer.ffn_norm, self.cfg.eps)?;
         let gate = ops::linear(&n2, &layer.w_gate, None)?;
@@ -354,8 +361,16 @@ impl Llama {
         Ok((out, tape, (k, v)))
     }
 
-    fn layer_backward(&self, layer: &Layer, tape: &LayerTape, dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let (b, t, _) = dy.dims3()?;
+    #[allow(clippy::too_many_arguments)]
+    fn layer_backward(
+        &self,
+        layer: &Layer,
+        tape: &LayerTape,
+        dy: &Tensor,
+        packing: &ops::Packing,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Tensor> {
         let (h, hkv, hd) = (self.cfg.heads, self.cfg.kv_heads, self.cfg.head_dim());
         let eps = self.cfg.eps;
         // MLP
@@ -365,13 +380,14 @@ impl Llama {
         let dn2 = (ops::linear_backward(&dg, &layer.w_gate)? + ops::linear_backward(&du, &layer.w_up)?)?;
         let dx2 = (dy + ops::rms_norm_backward(&tape.x2, &layer.ffn_norm, eps, &dn2)?)?;
         // attention
-        let da = ops::linear_backward(&dx2, &layer.wo)?;
+        let da = packing.unpack(&ops::linear_backward(&dx2, &layer.wo)?)?;
+        let (b, t, _) = da.dims3()?;
         let da = da.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?.reshape((b, hkv, (h / hkv) * t, hd))?;
         let (dq, dk, dv) = ops::attention_backward(&tape.attn, &da)?;
         let neg_sin = sin.neg()?;
         let dq = candle_nn::rotary_emb::rope(&dq.reshape((b, h, t, hd))?.contiguous()?, cos, &neg_sin)?;
         let dk = candle_nn::rotary_emb::rope(&dk.contiguous()?, cos, &neg_sin)?;
-        let flat = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.transpose(1, 2)?.reshape((b, t, n * hd))?) };
+        let flat = |y: Tensor, n: usize| -> Result<Tensor> { Ok(packing.pack(&y.transpose(1, 2)?.reshape((b, t, n * hd))?)?) };
         let dn1 = ((ops::linear_backward(&flat(dq, h)?, &layer.wq)? + ops::linear_backward(&flat(dk, hkv)?, &layer.wk)?)?
             + ops::linear_backward(&flat(dv, hkv)?, &layer.wv)?)?;
         Ok((dx2 + ops::rms_norm_backward(&tape.x, &layer.attn_norm, eps, &dn1)?)?)
@@ -390,22 +406,23 @@ impl Llama {
         };
         let bias = ops::attention_bias(&key_mask, t, true, input.embeds.dtype())?;
         let (cos, sin) = self.rope_slice(past_len, t)?;
-        let mut x = input.embeds.contiguous()?;
+        let packing = ops::Packing::new(input.mask)?;
+        let mut x = packing.pack(input.embeds)?;
         let mut tapes = Vec::new();
         let mut new_kv = Vec::new();
         for (l, layer) in self.layers.iter().enumerate() {
             let past = cache.as_ref().and_then(|c| c.layers.get(l));
-            let (y, tape, kv) = self.layer_forward(layer, &x, &bias, &cos, &sin, past, keep)?;
+            let (y, tape, kv) = self.layer_forward(layer, &x, &packing, &bias, &cos, &sin, past, keep)?;
             tapes.extend(tape);
             new_kv.push(kv);
             x = y;
         }
-        let hidden = ops::rms_norm(&x, &self.norm, self.cfg.eps)?;
+        let hidden = packing.unpack(&ops::rms_norm(&x, &self.norm, self.cfg.eps)?)?;
         if let Some(c) = cache {
             c.layers = new_kv;
             c.mask = Some(key_mask);
         }
-        let tape = keep.then_some(LlamaTape { layers: tapes, last: x, cos, sin });
+        let tape = keep.then_some(LlamaTape { layers: tapes, last: x, cos, sin, packing });
         Ok((hidden, tape))
     }
 }
@@ -441,11 +458,12 @@ impl Backbone for Llama {
     }
     fn backward(&self, tape: &Tape, d_hidden: &Tensor) -> Result<Tensor> {
         let tape = tape.0.downcast_ref::<LlamaTape>().context("tape was not made by a Llama model")?;
-        let mut dx = ops::rms_norm_backward(&tape.last, &self.norm, self.cfg.eps, d_hidden)?;
+        let d_packed = tape.packing.pack(d_hidden)?;
+        let mut dx = ops::rms_norm_backward(&tape.last, &self.norm, self.cfg.eps, &d_packed)?;
         for (layer, lt) in self.layers.iter().zip(&tape.layers).rev() {
-            dx = self.layer_backward(layer, lt, &dx, &tape.cos, &tape.sin)?;
+            dx = self.layer_backward(layer, lt, &dx, &tape.packing, &tape.cos, &tape.sin)?;
         }
-        Ok(dx)
+        Ok(tape.packing.unpack(&dx)?)
     }
     fn forward_cached(&self, input: &BackboneInput, cache: &mut KvCache) -> Result<Tensor> {
         Ok(self.run(input, false, Some(cache))?.0)

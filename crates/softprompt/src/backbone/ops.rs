@@ -168,3 +168,71 @@ pub fn attention_bias(key_mask: &Tensor, queries: usize, causal: bool, dtype: ca
 
 /// The value added to masked attention scores: finite, so a fully masked row stays defined.
 pub const MASKED: f32 = -1e9;
+
+/// Maps between the padded layout `[B, T, ·]` and the packed layout `[N, ·]` of the `N` real
+/// positions. Position-wise layers (projections, norms, MLP) run packed, so padding costs no
+/// matrix-multiply work; only attention unpacks. Without padding both maps are the identity.
+pub struct Packing {
+    b: usize,
+    t: usize,
+    n: usize,
+    /// `[N]` flat indices of the real positions (None when nothing is padded).
+    pack: Option<Tensor>,
+    /// `[B·T]` index into `[packed; zero row]` for every padded-layout position.
+    unpack: Option<Tensor>,
+}
+
+impl Packing {
+    /// From a `[B, T]` mask (1 = real).
+    pub fn new(mask: &Tensor) -> Result<Self> {
+        let (b, t) = mask.dims2()?;
+        let m: Vec<f32> = mask.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+        let real: Vec<u32> = (0..b * t).filter(|&i| m[i] != 0.0).map(|i| i as u32).collect();
+        let n = real.len();
+        if n == b * t {
+            return Ok(Self { b, t, n, pack: None, unpack: None });
+        }
+        let mut unpack = vec![n as u32; b * t];
+        for (j, &i) in real.iter().enumerate() {
+            unpack[i as usize] = j as u32;
+        }
+        let device = mask.device();
+        Ok(Self {
+            b,
+            t,
+            n,
+            pack: Some(Tensor::from_vec(real, n, device)?),
+            unpack: Some(Tensor::from_vec(unpack, b * t, device)?),
+        })
+    }
+
+    /// `[B, T, C]` → `[N, C]`.
+    pub fn pack(&self, x: &Tensor) -> Result<Tensor> {
+        let c = x.dim(D::Minus1)?;
+        let flat = x.reshape((self.b * self.t, c))?;
+        match &self.pack {
+            Some(idx) => flat.index_select(idx, 0),
+            None => Ok(flat),
+        }
+    }
+
+    /// `[N, C]` → `[B, T, C]` with zeros at padded positions.
+    pub fn unpack(&self, x: &Tensor) -> Result<Tensor> {
+        let c = x.dim(D::Minus1)?;
+        let full = match &self.unpack {
+            Some(idx) => Tensor::cat(&[x, &Tensor::zeros((1, c), x.dtype(), x.device())?], 0)?.index_select(idx, 0)?,
+            None => x.clone(),
+        };
+        full.reshape((self.b, self.t, c))
+    }
+
+    /// Number of real positions.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    /// Whether there is no real position.
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+}

@@ -363,6 +363,16 @@ fn compute_gradients(
     Ok((loss_sum, grads))
 }
 
+fn all_finite(params: &[(String, Var)]) -> Result<bool> {
+    for (_, v) in params {
+        let s = v.as_tensor().abs()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !s.is_finite() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// Writes the learner as a PEFT adapter into `dir`.
 pub fn save_adapter(p: &Prepared, learner: &Learner, dir: &Path) -> Result<()> {
     let info = p.model.backbone.info();
@@ -434,6 +444,14 @@ pub fn train(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<TrainReport> {
         let grad_norm = clip_grad_norm(&mut grads, cfg.clip).with_context(|| format!("step {step}: training stopped; the last good checkpoint is in {}", last_dir.display()))?;
         let lr = learning_rate(cfg.lr, cfg.schedule, step, cfg.warmup, total);
         learner.optimizer.update(&learner.params(), &grads, lr)?;
+        if !all_finite(&learner.params())? {
+            bail!(
+                "parameters became non-finite at step {step} (learning rate {lr:e}); training stopped. \
+                 The last good checkpoint is kept in {} (and the best adapter in {})",
+                last_dir.display(),
+                out.display()
+            );
+        }
         progress.step = step;
         let eps = examples_per_step / t0.elapsed().as_secs_f64().max(1e-9);
         obs.step(step, loss, lr, eps);
