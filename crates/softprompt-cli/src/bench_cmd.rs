@@ -37,7 +37,11 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu)?;
     let mask = Tensor::ones((b, t), candle_core::DType::U32, &Device::Cpu)?;
     let embeds = bb.embed(&ids)?;
-    let input = BackboneInput { embeds: &embeds, mask: &mask, token_types: None };
+    let input = BackboneInput {
+        embeds: &embeds,
+        mask: &mask,
+        token_types: None,
+    };
     let (mut fwd, mut fwd_train, mut bwd) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..args.reps.max(1) {
         let s = Instant::now();
@@ -53,10 +57,26 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     }
     let (f, ft, bw) = (median(fwd), median(fwd_train), median(bwd));
     let tokens = (b * t) as f64;
-    println!("model {} · batch {b} × {t} positions · {} threads", args.model, rayon::current_num_threads());
-    println!("forward (inference):    {:8.1} ms  {:8.0} tokens/s", f * 1e3, tokens / f);
+    println!(
+        "model {} · batch {b} × {t} positions · {} threads",
+        args.model,
+        rayon::current_num_threads()
+    );
+    println!(
+        "forward (inference):    {:8.1} ms  {:8.0} tokens/s",
+        f * 1e3,
+        tokens / f
+    );
     println!("forward (keep tape):    {:8.1} ms", ft * 1e3);
-    println!("input-gradient backward:{:8.1} ms  (backward/forward = {:.2})", bw * 1e3, bw / ft);
-    println!("training step (fwd+bwd):{:8.1} ms  {:8.0} tokens/s", (ft + bw) * 1e3, tokens / (ft + bw));
+    println!(
+        "input-gradient backward:{:8.1} ms  (backward/forward = {:.2})",
+        bw * 1e3,
+        bw / ft
+    );
+    println!(
+        "training step (fwd+bwd):{:8.1} ms  {:8.0} tokens/s",
+        (ft + bw) * 1e3,
+        tokens / (ft + bw)
+    );
     Ok(())
 }

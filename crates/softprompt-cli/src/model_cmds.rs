@@ -80,7 +80,11 @@ pub fn info(args: InfoArgs) -> Result<()> {
     println!("hidden:         {}", i.hidden);
     println!("heads:          {} (key/value heads {})", i.heads, i.kv_heads);
     println!("intermediate:   {}", i.intermediate);
-    println!("vocab:          {} (tokenizer {})", i.vocab, model.tokenizer.vocab_size());
+    println!(
+        "vocab:          {} (tokenizer {})",
+        i.vocab,
+        model.tokenizer.vocab_size()
+    );
     println!("max positions:  {}", i.max_positions);
     println!("parameters:     {} ({:.1} M)", i.params, i.params as f64 / 1e6);
     let dtypes: Vec<String> = i.dtypes_on_disk.iter().map(|(k, v)| format!("{k}×{v}")).collect();
@@ -96,7 +100,10 @@ pub fn info(args: InfoArgs) -> Result<()> {
 pub fn tokenize(args: TokenizeArgs) -> Result<()> {
     let model = load(&args.model.model)?;
     let ids = model.tokenizer.encode(&args.text, args.special)?;
-    let pieces: Vec<String> = ids.iter().map(|&id| model.tokenizer.id_to_token(id).unwrap_or_default()).collect();
+    let pieces: Vec<String> = ids
+        .iter()
+        .map(|&id| model.tokenizer.id_to_token(id).unwrap_or_default())
+        .collect();
     println!("{}", serde_json::json!({ "ids": ids, "tokens": pieces }));
     Ok(())
 }
@@ -111,6 +118,10 @@ pub fn complete(args: CompleteArgs) -> Result<()> {
     let out = softprompt::infer::generate::greedy(model.backbone.as_ref(), &embeds, args.max_tokens, &stop)?;
     let secs = start.elapsed().as_secs_f64();
     println!("{}{}", args.text, model.tokenizer.decode(&out, true)?);
-    eprintln!("[{} tokens in {secs:.2} s, {:.1} tokens/s]", out.len(), out.len() as f64 / secs.max(1e-9));
+    eprintln!(
+        "[{} tokens in {secs:.2} s, {:.1} tokens/s]",
+        out.len(),
+        out.len() as f64 / secs.max(1e-9)
+    );
     Ok(())
 }

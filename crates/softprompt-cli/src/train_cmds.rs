@@ -183,7 +183,8 @@ fn config(args: &TrainArgs) -> Result<TrainConfig> {
     let mut table = match &args.config {
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-            text.parse::<toml::Table>().with_context(|| format!("{} is not valid TOML", path.display()))?
+            text.parse::<toml::Table>()
+                .with_context(|| format!("{} is not valid TOML", path.display()))?
         }
         None => toml::Table::new(),
     };
@@ -191,8 +192,13 @@ fn config(args: &TrainArgs) -> Result<TrainConfig> {
     for (k, v) in flags {
         table.insert(k, v);
     }
-    let origin = args.config.as_ref().map_or("the flags".to_string(), |p| format!("{} and the flags", p.display()));
-    toml::Value::Table(table).try_into().with_context(|| format!("invalid training options in {origin}"))
+    let origin = args
+        .config
+        .as_ref()
+        .map_or("the flags".to_string(), |p| format!("{} and the flags", p.display()));
+    toml::Value::Table(table)
+        .try_into()
+        .with_context(|| format!("invalid training options in {origin}"))
 }
 
 struct Bar {
@@ -311,7 +317,10 @@ fn score(args: &ScoreArgs) -> Result<(softprompt::infer::evaluate::EvalResult, s
     let s = session::open(&model, args.adapter.as_deref(), &opts, &[&data])?;
     let examples = s.task.encode_set(&data, &model.tokenizer)?;
     if examples.truncated > 0 {
-        eprintln!("warning: {} rows were longer than --max-len {} and had their fields truncated", examples.truncated, args.max_len);
+        eprintln!(
+            "warning: {} rows were longer than --max-len {} and had their fields truncated",
+            examples.truncated, args.max_len
+        );
     }
     let scorer = Scorer {
         backbone: model.backbone.as_ref(),

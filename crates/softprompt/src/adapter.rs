@@ -59,9 +59,7 @@ impl PeftType {
             "PROMPT_TUNING" => PeftType::PromptTuning,
             "P_TUNING" => PeftType::PTuning,
             "PREFIX_TUNING" => PeftType::PrefixTuning,
-            other => bail!(
-                "unknown peft_type `{other}` (supported: PROMPT_TUNING, P_TUNING, PREFIX_TUNING)"
-            ),
+            other => bail!("unknown peft_type `{other}` (supported: PROMPT_TUNING, P_TUNING, PREFIX_TUNING)"),
         })
     }
 }
@@ -180,9 +178,7 @@ impl MethodConfig {
         let (layers, dropout) = match spec {
             EncoderSpec::Mlp { .. } => (2, 0.0),
             EncoderSpec::Lstm {
-                num_layers,
-                dropout,
-                ..
+                num_layers, dropout, ..
             } => (*num_layers, *dropout),
         };
         MethodConfig::PTuning {
@@ -210,7 +206,9 @@ impl MethodConfig {
                         num_layers: *encoder_num_layers,
                         dropout: *encoder_dropout,
                     })),
-                    other => bail!("field `encoder_reparameterization_type`: unknown encoder `{other}` (expected MLP or LSTM)"),
+                    other => bail!(
+                        "field `encoder_reparameterization_type`: unknown encoder `{other}` (expected MLP or LSTM)"
+                    ),
                 }
             }
             _ => Ok(None),
@@ -262,12 +260,7 @@ impl PeftConfig {
     /// `num_attention_heads` from the model (for prefix tuning the key/value width and heads),
     /// `num_layers`, one transformer submodule, `inference_mode: true`, PEFT's `modules_to_save`
     /// for SEQ_CLS, and the model file's name as `base_model_name_or_path`.
-    pub fn new(
-        method: MethodConfig,
-        task_type: TaskType,
-        num_virtual_tokens: usize,
-        info: &ModelInfo,
-    ) -> Self {
+    pub fn new(method: MethodConfig, task_type: TaskType, num_virtual_tokens: usize, info: &ModelInfo) -> Self {
         let (token_dim, heads) = match method {
             MethodConfig::PrefixTuning { .. } => (info.head_dim() * info.kv_heads, info.kv_heads),
             _ => (info.hidden, info.heads),
@@ -299,12 +292,7 @@ impl PeftConfig {
 
     /// The config describing `prompt` (prompt tuning or p-tuning) trained from `init` (a TEXT
     /// init names the model as its tokenizer).
-    pub fn for_prompt(
-        prompt: &SoftPrompt,
-        init: &PromptInit,
-        task_type: TaskType,
-        info: &ModelInfo,
-    ) -> Self {
+    pub fn for_prompt(prompt: &SoftPrompt, init: &PromptInit, task_type: TaskType, info: &ModelInfo) -> Self {
         let name = model_name(info);
         let method = match prompt.encoder() {
             Some(enc) => MethodConfig::p_tuning(&enc.spec()),
@@ -351,14 +339,8 @@ impl PeftConfig {
         for (k, v) in &self.extra {
             m.insert(k.clone(), v.clone());
         }
-        m.insert(
-            "auto_mapping".into(),
-            self.auto_mapping.clone().unwrap_or(Value::Null),
-        );
-        m.insert(
-            "base_model_name_or_path".into(),
-            opt_str(&self.base_model_name_or_path),
-        );
+        m.insert("auto_mapping".into(), self.auto_mapping.clone().unwrap_or(Value::Null));
+        m.insert("base_model_name_or_path".into(), opt_str(&self.base_model_name_or_path));
         m.insert("inference_mode".into(), Value::Bool(self.inference_mode));
         m.insert(
             "modules_to_save".into(),
@@ -366,29 +348,19 @@ impl PeftConfig {
                 Value::Array(v.iter().cloned().map(Value::String).collect())
             }),
         );
-        m.insert(
-            "num_attention_heads".into(),
-            opt_usize(self.num_attention_heads),
-        );
+        m.insert("num_attention_heads".into(), opt_usize(self.num_attention_heads));
         m.insert("num_layers".into(), opt_usize(self.num_layers));
         m.insert(
             "num_transformer_submodules".into(),
             opt_usize(self.num_transformer_submodules),
         );
-        m.insert(
-            "num_virtual_tokens".into(),
-            Value::from(self.num_virtual_tokens as u64),
-        );
-        m.insert(
-            "peft_type".into(),
-            Value::String(self.peft_type().as_str().into()),
-        );
+        m.insert("num_virtual_tokens".into(), Value::from(self.num_virtual_tokens as u64));
+        m.insert("peft_type".into(), Value::String(self.peft_type().as_str().into()));
         m.insert("peft_version".into(), opt_str(&self.peft_version));
         m.insert("revision".into(), opt_str(&self.revision));
         m.insert(
             "task_type".into(),
-            self.task_type
-                .map_or(Value::Null, |t| Value::String(t.as_str().into())),
+            self.task_type.map_or(Value::Null, |t| Value::String(t.as_str().into())),
         );
         m.insert("token_dim".into(), Value::from(self.token_dim as u64));
         match &self.method {
@@ -398,18 +370,9 @@ impl PeftConfig {
                 tokenizer_name_or_path,
                 tokenizer_kwargs,
             } => {
-                m.insert(
-                    "prompt_tuning_init".into(),
-                    Value::String(prompt_tuning_init.clone()),
-                );
-                m.insert(
-                    "prompt_tuning_init_text".into(),
-                    opt_str(prompt_tuning_init_text),
-                );
-                m.insert(
-                    "tokenizer_name_or_path".into(),
-                    opt_str(tokenizer_name_or_path),
-                );
+                m.insert("prompt_tuning_init".into(), Value::String(prompt_tuning_init.clone()));
+                m.insert("prompt_tuning_init_text".into(), opt_str(prompt_tuning_init_text));
+                m.insert("tokenizer_name_or_path".into(), opt_str(tokenizer_name_or_path));
                 m.insert(
                     "tokenizer_kwargs".into(),
                     tokenizer_kwargs.clone().unwrap_or(Value::Null),
@@ -425,18 +388,11 @@ impl PeftConfig {
                     "encoder_reparameterization_type".into(),
                     Value::String(encoder_reparameterization_type.clone()),
                 );
-                m.insert(
-                    "encoder_hidden_size".into(),
-                    opt_usize(*encoder_hidden_size),
-                );
-                m.insert(
-                    "encoder_num_layers".into(),
-                    Value::from(*encoder_num_layers as u64),
-                );
+                m.insert("encoder_hidden_size".into(), opt_usize(*encoder_hidden_size));
+                m.insert("encoder_num_layers".into(), Value::from(*encoder_num_layers as u64));
                 m.insert(
                     "encoder_dropout".into(),
-                    serde_json::Number::from_f64(*encoder_dropout)
-                        .map_or(Value::Null, Value::Number),
+                    serde_json::Number::from_f64(*encoder_dropout).map_or(Value::Null, Value::Number),
                 );
             }
             MethodConfig::PrefixTuning {
@@ -444,10 +400,7 @@ impl PeftConfig {
                 prefix_projection,
                 init_weights,
             } => {
-                m.insert(
-                    "encoder_hidden_size".into(),
-                    opt_usize(*encoder_hidden_size),
-                );
+                m.insert("encoder_hidden_size".into(), opt_usize(*encoder_hidden_size));
                 m.insert("prefix_projection".into(), Value::Bool(*prefix_projection));
                 m.insert("init_weights".into(), opt_str(init_weights));
             }
@@ -464,9 +417,7 @@ impl PeftConfig {
         let peft_type = PeftType::parse(&f.req_str("peft_type")?).context("field `peft_type`")?;
         let method = match peft_type {
             PeftType::PromptTuning => MethodConfig::PromptTuning {
-                prompt_tuning_init: f
-                    .opt_str("prompt_tuning_init")?
-                    .unwrap_or_else(|| "RANDOM".into()),
+                prompt_tuning_init: f.opt_str("prompt_tuning_init")?.unwrap_or_else(|| "RANDOM".into()),
                 prompt_tuning_init_text: f.opt_str("prompt_tuning_init_text")?,
                 tokenizer_name_or_path: f.opt_str("tokenizer_name_or_path")?,
                 tokenizer_kwargs: f.opt_value("tokenizer_kwargs"),
@@ -501,9 +452,9 @@ impl PeftConfig {
                 items
                     .iter()
                     .map(|v| {
-                        v.as_str().map(str::to_string).with_context(|| {
-                            format!("field `modules_to_save` should hold strings, found {v}")
-                        })
+                        v.as_str()
+                            .map(str::to_string)
+                            .with_context(|| format!("field `modules_to_save` should hold strings, found {v}"))
                     })
                     .collect::<Result<Vec<_>>>()?,
             ),
@@ -647,9 +598,7 @@ impl Fields<'_> {
                 .as_u64()
                 .and_then(|n| usize::try_from(n).ok())
                 .map(Some)
-                .with_context(|| {
-                    format!("field `{k}` should be a non-negative integer, found {v}")
-                }),
+                .with_context(|| format!("field `{k}` should be a non-negative integer, found {v}")),
         }
     }
     fn req_usize(&self, k: &str) -> Result<usize> {
@@ -762,11 +711,7 @@ fn python_float(x: f64) -> String {
         return "NaN".into();
     }
     if x.is_infinite() {
-        return if x > 0.0 {
-            "Infinity".into()
-        } else {
-            "-Infinity".into()
-        };
+        return if x > 0.0 { "Infinity".into() } else { "-Infinity".into() };
     }
     let sci = format!("{x:e}");
     let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
@@ -784,11 +729,7 @@ fn python_float(x: f64) -> String {
         } else if point >= n {
             format!("{}{}.0", digits, "0".repeat((point - n) as usize))
         } else {
-            format!(
-                "{}.{}",
-                &digits[..point as usize],
-                &digits[point as usize..]
-            )
+            format!("{}.{}", &digits[..point as usize], &digits[point as usize..])
         };
         format!("{sign}{body}")
     } else {
@@ -830,10 +771,7 @@ impl PeftAdapter {
 
     /// The sequence-classification head `(weight [labels, hidden], bias [labels])`, if saved.
     pub fn classifier(&self) -> Option<(&Tensor, &Tensor)> {
-        Some((
-            self.tensors.get(CLASSIFIER_WEIGHT)?,
-            self.tensors.get(CLASSIFIER_BIAS)?,
-        ))
+        Some((self.tensors.get(CLASSIFIER_WEIGHT)?, self.tensors.get(CLASSIFIER_BIAS)?))
     }
 
     /// The adapter's prompt as a learnable prompt-tuning [`SoftPrompt`] (for a p-tuning adapter
@@ -844,10 +782,7 @@ impl PeftAdapter {
 
     /// The extra tensors as `(name, tensor)` pairs, ready for [`save_peft`].
     pub fn extra(&self) -> Vec<(String, Tensor)> {
-        self.tensors
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
+        self.tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 }
 
@@ -856,21 +791,17 @@ impl PeftAdapter {
 /// missing `prompt_embeddings` or one whose shape disagrees with the config.
 pub fn load_peft(dir: &Path) -> Result<PeftAdapter> {
     let cfg_path = dir.join(ADAPTER_CONFIG);
-    let text = std::fs::read_to_string(&cfg_path)
-        .with_context(|| format!("cannot read {}", cfg_path.display()))?;
-    let value: Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not valid JSON", cfg_path.display()))?;
-    let config = PeftConfig::from_value(&value)
-        .with_context(|| format!("{}: invalid adapter config", cfg_path.display()))?;
+    let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("cannot read {}", cfg_path.display()))?;
+    let value: Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", cfg_path.display()))?;
+    let config =
+        PeftConfig::from_value(&value).with_context(|| format!("{}: invalid adapter config", cfg_path.display()))?;
 
     let w_path = dir.join(ADAPTER_WEIGHTS);
     let mut tensors = read_safetensors(&w_path)?;
-    let pe = tensors.remove(PROMPT_EMBEDDINGS).with_context(|| {
-        format!(
-            "{}: tensor `{PROMPT_EMBEDDINGS}` is missing",
-            w_path.display()
-        )
-    })?;
+    let pe = tensors
+        .remove(PROMPT_EMBEDDINGS)
+        .with_context(|| format!("{}: tensor `{PROMPT_EMBEDDINGS}` is missing", w_path.display()))?;
     let want = config
         .prompt_embeddings_shape()
         .with_context(|| format!("{}", cfg_path.display()))?;
@@ -919,10 +850,7 @@ fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
             safetensors::Dtype::I64 => DType::I64,
             safetensors::Dtype::U32 => DType::U32,
             safetensors::Dtype::U8 => DType::U8,
-            other => bail!(
-                "{}: tensor `{name}` has unsupported dtype {other:?}",
-                path.display()
-            ),
+            other => bail!("{}: tensor `{name}` has unsupported dtype {other:?}", path.display()),
         };
         let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
             .with_context(|| format!("{}: cannot read tensor `{name}`", path.display()))?;
@@ -1004,10 +932,7 @@ pub fn save_peft(
     crate::io::write_bytes(&dir.join(ADAPTER_WEIGHTS), &bytes)?;
     let mut config = config.clone();
     config.inference_mode = true;
-    crate::io::write_bytes(
-        &dir.join(ADAPTER_CONFIG),
-        config.to_json_string().as_bytes(),
-    )?;
+    crate::io::write_bytes(&dir.join(ADAPTER_CONFIG), config.to_json_string().as_bytes())?;
     Ok(())
 }
 

@@ -96,8 +96,7 @@ pub fn origin(source: &Path, line: usize) -> String {
 /// `FILE:LINE: expected a JSON object, found an array`, `FILE:LINE: not valid UTF-8`; a file
 /// without any row is an error too (`FILE: the data set is empty ...`).
 pub fn read_jsonl(path: &Path) -> Result<DataSet> {
-    let bytes =
-        std::fs::read(path).with_context(|| format!("cannot read data set {}", path.display()))?;
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read data set {}", path.display()))?;
     parse_lines(path.to_path_buf(), &bytes)
 }
 
@@ -122,10 +121,7 @@ fn parse_lines(source: PathBuf, bytes: &[u8]) -> Result<DataSet> {
         };
         match value {
             Value::Object(row) => records.push(Record { line, row }),
-            other => bail!(
-                "{file}:{line}: expected a JSON object, found {}",
-                describe(&other)
-            ),
+            other => bail!("{file}:{line}: expected a JSON object, found {}", describe(&other)),
         }
     }
     if records.is_empty() {
@@ -173,10 +169,7 @@ pub fn field_text(row: &Row, field: &str, origin: &str) -> Result<String> {
         None if row.is_empty() => bail!("{origin}: no field `{field}` (the row has no fields)"),
         None => {
             let have: Vec<String> = row.keys().map(|k| format!("`{k}`")).collect();
-            bail!(
-                "{origin}: no field `{field}` (the row has fields {})",
-                have.join(", ")
-            )
+            bail!("{origin}: no field `{field}` (the row has fields {})", have.join(", "))
         }
     }
 }
@@ -198,19 +191,10 @@ mod tests {
     #[test]
     fn errors_name_the_line() {
         let e = DataSet::parse("t.jsonl", "{\"a\": 1}\n{\"a\": }\n").unwrap_err();
-        assert!(
-            e.to_string().starts_with("t.jsonl:2: invalid JSON: "),
-            "{e}"
-        );
+        assert!(e.to_string().starts_with("t.jsonl:2: invalid JSON: "), "{e}");
         let e = DataSet::parse("t.jsonl", "{}\n[1]\n").unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "t.jsonl:2: expected a JSON object, found an array"
-        );
+        assert_eq!(e.to_string(), "t.jsonl:2: expected a JSON object, found an array");
         let e = DataSet::parse("t.jsonl", "\n \n").unwrap_err();
-        assert!(
-            e.to_string().starts_with("t.jsonl: the data set is empty"),
-            "{e}"
-        );
+        assert!(e.to_string().starts_with("t.jsonl: the data set is empty"), "{e}");
     }
 }

@@ -218,9 +218,22 @@ impl GgufFile {
                     mmap.len()
                 );
             }
-            tensors.insert(name, TensorEntry { shape, dtype, offset, size });
+            tensors.insert(
+                name,
+                TensorEntry {
+                    shape,
+                    dtype,
+                    offset,
+                    size,
+                },
+            );
         }
-        Ok(Self { path: path.to_path_buf(), metadata, tensors, mmap })
+        Ok(Self {
+            path: path.to_path_buf(),
+            metadata,
+            tensors,
+            mmap,
+        })
     }
 
     /// The file this was read from.
@@ -239,7 +252,10 @@ impl GgufFile {
         match self.get(key)? {
             MetaValue::U64(v) => Ok(*v as usize),
             MetaValue::I64(v) if *v >= 0 => Ok(*v as usize),
-            v => bail!("{}: metadata `{key}` should be an unsigned integer, found {v:?}", self.path.display()),
+            v => bail!(
+                "{}: metadata `{key}` should be an unsigned integer, found {v:?}",
+                self.path.display()
+            ),
         }
     }
 
@@ -249,7 +265,10 @@ impl GgufFile {
             MetaValue::F64(v) => Ok(*v),
             MetaValue::U64(v) => Ok(*v as f64),
             MetaValue::I64(v) => Ok(*v as f64),
-            v => bail!("{}: metadata `{key}` should be a number, found {v:?}", self.path.display()),
+            v => bail!(
+                "{}: metadata `{key}` should be a number, found {v:?}",
+                self.path.display()
+            ),
         }
     }
 
@@ -257,7 +276,10 @@ impl GgufFile {
     pub fn get_str(&self, key: &str) -> Result<&str> {
         match self.get(key)? {
             MetaValue::Str(s) => Ok(s),
-            v => bail!("{}: metadata `{key}` should be a string, found {v:?}", self.path.display()),
+            v => bail!(
+                "{}: metadata `{key}` should be a string, found {v:?}",
+                self.path.display()
+            ),
         }
     }
 
@@ -266,7 +288,10 @@ impl GgufFile {
         match self.metadata.get(key) {
             None => Ok(default),
             Some(MetaValue::Bool(b)) => Ok(*b),
-            Some(v) => bail!("{}: metadata `{key}` should be a boolean, found {v:?}", self.path.display()),
+            Some(v) => bail!(
+                "{}: metadata `{key}` should be a boolean, found {v:?}",
+                self.path.display()
+            ),
         }
     }
 
@@ -274,7 +299,11 @@ impl GgufFile {
     pub fn get_array(&self, key: &str) -> Result<&[MetaValue]> {
         match self.get(key)? {
             MetaValue::Array(a) => Ok(a),
-            v => bail!("{}: metadata `{key}` should be an array, found {}", self.path.display(), short(v)),
+            v => bail!(
+                "{}: metadata `{key}` should be an array, found {}",
+                self.path.display(),
+                short(v)
+            ),
         }
     }
 

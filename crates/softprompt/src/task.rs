@@ -96,9 +96,24 @@ impl Task {
             })
             .collect::<Vec<_>>();
         if let Some(missing) = labels.iter().zip(&label_words).find(|(_, w)| w.starts_with('\u{0}')) {
-            bail!("label `{}` has no verbaliser word (verbaliser covers: {})", missing.0, verbalizer.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(", "));
+            bail!(
+                "label `{}` has no verbaliser word (verbaliser covers: {})",
+                missing.0,
+                verbalizer
+                    .iter()
+                    .map(|(k, _)| k.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
         }
-        Ok(Self { kind, template, labels, label_words, special: SpecialTokens::of(tokenizer)?, max_len })
+        Ok(Self {
+            kind,
+            template,
+            labels,
+            label_words,
+            special: SpecialTokens::of(tokenizer)?,
+            max_len,
+        })
     }
 
     /// Distinct values of the target field over data sets, sorted.
@@ -125,23 +140,38 @@ impl Task {
 
     /// Encodes every row; a gold label outside `labels` is an error naming the row.
     pub fn encode_set(&self, ds: &DataSet, tokenizer: &TextTokenizer) -> Result<EncodedSet> {
-        let target_field = self.template.target().map(|t| t.field.clone()).unwrap_or_else(|| "label".into());
+        let target_field = self
+            .template
+            .target()
+            .map(|t| t.field.clone())
+            .unwrap_or_else(|| "label".into());
         let reserve = self.max_target_tokens(tokenizer)?;
         let mut examples = Vec::with_capacity(ds.len());
         let mut truncated = 0;
         for (origin, row) in ds.rows() {
             let gold_text = field_text(row, &target_field, &origin)?;
             let Some(gold) = self.labels.iter().position(|l| *l == gold_text) else {
-                bail!("{origin}: `{target_field}` is `{gold_text}`, which is not one of the labels ({})", preview(&self.labels));
+                bail!(
+                    "{origin}: `{target_field}` is `{gold_text}`, which is not one of the labels ({})",
+                    preview(&self.labels)
+                );
             };
-            let enc = self.template.encode(row, &origin, tokenizer, &self.special, self.max_len, reserve)?;
+            let enc = self
+                .template
+                .encode(row, &origin, tokenizer, &self.special, self.max_len, reserve)?;
             truncated += enc.truncated as usize;
             let target = if self.kind == TaskKind::SeqCls {
                 Vec::new()
             } else {
                 tokenizer.encode(&self.target_text(&enc.target_prefix, gold), false)?
             };
-            examples.push(Example { origin, prompt: enc.tokens, target, gold, truncated: enc.truncated });
+            examples.push(Example {
+                origin,
+                prompt: enc.tokens,
+                target,
+                gold,
+                truncated: enc.truncated,
+            });
         }
         Ok(EncodedSet { examples, truncated })
     }
@@ -159,7 +189,9 @@ impl Task {
 
     /// Token ids of every label's text after a prompt with target prefix `prefix`.
     pub fn candidate_ids(&self, tokenizer: &TextTokenizer, prefix: &str) -> Result<Vec<Vec<u32>>> {
-        (0..self.labels.len()).map(|i| tokenizer.encode(&self.target_text(prefix, i), false)).collect()
+        (0..self.labels.len())
+            .map(|i| tokenizer.encode(&self.target_text(prefix, i), false))
+            .collect()
     }
 }
 
@@ -250,7 +282,9 @@ pub fn splice_embeddings(backbone: &dyn Backbone, batch: &Batch, prompt: Option<
     if batch.soft_positions.is_empty() {
         return Ok(words);
     }
-    let Some(prompt) = prompt else { bail!("the template has virtual tokens but no prompt was given") };
+    let Some(prompt) = prompt else {
+        bail!("the template has virtual tokens but no prompt was given")
+    };
     let n = b * t;
     let mut index: Vec<u32> = (0..n as u32).collect();
     for (&pos, &v) in batch.soft_positions.iter().zip(&batch.soft_index) {
@@ -317,14 +351,23 @@ impl ClassifierHead {
     /// Logits `[B, classes]` from hidden states `[B, T, D]`.
     pub fn logits(&self, backbone: &dyn Backbone, hidden: &Tensor) -> Result<Tensor> {
         let pooled = backbone.pool(hidden)?;
-        Ok(pooled.matmul(&self.weight.as_tensor().t()?)?.broadcast_add(self.bias.as_tensor())?)
+        Ok(pooled
+            .matmul(&self.weight.as_tensor().t()?)?
+            .broadcast_add(self.bias.as_tensor())?)
     }
 
     /// Mean cross-entropy over the batch; returns loss, d(loss)/d(hidden), dW, db.
-    pub fn loss(&self, backbone: &dyn Backbone, hidden: &Tensor, gold: &[u32]) -> Result<(f32, Tensor, Tensor, Tensor)> {
+    pub fn loss(
+        &self,
+        backbone: &dyn Backbone,
+        hidden: &Tensor,
+        gold: &[u32],
+    ) -> Result<(f32, Tensor, Tensor, Tensor)> {
         let device = hidden.device();
         let pooled = backbone.pool(hidden)?;
-        let logits = pooled.matmul(&self.weight.as_tensor().t()?)?.broadcast_add(self.bias.as_tensor())?;
+        let logits = pooled
+            .matmul(&self.weight.as_tensor().t()?)?
+            .broadcast_add(self.bias.as_tensor())?;
         let n = gold.len();
         let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let targets = Tensor::new(gold, device)?.unsqueeze(1)?;
@@ -355,11 +398,21 @@ pub fn score_candidates(backbone: &dyn Backbone, prompt: &Tensor, candidates: &[
     let t = prompt.dim(1)?;
     let mut cache = KvCache::default();
     let mask = Tensor::ones((1, t), DType::U32, device)?;
-    let hidden = backbone.forward_cached(&BackboneInput { embeds: prompt, mask: &mask, token_types: None }, &mut cache)?;
+    let hidden = backbone.forward_cached(
+        &BackboneInput {
+            embeds: prompt,
+            mask: &mask,
+            token_types: None,
+        },
+        &mut cache,
+    )?;
     let first = candle_nn::ops::log_softmax(&lm_logits(backbone, &hidden.i((0, t - 1))?.unsqueeze(0)?)?, D::Minus1)?
         .squeeze(0)?
         .to_vec1::<f32>()?;
-    let mut scores: Vec<f32> = candidates.iter().map(|c| c.first().map_or(f32::NEG_INFINITY, |&id| first[id as usize])).collect();
+    let mut scores: Vec<f32> = candidates
+        .iter()
+        .map(|c| c.first().map_or(f32::NEG_INFINITY, |&id| first[id as usize]))
+        .collect();
     let mut order: Vec<usize> = (0..candidates.len()).collect();
     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
     let mut best = f32::NEG_INFINITY;
@@ -370,7 +423,12 @@ pub fn score_candidates(backbone: &dyn Backbone, prompt: &Tensor, candidates: &[
         i += chunk.len();
         let multi: Vec<usize> = chunk.iter().copied().filter(|&c| candidates[c].len() > 1).collect();
         if !multi.is_empty() {
-            let rest = continuation_log_probs(backbone, &cache, t, &multi.iter().map(|&c| &candidates[c][..]).collect::<Vec<_>>())?;
+            let rest = continuation_log_probs(
+                backbone,
+                &cache,
+                t,
+                &multi.iter().map(|&c| &candidates[c][..]).collect::<Vec<_>>(),
+            )?;
             for (&c, r) in multi.iter().zip(rest) {
                 scores[c] += r;
             }
@@ -397,14 +455,26 @@ fn continuation_log_probs(backbone: &dyn Backbone, cache: &KvCache, t: usize, ca
         layers: cache
             .layers
             .iter()
-            .map(|(k, v)| Ok((k.broadcast_as(expand(k.dims(), c))?.contiguous()?, v.broadcast_as(expand(v.dims(), c))?.contiguous()?)))
+            .map(|(k, v)| {
+                Ok((
+                    k.broadcast_as(expand(k.dims(), c))?.contiguous()?,
+                    v.broadcast_as(expand(v.dims(), c))?.contiguous()?,
+                ))
+            })
             .collect::<Result<_>>()?,
         mask: Some(Tensor::ones((c, t), DType::F32, device)?),
     };
     let ids_t = Tensor::from_vec(ids, (c, l), device)?;
     let mask_t = Tensor::from_vec(m, (c, l), device)?;
     let embeds = backbone.embed(&ids_t)?;
-    let h = backbone.forward_cached(&BackboneInput { embeds: &embeds, mask: &mask_t, token_types: None }, &mut shared)?;
+    let h = backbone.forward_cached(
+        &BackboneInput {
+            embeds: &embeds,
+            mask: &mask_t,
+            token_types: None,
+        },
+        &mut shared,
+    )?;
     let d = h.dim(2)?;
     let mut out = Vec::with_capacity(c);
     for (r, cand) in cands.iter().enumerate() {
@@ -427,6 +497,9 @@ pub fn argmax(scores: &[f32]) -> usize {
     scores
         .iter()
         .enumerate()
-        .fold((0, f32::NEG_INFINITY), |(bi, bs), (i, &s)| if s > bs { (i, s) } else { (bi, bs) })
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |(bi, bs), (i, &s)| if s > bs { (i, s) } else { (bi, bs) },
+        )
         .0
 }

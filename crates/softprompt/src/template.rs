@@ -158,10 +158,7 @@ impl SpecialTokens {
         let with = tokenizer.encode("a", true)?;
         let without = tokenizer.encode("a", false)?;
         if !without.is_empty() {
-            if let Some(p) = with
-                .windows(without.len())
-                .position(|w| w == without.as_slice())
-            {
+            if let Some(p) = with.windows(without.len()).position(|w| w == without.as_slice()) {
                 return Ok(Self {
                     prefix: with[..p].to_vec(),
                     suffix: with[p + without.len()..].to_vec(),
@@ -305,9 +302,7 @@ impl Template {
                     text.push(c);
                     i += 2;
                 }
-                '}' => bail!(
-                    "template column {column}: unmatched `}}` (write `}}}}` for a literal `}}`)"
-                ),
+                '}' => bail!("template column {column}: unmatched `}}` (write `}}}}` for a literal `}}`)"),
                 ']' => {
                     bail!("template column {column}: unmatched `]` (write `]]` for a literal `]`)")
                 }
@@ -411,8 +406,7 @@ impl Template {
         if let Some(t) = &self.target {
             bail!("the template already has the target field `{}`", t.field);
         }
-        let is_target =
-            |s: &Segment| matches!(s, Segment::Field { name, .. } if name == target_field);
+        let is_target = |s: &Segment| matches!(s, Segment::Field { name, .. } if name == target_field);
         let last = self.segments.len().checked_sub(1);
         if let Some((_, Segment::Field { column, .. })) = self
             .segments
@@ -492,11 +486,7 @@ impl Template {
         let Some(t) = &self.target else {
             bail!("the template `{}` has no target field", self.source);
         };
-        Ok(format!(
-            "{}{}",
-            t.prefix,
-            field_text(row, &t.field, origin)?
-        ))
+        Ok(format!("{}{}", t.prefix, field_text(row, &t.field, origin)?))
     }
 
     /// Renders the prompt part for one row, without tokenizing: text stretches between soft
@@ -556,9 +546,7 @@ impl Template {
         };
         let mut pieces = self.render(row, origin)?;
         let tokenize = |text: &str| -> Result<Vec<u32>> {
-            tokenizer
-                .encode(text, false)
-                .map_err(|e| e.context(origin.to_string()))
+            tokenizer.encode(text, false).map_err(|e| e.context(origin.to_string()))
         };
         let mut ids: Vec<Vec<u32>> = Vec::with_capacity(pieces.len());
         for p in &pieces {
@@ -670,11 +658,7 @@ impl Template {
         debug_assert_eq!(tokens.len(), total);
         Ok(EncodedPrompt {
             tokens,
-            target_prefix: self
-                .target
-                .as_ref()
-                .map(|t| t.prefix.clone())
-                .unwrap_or_default(),
+            target_prefix: self.target.as_ref().map(|t| t.prefix.clone()).unwrap_or_default(),
             truncated,
         })
     }

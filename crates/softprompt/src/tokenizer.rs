@@ -37,7 +37,8 @@ const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 const SPM_SPACE: &str = "\u{2581}";
 
 /// Qwen2's pre-tokenizer split (llama.cpp `LLAMA_VOCAB_PRE_TYPE_QWEN2`, HF Qwen2 tokenizer.json).
-const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_PATTERN: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Llama 3's pre-tokenizer split (llama.cpp `LLAMA_VOCAB_PRE_TYPE_LLAMA3`): digits in groups of 3.
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -233,28 +234,18 @@ impl GgufVocab {
         if let Some(unk) = self.unk {
             builder = builder.unk_token(self.tokens[unk as usize].clone());
         }
-        let bpe = builder.build().map_err(|e| {
-            anyhow!("{file}: cannot build the BPE tokenizer from its vocabulary and merges: {e}")
-        })?;
+        let bpe = builder
+            .build()
+            .map_err(|e| anyhow!("{file}: cannot build the BPE tokenizer from its vocabulary and merges: {e}"))?;
         let mut tok = Tokenizer::new(bpe);
         tok.with_pre_tokenizer(Some(pre));
         tok.with_decoder(Some(ByteLevel::new(false, true, true)));
         let specials: Vec<AddedToken> = (0..self.tokens.len())
-            .filter(|&i| {
-                matches!(
-                    self.token_type(i),
-                    TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED
-                )
-            })
+            .filter(|&i| matches!(self.token_type(i), TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED))
             .map(|i| AddedToken::from(self.tokens[i].clone(), true).normalized(false))
             .collect();
         tok.add_special_tokens(&specials);
-        self.finish(
-            tok,
-            self.add_bos.unwrap_or(false),
-            self.add_eos.unwrap_or(false),
-            file,
-        )
+        self.finish(tok, self.add_bos.unwrap_or(false), self.add_eos.unwrap_or(false), file)
     }
 
     fn build_sentencepiece(&self, file: &str) -> Result<TextTokenizer> {
@@ -274,9 +265,9 @@ impl GgufVocab {
         if let Some(unk) = self.unk {
             builder = builder.unk_token(self.tokens[unk as usize].clone());
         }
-        let bpe = builder.build().map_err(|e| {
-            anyhow!("{file}: cannot build the SentencePiece BPE tokenizer from its vocabulary: {e}")
-        })?;
+        let bpe = builder
+            .build()
+            .map_err(|e| anyhow!("{file}: cannot build the SentencePiece BPE tokenizer from its vocabulary: {e}"))?;
         let mut tok = Tokenizer::new(bpe);
 
         let add_space_prefix = self.add_space_prefix.unwrap_or(true);
@@ -284,19 +275,13 @@ impl GgufVocab {
         if add_space_prefix {
             norm.push(Prepend::new(SPM_SPACE.to_string()).into());
         }
-        norm.push(
-            Replace::new(" ", SPM_SPACE)
-                .map_err(|e| anyhow!("{file}: {e}"))?
-                .into(),
-        );
+        norm.push(Replace::new(" ", SPM_SPACE).map_err(|e| anyhow!("{file}: {e}"))?.into());
         tok.with_normalizer(Some(NormalizerSequence::new(norm)));
 
         let mut dec: Vec<DecoderWrapper> = vec![
             ByteFallback::new().into(),
             Fuse::new().into(),
-            Replace::new(SPM_SPACE, " ")
-                .map_err(|e| anyhow!("{file}: {e}"))?
-                .into(),
+            Replace::new(SPM_SPACE, " ").map_err(|e| anyhow!("{file}: {e}"))?.into(),
         ];
         if add_space_prefix {
             dec.push(DecoderStrip::new(' ', 1, 0).into());
@@ -319,22 +304,11 @@ impl GgufVocab {
                 .collect(),
         };
         tok.add_special_tokens(&specials);
-        self.finish(
-            tok,
-            self.add_bos.unwrap_or(true),
-            self.add_eos.unwrap_or(false),
-            file,
-        )
+        self.finish(tok, self.add_bos.unwrap_or(true), self.add_eos.unwrap_or(false), file)
     }
 
     /// Adds the post-processor for `add_bos` / `add_eos` and wraps the tokenizer.
-    fn finish(
-        &self,
-        mut tok: Tokenizer,
-        add_bos: bool,
-        add_eos: bool,
-        file: &str,
-    ) -> Result<TextTokenizer> {
+    fn finish(&self, mut tok: Tokenizer, add_bos: bool, add_eos: bool, file: &str) -> Result<TextTokenizer> {
         let bos = if add_bos {
             Some(self.bos.ok_or_else(|| {
                 anyhow!("{file}: `tokenizer.ggml.add_bos_token` is set but `tokenizer.ggml.bos_token_id` is missing")
@@ -368,8 +342,7 @@ impl GgufVocab {
 
 /// The pre-tokenizer llama.cpp uses for a byte-level BPE with pre-tokenizer name `pre`.
 fn byte_level_pre_tokenizer(pre: Option<&str>, file: &str) -> Result<PreTokenizerWrapper> {
-    let byte_level =
-        |use_regex: bool| PreTokenizerWrapper::from(ByteLevel::new(false, true, use_regex));
+    let byte_level = |use_regex: bool| PreTokenizerWrapper::from(ByteLevel::new(false, true, use_regex));
     let split = |pattern: &str| -> Result<PreTokenizerWrapper> {
         let s = Split::new(
             SplitPattern::Regex(pattern.to_string()),
@@ -406,18 +379,12 @@ fn template_processor(
     let mut single = Vec::new();
     let mut pair = Vec::new();
     if let Some((id, tok)) = bos {
-        specials.push(
-            SpecialToken::new("BOS".into(), vec![id], vec![tok.clone()])
-                .map_err(|e| e.to_string())?,
-        );
+        specials.push(SpecialToken::new("BOS".into(), vec![id], vec![tok.clone()]).map_err(|e| e.to_string())?);
         single.push("BOS");
     }
     single.push("$A");
     if let Some((id, tok)) = eos {
-        specials.push(
-            SpecialToken::new("EOS".into(), vec![id], vec![tok.clone()])
-                .map_err(|e| e.to_string())?,
-        );
+        specials.push(SpecialToken::new("EOS".into(), vec![id], vec![tok.clone()]).map_err(|e| e.to_string())?);
         single.push("EOS");
     }
     pair.extend(single.iter().copied());
@@ -478,8 +445,7 @@ fn read_optional_json(path: &Path) -> Result<Option<serde_json::Value>> {
         return Ok(None);
     }
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let v = serde_json::from_slice(&bytes)
-        .with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let v = serde_json::from_slice(&bytes).with_context(|| format!("{} is not valid JSON", path.display()))?;
     Ok(Some(v))
 }
 
@@ -493,8 +459,7 @@ impl TextTokenizer {
     /// `tokenizer.ggml.add_bos_token` / `add_eos_token` say (defaults: gpt2 none, llama BOS).
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
         let file = gguf.path().display().to_string();
-        let vocab = GgufVocab::read(gguf)
-            .with_context(|| format!("cannot read the tokenizer of {file}"))?;
+        let vocab = GgufVocab::read(gguf).with_context(|| format!("cannot read the tokenizer of {file}"))?;
         vocab.build(&file)
     }
 
@@ -506,8 +471,7 @@ impl TextTokenizer {
     /// `eos_token`, else `sep_token`; `pad_token`), then from the file's padding settings, then
     /// from well-known token names (`<s>`, `</s>`, `<pad>`, `[CLS]`, `[SEP]`, `[PAD]`, …).
     pub fn from_json_file(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path)
-            .with_context(|| format!("cannot read tokenizer file {}", path.display()))?;
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read tokenizer file {}", path.display()))?;
         let mut inner = Tokenizer::from_bytes(&bytes)
             .map_err(|e| anyhow!("{} is not a valid tokenizer.json: {e}", path.display()))?;
         let padding_id = inner.get_padding().map(|p| p.pad_id);
@@ -525,10 +489,7 @@ impl TextTokenizer {
             for (k, v) in map {
                 let content = match &v {
                     serde_json::Value::String(s) => Some(s.clone()),
-                    serde_json::Value::Object(o) => o
-                        .get("content")
-                        .and_then(|c| c.as_str())
-                        .map(str::to_string),
+                    serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
                     _ => None,
                 };
                 if let Some(c) = content {
@@ -553,12 +514,7 @@ impl TextTokenizer {
         let pad = lookup(&["pad_token"], &[])
             .or(padding_id)
             .or_else(|| lookup(&[], &["<pad>", "[PAD]", "<|pad|>"]));
-        Ok(Self {
-            inner,
-            bos,
-            eos,
-            pad,
-        })
+        Ok(Self { inner, bos, eos, pad })
     }
 
     /// Text → token ids; with `add_special`, also the BOS/EOS (or [CLS]/[SEP]) the tokenizer
@@ -642,9 +598,7 @@ mod tests {
             scores.push(-100.0);
             types.push(1);
         }
-        let pieces = [
-            "▁h", "ll", "▁he", "llo", "▁hello", "▁w", "or", "▁wor", "ld", "▁world",
-        ];
+        let pieces = ["▁h", "ll", "▁he", "llo", "▁hello", "▁w", "or", "▁wor", "ld", "▁world"];
         for (i, p) in pieces.iter().enumerate() {
             tokens.push((*p).into());
             scores.push(-(i as f64) - 1.0);
@@ -666,10 +620,7 @@ mod tests {
     fn ids(tok: &TextTokenizer, pieces: &[&str]) -> Vec<u32> {
         pieces
             .iter()
-            .map(|p| {
-                tok.token_to_id(p)
-                    .unwrap_or_else(|| panic!("{p} not in vocab"))
-            })
+            .map(|p| tok.token_to_id(p).unwrap_or_else(|| panic!("{p} not in vocab")))
             .collect()
     }
 
@@ -677,10 +628,7 @@ mod tests {
     fn merges_follow_scores() {
         let v = spm_vocab(true);
         let merges = spm_merges_from_scores(&v.tokens, v.scores.as_ref().unwrap());
-        let m: Vec<(&str, &str)> = merges
-            .iter()
-            .map(|(a, b)| (a.as_str(), b.as_str()))
-            .collect();
+        let m: Vec<(&str, &str)> = merges.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
         assert_eq!(
             m,
             [
@@ -736,8 +684,7 @@ mod tests {
             ids(&tok, &["h", "e", "llo", "▁world"])
         );
         assert_eq!(
-            tok.decode(&tok.encode("hello world", false).unwrap(), false)
-                .unwrap(),
+            tok.decode(&tok.encode("hello world", false).unwrap(), false).unwrap(),
             "hello world"
         );
     }

@@ -39,11 +39,20 @@ fn tiny_llama() -> Llama {
     let mut s = 7u64;
     let mut t = HashMap::new();
     t.insert("model.embed_tokens.weight".into(), rand(&[20, 16], 1.0, &mut s));
-    t.insert("model.norm.weight".into(), rand(&[16], 0.5, &mut s).affine(1.0, 1.0).unwrap());
+    t.insert(
+        "model.norm.weight".into(),
+        rand(&[16], 0.5, &mut s).affine(1.0, 1.0).unwrap(),
+    );
     for l in 0..2 {
         let p = |n: &str| format!("model.layers.{l}.{n}");
-        t.insert(p("input_layernorm.weight"), rand(&[16], 0.5, &mut s).affine(1.0, 1.0).unwrap());
-        t.insert(p("post_attention_layernorm.weight"), rand(&[16], 0.5, &mut s).affine(1.0, 1.0).unwrap());
+        t.insert(
+            p("input_layernorm.weight"),
+            rand(&[16], 0.5, &mut s).affine(1.0, 1.0).unwrap(),
+        );
+        t.insert(
+            p("post_attention_layernorm.weight"),
+            rand(&[16], 0.5, &mut s).affine(1.0, 1.0).unwrap(),
+        );
         t.insert(p("self_attn.q_proj.weight"), rand(&[16, 16], 0.5, &mut s));
         t.insert(p("self_attn.k_proj.weight"), rand(&[8, 16], 0.5, &mut s));
         t.insert(p("self_attn.v_proj.weight"), rand(&[8, 16], 0.5, &mut s));
@@ -55,7 +64,10 @@ fn tiny_llama() -> Llama {
         t.insert(p("mlp.up_proj.weight"), rand(&[24, 16], 0.5, &mut s));
         t.insert(p("mlp.down_proj.weight"), rand(&[16, 24], 0.5, &mut s));
     }
-    let w = MemoryWeights { tensors: t, origin: PathBuf::from("tiny-llama") };
+    let w = MemoryWeights {
+        tensors: t,
+        origin: PathBuf::from("tiny-llama"),
+    };
     Llama::from_weights(cfg, &w, &Device::Cpu).unwrap()
 }
 
@@ -72,7 +84,12 @@ fn tiny_bert() -> Bert {
     ins("embeddings.LayerNorm.bias", &[16], 0.3, 0.0, &mut s);
     for l in 0..2 {
         let p = |n: &str| format!("encoder.layer.{l}.{n}");
-        for n in ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"] {
+        for n in [
+            "attention.self.query",
+            "attention.self.key",
+            "attention.self.value",
+            "attention.output.dense",
+        ] {
             ins(&p(&format!("{n}.weight")), &[16, 16], 0.5, 0.0, &mut s);
             ins(&p(&format!("{n}.bias")), &[16], 0.2, 0.0, &mut s);
         }
@@ -92,13 +109,22 @@ fn tiny_bert() -> Bert {
         "intermediate_size": 24, "vocab_size": 20, "max_position_embeddings": 16, "type_vocab_size": 2,
         "layer_norm_eps": 1e-12, "hidden_act": "gelu"
     });
-    let w = MemoryWeights { tensors: t, origin: PathBuf::from("tiny-bert") };
+    let w = MemoryWeights {
+        tensors: t,
+        origin: PathBuf::from("tiny-bert"),
+    };
     Bert::from_hf(&PathBuf::from("tiny-bert"), &config, &w, &Device::Cpu).unwrap()
 }
 
 /// Scalar loss `Σ R ⊙ f(embeds)` where f is the backbone (and pooler when `pooled`).
 fn loss(model: &dyn Backbone, embeds: &Tensor, mask: &Tensor, r: &Tensor, pooled: bool) -> f64 {
-    let h = model.forward(&BackboneInput { embeds, mask, token_types: None }).unwrap();
+    let h = model
+        .forward(&BackboneInput {
+            embeds,
+            mask,
+            token_types: None,
+        })
+        .unwrap();
     let out = if pooled { model.pool(&h).unwrap() } else { h };
     (out * r).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
 }
@@ -109,9 +135,23 @@ fn check_against_finite_differences(model: &dyn Backbone, pooled: bool) {
     let embeds = rand(&[b, t, d], 1.0, &mut s);
     // Row 1 is padded after 3 tokens.
     let mask = Tensor::new(&[[1u32, 1, 1, 1, 1], [1, 1, 1, 0, 0]], &Device::Cpu).unwrap();
-    let r = if pooled { rand(&[b, d], 1.0, &mut s) } else { rand(&[b, t, d], 1.0, &mut s) };
-    let (h, tape) = model.forward_train(&BackboneInput { embeds: &embeds, mask: &mask, token_types: None }).unwrap();
-    let d_hidden = if pooled { model.pool_backward(&h, &r).unwrap() } else { r.clone() };
+    let r = if pooled {
+        rand(&[b, d], 1.0, &mut s)
+    } else {
+        rand(&[b, t, d], 1.0, &mut s)
+    };
+    let (h, tape) = model
+        .forward_train(&BackboneInput {
+            embeds: &embeds,
+            mask: &mask,
+            token_types: None,
+        })
+        .unwrap();
+    let d_hidden = if pooled {
+        model.pool_backward(&h, &r).unwrap()
+    } else {
+        r.clone()
+    };
     let grad = model.backward(&tape, &d_hidden).unwrap();
     let grad: Vec<f64> = grad.flatten_all().unwrap().to_vec1().unwrap();
     let base: Vec<f64> = embeds.flatten_all().unwrap().to_vec1().unwrap();
@@ -122,7 +162,15 @@ fn check_against_finite_differences(model: &dyn Backbone, pooled: bool) {
         plus[i] += eps;
         let mut minus = base.clone();
         minus[i] -= eps;
-        let f = |v: Vec<f64>| loss(model, &Tensor::from_vec(v, (b, t, d), &Device::Cpu).unwrap(), &mask, &r, pooled);
+        let f = |v: Vec<f64>| {
+            loss(
+                model,
+                &Tensor::from_vec(v, (b, t, d), &Device::Cpu).unwrap(),
+                &mask,
+                &r,
+                pooled,
+            )
+        };
         let fd = (f(plus) - f(minus)) / (2.0 * eps);
         let err = (fd - grad[i]).abs() / (1.0 + fd.abs());
         worst = worst.max(err);
@@ -150,10 +198,20 @@ fn bert_pooler_gradient_matches_finite_differences() {
 fn smollm2_gradient_reaches_every_position_that_influences_the_loss() {
     let model = common::load_model("smollm2-135m");
     let bb = model.backbone.as_ref();
-    let ids = Tensor::new(&[[504u32, 3575, 282, 4649, 314, 2], [38634, 314, 260, 3575, 282, 2]], &Device::Cpu).unwrap();
+    let ids = Tensor::new(
+        &[[504u32, 3575, 282, 4649, 314, 2], [38634, 314, 260, 3575, 282, 2]],
+        &Device::Cpu,
+    )
+    .unwrap();
     let mask = Tensor::new(&[[1u32, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]], &Device::Cpu).unwrap();
     let embeds = bb.embed(&ids).unwrap();
-    let (h, tape) = bb.forward_train(&BackboneInput { embeds: &embeds, mask: &mask, token_types: None }).unwrap();
+    let (h, tape) = bb
+        .forward_train(&BackboneInput {
+            embeds: &embeds,
+            mask: &mask,
+            token_types: None,
+        })
+        .unwrap();
     // Loss: −log p(target) at position 2 of row 0 and position 5 of row 1.
     let targets = [(0usize, 2usize, 3575u32), (1, 5, 1234)];
     let mut d_hidden = vec![0f32; h.elem_count()];
@@ -161,11 +219,25 @@ fn smollm2_gradient_reaches_every_position_that_influences_the_loss() {
     for &(b, pos, target) in &targets {
         let row = h.i((b, pos)).unwrap().unsqueeze(0).unwrap();
         let logits = lm_logits(bb, &row).unwrap();
-        let p: Vec<f32> = candle_nn::ops::softmax_last_dim(&logits).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+        let p: Vec<f32> = candle_nn::ops::softmax_last_dim(&logits)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let mut dlogits = p;
         dlogits[target as usize] -= 1.0;
-        let dl = Tensor::new(dlogits.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let drow: Vec<f32> = dl.matmul(bb.lm_head().unwrap()).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+        let dl = Tensor::new(dlogits.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let drow: Vec<f32> = dl
+            .matmul(bb.lm_head().unwrap())
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         d_hidden[(b * t + pos) * dm..(b * t + pos + 1) * dm].copy_from_slice(&drow);
     }
     let d_hidden = Tensor::from_vec(d_hidden, h.shape(), &Device::Cpu).unwrap();
@@ -177,9 +249,15 @@ fn smollm2_gradient_reaches_every_position_that_influences_the_loss() {
         for (pos, &n) in row.iter().enumerate() {
             assert!(n.is_finite(), "row {b} position {pos}: gradient is not finite");
             if pos <= last {
-                assert!(n > 0.0, "row {b} position {pos} influences the loss but got a zero gradient");
+                assert!(
+                    n > 0.0,
+                    "row {b} position {pos} influences the loss but got a zero gradient"
+                );
             } else {
-                assert_eq!(n, 0.0, "row {b} position {pos} is after the loss position (causal) but got gradient {n}");
+                assert_eq!(
+                    n, 0.0,
+                    "row {b} position {pos} is after the loss position (causal) but got gradient {n}"
+                );
             }
         }
     }

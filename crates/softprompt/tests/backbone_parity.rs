@@ -17,7 +17,11 @@ fn smollm2_matches_transformers() {
     let embeds = model.backbone.embed(&ids).unwrap();
     let hidden = model
         .backbone
-        .forward(&BackboneInput { embeds: &embeds, mask: &mask, token_types: None })
+        .forward(&BackboneInput {
+            embeds: &embeds,
+            mask: &mask,
+            token_types: None,
+        })
         .unwrap();
     let lens: Vec<u32> = mask.sum(1).unwrap().to_vec1().unwrap();
     // Hidden states at real positions (padded positions are not meaningful and transformers'
@@ -48,7 +52,11 @@ fn minilm_matches_transformers() {
     let embeds = model.backbone.embed(&ids).unwrap();
     let hidden = model
         .backbone
-        .forward(&BackboneInput { embeds: &embeds, mask: &mask, token_types: Some(&types) })
+        .forward(&BackboneInput {
+            embeds: &embeds,
+            mask: &mask,
+            token_types: Some(&types),
+        })
         .unwrap();
     let pooled = model.backbone.pool(&hidden).unwrap();
     let dh = max_abs_diff(&hidden, &exp["last_hidden"]);

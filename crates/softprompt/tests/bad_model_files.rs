@@ -100,9 +100,16 @@ fn corrupted_gguf_is_refused() {
 fn unknown_quant_type_names_the_tensor() {
     let dir = scratch("quant");
     let path = dir.join("q.gguf");
-    write_gguf(&path, &[("general.architecture", "llama")], &[("token_embd.weight", &[4, 4], 99, 64)]);
+    write_gguf(
+        &path,
+        &[("general.architecture", "llama")],
+        &[("token_embd.weight", &[4, 4], 99, 64)],
+    );
     let e = load_err(ModelLocation::Gguf(path));
-    assert!(e.contains("q.gguf") && e.contains("token_embd.weight") && e.contains("quantization type 99"), "{e}");
+    assert!(
+        e.contains("q.gguf") && e.contains("token_embd.weight") && e.contains("quantization type 99"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -111,7 +118,10 @@ fn unknown_architecture_is_named() {
     let path = dir.join("a.gguf");
     write_gguf(&path, &[("general.architecture", "rwkv6")], &[("x", &[4], 0, 16)]);
     let e = load_err(ModelLocation::Gguf(path));
-    assert!(e.contains("a.gguf") && e.contains("rwkv6") && e.contains("not supported"), "{e}");
+    assert!(
+        e.contains("a.gguf") && e.contains("rwkv6") && e.contains("not supported"),
+        "{e}"
+    );
 }
 
 fn tiny_bert_dir(name: &str, config: serde_json::Value) -> PathBuf {
@@ -125,7 +135,12 @@ fn tiny_bert_dir(name: &str, config: serde_json::Value) -> PathBuf {
     t.insert("embeddings.LayerNorm.weight".to_string(), z(&[8]));
     t.insert("embeddings.LayerNorm.bias".to_string(), z(&[8]));
     let p = "encoder.layer.0";
-    for n in ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"] {
+    for n in [
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+    ] {
         t.insert(format!("{p}.{n}.weight"), z(&[8, 8]));
         t.insert(format!("{p}.{n}.bias"), z(&[8]));
     }
@@ -174,7 +189,10 @@ fn truncated_safetensors_names_file() {
     let bytes = std::fs::read(&f).unwrap();
     std::fs::write(&f, &bytes[..bytes.len() - 100]).unwrap();
     let e = load_err(ModelLocation::HfDir(dir));
-    assert!(e.contains("model.safetensors") && e.contains("corrupted or truncated"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("corrupted or truncated"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -183,7 +201,10 @@ fn wrong_tensor_shape_is_named() {
     c["intermediate_size"] = serde_json::json!(10);
     let dir = tiny_bert_dir("shape", c);
     let e = load_err(ModelLocation::HfDir(dir));
-    assert!(e.contains("intermediate.dense.weight") && e.contains("expected [10, 8]"), "{e}");
+    assert!(
+        e.contains("intermediate.dense.weight") && e.contains("expected [10, 8]"),
+        "{e}"
+    );
 }
 
 #[test]

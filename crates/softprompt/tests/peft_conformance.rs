@@ -70,15 +70,8 @@ fn causal_error(model: &LoadedModel, folder: &str) -> f32 {
     let lens: Vec<u32> = mask.sum(1).unwrap().to_vec1().unwrap();
     let mut worst = 0f32;
     for (b, &len) in lens.iter().enumerate() {
-        let last = hidden
-            .i((b, p + len as usize - 1))
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let logits = lm_logits(model.backbone.as_ref(), &last)
-            .unwrap()
-            .squeeze(0)
-            .unwrap();
+        let last = hidden.i((b, p + len as usize - 1)).unwrap().unsqueeze(0).unwrap();
+        let logits = lm_logits(model.backbone.as_ref(), &last).unwrap().squeeze(0).unwrap();
         worst = worst.max(max_abs_diff(&logits, &exp["last_logits"].i(b).unwrap()));
     }
     worst
@@ -103,11 +96,7 @@ fn seqcls_error(model: &LoadedModel, folder: &str) -> f32 {
         })
         .unwrap();
     let pooled = model.backbone.pool(&hidden).unwrap();
-    let logits = pooled
-        .matmul(&w.t().unwrap())
-        .unwrap()
-        .broadcast_add(bias)
-        .unwrap();
+    let logits = pooled.matmul(&w.t().unwrap()).unwrap().broadcast_add(bias).unwrap();
     max_abs_diff(&logits, &exp["logits"])
 }
 
@@ -142,13 +131,7 @@ fn save_reproduces_peft_files_byte_for_byte() {
         let src = fixture(folder);
         let adapter = load_peft(&src).unwrap();
         let out = scratch(&format!("roundtrip-{folder}"));
-        save_peft(
-            &out,
-            &adapter.config,
-            &adapter.prompt_embeddings,
-            &adapter.extra(),
-        )
-        .unwrap();
+        save_peft(&out, &adapter.config, &adapter.prompt_embeddings, &adapter.extra()).unwrap();
         for file in [ADAPTER_CONFIG, ADAPTER_WEIGHTS] {
             let a = std::fs::read(src.join(file)).unwrap();
             let b = std::fs::read(out.join(file)).unwrap();
@@ -161,10 +144,7 @@ fn save_reproduces_peft_files_byte_for_byte() {
         }
         let again = load_peft(&out).unwrap();
         assert_eq!(again.config, adapter.config, "{folder}");
-        assert_eq!(
-            max_abs_diff(&again.prompt_embeddings, &adapter.prompt_embeddings),
-            0.0
-        );
+        assert_eq!(max_abs_diff(&again.prompt_embeddings, &adapter.prompt_embeddings), 0.0);
         assert_eq!(
             again.tensors.keys().collect::<Vec<_>>(),
             adapter.tensors.keys().collect::<Vec<_>>()
@@ -173,8 +153,7 @@ fn save_reproduces_peft_files_byte_for_byte() {
             assert_eq!(max_abs_diff(t, &again.tensors[k]), 0.0, "{folder}: {k}");
         }
         // serde goes through the same JSON object.
-        let via_serde: PeftConfig =
-            serde_json::from_str(&serde_json::to_string(&adapter.config).unwrap()).unwrap();
+        let via_serde: PeftConfig = serde_json::from_str(&serde_json::to_string(&adapter.config).unwrap()).unwrap();
         assert_eq!(via_serde, adapter.config);
         std::fs::remove_dir_all(&out).unwrap();
     }
@@ -188,19 +167,11 @@ fn configs_we_build_equal_peft_configs() {
 
     // Prompt tuning, RANDOM, 5 virtual tokens.
     let init = PromptInit::RandomNormal;
-    let m = softprompt::prompt::initial_prompt(
-        &init,
-        5,
-        d,
-        softprompt::prompt::InitSource::none(),
-        &mut seeded_rng(0),
-    )
-    .unwrap();
+    let m = softprompt::prompt::initial_prompt(&init, 5, d, softprompt::prompt::InitSource::none(), &mut seeded_rng(0))
+        .unwrap();
     let prompt = SoftPrompt::prompt_tuning(&m).unwrap();
     let config = PeftConfig::for_prompt(&prompt, &init, TaskType::CausalLm, info);
-    let peft = load_peft(&fixture("smollm2_prompt_tuning_random"))
-        .unwrap()
-        .config;
+    let peft = load_peft(&fixture("smollm2_prompt_tuning_random")).unwrap().config;
     assert_eq!(config, peft);
 
     // P-tuning, MLP hidden 128 and LSTM hidden 64, 6 virtual tokens; the saved prompt is the
@@ -216,14 +187,9 @@ fn configs_we_build_equal_peft_configs() {
             },
         ),
     ] {
-        let m = softprompt::prompt::initial_prompt(
-            &init,
-            6,
-            d,
-            softprompt::prompt::InitSource::none(),
-            &mut seeded_rng(1),
-        )
-        .unwrap();
+        let m =
+            softprompt::prompt::initial_prompt(&init, 6, d, softprompt::prompt::InitSource::none(), &mut seeded_rng(1))
+                .unwrap();
         let prompt = SoftPrompt::p_tuning(&m, &spec, &mut seeded_rng(2)).unwrap();
         let config = PeftConfig::for_prompt(&prompt, &init, TaskType::CausalLm, info);
         let peft = load_peft(&fixture(folder)).unwrap().config;
@@ -251,15 +217,8 @@ fn configs_we_build_equal_peft_configs() {
         &mut seeded_rng(0),
     )
     .unwrap();
-    let config = PeftConfig::for_prompt(
-        &SoftPrompt::prompt_tuning(&m).unwrap(),
-        &text,
-        TaskType::CausalLm,
-        info,
-    );
-    let mut peft = load_peft(&fixture("smollm2_prompt_tuning_text"))
-        .unwrap()
-        .config;
+    let config = PeftConfig::for_prompt(&SoftPrompt::prompt_tuning(&m).unwrap(), &text, TaskType::CausalLm, info);
+    let mut peft = load_peft(&fixture("smollm2_prompt_tuning_text")).unwrap().config;
     peft.method = match peft.method {
         MethodConfig::PromptTuning {
             prompt_tuning_init,
@@ -285,32 +244,19 @@ fn adapters_for_other_models_are_refused() {
     let m_info = minilm.backbone.info();
 
     let bert_adapter = load_peft(&fixture("minilm_seqcls_prompt_tuning")).unwrap();
-    let err = check_compatible(&bert_adapter.config, s_info)
-        .unwrap_err()
-        .to_string();
+    let err = check_compatible(&bert_adapter.config, s_info).unwrap_err().to_string();
     println!("refusal: {err}");
-    assert!(
-        err.contains("token_dim is 384") && err.contains("576"),
-        "{err}"
-    );
+    assert!(err.contains("token_dim is 384") && err.contains("576"), "{err}");
 
     let llama_adapter = load_peft(&fixture("smollm2_p_tuning_mlp")).unwrap();
-    let err = check_compatible(&llama_adapter.config, m_info)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("token_dim is 576") && err.contains("384"),
-        "{err}"
-    );
+    let err = check_compatible(&llama_adapter.config, m_info).unwrap_err().to_string();
+    assert!(err.contains("token_dim is 576") && err.contains("384"), "{err}");
 
     // Same width, different depth.
     let mut cfg = bert_adapter.config.clone();
     cfg.num_layers = Some(12);
     let err = check_compatible(&cfg, m_info).unwrap_err().to_string();
-    assert!(
-        err.contains("num_layers is 12") && err.contains("6 layers"),
-        "{err}"
-    );
+    assert!(err.contains("num_layers is 12") && err.contains("6 layers"), "{err}");
 
     // Matching shapes but the wrong kind of model for the task.
     let mut cfg = bert_adapter.config.clone();
@@ -324,10 +270,7 @@ fn adapters_for_other_models_are_refused() {
     cfg.num_layers = Some(m_info.layers);
     cfg.num_attention_heads = Some(m_info.heads);
     let err = check_compatible(&cfg, m_info).unwrap_err().to_string();
-    assert!(
-        err.contains("CAUSAL_LM") && err.contains("encoder"),
-        "{err}"
-    );
+    assert!(err.contains("CAUSAL_LM") && err.contains("encoder"), "{err}");
 
     // Prefix tuning: loads and fits (GQA key/value width 3 × 64) but is not run yet.
     for folder in ["smollm2_prefix_tuning", "smollm2_prefix_tuning_projection"] {
@@ -336,10 +279,7 @@ fn adapters_for_other_models_are_refused() {
         assert_eq!(prefix.prompt_embeddings.dims(), [4, 30 * 2 * 192]);
         check_compatible(&prefix.config, s_info).unwrap();
         let err = prefix.input_prompt().unwrap_err().to_string();
-        assert!(
-            err.contains("prefix tuning inference is not supported yet"),
-            "{err}"
-        );
+        assert!(err.contains("prefix tuning inference is not supported yet"), "{err}");
     }
 }
 
@@ -364,8 +304,7 @@ fn load_err(dir: &Path) -> String {
 
 fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
     let path = dir.join(ADAPTER_CONFIG);
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     edit(v.as_object_mut().unwrap());
     std::fs::write(&path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
 }

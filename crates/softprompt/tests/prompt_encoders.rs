@@ -45,10 +45,7 @@ fn check_gradients(prompt: &SoftPrompt, r: &Tensor) -> f64 {
             .unwrap_or_else(|| panic!("no gradient reached `{name}`"));
         assert_eq!(g.dims(), var.dims(), "{name}");
         let g: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
-        assert!(
-            g.iter().any(|x| *x != 0.0),
-            "gradient of `{name}` is all zero"
-        );
+        assert!(g.iter().any(|x| *x != 0.0), "gradient of `{name}` is all zero");
         let base: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
         let shape = var.dims().to_vec();
         for i in 0..base.len() {
@@ -63,11 +60,7 @@ fn check_gradients(prompt: &SoftPrompt, r: &Tensor) -> f64 {
             let minus = loss_of(prompt, r);
             let fd = (plus - minus) / (2.0 * eps);
             let err = (fd - g[i]).abs() / (1.0f64).max(g[i].abs());
-            assert!(
-                err < 1e-6,
-                "`{name}`[{i}]: backprop {} vs finite difference {fd}",
-                g[i]
-            );
+            assert!(err < 1e-6, "`{name}`[{i}]: backprop {} vs finite difference {fd}", g[i]);
             worst = worst.max(err);
         }
         var.set(&Tensor::from_vec(base, shape.as_slice(), &Device::Cpu).unwrap())
@@ -80,8 +73,7 @@ fn check_gradients(prompt: &SoftPrompt, r: &Tensor) -> f64 {
 fn mlp_encoder_gradients_match_finite_differences() {
     let (p, d, h) = (4, 7, 5);
     let init = randn(&[p, d], 1);
-    let prompt =
-        SoftPrompt::p_tuning(&init, &EncoderSpec::Mlp { hidden: h }, &mut seeded_rng(2)).unwrap();
+    let prompt = SoftPrompt::p_tuning(&init, &EncoderSpec::Mlp { hidden: h }, &mut seeded_rng(2)).unwrap();
     let names: Vec<(String, Vec<usize>)> = prompt
         .vars()
         .iter()
@@ -138,8 +130,7 @@ fn lstm_names_and_shapes_follow_torch() {
         .iter()
         .map(|(n, v)| (n.clone(), v.dims().to_vec()))
         .collect();
-    let mut want: Vec<(String, Vec<usize>)> =
-        vec![("prompt_encoder.default.embedding.weight".into(), vec![p, d])];
+    let mut want: Vec<(String, Vec<usize>)> = vec![("prompt_encoder.default.embedding.weight".into(), vec![p, d])];
     for l in 0..2 {
         let input = if l == 0 { d } else { 2 * h };
         for suffix in ["", "_reverse"] {
@@ -150,15 +141,9 @@ fn lstm_names_and_shapes_follow_torch() {
             want.push((format!("{pre}.bias_hh_l{l}{suffix}"), vec![4 * h]));
         }
     }
-    want.push((
-        "prompt_encoder.default.mlp_head.0.weight".into(),
-        vec![2 * h, 2 * h],
-    ));
+    want.push(("prompt_encoder.default.mlp_head.0.weight".into(), vec![2 * h, 2 * h]));
     want.push(("prompt_encoder.default.mlp_head.0.bias".into(), vec![2 * h]));
-    want.push((
-        "prompt_encoder.default.mlp_head.2.weight".into(),
-        vec![d, 2 * h],
-    ));
+    want.push(("prompt_encoder.default.mlp_head.2.weight".into(), vec![d, 2 * h]));
     want.push(("prompt_encoder.default.mlp_head.2.bias".into(), vec![d]));
     assert_eq!(got, want);
     // torch's init ranges: LSTM ±1/sqrt(h), Linear ±1/sqrt(in).
@@ -171,10 +156,7 @@ fn lstm_names_and_shapes_follow_torch() {
             continue;
         };
         let v: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
-        assert!(
-            v.iter().all(|x| x.abs() <= bound),
-            "{name} outside ±{bound}"
-        );
+        assert!(v.iter().all(|x| x.abs() <= bound), "{name} outside ±{bound}");
     }
     assert_eq!(prompt.encoder().unwrap().spec(), spec);
 }
@@ -253,18 +235,8 @@ fn reference_lstm(prompt: &SoftPrompt, h: usize, layers: usize) -> Vec<Vec<f64>>
             })
             .collect()
     };
-    let y = lin(
-        &x,
-        get("mlp_head.0.weight"),
-        &get("mlp_head.0.bias")[0],
-        true,
-    );
-    lin(
-        &y,
-        get("mlp_head.2.weight"),
-        &get("mlp_head.2.bias")[0],
-        false,
-    )
+    let y = lin(&x, get("mlp_head.0.weight"), &get("mlp_head.0.bias")[0], true);
+    lin(&y, get("mlp_head.2.weight"), &get("mlp_head.2.bias")[0], false)
 }
 
 #[test]
@@ -303,19 +275,11 @@ fn lstm_dropout_only_in_training() {
     let a = prompt.forward().unwrap();
     let b = prompt.forward().unwrap();
     assert_eq!(
-        max_abs_diff(
-            &a.to_dtype(DType::F32).unwrap(),
-            &b.to_dtype(DType::F32).unwrap()
-        ),
+        max_abs_diff(&a.to_dtype(DType::F32).unwrap(), &b.to_dtype(DType::F32).unwrap()),
         0.0
     );
     let c = prompt.forward_train(&mut seeded_rng(1)).unwrap();
-    assert!(
-        max_abs_diff(
-            &a.to_dtype(DType::F32).unwrap(),
-            &c.to_dtype(DType::F32).unwrap()
-        ) > 0.0
-    );
+    assert!(max_abs_diff(&a.to_dtype(DType::F32).unwrap(), &c.to_dtype(DType::F32).unwrap()) > 0.0);
     // dropout 0: training forward is the inference forward.
     let spec0 = EncoderSpec::Lstm {
         hidden: 5,
@@ -324,15 +288,7 @@ fn lstm_dropout_only_in_training() {
     };
     let p0 = SoftPrompt::p_tuning(&init, &spec0, &mut seeded_rng(32)).unwrap();
     let d = (p0.forward().unwrap() - p0.forward_train(&mut seeded_rng(1)).unwrap()).unwrap();
-    assert_eq!(
-        d.abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap(),
-        0.0
-    );
+    assert_eq!(d.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap(), 0.0);
 }
 
 #[test]
@@ -383,10 +339,7 @@ fn prompt_tuning_is_the_embedding_and_state_round_trips() {
     let mut partial = saved.clone();
     partial.remove("prompt_encoder.default.mlp_head.2.bias");
     let err = format!("{:#}", b.set_from(&partial).unwrap_err());
-    assert!(
-        err.contains("prompt_encoder.default.mlp_head.2.bias"),
-        "{err}"
-    );
+    assert!(err.contains("prompt_encoder.default.mlp_head.2.bias"), "{err}");
     let mut wrong = saved.clone();
     wrong.insert(
         "prompt_embeddings".into(),
@@ -397,10 +350,7 @@ fn prompt_tuning_is_the_embedding_and_state_round_trips() {
 
 #[test]
 fn text_rule_repeats_or_truncates() {
-    assert_eq!(
-        text_init_ids(&[1, 2, 3], 8).unwrap(),
-        vec![1, 2, 3, 1, 2, 3, 1, 2]
-    );
+    assert_eq!(text_init_ids(&[1, 2, 3], 8).unwrap(), vec![1, 2, 3, 1, 2, 3, 1, 2]);
     assert_eq!(text_init_ids(&[1, 2, 3], 2).unwrap(), vec![1, 2]);
     assert_eq!(text_init_ids(&[1, 2, 3], 3).unwrap(), vec![1, 2, 3]);
     assert_eq!(text_init_ids(&[7], 4).unwrap(), vec![7, 7, 7, 7]);
@@ -408,9 +358,7 @@ fn text_rule_repeats_or_truncates() {
 }
 
 fn rows_of(table: &Tensor, ids: &[u32]) -> Tensor {
-    table
-        .index_select(&Tensor::new(ids, &Device::Cpu).unwrap(), 0)
-        .unwrap()
+    table.index_select(&Tensor::new(ids, &Device::Cpu).unwrap(), 0).unwrap()
 }
 
 #[test]
@@ -423,43 +371,18 @@ fn text_init_on_smollm2_matches_peft_rule() {
     let ids = m.tokenizer.encode(text, true).unwrap();
     assert_eq!(ids, [21350, 351, 260, 3575, 2240, 42]);
     // Repeat: 8 > 6 tokens.
-    let p8 = initial_prompt(
-        &PromptInit::Text(text.into()),
-        8,
-        d,
-        src,
-        &mut seeded_rng(0),
-    )
-    .unwrap();
+    let p8 = initial_prompt(&PromptInit::Text(text.into()), 8, d, src, &mut seeded_rng(0)).unwrap();
     let want: Vec<u32> = vec![21350, 351, 260, 3575, 2240, 42, 21350, 351];
     assert_eq!(max_abs_diff(&p8, &rows_of(table, &want)), 0.0);
     // Truncate: 4 < 6 tokens.
-    let p4 = initial_prompt(
-        &PromptInit::Text(text.into()),
-        4,
-        d,
-        src,
-        &mut seeded_rng(0),
-    )
-    .unwrap();
+    let p4 = initial_prompt(&PromptInit::Text(text.into()), 4, d, src, &mut seeded_rng(0)).unwrap();
     assert_eq!(max_abs_diff(&p4, &rows_of(table, &ids[..4])), 0.0);
     // PEFT's own adapter was initialised from this text (then shifted by seeded noise): every
     // row is nearest to the token our rule puts there.
     let adapter = softprompt::adapter::load_peft(&fixture("smollm2_prompt_tuning_text")).unwrap();
     for (r, &id) in want.iter().enumerate() {
-        let row = adapter
-            .prompt_embeddings
-            .i(r)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let dist = table
-            .broadcast_sub(&row)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum(1)
-            .unwrap();
+        let row = adapter.prompt_embeddings.i(r).unwrap().unsqueeze(0).unwrap();
+        let dist = table.broadcast_sub(&row).unwrap().sqr().unwrap().sum(1).unwrap();
         let nearest = dist.argmin(0).unwrap().to_scalar::<u32>().unwrap();
         assert_eq!(nearest, id, "row {r}");
     }
@@ -483,15 +406,10 @@ fn vocab_labels_and_random_inits_on_real_models() {
             .flatten()
             .collect();
         assert!(pool.iter().all(|id| !specials.contains(id)));
-        let first: Vec<String> = pool[..16]
-            .iter()
-            .map(|&i| tok.id_to_token(i).unwrap())
-            .collect();
+        let first: Vec<String> = pool[..16].iter().map(|&i| tok.id_to_token(i).unwrap()).collect();
         println!("{name}: most common tokens start {first:?}");
         assert!(
-            first
-                .iter()
-                .any(|t| t.trim_start_matches(['Ġ', '▁']) == "the"),
+            first.iter().any(|t| t.trim_start_matches(['Ġ', '▁']) == "the"),
             "{first:?}"
         );
 
@@ -523,14 +441,7 @@ fn vocab_labels_and_random_inits_on_real_models() {
             "no".to_string(),
         ];
         let p = 6;
-        let lp = initial_prompt(
-            &PromptInit::Labels(labels.clone()),
-            p,
-            d,
-            src,
-            &mut seeded_rng(3),
-        )
-        .unwrap();
+        let lp = initial_prompt(&PromptInit::Labels(labels.clone()), p, d, src, &mut seeded_rng(3)).unwrap();
         assert_eq!(lp.dims(), [p, d]);
         let mut label_ids = Vec::new();
         for (r, label) in labels.iter().enumerate() {
@@ -538,11 +449,7 @@ fn vocab_labels_and_random_inits_on_real_models() {
             label_ids.extend_from_slice(&sub);
             let mean = rows_of(table, &sub).mean(0).unwrap();
             let diff = max_abs_diff(&lp.i(r).unwrap(), &mean);
-            assert!(
-                diff < 1e-6,
-                "{name} label {label:?} ({} sub-tokens): {diff}",
-                sub.len()
-            );
+            assert!(diff < 1e-6, "{name} label {label:?} ({} sub-tokens): {diff}", sub.len());
             if r == 0 {
                 assert!(
                     sub.len() > 1,
@@ -550,8 +457,7 @@ fn vocab_labels_and_random_inits_on_real_models() {
                 );
             }
         }
-        let rest =
-            sample_vocab_ids(tok, vocab, p - labels.len(), &label_ids, &mut seeded_rng(3)).unwrap();
+        let rest = sample_vocab_ids(tok, vocab, p - labels.len(), &label_ids, &mut seeded_rng(3)).unwrap();
         assert!(rest.iter().all(|id| !label_ids.contains(id)));
         assert_eq!(
             max_abs_diff(
@@ -568,41 +474,18 @@ fn vocab_labels_and_random_inits_on_real_models() {
 #[test]
 fn random_inits_have_their_ranges() {
     let (p, d) = (50, 200);
-    let u = initial_prompt(
-        &PromptInit::Random,
-        p,
-        d,
-        InitSource::none(),
-        &mut seeded_rng(5),
-    )
-    .unwrap();
+    let u = initial_prompt(&PromptInit::Random, p, d, InitSource::none(), &mut seeded_rng(5)).unwrap();
     assert_eq!((u.dims(), u.dtype()), (&[p, d][..], DType::F32));
     let v: Vec<f32> = u.flatten_all().unwrap().to_vec1().unwrap();
-    let (lo, hi) = v
-        .iter()
-        .fold((f32::MAX, f32::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+    let (lo, hi) = v.iter().fold((f32::MAX, f32::MIN), |(a, b), &x| (a.min(x), b.max(x)));
     let mean = v.iter().sum::<f32>() / v.len() as f32;
     println!("uniform init: min {lo:.4} max {hi:.4} mean {mean:.4}");
     assert!(lo >= -0.5 && hi <= 0.5 && lo < -0.49 && hi > 0.49);
     assert!(mean.abs() < 0.01);
-    let u2 = initial_prompt(
-        &PromptInit::Random,
-        p,
-        d,
-        InitSource::none(),
-        &mut seeded_rng(5),
-    )
-    .unwrap();
+    let u2 = initial_prompt(&PromptInit::Random, p, d, InitSource::none(), &mut seeded_rng(5)).unwrap();
     assert_eq!(max_abs_diff(&u, &u2), 0.0);
 
-    let n = initial_prompt(
-        &PromptInit::RandomNormal,
-        p,
-        d,
-        InitSource::none(),
-        &mut seeded_rng(5),
-    )
-    .unwrap();
+    let n = initial_prompt(&PromptInit::RandomNormal, p, d, InitSource::none(), &mut seeded_rng(5)).unwrap();
     let v: Vec<f32> = n.flatten_all().unwrap().to_vec1().unwrap();
     let mean = v.iter().sum::<f32>() / v.len() as f32;
     let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / v.len() as f32;
@@ -629,14 +512,7 @@ fn random_inits_have_their_ranges() {
     .unwrap_err();
     assert!(format!("{err}").contains("[51, 200]"), "{err}");
     // Model-based inits without a model are errors, not panics.
-    assert!(initial_prompt(
-        &PromptInit::Vocab,
-        3,
-        4,
-        InitSource::none(),
-        &mut seeded_rng(0)
-    )
-    .is_err());
+    assert!(initial_prompt(&PromptInit::Vocab, 3, 4, InitSource::none(), &mut seeded_rng(0)).is_err());
     assert!(initial_prompt(
         &PromptInit::Text("x".into()),
         3,
@@ -645,12 +521,5 @@ fn random_inits_have_their_ranges() {
         &mut seeded_rng(0)
     )
     .is_err());
-    assert!(initial_prompt(
-        &PromptInit::Random,
-        0,
-        4,
-        InitSource::none(),
-        &mut seeded_rng(0)
-    )
-    .is_err());
+    assert!(initial_prompt(&PromptInit::Random, 0, 4, InitSource::none(), &mut seeded_rng(0)).is_err());
 }

@@ -37,9 +37,7 @@ fn smollm2() -> TextTokenizer {
 
 /// `data/<rel>` at the repository root.
 fn data(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../data")
-        .join(rel)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data").join(rel)
 }
 
 /// A scratch file with the given contents, unique to this process and name.
@@ -58,12 +56,7 @@ fn row(json: &str) -> Row {
     }
 }
 
-fn soft(
-    tokens: std::ops::Range<usize>,
-    name: Option<&str>,
-    shared: bool,
-    column: usize,
-) -> Segment {
+fn soft(tokens: std::ops::Range<usize>, name: Option<&str>, shared: bool, column: usize) -> Segment {
     Segment::Soft {
         tokens,
         name: name.map(str::to_string),
@@ -144,8 +137,7 @@ fn parses_prompt_tuning_template_with_escapes() {
 
 #[test]
 fn shared_soft_tokens_reuse_indices() {
-    let t = Template::parse("[soft:3@q] Q: {q} [soft@q] A: [soft:2] {a} [soft:1@end][soft@end]")
-        .unwrap();
+    let t = Template::parse("[soft:3@q] Q: {q} [soft@q] A: [soft:2] {a} [soft:1@end][soft@end]").unwrap();
     assert_eq!(
         t.segments(),
         &[
@@ -224,16 +216,10 @@ fn final_target_slot_moves_trailing_spaces() {
     assert_eq!(t.target_text(&r, "x:1").unwrap(), " positive");
 
     // Tabs move, newlines stay in the prompt.
-    let t = Template::parse("Q: {q}\nA:\t {a}")
-        .unwrap()
-        .with_target("a")
-        .unwrap();
+    let t = Template::parse("Q: {q}\nA:\t {a}").unwrap().with_target("a").unwrap();
     assert_eq!(t.segments().last(), Some(&text("\nA:")));
     assert_eq!(t.target().unwrap().prefix, "\t ");
-    let t = Template::parse("Q: {q}\nA:\n{a}")
-        .unwrap()
-        .with_target("a")
-        .unwrap();
+    let t = Template::parse("Q: {q}\nA:\n{a}").unwrap().with_target("a").unwrap();
     assert_eq!(t.segments().last(), Some(&text("\nA:\n")));
     assert_eq!(t.target().unwrap().prefix, "");
 
@@ -246,10 +232,7 @@ fn final_target_slot_moves_trailing_spaces() {
     assert_eq!(t.target().unwrap().prefix, " ");
 
     // Directly after a soft token: nothing to move.
-    let t = Template::parse("{x}[soft:2]{y}")
-        .unwrap()
-        .with_target("y")
-        .unwrap();
+    let t = Template::parse("{x}[soft:2]{y}").unwrap().with_target("y").unwrap();
     assert_eq!(t.segments().last(), Some(&soft(0..2, None, false, 4)));
     assert_eq!(t.target().unwrap().prefix, "");
 }
@@ -266,30 +249,20 @@ fn absent_target_is_appended() {
     assert_eq!(t.target_text(&r, "x:1").unwrap(), "positive");
 
     // Trailing spaces move in this case too.
-    let t = Template::parse("Sentiment: ")
-        .unwrap()
-        .with_target("label")
-        .unwrap();
+    let t = Template::parse("Sentiment: ").unwrap().with_target("label").unwrap();
     assert_eq!(t.segments(), &[text("Sentiment:")]);
     assert_eq!(t.target().unwrap().prefix, " ");
 }
 
 #[test]
 fn target_elsewhere_is_an_error() {
-    for (src, column) in [
-        ("{label} {text}", 1),
-        ("a {label} b {label}", 3),
-        ("{label}{label}", 1),
-    ] {
+    for (src, column) in [("{label} {text}", 1), ("a {label} b {label}", 3), ("{label}{label}", 1)] {
         let err = Template::parse(src)
             .unwrap()
             .with_target("label")
             .expect_err(src)
             .to_string();
-        assert!(
-            err.starts_with(&format!("template column {column}: ")),
-            "{src}: {err}"
-        );
+        assert!(err.starts_with(&format!("template column {column}: ")), "{src}: {err}");
         assert!(err.contains("must be the last item"), "{src}: {err}");
     }
     let err = Template::parse("{a} {b}")
@@ -298,10 +271,7 @@ fn target_elsewhere_is_an_error() {
         .unwrap()
         .with_target("a")
         .unwrap_err();
-    assert!(
-        err.to_string().contains("already has the target field `b`"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("already has the target field `b`"), "{err}");
     assert!(Template::parse("{a}").unwrap().with_target("").is_err());
     let t = Template::parse("{a}").unwrap();
     let err = t.target_text(&row(r#"{"a": "x"}"#), "f:1").unwrap_err();
@@ -351,9 +321,7 @@ fn encode_places_soft_tokens_and_specials_bert() {
     // Leading soft tokens only: the rest equals tokenizing the whole rendered text.
     let t = Template::parse(r"[soft:4]Review: {text}\nSentiment:").unwrap();
     let e = t.encode(&r, "r:1", &tok, &sp, 512, 0).unwrap();
-    let whole = tok
-        .encode("Review: A gripping, funny film.\nSentiment:", true)
-        .unwrap();
+    let whole = tok.encode("Review: A gripping, funny film.\nSentiment:", true).unwrap();
     assert_eq!(e.tokens, cat(&[softs(0..4), ids(&whole)]));
     assert_eq!(e.len(), 4 + whole.len());
 
@@ -380,9 +348,7 @@ fn encode_places_soft_tokens_and_specials_bert() {
 
     // No text at all (only soft tokens, or an empty field): specials follow the soft tokens.
     let t = Template::parse("[soft:2]{empty}[soft:1]").unwrap();
-    let e = t
-        .encode(&row(r#"{"empty": ""}"#), "r:1", &tok, &sp, 512, 0)
-        .unwrap();
+    let e = t.encode(&row(r#"{"empty": ""}"#), "r:1", &tok, &sp, 512, 0).unwrap();
     assert_eq!(e.tokens, cat(&[softs(0..3), ids(&cls), ids(&sep)]));
 }
 
@@ -405,10 +371,7 @@ fn encode_smollm2_prompt_and_target_join_like_plain_text() {
     let target_ids = tok.encode(&target, false).unwrap();
     assert_eq!(target_ids.len(), 1, "` positive` should be one token");
     let whole = tok
-        .encode(
-            "Review: A gripping, funny film.\nSentiment: positive",
-            false,
-        )
+        .encode("Review: A gripping, funny film.\nSentiment: positive", false)
         .unwrap();
     assert_eq!([prompt, target_ids].concat(), whole);
 
@@ -476,10 +439,7 @@ fn encode_reports_missing_fields_with_origin() {
         )
         .unwrap_err()
         .to_string();
-    assert!(
-        err.starts_with("data/train.jsonl:17: no field `title`"),
-        "{err}"
-    );
+    assert!(err.starts_with("data/train.jsonl:17: no field `title`"), "{err}");
     assert!(err.contains("(the row has fields "), "{err}");
     assert!(err.contains("`text`") && err.contains("`label`"), "{err}");
 }
@@ -500,11 +460,7 @@ fn truncation_cuts_the_field_value_and_keeps_the_rest() {
     let e = t.encode(&r, "r:1", &tok, &sp, max_len, reserve).unwrap();
     assert!(e.truncated);
     assert!(e.len() <= max_len - reserve, "{} tokens", e.len());
-    assert!(
-        e.len() >= max_len - reserve - 2,
-        "cut too much: {} tokens",
-        e.len()
-    );
+    assert!(e.len() >= max_len - reserve - 2, "cut too much: {} tokens", e.len());
     let cls = tok.token_to_id("[CLS]").unwrap();
     let sep = tok.token_to_id("[SEP]").unwrap();
     let head = cat(&[
@@ -513,10 +469,7 @@ fn truncation_cuts_the_field_value_and_keeps_the_rest() {
         ids(&tok.encode("Review: an utterly", false).unwrap()),
     ]);
     assert_eq!(e.tokens[..head.len()], head[..]);
-    let tail = cat(&[
-        ids(&tok.encode("\nSentiment:", false).unwrap()),
-        ids(&[sep]),
-    ]);
+    let tail = cat(&[ids(&tok.encode("\nSentiment:", false).unwrap()), ids(&[sep])]);
     assert_eq!(e.tokens[e.len() - tail.len()..], tail[..]);
 
     // Enough room: nothing is cut.
@@ -524,10 +477,7 @@ fn truncation_cuts_the_field_value_and_keeps_the_rest() {
     assert!(!e.truncated);
     assert_eq!(
         e.len(),
-        5 + tok
-            .encode(&format!("Review: {long}\nSentiment:"), true)
-            .unwrap()
-            .len()
+        5 + tok.encode(&format!("Review: {long}\nSentiment:"), true).unwrap().len()
     );
 }
 
@@ -538,9 +488,7 @@ fn truncation_takes_the_longest_field_first() {
     let t = Template::parse("[soft:2]{premise} [soft:1] Question: {hypothesis}? Answer:").unwrap();
     let premise = "The quick brown fox jumps over the lazy dog near the river bank. ".repeat(6);
     let r = row(&serde_json::json!({"premise": premise, "hypothesis": "A fox jumps"}).to_string());
-    let tail = tok
-        .encode(" Question: A fox jumps? Answer:", false)
-        .unwrap();
+    let tail = tok.encode(" Question: A fox jumps? Answer:", false).unwrap();
     let e = t.encode(&r, "r:1", &tok, &sp, 30, 0).unwrap();
     assert!(e.truncated);
     assert!(e.len() <= 30 && e.len() >= 27, "{} tokens", e.len());
@@ -573,8 +521,7 @@ fn truncation_takes_the_longest_field_first() {
 fn truncation_fails_when_literal_text_does_not_fit() {
     let tok = minilm();
     let sp = SpecialTokens::of(&tok).unwrap();
-    let t = Template::parse("[soft:20]Here is a fairly long instruction for the model: {text}")
-        .unwrap();
+    let t = Template::parse("[soft:20]Here is a fairly long instruction for the model: {text}").unwrap();
     let r = row(r#"{"text": "short"}"#);
     let err = t
         .encode(&r, "data/x.jsonl:3", &tok, &sp, 24, 2)
@@ -585,14 +532,8 @@ fn truncation_fails_when_literal_text_does_not_fit() {
         "{err}"
     );
     assert!(err.contains("20 soft, 2 special"), "{err}");
-    let err = t
-        .encode(&r, "data/x.jsonl:3", &tok, &sp, 4, 5)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.starts_with("data/x.jsonl:3: 5 tokens reserved"),
-        "{err}"
-    );
+    let err = t.encode(&r, "data/x.jsonl:3", &tok, &sp, 4, 5).unwrap_err().to_string();
+    assert!(err.starts_with("data/x.jsonl:3: 5 tokens reserved"), "{err}");
 }
 
 #[test]
@@ -612,20 +553,11 @@ fn whole_sentiment_dev_set_encodes_within_max_len() {
     for (origin, r) in ds.rows() {
         let e = t.encode(r, &origin, &tok, &sp, 40, 2).unwrap();
         assert!(e.len() <= 38, "{origin}: {} tokens", e.len());
-        assert_eq!(
-            e.tokens
-                .iter()
-                .filter(|t| matches!(t, Token::Soft(_)))
-                .count(),
-            10
-        );
+        assert_eq!(e.tokens.iter().filter(|t| matches!(t, Token::Soft(_))).count(), 10);
         assert_eq!(e.target_prefix, " ");
         truncated += e.truncated as usize;
         let label = t.target_text(r, &origin).unwrap();
-        assert!(
-            label == " positive" || label == " negative",
-            "{origin}: {label:?}"
-        );
+        assert!(label == " positive" || label == " negative", "{origin}: {label:?}");
     }
     assert!(truncated > 0 && truncated < 1000, "{truncated} truncated");
 }
@@ -641,9 +573,7 @@ fn reads_real_data_sets() {
         assert_eq!(ds.source, path);
         let first = &ds.records[0];
         assert_eq!(first.line, 1);
-        assert!(!field_text(&first.row, "text", &ds.origin(first))
-            .unwrap()
-            .is_empty());
+        assert!(!field_text(&first.row, "text", &ds.origin(first)).unwrap().is_empty());
     }
     for task in ["capital", "continent"] {
         let ds = read_jsonl(&data(&format!("facts-countries/{task}/train.jsonl"))).unwrap();
@@ -667,10 +597,7 @@ fn jsonl_errors_name_file_and_line() {
     let err = read_jsonl(&path).unwrap_err().to_string();
     assert_eq!(
         err,
-        format!(
-            "{}:2: expected a JSON object, found an array",
-            path.display()
-        )
+        format!("{}:2: expected a JSON object, found an array", path.display())
     );
     let path = scratch("string.jsonl", "\"text\"\n");
     let err = read_jsonl(&path).unwrap_err().to_string();
@@ -723,24 +650,15 @@ fn jsonl_lines_and_values() {
 #[test]
 fn field_text_errors_name_origin_and_field() {
     let r = row(r#"{"text": "a", "label": null, "tags": ["x"]}"#);
-    let err = field_text(&r, "title", "data/train.jsonl:17")
-        .unwrap_err()
-        .to_string();
+    let err = field_text(&r, "title", "data/train.jsonl:17").unwrap_err().to_string();
     // serde_json maps list keys sorted by name (unless its `preserve_order` feature is on).
     let listed = ["`label`, `tags`, `text`", "`text`, `label`, `tags`"]
         .map(|f| format!("data/train.jsonl:17: no field `title` (the row has fields {f})"));
     assert!(listed.contains(&err), "{err}");
-    let err = field_text(&r, "label", "data/train.jsonl:17")
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.starts_with("data/train.jsonl:17: field `label` is null"),
-        "{err}"
-    );
+    let err = field_text(&r, "label", "data/train.jsonl:17").unwrap_err().to_string();
+    assert!(err.starts_with("data/train.jsonl:17: field `label` is null"), "{err}");
     let err = field_text(&r, "tags", "f:2").unwrap_err().to_string();
     assert!(err.contains("field `tags` is an array"), "{err}");
-    let err = field_text(&Row::new(), "text", "f:1")
-        .unwrap_err()
-        .to_string();
+    let err = field_text(&Row::new(), "text", "f:1").unwrap_err().to_string();
     assert_eq!(err, "f:1: no field `text` (the row has no fields)");
 }

@@ -17,10 +17,8 @@ fn fixture_dir() -> PathBuf {
 
 fn load_cases(name: &str) -> Vec<Case> {
     let path = fixture_dir().join(name);
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    let v: serde_json::Value =
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let ids = |c: &serde_json::Value, key: &str| -> Vec<u32> {
         c[key]
             .as_array()
@@ -34,10 +32,7 @@ fn load_cases(name: &str) -> Vec<Case> {
         .unwrap_or_else(|| panic!("{}: no `cases` array", path.display()))
         .iter()
         .map(|c| Case {
-            text: c["text"]
-                .as_str()
-                .expect("case text is a string")
-                .to_string(),
+            text: c["text"].as_str().expect("case text is a string").to_string(),
             ids: ids(c, "ids"),
             ids_with_special: ids(c, "ids_with_special"),
         })
@@ -126,10 +121,7 @@ fn smollm2_special_tokens() {
     assert_eq!(tok.id_to_token(2).as_deref(), Some("<|im_end|>"));
     assert_eq!(tok.token_to_id("Ġthe"), Some(260));
     // The GGUF says add_bos_token = false: nothing is added.
-    assert_eq!(
-        tok.encode("hi", true).unwrap(),
-        tok.encode("hi", false).unwrap()
-    );
+    assert_eq!(tok.encode("hi", true).unwrap(), tok.encode("hi", false).unwrap());
     // Special tokens can be skipped when decoding.
     let ids = tok.encode("<|im_start|>user\nhi<|im_end|>", false).unwrap();
     assert_eq!(tok.decode(&ids, true).unwrap(), "user\nhi");
@@ -202,15 +194,13 @@ fn minilm_special_tokens() {
     assert_eq!(tok.encode(&long, false).unwrap().len(), 300);
     assert_eq!(tok.encode("hello", true).unwrap().len(), 3);
     assert_eq!(
-        tok.decode(&tok.encode("Hello, World!", true).unwrap(), true)
-            .unwrap(),
+        tok.decode(&tok.encode("Hello, World!", true).unwrap(), true).unwrap(),
         "hello, world!"
     );
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("softprompt-tokenizer-test-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("softprompt-tokenizer-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir.join(name)
 }
@@ -289,9 +279,7 @@ fn gguf_with_unknown_tokenizer_model_is_an_error() {
     let gguf = GgufFile::open(&path).unwrap();
     let err = format!(
         "{:#}",
-        TextTokenizer::from_gguf(&gguf)
-            .err()
-            .expect("unknown model must fail")
+        TextTokenizer::from_gguf(&gguf).err().expect("unknown model must fail")
     );
     assert!(err.contains("rwkv"), "{err}");
     assert!(err.contains(&path.display().to_string()), "{err}");
@@ -306,10 +294,7 @@ fn gguf_with_unknown_pre_tokenizer_or_bad_ids_is_an_error() {
                 "tokenizer.ggml.pre",
                 Val::Str(if pre.is_empty() { "gpt2" } else { pre }),
             ),
-            (
-                "tokenizer.ggml.tokens",
-                Val::StrArray(&["a", "b", "ab", "<|end|>"]),
-            ),
+            ("tokenizer.ggml.tokens", Val::StrArray(&["a", "b", "ab", "<|end|>"])),
             ("tokenizer.ggml.token_type", Val::I32Array(&[1, 1, 1, 3])),
             ("tokenizer.ggml.merges", Val::StrArray(&["a b"])),
             ("tokenizer.ggml.bos_token_id", Val::U32(bos)),
@@ -319,9 +304,7 @@ fn gguf_with_unknown_pre_tokenizer_or_bad_ids_is_an_error() {
     let path = write_gguf("unknown-pre.gguf", &base("martian", 3));
     let err = format!(
         "{:#}",
-        TextTokenizer::from_gguf(&GgufFile::open(&path).unwrap())
-            .err()
-            .unwrap()
+        TextTokenizer::from_gguf(&GgufFile::open(&path).unwrap()).err().unwrap()
     );
     assert!(
         err.contains("martian") && err.contains(&path.display().to_string()),
@@ -331,9 +314,7 @@ fn gguf_with_unknown_pre_tokenizer_or_bad_ids_is_an_error() {
     let path = write_gguf("bad-bos.gguf", &base("", 99));
     let err = format!(
         "{:#}",
-        TextTokenizer::from_gguf(&GgufFile::open(&path).unwrap())
-            .err()
-            .unwrap()
+        TextTokenizer::from_gguf(&GgufFile::open(&path).unwrap()).err().unwrap()
     );
     assert!(
         err.contains("bos_token_id") && err.contains(&path.display().to_string()),
@@ -352,20 +333,13 @@ fn gguf_with_unknown_pre_tokenizer_or_bad_ids_is_an_error() {
 fn tokenizer_json_that_is_not_json_is_an_error_naming_the_file() {
     let path = scratch("tokenizer.json");
     std::fs::write(&path, "this is { not json").unwrap();
-    let err = format!(
-        "{:#}",
-        TextTokenizer::from_json_file(&path)
-            .err()
-            .expect("must fail")
-    );
+    let err = format!("{:#}", TextTokenizer::from_json_file(&path).err().expect("must fail"));
     assert!(err.contains(&path.display().to_string()), "{err}");
 
     let missing = scratch("no-such-dir/tokenizer.json");
     let err = format!(
         "{:#}",
-        TextTokenizer::from_json_file(&missing)
-            .err()
-            .expect("must fail")
+        TextTokenizer::from_json_file(&missing).err().expect("must fail")
     );
     assert!(err.contains(&missing.display().to_string()), "{err}");
 }

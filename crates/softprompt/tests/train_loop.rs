@@ -43,22 +43,48 @@ fn adapter_bytes(dir: &std::path::Path) -> Vec<u8> {
 #[test]
 fn same_seed_gives_bit_identical_runs() {
     let a = tiny("same-a");
-    let b = TrainConfig { output: scratch("same-b"), ..a.clone() };
+    let b = TrainConfig {
+        output: scratch("same-b"),
+        ..a.clone()
+    };
     train::train(&a, &mut Quiet).unwrap();
     train::train(&b, &mut Quiet).unwrap();
     assert_eq!(adapter_bytes(&a.output), adapter_bytes(&b.output));
-    let c = TrainConfig { output: scratch("same-c"), seed: 7, ..a.clone() };
+    let c = TrainConfig {
+        output: scratch("same-c"),
+        seed: 7,
+        ..a.clone()
+    };
     train::train(&c, &mut Quiet).unwrap();
-    assert_ne!(adapter_bytes(&a.output), adapter_bytes(&c.output), "another seed should differ");
+    assert_ne!(
+        adapter_bytes(&a.output),
+        adapter_bytes(&c.output),
+        "another seed should differ"
+    );
 }
 
 fn resume_equals_uninterrupted(method: Method) {
-    let full = TrainConfig { method, encoder: EncoderKind::Mlp, encoder_hidden: 16, ..tiny(&format!("full-{method:?}")) };
+    let full = TrainConfig {
+        method,
+        encoder: EncoderKind::Mlp,
+        encoder_hidden: 16,
+        ..tiny(&format!("full-{method:?}"))
+    };
     train::train(&full, &mut Quiet).unwrap();
     // Interrupted after 2 steps (the checkpoint is written at each evaluation), then resumed.
-    let part = TrainConfig { steps: Some(2), output: scratch(&format!("part-{method:?}")), ..full.clone() };
+    let part = TrainConfig {
+        steps: Some(2),
+        output: scratch(&format!("part-{method:?}")),
+        ..full.clone()
+    };
     train::train(&part, &mut Quiet).unwrap();
-    let resumed = TrainConfig { resume: true, ..TrainConfig { output: part.output.clone(), ..full.clone() } };
+    let resumed = TrainConfig {
+        resume: true,
+        ..TrainConfig {
+            output: part.output.clone(),
+            ..full.clone()
+        }
+    };
     let report = train::train(&resumed, &mut Quiet).unwrap();
     assert_eq!(report.steps, 4);
     let a = read_safetensors(&full.output.join("checkpoint-last/state.safetensors")).unwrap();
@@ -94,7 +120,14 @@ fn training_lowers_the_loss_and_writes_every_file() {
         .collect();
     let f = dir.join("four.jsonl");
     std::fs::write(&f, rows.join("\n")).unwrap();
-    let cfg = TrainConfig { train: f, batch: 4, steps: Some(20), lr: 0.1, eval_every: 10, ..tiny("lower") };
+    let cfg = TrainConfig {
+        train: f,
+        batch: 4,
+        steps: Some(20),
+        lr: 0.1,
+        eval_every: 10,
+        ..tiny("lower")
+    };
     let report = train::train(&cfg, &mut Quiet).unwrap();
     let metrics = std::fs::read_to_string(cfg.output.join("metrics.jsonl")).unwrap();
     let losses: Vec<f64> = metrics
@@ -103,8 +136,18 @@ fn training_lowers_the_loss_and_writes_every_file() {
         .collect();
     assert_eq!(losses.len(), 20);
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    assert!(mean(&losses[17..]) < 0.75 * mean(&losses[..3]), "loss did not fall: {losses:?}");
-    for f in ["adapter_config.json", "adapter_model.safetensors", "softprompt.json", "softprompt_prompt.safetensors", "training.png", "checkpoint-last/state.json"] {
+    assert!(
+        mean(&losses[17..]) < 0.75 * mean(&losses[..3]),
+        "loss did not fall: {losses:?}"
+    );
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "softprompt.json",
+        "softprompt_prompt.safetensors",
+        "training.png",
+        "checkpoint-last/state.json",
+    ] {
         assert!(cfg.output.join(f).is_file(), "{f} missing");
     }
     assert!(report.best_dev.is_some());
@@ -113,7 +156,12 @@ fn training_lowers_the_loss_and_writes_every_file() {
 }
 
 fn train_err(cfg: &TrainConfig) -> String {
-    format!("{:#}", train::train(cfg, &mut Quiet).err().expect("training should fail"))
+    format!(
+        "{:#}",
+        train::train(cfg, &mut Quiet)
+            .map(|_| ())
+            .expect_err("training should fail")
+    )
 }
 
 #[test]
@@ -121,8 +169,16 @@ fn row_missing_a_template_field_names_file_and_line() {
     let dir = scratch("missing-field");
     std::fs::create_dir_all(&dir).unwrap();
     let f = dir.join("rows.jsonl");
-    std::fs::write(&f, "{\"text\": \"a\", \"target\": \"b\"}\n{\"txt\": \"c\", \"target\": \"d\"}\n").unwrap();
-    let e = train_err(&TrainConfig { train: f, dev: None, ..tiny("missing-field-out") });
+    std::fs::write(
+        &f,
+        "{\"text\": \"a\", \"target\": \"b\"}\n{\"txt\": \"c\", \"target\": \"d\"}\n",
+    )
+    .unwrap();
+    let e = train_err(&TrainConfig {
+        train: f,
+        dev: None,
+        ..tiny("missing-field-out")
+    });
     assert!(e.contains("rows.jsonl:2") && e.contains("`text`"), "{e}");
 }
 
@@ -132,10 +188,16 @@ fn empty_and_malformed_data_sets_are_refused() {
     std::fs::create_dir_all(&dir).unwrap();
     let f = dir.join("empty.jsonl");
     std::fs::write(&f, "\n\n").unwrap();
-    let e = train_err(&TrainConfig { train: f.clone(), ..tiny("empty-out") });
+    let e = train_err(&TrainConfig {
+        train: f.clone(),
+        ..tiny("empty-out")
+    });
     assert!(e.contains("empty.jsonl") && e.contains("empty"), "{e}");
     std::fs::write(&f, "{\"text\": \"a\", \"target\": \"b\"}\n{oops\n").unwrap();
-    let e = train_err(&TrainConfig { train: f, ..tiny("malformed-out") });
+    let e = train_err(&TrainConfig {
+        train: f,
+        ..tiny("malformed-out")
+    });
     assert!(e.contains("empty.jsonl:2") && e.contains("invalid JSON"), "{e}");
 }
 
@@ -161,7 +223,10 @@ fn unwritable_output_dir_is_refused_before_training() {
     let blocker = dir.join("file");
     std::fs::write(&blocker, "x").unwrap();
     // A path below a regular file can never be created, even by root.
-    let e = train_err(&TrainConfig { output: blocker.join("out"), ..tiny("unused") });
+    let e = train_err(&TrainConfig {
+        output: blocker.join("out"),
+        ..tiny("unused")
+    });
     assert!(e.contains("cannot be created"), "{e}");
 }
 
@@ -185,7 +250,16 @@ fn long_inputs_are_truncated_and_counted() {
 fn diverging_training_stops_and_keeps_the_last_good_checkpoint() {
     // Step 1 has learning rate 0 (warm-up) and is checkpointed; the huge rate with weight decay
     // then overflows the parameters to inf/NaN within two steps.
-    let cfg = TrainConfig { lr: 1e38, weight_decay: 1.0, warmup: 1, clip: 0.0, steps: Some(6), eval_every: 1, dev_rows: Some(1), ..tiny("nan") };
+    let cfg = TrainConfig {
+        lr: 1e38,
+        weight_decay: 1.0,
+        warmup: 1,
+        clip: 0.0,
+        steps: Some(6),
+        eval_every: 1,
+        dev_rows: Some(1),
+        ..tiny("nan")
+    };
     let e = train_err(&cfg);
     assert!(e.contains("last good checkpoint") && e.contains("non-finite"), "{e}");
     let state = read_safetensors(&cfg.output.join("checkpoint-last/state.safetensors")).unwrap();

@@ -85,17 +85,29 @@ impl Bert {
         let eps = f.f64_or("layer_norm_eps", 1e-12)?;
         let act = f.str_or("hidden_act", "gelu")?;
         if act != "gelu" {
-            bail!("{}: hidden_act `{act}` is not supported (supported: gelu)", dir.join("config.json").display());
+            bail!(
+                "{}: hidden_act `{act}` is not supported (supported: gelu)",
+                dir.join("config.json").display()
+            );
         }
         if heads == 0 || d % heads != 0 {
-            bail!("{}: hidden_size {d} is not divisible by num_attention_heads {heads}", dir.join("config.json").display());
+            bail!(
+                "{}: hidden_size {d} is not divisible by num_attention_heads {heads}",
+                dir.join("config.json").display()
+            );
         }
-        let prefix = if w.contains("bert.embeddings.word_embeddings.weight") { "bert." } else { "" };
+        let prefix = if w.contains("bert.embeddings.word_embeddings.weight") {
+            "bert."
+        } else {
+            ""
+        };
         let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
             let full = format!("{prefix}{name}");
             if !w.contains(&full) {
                 // Older checkpoints name LayerNorm parameters gamma/beta.
-                let old = full.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta");
+                let old = full
+                    .replace("LayerNorm.weight", "LayerNorm.gamma")
+                    .replace("LayerNorm.bias", "LayerNorm.beta");
                 if w.contains(&old) {
                     return w.tensor_shaped(&old, shape, device);
                 }
@@ -103,10 +115,16 @@ impl Bert {
             w.tensor_shaped(&full, shape, device)
         };
         let dense = |name: &str, o: usize, i: usize| -> Result<Dense> {
-            Ok(Dense { w: get(&format!("{name}.weight"), &[o, i])?, b: get(&format!("{name}.bias"), &[o])? })
+            Ok(Dense {
+                w: get(&format!("{name}.weight"), &[o, i])?,
+                b: get(&format!("{name}.bias"), &[o])?,
+            })
         };
         let norm = |name: &str| -> Result<Norm> {
-            Ok(Norm { g: get(&format!("{name}.weight"), &[d])?, b: get(&format!("{name}.bias"), &[d])? })
+            Ok(Norm {
+                g: get(&format!("{name}.weight"), &[d])?,
+                b: get(&format!("{name}.bias"), &[d])?,
+            })
         };
         let mut layers = Vec::with_capacity(n_layers);
         for l in 0..n_layers {
@@ -157,7 +175,13 @@ impl Bert {
         })
     }
 
-    fn layer_forward(&self, layer: &Layer, x: &Tensor, bias: &Tensor, keep: bool) -> Result<(Tensor, Option<LayerTape>)> {
+    fn layer_forward(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        bias: &Tensor,
+        keep: bool,
+    ) -> Result<(Tensor, Option<LayerTape>)> {
         let (b, t, d) = x.dims3()?;
         let (h, hd) = (self.info.heads, self.info.head_dim());
         let heads = |y: Tensor| -> Result<Tensor> { Ok(y.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?) };
@@ -182,7 +206,12 @@ impl Bert {
         let dz = ops::gelu_erf_backward(&tape.z, &layer.out.backward(&dr2)?)?;
         let dx1 = (&dr2 + layer.inner.backward(&dz)?)?;
         let dr1 = ops::layer_norm_backward(&tape.r1, &layer.attn_norm.g, self.eps, &dx1)?;
-        let da = layer.o.backward(&dr1)?.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?;
+        let da = layer
+            .o
+            .backward(&dr1)?
+            .reshape((b, t, h, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
         let (dq, dk, dv) = ops::attention_backward(&tape.attn, &da)?;
         let flat = |y: Tensor| -> Result<Tensor> { Ok(y.transpose(1, 2)?.reshape((b, t, d))?) };
         let dx = ((layer.q.backward(&flat(dq)?)? + layer.k.backward(&flat(dk)?)?)? + layer.v.backward(&flat(dv)?)?)?;
@@ -192,14 +221,28 @@ impl Bert {
     fn run(&self, input: &BackboneInput, keep: bool) -> Result<(Tensor, Option<BertTape>)> {
         let (b, t, d) = input.embeds.dims3()?;
         if d != self.info.hidden {
-            bail!("input embeddings have width {d}, the model's hidden size is {}", self.info.hidden);
+            bail!(
+                "input embeddings have width {d}, the model's hidden size is {}",
+                self.info.hidden
+            );
         }
         if t > self.info.max_positions {
-            bail!("sequence of {t} positions exceeds the model's {} positions", self.info.max_positions);
+            bail!(
+                "sequence of {t} positions exceeds the model's {} positions",
+                self.info.max_positions
+            );
         }
         let types = match input.token_types {
-            Some(tt) => self.token_type.index_select(&tt.flatten_all()?, 0)?.reshape((b, t, d))?,
-            None => self.token_type.get(0)?.reshape((1, 1, d))?.broadcast_as((b, t, d))?.contiguous()?,
+            Some(tt) => self
+                .token_type
+                .index_select(&tt.flatten_all()?, 0)?
+                .reshape((b, t, d))?,
+            None => self
+                .token_type
+                .get(0)?
+                .reshape((1, 1, d))?
+                .broadcast_as((b, t, d))?
+                .contiguous()?,
         };
         let pos = self.position.narrow(0, 0, t)?.unsqueeze(0)?;
         let e = input.embeds.broadcast_add(&pos)?.add(&types)?;
@@ -215,9 +258,12 @@ impl Bert {
     }
 
     fn pooler(&self) -> Result<&Dense> {
-        self.pooler
-            .as_ref()
-            .with_context(|| format!("{}: this BERT checkpoint has no pooler weights", self.info.source.display()))
+        self.pooler.as_ref().with_context(|| {
+            format!(
+                "{}: this BERT checkpoint has no pooler weights",
+                self.info.source.display()
+            )
+        })
     }
 }
 
@@ -236,7 +282,10 @@ impl Backbone for Bert {
         Ok((h, Tape(Box::new(tape.expect("keep=true yields a tape")))))
     }
     fn backward(&self, tape: &Tape, d_hidden: &Tensor) -> Result<Tensor> {
-        let tape = tape.0.downcast_ref::<BertTape>().context("tape was not made by a BERT model")?;
+        let tape = tape
+            .0
+            .downcast_ref::<BertTape>()
+            .context("tape was not made by a BERT model")?;
         let mut dx = d_hidden.clone();
         for (layer, lt) in self.layers.iter().zip(&tape.layers).rev() {
             dx = self.layer_backward(layer, lt, &dx)?;

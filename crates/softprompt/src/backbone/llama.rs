@@ -45,7 +45,11 @@ impl LlamaConfig {
         self.hidden / self.heads
     }
     fn validate(&self, source: &Path) -> Result<()> {
-        if self.heads == 0 || self.kv_heads == 0 || self.hidden % self.heads != 0 || self.heads % self.kv_heads != 0 {
+        if self.heads == 0
+            || self.kv_heads == 0
+            || !self.hidden.is_multiple_of(self.heads)
+            || !self.heads.is_multiple_of(self.kv_heads)
+        {
             bail!(
                 "{}: inconsistent attention shape (hidden {}, heads {}, kv heads {})",
                 source.display(),
@@ -152,8 +156,7 @@ fn hf_name(p: P, l: usize) -> String {
 fn unpermute_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
     let (rows, cols) = w.dims2()?;
     let hd = rows / heads;
-    Ok(w
-        .reshape((heads, hd / 2, 2, cols))?
+    Ok(w.reshape((heads, hd / 2, 2, cols))?
         .transpose(1, 2)?
         .contiguous()?
         .reshape((rows, cols))?)
@@ -204,7 +207,12 @@ impl Llama {
     }
 
     /// Loads a Hugging Face directory (`config.json` + safetensors).
-    pub fn from_hf(dir: &Path, config: &serde_json::Value, weights: &dyn WeightSource, device: &Device) -> Result<Self> {
+    pub fn from_hf(
+        dir: &Path,
+        config: &serde_json::Value,
+        weights: &dyn WeightSource,
+        device: &Device,
+    ) -> Result<Self> {
         let f = ConfigFields::new(dir, config);
         let heads = f.usize("num_attention_heads")?;
         let cfg = LlamaConfig {
@@ -277,7 +285,13 @@ impl Llama {
         let per_layer = 2 * d + 2 * d * d + 2 * kvd * d + 3 * d * i;
         let biases: usize = layers
             .iter()
-            .map(|l| [&l.bq, &l.bk, &l.bv].iter().filter_map(|b| b.as_ref()).map(|b| b.elem_count()).sum::<usize>())
+            .map(|l| {
+                [&l.bq, &l.bk, &l.bv]
+                    .iter()
+                    .filter_map(|b| b.as_ref())
+                    .map(|b| b.elem_count())
+                    .sum::<usize>()
+            })
             .sum();
         let params = cfg.vocab * d * if tied { 1 } else { 2 } + d + cfg.layers * per_layer + biases;
         let (cos, sin) = rope_tables(&cfg, embed.dtype(), device)?;
@@ -295,7 +309,16 @@ impl Llama {
             params,
             dtypes_on_disk: w.dtype_counts(),
         };
-        Ok(Self { info, cfg, embed, layers, norm, lm_head, cos, sin })
+        Ok(Self {
+            info,
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+        })
     }
 
     /// Hyper-parameters.
@@ -354,10 +377,13 @@ impl Llama {
         let up = ops::linear(&n2, &layer.w_up, None)?;
         let m = (gate.silu()? * &up)?;
         let out = (&x2 + ops::linear(&m, &layer.w_down, None)?)?;
-        let tape = match saved {
-            Some(attn) => Some(LayerTape { x: x.clone(), x2, gate, up, attn }),
-            None => None,
-        };
+        let tape = saved.map(|attn| LayerTape {
+            x: x.clone(),
+            x2,
+            gate,
+            up,
+            attn,
+        });
         Ok((out, tape, (k, v)))
     }
 
@@ -382,21 +408,35 @@ impl Llama {
         // attention
         let da = packing.unpack(&ops::linear_backward(&dx2, &layer.wo)?)?;
         let (b, t, _) = da.dims3()?;
-        let da = da.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?.reshape((b, hkv, (h / hkv) * t, hd))?;
+        let da = da
+            .reshape((b, t, h, hd))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, hkv, (h / hkv) * t, hd))?;
         let (dq, dk, dv) = ops::attention_backward(&tape.attn, &da)?;
         let neg_sin = sin.neg()?;
         let dq = candle_nn::rotary_emb::rope(&dq.reshape((b, h, t, hd))?.contiguous()?, cos, &neg_sin)?;
         let dk = candle_nn::rotary_emb::rope(&dk.contiguous()?, cos, &neg_sin)?;
-        let flat = |y: Tensor, n: usize| -> Result<Tensor> { Ok(packing.pack(&y.transpose(1, 2)?.reshape((b, t, n * hd))?)?) };
-        let dn1 = ((ops::linear_backward(&flat(dq, h)?, &layer.wq)? + ops::linear_backward(&flat(dk, hkv)?, &layer.wk)?)?
+        let flat =
+            |y: Tensor, n: usize| -> Result<Tensor> { Ok(packing.pack(&y.transpose(1, 2)?.reshape((b, t, n * hd))?)?) };
+        let dn1 = ((ops::linear_backward(&flat(dq, h)?, &layer.wq)?
+            + ops::linear_backward(&flat(dk, hkv)?, &layer.wk)?)?
             + ops::linear_backward(&flat(dv, hkv)?, &layer.wv)?)?;
         Ok((dx2 + ops::rms_norm_backward(&tape.x, &layer.attn_norm, eps, &dn1)?)?)
     }
 
-    fn run(&self, input: &BackboneInput, keep: bool, cache: Option<&mut KvCache>) -> Result<(Tensor, Option<LlamaTape>)> {
+    fn run(
+        &self,
+        input: &BackboneInput,
+        keep: bool,
+        cache: Option<&mut KvCache>,
+    ) -> Result<(Tensor, Option<LlamaTape>)> {
         let (_, t, d) = input.embeds.dims3()?;
         if d != self.cfg.hidden {
-            bail!("input embeddings have width {d}, the model's hidden size is {}", self.cfg.hidden);
+            bail!(
+                "input embeddings have width {d}, the model's hidden size is {}",
+                self.cfg.hidden
+            );
         }
         let mask = input.mask.to_dtype(candle_core::DType::F32)?;
         let past_len = cache.as_ref().map_or(0, |c| c.len());
@@ -422,7 +462,13 @@ impl Llama {
             c.layers = new_kv;
             c.mask = Some(key_mask);
         }
-        let tape = keep.then_some(LlamaTape { layers: tapes, last: x, cos, sin, packing });
+        let tape = keep.then_some(LlamaTape {
+            layers: tapes,
+            last: x,
+            cos,
+            sin,
+            packing,
+        });
         Ok((hidden, tape))
     }
 }
@@ -457,7 +503,10 @@ impl Backbone for Llama {
         Ok((h, Tape(Box::new(tape.expect("keep=true yields a tape")))))
     }
     fn backward(&self, tape: &Tape, d_hidden: &Tensor) -> Result<Tensor> {
-        let tape = tape.0.downcast_ref::<LlamaTape>().context("tape was not made by a Llama model")?;
+        let tape = tape
+            .0
+            .downcast_ref::<LlamaTape>()
+            .context("tape was not made by a Llama model")?;
         let d_packed = tape.packing.pack(d_hidden)?;
         let mut dx = ops::rms_norm_backward(&tape.last, &self.norm, self.cfg.eps, &d_packed)?;
         for (layer, lt) in self.layers.iter().zip(&tape.layers).rev() {

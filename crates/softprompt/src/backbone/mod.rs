@@ -232,7 +232,10 @@ pub struct ConfigFields<'a> {
 impl<'a> ConfigFields<'a> {
     /// Wraps the parsed `config.json` of `dir`.
     pub fn new(dir: &Path, value: &'a serde_json::Value) -> Self {
-        Self { path: dir.join("config.json"), value }
+        Self {
+            path: dir.join("config.json"),
+            value,
+        }
     }
     /// A required unsigned integer field.
     pub fn usize(&self, field: &str) -> Result<usize> {
@@ -243,10 +246,12 @@ impl<'a> ConfigFields<'a> {
     pub fn opt_usize(&self, field: &str) -> Result<Option<usize>> {
         match self.value.get(field) {
             None | Some(serde_json::Value::Null) => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(|n| Some(n as usize))
-                .with_context(|| format!("{}: field `{field}` should be an unsigned integer, found {v}", self.path.display())),
+            Some(v) => v.as_u64().map(|n| Some(n as usize)).with_context(|| {
+                format!(
+                    "{}: field `{field}` should be an unsigned integer, found {v}",
+                    self.path.display()
+                )
+            }),
         }
     }
     /// A float field with a default.
@@ -262,9 +267,12 @@ impl<'a> ConfigFields<'a> {
     pub fn bool_or(&self, field: &str, default: bool) -> Result<bool> {
         match self.value.get(field) {
             None | Some(serde_json::Value::Null) => Ok(default),
-            Some(v) => v
-                .as_bool()
-                .with_context(|| format!("{}: field `{field}` should be true or false, found {v}", self.path.display())),
+            Some(v) => v.as_bool().with_context(|| {
+                format!(
+                    "{}: field `{field}` should be true or false, found {v}",
+                    self.path.display()
+                )
+            }),
         }
     }
     /// A string field with a default.

@@ -190,7 +190,13 @@ impl Packing {
         let real: Vec<u32> = (0..b * t).filter(|&i| m[i] != 0.0).map(|i| i as u32).collect();
         let n = real.len();
         if n == b * t {
-            return Ok(Self { b, t, n, pack: None, unpack: None });
+            return Ok(Self {
+                b,
+                t,
+                n,
+                pack: None,
+                unpack: None,
+            });
         }
         let mut unpack = vec![n as u32; b * t];
         for (j, &i) in real.iter().enumerate() {

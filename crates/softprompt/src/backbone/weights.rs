@@ -81,7 +81,11 @@ impl SafetensorsWeights {
         // SAFETY: the files are opened read-only and softprompt never writes model files.
         let inner = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
             .map_err(|e| anyhow!("{}: cannot read safetensors: {e}", dir.display()))?;
-        Ok(Self { dir: dir.to_path_buf(), inner, files })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            inner,
+            files,
+        })
     }
 }
 

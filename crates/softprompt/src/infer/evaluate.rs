@@ -56,7 +56,12 @@ pub struct Scorer<'a> {
 impl Scorer<'_> {
     /// Scores `examples` in batches of `batch_size`; `exact_match` adds greedy generation.
     pub fn evaluate(&self, examples: &[Example], batch_size: usize, exact_match: bool) -> Result<EvalResult> {
-        let prefix = self.task.template.target().map(|t| t.prefix.clone()).unwrap_or_default();
+        let prefix = self
+            .task
+            .template
+            .target()
+            .map(|t| t.prefix.clone())
+            .unwrap_or_default();
         let candidates = self.task.candidate_ids(self.tokenizer, &prefix)?;
         let single_token = candidates.iter().all(|c| c.len() == 1);
         let mut predictions = Vec::with_capacity(examples.len());
@@ -65,10 +70,17 @@ impl Scorer<'_> {
             let scores = match self.task.kind {
                 TaskKind::SeqCls => self.head_scores(&refs)?,
                 _ if single_token => self.first_token_scores(&refs, &candidates)?,
-                _ => refs.iter().map(|e| self.candidate_scores(e, &candidates)).collect::<Result<_>>()?,
+                _ => refs
+                    .iter()
+                    .map(|e| self.candidate_scores(e, &candidates))
+                    .collect::<Result<_>>()?,
             };
             for (e, s) in chunk.iter().zip(scores) {
-                let generated = if exact_match { Some(self.generate(e, &candidates)?) } else { None };
+                let generated = if exact_match {
+                    Some(self.generate(e, &candidates)?)
+                } else {
+                    None
+                };
                 predictions.push(Prediction {
                     origin: e.origin.clone(),
                     predicted: self.task.labels[argmax(&s)].clone(),
@@ -81,22 +93,36 @@ impl Scorer<'_> {
         let n = predictions.len();
         let correct = predictions.iter().filter(|p| p.predicted == p.gold).count();
         let exact = exact_match.then(|| {
-            let hits = predictions.iter().filter(|p| p.generated.as_deref().is_some_and(|g| matches_exactly(g, &p.gold))).count();
+            let hits = predictions
+                .iter()
+                .filter(|p| p.generated.as_deref().is_some_and(|g| matches_exactly(g, &p.gold)))
+                .count();
             hits as f64 / n.max(1) as f64
         });
-        Ok(EvalResult { n, accuracy: correct as f64 / n.max(1) as f64, exact_match: exact, predictions })
+        Ok(EvalResult {
+            n,
+            accuracy: correct as f64 / n.max(1) as f64,
+            exact_match: exact,
+            predictions,
+        })
     }
 
     fn hidden(&self, refs: &[&Example]) -> Result<(Tensor, crate::task::Batch)> {
         let device = self.backbone.embedding_table().device();
         let batch = make_batch(refs, false, device)?;
         let embeds = splice_embeddings(self.backbone, &batch, self.prompt)?;
-        let hidden = self.backbone.forward(&BackboneInput { embeds: &embeds, mask: &batch.mask, token_types: None })?;
+        let hidden = self.backbone.forward(&BackboneInput {
+            embeds: &embeds,
+            mask: &batch.mask,
+            token_types: None,
+        })?;
         Ok((hidden, batch))
     }
 
     fn head_scores(&self, refs: &[&Example]) -> Result<Vec<Vec<f32>>> {
-        let head = self.head.ok_or_else(|| anyhow::anyhow!("sequence classification needs a classifier head"))?;
+        let head = self
+            .head
+            .ok_or_else(|| anyhow::anyhow!("sequence classification needs a classifier head"))?;
         let (hidden, _) = self.hidden(refs)?;
         Ok(head.logits(self.backbone, &hidden)?.to_vec2()?)
     }
@@ -105,7 +131,12 @@ impl Scorer<'_> {
     /// prompt position only.
     fn first_token_scores(&self, refs: &[&Example], candidates: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
         let (hidden, batch) = self.hidden(refs)?;
-        let rows: Vec<Tensor> = batch.last_prompt.iter().enumerate().map(|(r, &p)| hidden.i((r, p))).collect::<candle_core::Result<_>>()?;
+        let rows: Vec<Tensor> = batch
+            .last_prompt
+            .iter()
+            .enumerate()
+            .map(|(r, &p)| hidden.i((r, p)))
+            .collect::<candle_core::Result<_>>()?;
         let rows = Tensor::stack(&rows, 0)?;
         let lp = candle_nn::ops::log_softmax(&lm_logits(self.backbone, &rows)?, D::Minus1)?;
         let ids: Vec<u32> = candidates.iter().map(|c| c[0]).collect();
@@ -135,5 +166,6 @@ impl Scorer<'_> {
 /// character (if any) does not continue a word.
 pub fn matches_exactly(generated: &str, gold: &str) -> bool {
     let g = generated.trim_start();
-    g.strip_prefix(gold.trim()).is_some_and(|rest| !rest.starts_with(|c: char| c.is_alphanumeric()))
+    g.strip_prefix(gold.trim())
+        .is_some_and(|rest| !rest.starts_with(|c: char| c.is_alphanumeric()))
 }

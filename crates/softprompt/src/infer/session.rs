@@ -60,14 +60,26 @@ pub fn open(model: &LoadedModel, adapter_dir: Option<&Path>, opts: &TaskOptions,
                 labels = tf.labels;
             }
             if opts.task.is_none() {
-                opts.task = Some(if a.config.task_type == Some(TaskType::SeqCls) { TaskKind::SeqCls } else { TaskKind::Classify });
+                opts.task = Some(if a.config.task_type == Some(TaskType::SeqCls) {
+                    TaskKind::SeqCls
+                } else {
+                    TaskKind::Classify
+                });
             }
             let prompt = a.input_prompt()?.clone();
             let head = a
                 .classifier()
-                .map(|(w, b)| -> Result<ClassifierHead> { Ok(ClassifierHead { weight: Var::from_tensor(w)?, bias: Var::from_tensor(b)? }) })
+                .map(|(w, b)| -> Result<ClassifierHead> {
+                    Ok(ClassifierHead {
+                        weight: Var::from_tensor(w)?,
+                        bias: Var::from_tensor(b)?,
+                    })
+                })
                 .transpose()?;
-            let src = opts.template.clone().context("this adapter has no softprompt.json; give the template with --template")?;
+            let src = opts
+                .template
+                .clone()
+                .context("this adapter has no softprompt.json; give the template with --template")?;
             let t = Template::parse(&src).context("template")?;
             if t.num_virtual_tokens() == 0 {
                 opts.template = Some(format!("[soft:{}]{src}", prompt.dim(0)?));
@@ -76,16 +88,27 @@ pub fn open(model: &LoadedModel, adapter_dir: Option<&Path>, opts: &TaskOptions,
         }
         None => (None, None),
     };
-    let kind = opts.task.unwrap_or(if info.arch.is_causal() { TaskKind::Classify } else { TaskKind::SeqCls });
+    let kind = opts.task.unwrap_or(if info.arch.is_causal() {
+        TaskKind::Classify
+    } else {
+        TaskKind::SeqCls
+    });
     if kind == TaskKind::SeqCls && head.is_none() {
         bail!("sequence classification needs an adapter with a classifier head (base_model.classifier.*)");
     }
     let target_field = opts.target_field.clone().unwrap_or_else(|| "label".into());
-    let src = opts.template.clone().context("give a template (--template) or an adapter (--adapter)")?;
+    let src = opts
+        .template
+        .clone()
+        .context("give a template (--template) or an adapter (--adapter)")?;
     let template = Template::parse(&src).context("template")?.with_target(&target_field)?;
     if let Some(p) = &prompt {
         if template.num_virtual_tokens() != p.dim(0)? {
-            bail!("the template has {} virtual tokens but the adapter's prompt has {}", template.num_virtual_tokens(), p.dim(0)?);
+            bail!(
+                "the template has {} virtual tokens but the adapter's prompt has {}",
+                template.num_virtual_tokens(),
+                p.dim(0)?
+            );
         }
     } else if template.num_virtual_tokens() > 0 {
         bail!("the template has [soft:..] tokens; give the adapter that learned them (--adapter)");

@@ -61,13 +61,7 @@ pub struct Linear {
 
 impl Linear {
     /// torch's default init: weight and bias uniform in `±1/sqrt(in)`.
-    fn new(
-        input: usize,
-        output: usize,
-        dtype: DType,
-        device: &Device,
-        rng: &mut StdRng,
-    ) -> Result<Self> {
+    fn new(input: usize, output: usize, dtype: DType, device: &Device, rng: &mut StdRng) -> Result<Self> {
         let bound = 1.0 / (input as f64).sqrt();
         Ok(Self {
             weight: var_uniform(rng, &[output, input], bound, dtype, device)?,
@@ -86,13 +80,7 @@ impl Linear {
     }
 }
 
-fn var_uniform(
-    rng: &mut StdRng,
-    shape: &[usize],
-    bound: f64,
-    dtype: DType,
-    device: &Device,
-) -> Result<Var> {
+fn var_uniform(rng: &mut StdRng, shape: &[usize], bound: f64, dtype: DType, device: &Device) -> Result<Var> {
     let n = shape.iter().product();
     let t = Tensor::from_vec(uniform(rng, n, -bound, bound), shape, &Device::Cpu)?
         .to_dtype(dtype)?
@@ -114,13 +102,7 @@ pub struct LstmDirection {
 }
 
 impl LstmDirection {
-    fn new(
-        input: usize,
-        hidden: usize,
-        dtype: DType,
-        device: &Device,
-        rng: &mut StdRng,
-    ) -> Result<Self> {
+    fn new(input: usize, hidden: usize, dtype: DType, device: &Device, rng: &mut StdRng) -> Result<Self> {
         let k = 1.0 / (hidden as f64).sqrt();
         Ok(Self {
             weight_ih: var_uniform(rng, &[4 * hidden, input], k, dtype, device)?,
@@ -136,9 +118,7 @@ impl LstmDirection {
         let p = x.dim(0)?;
         let w_hh_t = self.weight_hh.as_tensor().t()?;
         let bias = (self.bias_ih.as_tensor() + self.bias_hh.as_tensor())?;
-        let pre = x
-            .matmul(&self.weight_ih.as_tensor().t()?)?
-            .broadcast_add(&bias)?;
+        let pre = x.matmul(&self.weight_ih.as_tensor().t()?)?.broadcast_add(&bias)?;
         let mut outputs: Vec<Option<Tensor>> = vec![None; p];
         let mut state: Option<(Tensor, Tensor)> = None;
         for step in 0..p {
@@ -165,22 +145,10 @@ impl LstmDirection {
 
     fn push_vars(&self, layer: usize, suffix: &str, out: &mut Vec<(String, Var)>) {
         let p = "prompt_encoder.default.lstm_head";
-        out.push((
-            format!("{p}.weight_ih_l{layer}{suffix}"),
-            self.weight_ih.clone(),
-        ));
-        out.push((
-            format!("{p}.weight_hh_l{layer}{suffix}"),
-            self.weight_hh.clone(),
-        ));
-        out.push((
-            format!("{p}.bias_ih_l{layer}{suffix}"),
-            self.bias_ih.clone(),
-        ));
-        out.push((
-            format!("{p}.bias_hh_l{layer}{suffix}"),
-            self.bias_hh.clone(),
-        ));
+        out.push((format!("{p}.weight_ih_l{layer}{suffix}"), self.weight_ih.clone()));
+        out.push((format!("{p}.weight_hh_l{layer}{suffix}"), self.weight_hh.clone()));
+        out.push((format!("{p}.bias_ih_l{layer}{suffix}"), self.bias_ih.clone()));
+        out.push((format!("{p}.bias_hh_l{layer}{suffix}"), self.bias_hh.clone()));
     }
 }
 
@@ -212,13 +180,7 @@ pub enum PromptEncoder {
 
 impl PromptEncoder {
     /// Builds an encoder for token dimension `d` with torch's default initialisation.
-    pub fn new(
-        spec: &EncoderSpec,
-        d: usize,
-        dtype: DType,
-        device: &Device,
-        rng: &mut StdRng,
-    ) -> Result<Self> {
+    pub fn new(spec: &EncoderSpec, d: usize, dtype: DType, device: &Device, rng: &mut StdRng) -> Result<Self> {
         match *spec {
             EncoderSpec::Mlp { hidden } => {
                 if hidden == 0 {
@@ -336,10 +298,7 @@ impl PromptEncoder {
         match self {
             PromptEncoder::Mlp { layers } => {
                 for (i, layer) in layers.iter().enumerate() {
-                    layer.push_vars(
-                        &format!("prompt_encoder.default.mlp_head.{}", 2 * i),
-                        &mut out,
-                    );
+                    layer.push_vars(&format!("prompt_encoder.default.mlp_head.{}", 2 * i), &mut out);
                 }
             }
             PromptEncoder::Lstm { layers, head, .. } => {
@@ -348,10 +307,7 @@ impl PromptEncoder {
                     rev.push_vars(l, "_reverse", &mut out);
                 }
                 for (i, layer) in head.iter().enumerate() {
-                    layer.push_vars(
-                        &format!("prompt_encoder.default.mlp_head.{}", 2 * i),
-                        &mut out,
-                    );
+                    layer.push_vars(&format!("prompt_encoder.default.mlp_head.{}", 2 * i), &mut out);
                 }
             }
         }
@@ -363,13 +319,7 @@ fn apply_dropout(x: &Tensor, rate: f64, rng: &mut StdRng) -> Result<Tensor> {
     let keep = 1.0 - rate;
     let n = x.elem_count();
     let mask: Vec<f64> = (0..n)
-        .map(|_| {
-            if rng.random::<f64>() < keep {
-                1.0 / keep
-            } else {
-                0.0
-            }
-        })
+        .map(|_| if rng.random::<f64>() < keep { 1.0 / keep } else { 0.0 })
         .collect();
     let mask = Tensor::from_vec(mask, x.shape(), &Device::Cpu)
         .context("cannot build the dropout mask")?

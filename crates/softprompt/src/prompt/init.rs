@@ -103,15 +103,13 @@ impl<'a> InitSource<'a> {
     }
 
     fn table(&self, what: &str) -> Result<&'a Tensor> {
-        self.embedding_table.with_context(|| {
-            format!("the {what} prompt initialisation needs the model's embedding table")
-        })
+        self.embedding_table
+            .with_context(|| format!("the {what} prompt initialisation needs the model's embedding table"))
     }
 
     fn tok(&self, what: &str) -> Result<&'a TextTokenizer> {
-        self.tokenizer.with_context(|| {
-            format!("the {what} prompt initialisation needs the model's tokenizer")
-        })
+        self.tokenizer
+            .with_context(|| format!("the {what} prompt initialisation needs the model's tokenizer"))
     }
 }
 
@@ -175,8 +173,7 @@ pub fn initial_prompt(
             let ids = tok
                 .encode(text, true)
                 .context("cannot tokenize the prompt initialisation text")?;
-            let ids =
-                text_init_ids(&ids, p).context("the prompt initialisation text has no tokens")?;
+            let ids = text_init_ids(&ids, p).context("the prompt initialisation text has no tokens")?;
             check_ids(&ids, table.dim(0)?)?;
             rows(table, &ids)
         }
@@ -254,12 +251,8 @@ fn rows(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
 ///
 /// Returns at most `limit` ids below `vocab_rows`.
 pub fn common_token_ids(tokenizer: &TextTokenizer, vocab_rows: usize, limit: usize) -> Vec<u32> {
-    let special: std::collections::HashSet<u32> = tokenizer
-        .inner()
-        .get_added_tokens_decoder()
-        .keys()
-        .copied()
-        .collect();
+    let special: std::collections::HashSet<u32> =
+        tokenizer.inner().get_added_tokens_decoder().keys().copied().collect();
     let n = tokenizer.vocab_size().min(vocab_rows);
     let mut out = Vec::with_capacity(limit.min(n));
     for id in 0..n as u32 {
@@ -286,10 +279,7 @@ pub fn common_token_ids(tokenizer: &TextTokenizer, vocab_rows: usize, limit: usi
 
 fn is_reserved_spelling(tok: &str) -> bool {
     let bracketed = |open: char, close: char| {
-        tok.len() > 2
-            && tok.starts_with(open)
-            && tok.ends_with(close)
-            && !tok.contains(char::is_whitespace)
+        tok.len() > 2 && tok.starts_with(open) && tok.ends_with(close) && !tok.contains(char::is_whitespace)
     };
     bracketed('[', ']') || bracketed('<', '>')
 }
@@ -304,12 +294,11 @@ pub fn sample_vocab_ids(
     exclude: &[u32],
     rng: &mut StdRng,
 ) -> Result<Vec<u32>> {
-    let pool: Vec<u32> =
-        common_token_ids(tok, vocab_rows, VOCAB_SAMPLE_POOL.max(k) + exclude.len())
-            .into_iter()
-            .filter(|id| !exclude.contains(id))
-            .take(VOCAB_SAMPLE_POOL.max(k))
-            .collect();
+    let pool: Vec<u32> = common_token_ids(tok, vocab_rows, VOCAB_SAMPLE_POOL.max(k) + exclude.len())
+        .into_iter()
+        .filter(|id| !exclude.contains(id))
+        .take(VOCAB_SAMPLE_POOL.max(k))
+        .collect();
     if pool.len() < k {
         bail!(
             "cannot sample {k} distinct vocabulary tokens: the vocabulary has only {} ordinary tokens",

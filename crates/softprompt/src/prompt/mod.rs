@@ -22,8 +22,8 @@ use std::collections::HashMap;
 
 pub use encoder::{EncoderSpec, PromptEncoder};
 pub use init::{
-    common_token_ids, initial_prompt, sample_vocab_ids, seeded_rng, text_init_ids, InitSource,
-    PromptInit, VOCAB_SAMPLE_POOL,
+    common_token_ids, initial_prompt, sample_vocab_ids, seeded_rng, text_init_ids, InitSource, PromptInit,
+    VOCAB_SAMPLE_POOL,
 };
 
 /// PEFT's name of the prompt-tuning embedding (and of the saved prompt of every method).
@@ -149,15 +149,11 @@ impl SoftPrompt {
         let vars = self.vars();
         let mut values = Vec::with_capacity(vars.len());
         for (name, var) in &vars {
-            let t = tensors.get(name).with_context(|| {
-                format!("tensor `{name}` is missing (needed to restore the prompt)")
-            })?;
+            let t = tensors
+                .get(name)
+                .with_context(|| format!("tensor `{name}` is missing (needed to restore the prompt)"))?;
             if t.dims() != var.dims() {
-                bail!(
-                    "tensor `{name}` has shape {:?}, expected {:?}",
-                    t.dims(),
-                    var.dims()
-                );
+                bail!("tensor `{name}` has shape {:?}, expected {:?}", t.dims(), var.dims());
             }
             let t = t.to_dtype(var.dtype())?.to_device(var.device())?;
             values.push(t);

@@ -120,19 +120,36 @@ pub fn prepare(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<Prepared> {
     let model = backbone::load(&location, &Device::Cpu)?;
     let info = model.backbone.info();
     match (cfg.task, info.arch.is_causal()) {
-        (TaskKind::SeqCls, true) => bail!("task `seq-cls` needs an encoder model (e.g. minilm-l6); {} is causal", cfg.model),
+        (TaskKind::SeqCls, true) => bail!(
+            "task `seq-cls` needs an encoder model (e.g. minilm-l6); {} is causal",
+            cfg.model
+        ),
         (TaskKind::Classify | TaskKind::Generate, false) => {
-            bail!("task `{:?}` needs a causal language model; {} is an encoder (use task = \"seq-cls\")", cfg.task, cfg.model)
+            bail!(
+                "task `{:?}` needs a causal language model; {} is an encoder (use task = \"seq-cls\")",
+                cfg.task,
+                cfg.model
+            )
         }
         _ => {}
     }
     let train_set = read_set(&cfg.train, None)?;
     let dev_set = cfg.dev.as_deref().map(|p| read_set(p, cfg.dev_rows)).transpose()?;
     let test_set = cfg.test.as_deref().map(|p| read_set(p, cfg.test_rows)).transpose()?;
-    let all: Vec<&DataSet> = [Some(&train_set), dev_set.as_ref(), test_set.as_ref()].into_iter().flatten().collect();
+    let all: Vec<&DataSet> = [Some(&train_set), dev_set.as_ref(), test_set.as_ref()]
+        .into_iter()
+        .flatten()
+        .collect();
     let labels = Task::labels_from(&all, &cfg.target_field)?;
     let verbalizer: Vec<(String, String)> = cfg.verbalizer.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    let task = Task::new(cfg.task, run_template(cfg)?, labels, &verbalizer, &model.tokenizer, cfg.max_len)?;
+    let task = Task::new(
+        cfg.task,
+        run_template(cfg)?,
+        labels,
+        &verbalizer,
+        &model.tokenizer,
+        cfg.max_len,
+    )?;
     let encode = |ds: &DataSet| task.encode_set(ds, &model.tokenizer);
     let train = encode(&train_set)?;
     if train.truncated > 0 {
@@ -143,8 +160,18 @@ pub fn prepare(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<Prepared> {
             cfg.max_len
         ));
     }
-    let dev = dev_set.as_ref().map(encode).transpose()?.map(|s| s.examples).unwrap_or_default();
-    let test = test_set.as_ref().map(encode).transpose()?.map(|s| s.examples).unwrap_or_default();
+    let dev = dev_set
+        .as_ref()
+        .map(encode)
+        .transpose()?
+        .map(|s| s.examples)
+        .unwrap_or_default();
+    let test = test_set
+        .as_ref()
+        .map(encode)
+        .transpose()?
+        .map(|s| s.examples)
+        .unwrap_or_default();
     Ok(Prepared {
         cfg: cfg.clone(),
         model,
@@ -169,14 +196,29 @@ fn check_output_dir(dir: &Path) -> Result<()> {
 /// Scores a hand-written template (no virtual tokens) on the prepared test set.
 pub fn evaluate_baseline(p: &Prepared, template: &str) -> Result<Option<EvalResult>> {
     let Some(test_set) = &p.test_set else { return Ok(None) };
-    let t = Template::parse(template).context("option `baseline_template`")?.with_target(&p.cfg.target_field)?;
+    let t = Template::parse(template)
+        .context("option `baseline_template`")?
+        .with_target(&p.cfg.target_field)?;
     if t.num_virtual_tokens() > 0 {
         bail!("option `baseline_template` must be hand-written (no [soft:..] tokens)");
     }
     let verbalizer: Vec<(String, String)> = p.cfg.verbalizer.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    let task = Task::new(p.task.kind, t, p.task.labels.clone(), &verbalizer, &p.model.tokenizer, p.cfg.max_len)?;
+    let task = Task::new(
+        p.task.kind,
+        t,
+        p.task.labels.clone(),
+        &verbalizer,
+        &p.model.tokenizer,
+        p.cfg.max_len,
+    )?;
     let examples = task.encode_set(test_set, &p.model.tokenizer)?.examples;
-    let scorer = Scorer { backbone: p.model.backbone.as_ref(), tokenizer: &p.model.tokenizer, task: &task, prompt: None, head: None };
+    let scorer = Scorer {
+        backbone: p.model.backbone.as_ref(),
+        tokenizer: &p.model.tokenizer,
+        task: &task,
+        prompt: None,
+        head: None,
+    };
     Ok(Some(scorer.evaluate(&examples, p.cfg.eval_batch, p.cfg.exact_match)?))
 }
 
@@ -216,9 +258,16 @@ fn prompt_init(cfg: &TrainConfig, task: &Task) -> Result<PromptInit> {
             let prefix = task.template.target().map(|t| t.prefix.clone()).unwrap_or_default();
             PromptInit::Labels((0..task.labels.len()).map(|i| task.target_text(&prefix, i)).collect())
         }
-        InitKind::Text => PromptInit::Text(cfg.init_text.clone().context("init = \"text\" needs option `init_text`")?),
+        InitKind::Text => PromptInit::Text(
+            cfg.init_text
+                .clone()
+                .context("init = \"text\" needs option `init_text`")?,
+        ),
         InitKind::From => {
-            let dir = cfg.init_from.as_deref().context("init = \"from\" needs option `init_from` (an adapter directory)")?;
+            let dir = cfg
+                .init_from
+                .as_deref()
+                .context("init = \"from\" needs option `init_from` (an adapter directory)")?;
             PromptInit::FromTensor(adapter::load_peft(dir)?.prompt_embeddings)
         }
     })
@@ -228,7 +277,9 @@ fn encoder_spec(cfg: &TrainConfig) -> Option<EncoderSpec> {
     match cfg.method {
         Method::PromptTuning => None,
         Method::PTuning => Some(match cfg.encoder {
-            EncoderKind::Mlp => EncoderSpec::Mlp { hidden: cfg.encoder_hidden },
+            EncoderKind::Mlp => EncoderSpec::Mlp {
+                hidden: cfg.encoder_hidden,
+            },
             EncoderKind::Lstm => EncoderSpec::Lstm {
                 hidden: cfg.encoder_hidden,
                 num_layers: cfg.encoder_layers,
@@ -245,14 +296,23 @@ pub fn new_learner(p: &Prepared) -> Result<Learner> {
     let bb = p.model.backbone.as_ref();
     let init = prompt_init(cfg, &p.task)?;
     let n = p.task.template.num_virtual_tokens();
-    let start = initial_prompt(&init, n, bb.info().hidden, InitSource::model(bb.embedding_table(), &p.model.tokenizer), &mut rng)?;
+    let start = initial_prompt(
+        &init,
+        n,
+        bb.info().hidden,
+        InitSource::model(bb.embedding_table(), &p.model.tokenizer),
+        &mut rng,
+    )?;
     let prompt = SoftPrompt::new(&start, encoder_spec(cfg).as_ref(), &mut rng)?;
     let head = if cfg.task == TaskKind::SeqCls {
         let c = p.task.labels.len();
         let d = bb.info().hidden;
         // transformers initialises classifier weights N(0, 0.02) and biases 0.
         let w = seeded_normal(&mut rng, 0.02, (c, d))?;
-        Some(ClassifierHead { weight: Var::from_tensor(&w)?, bias: Var::zeros(c, DType::F32, &Device::Cpu)? })
+        Some(ClassifierHead {
+            weight: Var::from_tensor(&w)?,
+            bias: Var::zeros(c, DType::F32, &Device::Cpu)?,
+        })
     } else {
         None
     };
@@ -262,7 +322,11 @@ pub fn new_learner(p: &Prepared) -> Result<Learner> {
         eps: cfg.adam_eps,
         weight_decay: cfg.weight_decay,
     });
-    Ok(Learner { prompt, head, optimizer })
+    Ok(Learner {
+        prompt,
+        head,
+        optimizer,
+    })
 }
 
 fn seeded_normal(rng: &mut rand::rngs::StdRng, std: f32, shape: (usize, usize)) -> Result<Tensor> {
@@ -288,7 +352,9 @@ impl DataOrder {
                 let (seed, n) = (self.seed, self.n);
                 let perm = self.perms.entry(epoch).or_insert_with(|| {
                     let mut p: Vec<usize> = (0..n).collect();
-                    p.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(epoch as u64 + 1)));
+                    p.shuffle(&mut rand::rngs::StdRng::seed_from_u64(
+                        seed.wrapping_add(epoch as u64 + 1),
+                    ));
                     p
                 });
                 perm[pos % n]
@@ -332,13 +398,21 @@ fn compute_gradients(
     };
     let mut loss_sum = 0f32;
     for micro in 0..cfg.accumulation {
-        let rows: Vec<&Example> = order.rows(step, micro, cfg.accumulation, cfg.batch).into_iter().map(|i| &p.train[i]).collect();
+        let rows: Vec<&Example> = order
+            .rows(step, micro, cfg.accumulation, cfg.batch)
+            .into_iter()
+            .map(|i| &p.train[i])
+            .collect();
         let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed ^ ((step as u64) << 16) ^ micro as u64);
         let prompt = learner.prompt.forward_train(&mut rng)?;
         let seq_cls = cfg.task == TaskKind::SeqCls;
         let batch = make_batch(&rows, !seq_cls, &Device::Cpu)?;
         let embeds = splice_embeddings(bb, &batch, Some(&prompt.detach()))?;
-        let (hidden, tape) = bb.forward_train(&BackboneInput { embeds: &embeds, mask: &batch.mask, token_types: None })?;
+        let (hidden, tape) = bb.forward_train(&BackboneInput {
+            embeds: &embeds,
+            mask: &batch.mask,
+            token_types: None,
+        })?;
         let (loss, d_hidden) = match &learner.head {
             Some(head) => {
                 let gold: Vec<u32> = rows.iter().map(|e| e.gold as u32).collect();
@@ -365,7 +439,12 @@ fn compute_gradients(
 
 fn all_finite(params: &[(String, Var)]) -> Result<bool> {
     for (_, v) in params {
-        let s = v.as_tensor().abs()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let s = v
+            .as_tensor()
+            .abs()?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
         if !s.is_finite() {
             return Ok(false);
         }
@@ -377,10 +456,18 @@ fn all_finite(params: &[(String, Var)]) -> Result<bool> {
 pub fn save_adapter(p: &Prepared, learner: &Learner, dir: &Path) -> Result<()> {
     let info = p.model.backbone.info();
     let init = prompt_init(&p.cfg, &p.task).unwrap_or(PromptInit::RandomNormal);
-    let task_type = if p.cfg.task == TaskKind::SeqCls { TaskType::SeqCls } else { TaskType::CausalLm };
+    let task_type = if p.cfg.task == TaskKind::SeqCls {
+        TaskType::SeqCls
+    } else {
+        TaskType::CausalLm
+    };
     let mut config = PeftConfig::for_prompt(&learner.prompt, &init, task_type, info);
     config.base_model_name_or_path = Some(p.cfg.model.clone());
-    if let MethodConfig::PromptTuning { tokenizer_name_or_path: Some(t), .. } = &mut config.method {
+    if let MethodConfig::PromptTuning {
+        tokenizer_name_or_path: Some(t),
+        ..
+    } = &mut config.method
+    {
         *t = p.cfg.model.clone();
     }
     let extra: Vec<(String, Tensor)> = match &learner.head {
@@ -403,7 +490,11 @@ pub fn train(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<TrainReport> {
         Some(t) => {
             let r = evaluate_baseline(&p, t)?;
             if let Some(r) = &r {
-                obs.message(&format!("zero-shot baseline on test ({} rows): accuracy {:.1}%", r.n, 100.0 * r.accuracy));
+                obs.message(&format!(
+                    "zero-shot baseline on test ({} rows): accuracy {:.1}%",
+                    r.n,
+                    100.0 * r.accuracy
+                ));
             }
             r
         }
@@ -416,9 +507,17 @@ pub fn train(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<TrainReport> {
     let mut progress = state::Progress::default();
     if cfg.resume {
         progress = state::load_state(&last_dir, &mut learner)?;
-        obs.message(&format!("resumed from {} at step {}", last_dir.display(), progress.step));
+        obs.message(&format!(
+            "resumed from {} at step {}",
+            last_dir.display(),
+            progress.step
+        ));
     }
-    let mut order = DataOrder { seed: cfg.seed, n: p.train.len(), perms: HashMap::new() };
+    let mut order = DataOrder {
+        seed: cfg.seed,
+        n: p.train.len(),
+        perms: HashMap::new(),
+    };
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(cfg.resume)
@@ -441,7 +540,12 @@ pub fn train(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<TrainReport> {
                 out.display()
             );
         }
-        let grad_norm = clip_grad_norm(&mut grads, cfg.clip).with_context(|| format!("step {step}: training stopped; the last good checkpoint is in {}", last_dir.display()))?;
+        let grad_norm = clip_grad_norm(&mut grads, cfg.clip).with_context(|| {
+            format!(
+                "step {step}: training stopped; the last good checkpoint is in {}",
+                last_dir.display()
+            )
+        })?;
         let lr = learning_rate(cfg.lr, cfg.schedule, step, cfg.warmup, total);
         learner.optimizer.update(&learner.params(), &grads, lr)?;
         if !all_finite(&learner.params())? {
@@ -455,7 +559,11 @@ pub fn train(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<TrainReport> {
         progress.step = step;
         let eps = examples_per_step / t0.elapsed().as_secs_f64().max(1e-9);
         obs.step(step, loss, lr, eps);
-        writeln!(metrics, "{}", serde_json::json!({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "examples_per_s": eps}))?;
+        writeln!(
+            metrics,
+            "{}",
+            serde_json::json!({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "examples_per_s": eps})
+        )?;
         progress.losses.push((step, loss));
         let eval_now = (cfg.eval_every > 0 && step % cfg.eval_every == 0) || step == total;
         if eval_now {
@@ -471,10 +579,19 @@ pub fn train(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<TrainReport> {
                     head: learner.head.as_ref(),
                 };
                 let r = scorer.evaluate(&p.dev, cfg.eval_batch, false)?;
-                writeln!(metrics, "{}", serde_json::json!({"step": step, "dev_accuracy": r.accuracy, "dev_rows": r.n}))?;
+                writeln!(
+                    metrics,
+                    "{}",
+                    serde_json::json!({"step": step, "dev_accuracy": r.accuracy, "dev_rows": r.n})
+                )?;
                 progress.dev.push((step, r.accuracy));
                 let better = progress.best.is_none_or(|(b, _)| r.accuracy > b);
-                obs.message(&format!("step {step}: dev accuracy {:.1}% ({} rows){}", 100.0 * r.accuracy, r.n, if better { ", best so far" } else { "" }));
+                obs.message(&format!(
+                    "step {step}: dev accuracy {:.1}% ({} rows){}",
+                    100.0 * r.accuracy,
+                    r.n,
+                    if better { ", best so far" } else { "" }
+                ));
                 if better {
                     progress.best = Some((r.accuracy, step));
                     progress.evals_since_best = 0;
@@ -489,7 +606,10 @@ pub fn train(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<TrainReport> {
             state::save_state(&last_dir, &learner, &progress, &p)?;
             plot::write_plot(&out.join("training.png"), &progress.losses, &progress.dev)?;
             if cfg.patience.is_some_and(|pat| progress.evals_since_best >= pat) {
-                obs.message(&format!("early stopping at step {step}: no dev improvement in {} evaluations", progress.evals_since_best));
+                obs.message(&format!(
+                    "early stopping at step {step}: no dev improvement in {} evaluations",
+                    progress.evals_since_best
+                ));
                 stopped_early = true;
                 break;
             }
@@ -502,9 +622,15 @@ pub fn train(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<TrainReport> {
     } else {
         let best = adapter::load_peft(out)?;
         let prompt = best.input_prompt()?.clone();
-        let head = best.classifier().map(|(w, b)| -> Result<ClassifierHead> {
-            Ok(ClassifierHead { weight: Var::from_tensor(w)?, bias: Var::from_tensor(b)? })
-        }).transpose()?;
+        let head = best
+            .classifier()
+            .map(|(w, b)| -> Result<ClassifierHead> {
+                Ok(ClassifierHead {
+                    weight: Var::from_tensor(w)?,
+                    bias: Var::from_tensor(b)?,
+                })
+            })
+            .transpose()?;
         let scorer = Scorer {
             backbone: p.model.backbone.as_ref(),
             tokenizer: &p.model.tokenizer,
@@ -513,7 +639,11 @@ pub fn train(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<TrainReport> {
             head: head.as_ref(),
         };
         let r = scorer.evaluate(&p.test, cfg.eval_batch, cfg.exact_match)?;
-        obs.message(&format!("trained prompt on test ({} rows): accuracy {:.1}%", r.n, 100.0 * r.accuracy));
+        obs.message(&format!(
+            "trained prompt on test ({} rows): accuracy {:.1}%",
+            r.n,
+            100.0 * r.accuracy
+        ));
         Some(r)
     };
     Ok(TrainReport {

@@ -30,7 +30,11 @@ pub struct AdamW {
 impl AdamW {
     /// A fresh optimiser.
     pub fn new(cfg: AdamWConfig) -> Self {
-        Self { cfg, moments: BTreeMap::new(), step: 0 }
+        Self {
+            cfg,
+            moments: BTreeMap::new(),
+            step: 0,
+        }
     }
 
     /// One update of every parameter that has a gradient in `grads`.
@@ -90,7 +94,11 @@ pub fn learning_rate(base: f64, schedule: Schedule, step: usize, warmup: usize, 
 pub fn clip_grad_norm(grads: &mut BTreeMap<String, Tensor>, max_norm: f64) -> Result<f64> {
     let mut sq = 0f64;
     for g in grads.values() {
-        sq += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        sq += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
     }
     let norm = sq.sqrt();
     if !norm.is_finite() {

@@ -75,7 +75,23 @@ fn glyph(c: char) -> [u8; 5] {
     }
 }
 
-fn panel(c: &mut Canvas, top: usize, bottom: usize, points: &[(f64, f64)], x_max: f64, color: [u8; 3], title: &str, percent: bool) {
+/// One panel of the plot: its vertical extent, series style and title.
+struct Panel<'a> {
+    top: usize,
+    bottom: usize,
+    color: [u8; 3],
+    title: &'a str,
+    percent: bool,
+}
+
+fn panel(c: &mut Canvas, spec: Panel, points: &[(f64, f64)], x_max: f64) {
+    let Panel {
+        top,
+        bottom,
+        color,
+        title,
+        percent,
+    } = spec;
     let (left, right) = (MARGIN as i64, (W - 16) as i64);
     let (t, b) = (top as i64, bottom as i64);
     let axis = [90, 90, 90];
@@ -88,7 +104,13 @@ fn panel(c: &mut Canvas, top: usize, bottom: usize, points: &[(f64, f64)], x_max
     let lo = points.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
     let hi = points.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
     let (lo, hi) = if hi - lo < 1e-9 { (lo - 0.5, hi + 0.5) } else { (lo, hi) };
-    let fmt = |v: f64| if percent { format!("{:.1}%", v * 100.0) } else { format!("{v:.2}") };
+    let fmt = |v: f64| {
+        if percent {
+            format!("{:.1}%", v * 100.0)
+        } else {
+            format!("{v:.2}")
+        }
+    };
     c.text(2, t, &fmt(hi), [0, 0, 0]);
     c.text(2, b - 10, &fmt(lo), [0, 0, 0]);
     c.text(right - 40, b + 6, &format!("{x_max:.0}"), [0, 0, 0]);
@@ -108,8 +130,15 @@ fn panel(c: &mut Canvas, top: usize, bottom: usize, points: &[(f64, f64)], x_max
 
 /// Writes the plot of `losses` (step, loss) and `dev` (step, accuracy) to `path` atomically.
 pub fn write_plot(path: &Path, losses: &[(usize, f32)], dev: &[(usize, f64)]) -> Result<()> {
-    let mut c = Canvas { px: vec![[255, 255, 255]; W * H] };
-    let x_max = losses.iter().map(|p| p.0).chain(dev.iter().map(|p| p.0)).max().unwrap_or(1) as f64;
+    let mut c = Canvas {
+        px: vec![[255, 255, 255]; W * H],
+    };
+    let x_max = losses
+        .iter()
+        .map(|p| p.0)
+        .chain(dev.iter().map(|p| p.0))
+        .max()
+        .unwrap_or(1) as f64;
     // Smooth the loss with a running mean over 10 steps so the trend is visible.
     let smooth: Vec<(f64, f64)> = losses
         .iter()
@@ -120,9 +149,23 @@ pub fn write_plot(path: &Path, losses: &[(usize, f32)], dev: &[(usize, f64)]) ->
             (s as f64, mean)
         })
         .collect();
-    panel(&mut c, 24, H / 2 - 16, &smooth, x_max, [30, 80, 200], "LOSS", false);
+    let loss_panel = Panel {
+        top: 24,
+        bottom: H / 2 - 16,
+        color: [30, 80, 200],
+        title: "LOSS",
+        percent: false,
+    };
+    panel(&mut c, loss_panel, &smooth, x_max);
     let acc: Vec<(f64, f64)> = dev.iter().map(|&(s, a)| (s as f64, a)).collect();
-    panel(&mut c, H / 2 + 24, H - 24, &acc, x_max, [200, 40, 40], "DEV ACC", true);
+    let acc_panel = Panel {
+        top: H / 2 + 24,
+        bottom: H - 24,
+        color: [200, 40, 40],
+        title: "DEV ACC",
+        percent: true,
+    };
+    panel(&mut c, acc_panel, &acc, x_max);
     let mut bytes = Vec::new();
     {
         let mut enc = png::Encoder::new(&mut bytes, W as u32, H as u32);

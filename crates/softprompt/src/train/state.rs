@@ -109,17 +109,31 @@ pub fn save_state(dir: &Path, learner: &Learner, progress: &Progress, p: &Prepar
 /// Restores a learner from `dir`; returns the progress to continue from.
 pub fn load_state(dir: &Path, learner: &mut Learner) -> Result<Progress> {
     let json_path = dir.join("state.json");
-    let text = std::fs::read_to_string(&json_path)
-        .with_context(|| format!("cannot resume: {} is missing (was the run started with this output directory?)", json_path.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", json_path.display()))?;
-    let progress: Progress = serde_json::from_value(v["progress"].clone()).with_context(|| format!("{}: field `progress`", json_path.display()))?;
-    let opt_step = v["optimizer_step"].as_u64().with_context(|| format!("{}: field `optimizer_step` is missing", json_path.display()))?;
+    let text = std::fs::read_to_string(&json_path).with_context(|| {
+        format!(
+            "cannot resume: {} is missing (was the run started with this output directory?)",
+            json_path.display()
+        )
+    })?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", json_path.display()))?;
+    let progress: Progress = serde_json::from_value(v["progress"].clone())
+        .with_context(|| format!("{}: field `progress`", json_path.display()))?;
+    let opt_step = v["optimizer_step"]
+        .as_u64()
+        .with_context(|| format!("{}: field `optimizer_step` is missing", json_path.display()))?;
     let tensors = read_safetensors(&dir.join("state.safetensors"))?;
-    let params: HashMap<String, Tensor> = tensors.iter().filter(|(k, _)| !k.starts_with("adamw.")).map(|(k, t)| (k.clone(), t.clone())).collect();
+    let params: HashMap<String, Tensor> = tensors
+        .iter()
+        .filter(|(k, _)| !k.starts_with("adamw."))
+        .map(|(k, t)| (k.clone(), t.clone()))
+        .collect();
     learner.prompt.set_from(&params)?;
     if let Some(h) = &learner.head {
         for (name, var) in [(HEAD_WEIGHT, &h.weight), (HEAD_BIAS, &h.bias)] {
-            let t = params.get(name).with_context(|| format!("{}: `{name}` is missing", dir.display()))?;
+            let t = params
+                .get(name)
+                .with_context(|| format!("{}: `{name}` is missing", dir.display()))?;
             var.set(t)?;
         }
     }
@@ -129,7 +143,10 @@ pub fn load_state(dir: &Path, learner: &mut Learner) -> Result<Progress> {
             let Some(vv) = tensors.get(&format!("adamw.v.{name}")) else {
                 bail!("{}: `adamw.v.{name}` is missing", dir.display());
             };
-            learner.optimizer.moments.insert(name.to_string(), (m.clone(), vv.clone()));
+            learner
+                .optimizer
+                .moments
+                .insert(name.to_string(), (m.clone(), vv.clone()));
         }
     }
     learner.optimizer.step = opt_step as usize;

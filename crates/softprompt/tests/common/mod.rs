@@ -16,23 +16,19 @@ pub fn fixture(name: &str) -> PathBuf {
 
 /// `data/<name>` at the repository root.
 pub fn data(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../data")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data").join(name)
 }
 
 /// Loads a default model by short name; fails with instructions when it is not fetched.
 pub fn load_model(name: &str) -> LoadedModel {
-    let location = model_source::resolve(name).unwrap_or_else(|e| {
-        panic!("{e:#}\n(run `cargo run -p softprompt-cli -- fetch` before the tests)")
-    });
+    let location = model_source::resolve(name)
+        .unwrap_or_else(|e| panic!("{e:#}\n(run `cargo run -p softprompt-cli -- fetch` before the tests)"));
     backbone::load(&location, &Device::Cpu).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Tensors of a fixture's `expected.safetensors`.
 pub fn expected(folder: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture(folder).join("expected.safetensors"), &Device::Cpu)
-        .unwrap()
+    candle_core::safetensors::load(fixture(folder).join("expected.safetensors"), &Device::Cpu).unwrap()
 }
 
 /// Largest absolute difference between two tensors of the same shape.
