@@ -10,8 +10,8 @@
 //! PEFT never saves a p-tuning encoder, so such an adapter is, for inference, a plain prompt;
 //! training state (the encoder included) is [`crate::prompt::SoftPrompt::tensors`]' job.
 
-use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, HashMap};
@@ -798,7 +798,7 @@ pub fn load_peft(dir: &Path) -> Result<PeftAdapter> {
         PeftConfig::from_value(&value).with_context(|| format!("{}: invalid adapter config", cfg_path.display()))?;
 
     let w_path = dir.join(ADAPTER_WEIGHTS);
-    let mut tensors = read_safetensors(&w_path)?;
+    let mut tensors = crate::io::read_safetensors(&w_path)?;
     let pe = tensors
         .remove(PROMPT_EMBEDDINGS)
         .with_context(|| format!("{}: tensor `{PROMPT_EMBEDDINGS}` is missing", w_path.display()))?;
@@ -836,65 +836,6 @@ pub fn load_peft(dir: &Path) -> Result<PeftAdapter> {
     })
 }
 
-fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| anyhow!("{} is not a valid safetensors file: {e}", path.display()))?;
-    let mut out = BTreeMap::new();
-    for (name, view) in st.tensors() {
-        let dtype = match view.dtype() {
-            safetensors::Dtype::F32 => DType::F32,
-            safetensors::Dtype::F16 => DType::F16,
-            safetensors::Dtype::BF16 => DType::BF16,
-            safetensors::Dtype::F64 => DType::F64,
-            safetensors::Dtype::I64 => DType::I64,
-            safetensors::Dtype::U32 => DType::U32,
-            safetensors::Dtype::U8 => DType::U8,
-            other => bail!("{}: tensor `{name}` has unsupported dtype {other:?}", path.display()),
-        };
-        let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
-            .with_context(|| format!("{}: cannot read tensor `{name}`", path.display()))?;
-        out.insert(name, t);
-    }
-    Ok(out)
-}
-
-/// A tensor's bytes for `safetensors::serialize`.
-struct RawTensor {
-    dtype: safetensors::Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-impl safetensors::View for &RawTensor {
-    fn dtype(&self) -> safetensors::Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
-}
-
-fn raw_f32(name: &str, t: &Tensor) -> Result<RawTensor> {
-    let t = t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-    let values: Vec<f32> = t
-        .flatten_all()?
-        .to_vec1()
-        .with_context(|| format!("cannot read tensor `{name}`"))?;
-    let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    Ok(RawTensor {
-        dtype: safetensors::Dtype::F32,
-        shape: t.dims().to_vec(),
-        data,
-    })
-}
-
 /// Writes a PEFT adapter folder: `adapter_model.safetensors` (`prompt_embeddings` as f32 plus
 /// `extra`, e.g. `base_model.classifier.{weight,bias}` for SEQ_CLS, all f32, metadata
 /// `{"format": "pt"}`) and `adapter_config.json` (with `inference_mode: true`, as PEFT's
@@ -915,21 +856,17 @@ pub fn save_peft(
             want
         );
     }
-    let mut raw: Vec<(String, RawTensor)> = vec![(
-        PROMPT_EMBEDDINGS.to_string(),
-        raw_f32(PROMPT_EMBEDDINGS, prompt_embeddings)?,
-    )];
+    let mut tensors: Vec<(String, Tensor)> =
+        vec![(PROMPT_EMBEDDINGS.to_string(), prompt_embeddings.to_dtype(DType::F32)?)];
     for (name, t) in extra {
-        if raw.iter().any(|(n, _)| n == name) {
+        if tensors.iter().any(|(n, _)| n == name) {
             bail!("cannot save the adapter: tensor `{name}` is given twice");
         }
-        raw.push((name.clone(), raw_f32(name, t)?));
+        tensors.push((name.clone(), t.to_dtype(DType::F32)?));
     }
     let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    let bytes = safetensors::serialize(raw.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
-        .map_err(|e| anyhow!("cannot serialise the adapter tensors: {e}"))?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    crate::io::write_bytes(&dir.join(ADAPTER_WEIGHTS), &bytes)?;
+    crate::io::write_safetensors(&dir.join(ADAPTER_WEIGHTS), &tensors, Some(metadata))?;
     let mut config = config.clone();
     config.inference_mode = true;
     crate::io::write_bytes(&dir.join(ADAPTER_CONFIG), config.to_json_string().as_bytes())?;
