@@ -66,3 +66,45 @@ fn minilm_matches_transformers() {
     assert!(dp < TOL, "pooler_output differs by {dp}");
     assert_eq!(hidden.dtype(), DType::F32);
 }
+
+#[test]
+fn greedy_with_kv_cache_equals_greedy_without() {
+    let model = load_model("smollm2-135m");
+    let bb = model.backbone.as_ref();
+    for text in ["The capital of France is", "1, 2, 3, 4,"] {
+        let ids = model.tokenizer.encode(text, true).unwrap();
+        let t = candle_core::Tensor::new(ids.as_slice(), &candle_core::Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let cached = softprompt::infer::generate::greedy(bb, &bb.embed(&t).unwrap(), 8, &[]).unwrap();
+        // Recompute the whole sequence at every step.
+        let mut seq = ids.clone();
+        for _ in 0..8 {
+            let t = candle_core::Tensor::new(seq.as_slice(), &candle_core::Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let mask = t.ones_like().unwrap();
+            let h = bb
+                .forward(&BackboneInput {
+                    embeds: &bb.embed(&t).unwrap(),
+                    mask: &mask,
+                    token_types: None,
+                })
+                .unwrap();
+            let last = h.i((0, seq.len() - 1)).unwrap().unsqueeze(0).unwrap();
+            let next = lm_logits(bb, &last)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .argmax(0)
+                .unwrap()
+                .to_scalar::<u32>()
+                .unwrap();
+            seq.push(next);
+        }
+        assert_eq!(cached, seq[ids.len()..].to_vec(), "{text}");
+        println!("{text:?} → {:?}", model.tokenizer.decode(&cached, true).unwrap());
+    }
+}
