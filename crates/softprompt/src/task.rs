@@ -87,24 +87,21 @@ impl Task {
         if labels.is_empty() {
             bail!("the task has no labels or targets");
         }
-        let label_words = labels
-            .iter()
-            .map(|l| match verbalizer.iter().find(|(k, _)| k == l) {
+        let mut label_words = Vec::with_capacity(labels.len());
+        for label in &labels {
+            let word = match verbalizer.iter().find(|(k, _)| k == label) {
                 Some((_, w)) => w.clone(),
-                None if verbalizer.is_empty() || kind != TaskKind::Classify => l.clone(),
-                None => format!("\u{0}{l}"),
-            })
-            .collect::<Vec<_>>();
-        if let Some(missing) = labels.iter().zip(&label_words).find(|(_, w)| w.starts_with('\u{0}')) {
-            bail!(
-                "label `{}` has no verbaliser word (verbaliser covers: {})",
-                missing.0,
-                verbalizer
-                    .iter()
-                    .map(|(k, _)| k.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
+                // Without a verbaliser every label is its own word.
+                None if verbalizer.is_empty() || kind != TaskKind::Classify => label.clone(),
+                None => {
+                    let covered: Vec<&str> = verbalizer.iter().map(|(k, _)| k.as_str()).collect();
+                    bail!(
+                        "label `{label}` has no verbaliser word (verbaliser covers: {})",
+                        covered.join(", ")
+                    );
+                }
+            };
+            label_words.push(word);
         }
         Ok(Self {
             kind,

@@ -268,3 +268,38 @@ fn diverging_training_stops_and_keeps_the_last_good_checkpoint() {
         assert!(s.is_finite(), "checkpoint tensor {k} is not finite");
     }
 }
+
+#[test]
+fn seq_cls_on_minilm_trains_a_peft_compatible_head() {
+    let cfg = TrainConfig {
+        model: "minilm-l6".into(),
+        train: common::data("sentiment-movies/dev.jsonl"),
+        dev: Some(common::data("sentiment-movies/test.jsonl")),
+        dev_rows: Some(8),
+        template: "[soft:6]{text}".into(),
+        target_field: "label".into(),
+        task: TaskKind::SeqCls,
+        init: InitKind::RandomNormal,
+        steps: Some(3),
+        batch: 4,
+        eval_every: 3,
+        ..tiny("seqcls")
+    };
+    train::train(&cfg, &mut Quiet).unwrap();
+    let a = softprompt::adapter::load_peft(&cfg.output).unwrap();
+    assert_eq!(a.prompt_embeddings.dims(), &[6, 384]);
+    let (w, b) = a.classifier().expect("classifier head saved");
+    assert_eq!((w.dims(), b.dims()), (&[2, 384][..], &[2][..]));
+    let config = std::fs::read_to_string(cfg.output.join("adapter_config.json")).unwrap();
+    assert!(
+        config.contains("\"task_type\": \"SEQ_CLS\"") && config.contains("\"peft_type\": \"PROMPT_TUNING\""),
+        "{config}"
+    );
+    // A seq-cls run on a causal model is refused.
+    let e = train_err(&TrainConfig {
+        model: "smollm2-135m".into(),
+        output: scratch("seqcls-causal"),
+        ..cfg
+    });
+    assert!(e.contains("needs an encoder model"), "{e}");
+}

@@ -103,7 +103,9 @@ fn panel(c: &mut Canvas, spec: Panel, points: &[(f64, f64)], x_max: f64) {
     }
     let lo = points.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
     let hi = points.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
-    let (lo, hi) = if hi - lo < 1e-9 { (lo - 0.5, hi + 0.5) } else { (lo, hi) };
+    let pad = if percent { 0.05 } else { 0.5 };
+    let (lo, hi) = if hi - lo < 1e-9 { (lo - pad, hi + pad) } else { (lo, hi) };
+    let (lo, hi) = if percent { (lo.max(0.0), hi.min(1.0)) } else { (lo, hi) };
     let fmt = |v: f64| {
         if percent {
             format!("{:.1}%", v * 100.0)
@@ -124,7 +126,11 @@ fn panel(c: &mut Canvas, spec: Panel, points: &[(f64, f64)], x_max: f64) {
     }
     for &p in points {
         let (x, y) = to_px(p);
-        c.set(x, y, color);
+        for dy in -2..=2 {
+            for dx in -2..=2 {
+                c.set(x + dx, y + dy, color);
+            }
+        }
     }
 }
 
