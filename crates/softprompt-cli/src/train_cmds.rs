@@ -366,3 +366,70 @@ pub fn predict_cmd(args: PredictArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+
+    fn parse(argv: &[&str]) -> TrainArgs {
+        Wrapper::try_parse_from(std::iter::once("train").chain(argv.iter().copied()))
+            .unwrap()
+            .args
+    }
+
+    #[test]
+    fn flags_override_the_toml_file_and_defaults_fill_the_rest() {
+        let dir = std::env::temp_dir().join(format!("softprompt-cli-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("run.toml");
+        std::fs::write(
+            &path,
+            "lr = 0.5\nsteps = 7\nmethod = \"p-tuning\"\nencoder = \"lstm\"\n[verbalizer]\npositive = \" good\"\n",
+        )
+        .unwrap();
+        let cfg = config(&parse(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--lr",
+            "0.1",
+            "--verbalizer",
+            "negative= bad",
+        ]))
+        .unwrap();
+        assert_eq!(cfg.lr, 0.1);
+        assert_eq!(cfg.steps, Some(7));
+        assert_eq!(cfg.method, train::Method::PTuning);
+        assert_eq!(cfg.encoder, train::EncoderKind::Lstm);
+        assert_eq!(cfg.batch, TrainConfig::default().batch);
+        // A flag given as a table replaces the file's table.
+        assert_eq!(cfg.verbalizer.get("negative").map(String::as_str), Some(" bad"));
+    }
+
+    #[test]
+    fn unknown_or_malformed_options_name_the_file() {
+        let dir = std::env::temp_dir().join(format!("softprompt-cli-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, "learning_rate = 0.1\n").unwrap();
+        let e = format!(
+            "{:#}",
+            config(&parse(&["--config", path.to_str().unwrap()])).unwrap_err()
+        );
+        assert!(e.contains("bad.toml") && e.contains("learning_rate"), "{e}");
+        std::fs::write(&path, "lr = [oops\n").unwrap();
+        let e = format!(
+            "{:#}",
+            config(&parse(&["--config", path.to_str().unwrap()])).unwrap_err()
+        );
+        assert!(e.contains("bad.toml") && e.contains("not valid TOML"), "{e}");
+        let e = format!("{:#}", config(&parse(&["--method", "lora"])).unwrap_err());
+        assert!(e.contains("lora"), "{e}");
+    }
+}
