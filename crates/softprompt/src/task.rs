@@ -80,7 +80,7 @@ impl Task {
         kind: TaskKind,
         template: Template,
         labels: Vec<String>,
-        verbalizer: &[(String, String)],
+        verbalizer: &std::collections::BTreeMap<String, String>,
         tokenizer: &TextTokenizer,
         max_len: usize,
     ) -> Result<Self> {
@@ -89,12 +89,12 @@ impl Task {
         }
         let mut label_words = Vec::with_capacity(labels.len());
         for label in &labels {
-            let word = match verbalizer.iter().find(|(k, _)| k == label) {
-                Some((_, w)) => w.clone(),
+            let word = match verbalizer.get(label) {
+                Some(w) => w.clone(),
                 // Without a verbaliser every label is its own word.
                 None if verbalizer.is_empty() || kind != TaskKind::Classify => label.clone(),
                 None => {
-                    let covered: Vec<&str> = verbalizer.iter().map(|(k, _)| k.as_str()).collect();
+                    let covered: Vec<&str> = verbalizer.keys().map(String::as_str).collect();
                     bail!(
                         "label `{label}` has no verbaliser word (verbaliser covers: {})",
                         covered.join(", ")
@@ -345,6 +345,17 @@ pub struct ClassifierHead {
 }
 
 impl ClassifierHead {
+    /// The head saved in a PEFT sequence-classification adapter, if it has one.
+    pub fn from_adapter(adapter: &crate::adapter::PeftAdapter) -> Result<Option<Self>> {
+        let Some((w, b)) = adapter.classifier() else {
+            return Ok(None);
+        };
+        Ok(Some(Self {
+            weight: candle_core::Var::from_tensor(w)?,
+            bias: candle_core::Var::from_tensor(b)?,
+        }))
+    }
+
     /// Logits `[B, classes]` from hidden states `[B, T, D]`.
     pub fn logits(&self, backbone: &dyn Backbone, hidden: &Tensor) -> Result<Tensor> {
         let pooled = backbone.pool(hidden)?;

@@ -3,7 +3,7 @@
 //! adapter), the prompt matrix and the classification head.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Tensor, Var};
+use candle_core::Tensor;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -67,15 +67,7 @@ pub fn open(model: &LoadedModel, adapter_dir: Option<&Path>, opts: &TaskOptions,
                 });
             }
             let prompt = a.input_prompt()?.clone();
-            let head = a
-                .classifier()
-                .map(|(w, b)| -> Result<ClassifierHead> {
-                    Ok(ClassifierHead {
-                        weight: Var::from_tensor(w)?,
-                        bias: Var::from_tensor(b)?,
-                    })
-                })
-                .transpose()?;
+            let head = ClassifierHead::from_adapter(&a)?;
             let src = opts
                 .template
                 .clone()
@@ -116,8 +108,7 @@ pub fn open(model: &LoadedModel, adapter_dir: Option<&Path>, opts: &TaskOptions,
     if labels.is_empty() {
         labels = Task::labels_from(sets, &target_field)?;
     }
-    let verbalizer: Vec<(String, String)> = opts.verbalizer.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     let max_len = if opts.max_len == 0 { 512 } else { opts.max_len };
-    let task = Task::new(kind, template, labels, &verbalizer, &model.tokenizer, max_len)?;
+    let task = Task::new(kind, template, labels, &opts.verbalizer, &model.tokenizer, max_len)?;
     Ok(Session { task, prompt, head })
 }

@@ -141,12 +141,11 @@ pub fn prepare(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<Prepared> {
         .flatten()
         .collect();
     let labels = Task::labels_from(&all, &cfg.target_field)?;
-    let verbalizer: Vec<(String, String)> = cfg.verbalizer.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     let task = Task::new(
         cfg.task,
         run_template(cfg)?,
         labels,
-        &verbalizer,
+        &cfg.verbalizer,
         &model.tokenizer,
         cfg.max_len,
     )?;
@@ -202,12 +201,11 @@ pub fn evaluate_baseline(p: &Prepared, template: &str) -> Result<Option<EvalResu
     if t.num_virtual_tokens() > 0 {
         bail!("option `baseline_template` must be hand-written (no [soft:..] tokens)");
     }
-    let verbalizer: Vec<(String, String)> = p.cfg.verbalizer.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     let task = Task::new(
         p.task.kind,
         t,
         p.task.labels.clone(),
-        &verbalizer,
+        &p.cfg.verbalizer,
         &p.model.tokenizer,
         p.cfg.max_len,
     )?;
@@ -622,15 +620,7 @@ pub fn train(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<TrainReport> {
     } else {
         let best = adapter::load_peft(out)?;
         let prompt = best.input_prompt()?.clone();
-        let head = best
-            .classifier()
-            .map(|(w, b)| -> Result<ClassifierHead> {
-                Ok(ClassifierHead {
-                    weight: Var::from_tensor(w)?,
-                    bias: Var::from_tensor(b)?,
-                })
-            })
-            .transpose()?;
+        let head = ClassifierHead::from_adapter(&best)?;
         let scorer = Scorer {
             backbone: p.model.backbone.as_ref(),
             tokenizer: &p.model.tokenizer,
