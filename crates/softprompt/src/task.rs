@@ -434,7 +434,6 @@ pub fn score_candidates(backbone: &dyn Backbone, prompt: &Tensor, candidates: &[
             let rest = continuation_log_probs(
                 backbone,
                 &cache,
-                t,
                 &multi.iter().map(|&c| &candidates[c][..]).collect::<Vec<_>>(),
             )?;
             for (&c, r) in multi.iter().zip(rest) {
@@ -447,7 +446,7 @@ pub fn score_candidates(backbone: &dyn Backbone, prompt: &Tensor, candidates: &[
 }
 
 /// Sum of log p(c[1..] | prompt, c[0]) for each candidate, continuing a batch-1 prompt cache.
-fn continuation_log_probs(backbone: &dyn Backbone, cache: &KvCache, t: usize, cands: &[&[u32]]) -> Result<Vec<f32>> {
+fn continuation_log_probs(backbone: &dyn Backbone, cache: &KvCache, cands: &[&[u32]]) -> Result<Vec<f32>> {
     let device = backbone.embedding_table().device();
     let c = cands.len();
     let l = cands.iter().map(|x| x.len() - 1).max().unwrap_or(0);
@@ -459,19 +458,7 @@ fn continuation_log_probs(backbone: &dyn Backbone, cache: &KvCache, t: usize, ca
             m[r * l + j] = 1;
         }
     }
-    let mut shared = KvCache {
-        layers: cache
-            .layers
-            .iter()
-            .map(|(k, v)| {
-                Ok((
-                    k.broadcast_as(expand(k.dims(), c))?.contiguous()?,
-                    v.broadcast_as(expand(v.dims(), c))?.contiguous()?,
-                ))
-            })
-            .collect::<Result<_>>()?,
-        mask: Some(Tensor::ones((c, t), DType::F32, device)?),
-    };
+    let mut shared = cache.repeat(c)?;
     let ids_t = Tensor::from_vec(ids, (c, l), device)?;
     let mask_t = Tensor::from_vec(m, (c, l), device)?;
     let embeds = backbone.embed(&ids_t)?;
@@ -492,12 +479,6 @@ fn continuation_log_probs(backbone: &dyn Backbone, cache: &KvCache, t: usize, ca
         out.push(lp.gather(&next, 1)?.sum_all()?.to_scalar::<f32>()?);
     }
     Ok(out)
-}
-
-fn expand(dims: &[usize], c: usize) -> Vec<usize> {
-    let mut d = dims.to_vec();
-    d[0] = c;
-    d
 }
 
 /// Index of the largest score.

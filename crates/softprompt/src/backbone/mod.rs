@@ -103,6 +103,24 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The cache of a single sequence repeated for `n` sequences (a shared prompt's keys and
+    /// values reused by a batch).
+    pub fn repeat(&self, n: usize) -> Result<KvCache> {
+        let grow = |t: &Tensor| -> Result<Tensor> {
+            let mut dims = t.dims().to_vec();
+            dims[0] = n;
+            Ok(t.broadcast_as(dims)?.contiguous()?)
+        };
+        Ok(KvCache {
+            layers: self
+                .layers
+                .iter()
+                .map(|(k, v)| Ok((grow(k)?, grow(v)?)))
+                .collect::<Result<_>>()?,
+            mask: self.mask.as_ref().map(grow).transpose()?,
+        })
+    }
 }
 
 /// Activations a forward pass kept for its backward pass (architecture-specific).

@@ -2,9 +2,9 @@
 //! accuracy of a classification head on encoders, and greedy exact match.
 
 use anyhow::Result;
-use candle_core::{IndexOp, Tensor, D};
+use candle_core::{DType, IndexOp, Tensor, D};
 
-use crate::backbone::{lm_logits, Backbone, BackboneInput};
+use crate::backbone::{lm_logits, Backbone, BackboneInput, KvCache};
 use crate::task::{argmax, make_batch, score_candidates, splice_embeddings, ClassifierHead, Example, Task, TaskKind};
 use crate::tokenizer::TextTokenizer;
 
@@ -111,12 +111,42 @@ impl Scorer<'_> {
         let device = self.backbone.embedding_table().device();
         let batch = make_batch(refs, false, device)?;
         let embeds = splice_embeddings(self.backbone, &batch, self.prompt)?;
-        let hidden = self.backbone.forward(&BackboneInput {
-            embeds: &embeds,
-            mask: &batch.mask,
-            token_types: None,
-        })?;
-        Ok((hidden, batch))
+        let shared = shared_prefix_len(refs);
+        let (b, t) = batch.shape;
+        if !self.backbone.info().arch.is_causal() || shared < MIN_SHARED_PREFIX || shared >= t {
+            let input = BackboneInput {
+                embeds: &embeds,
+                mask: &batch.mask,
+                token_types: None,
+            };
+            return Ok((self.backbone.forward(&input)?, batch));
+        }
+        // The leading positions every row shares (a prepended soft prompt) do not depend on
+        // the rows in a causal model: run them once and hand their keys/values to the batch.
+        let prefix = embeds.i(0)?.narrow(0, 0, shared)?.unsqueeze(0)?;
+        let ones = Tensor::ones((1, shared), DType::U32, device)?;
+        let mut single = KvCache::default();
+        let head = self.backbone.forward_cached(
+            &BackboneInput {
+                embeds: &prefix,
+                mask: &ones,
+                token_types: None,
+            },
+            &mut single,
+        )?;
+        let mut cache = single.repeat(b)?;
+        let rest = embeds.narrow(1, shared, t - shared)?;
+        let rest_mask = batch.mask.narrow(1, shared, t - shared)?;
+        let tail = self.backbone.forward_cached(
+            &BackboneInput {
+                embeds: &rest,
+                mask: &rest_mask,
+                token_types: None,
+            },
+            &mut cache,
+        )?;
+        let head = head.broadcast_as((b, shared, head.dim(2)?))?;
+        Ok((Tensor::cat(&[&head, &tail], 1)?, batch))
     }
 
     fn head_scores(&self, refs: &[&Example]) -> Result<Vec<Vec<f32>>> {
@@ -160,6 +190,17 @@ impl Scorer<'_> {
         let ids = crate::infer::generate::greedy(self.backbone, &self.prompt_embeds(e)?, longest + 2, &stop)?;
         self.tokenizer.decode(&ids, true)
     }
+}
+
+/// Shortest shared prefix worth computing once for a whole batch.
+const MIN_SHARED_PREFIX: usize = 2;
+
+/// Number of leading tokens identical in every example.
+fn shared_prefix_len(refs: &[&Example]) -> usize {
+    let first = &refs[0].prompt;
+    (0..first.len())
+        .take_while(|&i| refs.iter().all(|e| e.prompt.get(i) == Some(&first[i])))
+        .count()
 }
 
 /// Greedy exact match: the generation, trimmed, starts with the gold text and the next
