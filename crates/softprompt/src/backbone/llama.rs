@@ -64,16 +64,14 @@ impl LlamaConfig {
 
 struct Layer {
     attn_norm: Tensor,
-    wq: Tensor,
-    wk: Tensor,
-    wv: Tensor,
-    bq: Option<Tensor>,
-    bk: Option<Tensor>,
-    bv: Option<Tensor>,
+    /// q, k and v projections stacked: `[d + 2·kv_dim, d]` (one matrix multiply for all three).
+    w_qkv: Tensor,
+    /// Their biases (Qwen2), stacked likewise.
+    b_qkv: Option<Tensor>,
     wo: Tensor,
     ffn_norm: Tensor,
-    w_gate: Tensor,
-    w_up: Tensor,
+    /// Gate and up projections stacked: `[2·intermediate, d]`.
+    w_gate_up: Tensor,
     w_down: Tensor,
 }
 
@@ -263,18 +261,31 @@ impl Llama {
                 wq = unpermute_rows(&wq, cfg.heads)?;
                 wk = unpermute_rows(&wk, cfg.kv_heads)?;
             }
+            let wv = get(P::V, l, &[kvd, d])?;
+            let biases = [
+                opt(P::QBias, l, &[d])?,
+                opt(P::KBias, l, &[kvd])?,
+                opt(P::VBias, l, &[kvd])?,
+            ];
+            let b_qkv = if biases.iter().any(Option::is_some) {
+                let filled: Vec<Tensor> = biases
+                    .into_iter()
+                    .zip([d, kvd, kvd])
+                    .map(|(b, n)| b.map_or_else(|| Tensor::zeros(n, embed.dtype(), device), Ok))
+                    .collect::<candle_core::Result<_>>()?;
+                Some(Tensor::cat(&filled, 0)?)
+            } else {
+                None
+            };
+            let gate = get(P::Gate, l, &[i, d])?;
+            let up = get(P::Up, l, &[i, d])?;
             layers.push(Layer {
                 attn_norm: get(P::AttnNorm, l, &[d])?,
-                wq,
-                wk,
-                wv: get(P::V, l, &[kvd, d])?,
-                bq: opt(P::QBias, l, &[d])?,
-                bk: opt(P::KBias, l, &[kvd])?,
-                bv: opt(P::VBias, l, &[kvd])?,
+                w_qkv: Tensor::cat(&[&wq, &wk, &wv], 0)?,
+                b_qkv,
                 wo: get(P::O, l, &[d, d])?,
                 ffn_norm: get(P::FfnNorm, l, &[d])?,
-                w_gate: get(P::Gate, l, &[i, d])?,
-                w_up: get(P::Up, l, &[i, d])?,
+                w_gate_up: Tensor::cat(&[&gate, &up], 0)?,
                 w_down: get(P::Down, l, &[d, i])?,
             });
         }
@@ -285,13 +296,8 @@ impl Llama {
         let per_layer = 2 * d + 2 * d * d + 2 * kvd * d + 3 * d * i;
         let biases: usize = layers
             .iter()
-            .map(|l| {
-                [&l.bq, &l.bk, &l.bv]
-                    .iter()
-                    .filter_map(|b| b.as_ref())
-                    .map(|b| b.elem_count())
-                    .sum::<usize>()
-            })
+            .filter_map(|l| l.b_qkv.as_ref())
+            .map(Tensor::elem_count)
             .sum();
         let params = cfg.vocab * d * if tied { 1 } else { 2 } + d + cfg.layers * per_layer + biases;
         let (cos, sin) = rope_tables(&cfg, embed.dtype(), device)?;
@@ -358,9 +364,11 @@ impl Llama {
             let (b, t, _) = y.dims3()?;
             Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = heads(ops::linear(&n1, &layer.wq, layer.bq.as_ref())?, h)?;
-        let k = heads(ops::linear(&n1, &layer.wk, layer.bk.as_ref())?, hkv)?;
-        let v = heads(ops::linear(&n1, &layer.wv, layer.bv.as_ref())?, hkv)?;
+        let qkv = ops::linear(&n1, &layer.w_qkv, layer.b_qkv.as_ref())?;
+        let kvd = hkv * hd;
+        let q = heads(qkv.narrow(1, 0, h * hd)?, h)?;
+        let k = heads(qkv.narrow(1, h * hd, kvd)?, hkv)?;
+        let v = heads(qkv.narrow(1, h * hd + kvd, kvd)?, hkv)?;
         let (b, _, t, _) = q.dims4()?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
@@ -373,8 +381,10 @@ impl Llama {
         let a = packing.pack(&a.reshape((b, h, t, hd))?.transpose(1, 2)?.reshape((b, t, h * hd))?)?;
         let x2 = (x + ops::linear(&a, &layer.wo, None)?)?;
         let n2 = ops::rms_norm(&x2, &layer.ffn_norm, self.cfg.eps)?;
-        let gate = ops::linear(&n2, &layer.w_gate, None)?;
-        let up = ops::linear(&n2, &layer.w_up, None)?;
+        let gate_up = ops::linear(&n2, &layer.w_gate_up, None)?;
+        let inter = self.cfg.intermediate;
+        let gate = gate_up.narrow(1, 0, inter)?.contiguous()?;
+        let up = gate_up.narrow(1, inter, inter)?.contiguous()?;
         let m = (gate.silu()? * &up)?;
         let out = (&x2 + ops::linear(&m, &layer.w_down, None)?)?;
         let tape = saved.map(|attn| LayerTape {
@@ -403,7 +413,7 @@ impl Llama {
         let dm = ops::linear_backward(dy, &layer.w_down)?;
         let du = (&dm * tape.gate.silu()?)?;
         let dg = ops::silu_backward(&tape.gate, &(&dm * &tape.up)?)?;
-        let dn2 = (ops::linear_backward(&dg, &layer.w_gate)? + ops::linear_backward(&du, &layer.w_up)?)?;
+        let dn2 = ops::linear_backward(&Tensor::cat(&[&dg, &du], 1)?, &layer.w_gate_up)?;
         let dx2 = (dy + ops::rms_norm_backward(&tape.x2, &layer.ffn_norm, eps, &dn2)?)?;
         // attention
         let da = packing.unpack(&ops::linear_backward(&dx2, &layer.wo)?)?;
@@ -419,9 +429,8 @@ impl Llama {
         let dk = candle_nn::rotary_emb::rope(&dk.contiguous()?, cos, &neg_sin)?;
         let flat =
             |y: Tensor, n: usize| -> Result<Tensor> { Ok(packing.pack(&y.transpose(1, 2)?.reshape((b, t, n * hd))?)?) };
-        let dn1 = ((ops::linear_backward(&flat(dq, h)?, &layer.wq)?
-            + ops::linear_backward(&flat(dk, hkv)?, &layer.wk)?)?
-            + ops::linear_backward(&flat(dv, hkv)?, &layer.wv)?)?;
+        let d_qkv = Tensor::cat(&[flat(dq, h)?, flat(dk, hkv)?, flat(dv, hkv)?], 1)?;
+        let dn1 = ops::linear_backward(&d_qkv, &layer.w_qkv)?;
         Ok((dx2 + ops::rms_norm_backward(&tape.x, &layer.attn_norm, eps, &dn1)?)?)
     }
 
