@@ -19,6 +19,9 @@ pub struct BenchArgs {
     /// Positions per row.
     #[arg(long, default_value_t = 64)]
     len: usize,
+    /// Give rows random lengths between half and all of --len (right-padded, as in training).
+    #[arg(long)]
+    ragged: bool,
     /// Repetitions (the median is reported).
     #[arg(long, default_value_t = 3)]
     reps: usize,
@@ -35,7 +38,18 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let (b, t) = (args.batch, args.len);
     let ids: Vec<u32> = (0..b * t).map(|i| (i * 7919 % 20000) as u32 + 100).collect();
     let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu)?;
-    let mask = Tensor::ones((b, t), candle_core::DType::U32, &Device::Cpu)?;
+    let lens: Vec<usize> = (0..b)
+        .map(|r| {
+            if args.ragged {
+                t / 2 + (r * 7919 + 13) % (t - t / 2 + 1)
+            } else {
+                t
+            }
+        })
+        .map(|l| l.min(t))
+        .collect();
+    let mask: Vec<u32> = (0..b * t).map(|i| u32::from(i % t < lens[i / t])).collect();
+    let mask = Tensor::from_vec(mask, (b, t), &Device::Cpu)?;
     let embeds = bb.embed(&ids)?;
     let input = BackboneInput {
         embeds: &embeds,
