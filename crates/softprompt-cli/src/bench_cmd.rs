@@ -70,9 +70,9 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         drop(d);
     }
     let (f, ft, bw) = (median(fwd), median(fwd_train), median(bwd));
-    let tokens = (b * t) as f64;
+    let tokens = lens.iter().sum::<usize>() as f64;
     println!(
-        "model {} · batch {b} × {t} positions · {} threads",
+        "model {} · batch {b} × {t} positions ({tokens} real) · {} threads",
         args.model,
         rayon::current_num_threads()
     );
