@@ -124,7 +124,8 @@ fn panel(c: &mut Canvas, spec: Panel, points: &[(f64, f64)], x_max: f64) {
     for w in points.windows(2) {
         c.line(to_px(w[0]), to_px(w[1]), color);
     }
-    for &p in points {
+    // Markers only where there are few points (evaluations), not on the per-step loss.
+    for &p in points.iter().filter(|_| points.len() <= 40) {
         let (x, y) = to_px(p);
         for dy in -2..=2 {
             for dx in -2..=2 {
