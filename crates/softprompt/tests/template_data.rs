@@ -2,42 +2,18 @@
 //! BPE) tokenizers.
 
 use softprompt::data::{field_text, read_jsonl, DataSet, Row};
-use softprompt::gguf::GgufFile;
 use softprompt::template::{Segment, SpecialTokens, Template, Token};
 use softprompt::tokenizer::TextTokenizer;
 use std::path::{Path, PathBuf};
 
-/// `$SOFTPROMPT_HOME`, default `$HOME/.cache/softprompt`.
-fn softprompt_home() -> PathBuf {
-    if let Some(h) = std::env::var_os("SOFTPROMPT_HOME") {
-        return PathBuf::from(h);
-    }
-    let home = std::env::var_os("HOME").expect("neither SOFTPROMPT_HOME nor HOME is set");
-    PathBuf::from(home).join(".cache/softprompt")
-}
+mod common;
 
-fn model_file(rel: &str) -> PathBuf {
-    let path = softprompt_home().join("models").join(rel);
-    assert!(
-        path.is_file(),
-        "model file {} is missing: run `cargo run -p softprompt-cli -- fetch` first (or set SOFTPROMPT_HOME)",
-        path.display()
-    );
-    path
+fn smollm2() -> TextTokenizer {
+    common::smollm2_tokenizer()
 }
 
 fn minilm() -> TextTokenizer {
-    TextTokenizer::from_json_file(&model_file("minilm-l6/tokenizer.json")).unwrap()
-}
-
-fn smollm2() -> TextTokenizer {
-    let gguf = GgufFile::open(&model_file("smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
-    TextTokenizer::from_gguf(&gguf).unwrap()
-}
-
-/// `data/<rel>` at the repository root.
-fn data(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data").join(rel)
+    common::minilm_tokenizer()
 }
 
 /// A scratch file with the given contents, unique to this process and name.
@@ -401,7 +377,7 @@ fn facts_targets_tokenize_like_the_whole_sentence_smollm2() {
         "facts-countries/capital/train.jsonl",
         "facts-countries/continent/dev.jsonl",
     ] {
-        let ds = read_jsonl(&data(rel)).unwrap();
+        let ds = read_jsonl(&common::data(rel)).unwrap();
         assert!(ds.len() >= 25, "{rel}: {} rows", ds.len());
         for (origin, r) in ds.rows() {
             let e = t.encode(r, &origin, &tok, &sp, 256, 16).unwrap();
@@ -540,7 +516,7 @@ fn truncation_fails_when_literal_text_does_not_fit() {
 fn whole_sentiment_dev_set_encodes_within_max_len() {
     let tok = minilm();
     let sp = SpecialTokens::of(&tok).unwrap();
-    let ds = read_jsonl(&data("sentiment-movies/dev.jsonl")).unwrap();
+    let ds = read_jsonl(&common::data("sentiment-movies/dev.jsonl")).unwrap();
     assert_eq!(ds.len(), 1000);
     let mut names = ds.field_names();
     names.sort();
@@ -567,7 +543,7 @@ fn whole_sentiment_dev_set_encodes_within_max_len() {
 #[test]
 fn reads_real_data_sets() {
     for split in ["train", "dev", "test"] {
-        let path = data(&format!("sentiment-movies/{split}.jsonl"));
+        let path = common::data(&format!("sentiment-movies/{split}.jsonl"));
         let ds = read_jsonl(&path).unwrap();
         assert!(ds.len() >= 1000, "{split}: {}", ds.len());
         assert_eq!(ds.source, path);
@@ -576,7 +552,7 @@ fn reads_real_data_sets() {
         assert!(!field_text(&first.row, "text", &ds.origin(first)).unwrap().is_empty());
     }
     for task in ["capital", "continent"] {
-        let ds = read_jsonl(&data(&format!("facts-countries/{task}/train.jsonl"))).unwrap();
+        let ds = read_jsonl(&common::data(&format!("facts-countries/{task}/train.jsonl"))).unwrap();
         for (origin, r) in ds.rows() {
             field_text(r, "text", &origin).unwrap();
             field_text(r, "target", &origin).unwrap();

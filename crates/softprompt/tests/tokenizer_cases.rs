@@ -39,33 +39,14 @@ fn load_cases(name: &str) -> Vec<Case> {
         .collect()
 }
 
-/// `$SOFTPROMPT_HOME`, default `$HOME/.cache/softprompt`.
-fn softprompt_home() -> PathBuf {
-    if let Some(h) = std::env::var_os("SOFTPROMPT_HOME") {
-        return PathBuf::from(h);
-    }
-    let home = std::env::var_os("HOME").expect("neither SOFTPROMPT_HOME nor HOME is set");
-    PathBuf::from(home).join(".cache/softprompt")
-}
-
-fn model_file(rel: &str) -> PathBuf {
-    let path = softprompt_home().join("models").join(rel);
-    assert!(
-        path.is_file(),
-        "model file {} is missing: run `cargo run -p softprompt-cli -- fetch` first (or set SOFTPROMPT_HOME)",
-        path.display()
-    );
-    path
-}
+mod common;
 
 fn smollm2() -> TextTokenizer {
-    let path = model_file("smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let gguf = GgufFile::open(&path).unwrap();
-    TextTokenizer::from_gguf(&gguf).unwrap()
+    common::smollm2_tokenizer()
 }
 
 fn minilm() -> TextTokenizer {
-    TextTokenizer::from_json_file(&model_file("minilm-l6/tokenizer.json")).unwrap()
+    common::minilm_tokenizer()
 }
 
 /// Checks ids with and without special tokens for every case; returns the failures, described.

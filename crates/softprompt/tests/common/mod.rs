@@ -50,3 +50,26 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 pub fn as_u32(t: &Tensor) -> Tensor {
     t.to_dtype(candle_core::DType::U32).unwrap()
 }
+
+/// A file of the fetched default models (`$SOFTPROMPT_HOME/models/<rel>`); fails with
+/// instructions when it is missing.
+pub fn model_file(rel: &str) -> PathBuf {
+    let path = model_source::cache_dir().join("models").join(rel);
+    assert!(
+        path.is_file(),
+        "model file {} is missing: run `cargo run -p softprompt-cli -- fetch` first (or set SOFTPROMPT_HOME)",
+        path.display()
+    );
+    path
+}
+
+/// SmolLM2's tokenizer, built from its GGUF metadata.
+pub fn smollm2_tokenizer() -> softprompt::tokenizer::TextTokenizer {
+    let gguf = softprompt::gguf::GgufFile::open(&model_file("smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
+    softprompt::tokenizer::TextTokenizer::from_gguf(&gguf).unwrap()
+}
+
+/// MiniLM's tokenizer (tokenizer.json).
+pub fn minilm_tokenizer() -> softprompt::tokenizer::TextTokenizer {
+    softprompt::tokenizer::TextTokenizer::from_json_file(&model_file("minilm-l6/tokenizer.json")).unwrap()
+}
