@@ -413,7 +413,7 @@ impl PeftConfig {
         let obj = value
             .as_object()
             .with_context(|| format!("expected a JSON object, found {}", kind_of(value)))?;
-        let f = Fields(obj);
+        let f = crate::json_fields::JsonFields::new(obj);
         let peft_type = PeftType::parse(&f.req_str("peft_type")?).context("field `peft_type`")?;
         let method = match peft_type {
             PeftType::PromptTuning => MethodConfig::PromptTuning {
@@ -570,56 +570,6 @@ fn kind_of(v: &Value) -> &'static str {
         Value::String(_) => "a string",
         Value::Array(_) => "a list",
         Value::Object(_) => "an object",
-    }
-}
-
-/// Typed access to a config object; errors name the field.
-struct Fields<'a>(&'a Map<String, Value>);
-
-impl Fields<'_> {
-    fn opt_value(&self, k: &str) -> Option<Value> {
-        self.0.get(k).filter(|v| !v.is_null()).cloned()
-    }
-    fn opt_str(&self, k: &str) -> Result<Option<String>> {
-        match self.0.get(k) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(v) => bail!("field `{k}` should be a string, found {v}"),
-        }
-    }
-    fn req_str(&self, k: &str) -> Result<String> {
-        self.opt_str(k)?
-            .with_context(|| format!("required field `{k}` is missing"))
-    }
-    fn opt_usize(&self, k: &str) -> Result<Option<usize>> {
-        match self.0.get(k) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .and_then(|n| usize::try_from(n).ok())
-                .map(Some)
-                .with_context(|| format!("field `{k}` should be a non-negative integer, found {v}")),
-        }
-    }
-    fn req_usize(&self, k: &str) -> Result<usize> {
-        self.opt_usize(k)?
-            .with_context(|| format!("required field `{k}` is missing"))
-    }
-    fn opt_f64(&self, k: &str) -> Result<Option<f64>> {
-        match self.0.get(k) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .with_context(|| format!("field `{k}` should be a number, found {v}")),
-        }
-    }
-    fn opt_bool(&self, k: &str) -> Result<Option<bool>> {
-        match self.0.get(k) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(v) => bail!("field `{k}` should be true or false, found {v}"),
-        }
     }
 }
 

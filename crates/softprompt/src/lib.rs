@@ -7,6 +7,7 @@ pub mod data;
 pub mod gguf;
 pub mod infer;
 pub mod io;
+pub mod json_fields;
 pub mod model_source;
 pub mod prompt;
 pub mod task;

@@ -14,7 +14,7 @@ use std::path::Path;
 
 use super::ops::{self, AttentionSaved};
 use super::weights::WeightSource;
-use super::{Arch, Backbone, BackboneInput, ConfigFields, ModelInfo, Tape};
+use super::{Arch, Backbone, BackboneInput, ModelInfo, Tape};
 
 struct Dense {
     w: Tensor,
@@ -74,16 +74,16 @@ impl Bert {
     /// Loads a Hugging Face BERT directory (`config.json` + safetensors, with or without the
     /// `bert.` prefix, `LayerNorm.weight` or the older `LayerNorm.gamma` names).
     pub fn from_hf(dir: &Path, config: &serde_json::Value, w: &dyn WeightSource, device: &Device) -> Result<Self> {
-        let f = ConfigFields::new(dir, config);
-        let d = f.usize("hidden_size")?;
-        let heads = f.usize("num_attention_heads")?;
-        let n_layers = f.usize("num_hidden_layers")?;
-        let inter = f.usize("intermediate_size")?;
-        let vocab = f.usize("vocab_size")?;
+        let f = super::config_fields(dir, config)?;
+        let d = f.req_usize("hidden_size")?;
+        let heads = f.req_usize("num_attention_heads")?;
+        let n_layers = f.req_usize("num_hidden_layers")?;
+        let inter = f.req_usize("intermediate_size")?;
+        let vocab = f.req_usize("vocab_size")?;
         let max_pos = f.opt_usize("max_position_embeddings")?.unwrap_or(512);
         let types = f.opt_usize("type_vocab_size")?.unwrap_or(2);
-        let eps = f.f64_or("layer_norm_eps", 1e-12)?;
-        let act = f.str_or("hidden_act", "gelu")?;
+        let eps = f.opt_f64("layer_norm_eps")?.unwrap_or(1e-12);
+        let act = f.opt_str("hidden_act")?.unwrap_or_else(|| "gelu".to_string());
         if act != "gelu" {
             bail!(
                 "{}: hidden_act `{act}` is not supported (supported: gelu)",

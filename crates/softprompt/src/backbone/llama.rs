@@ -14,7 +14,7 @@ use std::path::Path;
 
 use super::ops::{self, AttentionSaved};
 use super::weights::WeightSource;
-use super::{Arch, Backbone, BackboneInput, ConfigFields, KvCache, ModelInfo, Tape};
+use super::{Arch, Backbone, BackboneInput, KvCache, ModelInfo, Tape};
 use crate::gguf::GgufFile;
 
 /// Hyper-parameters of a Llama-family model.
@@ -211,20 +211,20 @@ impl Llama {
         weights: &dyn WeightSource,
         device: &Device,
     ) -> Result<Self> {
-        let f = ConfigFields::new(dir, config);
-        let heads = f.usize("num_attention_heads")?;
+        let f = super::config_fields(dir, config)?;
+        let heads = f.req_usize("num_attention_heads")?;
         let cfg = LlamaConfig {
-            layers: f.usize("num_hidden_layers")?,
-            hidden: f.usize("hidden_size")?,
+            layers: f.req_usize("num_hidden_layers")?,
+            hidden: f.req_usize("hidden_size")?,
             heads,
             kv_heads: f.opt_usize("num_key_value_heads")?.unwrap_or(heads),
-            intermediate: f.usize("intermediate_size")?,
-            vocab: f.usize("vocab_size")?,
-            eps: f.f64_or("rms_norm_eps", 1e-6)?,
-            rope_theta: f.f64_or("rope_theta", 10_000.0)?,
+            intermediate: f.req_usize("intermediate_size")?,
+            vocab: f.req_usize("vocab_size")?,
+            eps: f.opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
+            rope_theta: f.opt_f64("rope_theta")?.unwrap_or(10_000.0),
             max_positions: f.opt_usize("max_position_embeddings")?.unwrap_or(4096),
         };
-        let model_type = f.str_or("model_type", "llama")?.to_string();
+        let model_type = f.opt_str("model_type")?.unwrap_or_else(|| "llama".to_string());
         Self::build(cfg, weights, hf_name, false, model_type, device)
     }
 

@@ -241,65 +241,12 @@ pub fn read_config(dir: &Path) -> Result<serde_json::Value> {
     serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
 }
 
-/// Typed access to `config.json` fields with errors that name the file and the field.
-pub struct ConfigFields<'a> {
-    path: PathBuf,
-    value: &'a serde_json::Value,
-}
-
-impl<'a> ConfigFields<'a> {
-    /// Wraps the parsed `config.json` of `dir`.
-    pub fn new(dir: &Path, value: &'a serde_json::Value) -> Self {
-        Self {
-            path: dir.join("config.json"),
-            value,
-        }
-    }
-    /// A required unsigned integer field.
-    pub fn usize(&self, field: &str) -> Result<usize> {
-        self.opt_usize(field)?
-            .with_context(|| format!("{}: required field `{field}` is missing", self.path.display()))
-    }
-    /// An optional unsigned integer field.
-    pub fn opt_usize(&self, field: &str) -> Result<Option<usize>> {
-        match self.value.get(field) {
-            None | Some(serde_json::Value::Null) => Ok(None),
-            Some(v) => v.as_u64().map(|n| Some(n as usize)).with_context(|| {
-                format!(
-                    "{}: field `{field}` should be an unsigned integer, found {v}",
-                    self.path.display()
-                )
-            }),
-        }
-    }
-    /// A float field with a default.
-    pub fn f64_or(&self, field: &str, default: f64) -> Result<f64> {
-        match self.value.get(field) {
-            None | Some(serde_json::Value::Null) => Ok(default),
-            Some(v) => v
-                .as_f64()
-                .with_context(|| format!("{}: field `{field}` should be a number, found {v}", self.path.display())),
-        }
-    }
-    /// A boolean field with a default.
-    pub fn bool_or(&self, field: &str, default: bool) -> Result<bool> {
-        match self.value.get(field) {
-            None | Some(serde_json::Value::Null) => Ok(default),
-            Some(v) => v.as_bool().with_context(|| {
-                format!(
-                    "{}: field `{field}` should be true or false, found {v}",
-                    self.path.display()
-                )
-            }),
-        }
-    }
-    /// A string field with a default.
-    pub fn str_or(&self, field: &str, default: &'a str) -> Result<&'a str> {
-        match self.value.get(field) {
-            None | Some(serde_json::Value::Null) => Ok(default),
-            Some(v) => v
-                .as_str()
-                .with_context(|| format!("{}: field `{field}` should be a string, found {v}", self.path.display())),
-        }
-    }
+/// Typed access to the fields of a model directory's parsed `config.json`; errors name the
+/// file and the field.
+pub fn config_fields<'a>(dir: &Path, config: &'a serde_json::Value) -> Result<crate::json_fields::JsonFields<'a>> {
+    let path = dir.join("config.json");
+    let map = config
+        .as_object()
+        .with_context(|| format!("{}: expected a JSON object", path.display()))?;
+    Ok(crate::json_fields::JsonFields::with_origin(map, path.display()))
 }
