@@ -228,6 +228,8 @@ pub struct Learner {
     pub head: Option<ClassifierHead>,
     /// Optimiser.
     pub optimizer: AdamW,
+    /// How the prompt was initialised (recorded in the PEFT config).
+    pub init: PromptInit,
 }
 
 impl Learner {
@@ -324,6 +326,7 @@ pub fn new_learner(p: &Prepared) -> Result<Learner> {
         prompt,
         head,
         optimizer,
+        init,
     })
 }
 
@@ -453,13 +456,12 @@ fn all_finite(params: &[(String, Var)]) -> Result<bool> {
 /// Writes the learner as a PEFT adapter into `dir`.
 pub fn save_adapter(p: &Prepared, learner: &Learner, dir: &Path) -> Result<()> {
     let info = p.model.backbone.info();
-    let init = prompt_init(&p.cfg, &p.task).unwrap_or(PromptInit::RandomNormal);
     let task_type = if p.cfg.task == TaskKind::SeqCls {
         TaskType::SeqCls
     } else {
         TaskType::CausalLm
     };
-    let mut config = PeftConfig::for_prompt(&learner.prompt, &init, task_type, info);
+    let mut config = PeftConfig::for_prompt(&learner.prompt, &learner.init, task_type, info);
     config.base_model_name_or_path = Some(p.cfg.model.clone());
     if let MethodConfig::PromptTuning {
         tokenizer_name_or_path: Some(t),
