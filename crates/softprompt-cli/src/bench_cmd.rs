@@ -1,10 +1,14 @@
 //! `softprompt bench`: times the frozen backbone's forward, training forward and input-gradient
-//! backward on a batch like a training step's, and prints the figures of one run.
+//! backward on a batch like a training step's, says where the time goes per layer kind, and
+//! measures this machine's f32 matrix-multiply ceiling with the same gemm in the same run, so
+//! efficiency is a ratio. Prints one run's figures (text, or JSON lines with `--json`).
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use clap::Args;
-use softprompt::backbone::BackboneInput;
+use serde_json::json;
+use softprompt::backbone::profile::{self, Direction};
+use softprompt::backbone::{Backbone, BackboneInput, ModelInfo};
 use std::time::Instant;
 
 /// Arguments of `bench`.
@@ -22,9 +26,16 @@ pub struct BenchArgs {
     /// Give rows random lengths between half and all of --len (right-padded, as in training).
     #[arg(long)]
     ragged: bool,
+    /// The first N positions are the same in every row (a prepended soft prompt), as in prompt
+    /// tuning: the backbone computes them once per batch.
+    #[arg(long, default_value_t = 0)]
+    shared_prefix: usize,
     /// Repetitions (the median is reported).
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Print JSON lines instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -32,11 +43,36 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-pub fn bench(args: BenchArgs) -> Result<()> {
-    let model = crate::model_cmds::load(&args.model)?;
-    let bb = model.backbone.as_ref();
+/// Matrix-multiply FLOPs of one forward over `tokens` positions whose keys span `keys` slots
+/// on average (projections, MLP and attention; the work actually needed).
+fn forward_flops(info: &ModelInfo, tokens: f64, keys: f64) -> f64 {
+    let (d, i) = (info.hidden as f64, info.intermediate as f64);
+    let kvd = (info.kv_heads * info.head_dim()) as f64;
+    let per_token = 2.0 * (d * (d + 2.0 * kvd) + d * d + 3.0 * d * i) + 4.0 * keys * d;
+    info.layers as f64 * per_token * tokens
+}
+
+/// GFLOP/s of the gemm the fused kernels use, on the shape of the MLP's up projection.
+fn matmul_ceiling(info: &ModelInfo, rows: usize) -> f64 {
+    let (k, n) = (info.hidden, 2 * info.intermediate);
+    let x: Vec<f32> = (0..rows * k).map(|i| (i % 13) as f32 * 0.01).collect();
+    let w: Vec<f32> = (0..n * k).map(|i| (i % 7) as f32 * 0.01).collect();
+    let mut out = vec![0f32; rows * n];
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let s = Instant::now();
+        softprompt_kernels::matmul::matmul_wt(&x, &w, &mut out, rows, k, n, false);
+        times.push(s.elapsed().as_secs_f64());
+    }
+    2.0 * (rows * k * n) as f64 / median(times) / 1e9
+}
+
+fn batch_input(bb: &dyn Backbone, args: &BenchArgs) -> Result<(Tensor, Tensor, Vec<usize>)> {
     let (b, t) = (args.batch, args.len);
-    let ids: Vec<u32> = (0..b * t).map(|i| (i * 7919 % 20000) as u32 + 100).collect();
+    let id = |i: usize| (i * 7919 % 20000) as u32 + 100;
+    let ids: Vec<u32> = (0..b * t)
+        .map(|i| if i % t < args.shared_prefix { id(i % t) } else { id(i) })
+        .collect();
     let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu)?;
     let lens: Vec<usize> = (0..b)
         .map(|r| {
@@ -46,21 +82,34 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                 t
             }
         })
-        .map(|l| l.min(t))
+        .map(|l| l.clamp(args.shared_prefix.min(t), t))
         .collect();
     let mask: Vec<u32> = (0..b * t).map(|i| u32::from(i % t < lens[i / t])).collect();
     let mask = Tensor::from_vec(mask, (b, t), &Device::Cpu)?;
-    let embeds = bb.embed(&ids)?;
+    Ok((bb.embed(&ids)?, mask, lens))
+}
+
+/// Runs `bench`.
+pub fn bench(args: BenchArgs) -> Result<()> {
+    let model = crate::model_cmds::load(&args.model)?;
+    let bb = model.backbone.as_ref();
+    let info = bb.info().clone();
+    let (embeds, mask, lens) = batch_input(bb, &args)?;
     let input = BackboneInput {
         embeds: &embeds,
         mask: &mask,
         token_types: None,
     };
     let (mut fwd, mut fwd_train, mut bwd) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..args.reps.max(1) {
+    let reps = args.reps.max(1);
+    for rep in 0..reps {
+        // the last repetition is profiled (timing spans cost a little)
+        profile::set_enabled(rep + 1 == reps);
+        profile::reset();
         let s = Instant::now();
         let h = bb.forward(&input)?;
         fwd.push(s.elapsed().as_secs_f64());
+        profile::reset();
         let s = Instant::now();
         let (_, tape) = bb.forward_train(&input)?;
         fwd_train.push(s.elapsed().as_secs_f64());
@@ -69,12 +118,43 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         bwd.push(s.elapsed().as_secs_f64());
         drop(d);
     }
+    let kinds = profile::totals();
+    profile::set_enabled(false);
     let (f, ft, bw) = (median(fwd), median(fwd_train), median(bwd));
-    let tokens = lens.iter().sum::<usize>() as f64;
+    let real: usize = lens.iter().sum();
+    let shared = args.shared_prefix.min(args.len);
+    let computed = real - shared * (args.batch.saturating_sub(1));
+    let tokens = real as f64;
+    let keys = lens.iter().map(|&l| (l * (l + 1) / 2) as f64).sum::<f64>() / tokens;
+    let needed = forward_flops(&info, computed as f64, keys);
+    let ceiling = matmul_ceiling(&info, computed.max(1));
+    let achieved = needed / f / 1e9;
+    let threads = rayon::current_num_threads();
+    let summary = json!({
+        "workload": "backbone", "model": args.model, "batch": args.batch, "len": args.len,
+        "real_tokens": real, "computed_tokens": computed, "shared_prefix": shared, "threads": threads,
+        "forward_s": f, "forward_tokens_per_s": tokens / f, "forward_keep_tape_s": ft, "backward_s": bw,
+        "train_step_backbone_s": ft + bw, "forward_gflop": needed / 1e9, "forward_gflops": achieved,
+        "matmul_ceiling_gflops": ceiling, "forward_efficiency": achieved / ceiling,
+    });
+    if args.json {
+        println!("{summary}");
+        for ((kind, dir), secs) in &kinds {
+            let dir = if *dir == Direction::Forward {
+                "forward"
+            } else {
+                "backward"
+            };
+            println!(
+                "{}",
+                json!({"workload": "profile", "kind": kind, "direction": dir, "seconds": secs})
+            );
+        }
+        return Ok(());
+    }
     println!(
-        "model {} · batch {b} × {t} positions ({tokens} real) · {} threads",
-        args.model,
-        rayon::current_num_threads()
+        "model {} · batch {} × {} positions ({real} real, {computed} computed: shared prefix {shared}) · {threads} threads",
+        args.model, args.batch, args.len
     );
     println!(
         "forward (inference):    {:8.1} ms  {:8.0} tokens/s",
@@ -92,5 +172,25 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         (ft + bw) * 1e3,
         tokens / (ft + bw)
     );
+    println!(
+        "forward work {:.1} GFLOP at {achieved:.1} GFLOP/s = {:.0}% of this machine's f32 matmul ceiling ({ceiling:.1} GFLOP/s, same gemm, same run)",
+        needed / 1e9,
+        100.0 * achieved / ceiling
+    );
+    if !kinds.is_empty() {
+        println!("where the time goes (one training forward + backward, seconds):");
+        println!("  {:<10} {:>9} {:>9}", "kind", "forward", "backward");
+        let mut names: Vec<&str> = kinds.keys().map(|(k, _)| *k).collect();
+        names.dedup();
+        for k in names {
+            let get = |d| kinds.get(&(k, d)).copied().unwrap_or(0.0);
+            println!(
+                "  {:<10} {:>9.3} {:>9.3}",
+                k,
+                get(Direction::Forward),
+                get(Direction::Backward)
+            );
+        }
+    }
     Ok(())
 }

@@ -25,6 +25,12 @@ fn rand(shape: &[usize], scale: f64, seed: &mut u64) -> Tensor {
 }
 
 fn tiny_llama() -> Llama {
+    tiny_llama_in(DType::F64)
+}
+
+/// The tiny Llama with its weights in `dtype`: f64 runs the composed candle path, f32 the fused
+/// CPU kernels.
+fn tiny_llama_in(dtype: DType) -> Llama {
     let cfg = LlamaConfig {
         layers: 2,
         hidden: 16,
@@ -64,6 +70,7 @@ fn tiny_llama() -> Llama {
         t.insert(p("mlp.up_proj.weight"), rand(&[24, 16], 0.5, &mut s));
         t.insert(p("mlp.down_proj.weight"), rand(&[16, 24], 0.5, &mut s));
     }
+    let t = t.into_iter().map(|(k, v)| (k, v.to_dtype(dtype).unwrap())).collect();
     let w = MemoryWeights {
         tensors: t,
         origin: PathBuf::from("tiny-llama"),
@@ -177,6 +184,129 @@ fn check_against_finite_differences(model: &dyn Backbone, pooled: bool) {
     }
     println!("max relative error vs finite differences: {worst:.2e}");
     assert!(worst < 1e-6, "backward disagrees with finite differences: {worst}");
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_dtype(DType::F64).unwrap();
+    let b = b.to_dtype(DType::F64).unwrap();
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// The fused f32 CPU kernels compute what the composed path computes (itself checked against
+/// finite differences above): hidden states, input gradients, and cached forwards, with
+/// right padding, left padding and grouped-query attention with q/k/v bias.
+#[test]
+fn fused_llama_equals_composed_forward_backward_and_cache() {
+    let (composed, fused) = (tiny_llama_in(DType::F64), tiny_llama_in(DType::F32));
+    let (b, t, d) = (3, 6, 16);
+    let mut s = 5u64;
+    let embeds = rand(&[b, t, d], 1.0, &mut s);
+    let mask = Tensor::new(
+        &[[1u32, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let r = rand(&[b, t, d], 1.0, &mut s);
+    let run = |m: &Llama, dtype: DType| {
+        let e = embeds.to_dtype(dtype).unwrap();
+        let input = BackboneInput {
+            embeds: &e,
+            mask: &mask,
+            token_types: None,
+        };
+        let (h, tape) = m.forward_train(&input).unwrap();
+        let g = m.backward(&tape, &r.to_dtype(dtype).unwrap()).unwrap();
+        let plain = m.forward(&input).unwrap();
+        // the same rows in two cached chunks: columns 0..4, then 4..6
+        let mut cache = softprompt::backbone::KvCache::default();
+        let part = |c0: usize, n: usize| (e.narrow(1, c0, n).unwrap(), mask.narrow(1, c0, n).unwrap());
+        let (e1, m1) = part(0, 4);
+        let (e2, m2) = part(4, 2);
+        let h1 = m
+            .forward_cached(
+                &BackboneInput {
+                    embeds: &e1,
+                    mask: &m1,
+                    token_types: None,
+                },
+                &mut cache,
+            )
+            .unwrap();
+        let h2 = m
+            .forward_cached(
+                &BackboneInput {
+                    embeds: &e2,
+                    mask: &m2,
+                    token_types: None,
+                },
+                &mut cache,
+            )
+            .unwrap();
+        (h, g, plain, Tensor::cat(&[h1, h2], 1).unwrap())
+    };
+    let (h64, g64, p64, c64) = run(&composed, DType::F64);
+    let (h32, g32, p32, c32) = run(&fused, DType::F32);
+    let keep = mask.to_dtype(DType::F64).unwrap().unsqueeze(2).unwrap();
+    let real = |x: &Tensor| x.to_dtype(DType::F64).unwrap().broadcast_mul(&keep).unwrap();
+    let errs = [
+        max_diff(&h64, &h32),
+        max_diff(&g64, &g32),
+        max_diff(&p64, &p32),
+        max_diff(&real(&c64), &real(&c32)),
+        max_diff(&real(&c32), &real(&h32)),
+    ];
+    println!(
+        "fused vs composed: hidden {:.1e}, gradient {:.1e}, inference {:.1e}, cached {:.1e}; cached vs full {:.1e}",
+        errs[0], errs[1], errs[2], errs[3], errs[4]
+    );
+    for e in errs {
+        assert!(e < 1e-4, "fused and composed paths differ by {e}");
+    }
+}
+
+/// Rows that start with the same embeddings (a prepended prompt) have that prefix computed once by
+/// the fused path: the hidden states are unchanged, and the prefix's gradient, summed over rows
+/// (what a prompt's gradient is), equals the composed path's.
+#[test]
+fn fused_llama_shares_a_common_prefix_exactly() {
+    let (composed, fused) = (tiny_llama_in(DType::F64), tiny_llama_in(DType::F32));
+    let (b, t, d, shared) = (3, 6, 16, 3);
+    let mut s = 9u64;
+    let prefix = rand(&[1, shared, d], 1.0, &mut s).repeat((b, 1, 1)).unwrap();
+    let rest = rand(&[b, t - shared, d], 1.0, &mut s);
+    let embeds = Tensor::cat(&[prefix, rest], 1).unwrap();
+    let mask = Tensor::new(
+        &[[1u32, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let r = rand(&[b, t, d], 1.0, &mut s);
+    let run = |m: &Llama, dtype: DType| {
+        let e = embeds.to_dtype(dtype).unwrap();
+        let input = BackboneInput {
+            embeds: &e,
+            mask: &mask,
+            token_types: None,
+        };
+        let (h, tape) = m.forward_train(&input).unwrap();
+        let g = m.backward(&tape, &r.to_dtype(dtype).unwrap()).unwrap();
+        let g_prefix = g.narrow(1, 0, shared).unwrap().sum_keepdim(0).unwrap();
+        (h, g_prefix, g.narrow(1, shared, t - shared).unwrap())
+    };
+    let (h64, p64, r64) = run(&composed, DType::F64);
+    let (h32, p32, r32) = run(&fused, DType::F32);
+    let errs = [max_diff(&h64, &h32), max_diff(&p64, &p32), max_diff(&r64, &r32)];
+    println!("shared prefix, fused vs composed: hidden {:.1e}, prefix gradient (sum over rows) {:.1e}, other gradients {:.1e}", errs[0], errs[1], errs[2]);
+    for e in errs {
+        assert!(e < 1e-4, "fused (shared prefix) and composed paths differ by {e}");
+    }
 }
 
 #[test]

@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 
+use super::llama_fused::{FusedLayer, FusedLlama, FusedTape};
 use super::ops::{self, AttentionSaved};
 use super::weights::WeightSource;
 use super::{Arch, Backbone, BackboneInput, KvCache, ModelInfo, Tape};
@@ -80,7 +81,10 @@ pub struct Llama {
     info: ModelInfo,
     cfg: LlamaConfig,
     embed: Tensor,
+    /// The layers as candle tensors (composed path); empty when `fused` holds them.
     layers: Vec<Layer>,
+    /// The layers as plain f32 rows for the fused CPU kernels (f32 on the CPU).
+    fused: Option<FusedLlama>,
     norm: Tensor,
     lm_head: Tensor,
     cos: Tensor,
@@ -301,6 +305,11 @@ impl Llama {
             .sum();
         let params = cfg.vocab * d * if tied { 1 } else { 2 } + d + cfg.layers * per_layer + biases;
         let (cos, sin) = rope_tables(&cfg, embed.dtype(), device)?;
+        let fused = if super::fused::applies(device, embed.dtype()) {
+            Some(Self::fuse(&cfg, std::mem::take(&mut layers), &norm, &cos, &sin)?)
+        } else {
+            None
+        };
         let info = ModelInfo {
             arch: Arch::Llama,
             model_type,
@@ -320,11 +329,53 @@ impl Llama {
             cfg,
             embed,
             layers,
+            fused,
             norm,
             lm_head,
             cos,
             sin,
         })
+    }
+
+    /// Moves the layers' weights into the plain rows the fused CPU kernels read.
+    fn fuse(cfg: &LlamaConfig, layers: Vec<Layer>, norm: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<FusedLlama> {
+        use super::fused::to_vec;
+        let layers = layers
+            .into_iter()
+            .map(|l| {
+                Ok(FusedLayer {
+                    attn_norm: to_vec(&l.attn_norm)?,
+                    w_qkv: to_vec(&l.w_qkv)?,
+                    b_qkv: l.b_qkv.as_ref().map(to_vec).transpose()?,
+                    wo: to_vec(&l.wo)?,
+                    ffn_norm: to_vec(&l.ffn_norm)?,
+                    w_gate_up: to_vec(&l.w_gate_up)?,
+                    w_down: to_vec(&l.w_down)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(FusedLlama {
+            layers,
+            norm: to_vec(norm)?,
+            cos: to_vec(cos)?,
+            sin: to_vec(sin)?,
+            hidden: cfg.hidden,
+            heads: cfg.heads,
+            kv_heads: cfg.kv_heads,
+            intermediate: cfg.intermediate,
+            eps: cfg.eps as f32,
+        })
+    }
+
+    fn check_width(&self, input: &BackboneInput) -> Result<()> {
+        let d = input.embeds.dim(2)?;
+        if d != self.cfg.hidden {
+            bail!(
+                "input embeddings have width {d}, the model's hidden size is {}",
+                self.cfg.hidden
+            );
+        }
+        Ok(())
     }
 
     /// Hyper-parameters.
@@ -440,13 +491,8 @@ impl Llama {
         keep: bool,
         cache: Option<&mut KvCache>,
     ) -> Result<(Tensor, Option<LlamaTape>)> {
-        let (_, t, d) = input.embeds.dims3()?;
-        if d != self.cfg.hidden {
-            bail!(
-                "input embeddings have width {d}, the model's hidden size is {}",
-                self.cfg.hidden
-            );
-        }
+        self.check_width(input)?;
+        let t = input.embeds.dim(1)?;
         let mask = input.mask.to_dtype(candle_core::DType::F32)?;
         let past_len = cache.as_ref().map_or(0, |c| c.len());
         let key_mask = match cache.as_ref().and_then(|c| c.mask.as_ref()) {
@@ -505,13 +551,25 @@ impl Backbone for Llama {
         &self.embed
     }
     fn forward(&self, input: &BackboneInput) -> Result<Tensor> {
+        if let Some(f) = &self.fused {
+            self.check_width(input)?;
+            return Ok(f.forward(input.embeds, input.mask, None, false)?.0);
+        }
         Ok(self.run(input, false, None)?.0)
     }
     fn forward_train(&self, input: &BackboneInput) -> Result<(Tensor, Tape)> {
+        if let Some(f) = &self.fused {
+            self.check_width(input)?;
+            let (h, tape) = f.forward(input.embeds, input.mask, None, true)?;
+            return Ok((h, Tape(Box::new(tape.expect("keep=true yields a tape")))));
+        }
         let (h, tape) = self.run(input, true, None)?;
         Ok((h, Tape(Box::new(tape.expect("keep=true yields a tape")))))
     }
     fn backward(&self, tape: &Tape, d_hidden: &Tensor) -> Result<Tensor> {
+        if let (Some(f), Some(t)) = (&self.fused, tape.0.downcast_ref::<FusedTape>()) {
+            return f.backward(t, d_hidden);
+        }
         let tape = tape
             .0
             .downcast_ref::<LlamaTape>()
@@ -524,6 +582,10 @@ impl Backbone for Llama {
         Ok(tape.packing.unpack(&dx)?)
     }
     fn forward_cached(&self, input: &BackboneInput, cache: &mut KvCache) -> Result<Tensor> {
+        if let Some(f) = &self.fused {
+            self.check_width(input)?;
+            return Ok(f.forward(input.embeds, input.mask, Some(cache), false)?.0);
+        }
         Ok(self.run(input, false, Some(cache))?.0)
     }
     fn lm_head(&self) -> Option<&Tensor> {

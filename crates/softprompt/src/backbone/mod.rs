@@ -8,8 +8,11 @@
 //! implementation composes candle tensor ops; a fused kernel can replace it behind this trait.
 
 pub mod bert;
+pub mod fused;
 pub mod llama;
+pub mod llama_fused;
 pub mod ops;
+pub mod profile;
 pub mod weights;
 
 use anyhow::{bail, Context, Result};
@@ -143,6 +146,11 @@ pub trait Backbone: Send + Sync {
     /// Like [`Backbone::forward`], keeping the activations the backward pass needs.
     fn forward_train(&self, input: &BackboneInput) -> Result<(Tensor, Tape)>;
     /// d(loss)/d(input embeddings) `[B, T, hidden]` from d(loss)/d(hidden) of every position.
+    ///
+    /// A backbone may compute a prefix that is identical in every row (a prepended soft prompt)
+    /// once per batch. The gradient of such a shared prefix is then the sum over the rows,
+    /// reported at row 0 (the other rows get zero there): exactly what a prompt's gradient,
+    /// summed over the rows, needs.
     fn backward(&self, tape: &Tape, d_hidden: &Tensor) -> Result<Tensor>;
     /// Causal models: forward `input` after the positions already in `cache`, appending the new
     /// keys and values to it. Returns the new positions' hidden states.

@@ -1,0 +1,17 @@
+//! Fused, multi-threaded f32 CPU kernels for frozen transformer backbones.
+//!
+//! Every kernel works on plain row-major slices and has a hand-written input-gradient
+//! counterpart; no weight gradient is ever formed (the weights are frozen). Matrix multiplies go
+//! through the `gemm` crate (the one candle uses), everything else is a fused pass that rayon
+//! spreads over rows. The callers (softprompt's backbones) keep the math of each layer visible
+//! and are checked against the composed candle version by the parity and gradient tests.
+
+#![warn(missing_docs)]
+
+pub mod activation;
+pub mod attention;
+pub mod matmul;
+pub mod norm;
+pub mod rope;
+
+pub use attention::AttentionLayout;

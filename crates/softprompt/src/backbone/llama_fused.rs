@@ -1,0 +1,412 @@
+//! The Llama decoder on fused, multi-threaded f32 CPU kernels: the same math as the composed
+//! version in `llama.rs`, one pass per step over the packed real positions, with only the
+//! activations the input-gradient pass needs kept on the tape.
+//!
+//! Per layer (x: `[N, D]` packed real positions; K/V in padded key slots `[B·S, kv_dim]`):
+//! ```text
+//! n1 = rms(x)·g1            qkv = n1·W_qkvᵀ (+b)        q, k = rope(q, k)
+//! a = attention(q, K, V)    x2 = x + a·W_oᵀ
+//! n2 = rms(x2)·g2           gu = n2·W_guᵀ               out = x2 + (silu(g) ⊙ u)·W_downᵀ
+//! ```
+
+use anyhow::{ensure, Result};
+use candle_core::{Device, Tensor};
+use softprompt_kernels::{activation, attention, matmul, norm, rope, AttentionLayout};
+
+use super::fused::{to_vec, Packed};
+use super::profile::{span, Direction};
+use super::KvCache;
+
+/// One decoder layer's frozen weights as plain f32 rows.
+pub struct FusedLayer {
+    /// Attention RMSNorm gain `[D]`.
+    pub attn_norm: Vec<f32>,
+    /// q, k, v stacked `[D + 2·kv_dim, D]`.
+    pub w_qkv: Vec<f32>,
+    /// Their biases `[D + 2·kv_dim]` (Qwen2).
+    pub b_qkv: Option<Vec<f32>>,
+    /// Output projection `[D, D]`.
+    pub wo: Vec<f32>,
+    /// MLP RMSNorm gain `[D]`.
+    pub ffn_norm: Vec<f32>,
+    /// Gate and up stacked `[2·I, D]`.
+    pub w_gate_up: Vec<f32>,
+    /// Down projection `[D, I]`.
+    pub w_down: Vec<f32>,
+}
+
+/// The Llama stack on fused kernels.
+pub struct FusedLlama {
+    /// Decoder layers.
+    pub layers: Vec<FusedLayer>,
+    /// Final RMSNorm gain.
+    pub norm: Vec<f32>,
+    /// RoPE tables `[max_positions, head_dim/2]`.
+    pub cos: Vec<f32>,
+    /// RoPE tables `[max_positions, head_dim/2]`.
+    pub sin: Vec<f32>,
+    /// Hidden size.
+    pub hidden: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// MLP inner size.
+    pub intermediate: usize,
+    /// RMSNorm epsilon.
+    pub eps: f32,
+}
+
+/// What one layer keeps for the backward pass.
+struct LayerTape {
+    x: Vec<f32>,
+    rstd1: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    probs: Vec<f32>,
+    x2: Vec<f32>,
+    rstd2: Vec<f32>,
+    gate_up: Vec<f32>,
+}
+
+/// The tape of a fused forward pass.
+pub struct FusedTape {
+    packed: Packed,
+    geometry: Geometry,
+    layers: Vec<LayerTape>,
+    last: Vec<f32>,
+    last_rstd: Vec<f32>,
+}
+
+/// Where the queries and key slots of one call sit.
+struct Geometry {
+    /// Key slots per row (cached + new).
+    keys: usize,
+    /// Packed positions whose keys and values every row sees (the shared prefix).
+    shared: usize,
+    /// Batch rows.
+    rows: usize,
+    key_mask: Vec<bool>,
+    /// `[N]` batch row of each query.
+    query_row: Vec<usize>,
+    /// `[N]` key slot (= position) of each query.
+    query_key: Vec<usize>,
+}
+
+impl Geometry {
+    fn layout(&self, m: &FusedLlama) -> AttentionLayout<'_> {
+        AttentionLayout {
+            heads: m.heads,
+            kv_heads: m.kv_heads,
+            head_dim: m.head_dim(),
+            keys: self.keys,
+            key_mask: &self.key_mask,
+            query_row: &self.query_row,
+            query_key: &self.query_key,
+            causal: true,
+        }
+    }
+    /// The key slots that hold packed position `i`'s key and value (one per row when shared).
+    fn slots(&self, i: usize) -> impl Iterator<Item = usize> + '_ {
+        let rows = if i < self.shared {
+            0..self.rows
+        } else {
+            self.query_row[i]..self.query_row[i] + 1
+        };
+        rows.map(move |r| r * self.keys + self.query_key[i])
+    }
+}
+
+impl FusedLlama {
+    fn head_dim(&self) -> usize {
+        self.hidden / self.heads
+    }
+    fn kv_dim(&self) -> usize {
+        self.kv_heads * self.head_dim()
+    }
+
+    /// Forward over the real positions of `embeds` (`[B, T, D]`, `mask` `[B, T]`), after the
+    /// positions in `cache` (whose keys and values are then replaced by the extended ones).
+    /// Returns the final-normed hidden states `[B, T, D]` (zeros at padding) and, with `keep`,
+    /// the tape for [`FusedLlama::backward`].
+    pub fn forward(
+        &self,
+        embeds: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut KvCache>,
+        keep: bool,
+    ) -> Result<(Tensor, Option<FusedTape>)> {
+        let device = embeds.device().clone();
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        // A prefix shared by every row is computed once (not after a cache: rows may differ there).
+        let packed = Packed::new(mask, (past == 0).then_some(embeds))?;
+        let geometry = self.geometry(&packed, past, cache.as_deref())?;
+        let mut kv = self.past_slots(&packed, &geometry, cache.as_deref())?;
+        let mut x = packed.pack(embeds)?;
+        let mut tapes = Vec::new();
+        for (layer, kv) in self.layers.iter().zip(kv.iter_mut()) {
+            let (y, tape) = self.layer_forward(layer, x, &geometry, kv, keep);
+            tapes.extend(tape);
+            x = y;
+        }
+        let n = packed.len();
+        let (mut h, mut rstd) = (vec![0f32; x.len()], vec![0f32; n]);
+        norm::rms_norm(&x, &self.norm, self.eps, &mut h, &mut rstd);
+        let hidden = packed.unpack(&h, true, &device)?;
+        if let Some(c) = cache {
+            self.store_cache(c, &packed, &geometry, kv, &device)?;
+        }
+        let tape = keep.then_some(FusedTape {
+            packed,
+            geometry,
+            layers: tapes,
+            last: x,
+            last_rstd: rstd,
+        });
+        Ok((hidden, tape))
+    }
+
+    /// d(loss)/d(input embeddings) `[B, T, D]` from d(loss)/d(hidden) `[B, T, D]`.
+    pub fn backward(&self, tape: &FusedTape, d_hidden: &Tensor) -> Result<Tensor> {
+        let dh = tape.packed.pack_sum(d_hidden)?;
+        let mut dx = vec![0f32; dh.len()];
+        norm::rms_norm_backward(&tape.last, &self.norm, &tape.last_rstd, &dh, &mut dx);
+        for (layer, lt) in self.layers.iter().zip(&tape.layers).rev() {
+            dx = self.layer_backward(layer, lt, &tape.geometry, dx);
+        }
+        tape.packed.unpack(&dx, false, d_hidden.device())
+    }
+
+    fn geometry(&self, packed: &Packed, past: usize, cache: Option<&KvCache>) -> Result<Geometry> {
+        let keys = past + packed.cols;
+        let mut key_mask = vec![false; packed.rows * keys];
+        if let Some(m) = cache.and_then(|c| c.mask.as_ref()) {
+            ensure!(
+                m.dims2()? == (packed.rows, past),
+                "the key/value cache holds {:?} rows, the batch {}",
+                m.dims(),
+                packed.rows
+            );
+            for (i, v) in to_vec(m)?.into_iter().enumerate() {
+                key_mask[(i / past) * keys + i % past] = v != 0.0;
+            }
+        }
+        for (i, &r) in packed.real.iter().enumerate() {
+            key_mask[(i / packed.cols) * keys + past + i % packed.cols] = r;
+        }
+        // A shared position appears in every row; its slot in rows other than 0 is real too.
+        let max = self.cos.len() / (self.head_dim() / 2);
+        ensure!(
+            keys <= max,
+            "sequence of {keys} positions exceeds the model's context of {max}"
+        );
+        Ok(Geometry {
+            keys,
+            shared: packed.shared,
+            rows: packed.rows,
+            key_mask,
+            query_row: packed.row.clone(),
+            query_key: packed.col.iter().map(|c| past + c).collect(),
+        })
+    }
+
+    /// Per layer, the key and value slots `[B·S, kv_dim]` with the cached positions filled in.
+    fn past_slots(&self, packed: &Packed, g: &Geometry, cache: Option<&KvCache>) -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
+        let (kvd, hd) = (self.kv_dim(), self.head_dim());
+        let size = packed.rows * g.keys * kvd;
+        let past = g.keys - packed.cols;
+        let mut slots = Vec::with_capacity(self.layers.len());
+        for l in 0..self.layers.len() {
+            let (mut k, mut v) = (vec![0f32; size], vec![0f32; size]);
+            if let Some((pk, pv)) = cache.and_then(|c| c.layers.get(l)) {
+                // [B, Hkv, past, hd] → slots [B, S, Hkv·hd]
+                for (src, dst) in [(pk, &mut k), (pv, &mut v)] {
+                    let src = to_vec(src)?;
+                    for b in 0..packed.rows {
+                        for h in 0..self.kv_heads {
+                            for j in 0..past {
+                                let from = ((b * self.kv_heads + h) * past + j) * hd;
+                                let to = (b * g.keys + j) * kvd + h * hd;
+                                dst[to..to + hd].copy_from_slice(&src[from..from + hd]);
+                            }
+                        }
+                    }
+                }
+            }
+            slots.push((k, v));
+        }
+        Ok(slots)
+    }
+
+    fn store_cache(
+        &self,
+        cache: &mut KvCache,
+        packed: &Packed,
+        g: &Geometry,
+        kv: Vec<(Vec<f32>, Vec<f32>)>,
+        device: &Device,
+    ) -> Result<()> {
+        let shape = (packed.rows, g.keys, self.kv_heads, self.head_dim());
+        let as_cache = |slots: Vec<f32>| -> Result<Tensor> {
+            Ok(Tensor::from_vec(slots, shape, device)?.transpose(1, 2)?.contiguous()?)
+        };
+        cache.layers = kv
+            .into_iter()
+            .map(|(k, v)| Ok((as_cache(k)?, as_cache(v)?)))
+            .collect::<Result<_>>()?;
+        let mask: Vec<f32> = g.key_mask.iter().map(|&m| f32::from(u8::from(m))).collect();
+        cache.mask = Some(Tensor::from_vec(mask, (packed.rows, g.keys), device)?);
+        Ok(())
+    }
+
+    fn layer_forward(
+        &self,
+        l: &FusedLayer,
+        x: Vec<f32>,
+        g: &Geometry,
+        (k_slots, v_slots): &mut (Vec<f32>, Vec<f32>),
+        keep: bool,
+    ) -> (Vec<f32>, Option<LayerTape>) {
+        use Direction::Forward as F;
+        let (d, hd, kvd, inter) = (self.hidden, self.head_dim(), self.kv_dim(), self.intermediate);
+        let n = x.len() / d;
+        let positions = &g.query_key;
+        // attention block
+        let (mut n1, mut rstd1) = (vec![0f32; n * d], vec![0f32; n]);
+        span("norm", F, || {
+            norm::rms_norm(&x, &l.attn_norm, self.eps, &mut n1, &mut rstd1)
+        });
+        let width = d + 2 * kvd;
+        let mut qkv = vec![0f32; n * width];
+        span("qkv", F, || {
+            matmul::matmul_wt(&n1, &l.w_qkv, &mut qkv, n, d, width, false);
+            if let Some(b) = &l.b_qkv {
+                matmul::add_bias(&mut qkv, b);
+            }
+        });
+        let (mut q, mut k_new) = (vec![0f32; n * d], vec![0f32; n * kvd]);
+        span("copies", F, || {
+            for (i, row) in qkv.chunks(width).enumerate() {
+                q[i * d..(i + 1) * d].copy_from_slice(&row[..d]);
+                k_new[i * kvd..(i + 1) * kvd].copy_from_slice(&row[d..d + kvd]);
+                for s in g.slots(i) {
+                    v_slots[s * kvd..(s + 1) * kvd].copy_from_slice(&row[d + kvd..]);
+                }
+            }
+        });
+        span("rope", F, || {
+            rope::rope(&mut q, positions, hd, &self.cos, &self.sin, false);
+            rope::rope(&mut k_new, positions, hd, &self.cos, &self.sin, false);
+        });
+        span("copies", F, || {
+            for (i, k) in k_new.chunks(kvd).enumerate() {
+                for s in g.slots(i) {
+                    k_slots[s * kvd..(s + 1) * kvd].copy_from_slice(k);
+                }
+            }
+        });
+        let mut a = n1; // n1 is not needed any more: its buffer takes the attention output
+        let mut probs = if keep {
+            vec![0f32; n * self.heads * g.keys]
+        } else {
+            Vec::new()
+        };
+        span("attention", F, || {
+            let lay = g.layout(self);
+            attention::attention(&lay, &q, k_slots, v_slots, &mut a, keep.then_some(&mut probs[..]))
+        });
+        let mut x2 = x.clone();
+        span("o-proj", F, || matmul::matmul_wt(&a, &l.wo, &mut x2, n, d, d, true));
+        // MLP block
+        let (mut n2, mut rstd2) = (a, vec![0f32; n]);
+        span("norm", F, || {
+            norm::rms_norm(&x2, &l.ffn_norm, self.eps, &mut n2, &mut rstd2)
+        });
+        let mut gate_up = vec![0f32; n * 2 * inter];
+        let mut out = x2.clone();
+        span("mlp", F, || {
+            matmul::matmul_wt(&n2, &l.w_gate_up, &mut gate_up, n, d, 2 * inter, false);
+            let mut m = vec![0f32; n * inter];
+            activation::silu_mul(&gate_up, &mut m, inter);
+            matmul::matmul_wt(&m, &l.w_down, &mut out, n, inter, d, true);
+        });
+        let tape = keep.then(|| LayerTape {
+            x,
+            rstd1,
+            q,
+            k: k_slots.clone(),
+            v: v_slots.clone(),
+            probs,
+            x2,
+            rstd2,
+            gate_up,
+        });
+        (out, tape)
+    }
+
+    fn layer_backward(&self, l: &FusedLayer, t: &LayerTape, g: &Geometry, dy: Vec<f32>) -> Vec<f32> {
+        use Direction::Backward as B;
+        let (d, hd, kvd, inter) = (self.hidden, self.head_dim(), self.kv_dim(), self.intermediate);
+        let n = dy.len() / d;
+        let positions = &g.query_key;
+        // MLP block
+        let mut dn2 = vec![0f32; n * d];
+        span("mlp", B, || {
+            let mut dm = vec![0f32; n * inter];
+            matmul::matmul(&dy, &l.w_down, &mut dm, n, d, inter, false);
+            let mut dgu = vec![0f32; n * 2 * inter];
+            activation::silu_mul_backward(&t.gate_up, &dm, &mut dgu, inter);
+            matmul::matmul(&dgu, &l.w_gate_up, &mut dn2, n, 2 * inter, d, false);
+        });
+        let mut dx2 = dy;
+        span("norm", B, || {
+            norm::rms_norm_backward(&t.x2, &l.ffn_norm, &t.rstd2, &dn2, &mut dx2)
+        });
+        // attention block
+        let mut da = dn2; // reuse
+        span("o-proj", B, || matmul::matmul(&dx2, &l.wo, &mut da, n, d, d, false));
+        let mut dq = vec![0f32; n * d];
+        let (mut dk, mut dv) = (vec![0f32; t.k.len()], vec![0f32; t.v.len()]);
+        span("attention", B, || {
+            let lay = g.layout(self);
+            attention::attention_backward(&lay, &t.q, &t.k, &t.v, &t.probs, &da, &mut dq, &mut dk, &mut dv)
+        });
+        let mut dk_new = vec![0f32; n * kvd];
+        span("copies", B, || {
+            for (i, row) in dk_new.chunks_mut(kvd).enumerate() {
+                for s in g.slots(i) {
+                    for (r, d) in row.iter_mut().zip(&dk[s * kvd..(s + 1) * kvd]) {
+                        *r += d;
+                    }
+                }
+            }
+        });
+        span("rope", B, || {
+            rope::rope(&mut dq, positions, hd, &self.cos, &self.sin, true);
+            rope::rope(&mut dk_new, positions, hd, &self.cos, &self.sin, true);
+        });
+        let width = d + 2 * kvd;
+        let mut dqkv = vec![0f32; n * width];
+        span("copies", B, || {
+            for (i, row) in dqkv.chunks_mut(width).enumerate() {
+                row[..d].copy_from_slice(&dq[i * d..(i + 1) * d]);
+                row[d..d + kvd].copy_from_slice(&dk_new[i * kvd..(i + 1) * kvd]);
+                for s in g.slots(i) {
+                    for (r, v) in row[d + kvd..].iter_mut().zip(&dv[s * kvd..(s + 1) * kvd]) {
+                        *r += v;
+                    }
+                }
+            }
+        });
+        let mut dn1 = da;
+        span("qkv", B, || {
+            matmul::matmul(&dqkv, &l.w_qkv, &mut dn1, n, width, d, false)
+        });
+        let mut dx = dx2;
+        span("norm", B, || {
+            norm::rms_norm_backward(&t.x, &l.attn_norm, &t.rstd1, &dn1, &mut dx)
+        });
+        dx
+    }
+}
