@@ -79,6 +79,11 @@ fn tiny_llama_in(dtype: DType) -> Llama {
 }
 
 fn tiny_bert() -> Bert {
+    tiny_bert_in(DType::F64)
+}
+
+/// The tiny BERT with its weights in `dtype` (f32: the fused CPU kernels).
+fn tiny_bert_in(dtype: DType) -> Bert {
     let mut s = 11u64;
     let mut t = HashMap::new();
     let mut ins = |n: &str, shape: &[usize], scale: f64, shift: f64, s: &mut u64| {
@@ -116,6 +121,7 @@ fn tiny_bert() -> Bert {
         "intermediate_size": 24, "vocab_size": 20, "max_position_embeddings": 16, "type_vocab_size": 2,
         "layer_norm_eps": 1e-12, "hidden_act": "gelu"
     });
+    let t = t.into_iter().map(|(k, v)| (k, v.to_dtype(dtype).unwrap())).collect();
     let w = MemoryWeights {
         tensors: t,
         origin: PathBuf::from("tiny-bert"),
@@ -306,6 +312,45 @@ fn fused_llama_shares_a_common_prefix_exactly() {
     println!("shared prefix, fused vs composed: hidden {:.1e}, prefix gradient (sum over rows) {:.1e}, other gradients {:.1e}", errs[0], errs[1], errs[2]);
     for e in errs {
         assert!(e < 1e-4, "fused (shared prefix) and composed paths differ by {e}");
+    }
+}
+
+/// The fused BERT equals the composed one at every real position (padded positions, which no
+/// real position attends to, are zero in the fused path), with and without token types.
+#[test]
+fn fused_bert_equals_composed() {
+    let (composed, fused) = (tiny_bert_in(DType::F64), tiny_bert_in(DType::F32));
+    let (b, t, d) = (2, 5, 16);
+    let mut s = 13u64;
+    let embeds = rand(&[b, t, d], 1.0, &mut s);
+    let mask = Tensor::new(&[[1u32, 1, 1, 1, 1], [1, 1, 1, 0, 0]], &Device::Cpu).unwrap();
+    let types = Tensor::new(&[[0u32, 0, 1, 1, 1], [0, 1, 1, 0, 0]], &Device::Cpu).unwrap();
+    let keep = mask.to_dtype(DType::F64).unwrap().unsqueeze(2).unwrap();
+    let real = |x: &Tensor| x.to_dtype(DType::F64).unwrap().broadcast_mul(&keep).unwrap();
+    let r = real(&rand(&[b, t, d], 1.0, &mut s));
+    for token_types in [None, Some(&types)] {
+        let run = |m: &Bert, dtype: DType| {
+            let e = embeds.to_dtype(dtype).unwrap();
+            let input = BackboneInput {
+                embeds: &e,
+                mask: &mask,
+                token_types,
+            };
+            let (h, tape) = m.forward_train(&input).unwrap();
+            let g = m.backward(&tape, &r.to_dtype(dtype).unwrap()).unwrap();
+            let pooled = m.pool(&h).unwrap();
+            (real(&h), g, pooled)
+        };
+        let (h64, g64, p64) = run(&composed, DType::F64);
+        let (h32, g32, p32) = run(&fused, DType::F32);
+        let errs = [max_diff(&h64, &h32), max_diff(&g64, &g32), max_diff(&p64, &p32)];
+        println!(
+            "fused vs composed BERT: hidden {:.1e}, gradient {:.1e}, pooled {:.1e}",
+            errs[0], errs[1], errs[2]
+        );
+        for e in errs {
+            assert!(e < 1e-4, "fused and composed BERT differ by {e}");
+        }
     }
 }
 

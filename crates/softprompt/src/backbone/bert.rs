@@ -12,6 +12,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use std::path::Path;
 
+use super::bert_fused::{FusedBert, FusedBertLayer, FusedBertTape, FusedDense, FusedNorm};
+use super::fused::to_vec;
 use super::ops::{self, AttentionSaved};
 use super::weights::WeightSource;
 use super::{Arch, Backbone, BackboneInput, ModelInfo, Tape};
@@ -54,7 +56,10 @@ pub struct Bert {
     position: Tensor,
     token_type: Tensor,
     emb_norm: Norm,
+    /// The layers as candle tensors (composed path); empty when `fused` holds them.
     layers: Vec<Layer>,
+    /// The encoder as plain f32 rows for the fused CPU kernels (f32 on the CPU).
+    fused: Option<FusedBert>,
     pooler: Option<Dense>,
 }
 
@@ -163,7 +168,7 @@ impl Bert {
             params,
             dtypes_on_disk: w.dtype_counts(),
         };
-        Ok(Self {
+        let mut bert = Self {
             info,
             eps,
             word: get("embeddings.word_embeddings.weight", &[vocab, d])?,
@@ -171,7 +176,53 @@ impl Bert {
             token_type: get("embeddings.token_type_embeddings.weight", &[types, d])?,
             emb_norm: norm("embeddings.LayerNorm")?,
             layers,
+            fused: None,
             pooler,
+        };
+        if super::fused::applies(device, bert.word.dtype()) {
+            bert.fused = Some(bert.fuse()?);
+        }
+        Ok(bert)
+    }
+
+    /// Moves the encoder's weights into the plain rows the fused CPU kernels read.
+    fn fuse(&mut self) -> Result<FusedBert> {
+        let dense = |parts: &[&Dense]| -> Result<FusedDense> {
+            let w: Vec<&Tensor> = parts.iter().map(|p| &p.w).collect();
+            let b: Vec<&Tensor> = parts.iter().map(|p| &p.b).collect();
+            Ok(FusedDense {
+                w: to_vec(&Tensor::cat(&w, 0)?)?,
+                b: to_vec(&Tensor::cat(&b, 0)?)?,
+            })
+        };
+        let norm = |n: &Norm| -> Result<FusedNorm> {
+            Ok(FusedNorm {
+                g: to_vec(&n.g)?,
+                b: to_vec(&n.b)?,
+            })
+        };
+        let layers = std::mem::take(&mut self.layers)
+            .iter()
+            .map(|l| {
+                Ok(FusedBertLayer {
+                    qkv: dense(&[&l.q, &l.k, &l.v])?,
+                    o: dense(&[&l.o])?,
+                    attn_norm: norm(&l.attn_norm)?,
+                    inner: dense(&[&l.inner])?,
+                    out: dense(&[&l.out])?,
+                    out_norm: norm(&l.out_norm)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(FusedBert {
+            layers,
+            position: to_vec(&self.position)?,
+            token_type: to_vec(&self.token_type)?,
+            emb_norm: norm(&self.emb_norm)?,
+            hidden: self.info.hidden,
+            heads: self.info.heads,
+            intermediate: self.info.intermediate,
+            eps: self.eps as f32,
         })
     }
 
@@ -218,14 +269,20 @@ impl Bert {
         Ok((dr1 + dx)?)
     }
 
-    fn run(&self, input: &BackboneInput, keep: bool) -> Result<(Tensor, Option<BertTape>)> {
-        let (b, t, d) = input.embeds.dims3()?;
+    fn check_width(&self, input: &BackboneInput) -> Result<()> {
+        let d = input.embeds.dim(2)?;
         if d != self.info.hidden {
             bail!(
                 "input embeddings have width {d}, the model's hidden size is {}",
                 self.info.hidden
             );
         }
+        Ok(())
+    }
+
+    fn run(&self, input: &BackboneInput, keep: bool) -> Result<(Tensor, Option<BertTape>)> {
+        self.check_width(input)?;
+        let (b, t, d) = input.embeds.dims3()?;
         if t > self.info.max_positions {
             bail!(
                 "sequence of {t} positions exceeds the model's {} positions",
@@ -275,13 +332,25 @@ impl Backbone for Bert {
         &self.word
     }
     fn forward(&self, input: &BackboneInput) -> Result<Tensor> {
+        if let Some(f) = &self.fused {
+            self.check_width(input)?;
+            return Ok(f.forward(input.embeds, input.mask, input.token_types, false)?.0);
+        }
         Ok(self.run(input, false)?.0)
     }
     fn forward_train(&self, input: &BackboneInput) -> Result<(Tensor, Tape)> {
+        if let Some(f) = &self.fused {
+            self.check_width(input)?;
+            let (h, tape) = f.forward(input.embeds, input.mask, input.token_types, true)?;
+            return Ok((h, Tape(Box::new(tape.expect("keep=true yields a tape")))));
+        }
         let (h, tape) = self.run(input, true)?;
         Ok((h, Tape(Box::new(tape.expect("keep=true yields a tape")))))
     }
     fn backward(&self, tape: &Tape, d_hidden: &Tensor) -> Result<Tensor> {
+        if let (Some(f), Some(t)) = (&self.fused, tape.0.downcast_ref::<FusedBertTape>()) {
+            return f.backward(t, d_hidden);
+        }
         let tape = tape
             .0
             .downcast_ref::<BertTape>()

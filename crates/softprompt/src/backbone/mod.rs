@@ -8,6 +8,7 @@
 //! implementation composes candle tensor ops; a fused kernel can replace it behind this trait.
 
 pub mod bert;
+pub mod bert_fused;
 pub mod fused;
 pub mod llama;
 pub mod llama_fused;
