@@ -76,10 +76,16 @@ mod parse;
 pub enum Segment {
     /// Literal text (escapes already resolved).
     Text(String),
-    /// `{name}`; `column` is the 1-based template column of its `{`.
-    Field { name: String, column: usize },
-    /// `[soft:N]`, `[soft:N@name]` or `[soft@name]`: the virtual tokens `tokens`.
+    /// `{name}`.
+    Field {
+        /// The field's name.
+        name: String,
+        /// 1-based template column of its `{`.
+        column: usize,
+    },
+    /// `[soft:N]`, `[soft:N@name]` or `[soft@name]`.
     Soft {
+        /// The virtual tokens (indices into the prompt).
         tokens: Range<usize>,
         /// The name given with `@name`, if any.
         name: Option<String>,
