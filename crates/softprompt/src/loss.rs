@@ -125,4 +125,81 @@ mod tests {
         }
         assert!(softmax_cross_entropy(&logits, &[]).is_err());
     }
+
+    /// A causal LM whose vocabulary head is the identity: the logits are the hidden rows.
+    struct IdentityHead {
+        info: crate::backbone::ModelInfo,
+        head: Tensor,
+    }
+
+    impl crate::backbone::Backbone for IdentityHead {
+        fn info(&self) -> &crate::backbone::ModelInfo {
+            &self.info
+        }
+        fn embedding_table(&self) -> &Tensor {
+            &self.head
+        }
+        fn forward(&self, input: &crate::backbone::BackboneInput) -> Result<Tensor> {
+            Ok(input.embeds.clone())
+        }
+        fn forward_train(&self, _: &crate::backbone::BackboneInput) -> Result<(Tensor, crate::backbone::Tape)> {
+            bail!("not needed")
+        }
+        fn backward(&self, _: &crate::backbone::Tape, d_hidden: &Tensor) -> Result<Tensor> {
+            Ok(d_hidden.clone())
+        }
+    }
+
+    impl CausalLm for IdentityHead {
+        fn forward_cached(
+            &self,
+            _: &crate::backbone::BackboneInput,
+            _: &mut crate::backbone::KvCache,
+        ) -> Result<Tensor> {
+            bail!("not needed")
+        }
+        fn lm_head(&self) -> &Tensor {
+            &self.head
+        }
+    }
+
+    #[test]
+    fn lm_loss_covers_only_target_tokens() {
+        let lm = IdentityHead {
+            info: crate::backbone::ModelInfo {
+                arch: crate::backbone::Arch::Llama,
+                model_type: "test".into(),
+                source: "test".into(),
+                layers: 1,
+                hidden: 2,
+                heads: 1,
+                kv_heads: 1,
+                intermediate: 1,
+                vocab: 2,
+                max_positions: 8,
+                params: 0,
+                dtypes_on_disk: Default::default(),
+            },
+            head: Tensor::new(&[[1f32, 0.0], [0.0, 1.0]], &Device::Cpu).unwrap(),
+        };
+        use crate::template::Token;
+        // Prompt [0, 1], target [1]: only position 1 (predicting the target) has a loss.
+        let e = crate::task::Example {
+            origin: "t:1".into(),
+            prompt: vec![Token::Id(0), Token::Id(1)],
+            target: vec![1],
+            gold: 0,
+            truncated: false,
+        };
+        let batch = crate::batch::make_batch(&[&e], true, &Device::Cpu).unwrap();
+        // Position 1's logits are [0, ln 3]: p = [1/4, 3/4], loss −ln(3/4).
+        let hidden = Tensor::new(&[[[5f32, -5.0], [0.0, 3f32.ln()], [7.0, 7.0]]], &Device::Cpu).unwrap();
+        let (loss, d) = lm_loss(&lm, &batch, &hidden).unwrap();
+        assert!((loss + 0.75f32.ln()).abs() < 1e-6, "{loss}");
+        let d: Vec<Vec<Vec<f32>>> = d.to_vec3().unwrap();
+        let want = [[0f32, 0.0], [0.25, -0.25], [0.0, 0.0]];
+        for (g, w) in d[0].iter().flatten().zip(want.iter().flatten()) {
+            assert!((g - w).abs() < 1e-6, "{d:?}");
+        }
+    }
 }
