@@ -115,7 +115,12 @@ pub fn complete(args: CompleteArgs) -> Result<()> {
     let embeds = model.backbone.embed(&ids_t)?;
     let stop: Vec<u32> = model.tokenizer.eos_id().into_iter().collect();
     let start = Instant::now();
-    let out = softprompt::infer::generate::greedy(model.backbone.as_ref(), &embeds, args.max_tokens, &stop)?;
+    let out = softprompt::infer::generate::greedy(
+        model.backbone.require_causal("completion")?,
+        &embeds,
+        args.max_tokens,
+        &stop,
+    )?;
     let secs = start.elapsed().as_secs_f64();
     println!("{}{}", args.text, model.tokenizer.decode(&out, true)?);
     eprintln!(

@@ -1,15 +1,13 @@
 //! Training and scoring commands: train, eval, predict.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::Serialize;
 use softprompt::data::read_jsonl;
 use softprompt::infer::evaluate::Scorer;
 use softprompt::infer::session::{self, TaskOptions};
 use softprompt::task::TaskKind;
 use softprompt::train::{self, TrainConfig};
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -20,162 +18,88 @@ fn parse_pair(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("expected LABEL=WORD, got `{s}`"))
 }
 
-/// Arguments of `train`; every option can also come from `--config FILE.toml` (flags win).
-#[derive(Args, Serialize, Default)]
+/// Arguments of `train`: `--config FILE.toml`, then one flag per [`TrainConfig`] field (derived
+/// from it, so no option can be missing; flags win over the file). `--verbalizer` is repeatable.
 pub struct TrainArgs {
-    /// TOML file with any of the options below (same names, snake_case).
-    #[arg(long)]
-    #[serde(skip)]
+    /// TOML file with any of the options.
     config: Option<PathBuf>,
-    /// MODEL (GGUF file, HF directory, smollm2-135m, minilm-l6, hf:org/name).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    model: Option<String>,
-    /// Training JSONL.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    train: Option<PathBuf>,
-    /// Dev JSONL (evaluation, best checkpoint, early stopping).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    dev: Option<PathBuf>,
-    /// Test JSONL (zero-shot baseline and final score).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    test: Option<PathBuf>,
-    /// Template, e.g. "[soft:4] Review: {text} [soft:2] Sentiment: {label}".
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    template: Option<String>,
-    /// Hand-written template scored on the test set before training.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    baseline_template: Option<String>,
-    /// Field holding the target.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    target_field: Option<String>,
-    /// generate | classify | seq-cls.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    task: Option<String>,
-    /// LABEL=WORD verbaliser entries (repeatable).
-    #[arg(long, value_parser = parse_pair)]
-    #[serde(skip_serializing_if = "Vec::is_empty", serialize_with = "as_map")]
+    /// The options as parsed (defaults where no flag was given).
+    options: TrainConfig,
+    /// `--verbalizer LABEL=WORD` entries.
     verbalizer: Vec<(String, String)>,
-    /// prompt-tuning | p-tuning.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    method: Option<String>,
-    /// Virtual tokens prepended when the template has none.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    num_virtual_tokens: Option<usize>,
-    /// mlp | lstm (p-tuning).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    encoder: Option<String>,
-    /// P-tuning encoder hidden size.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    encoder_hidden: Option<usize>,
-    /// LSTM layers.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    encoder_layers: Option<usize>,
-    /// LSTM dropout.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    encoder_dropout: Option<f64>,
-    /// random | random-normal | vocab | labels | text | from.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    init: Option<String>,
-    /// Text for --init text.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    init_text: Option<String>,
-    /// Adapter directory for --init from.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    init_from: Option<PathBuf>,
-    /// Peak learning rate.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    lr: Option<f64>,
-    /// AdamW weight decay.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    weight_decay: Option<f64>,
-    /// Warm-up steps.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    warmup: Option<usize>,
-    /// constant | linear | cosine.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    schedule: Option<String>,
-    /// Optimiser steps.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    steps: Option<usize>,
-    /// Epochs (when --steps is not given).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    epochs: Option<f64>,
-    /// Rows per micro-batch.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    batch: Option<usize>,
-    /// Micro-batches per step.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    accumulation: Option<usize>,
-    /// Gradient-norm clipping (0 = off).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    clip: Option<f64>,
-    /// Evaluate on dev every N steps.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    eval_every: Option<usize>,
-    /// Use the first N dev rows.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    dev_rows: Option<usize>,
-    /// Use the first N test rows.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    test_rows: Option<usize>,
-    /// Early-stopping patience (evaluations).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    patience: Option<usize>,
-    /// Seed.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    seed: Option<u64>,
-    /// Output directory.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    output: Option<PathBuf>,
-    /// Longest sequence; longer rows get their fields truncated.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_len: Option<usize>,
-    /// Report greedy exact match too.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    exact_match: bool,
-    /// Continue from OUTPUT/checkpoint-last.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    resume: bool,
+    /// Names of the options given on the command line.
+    given: Vec<String>,
 }
 
-fn as_map<S: serde::Serializer>(v: &[(String, String)], s: S) -> Result<S::Ok, S::Error> {
-    let m: BTreeMap<&str, &str> = v.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
-    m.serialize(s)
+/// The default configuration as TOML values, by option name.
+fn default_values() -> toml::Table {
+    toml::Table::try_from(TrainConfig::default()).expect("the default configuration serialises")
+}
+
+/// A TOML value as the flag text that parses back to it.
+fn flag_text(v: &toml::Value) -> Option<String> {
+    match v {
+        toml::Value::String(s) => Some(s.clone()),
+        toml::Value::Integer(i) => Some(i.to_string()),
+        toml::Value::Float(f) => Some(f.to_string()),
+        _ => None,
+    }
+}
+
+impl clap::Args for TrainArgs {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        let cmd = cmd
+            .arg(
+                clap::Arg::new("config")
+                    .long("config")
+                    .value_parser(clap::value_parser!(PathBuf))
+                    .help("TOML file with any of the options below (same names, snake_case; flags win)"),
+            )
+            .arg(
+                clap::Arg::new("verbalizer")
+                    .long("verbalizer")
+                    .action(clap::ArgAction::Append)
+                    .value_parser(parse_pair)
+                    .help("LABEL=WORD verbaliser entry (repeatable); default: each label is its own word"),
+            );
+        // Every field of TrainConfig is a flag; the defaults shown (and used) are Default's.
+        let mut cmd = TrainConfig::augment_args(cmd);
+        for (name, value) in default_values() {
+            let Some(text) = flag_text(&value) else { continue };
+            // clap keeps &'static str defaults; the few default strings live as long as the process.
+            let text: &'static str = Box::leak(text.into_boxed_str());
+            if cmd.get_arguments().any(|a| a.get_id() == name.as_str()) {
+                cmd = cmd.mut_arg(name.as_str(), |a| a.required(false).default_value(text));
+            }
+        }
+        cmd
+    }
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+impl clap::FromArgMatches for TrainArgs {
+    fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let given = m
+            .ids()
+            .filter(|id| m.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine))
+            .map(|id| id.to_string())
+            .collect();
+        Ok(Self {
+            config: m.get_one::<PathBuf>("config").cloned(),
+            options: <TrainConfig as clap::FromArgMatches>::from_arg_matches(m)?,
+            verbalizer: m
+                .get_many::<(String, String)>("verbalizer")
+                .map(|v| v.cloned().collect())
+                .unwrap_or_default(),
+            given,
+        })
+    }
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
 }
 
 /// Merges the TOML file (if any) with the flags (flags win) into a configuration.
@@ -188,9 +112,18 @@ fn config(args: &TrainArgs) -> Result<TrainConfig> {
         }
         None => toml::Table::new(),
     };
-    let flags = toml::Table::try_from(args).context("cannot read the flags")?;
-    for (k, v) in flags {
-        table.insert(k, v);
+    let flags = toml::Table::try_from(&args.options).context("cannot read the flags")?;
+    for name in &args.given {
+        if name == "verbalizer" {
+            let m: toml::Table = args
+                .verbalizer
+                .iter()
+                .map(|(k, v)| (k.clone(), toml::Value::String(v.clone())))
+                .collect();
+            table.insert(name.clone(), toml::Value::Table(m));
+        } else if let Some(v) = flags.get(name) {
+            table.insert(name.clone(), v.clone());
+        }
     }
     let origin = args
         .config
@@ -272,9 +205,9 @@ pub struct ScoreArgs {
     /// Field holding the target.
     #[arg(long)]
     target_field: Option<String>,
-    /// generate | classify | seq-cls.
-    #[arg(long)]
-    task: Option<String>,
+    /// Task kind (default: classify on causal models, seq-cls on encoders).
+    #[arg(long, value_enum)]
+    task: Option<TaskKind>,
     /// LABEL=WORD verbaliser entries (repeatable).
     #[arg(long, value_parser = parse_pair)]
     verbalizer: Vec<(String, String)>,
@@ -292,15 +225,6 @@ pub struct ScoreArgs {
     max_len: usize,
 }
 
-fn parse_task(s: &str) -> Result<TaskKind> {
-    Ok(match s {
-        "generate" => TaskKind::Generate,
-        "classify" => TaskKind::Classify,
-        "seq-cls" => TaskKind::SeqCls,
-        other => bail!("--task `{other}`: expected generate, classify or seq-cls"),
-    })
-}
-
 fn score(args: &ScoreArgs) -> Result<(softprompt::infer::evaluate::EvalResult, softprompt::data::DataSet)> {
     let model = crate::model_cmds::load(&args.model)?;
     let mut data = read_jsonl(&args.data)?;
@@ -310,7 +234,7 @@ fn score(args: &ScoreArgs) -> Result<(softprompt::infer::evaluate::EvalResult, s
     let opts = TaskOptions {
         template: args.template.clone(),
         target_field: args.target_field.clone(),
-        task: args.task.as_deref().map(parse_task).transpose()?,
+        task: args.task,
         verbalizer: args.verbalizer.iter().cloned().collect(),
         max_len: args.max_len,
     };
@@ -322,13 +246,7 @@ fn score(args: &ScoreArgs) -> Result<(softprompt::infer::evaluate::EvalResult, s
             examples.truncated, args.max_len
         );
     }
-    let scorer = Scorer {
-        backbone: model.backbone.as_ref(),
-        tokenizer: &model.tokenizer,
-        task: &s.task,
-        prompt: s.prompt.as_ref(),
-        head: s.head.as_ref(),
-    };
+    let scorer = Scorer::new(&model, &s.task, s.prompt.as_ref(), s.head.as_ref())?;
     Ok((scorer.evaluate(&examples.examples, args.batch, args.exact_match)?, data))
 }
 
@@ -429,7 +347,144 @@ mod tests {
             config(&parse(&["--config", path.to_str().unwrap()])).unwrap_err()
         );
         assert!(e.contains("bad.toml") && e.contains("not valid TOML"), "{e}");
-        let e = format!("{:#}", config(&parse(&["--method", "lora"])).unwrap_err());
+        let e = Wrapper::try_parse_from(["train", "--method", "lora"])
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("lora"), "{e}");
+    }
+
+    /// Every option of the library's TrainConfig (every field of its serialised form) has a
+    /// flag that sets it, and `--help` lists it with its default.
+    #[test]
+    fn every_option_is_a_flag_with_its_default_in_the_help() {
+        use clap::CommandFactory;
+        // Optional fields are left out of the serialised default, so fill them first.
+        let full = TrainConfig {
+            dev: Some("d.jsonl".into()),
+            test: Some("t.jsonl".into()),
+            baseline_template: Some("{text} {label}".into()),
+            init_text: Some("x".into()),
+            init_from: Some("a".into()),
+            steps: Some(1),
+            epochs: Some(1.0),
+            dev_rows: Some(1),
+            test_rows: Some(1),
+            patience: Some(1),
+            ..TrainConfig::default()
+        };
+        let names: Vec<String> = match serde_json::to_value(&full).unwrap() {
+            serde_json::Value::Object(m) => m.keys().cloned().collect(),
+            other => panic!("{other}"),
+        };
+        assert!(names.len() >= 40, "{names:?}");
+        let mut cmd = Wrapper::command();
+        let help = cmd.render_long_help().to_string();
+        for name in &names {
+            let flag = format!("--{}", name.replace('_', "-"));
+            let arg = cmd
+                .get_arguments()
+                .find(|a| a.get_long() == Some(&flag[2..]))
+                .unwrap_or_else(|| panic!("option `{name}` has no flag {flag}"));
+            assert!(help.contains(&flag), "{flag} missing from --help");
+            if let Some(text) = default_values().get(name).and_then(flag_text) {
+                assert_eq!(arg.get_default_values(), [text.as_str()], "{flag}");
+                // clap quotes a default with spaces (and may wrap it): look for its start.
+                let shown = match text.split_once(' ') {
+                    Some((first, _)) => format!("[default: \"{first}"),
+                    None => format!("[default: {text}]"),
+                };
+                assert!(help.contains(&shown), "{flag}: default {text} not shown");
+            }
+        }
+        // Each flag sets its option; a value different from the default shows it went through.
+        let argv = [
+            "--model",
+            "m",
+            "--train",
+            "a.jsonl",
+            "--dev",
+            "b.jsonl",
+            "--test",
+            "c.jsonl",
+            "--template",
+            "T {label}",
+            "--baseline-template",
+            "B {label}",
+            "--target-field",
+            "y",
+            "--task",
+            "seq-cls",
+            "--verbalizer",
+            "a=b",
+            "--method",
+            "p-tuning",
+            "--num-virtual-tokens",
+            "3",
+            "--encoder",
+            "lstm",
+            "--encoder-hidden",
+            "5",
+            "--encoder-layers",
+            "3",
+            "--encoder-dropout",
+            "0.25",
+            "--init",
+            "from",
+            "--init-text",
+            "t",
+            "--init-from",
+            "dir",
+            "--lr",
+            "0.5",
+            "--weight-decay",
+            "0.1",
+            "--beta1",
+            "0.8",
+            "--beta2",
+            "0.95",
+            "--adam-eps",
+            "1e-6",
+            "--warmup",
+            "2",
+            "--schedule",
+            "cosine",
+            "--steps",
+            "9",
+            "--epochs",
+            "2.5",
+            "--batch",
+            "3",
+            "--accumulation",
+            "2",
+            "--clip",
+            "0.5",
+            "--eval-every",
+            "4",
+            "--dev-rows",
+            "6",
+            "--test-rows",
+            "7",
+            "--patience",
+            "2",
+            "--seed",
+            "1",
+            "--output",
+            "out",
+            "--max-len",
+            "64",
+            "--exact-match",
+            "--eval-batch",
+            "5",
+            "--resume",
+            "--device",
+            "cuda:1",
+        ];
+        let cfg = config(&parse(&argv)).unwrap();
+        let set = serde_json::to_value(&cfg).unwrap();
+        let default = serde_json::to_value(TrainConfig::default()).unwrap();
+        for name in &names {
+            assert_ne!(set[name], default[name], "flag for `{name}` did not set it");
+        }
     }
 }

@@ -1,13 +1,18 @@
 //! softprompt: train, evaluate, save, load and serve soft prompts for frozen pretrained
 //! transformers. See `DESIGN.md` at the repository root for the data path and the module map.
 
+#![warn(missing_docs)]
+
 pub mod adapter;
 pub mod backbone;
+pub mod batch;
+pub mod config;
 pub mod data;
 pub mod gguf;
 pub mod infer;
 pub mod io;
 pub mod json_fields;
+pub mod loss;
 pub mod model_source;
 pub mod prompt;
 pub mod task;

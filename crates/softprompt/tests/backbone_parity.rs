@@ -34,7 +34,10 @@ fn smollm2_matches_transformers() {
         let theirs = exp["last_hidden"].i((b, 0..len)).unwrap();
         worst_hidden = worst_hidden.max(max_abs_diff(&ours, &theirs));
         let last = hidden.i((b, len - 1)).unwrap().unsqueeze(0).unwrap();
-        let logits = lm_logits(model.backbone.as_ref(), &last).unwrap().squeeze(0).unwrap();
+        let logits = lm_logits(model.backbone.causal().unwrap(), &last)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
         worst_logits = worst_logits.max(max_abs_diff(&logits, &exp["last_logits"].i(b).unwrap()));
     }
     println!("smollm2_base: max-abs last_hidden {worst_hidden:.2e}, last_logits {worst_logits:.2e}");
@@ -58,7 +61,7 @@ fn minilm_matches_transformers() {
             token_types: Some(&types),
         })
         .unwrap();
-    let pooled = model.backbone.pool(&hidden).unwrap();
+    let pooled = model.backbone.encoder().unwrap().pool(&hidden).unwrap();
     let dh = max_abs_diff(&hidden, &exp["last_hidden"]);
     let dp = max_abs_diff(&pooled, &exp["pooler_output"]);
     println!("minilm_base: max-abs last_hidden {dh:.2e}, pooler_output {dp:.2e}");
@@ -70,7 +73,7 @@ fn minilm_matches_transformers() {
 #[test]
 fn greedy_with_kv_cache_equals_greedy_without() {
     let model = load_model("smollm2-135m");
-    let bb = model.backbone.as_ref();
+    let bb = model.backbone.causal().unwrap();
     for text in ["The capital of France is", "1, 2, 3, 4,"] {
         let ids = model.tokenizer.encode(text, true).unwrap();
         let t = candle_core::Tensor::new(ids.as_slice(), &candle_core::Device::Cpu)

@@ -3,16 +3,18 @@
 
 mod common;
 use candle_core::{Device, Tensor};
+use softprompt::batch::{make_batch, splice_embeddings};
 use softprompt::data::read_jsonl;
 use softprompt::infer::evaluate::Scorer;
-use softprompt::task::{make_batch, score_candidates, splice_embeddings, Task, TaskKind};
+use softprompt::infer::score::score_candidates;
+use softprompt::task::{Task, TaskKind};
 use softprompt::template::Template;
 use std::collections::BTreeMap;
 
 #[test]
 fn shared_prompt_cache_gives_the_same_scores_as_separate_rows() {
     let model = common::load_model("smollm2-135m");
-    let bb = model.backbone.as_ref();
+    let bb = model.backbone.causal().unwrap();
     let mut data = read_jsonl(&common::data("sentiment-movies/test.jsonl")).unwrap();
     data.records.truncate(6);
     let template = Template::parse("[soft:5]Review: {text}\\nSentiment: {label}")
@@ -31,13 +33,7 @@ fn shared_prompt_cache_gives_the_same_scores_as_separate_rows() {
     .unwrap();
     let examples = task.encode_set(&data, &model.tokenizer).unwrap().examples;
     let prompt = (Tensor::randn(0f32, 1.0, (5, 576), &Device::Cpu).unwrap() * 0.05).unwrap();
-    let scorer = Scorer {
-        backbone: bb,
-        tokenizer: &model.tokenizer,
-        task: &task,
-        prompt: Some(&prompt),
-        head: None,
-    };
+    let scorer = Scorer::new(&model, &task, Some(&prompt), None).unwrap();
     let batched = scorer.evaluate(&examples, 6, false).unwrap();
     let candidates = task.candidate_ids(&model.tokenizer, " ").unwrap();
     let mut worst = 0f32;

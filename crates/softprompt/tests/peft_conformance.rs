@@ -71,7 +71,10 @@ fn causal_error(model: &LoadedModel, folder: &str) -> f32 {
     let mut worst = 0f32;
     for (b, &len) in lens.iter().enumerate() {
         let last = hidden.i((b, p + len as usize - 1)).unwrap().unsqueeze(0).unwrap();
-        let logits = lm_logits(model.backbone.as_ref(), &last).unwrap().squeeze(0).unwrap();
+        let logits = lm_logits(model.backbone.causal().unwrap(), &last)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
         worst = worst.max(max_abs_diff(&logits, &exp["last_logits"].i(b).unwrap()));
     }
     worst
@@ -95,7 +98,7 @@ fn seqcls_error(model: &LoadedModel, folder: &str) -> f32 {
             token_types: None,
         })
         .unwrap();
-    let pooled = model.backbone.pool(&hidden).unwrap();
+    let pooled = model.backbone.encoder().unwrap().pool(&hidden).unwrap();
     let logits = pooled.matmul(&w.t().unwrap()).unwrap().broadcast_add(bias).unwrap();
     max_abs_diff(&logits, &exp["logits"])
 }

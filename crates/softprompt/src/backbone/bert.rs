@@ -361,9 +361,9 @@ impl Backbone for Bert {
         }
         Ok(ops::layer_norm_backward(&tape.e, &self.emb_norm.g, self.eps, &dx)?)
     }
-    fn lm_head(&self) -> Option<&Tensor> {
-        None
-    }
+}
+
+impl super::Encoder for Bert {
     fn pool(&self, hidden: &Tensor) -> Result<Tensor> {
         let first = hidden.narrow(1, 0, 1)?.squeeze(1)?;
         Ok(self.pooler()?.forward(&first)?.tanh()?)

@@ -233,7 +233,7 @@ impl FusedBert {
         span("norm", F, || {
             norm::layer_norm(&r2, &l.out_norm.g, &l.out_norm.b, self.eps, &mut out, &mut rstd2)
         });
-        let tape = keep.then(|| LayerTape {
+        let tape = keep.then_some(LayerTape {
             q,
             k,
             v,

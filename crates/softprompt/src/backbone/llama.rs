@@ -581,6 +581,9 @@ impl Backbone for Llama {
         }
         Ok(tape.packing.unpack(&dx)?)
     }
+}
+
+impl super::CausalLm for Llama {
     fn forward_cached(&self, input: &BackboneInput, cache: &mut KvCache) -> Result<Tensor> {
         if let Some(f) = &self.fused {
             self.check_width(input)?;
@@ -588,7 +591,7 @@ impl Backbone for Llama {
         }
         Ok(self.run(input, false, Some(cache))?.0)
     }
-    fn lm_head(&self) -> Option<&Tensor> {
-        Some(&self.lm_head)
+    fn lm_head(&self) -> &Tensor {
+        &self.lm_head
     }
 }

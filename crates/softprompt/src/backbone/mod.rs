@@ -88,6 +88,17 @@ pub struct BackboneInput<'a> {
     pub token_types: Option<&'a Tensor>,
 }
 
+impl<'a> BackboneInput<'a> {
+    /// Embeddings and their mask, without token types.
+    pub fn new(embeds: &'a Tensor, mask: &'a Tensor) -> Self {
+        Self {
+            embeds,
+            mask,
+            token_types: None,
+        }
+    }
+}
+
 /// Per-layer keys and values already computed (a generation cache, or a prompt's K/V reused
 /// by many requests). Keys are stored after rotary encoding.
 #[derive(Clone, Default)]
@@ -130,7 +141,9 @@ impl KvCache {
 /// Activations a forward pass kept for its backward pass (architecture-specific).
 pub struct Tape(pub(crate) Box<dyn Any + Send + Sync>);
 
-/// A frozen transformer that runs from input embeddings.
+/// A frozen transformer that runs from input embeddings: what every model can do. What only
+/// some models can do is a separate trait: [`CausalLm`] (key/value cache, vocabulary head) and
+/// [`Encoder`] (pooler); [`Model`] holds a loaded model as one or the other.
 pub trait Backbone: Send + Sync {
     /// Shape and provenance.
     fn info(&self) -> &ModelInfo;
@@ -153,50 +166,105 @@ pub trait Backbone: Send + Sync {
     /// reported at row 0 (the other rows get zero there): exactly what a prompt's gradient,
     /// summed over the rows, needs.
     fn backward(&self, tape: &Tape, d_hidden: &Tensor) -> Result<Tensor>;
-    /// Causal models: forward `input` after the positions already in `cache`, appending the new
-    /// keys and values to it. Returns the new positions' hidden states.
-    fn forward_cached(&self, input: &BackboneInput, cache: &mut KvCache) -> Result<Tensor> {
-        let _ = (input, cache);
-        bail!("{:?} models have no key/value cache", self.info().arch)
-    }
-    /// The vocabulary head `[vocab, hidden]`, for causal models.
-    fn lm_head(&self) -> Option<&Tensor>;
-    /// Pooler of encoders: `tanh(W·h[:, 0] + b)` → `[B, hidden]`.
-    fn pool(&self, hidden: &Tensor) -> Result<Tensor> {
-        let _ = hidden;
-        bail!("{:?} models have no pooler", self.info().arch)
-    }
-    /// Input gradient of [`Backbone::pool`]: d(loss)/d(hidden) `[B, T, hidden]`.
-    fn pool_backward(&self, hidden: &Tensor, d_pooled: &Tensor) -> Result<Tensor> {
-        let _ = (hidden, d_pooled);
-        bail!("{:?} models have no pooler", self.info().arch)
-    }
+}
+
+/// A causal language model: a key/value cache and a vocabulary head.
+pub trait CausalLm: Backbone {
+    /// Forwards `input` after the positions already in `cache`, appending the new keys and
+    /// values to it. Returns the new positions' hidden states.
+    fn forward_cached(&self, input: &BackboneInput, cache: &mut KvCache) -> Result<Tensor>;
+    /// The vocabulary head `[vocab, hidden]`.
+    fn lm_head(&self) -> &Tensor;
+}
+
+/// A bidirectional encoder with a pooler.
+pub trait Encoder: Backbone {
+    /// Pooler: `tanh(W·h[:, 0] + b)` → `[B, hidden]`.
+    fn pool(&self, hidden: &Tensor) -> Result<Tensor>;
+    /// Input gradient of [`Encoder::pool`]: d(loss)/d(hidden) `[B, T, hidden]`.
+    fn pool_backward(&self, hidden: &Tensor, d_pooled: &Tensor) -> Result<Tensor>;
 }
 
 /// Logits of the vocabulary head for hidden rows `[N, hidden]` → `[N, vocab]`.
-pub fn lm_logits(backbone: &dyn Backbone, rows: &Tensor) -> Result<Tensor> {
-    let head = backbone
-        .lm_head()
-        .with_context(|| format!("{:?} models have no language-model head", backbone.info().arch))?;
-    Ok(rows.matmul(&head.t()?)?)
+pub fn lm_logits(backbone: &dyn CausalLm, rows: &Tensor) -> Result<Tensor> {
+    Ok(rows.matmul(&backbone.lm_head().t()?)?)
+}
+
+/// A loaded frozen model with its capabilities in its type.
+pub enum Model {
+    /// A causal language model (Llama family).
+    Causal(Box<dyn CausalLm>),
+    /// An encoder (BERT family).
+    Encoder(Box<dyn Encoder>),
+}
+
+impl Model {
+    /// The causal language model, if this is one.
+    pub fn causal(&self) -> Option<&dyn CausalLm> {
+        match self {
+            Model::Causal(m) => Some(m.as_ref()),
+            Model::Encoder(_) => None,
+        }
+    }
+
+    /// The encoder, if this is one.
+    pub fn encoder(&self) -> Option<&dyn Encoder> {
+        match self {
+            Model::Encoder(m) => Some(m.as_ref()),
+            Model::Causal(_) => None,
+        }
+    }
+
+    /// The causal language model, or an error saying that `what` needs one.
+    pub fn require_causal(&self, what: &str) -> Result<&dyn CausalLm> {
+        self.causal().with_context(|| {
+            format!(
+                "{what} needs a causal language model, not a {:?} encoder",
+                self.info().arch
+            )
+        })
+    }
+
+    /// The device the weights are on.
+    pub fn device(&self) -> &Device {
+        self.embedding_table().device()
+    }
+}
+
+impl std::ops::Deref for Model {
+    type Target = dyn Backbone;
+    fn deref(&self) -> &Self::Target {
+        match self {
+            Model::Causal(m) => m.as_ref(),
+            Model::Encoder(m) => m.as_ref(),
+        }
+    }
+}
+
+impl AsRef<dyn Backbone> for Model {
+    fn as_ref(&self) -> &(dyn Backbone + 'static) {
+        &**self
+    }
 }
 
 /// A model and its tokenizer, loaded together.
 pub struct LoadedModel {
     /// The frozen network.
-    pub backbone: Box<dyn Backbone>,
+    pub backbone: Model,
     /// Its tokenizer.
     pub tokenizer: TextTokenizer,
 }
 
 /// Loads a model (GGUF file or Hugging Face directory) and its tokenizer on `device`.
 pub fn load(location: &ModelLocation, device: &Device) -> Result<LoadedModel> {
-    let (backbone, tokenizer): (Box<dyn Backbone>, TextTokenizer) = match location {
+    let (backbone, tokenizer): (Model, TextTokenizer) = match location {
         ModelLocation::Gguf(path) => {
             let file = GgufFile::open(path)?;
             let arch = file.get_str("general.architecture")?.to_string();
-            let backbone: Box<dyn Backbone> = match arch.as_str() {
-                "llama" | "qwen2" | "mistral" | "smollm" => Box::new(llama::Llama::from_gguf(&file, device)?),
+            let backbone = match arch.as_str() {
+                "llama" | "qwen2" | "mistral" | "smollm" => {
+                    Model::Causal(Box::new(llama::Llama::from_gguf(&file, device)?))
+                }
                 other => bail!(
                     "{}: architecture `{other}` is not supported (supported in GGUF: llama, qwen2, mistral)",
                     path.display()
@@ -213,9 +281,11 @@ pub fn load(location: &ModelLocation, device: &Device) -> Result<LoadedModel> {
                 .with_context(|| format!("{}: field `model_type` is missing", dir.join("config.json").display()))?
                 .to_string();
             let weights = weights::SafetensorsWeights::open(dir)?;
-            let backbone: Box<dyn Backbone> = match model_type.as_str() {
-                "llama" | "mistral" | "qwen2" => Box::new(llama::Llama::from_hf(dir, &config, &weights, device)?),
-                "bert" => Box::new(bert::Bert::from_hf(dir, &config, &weights, device)?),
+            let backbone = match model_type.as_str() {
+                "llama" | "mistral" | "qwen2" => {
+                    Model::Causal(Box::new(llama::Llama::from_hf(dir, &config, &weights, device)?))
+                }
+                "bert" => Model::Encoder(Box::new(bert::Bert::from_hf(dir, &config, &weights, device)?)),
                 other => bail!(
                     "{}: model_type `{other}` is not supported (supported: llama, mistral, qwen2, bert)",
                     dir.join("config.json").display()

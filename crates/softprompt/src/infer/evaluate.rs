@@ -1,11 +1,14 @@
 //! Scoring a data set: accuracy of verbaliser / LAMA-style candidate ranking on causal models,
 //! accuracy of a classification head on encoders, and greedy exact match.
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, IndexOp, Tensor, D};
 
-use crate::backbone::{lm_logits, Backbone, BackboneInput, KvCache};
-use crate::task::{argmax, make_batch, score_candidates, splice_embeddings, ClassifierHead, Example, Task, TaskKind};
+use super::score::{argmax, score_candidates};
+use crate::backbone::{lm_logits, BackboneInput, CausalLm, Encoder, KvCache, LoadedModel, Model};
+use crate::batch::{make_batch, splice_embeddings, Batch};
+use crate::loss::ClassifierHead;
+use crate::task::{Example, Task, TaskKind};
 use crate::tokenizer::TextTokenizer;
 
 /// One row's prediction.
@@ -39,21 +42,58 @@ pub struct EvalResult {
     pub predictions: Vec<Prediction>,
 }
 
-/// What is being evaluated: the model, the task and the learned parts.
-pub struct Scorer<'a> {
-    /// Frozen model.
-    pub backbone: &'a dyn Backbone,
-    /// Its tokenizer.
-    pub tokenizer: &'a TextTokenizer,
-    /// The task.
-    pub task: &'a Task,
-    /// Prompt matrix `[p, hidden]` (None for a hand-written template without virtual tokens).
-    pub prompt: Option<&'a Tensor>,
-    /// Classification head (SeqCls).
-    pub head: Option<&'a ClassifierHead>,
+/// How a row's label scores are read off the model: the language model's log-probabilities of
+/// each label's tokens (causal models), or a classification head on the pooler (encoders).
+#[derive(Clone, Copy)]
+enum Reader<'a> {
+    Lm(&'a dyn CausalLm),
+    Head(&'a dyn Encoder, &'a ClassifierHead),
 }
 
-impl Scorer<'_> {
+/// What is being evaluated: the model, the task and the learned parts.
+pub struct Scorer<'a> {
+    model: &'a Model,
+    reader: Reader<'a>,
+    tokenizer: &'a TextTokenizer,
+    task: &'a Task,
+    prompt: Option<&'a Tensor>,
+}
+
+impl<'a> Scorer<'a> {
+    /// A scorer for `task` on `model` with the prompt matrix `[p, hidden]` (None for a
+    /// hand-written template) and, for sequence classification, the classification head.
+    /// Refuses a task the model cannot run (SeqCls needs an encoder and a head; the others a
+    /// causal language model).
+    pub fn new(
+        model: &'a LoadedModel,
+        task: &'a Task,
+        prompt: Option<&'a Tensor>,
+        head: Option<&'a ClassifierHead>,
+    ) -> Result<Self> {
+        let reader = match (task.kind, &model.backbone) {
+            (TaskKind::SeqCls, Model::Encoder(enc)) => Reader::Head(
+                enc.as_ref(),
+                head.context("sequence classification needs a classifier head")?,
+            ),
+            (TaskKind::SeqCls, Model::Causal(_)) => bail!(
+                "task `seq-cls` needs an encoder model; {} is causal",
+                model.backbone.info().source.display()
+            ),
+            (_, Model::Causal(lm)) => Reader::Lm(lm.as_ref()),
+            (kind, Model::Encoder(_)) => bail!(
+                "task `{kind:?}` needs a causal language model; {} is an encoder",
+                model.backbone.info().source.display()
+            ),
+        };
+        Ok(Self {
+            model: &model.backbone,
+            reader,
+            tokenizer: &model.tokenizer,
+            task,
+            prompt,
+        })
+    }
+
     /// Scores `examples` in batches of `batch_size`; `exact_match` adds greedy generation.
     pub fn evaluate(&self, examples: &[Example], batch_size: usize, exact_match: bool) -> Result<EvalResult> {
         let prefix = self
@@ -67,19 +107,18 @@ impl Scorer<'_> {
         let mut predictions = Vec::with_capacity(examples.len());
         for chunk in examples.chunks(batch_size.max(1)) {
             let refs: Vec<&Example> = chunk.iter().collect();
-            let scores = match self.task.kind {
-                TaskKind::SeqCls => self.head_scores(&refs)?,
-                _ if single_token => self.first_token_scores(&refs, &candidates)?,
-                _ => refs
+            let scores = match self.reader {
+                Reader::Head(enc, head) => head.logits(enc, &self.hidden(&refs)?.0)?.to_vec2()?,
+                Reader::Lm(lm) if single_token => self.first_token_scores(lm, &refs, &candidates)?,
+                Reader::Lm(lm) => refs
                     .iter()
-                    .map(|e| self.candidate_scores(e, &candidates))
+                    .map(|e| score_candidates(lm, &self.prompt_embeds(e)?, &candidates))
                     .collect::<Result<_>>()?,
             };
             for (e, s) in chunk.iter().zip(scores) {
-                let generated = if exact_match {
-                    Some(self.generate(e, &candidates)?)
-                } else {
-                    None
+                let generated = match self.reader {
+                    Reader::Lm(lm) if exact_match => Some(self.generate(lm, e, &candidates)?),
+                    _ => None,
                 };
                 predictions.push(Prediction {
                     origin: e.origin.clone(),
@@ -107,59 +146,38 @@ impl Scorer<'_> {
         })
     }
 
-    fn hidden(&self, refs: &[&Example]) -> Result<(Tensor, crate::task::Batch)> {
-        let device = self.backbone.embedding_table().device();
+    fn hidden(&self, refs: &[&Example]) -> Result<(Tensor, Batch)> {
+        let device = self.model.device();
         let batch = make_batch(refs, false, device)?;
-        let embeds = splice_embeddings(self.backbone, &batch, self.prompt)?;
+        let embeds = splice_embeddings(&**self.model, &batch, self.prompt)?;
         let shared = shared_prefix_len(refs);
         let (b, t) = batch.shape;
-        if !self.backbone.info().arch.is_causal() || shared < MIN_SHARED_PREFIX || shared >= t {
-            let input = BackboneInput {
-                embeds: &embeds,
-                mask: &batch.mask,
-                token_types: None,
-            };
-            return Ok((self.backbone.forward(&input)?, batch));
-        }
+        let lm = match self.model {
+            Model::Causal(lm) if (MIN_SHARED_PREFIX..t).contains(&shared) => lm.as_ref(),
+            _ => return Ok((self.model.forward(&BackboneInput::new(&embeds, &batch.mask))?, batch)),
+        };
         // The leading positions every row shares (a prepended soft prompt) do not depend on
         // the rows in a causal model: run them once and hand their keys/values to the batch.
         let prefix = embeds.i(0)?.narrow(0, 0, shared)?.unsqueeze(0)?;
         let ones = Tensor::ones((1, shared), DType::U32, device)?;
         let mut single = KvCache::default();
-        let head = self.backbone.forward_cached(
-            &BackboneInput {
-                embeds: &prefix,
-                mask: &ones,
-                token_types: None,
-            },
-            &mut single,
-        )?;
+        let head = lm.forward_cached(&BackboneInput::new(&prefix, &ones), &mut single)?;
         let mut cache = single.repeat(b)?;
         let rest = embeds.narrow(1, shared, t - shared)?;
         let rest_mask = batch.mask.narrow(1, shared, t - shared)?;
-        let tail = self.backbone.forward_cached(
-            &BackboneInput {
-                embeds: &rest,
-                mask: &rest_mask,
-                token_types: None,
-            },
-            &mut cache,
-        )?;
+        let tail = lm.forward_cached(&BackboneInput::new(&rest, &rest_mask), &mut cache)?;
         let head = head.broadcast_as((b, shared, head.dim(2)?))?;
         Ok((Tensor::cat(&[&head, &tail], 1)?, batch))
     }
 
-    fn head_scores(&self, refs: &[&Example]) -> Result<Vec<Vec<f32>>> {
-        let head = self
-            .head
-            .ok_or_else(|| anyhow::anyhow!("sequence classification needs a classifier head"))?;
-        let (hidden, _) = self.hidden(refs)?;
-        Ok(head.logits(self.backbone, &hidden)?.to_vec2()?)
-    }
-
     /// All candidates are one token: one batched forward, the head applied at each row's last
     /// prompt position only.
-    fn first_token_scores(&self, refs: &[&Example], candidates: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+    fn first_token_scores(
+        &self,
+        lm: &dyn CausalLm,
+        refs: &[&Example],
+        candidates: &[Vec<u32>],
+    ) -> Result<Vec<Vec<f32>>> {
         let (hidden, batch) = self.hidden(refs)?;
         let rows: Vec<Tensor> = batch
             .last_prompt
@@ -168,26 +186,21 @@ impl Scorer<'_> {
             .map(|(r, &p)| hidden.i((r, p)))
             .collect::<candle_core::Result<_>>()?;
         let rows = Tensor::stack(&rows, 0)?;
-        let lp = candle_nn::ops::log_softmax(&lm_logits(self.backbone, &rows)?, D::Minus1)?;
+        let lp = candle_nn::ops::log_softmax(&lm_logits(lm, &rows)?, D::Minus1)?;
         let ids: Vec<u32> = candidates.iter().map(|c| c[0]).collect();
         let idx = Tensor::new(ids.as_slice(), lp.device())?;
         Ok(lp.index_select(&idx, 1)?.to_vec2()?)
     }
 
     fn prompt_embeds(&self, e: &Example) -> Result<Tensor> {
-        let device = self.backbone.embedding_table().device();
-        let batch = make_batch(&[e], false, device)?;
-        splice_embeddings(self.backbone, &batch, self.prompt)
+        let batch = make_batch(&[e], false, self.model.device())?;
+        splice_embeddings(&**self.model, &batch, self.prompt)
     }
 
-    fn candidate_scores(&self, e: &Example, candidates: &[Vec<u32>]) -> Result<Vec<f32>> {
-        score_candidates(self.backbone, &self.prompt_embeds(e)?, candidates)
-    }
-
-    fn generate(&self, e: &Example, candidates: &[Vec<u32>]) -> Result<String> {
+    fn generate(&self, lm: &dyn CausalLm, e: &Example, candidates: &[Vec<u32>]) -> Result<String> {
         let longest = candidates.iter().map(Vec::len).max().unwrap_or(1);
         let stop: Vec<u32> = self.tokenizer.eos_id().into_iter().collect();
-        let ids = crate::infer::generate::greedy(self.backbone, &self.prompt_embeds(e)?, longest + 2, &stop)?;
+        let ids = super::generate::greedy(lm, &self.prompt_embeds(e)?, longest + 2, &stop)?;
         self.tokenizer.decode(&ids, true)
     }
 }

@@ -4,17 +4,11 @@
 use anyhow::{bail, Result};
 use candle_core::{IndexOp, Tensor};
 
-use crate::backbone::{lm_logits, Backbone, BackboneInput, KvCache};
+use crate::backbone::{lm_logits, BackboneInput, CausalLm, KvCache};
 
 /// Greedily extends the input embeddings `[1, T, hidden]` by up to `max_new` tokens, stopping
 /// after any id in `stop`. Returns the generated ids (the stop id included when reached).
-pub fn greedy(backbone: &dyn Backbone, embeds: &Tensor, max_new: usize, stop: &[u32]) -> Result<Vec<u32>> {
-    if !backbone.info().arch.is_causal() {
-        bail!(
-            "generation needs a causal language model, not a {:?} encoder",
-            backbone.info().arch
-        );
-    }
+pub fn greedy(backbone: &dyn CausalLm, embeds: &Tensor, max_new: usize, stop: &[u32]) -> Result<Vec<u32>> {
     let (b, t, _) = embeds.dims3()?;
     if b != 1 || t == 0 {
         bail!("greedy generation runs one non-empty sequence at a time (got batch {b}, length {t})");
@@ -22,14 +16,7 @@ pub fn greedy(backbone: &dyn Backbone, embeds: &Tensor, max_new: usize, stop: &[
     let device = embeds.device();
     let mut cache = KvCache::default();
     let mask = Tensor::ones((1, t), candle_core::DType::U32, device)?;
-    let mut hidden = backbone.forward_cached(
-        &BackboneInput {
-            embeds,
-            mask: &mask,
-            token_types: None,
-        },
-        &mut cache,
-    )?;
+    let mut hidden = backbone.forward_cached(&BackboneInput::new(embeds, &mask), &mut cache)?;
     let mut out = Vec::new();
     for _ in 0..max_new {
         let last = hidden.i((0, hidden.dim(1)? - 1))?.unsqueeze(0)?;
@@ -41,14 +28,7 @@ pub fn greedy(backbone: &dyn Backbone, embeds: &Tensor, max_new: usize, stop: &[
         let ids = Tensor::new(&[[next]], device)?;
         let e = backbone.embed(&ids)?;
         let one = Tensor::ones((1, 1), candle_core::DType::U32, device)?;
-        hidden = backbone.forward_cached(
-            &BackboneInput {
-                embeds: &e,
-                mask: &one,
-                token_types: None,
-            },
-            &mut cache,
-        )?;
+        hidden = backbone.forward_cached(&BackboneInput::new(&e, &one), &mut cache)?;
     }
     Ok(out)
 }

@@ -7,12 +7,13 @@ use candle_core::Tensor;
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use crate::adapter::run_files::{load_task_file, TASK_FILE};
 use crate::adapter::{self, TaskType};
-use crate::backbone::LoadedModel;
+use crate::backbone::{LoadedModel, Model};
 use crate::data::DataSet;
-use crate::task::{ClassifierHead, Task, TaskKind};
+use crate::loss::ClassifierHead;
+use crate::task::{Task, TaskKind};
 use crate::template::Template;
-use crate::train::state::load_task_file;
 
 /// Options that describe the task when the adapter does not (or to override it).
 #[derive(Debug, Clone, Default)]
@@ -49,7 +50,7 @@ pub fn open(model: &LoadedModel, adapter_dir: Option<&Path>, opts: &TaskOptions,
         Some(dir) => {
             let a = adapter::load_peft(dir)?;
             adapter::check_compatible(&a.config, info)?;
-            if dir.join(crate::train::state::TASK_FILE).is_file() {
+            if dir.join(TASK_FILE).is_file() {
                 let tf = load_task_file(dir)?;
                 opts.template = opts.template.or(Some(tf.template));
                 opts.target_field = opts.target_field.or(Some(tf.target_field));
@@ -66,7 +67,7 @@ pub fn open(model: &LoadedModel, adapter_dir: Option<&Path>, opts: &TaskOptions,
                     TaskKind::Classify
                 });
             }
-            let prompt = a.input_prompt()?.clone();
+            let prompt = a.input_prompt()?.to_device(model.backbone.device())?;
             let head = ClassifierHead::from_adapter(&a)?;
             let src = opts
                 .template
@@ -80,10 +81,9 @@ pub fn open(model: &LoadedModel, adapter_dir: Option<&Path>, opts: &TaskOptions,
         }
         None => (None, None),
     };
-    let kind = opts.task.unwrap_or(if info.arch.is_causal() {
-        TaskKind::Classify
-    } else {
-        TaskKind::SeqCls
+    let kind = opts.task.unwrap_or(match model.backbone {
+        Model::Causal(_) => TaskKind::Classify,
+        Model::Encoder(_) => TaskKind::SeqCls,
     });
     if kind == TaskKind::SeqCls && head.is_none() {
         bail!("sequence classification needs an adapter with a classifier head (base_model.classifier.*)");

@@ -13,6 +13,37 @@ use rand::Rng;
 
 use super::init::uniform;
 
+/// P-tuning's encoder type (PEFT's `encoder_reparameterization_type`, written `MLP` / `LSTM`
+/// there and `mlp` / `lstm` in softprompt's options).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum EncoderKind {
+    /// Linear, ReLU, Linear, ReLU, Linear.
+    Mlp,
+    /// Bi-directional LSTM, then Linear, ReLU, Linear.
+    Lstm,
+}
+
+impl EncoderKind {
+    /// PEFT's spelling (`MLP` or `LSTM`).
+    pub fn peft_name(self) -> &'static str {
+        match self {
+            EncoderKind::Mlp => "MLP",
+            EncoderKind::Lstm => "LSTM",
+        }
+    }
+
+    /// Parses PEFT's spelling.
+    pub fn from_peft_name(name: &str) -> Result<Self> {
+        match name {
+            "MLP" => Ok(EncoderKind::Mlp),
+            "LSTM" => Ok(EncoderKind::Lstm),
+            other => bail!("unknown encoder `{other}` (expected MLP or LSTM)"),
+        }
+    }
+}
+
 /// Which encoder p-tuning uses, with its sizes (PEFT's `encoder_reparameterization_type`,
 /// `encoder_hidden_size`, `encoder_num_layers`, `encoder_dropout`).
 #[derive(Debug, Clone, PartialEq)]
@@ -34,12 +65,30 @@ pub enum EncoderSpec {
 }
 
 impl EncoderSpec {
+    /// The encoder of `kind` with hidden width `hidden`; `num_layers` and `dropout` apply to
+    /// the LSTM only (PEFT's MLP always has two hidden layers).
+    pub fn new(kind: EncoderKind, hidden: usize, num_layers: usize, dropout: f64) -> Self {
+        match kind {
+            EncoderKind::Mlp => EncoderSpec::Mlp { hidden },
+            EncoderKind::Lstm => EncoderSpec::Lstm {
+                hidden,
+                num_layers,
+                dropout,
+            },
+        }
+    }
+
+    /// The encoder type.
+    pub fn kind(&self) -> EncoderKind {
+        match self {
+            EncoderSpec::Mlp { .. } => EncoderKind::Mlp,
+            EncoderSpec::Lstm { .. } => EncoderKind::Lstm,
+        }
+    }
+
     /// PEFT's `encoder_reparameterization_type` (`MLP` or `LSTM`).
     pub fn peft_name(&self) -> &'static str {
-        match self {
-            EncoderSpec::Mlp { .. } => "MLP",
-            EncoderSpec::Lstm { .. } => "LSTM",
-        }
+        self.kind().peft_name()
     }
 
     /// The hidden width `h`.
@@ -82,9 +131,7 @@ impl Linear {
 
 fn var_uniform(rng: &mut StdRng, shape: &[usize], bound: f64, dtype: DType, device: &Device) -> Result<Var> {
     let n = shape.iter().product();
-    let t = Tensor::from_vec(uniform(rng, n, -bound, bound), shape, &Device::Cpu)?
-        .to_dtype(dtype)?
-        .to_device(device)?;
+    let t = Tensor::from_vec(uniform(rng, n, -bound, bound), shape, device)?.to_dtype(dtype)?;
     Ok(Var::from_tensor(&t)?)
 }
 
@@ -321,9 +368,8 @@ fn apply_dropout(x: &Tensor, rate: f64, rng: &mut StdRng) -> Result<Tensor> {
     let mask: Vec<f64> = (0..n)
         .map(|_| if rng.random::<f64>() < keep { 1.0 / keep } else { 0.0 })
         .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), &Device::Cpu)
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())
         .context("cannot build the dropout mask")?
-        .to_dtype(x.dtype())?
-        .to_device(x.device())?;
+        .to_dtype(x.dtype())?;
     Ok((x * mask)?)
 }

@@ -59,7 +59,8 @@ pub(crate) fn uniform(rng: &mut StdRng, n: usize, lo: f64, hi: f64) -> Vec<f64> 
     (0..n).map(|_| rng.random_range(lo..=hi)).collect()
 }
 
-/// `n` standard-normal numbers (Box–Muller).
+/// `n` standard-normal numbers (Box–Muller): the one normal sampler of the crate (random-normal
+/// prompts, classification-head weights).
 pub(crate) fn normal(rng: &mut StdRng, n: usize) -> Vec<f64> {
     let mut out = Vec::with_capacity(n + 1);
     while out.len() < n {
@@ -146,11 +147,8 @@ pub fn initial_prompt(
             bail!("the embedding table has {d} columns but token_dim is {token_dim}");
         }
     }
-    let from_values = |v: Vec<f64>| -> Result<Tensor> {
-        Ok(Tensor::from_vec(v, (p, token_dim), &Device::Cpu)?
-            .to_dtype(DType::F32)?
-            .to_device(&device)?)
-    };
+    let from_values =
+        |v: Vec<f64>| -> Result<Tensor> { Ok(Tensor::from_vec(v, (p, token_dim), &device)?.to_dtype(DType::F32)?) };
     match init {
         PromptInit::Random => from_values(uniform(rng, p * token_dim, -0.5, 0.5)),
         PromptInit::RandomNormal => from_values(normal(rng, p * token_dim)),

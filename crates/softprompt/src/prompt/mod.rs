@@ -20,7 +20,7 @@ use candle_core::{Tensor, Var};
 use rand::rngs::StdRng;
 use std::collections::HashMap;
 
-pub use encoder::{EncoderSpec, PromptEncoder};
+pub use encoder::{EncoderKind, EncoderSpec, PromptEncoder};
 pub use init::{
     common_token_ids, initial_prompt, sample_vocab_ids, seeded_rng, text_init_ids, InitSource, PromptInit,
     VOCAB_SAMPLE_POOL,

@@ -64,6 +64,7 @@ impl AdamW {
 
 /// Learning-rate schedule after the linear warm-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Schedule {
     /// Constant after warm-up.
@@ -111,4 +112,56 @@ pub fn clip_grad_norm(grads: &mut BTreeMap<String, Tensor>, max_norm: f64) -> Re
         }
     }
     Ok(norm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Two AdamW steps on two scalars against PyTorch's `AdamW` update written out by hand:
+    /// `p ← p·(1 − lr·wd)`, `m ← β₁m + (1−β₁)g`, `v ← β₂v + (1−β₂)g²`,
+    /// `p ← p − lr·(m/(1−β₁ᵗ)) / (sqrt(v/(1−β₂ᵗ)) + ε)`.
+    #[test]
+    fn adamw_matches_pytorch_formula() {
+        let cfg = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        };
+        let var = Var::from_tensor(&Tensor::new(&[1.0f64, -2.0], &Device::Cpu).unwrap()).unwrap();
+        let params = vec![("x".to_string(), var.clone())];
+        let mut opt = AdamW::new(cfg);
+        let (lr, grads) = (0.1, [[0.5f64, 0.25], [-1.0, 0.75]]);
+        let (mut p, mut m, mut v) = ([1.0f64, -2.0], [0.0f64; 2], [0.0f64; 2]);
+        for (t, g) in grads.iter().enumerate() {
+            let step = (t + 1) as i32;
+            let mut map = BTreeMap::new();
+            map.insert("x".to_string(), Tensor::new(g, &Device::Cpu).unwrap());
+            opt.update(&params, &map, lr).unwrap();
+            for i in 0..2 {
+                p[i] *= 1.0 - lr * cfg.weight_decay;
+                m[i] = cfg.beta1 * m[i] + (1.0 - cfg.beta1) * g[i];
+                v[i] = cfg.beta2 * v[i] + (1.0 - cfg.beta2) * g[i] * g[i];
+                let m_hat = m[i] / (1.0 - cfg.beta1.powi(step));
+                let v_hat = v[i] / (1.0 - cfg.beta2.powi(step));
+                p[i] -= lr * m_hat / (v_hat.sqrt() + cfg.eps);
+            }
+            let got: Vec<f64> = var.as_tensor().to_vec1().unwrap();
+            for i in 0..2 {
+                assert!((got[i] - p[i]).abs() < 1e-12, "step {step}: {got:?} vs {p:?}");
+            }
+        }
+        assert_eq!(opt.step, 2);
+        // Step 1 by hand for x: m̂ = 0.5, v̂ = 0.25, so x = 1·(1 − 0.001) − 0.1·0.5/(0.5 + 1e-8).
+        let expected_first = 0.999 - 0.1 * 0.5 / (0.5 + 1e-8);
+        let mut fresh = AdamW::new(cfg);
+        let var1 = Var::from_tensor(&Tensor::new(&[1.0f64], &Device::Cpu).unwrap()).unwrap();
+        let mut map = BTreeMap::new();
+        map.insert("x".to_string(), Tensor::new(&[0.5f64], &Device::Cpu).unwrap());
+        fresh.update(&[("x".to_string(), var1.clone())], &map, lr).unwrap();
+        let x: Vec<f64> = var1.as_tensor().to_vec1().unwrap();
+        assert!((x[0] - expected_first).abs() < 1e-12, "{x:?} vs {expected_first}");
+    }
 }

@@ -1,14 +1,22 @@
-//! Everything a training run is configured by; read from a TOML file and/or CLI flags.
+//! Everything a training run is configured by: the one list of options. The TOML file, the
+//! command-line flags (with the `cli` feature, `clap::Args` is derived from [`TrainConfig`],
+//! its doc comments are the help and its [`Default`] the defaults) and `softprompt.json` all use
+//! these names and types.
 
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use super::optim::Schedule;
-use crate::task::TaskKind;
+pub use crate::prompt::encoder::EncoderKind;
+use crate::prompt::EncoderSpec;
+pub use crate::task::TaskKind;
+pub use crate::train::optim::Schedule;
 
 /// Which parameter-efficient method trains the prompt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum Method {
     /// Lester et al. 2021: the virtual-token matrix itself is learned.
@@ -17,18 +25,9 @@ pub enum Method {
     PTuning,
 }
 
-/// P-tuning encoder type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EncoderKind {
-    /// Linear, ReLU, Linear, ReLU, Linear.
-    Mlp,
-    /// Bi-directional LSTM, then Linear, ReLU, Linear.
-    Lstm,
-}
-
 /// How the prompt starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum InitKind {
     /// Uniform in [-0.5, 0.5] (Lester).
@@ -48,88 +47,132 @@ pub enum InitKind {
 /// A training run's configuration. Every field has a default, so a TOML file or the flags need
 /// only name what differs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     /// MODEL: GGUF file, HF directory, short name or hf:org/name.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub model: String,
     /// Training JSONL.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub train: PathBuf,
     /// Development JSONL (evaluation during training, best checkpoint).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub dev: Option<PathBuf>,
     /// Test JSONL, scored before (zero-shot) and after training.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub test: Option<PathBuf>,
     /// Template with soft tokens (see `template`); without any, `[soft:N]` is prepended.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub template: String,
     /// Hand-written template evaluated as the zero-shot baseline on the test set.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub baseline_template: Option<String>,
     /// Field holding the target (label or answer).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub target_field: String,
     /// Task kind.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub task: TaskKind,
     /// Label → verbaliser word (Classify); default: the label itself.
+    #[cfg_attr(feature = "cli", arg(skip))]
     pub verbalizer: BTreeMap<String, String>,
     /// Prompt tuning or p-tuning.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub method: Method,
     /// Virtual tokens to prepend when the template has none.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub num_virtual_tokens: usize,
     /// P-tuning encoder.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub encoder: EncoderKind,
     /// P-tuning encoder hidden size.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub encoder_hidden: usize,
     /// LSTM layers.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub encoder_layers: usize,
     /// LSTM dropout between layers.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub encoder_dropout: f64,
     /// Initialisation.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub init: InitKind,
     /// Text for `init = "text"`.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub init_text: Option<String>,
     /// Adapter directory for `init = "from"`.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub init_from: Option<PathBuf>,
     /// Peak learning rate.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub lr: f64,
     /// AdamW decoupled weight decay.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub weight_decay: f64,
     /// AdamW β₁.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub beta1: f64,
     /// AdamW β₂.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub beta2: f64,
     /// AdamW ε.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub adam_eps: f64,
     /// Linear warm-up steps.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub warmup: usize,
     /// Schedule after warm-up.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub schedule: Schedule,
     /// Optimiser steps (overrides `epochs`).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub steps: Option<usize>,
     /// Passes over the training set (when `steps` is not given).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub epochs: Option<f64>,
     /// Rows per micro-batch.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub batch: usize,
     /// Micro-batches per optimiser step.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub accumulation: usize,
     /// Gradient-norm clipping (0 = off).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub clip: f64,
     /// Evaluate on dev every N steps (0 = only at the end).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub eval_every: usize,
     /// Use only the first N dev rows.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub dev_rows: Option<usize>,
     /// Use only the first N test rows.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub test_rows: Option<usize>,
     /// Stop after this many evaluations without improvement.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub patience: Option<usize>,
     /// Seed of initialisation and data order.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub seed: u64,
     /// Output directory.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub output: PathBuf,
     /// Longest sequence (prompt + target); longer rows have their fields truncated.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub max_len: usize,
     /// Also report greedy exact match (Generate).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub exact_match: bool,
     /// Rows per evaluation batch.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub eval_batch: usize,
     /// Continue from `output/checkpoint-last`.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub resume: bool,
+    /// Where to compute: `cpu`, `cuda` or `cuda:N` (CUDA needs the `cuda` feature).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub device: String,
 }
 
 impl Default for TrainConfig {
@@ -175,6 +218,63 @@ impl Default for TrainConfig {
             exact_match: false,
             eval_batch: 16,
             resume: false,
+            device: "cpu".into(),
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The p-tuning encoder this configuration asks for (`None` for prompt tuning).
+    pub fn encoder_spec(&self) -> Option<EncoderSpec> {
+        match self.method {
+            Method::PromptTuning => None,
+            Method::PTuning => Some(EncoderSpec::new(
+                self.encoder,
+                self.encoder_hidden,
+                self.encoder_layers,
+                self.encoder_dropout,
+            )),
+        }
+    }
+
+    /// The device of option `device`.
+    pub fn device(&self) -> Result<Device> {
+        parse_device(&self.device).context("option `device`")
+    }
+}
+
+/// Parses a device name: `cpu`, `cuda` (GPU 0) or `cuda:N`. A CUDA device is refused with a
+/// clear message when candle was built without CUDA support.
+pub fn parse_device(name: &str) -> Result<Device> {
+    let ordinal = match name.trim() {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            _ => bail!("unknown device `{name}`: expected `cpu`, `cuda` or `cuda:N`"),
+        },
+    };
+    if !candle_core::utils::cuda_is_available() {
+        bail!(
+            "device `{name}` asked for, but softprompt was built without CUDA support \
+             (rebuild with `--features softprompt/cuda` on a machine with the CUDA toolkit)"
+        );
+    }
+    Device::new_cuda(ordinal).with_context(|| format!("cannot open CUDA device {ordinal}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_names() {
+        assert!(matches!(parse_device("cpu"), Ok(Device::Cpu)));
+        let e = format!("{:#}", parse_device("tpu").unwrap_err());
+        assert!(e.contains("unknown device `tpu`"), "{e}");
+        if !candle_core::utils::cuda_is_available() {
+            let e = format!("{:#}", parse_device("cuda:1").unwrap_err());
+            assert!(e.contains("without CUDA support"), "{e}");
         }
     }
 }

@@ -1,19 +1,9 @@
-//! Text ↔ token ids.
-//!
-//! [`TextTokenizer`] wraps a Hugging Face [`tokenizers::Tokenizer`] and can be built either from a
-//! `tokenizer.json` file or from the `tokenizer.ggml.*` metadata of a GGUF model file:
-//!
-//! - `tokenizer.ggml.model == "gpt2"`: byte-level BPE with the merges stored in the file; the
-//!   pre-tokenizer is chosen by `tokenizer.ggml.pre` (the same splits llama.cpp uses);
-//! - `tokenizer.ggml.model == "llama"`: SentencePiece-style BPE with byte fallback, merges derived
-//!   from `tokenizer.ggml.scores`, the same tokenizer transformers' GGUF converter builds.
-//!
-//! Every error names the file it came from and what is wrong; malformed input never panics.
+//! Building a [`TextTokenizer`] from the `tokenizer.ggml.*` metadata of a GGUF file.
 
+use super::TextTokenizer;
 use crate::gguf::{GgufFile, MetaValue};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use std::collections::HashMap;
-use std::path::Path;
 use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel;
 use tokenizers::decoders::fuse::Fuse;
@@ -43,17 +33,9 @@ const QWEN2_PATTERN: &str =
 /// Llama 3's pre-tokenizer split (llama.cpp `LLAMA_VOCAB_PRE_TYPE_LLAMA3`): digits in groups of 3.
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
-/// A text tokenizer: text → token ids and back, plus the special token ids a model needs.
-pub struct TextTokenizer {
-    inner: Tokenizer,
-    bos: Option<u32>,
-    eos: Option<u32>,
-    pad: Option<u32>,
-}
-
 /// The `tokenizer.ggml.*` metadata of a GGUF file, read into plain values.
 #[derive(Debug, Clone, Default)]
-struct GgufVocab {
+pub(super) struct GgufVocab {
     /// `tokenizer.ggml.model`.
     model: String,
     /// `tokenizer.ggml.pre`, if present.
@@ -75,7 +57,7 @@ struct GgufVocab {
 }
 
 impl GgufVocab {
-    fn read(gguf: &GgufFile) -> Result<Self> {
+    pub(super) fn read(gguf: &GgufFile) -> Result<Self> {
         let file = gguf.path().display();
         let model = gguf.get_str("tokenizer.ggml.model")?.to_string();
         let pre = match gguf.metadata.get("tokenizer.ggml.pre") {
@@ -215,7 +197,7 @@ impl GgufVocab {
             .map(Some)
     }
 
-    fn build(&self, file: &str) -> Result<TextTokenizer> {
+    pub(super) fn build(&self, file: &str) -> Result<TextTokenizer> {
         match self.model.as_str() {
             "gpt2" => self.build_byte_level(file),
             "llama" => self.build_sentencepiece(file),
@@ -439,284 +421,5 @@ fn spm_merges_from_scores(tokens: &[String], scores: &[f64]) -> Vec<(String, Str
         .collect()
 }
 
-/// Reads `path` as JSON, if the file exists.
-fn read_optional_json(path: &Path) -> Result<Option<serde_json::Value>> {
-    if !path.is_file() {
-        return Ok(None);
-    }
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let v = serde_json::from_slice(&bytes).with_context(|| format!("{} is not valid JSON", path.display()))?;
-    Ok(Some(v))
-}
-
-impl TextTokenizer {
-    /// Builds the tokenizer stored in a GGUF file's `tokenizer.ggml.*` metadata.
-    ///
-    /// Supports `tokenizer.ggml.model` `gpt2` (byte-level BPE; pre-tokenizer from
-    /// `tokenizer.ggml.pre`) and `llama` (SentencePiece BPE with byte fallback). Control and
-    /// user-defined tokens of a `gpt2` vocabulary, and control tokens of a `llama` one, become
-    /// special tokens that are matched whole in the text. `encode(.., true)` adds BOS/EOS as
-    /// `tokenizer.ggml.add_bos_token` / `add_eos_token` say (defaults: gpt2 none, llama BOS).
-    pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
-        let file = gguf.path().display().to_string();
-        let vocab = GgufVocab::read(gguf).with_context(|| format!("cannot read the tokenizer of {file}"))?;
-        vocab.build(&file)
-    }
-
-    /// Loads a Hugging Face `tokenizer.json`.
-    ///
-    /// Padding and truncation settings stored in the file are dropped, so `encode` returns every
-    /// token of the text. BOS/EOS/PAD ids come from `special_tokens_map.json` or
-    /// `tokenizer_config.json` next to the file when present (`bos_token`, else `cls_token`;
-    /// `eos_token`, else `sep_token`; `pad_token`), then from the file's padding settings, then
-    /// from well-known token names (`<s>`, `</s>`, `<pad>`, `[CLS]`, `[SEP]`, `[PAD]`, …).
-    pub fn from_json_file(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).with_context(|| format!("cannot read tokenizer file {}", path.display()))?;
-        let mut inner = Tokenizer::from_bytes(&bytes)
-            .map_err(|e| anyhow!("{} is not a valid tokenizer.json: {e}", path.display()))?;
-        let padding_id = inner.get_padding().map(|p| p.pad_id);
-        inner.with_padding(None);
-        inner
-            .with_truncation(None)
-            .map_err(|e| anyhow!("{}: cannot disable truncation: {e}", path.display()))?;
-
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let mut named: HashMap<String, String> = HashMap::new();
-        for name in ["tokenizer_config.json", "special_tokens_map.json"] {
-            let Some(serde_json::Value::Object(map)) = read_optional_json(&dir.join(name))? else {
-                continue;
-            };
-            for (k, v) in map {
-                let content = match &v {
-                    serde_json::Value::String(s) => Some(s.clone()),
-                    serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
-                    _ => None,
-                };
-                if let Some(c) = content {
-                    named.insert(k, c);
-                }
-            }
-        }
-        let lookup = |keys: &[&str], fallbacks: &[&str]| -> Option<u32> {
-            keys.iter()
-                .filter_map(|k| named.get(*k))
-                .find_map(|t| inner.token_to_id(t))
-                .or_else(|| fallbacks.iter().find_map(|t| inner.token_to_id(t)))
-        };
-        let bos = lookup(
-            &["bos_token", "cls_token"],
-            &["<|begin_of_text|>", "<s>", "<bos>", "[CLS]"],
-        );
-        let eos = lookup(
-            &["eos_token", "sep_token"],
-            &["<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>", "[SEP]"],
-        );
-        let pad = lookup(&["pad_token"], &[])
-            .or(padding_id)
-            .or_else(|| lookup(&[], &["<pad>", "[PAD]", "<|pad|>"]));
-        Ok(Self { inner, bos, eos, pad })
-    }
-
-    /// Text → token ids; with `add_special`, also the BOS/EOS (or [CLS]/[SEP]) the tokenizer
-    /// adds around a sequence. Special tokens written in the text (e.g. `<|im_start|>`) are
-    /// always recognised as single ids.
-    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, add_special)
-            .map_err(|e| anyhow!("cannot tokenize text of {} bytes: {e}", text.len()))?;
-        Ok(enc.get_ids().to_vec())
-    }
-
-    /// Token ids → text; with `skip_special`, special tokens are left out. An id outside the
-    /// vocabulary is an error.
-    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        if let Some(&bad) = ids.iter().find(|&&id| self.inner.id_to_token(id).is_none()) {
-            bail!(
-                "cannot decode token id {bad}: the vocabulary has {} tokens",
-                self.vocab_size()
-            );
-        }
-        self.inner
-            .decode(ids, skip_special)
-            .map_err(|e| anyhow!("cannot decode {} token ids: {e}", ids.len()))
-    }
-
-    /// Number of token ids, added tokens included.
-    pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
-    }
-
-    /// Beginning-of-sequence id (for BERT-style tokenizers from tokenizer.json, `[CLS]`).
-    pub fn bos_id(&self) -> Option<u32> {
-        self.bos
-    }
-
-    /// End-of-sequence id (for BERT-style tokenizers from tokenizer.json, `[SEP]`).
-    pub fn eos_id(&self) -> Option<u32> {
-        self.eos
-    }
-
-    /// Padding id, if the tokenizer defines one.
-    pub fn pad_id(&self) -> Option<u32> {
-        self.pad
-    }
-
-    /// The id of a token given in the vocabulary's own spelling (e.g. `Ġthe`, `▁the`, `##s`).
-    pub fn token_to_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
-    }
-
-    /// The vocabulary's spelling of a token id.
-    pub fn id_to_token(&self, id: u32) -> Option<String> {
-        self.inner.id_to_token(id)
-    }
-
-    /// The wrapped Hugging Face tokenizer.
-    pub fn inner(&self) -> &Tokenizer {
-        &self.inner
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A tiny SentencePiece vocabulary: <unk>, <s>, </s>, the 256 byte tokens, then pieces whose
-    /// scores make "▁hello" and "▁world" whole tokens.
-    fn spm_vocab(add_space_prefix: bool) -> GgufVocab {
-        let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
-        let mut scores = vec![0.0, 0.0, 0.0];
-        let mut types = vec![2, 3, 3];
-        for b in 0..=255u8 {
-            tokens.push(format!("<0x{b:02X}>"));
-            scores.push(0.0);
-            types.push(6);
-        }
-        for c in ["▁", "h", "e", "l", "o", "w", "r", "d"] {
-            tokens.push(c.into());
-            scores.push(-100.0);
-            types.push(1);
-        }
-        let pieces = ["▁h", "ll", "▁he", "llo", "▁hello", "▁w", "or", "▁wor", "ld", "▁world"];
-        for (i, p) in pieces.iter().enumerate() {
-            tokens.push((*p).into());
-            scores.push(-(i as f64) - 1.0);
-            types.push(1);
-        }
-        GgufVocab {
-            model: "llama".into(),
-            tokens,
-            scores: Some(scores),
-            token_types: Some(types),
-            bos: Some(1),
-            eos: Some(2),
-            unk: Some(0),
-            add_space_prefix: Some(add_space_prefix),
-            ..Default::default()
-        }
-    }
-
-    fn ids(tok: &TextTokenizer, pieces: &[&str]) -> Vec<u32> {
-        pieces
-            .iter()
-            .map(|p| tok.token_to_id(p).unwrap_or_else(|| panic!("{p} not in vocab")))
-            .collect()
-    }
-
-    #[test]
-    fn merges_follow_scores() {
-        let v = spm_vocab(true);
-        let merges = spm_merges_from_scores(&v.tokens, v.scores.as_ref().unwrap());
-        let m: Vec<(&str, &str)> = merges.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
-        assert_eq!(
-            m,
-            [
-                ("▁", "h"),
-                ("l", "l"),
-                ("▁h", "e"),
-                ("ll", "o"),
-                ("▁he", "llo"),
-                ("▁", "w"),
-                ("o", "r"),
-                ("▁w", "or"),
-                ("l", "d"),
-                ("▁wor", "ld")
-            ]
-        );
-    }
-
-    #[test]
-    fn sentencepiece_encodes_and_round_trips() {
-        let tok = spm_vocab(true).build("synthetic.gguf").unwrap();
-        assert_eq!(tok.vocab_size(), 3 + 256 + 8 + 10);
-        assert_eq!(
-            tok.encode("hello world", false).unwrap(),
-            ids(&tok, &["▁hello", "▁world"])
-        );
-        // add_bos_token defaults to true for SentencePiece.
-        assert_eq!(
-            tok.encode("hello world", true).unwrap(),
-            ids(&tok, &["<s>", "▁hello", "▁world"])
-        );
-        // "é" is not in the vocabulary: byte fallback to its two UTF-8 bytes.
-        let he = tok.encode("hé", false).unwrap();
-        assert_eq!(he, ids(&tok, &["▁h", "<0xC3>", "<0xA9>"]));
-        // Control tokens in the text are single ids.
-        assert_eq!(
-            tok.encode("<s>hello</s>", false).unwrap(),
-            ids(&tok, &["<s>", "▁hello", "</s>"])
-        );
-        for text in ["hello world", "hé", "world hello  hello", "wörld\n"] {
-            let ids = tok.encode(text, true).unwrap();
-            assert_eq!(tok.decode(&ids, true).unwrap(), text, "{ids:?}");
-        }
-        assert_eq!(tok.bos_id(), Some(1));
-        assert_eq!(tok.eos_id(), Some(2));
-        assert_eq!(tok.pad_id(), None);
-    }
-
-    #[test]
-    fn sentencepiece_without_space_prefix() {
-        let tok = spm_vocab(false).build("synthetic.gguf").unwrap();
-        assert_eq!(
-            tok.encode("hello world", false).unwrap(),
-            ids(&tok, &["h", "e", "llo", "▁world"])
-        );
-        assert_eq!(
-            tok.decode(&tok.encode("hello world", false).unwrap(), false).unwrap(),
-            "hello world"
-        );
-    }
-
-    #[test]
-    fn bad_vocabularies_are_errors() {
-        let mut v = spm_vocab(true);
-        v.scores = None;
-        let err = v.build("x.gguf").err().unwrap().to_string();
-        assert!(err.contains("x.gguf") && err.contains("scores"), "{err}");
-
-        let mut v = spm_vocab(true);
-        v.model = "bert".into();
-        let err = v.build("x.gguf").err().unwrap().to_string();
-        assert!(err.contains("x.gguf") && err.contains("`bert`"), "{err}");
-
-        let mut v = spm_vocab(true);
-        v.model = "gpt2".into();
-        v.merges = Some(vec!["nospace".into()]);
-        let err = v.build("x.gguf").err().unwrap().to_string();
-        assert!(err.contains("nospace"), "{err}");
-
-        v.merges = Some(vec!["zz q".into()]);
-        let err = v.build("x.gguf").err().unwrap().to_string();
-        assert!(err.contains("x.gguf"), "{err}");
-    }
-
-    #[test]
-    fn pre_tokenizer_regexes_compile() {
-        for pre in ["gpt2", "smollm", "qwen2", "llama-bpe"] {
-            byte_level_pre_tokenizer(Some(pre), "x.gguf").unwrap();
-        }
-        assert!(byte_level_pre_tokenizer(Some("nope"), "x.gguf").is_err());
-    }
-}
+mod tests;

@@ -8,10 +8,10 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use super::{Learner, Prepared, TrainConfig, HEAD_BIAS, HEAD_WEIGHT};
+use crate::config::TrainConfig;
 use crate::io::{read_safetensors, write_bytes, write_safetensors};
 use crate::task::Task;
 
@@ -75,39 +75,51 @@ pub fn load_task_file(dir: &Path) -> Result<TaskFile> {
     serde_json::from_str(&text).with_context(|| format!("{} is not a valid softprompt task file", path.display()))
 }
 
-fn all_tensors(learner: &Learner) -> Result<Vec<(String, Tensor)>> {
-    let mut t = learner.prompt.tensors()?;
-    if let Some(h) = &learner.head {
-        t.push((HEAD_WEIGHT.into(), h.weight.as_tensor().clone()));
-        t.push((HEAD_BIAS.into(), h.bias.as_tensor().clone()));
-    }
-    Ok(t)
+/// Saves the raw prompt parameters (encoder and classification head included) next to an
+/// adapter.
+pub fn save_prompt_params(dir: &Path, params: &[(String, Tensor)]) -> Result<()> {
+    write_safetensors(&dir.join(PROMPT_FILE), params, None)
 }
 
-/// Saves the raw prompt parameters (encoder included) next to an adapter.
-pub fn save_prompt_params(dir: &Path, learner: &Learner) -> Result<()> {
-    write_safetensors(&dir.join(PROMPT_FILE), &all_tensors(learner)?, None)
+/// What `checkpoint-last/` holds: everything needed to resume a run exactly.
+pub struct Checkpoint {
+    /// Every trainable parameter by its saved name.
+    pub params: HashMap<String, Tensor>,
+    /// AdamW's first and second moments by parameter name.
+    pub moments: BTreeMap<String, (Tensor, Tensor)>,
+    /// AdamW's update count.
+    pub optimizer_step: usize,
+    /// Counters and history.
+    pub progress: Progress,
 }
 
-/// Saves the full training state into `dir` (created if needed).
-pub fn save_state(dir: &Path, learner: &Learner, progress: &Progress, p: &Prepared) -> Result<()> {
+/// Saves a checkpoint into `dir` (created if needed): `state.safetensors` (parameters, then
+/// `adamw.m.*` / `adamw.v.*`) and `state.json` (progress, optimizer step, configuration).
+pub fn save_checkpoint(
+    dir: &Path,
+    params: Vec<(String, Tensor)>,
+    moments: &BTreeMap<String, (Tensor, Tensor)>,
+    optimizer_step: usize,
+    progress: &Progress,
+    cfg: &TrainConfig,
+) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let mut tensors = all_tensors(learner)?;
-    for (name, (m, v)) in &learner.optimizer.moments {
+    let mut tensors = params;
+    for (name, (m, v)) in moments {
         tensors.push((format!("adamw.m.{name}"), m.clone()));
         tensors.push((format!("adamw.v.{name}"), v.clone()));
     }
     write_safetensors(&dir.join("state.safetensors"), &tensors, None)?;
     let json = serde_json::json!({
         "progress": progress,
-        "optimizer_step": learner.optimizer.step,
-        "config": p.cfg,
+        "optimizer_step": optimizer_step,
+        "config": cfg,
     });
     write_bytes(&dir.join("state.json"), serde_json::to_string_pretty(&json)?.as_bytes())
 }
 
-/// Restores a learner from `dir`; returns the progress to continue from.
-pub fn load_state(dir: &Path, learner: &mut Learner) -> Result<Progress> {
+/// Reads the checkpoint in `dir`.
+pub fn load_checkpoint(dir: &Path) -> Result<Checkpoint> {
     let json_path = dir.join("state.json");
     let text = std::fs::read_to_string(&json_path).with_context(|| {
         format!(
@@ -119,36 +131,29 @@ pub fn load_state(dir: &Path, learner: &mut Learner) -> Result<Progress> {
         serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", json_path.display()))?;
     let progress: Progress = serde_json::from_value(v["progress"].clone())
         .with_context(|| format!("{}: field `progress`", json_path.display()))?;
-    let opt_step = v["optimizer_step"]
+    let optimizer_step = v["optimizer_step"]
         .as_u64()
-        .with_context(|| format!("{}: field `optimizer_step` is missing", json_path.display()))?;
+        .with_context(|| format!("{}: field `optimizer_step` is missing", json_path.display()))?
+        as usize;
     let tensors = read_safetensors(&dir.join("state.safetensors"))?;
-    let params: HashMap<String, Tensor> = tensors
+    let params = tensors
         .iter()
         .filter(|(k, _)| !k.starts_with("adamw."))
         .map(|(k, t)| (k.clone(), t.clone()))
         .collect();
-    learner.prompt.set_from(&params)?;
-    if let Some(h) = &learner.head {
-        for (name, var) in [(HEAD_WEIGHT, &h.weight), (HEAD_BIAS, &h.bias)] {
-            let t = params
-                .get(name)
-                .with_context(|| format!("{}: `{name}` is missing", dir.display()))?;
-            var.set(t)?;
-        }
-    }
-    learner.optimizer.moments.clear();
+    let mut moments = BTreeMap::new();
     for (k, m) in &tensors {
         if let Some(name) = k.strip_prefix("adamw.m.") {
             let Some(vv) = tensors.get(&format!("adamw.v.{name}")) else {
                 bail!("{}: `adamw.v.{name}` is missing", dir.display());
             };
-            learner
-                .optimizer
-                .moments
-                .insert(name.to_string(), (m.clone(), vv.clone()));
+            moments.insert(name.to_string(), (m.clone(), vv.clone()));
         }
     }
-    learner.optimizer.step = opt_step as usize;
-    Ok(progress)
+    Ok(Checkpoint {
+        params,
+        moments,
+        optimizer_step,
+        progress,
+    })
 }

@@ -1,0 +1,174 @@
+//! HF PEFT adapter files, read and written exactly as PEFT 0.21 does:
+//!
+//! - `adapter_config.json`: the prompt-learning config, written like
+//!   `json.dumps(config, indent=2, sort_keys=True)` (ASCII only, no trailing newline);
+//! - `adapter_model.safetensors`: `prompt_embeddings` (f32 `[p·submodules, d]`; for p-tuning the
+//!   encoder's **output**, for prefix tuning the `[p, layers·2·d_kv]` key/value prefix), plus
+//!   `base_model.classifier.{weight,bias}` for sequence classification; metadata
+//!   `{"format": "pt"}`.
+//!
+//! PEFT never saves a p-tuning encoder, so such an adapter is, for inference, a plain prompt;
+//! training state (the encoder included) is [`crate::prompt::SoftPrompt::tensors`]' job.
+//!
+//! The folder's files: [`peft_types`] (PEFT's enums), [`peft_config`] (the typed
+//! `adapter_config.json`), [`python_json`] (Python's `json.dumps` spelling), [`compat`] (does an
+//! adapter fit a model), [`run_files`] (softprompt's own files beside the adapter:
+//! `softprompt.json`, the raw prompt parameters, `checkpoint-last/`).
+
+pub mod compat;
+pub mod peft_config;
+pub mod peft_types;
+mod python_json;
+pub mod run_files;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use crate::prompt::{SoftPrompt, PROMPT_EMBEDDINGS};
+pub use compat::check_compatible;
+pub use peft_config::{MethodConfig, PeftConfig};
+pub use peft_types::{PeftType, TaskType};
+
+/// File name of the adapter configuration.
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+/// File name of the adapter weights.
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+/// The PEFT release whose file format this module reads and writes (written as `peft_version`).
+pub const PEFT_FORMAT_VERSION: &str = "0.21.2";
+/// Tensor names of a sequence-classification head as PEFT saves it (`modules_to_save`).
+pub const CLASSIFIER_WEIGHT: &str = "base_model.classifier.weight";
+/// See [`CLASSIFIER_WEIGHT`].
+pub const CLASSIFIER_BIAS: &str = "base_model.classifier.bias";
+
+/// A loaded PEFT adapter.
+#[derive(Debug, Clone)]
+pub struct PeftAdapter {
+    /// Folder it was read from.
+    pub dir: PathBuf,
+    /// `adapter_config.json`.
+    pub config: PeftConfig,
+    /// `prompt_embeddings` as f32 (shape [`PeftConfig::prompt_embeddings_shape`]).
+    pub prompt_embeddings: Tensor,
+    /// Every other tensor of `adapter_model.safetensors`, by name (e.g. the classifier head).
+    pub tensors: BTreeMap<String, Tensor>,
+}
+
+impl PeftAdapter {
+    /// The prompt matrix `[p, d]` to prepend to the input embeddings (prompt tuning and
+    /// p-tuning); an error for prefix tuning, whose prompt enters every attention layer.
+    pub fn input_prompt(&self) -> Result<&Tensor> {
+        match self.config.peft_type() {
+            PeftType::PrefixTuning => bail!(
+                "{}: prefix tuning inference is not supported yet (the adapter holds per-layer key/value prefixes)",
+                self.dir.display()
+            ),
+            _ => Ok(&self.prompt_embeddings),
+        }
+    }
+
+    /// The sequence-classification head `(weight [labels, hidden], bias [labels])`, if saved.
+    pub fn classifier(&self) -> Option<(&Tensor, &Tensor)> {
+        Some((self.tensors.get(CLASSIFIER_WEIGHT)?, self.tensors.get(CLASSIFIER_BIAS)?))
+    }
+
+    /// The adapter's prompt as a learnable prompt-tuning [`SoftPrompt`] (for a p-tuning adapter
+    /// this is the encoder's output: PEFT does not save the encoder).
+    pub fn to_soft_prompt(&self) -> Result<SoftPrompt> {
+        SoftPrompt::prompt_tuning(self.input_prompt()?)
+    }
+
+    /// The extra tensors as `(name, tensor)` pairs, ready for [`save_peft`].
+    pub fn extra(&self) -> Vec<(String, Tensor)> {
+        self.tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+}
+
+/// Reads `dir/adapter_config.json` and `dir/adapter_model.safetensors`. Errors name the file
+/// and what is wrong: a missing file, bad JSON, a missing field, an unknown `peft_type`, a
+/// missing `prompt_embeddings` or one whose shape disagrees with the config.
+pub fn load_peft(dir: &Path) -> Result<PeftAdapter> {
+    let cfg_path = dir.join(ADAPTER_CONFIG);
+    let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("cannot read {}", cfg_path.display()))?;
+    let value: Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", cfg_path.display()))?;
+    let config =
+        PeftConfig::from_value(&value).with_context(|| format!("{}: invalid adapter config", cfg_path.display()))?;
+
+    let w_path = dir.join(ADAPTER_WEIGHTS);
+    let mut tensors = crate::io::read_safetensors(&w_path)?;
+    let pe = tensors
+        .remove(PROMPT_EMBEDDINGS)
+        .with_context(|| format!("{}: tensor `{PROMPT_EMBEDDINGS}` is missing", w_path.display()))?;
+    let want = config
+        .prompt_embeddings_shape()
+        .with_context(|| format!("{}", cfg_path.display()))?;
+    if pe.dims() != want {
+        bail!(
+            "{}: tensor `{PROMPT_EMBEDDINGS}` has shape {:?} but {} says {} ({}) — expected {:?}",
+            w_path.display(),
+            pe.dims(),
+            cfg_path.display(),
+            match config.peft_type() {
+                PeftType::PrefixTuning => "num_virtual_tokens × (num_layers·2·token_dim)",
+                _ => "num_virtual_tokens × token_dim",
+            },
+            format_args!(
+                "num_virtual_tokens {}, token_dim {}{}",
+                config.num_virtual_tokens,
+                config.token_dim,
+                config
+                    .num_layers
+                    .map(|l| format!(", num_layers {l}"))
+                    .unwrap_or_default()
+            ),
+            want
+        );
+    }
+    let prompt_embeddings = pe.to_dtype(DType::F32)?;
+    Ok(PeftAdapter {
+        dir: dir.to_path_buf(),
+        config,
+        prompt_embeddings,
+        tensors,
+    })
+}
+
+/// Writes a PEFT adapter folder: `adapter_model.safetensors` (`prompt_embeddings` as f32 plus
+/// `extra`, e.g. `base_model.classifier.{weight,bias}` for SEQ_CLS, all f32, metadata
+/// `{"format": "pt"}`) and `adapter_config.json` (with `inference_mode: true`, as PEFT's
+/// `save_pretrained` writes it). For p-tuning pass the encoder's output. Both files are written
+/// atomically; the folder is created if needed.
+pub fn save_peft(
+    dir: &Path,
+    config: &PeftConfig,
+    prompt_embeddings: &Tensor,
+    extra: &[(String, Tensor)],
+) -> Result<()> {
+    let want = config.prompt_embeddings_shape()?;
+    if prompt_embeddings.dims() != want {
+        bail!(
+            "cannot save the adapter to {}: prompt_embeddings has shape {:?} but the config says {:?}",
+            dir.display(),
+            prompt_embeddings.dims(),
+            want
+        );
+    }
+    let mut tensors: Vec<(String, Tensor)> =
+        vec![(PROMPT_EMBEDDINGS.to_string(), prompt_embeddings.to_dtype(DType::F32)?)];
+    for (name, t) in extra {
+        if tensors.iter().any(|(n, _)| n == name) {
+            bail!("cannot save the adapter: tensor `{name}` is given twice");
+        }
+        tensors.push((name.clone(), t.to_dtype(DType::F32)?));
+    }
+    let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    crate::io::write_safetensors(&dir.join(ADAPTER_WEIGHTS), &tensors, Some(metadata))?;
+    let mut config = config.clone();
+    config.inference_mode = true;
+    crate::io::write_bytes(&dir.join(ADAPTER_CONFIG), config.to_json_string().as_bytes())?;
+    Ok(())
+}

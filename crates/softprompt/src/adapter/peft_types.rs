@@ -1,0 +1,82 @@
+//! PEFT's enumerations as they appear in `adapter_config.json`.
+
+use anyhow::{bail, Result};
+
+/// PEFT's `peft_type` values this crate understands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeftType {
+    /// `PROMPT_TUNING`.
+    PromptTuning,
+    /// `P_TUNING`.
+    PTuning,
+    /// `PREFIX_TUNING`.
+    PrefixTuning,
+}
+
+impl PeftType {
+    /// The string PEFT writes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeftType::PromptTuning => "PROMPT_TUNING",
+            PeftType::PTuning => "P_TUNING",
+            PeftType::PrefixTuning => "PREFIX_TUNING",
+        }
+    }
+
+    /// Parses PEFT's string.
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "PROMPT_TUNING" => PeftType::PromptTuning,
+            "P_TUNING" => PeftType::PTuning,
+            "PREFIX_TUNING" => PeftType::PrefixTuning,
+            other => bail!("unknown peft_type `{other}` (supported: PROMPT_TUNING, P_TUNING, PREFIX_TUNING)"),
+        })
+    }
+}
+
+/// PEFT's `task_type` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskType {
+    /// `CAUSAL_LM`.
+    CausalLm,
+    /// `SEQ_CLS`.
+    SeqCls,
+    /// `SEQ_2_SEQ_LM`.
+    Seq2SeqLm,
+    /// `TOKEN_CLS`.
+    TokenCls,
+    /// `QUESTION_ANS`.
+    QuestionAns,
+    /// `FEATURE_EXTRACTION`.
+    FeatureExtraction,
+}
+
+impl TaskType {
+    /// The string PEFT writes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskType::CausalLm => "CAUSAL_LM",
+            TaskType::SeqCls => "SEQ_CLS",
+            TaskType::Seq2SeqLm => "SEQ_2_SEQ_LM",
+            TaskType::TokenCls => "TOKEN_CLS",
+            TaskType::QuestionAns => "QUESTION_ANS",
+            TaskType::FeatureExtraction => "FEATURE_EXTRACTION",
+        }
+    }
+
+    /// Parses PEFT's string.
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "CAUSAL_LM" => TaskType::CausalLm,
+            "SEQ_CLS" => TaskType::SeqCls,
+            "SEQ_2_SEQ_LM" => TaskType::Seq2SeqLm,
+            "TOKEN_CLS" => TaskType::TokenCls,
+            "QUESTION_ANS" => TaskType::QuestionAns,
+            "FEATURE_EXTRACTION" => TaskType::FeatureExtraction,
+            other => bail!(
+                "unknown task_type `{other}` (PEFT's task types: CAUSAL_LM, SEQ_CLS, SEQ_2_SEQ_LM, TOKEN_CLS, \
+                 QUESTION_ANS, FEATURE_EXTRACTION)"
+            ),
+        })
+    }
+}

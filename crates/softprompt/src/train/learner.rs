@@ -1,0 +1,188 @@
+//! The learnable state of a run (prompt, classification head, optimiser), how it starts, and
+//! how it is saved as an adapter and restored from a checkpoint.
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Tensor, Var};
+use rand::SeedableRng;
+use std::path::Path;
+
+use super::optim::{AdamW, AdamWConfig};
+use super::Prepared;
+use crate::adapter::run_files::{self, Checkpoint, Progress};
+use crate::adapter::{self, MethodConfig, PeftConfig, TaskType};
+use crate::config::{InitKind, TrainConfig};
+use crate::loss::ClassifierHead;
+use crate::prompt::init::normal;
+use crate::prompt::{initial_prompt, InitSource, PromptInit, SoftPrompt};
+use crate::task::{Task, TaskKind};
+
+/// PEFT's names of the sequence-classification head.
+pub const HEAD_WEIGHT: &str = adapter::CLASSIFIER_WEIGHT;
+/// See [`HEAD_WEIGHT`].
+pub const HEAD_BIAS: &str = adapter::CLASSIFIER_BIAS;
+
+/// The learnable state of a run.
+pub struct Learner {
+    /// The soft prompt.
+    pub prompt: SoftPrompt,
+    /// Classification head (SeqCls).
+    pub head: Option<ClassifierHead>,
+    /// Optimiser.
+    pub optimizer: AdamW,
+    /// How the prompt was initialised (recorded in the PEFT config).
+    pub init: PromptInit,
+}
+
+impl Learner {
+    /// Every trainable parameter with its saved name.
+    pub fn params(&self) -> Vec<(String, Var)> {
+        let mut v = self.prompt.vars();
+        if let Some(h) = &self.head {
+            v.push((HEAD_WEIGHT.into(), h.weight.clone()));
+            v.push((HEAD_BIAS.into(), h.bias.clone()));
+        }
+        v
+    }
+
+    /// Copies of every parameter's current value, named as [`Learner::params`].
+    pub fn tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        self.params()
+            .into_iter()
+            .map(|(n, v)| Ok((n, v.as_detached_tensor().copy()?)))
+            .collect()
+    }
+
+    /// Restores parameters and optimiser state from a checkpoint; returns its progress.
+    pub fn restore(&mut self, checkpoint: Checkpoint, dir: &Path) -> Result<Progress> {
+        let device = self.prompt.embedding().device().clone();
+        let on_device = |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(&device)?) };
+        self.prompt.set_from(&checkpoint.params)?;
+        if let Some(h) = &self.head {
+            for (name, var) in [(HEAD_WEIGHT, &h.weight), (HEAD_BIAS, &h.bias)] {
+                let t = checkpoint
+                    .params
+                    .get(name)
+                    .with_context(|| format!("{}: `{name}` is missing", dir.display()))?;
+                var.set(&on_device(t)?)?;
+            }
+        }
+        self.optimizer.moments = checkpoint
+            .moments
+            .iter()
+            .map(|(k, (m, v))| Ok((k.clone(), (on_device(m)?, on_device(v)?))))
+            .collect::<Result<_>>()?;
+        self.optimizer.step = checkpoint.optimizer_step;
+        Ok(checkpoint.progress)
+    }
+}
+
+/// The prompt initialisation option `init` asks for, resolved against the task (label texts)
+/// and the files it names (`init_from`).
+fn prompt_init(cfg: &TrainConfig, task: &Task) -> Result<PromptInit> {
+    Ok(match cfg.init {
+        InitKind::Random => PromptInit::Random,
+        InitKind::RandomNormal => PromptInit::RandomNormal,
+        InitKind::Vocab => PromptInit::Vocab,
+        InitKind::Labels => {
+            let prefix = task.template.target().map(|t| t.prefix.clone()).unwrap_or_default();
+            PromptInit::Labels((0..task.labels.len()).map(|i| task.target_text(&prefix, i)).collect())
+        }
+        InitKind::Text => PromptInit::Text(
+            cfg.init_text
+                .clone()
+                .context("init = \"text\" needs option `init_text`")?,
+        ),
+        InitKind::From => {
+            let dir = cfg
+                .init_from
+                .as_deref()
+                .context("init = \"from\" needs option `init_from` (an adapter directory)")?;
+            PromptInit::FromTensor(adapter::load_peft(dir)?.prompt_embeddings)
+        }
+    })
+}
+
+/// A fresh learner: initial prompt, encoder and head drawn from the seed.
+pub fn new_learner(p: &Prepared) -> Result<Learner> {
+    let cfg = &p.cfg;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+    let bb = &p.model.backbone;
+    let device = bb.device();
+    let init = prompt_init(cfg, &p.task)?;
+    let n = p.task.template.num_virtual_tokens();
+    let d = bb.info().hidden;
+    let start = initial_prompt(
+        &init,
+        n,
+        d,
+        InitSource::model(bb.embedding_table(), &p.model.tokenizer),
+        &mut rng,
+    )?
+    .to_device(device)?;
+    let prompt = SoftPrompt::new(&start, cfg.encoder_spec().as_ref(), &mut rng)?;
+    let head = if cfg.task == TaskKind::SeqCls {
+        let c = p.task.labels.len();
+        // transformers initialises classifier weights N(0, 0.02) and biases 0.
+        let w: Vec<f32> = normal(&mut rng, c * d).into_iter().map(|x| (0.02 * x) as f32).collect();
+        Some(ClassifierHead {
+            weight: Var::from_tensor(&Tensor::from_vec(w, (c, d), device)?)?,
+            bias: Var::zeros(c, DType::F32, device)?,
+        })
+    } else {
+        None
+    };
+    let optimizer = AdamW::new(AdamWConfig {
+        beta1: cfg.beta1,
+        beta2: cfg.beta2,
+        eps: cfg.adam_eps,
+        weight_decay: cfg.weight_decay,
+    });
+    Ok(Learner {
+        prompt,
+        head,
+        optimizer,
+        init,
+    })
+}
+
+/// Writes the learner as a PEFT adapter into `dir`, with softprompt's own files beside it.
+pub fn save_adapter(p: &Prepared, learner: &Learner, dir: &Path) -> Result<()> {
+    let info = p.model.backbone.info();
+    let task_type = if p.cfg.task == TaskKind::SeqCls {
+        TaskType::SeqCls
+    } else {
+        TaskType::CausalLm
+    };
+    let mut config = PeftConfig::for_prompt(&learner.prompt, &learner.init, task_type, info);
+    config.base_model_name_or_path = Some(p.cfg.model.clone());
+    if let MethodConfig::PromptTuning {
+        tokenizer_name_or_path: Some(t),
+        ..
+    } = &mut config.method
+    {
+        *t = p.cfg.model.clone();
+    }
+    let extra: Vec<(String, Tensor)> = match &learner.head {
+        Some(h) => vec![
+            (HEAD_WEIGHT.into(), h.weight.as_tensor().clone()),
+            (HEAD_BIAS.into(), h.bias.as_tensor().clone()),
+        ],
+        None => Vec::new(),
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    adapter::save_peft(dir, &config, &learner.prompt.forward()?, &extra)?;
+    run_files::save_task_file(dir, &p.task, &p.cfg)?;
+    run_files::save_prompt_params(dir, &learner.tensors()?)
+}
+
+/// Saves the full training state into `dir`.
+pub fn save_checkpoint(p: &Prepared, learner: &Learner, progress: &Progress, dir: &Path) -> Result<()> {
+    run_files::save_checkpoint(
+        dir,
+        learner.tensors()?,
+        &learner.optimizer.moments,
+        learner.optimizer.step,
+        progress,
+        &p.cfg,
+    )
+}

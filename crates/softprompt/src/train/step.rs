@@ -1,0 +1,190 @@
+//! Step 2 of a run, one optimiser step: the rows of the step (a pure function of the seed),
+//! loss and gradients over the micro-batches, clipping, the AdamW update.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor, Var};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use std::collections::{BTreeMap, HashMap};
+
+use super::learner::{Learner, HEAD_BIAS, HEAD_WEIGHT};
+use super::optim::{clip_grad_norm, learning_rate};
+use super::Prepared;
+use crate::backbone::{BackboneInput, Model};
+use crate::batch::{make_batch, prompt_gradient, splice_embeddings};
+use crate::config::TrainConfig;
+use crate::loss::lm_loss;
+use crate::task::Example;
+
+/// The rows of micro-batch `micro` of step `step` (1-based): a pure function of the seed (each
+/// epoch's order is a permutation seeded by `seed + epoch + 1`).
+pub struct DataOrder {
+    seed: u64,
+    n: usize,
+    perms: HashMap<usize, Vec<usize>>,
+}
+
+impl DataOrder {
+    /// The order of `n` training rows for `seed`.
+    pub fn new(seed: u64, n: usize) -> Self {
+        Self {
+            seed,
+            n,
+            perms: HashMap::new(),
+        }
+    }
+
+    /// Row indices of micro-batch `micro` of step `step`.
+    pub fn rows(&mut self, step: usize, micro: usize, accumulation: usize, batch: usize) -> Vec<usize> {
+        let start = ((step - 1) * accumulation + micro) * batch;
+        (start..start + batch)
+            .map(|pos| {
+                let epoch = pos / self.n;
+                let (seed, n) = (self.seed, self.n);
+                let perm = self.perms.entry(epoch).or_insert_with(|| {
+                    let mut p: Vec<usize> = (0..n).collect();
+                    p.shuffle(&mut rand::rngs::StdRng::seed_from_u64(
+                        seed.wrapping_add(epoch as u64 + 1),
+                    ));
+                    p
+                });
+                perm[pos % n]
+            })
+            .collect()
+    }
+}
+
+/// Total optimiser steps of a run.
+pub fn total_steps(cfg: &TrainConfig, train_rows: usize) -> Result<usize> {
+    if let Some(s) = cfg.steps {
+        return Ok(s);
+    }
+    let per_step = (cfg.batch * cfg.accumulation).max(1);
+    let epochs = cfg.epochs.unwrap_or(1.0);
+    let steps = (epochs * train_rows as f64 / per_step as f64).ceil() as usize;
+    if steps == 0 {
+        bail!("nothing to train: 0 steps (set `steps` or `epochs`)");
+    }
+    Ok(steps)
+}
+
+/// One optimiser step's loss and gradients (averaged over the micro-batches).
+pub fn compute_gradients(
+    p: &Prepared,
+    learner: &Learner,
+    order: &mut DataOrder,
+    step: usize,
+) -> Result<(f32, BTreeMap<String, Tensor>)> {
+    let cfg = &p.cfg;
+    let model = &p.model.backbone;
+    let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
+    let mut add = |name: &str, g: Tensor| -> Result<()> {
+        let g = (g / cfg.accumulation as f64)?;
+        let sum = match grads.remove(name) {
+            Some(prev) => (prev + g)?,
+            None => g,
+        };
+        grads.insert(name.to_string(), sum);
+        Ok(())
+    };
+    let mut loss_sum = 0f32;
+    for micro in 0..cfg.accumulation {
+        let rows: Vec<&Example> = order
+            .rows(step, micro, cfg.accumulation, cfg.batch)
+            .into_iter()
+            .map(|i| &p.train[i])
+            .collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed ^ ((step as u64) << 16) ^ micro as u64);
+        let prompt = learner.prompt.forward_train(&mut rng)?;
+        let batch = make_batch(&rows, learner.head.is_none(), model.device())?;
+        let embeds = splice_embeddings(&**model, &batch, Some(&prompt.detach()))?;
+        let (hidden, tape) = model.forward_train(&BackboneInput::new(&embeds, &batch.mask))?;
+        let (loss, d_hidden) = match (model, &learner.head) {
+            (Model::Encoder(enc), Some(head)) => {
+                let gold: Vec<u32> = rows.iter().map(|e| e.gold as u32).collect();
+                let h = head.loss(enc.as_ref(), &hidden, &gold)?;
+                add(HEAD_WEIGHT, h.d_weight)?;
+                add(HEAD_BIAS, h.d_bias)?;
+                (h.loss, h.d_hidden)
+            }
+            (Model::Causal(lm), None) => lm_loss(lm.as_ref(), &batch, &hidden)?,
+            _ => bail!("a classification head trains on an encoder, the LM loss on a causal model"),
+        };
+        let d_embeds = model.backward(&tape, &d_hidden)?;
+        let d_prompt = prompt_gradient(&batch, &d_embeds, learner.prompt.num_virtual_tokens())?;
+        // Through the (small) prompt encoder with candle's autograd.
+        let store = (&prompt * d_prompt.detach())?.sum_all()?.backward()?;
+        for (name, var) in learner.prompt.vars() {
+            if let Some(g) = store.get(var.as_tensor()) {
+                add(&name, g.clone())?;
+            }
+        }
+        loss_sum += loss / cfg.accumulation as f32;
+    }
+    Ok((loss_sum, grads))
+}
+
+fn all_finite(params: &[(String, Var)]) -> Result<bool> {
+    for (_, v) in params {
+        let s = v
+            .as_tensor()
+            .abs()?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+        if !s.is_finite() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// What one optimiser step did.
+#[derive(Debug, Clone, Copy)]
+pub struct StepResult {
+    /// Mean training loss of the step.
+    pub loss: f32,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate used.
+    pub lr: f64,
+}
+
+/// One optimiser step (`step` is 1-based, of `total`): gradients, clipping, AdamW. A
+/// non-finite loss, gradient or parameter stops training with an error that names `last_good`,
+/// where the last good checkpoint stays.
+pub fn step(
+    p: &Prepared,
+    learner: &mut Learner,
+    order: &mut DataOrder,
+    step: usize,
+    total: usize,
+) -> Result<StepResult> {
+    let cfg = &p.cfg;
+    let last_dir = cfg.output.join("checkpoint-last");
+    let (loss, mut grads) = compute_gradients(p, learner, order, step)?;
+    if !loss.is_finite() {
+        bail!(
+            "loss became {loss} at step {step}; training stopped. The last good checkpoint is kept in {} (and the best adapter in {})",
+            last_dir.display(),
+            cfg.output.display()
+        );
+    }
+    let grad_norm = clip_grad_norm(&mut grads, cfg.clip).with_context(|| {
+        format!(
+            "step {step}: training stopped; the last good checkpoint is in {}",
+            last_dir.display()
+        )
+    })?;
+    let lr = learning_rate(cfg.lr, cfg.schedule, step, cfg.warmup, total);
+    learner.optimizer.update(&learner.params(), &grads, lr)?;
+    if !all_finite(&learner.params())? {
+        bail!(
+            "parameters became non-finite at step {step} (learning rate {lr:e}); training stopped. \
+             The last good checkpoint is kept in {} (and the best adapter in {})",
+            last_dir.display(),
+            cfg.output.display()
+        );
+    }
+    Ok(StepResult { loss, grad_norm, lr })
+}
