@@ -36,6 +36,16 @@ pub struct BenchArgs {
     /// Print JSON lines instead of text.
     #[arg(long)]
     json: bool,
+    /// Time real training steps (head, loss and AdamW included) and evaluation on the recipe of
+    /// this training TOML (e.g. examples/sentiment.toml) instead of the bare backbone.
+    #[arg(long)]
+    recipe: Option<std::path::PathBuf>,
+    /// Training steps timed with --recipe (after 2 warm-up steps; the median is reported).
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Dev rows scored for the evaluation throughput with --recipe.
+    #[arg(long, default_value_t = 64)]
+    eval_rows: usize,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -89,8 +99,98 @@ fn batch_input(bb: &dyn Backbone, args: &BenchArgs) -> Result<(Tensor, Tensor, V
     Ok((bb.embed(&ids)?, mask, lens))
 }
 
+/// Prints the per-kind profile as a table or JSON lines.
+fn print_profile(kinds: &std::collections::BTreeMap<(&'static str, Direction), f64>, per: f64, json: bool) {
+    if json {
+        for ((kind, dir), secs) in kinds {
+            let dir = if *dir == Direction::Forward {
+                "forward"
+            } else {
+                "backward"
+            };
+            println!(
+                "{}",
+                json!({"workload": "profile", "kind": kind, "direction": dir, "seconds": secs / per})
+            );
+        }
+        return;
+    }
+    println!("  {:<10} {:>9} {:>9}", "kind", "forward", "backward");
+    let mut names: Vec<&str> = kinds.keys().map(|(k, _)| *k).collect();
+    names.dedup();
+    let mut total = 0.0;
+    for k in names {
+        let get = |d| kinds.get(&(k, d)).copied().unwrap_or(0.0) / per;
+        total += get(Direction::Forward) + get(Direction::Backward);
+        println!(
+            "  {:<10} {:>9.3} {:>9.3}",
+            k,
+            get(Direction::Forward),
+            get(Direction::Backward)
+        );
+    }
+    println!("  {:<10} {:>19.3}", "sum", total);
+}
+
+/// The training-step and evaluation workloads of a real recipe.
+fn bench_recipe(args: &BenchArgs, path: &std::path::Path) -> Result<()> {
+    use softprompt::train::{self, DataOrder};
+    let text = std::fs::read_to_string(path)?;
+    let mut cfg: softprompt::config::TrainConfig = toml::from_str(&text)?;
+    cfg.baseline_template = None;
+    cfg.output = std::env::temp_dir().join(format!("softprompt-bench-{}", std::process::id()));
+    let p = train::prepare(&cfg, &mut train::Quiet)?;
+    let mut learner = train::new_learner(&p)?;
+    let mut order = DataOrder::new(cfg.seed, p.train.len());
+    let total = args.steps + 2;
+    let mut times = Vec::new();
+    for step in 1..=total {
+        profile::set_enabled(step > 2);
+        let s = Instant::now();
+        train::step(&p, &mut learner, &mut order, step, total)?;
+        if step > 2 {
+            times.push(s.elapsed().as_secs_f64());
+        }
+    }
+    profile::set_enabled(false);
+    let kinds = profile::totals();
+    profile::reset();
+    let step_s = median(times.clone());
+    let mean = times.iter().sum::<f64>() / times.len() as f64;
+    let prompt = learner.prompt.forward()?;
+    let rows = &p.dev[..args.eval_rows.min(p.dev.len())];
+    let scorer = softprompt::infer::evaluate::Scorer::new(&p.model, &p.task, Some(&prompt), learner.head.as_ref())?;
+    let s = Instant::now();
+    scorer.evaluate(rows, cfg.eval_batch, false)?;
+    let eval_s = s.elapsed().as_secs_f64();
+    let _ = std::fs::remove_dir_all(&cfg.output);
+    let info = p.model.backbone.info().clone();
+    let ceiling = matmul_ceiling(&info, 256);
+    let line = json!({
+        "workload": "train_step", "recipe": path.display().to_string(), "steps": args.steps,
+        "batch": cfg.batch, "s_per_step_median": step_s, "s_per_step_mean": mean,
+        "s_per_step_min": times.iter().cloned().fold(f64::INFINITY, f64::min),
+        "s_per_step_max": times.iter().cloned().fold(0.0, f64::max),
+        "eval_rows": rows.len(), "eval_rows_per_s": rows.len() as f64 / eval_s,
+        "matmul_ceiling_gflops_256_rows": ceiling, "threads": rayon::current_num_threads(),
+    });
+    if args.json {
+        println!("{line}");
+    } else {
+        println!(
+            "recipe {} · batch {} · {} threads\ntraining step (splice, forward, head, loss, backward, AdamW): median {:.3} s, mean {mean:.3} s over {} steps\nevaluation: {} rows in {eval_s:.2} s = {:.1} rows/s\nmatmul ceiling (256 rows): {ceiling:.1} GFLOP/s\nwhere the time goes (seconds per step):",
+            path.display(), cfg.batch, rayon::current_num_threads(), step_s, times.len(), rows.len(), rows.len() as f64 / eval_s
+        );
+    }
+    print_profile(&kinds, times.len() as f64, args.json);
+    Ok(())
+}
+
 /// Runs `bench`.
 pub fn bench(args: BenchArgs) -> Result<()> {
+    if let Some(path) = args.recipe.clone() {
+        return bench_recipe(&args, &path);
+    }
     let model = crate::model_cmds::load(&args.model)?;
     let bb = model.backbone.as_ref();
     let info = bb.info().clone();

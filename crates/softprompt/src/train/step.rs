@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use super::learner::{Learner, HEAD_BIAS, HEAD_WEIGHT};
 use super::optim::{clip_grad_norm, learning_rate};
 use super::Prepared;
+use crate::backbone::profile::{span, Direction};
 use crate::backbone::{BackboneInput, Model};
 use crate::batch::{make_batch, prompt_gradient, splice_embeddings};
 use crate::config::TrainConfig;
@@ -95,30 +96,38 @@ pub fn compute_gradients(
             .map(|i| &p.train[i])
             .collect();
         let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed ^ ((step as u64) << 16) ^ micro as u64);
-        let prompt = learner.prompt.forward_train(&mut rng)?;
-        let batch = make_batch(&rows, learner.head.is_none(), model.device())?;
-        let embeds = splice_embeddings(&**model, &batch, Some(&prompt.detach()))?;
+        let prompt = span("prompt", Direction::Forward, || learner.prompt.forward_train(&mut rng))?;
+        let (batch, embeds) = span("splice", Direction::Forward, || -> Result<_> {
+            let batch = make_batch(&rows, learner.head.is_none(), model.device())?;
+            let embeds = splice_embeddings(&**model, &batch, Some(&prompt.detach()))?;
+            Ok((batch, embeds))
+        })?;
         let (hidden, tape) = model.forward_train(&BackboneInput::new(&embeds, &batch.mask))?;
-        let (loss, d_hidden) = match (model, &learner.head) {
-            (Model::Encoder(enc), Some(head)) => {
-                let gold: Vec<u32> = rows.iter().map(|e| e.gold as u32).collect();
-                let h = head.loss(enc.as_ref(), &hidden, &gold)?;
-                add(HEAD_WEIGHT, h.d_weight)?;
-                add(HEAD_BIAS, h.d_bias)?;
-                (h.loss, h.d_hidden)
-            }
-            (Model::Causal(lm), None) => lm_loss(lm.as_ref(), &batch, &hidden)?,
-            _ => bail!("a classification head trains on an encoder, the LM loss on a causal model"),
-        };
+        let (loss, d_hidden) = span("head+loss", Direction::Forward, || -> Result<_> {
+            Ok(match (model, &learner.head) {
+                (Model::Encoder(enc), Some(head)) => {
+                    let gold: Vec<u32> = rows.iter().map(|e| e.gold as u32).collect();
+                    let h = head.loss(enc.as_ref(), &hidden, &gold)?;
+                    add(HEAD_WEIGHT, h.d_weight)?;
+                    add(HEAD_BIAS, h.d_bias)?;
+                    (h.loss, h.d_hidden)
+                }
+                (Model::Causal(lm), None) => lm_loss(lm.as_ref(), &batch, &hidden)?,
+                _ => bail!("a classification head trains on an encoder, the LM loss on a causal model"),
+            })
+        })?;
         let d_embeds = model.backward(&tape, &d_hidden)?;
-        let d_prompt = prompt_gradient(&batch, &d_embeds, learner.prompt.num_virtual_tokens())?;
-        // Through the (small) prompt encoder with candle's autograd.
-        let store = (&prompt * d_prompt.detach())?.sum_all()?.backward()?;
-        for (name, var) in learner.prompt.vars() {
-            if let Some(g) = store.get(var.as_tensor()) {
-                add(&name, g.clone())?;
+        span("prompt", Direction::Backward, || -> Result<()> {
+            let d_prompt = prompt_gradient(&batch, &d_embeds, learner.prompt.num_virtual_tokens())?;
+            // Through the (small) prompt encoder with candle's autograd.
+            let store = (&prompt * d_prompt.detach())?.sum_all()?.backward()?;
+            for (name, var) in learner.prompt.vars() {
+                if let Some(g) = store.get(var.as_tensor()) {
+                    add(&name, g.clone())?;
+                }
             }
-        }
+            Ok(())
+        })?;
         loss_sum += loss / cfg.accumulation as f32;
     }
     Ok((loss_sum, grads))
@@ -177,7 +186,9 @@ pub fn step(
         )
     })?;
     let lr = learning_rate(cfg.lr, cfg.schedule, step, cfg.warmup, total);
-    learner.optimizer.update(&learner.params(), &grads, lr)?;
+    span("optimiser", Direction::Backward, || {
+        learner.optimizer.update(&learner.params(), &grads, lr)
+    })?;
     if !all_finite(&learner.params())? {
         bail!(
             "parameters became non-finite at step {step} (learning rate {lr:e}); training stopped. \
