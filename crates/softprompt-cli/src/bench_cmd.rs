@@ -46,6 +46,35 @@ pub struct BenchArgs {
     /// Dev rows scored for the evaluation throughput with --recipe.
     #[arg(long, default_value_t = 64)]
     eval_rows: usize,
+    /// Instead of MODEL, a random-weight Llama of shape HIDDENxLAYERSxHEADSxKV_HEADSxINTERMEDIATE
+    /// (e.g. 2048x16x32x8x8192, about Llama-3.2-1B without its vocabulary), to see how cost
+    /// grows with width.
+    #[arg(long)]
+    random_llama: Option<String>,
+}
+
+/// The random Llama of `--random-llama`.
+fn random_model(spec: &str) -> Result<Box<dyn Backbone>> {
+    let dims: Vec<usize> = spec
+        .split('x')
+        .map(|v| v.parse::<usize>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| anyhow::anyhow!("--random-llama {spec}: expected HIDDENxLAYERSxHEADSxKV_HEADSxINTERMEDIATE"))?;
+    let [hidden, layers, heads, kv_heads, intermediate] = dims[..] else {
+        anyhow::bail!("--random-llama {spec}: expected five numbers HIDDENxLAYERSxHEADSxKV_HEADSxINTERMEDIATE");
+    };
+    let cfg = softprompt::backbone::llama::LlamaConfig {
+        layers,
+        hidden,
+        heads,
+        kv_heads,
+        intermediate,
+        vocab: 32_000,
+        eps: 1e-5,
+        rope_theta: 10_000.0,
+        max_positions: 4096,
+    };
+    Ok(Box::new(softprompt::backbone::random::random_llama(cfg, 7, &Device::Cpu)?))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -191,8 +220,18 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     if let Some(path) = args.recipe.clone() {
         return bench_recipe(&args, &path);
     }
-    let model = crate::model_cmds::load(&args.model)?;
-    let bb = model.backbone.as_ref();
+    let loaded;
+    let random;
+    let bb: &dyn Backbone = match &args.random_llama {
+        Some(spec) => {
+            random = random_model(spec)?;
+            random.as_ref()
+        }
+        None => {
+            loaded = crate::model_cmds::load(&args.model)?;
+            &*loaded.backbone
+        }
+    };
     let info = bb.info().clone();
     let (embeds, mask, lens) = batch_input(bb, &args)?;
     let input = BackboneInput {
@@ -231,11 +270,13 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let achieved = needed / f / 1e9;
     let threads = rayon::current_num_threads();
     let summary = json!({
-        "workload": "backbone", "model": args.model, "batch": args.batch, "len": args.len,
+        "workload": "backbone", "model": args.random_llama.as_ref().map_or(args.model.clone(), |s| format!("random-llama {s}")), "batch": args.batch, "len": args.len,
         "real_tokens": real, "computed_tokens": computed, "shared_prefix": shared, "threads": threads,
         "forward_s": f, "forward_tokens_per_s": tokens / f, "forward_keep_tape_s": ft, "backward_s": bw,
         "train_step_backbone_s": ft + bw, "forward_gflop": needed / 1e9, "forward_gflops": achieved,
         "matmul_ceiling_gflops": ceiling, "forward_efficiency": achieved / ceiling,
+        "params_m": info.params as f64 / 1e6,
+        "peak_rss_mb": crate::model_cmds::memory_mib().map(|(_, peak)| peak),
     });
     if args.json {
         println!("{summary}");

@@ -59,7 +59,7 @@ pub fn fetch() -> Result<()> {
 }
 
 /// Resident and peak resident memory in MiB, from /proc (Linux).
-fn memory_mib() -> Option<(f64, f64)> {
+pub fn memory_mib() -> Option<(f64, f64)> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let field = |name: &str| -> Option<f64> {
         let line = status.lines().find(|l| l.starts_with(name))?;

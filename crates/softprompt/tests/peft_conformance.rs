@@ -6,7 +6,7 @@ mod common;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::*;
 use softprompt::adapter::*;
-use softprompt::backbone::{lm_logits, BackboneInput, LoadedModel};
+use softprompt::backbone::{lm_logits, Backbone, BackboneInput, CausalLm, LoadedModel};
 use softprompt::prompt::{seeded_rng, EncoderSpec, PromptInit, SoftPrompt};
 use std::path::{Path, PathBuf};
 
@@ -275,14 +275,42 @@ fn adapters_for_other_models_are_refused() {
     let err = check_compatible(&cfg, m_info).unwrap_err().to_string();
     assert!(err.contains("CAUSAL_LM") && err.contains("encoder"), "{err}");
 
-    // Prefix tuning: loads and fits (GQA key/value width 3 × 64) but is not run yet.
+    // Prefix tuning: loads and fits (GQA key/value width 3 × 64); it has no input prompt.
     for folder in ["smollm2_prefix_tuning", "smollm2_prefix_tuning_projection"] {
         let prefix = load_peft(&fixture(folder)).unwrap();
         assert_eq!(prefix.config.peft_type(), PeftType::PrefixTuning);
         assert_eq!(prefix.prompt_embeddings.dims(), [4, 30 * 2 * 192]);
         check_compatible(&prefix.config, s_info).unwrap();
         let err = prefix.input_prompt().unwrap_err().to_string();
-        assert!(err.contains("prefix tuning inference is not supported yet"), "{err}");
+        assert!(err.contains("prefix cache"), "{err}");
+    }
+}
+
+/// Prefix tuning (with and without PEFT's projection, which is saved already projected): the
+/// per-layer K/V prefix as a cache of every row, the input's positions after it, gives PEFT's
+/// logits.
+#[test]
+fn smollm2_prefix_tuning_gives_peft_logits() {
+    let model = load_model("smollm2-135m");
+    let lm = model.backbone.causal().unwrap();
+    for folder in ["smollm2_prefix_tuning", "smollm2_prefix_tuning_projection"] {
+        let adapter = load_peft(&fixture(folder)).unwrap();
+        let exp = expected(folder);
+        let ids = as_u32(&exp["input_ids"]);
+        let mask = as_u32(&exp["attention_mask"]);
+        let b = ids.dim(0).unwrap();
+        let mut cache = adapter.prefix_cache(lm.info()).unwrap().unwrap().repeat(b).unwrap();
+        let embeds = lm.embed(&ids).unwrap();
+        let hidden = lm.forward_cached(&BackboneInput::new(&embeds, &mask), &mut cache).unwrap();
+        let lens: Vec<u32> = mask.sum(1).unwrap().to_vec1().unwrap();
+        let mut worst = 0f32;
+        for (r, &len) in lens.iter().enumerate() {
+            let last = hidden.i((r, len as usize - 1)).unwrap().unsqueeze(0).unwrap();
+            let logits = lm_logits(lm, &last).unwrap().squeeze(0).unwrap();
+            worst = worst.max(max_abs_diff(&logits, &exp["last_logits"].i(r).unwrap()));
+        }
+        println!("{folder}: max-abs last_logits {worst:.2e}");
+        assert!(worst <= TOL, "{folder}: last_logits differ by {worst}");
     }
 }
 

@@ -62,11 +62,50 @@ impl PeftAdapter {
     pub fn input_prompt(&self) -> Result<&Tensor> {
         match self.config.peft_type() {
             PeftType::PrefixTuning => bail!(
-                "{}: prefix tuning inference is not supported yet (the adapter holds per-layer key/value prefixes)",
+                "{}: a prefix-tuning adapter holds per-layer key/value prefixes, not an input prompt \
+                 (use its prefix cache)",
                 self.dir.display()
             ),
             _ => Ok(&self.prompt_embeddings),
         }
+    }
+
+    /// For prefix tuning: the per-layer keys and values every input attends to, as a one-row
+    /// cache (`KvCache::repeat` makes it a batch's). PEFT's layout: `prompt_embeddings`
+    /// `[V, layers·2·kv_dim]` viewed as `[V, layers·2, kv_heads, head_dim]`; entry `2l` is layer
+    /// l's keys, `2l+1` its values; the keys are used as they are (no rotary encoding), and the
+    /// input's positions start after the `V` prefix positions. None for other methods.
+    pub fn prefix_cache(&self, info: &crate::backbone::ModelInfo) -> Result<Option<crate::backbone::KvCache>> {
+        if self.config.peft_type() != PeftType::PrefixTuning {
+            return Ok(None);
+        }
+        let (v, width) = self.prompt_embeddings.dims2()?;
+        let (hkv, hd) = (info.kv_heads, info.head_dim());
+        if width != info.layers * 2 * hkv * hd {
+            bail!(
+                "{}: prefix of width {width} does not fit {} layers × 2 × {hkv} key/value heads × {hd}",
+                self.dir.display(),
+                info.layers
+            );
+        }
+        // [V, L·2, Hkv, hd] → [L·2, Hkv, V, hd]
+        let kv = self
+            .prompt_embeddings
+            .reshape((v, info.layers * 2, hkv, hd))?
+            .permute((1, 2, 0, 3))?
+            .contiguous()?;
+        let layers = (0..info.layers)
+            .map(|l| -> Result<_> {
+                let k = kv.get(2 * l)?.unsqueeze(0)?;
+                let val = kv.get(2 * l + 1)?.unsqueeze(0)?;
+                Ok((k, val))
+            })
+            .collect::<Result<_>>()?;
+        let mask = Tensor::ones((1, v), candle_core::DType::F32, self.prompt_embeddings.device())?;
+        Ok(Some(crate::backbone::KvCache {
+            layers,
+            mask: Some(mask),
+        }))
     }
 
     /// The sequence-classification head `(weight [labels, hidden], bias [labels])`, if saved.

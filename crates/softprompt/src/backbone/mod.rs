@@ -14,6 +14,7 @@ pub mod llama;
 pub mod llama_fused;
 pub mod ops;
 pub mod profile;
+pub mod random;
 pub mod weights;
 
 use anyhow::{bail, Context, Result};

@@ -1,0 +1,48 @@
+//! Random-weight models of any size, for benchmarks (how cost grows with width) and tests.
+
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use super::llama::{Llama, LlamaConfig};
+use super::weights::MemoryWeights;
+
+/// A Llama of shape `cfg` with uniform random weights in ±`0.02·√3` (std 0.02, as Llama's
+/// initialiser) and unit norm gains, from a fixed seed.
+pub fn random_llama(cfg: LlamaConfig, seed: u64, device: &Device) -> Result<Llama> {
+    let mut state = seed;
+    let mut rand = |shape: &[usize]| -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * 0.0346
+            })
+            .collect();
+        Ok(Tensor::from_vec(v, shape, device)?)
+    };
+    let (d, i) = (cfg.hidden, cfg.intermediate);
+    let kvd = cfg.kv_heads * (d / cfg.heads);
+    let mut t = HashMap::new();
+    t.insert("model.embed_tokens.weight".to_string(), rand(&[cfg.vocab, d])?);
+    t.insert("model.norm.weight".to_string(), Tensor::ones(d, candle_core::DType::F32, device)?);
+    for l in 0..cfg.layers {
+        let p = |n: &str| format!("model.layers.{l}.{n}");
+        for n in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
+            t.insert(p(n), Tensor::ones(d, candle_core::DType::F32, device)?);
+        }
+        t.insert(p("self_attn.q_proj.weight"), rand(&[d, d])?);
+        t.insert(p("self_attn.k_proj.weight"), rand(&[kvd, d])?);
+        t.insert(p("self_attn.v_proj.weight"), rand(&[kvd, d])?);
+        t.insert(p("self_attn.o_proj.weight"), rand(&[d, d])?);
+        t.insert(p("mlp.gate_proj.weight"), rand(&[i, d])?);
+        t.insert(p("mlp.up_proj.weight"), rand(&[i, d])?);
+        t.insert(p("mlp.down_proj.weight"), rand(&[d, i])?);
+    }
+    let w = MemoryWeights {
+        tensors: t,
+        origin: PathBuf::from("random-llama"),
+    };
+    Llama::from_weights(cfg, &w, device)
+}
