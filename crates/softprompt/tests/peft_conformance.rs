@@ -6,7 +6,7 @@ mod common;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::*;
 use softprompt::adapter::*;
-use softprompt::backbone::{lm_logits, Backbone, BackboneInput, CausalLm, LoadedModel};
+use softprompt::backbone::{lm_logits, BackboneInput, LoadedModel};
 use softprompt::prompt::{seeded_rng, EncoderSpec, PromptInit, SoftPrompt};
 use std::path::{Path, PathBuf};
 
