@@ -74,7 +74,11 @@ fn random_model(spec: &str) -> Result<Box<dyn Backbone>> {
         rope_theta: 10_000.0,
         max_positions: 4096,
     };
-    Ok(Box::new(softprompt::backbone::random::random_llama(cfg, 7, &Device::Cpu)?))
+    Ok(Box::new(softprompt::backbone::random::random_llama(
+        cfg,
+        7,
+        &Device::Cpu,
+    )?))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -12,13 +12,14 @@ use std::path::{Path, PathBuf};
 
 const TOL: f32 = 2e-3;
 
-const ALL_ADAPTERS: [&str; 8] = [
+const ALL_ADAPTERS: [&str; 9] = [
     "smollm2_prompt_tuning_text",
     "smollm2_prompt_tuning_random",
     "smollm2_p_tuning_mlp",
     "smollm2_p_tuning_lstm",
     "smollm2_prefix_tuning",
     "smollm2_prefix_tuning_projection",
+    "smollm2_cartridge",
     "minilm_seqcls_prompt_tuning",
     "minilm_seqcls_p_tuning_mlp",
 ];
@@ -286,22 +287,29 @@ fn adapters_for_other_models_are_refused() {
     }
 }
 
-/// Prefix tuning (with and without PEFT's projection, which is saved already projected): the
-/// per-layer K/V prefix as a cache of every row, the input's positions after it, gives PEFT's
+/// Prefix tuning (with and without PEFT's projection, which is saved already projected) and a
+/// Cartridge (the same K/V layout, stored directly): the per-layer K/V prefix as a cache of every row, the input's positions after it, gives PEFT's
 /// logits.
 #[test]
 fn smollm2_prefix_tuning_gives_peft_logits() {
     let model = load_model("smollm2-135m");
     let lm = model.backbone.causal().unwrap();
-    for folder in ["smollm2_prefix_tuning", "smollm2_prefix_tuning_projection"] {
+    for folder in [
+        "smollm2_prefix_tuning",
+        "smollm2_prefix_tuning_projection",
+        "smollm2_cartridge",
+    ] {
         let adapter = load_peft(&fixture(folder)).unwrap();
+        check_compatible(&adapter.config, lm.info()).unwrap();
         let exp = expected(folder);
         let ids = as_u32(&exp["input_ids"]);
         let mask = as_u32(&exp["attention_mask"]);
         let b = ids.dim(0).unwrap();
         let mut cache = adapter.prefix_cache(lm.info()).unwrap().unwrap().repeat(b).unwrap();
         let embeds = lm.embed(&ids).unwrap();
-        let hidden = lm.forward_cached(&BackboneInput::new(&embeds, &mask), &mut cache).unwrap();
+        let hidden = lm
+            .forward_cached(&BackboneInput::new(&embeds, &mask), &mut cache)
+            .unwrap();
         let lens: Vec<u32> = mask.sum(1).unwrap().to_vec1().unwrap();
         let mut worst = 0f32;
         for (r, &len) in lens.iter().enumerate() {

@@ -3,7 +3,7 @@
 use anyhow::{bail, Result};
 
 use super::peft_config::PeftConfig;
-use super::peft_types::{PeftType, TaskType};
+use super::peft_types::TaskType;
 use crate::backbone::ModelInfo;
 
 /// Refuses an adapter made for a different model: `token_dim` ≠ the hidden size (prefix
@@ -12,14 +12,15 @@ use crate::backbone::ModelInfo;
 /// causal model, CAUSAL_LM on an encoder, SEQ_2_SEQ_LM on either).
 pub fn check_compatible(config: &PeftConfig, info: &ModelInfo) -> Result<()> {
     let model = info.source.display();
-    let (dim, dim_what, heads, heads_what) = match config.peft_type() {
-        PeftType::PrefixTuning => (
+    let (dim, dim_what, heads, heads_what) = if config.peft_type().is_kv_prefix() {
+        (
             info.head_dim() * info.kv_heads,
             "key/value width (kv_heads × head_dim)",
             info.kv_heads,
             "key/value heads",
-        ),
-        _ => (info.hidden, "hidden size", info.heads, "attention heads"),
+        )
+    } else {
+        (info.hidden, "hidden size", info.heads, "attention heads")
     };
     if config.token_dim != dim {
         bail!(

@@ -61,22 +61,22 @@ impl PeftAdapter {
     /// p-tuning); an error for prefix tuning, whose prompt enters every attention layer.
     pub fn input_prompt(&self) -> Result<&Tensor> {
         match self.config.peft_type() {
-            PeftType::PrefixTuning => bail!(
-                "{}: a prefix-tuning adapter holds per-layer key/value prefixes, not an input prompt \
-                 (use its prefix cache)",
-                self.dir.display()
+            t if t.is_kv_prefix() => bail!(
+                "{}: a {} adapter holds per-layer key/value prefixes, not an input prompt (use its prefix cache)",
+                self.dir.display(),
+                t.as_str()
             ),
             _ => Ok(&self.prompt_embeddings),
         }
     }
 
-    /// For prefix tuning: the per-layer keys and values every input attends to, as a one-row
+    /// For prefix tuning and Cartridges: the per-layer keys and values every input attends to, as a one-row
     /// cache (`KvCache::repeat` makes it a batch's). PEFT's layout: `prompt_embeddings`
     /// `[V, layers·2·kv_dim]` viewed as `[V, layers·2, kv_heads, head_dim]`; entry `2l` is layer
     /// l's keys, `2l+1` its values; the keys are used as they are (no rotary encoding), and the
     /// input's positions start after the `V` prefix positions. None for other methods.
     pub fn prefix_cache(&self, info: &crate::backbone::ModelInfo) -> Result<Option<crate::backbone::KvCache>> {
-        if self.config.peft_type() != PeftType::PrefixTuning {
+        if !self.config.peft_type().is_kv_prefix() {
             return Ok(None);
         }
         let (v, width) = self.prompt_embeddings.dims2()?;
@@ -150,9 +150,10 @@ pub fn load_peft(dir: &Path) -> Result<PeftAdapter> {
             w_path.display(),
             pe.dims(),
             cfg_path.display(),
-            match config.peft_type() {
-                PeftType::PrefixTuning => "num_virtual_tokens × (num_layers·2·token_dim)",
-                _ => "num_virtual_tokens × token_dim",
+            if config.peft_type().is_kv_prefix() {
+                "num_virtual_tokens × (num_layers·2·token_dim)"
+            } else {
+                "num_virtual_tokens × token_dim"
             },
             format_args!(
                 "num_virtual_tokens {}, token_dim {}{}",

@@ -46,6 +46,11 @@ pub enum MethodConfig {
         /// `"zero"` or null.
         init_weights: Option<String>,
     },
+    /// `CartridgeConfig`.
+    Cartridge {
+        /// The first virtual tokens kept frozen during training.
+        num_frozen_tokens: usize,
+    },
 }
 
 impl MethodConfig {
@@ -55,6 +60,7 @@ impl MethodConfig {
             MethodConfig::PromptTuning { .. } => PeftType::PromptTuning,
             MethodConfig::PTuning { .. } => PeftType::PTuning,
             MethodConfig::PrefixTuning { .. } => PeftType::PrefixTuning,
+            MethodConfig::Cartridge { .. } => PeftType::Cartridge,
         }
     }
 
@@ -154,9 +160,10 @@ impl PeftConfig {
     /// `num_layers`, one transformer submodule, `inference_mode: true`, PEFT's `modules_to_save`
     /// for SEQ_CLS, and the model file's name as `base_model_name_or_path`.
     pub fn new(method: MethodConfig, task_type: TaskType, num_virtual_tokens: usize, info: &ModelInfo) -> Self {
-        let (token_dim, heads) = match method {
-            MethodConfig::PrefixTuning { .. } => (info.head_dim() * info.kv_heads, info.kv_heads),
-            _ => (info.hidden, info.heads),
+        let (token_dim, heads) = if method.peft_type().is_kv_prefix() {
+            (info.head_dim() * info.kv_heads, info.kv_heads)
+        } else {
+            (info.hidden, info.heads)
         };
         let name = model_name(info);
         let modules_to_save = (task_type == TaskType::SeqCls).then(|| {
@@ -212,14 +219,13 @@ impl PeftConfig {
     /// Shape PEFT saves `prompt_embeddings` in: `[total, token_dim]`, or for prefix tuning
     /// `[total, num_layers·2·token_dim]`.
     pub fn prompt_embeddings_shape(&self) -> Result<[usize; 2]> {
-        let cols = match self.method {
-            MethodConfig::PrefixTuning { .. } => {
-                let layers = self
-                    .num_layers
-                    .context("field `num_layers` is needed by prefix tuning but is null")?;
-                layers * 2 * self.token_dim
-            }
-            _ => self.token_dim,
+        let cols = if self.peft_type().is_kv_prefix() {
+            let layers = self
+                .num_layers
+                .context("field `num_layers` is needed by a key/value prefix but is null")?;
+            layers * 2 * self.token_dim
+        } else {
+            self.token_dim
         };
         Ok([self.total_virtual_tokens(), cols])
     }
@@ -297,6 +303,9 @@ impl PeftConfig {
                 m.insert("prefix_projection".into(), Value::Bool(*prefix_projection));
                 m.insert("init_weights".into(), opt_str(init_weights));
             }
+            MethodConfig::Cartridge { num_frozen_tokens } => {
+                m.insert("num_frozen_tokens".into(), Value::from(*num_frozen_tokens as u64));
+            }
         }
         Value::Object(m)
     }
@@ -333,6 +342,9 @@ impl PeftConfig {
                 encoder_hidden_size: fields.opt_usize("encoder_hidden_size")?,
                 prefix_projection: fields.opt_bool("prefix_projection")?.unwrap_or(false),
                 init_weights: fields.opt_str("init_weights")?,
+            },
+            PeftType::Cartridge => MethodConfig::Cartridge {
+                num_frozen_tokens: fields.opt_usize("num_frozen_tokens")?.unwrap_or(1),
             },
         };
         let task_type = match fields.opt_str("task_type")? {
@@ -451,6 +463,7 @@ fn known_fields(t: PeftType) -> Vec<&'static str> {
             "encoder_dropout",
         ][..],
         PeftType::PrefixTuning => &["encoder_hidden_size", "prefix_projection", "init_weights"][..],
+        PeftType::Cartridge => &["num_frozen_tokens"][..],
     });
     v
 }

@@ -11,6 +11,8 @@ pub enum PeftType {
     PTuning,
     /// `PREFIX_TUNING`.
     PrefixTuning,
+    /// `CARTRIDGE`: a K/V prefix stored directly as parameters (Eyuboglu et al. 2025).
+    Cartridge,
 }
 
 impl PeftType {
@@ -20,7 +22,14 @@ impl PeftType {
             PeftType::PromptTuning => "PROMPT_TUNING",
             PeftType::PTuning => "P_TUNING",
             PeftType::PrefixTuning => "PREFIX_TUNING",
+            PeftType::Cartridge => "CARTRIDGE",
         }
+    }
+
+    /// Whether the adapter is a per-layer key/value prefix (prefix tuning, Cartridges) rather
+    /// than an input prompt.
+    pub fn is_kv_prefix(self) -> bool {
+        matches!(self, PeftType::PrefixTuning | PeftType::Cartridge)
     }
 
     /// Parses PEFT's string.
@@ -29,7 +38,10 @@ impl PeftType {
             "PROMPT_TUNING" => PeftType::PromptTuning,
             "P_TUNING" => PeftType::PTuning,
             "PREFIX_TUNING" => PeftType::PrefixTuning,
-            other => bail!("unknown peft_type `{other}` (supported: PROMPT_TUNING, P_TUNING, PREFIX_TUNING)"),
+            "CARTRIDGE" => PeftType::Cartridge,
+            other => {
+                bail!("unknown peft_type `{other}` (supported: PROMPT_TUNING, P_TUNING, PREFIX_TUNING, CARTRIDGE)")
+            }
         })
     }
 }

@@ -16,7 +16,9 @@ pub fn random_llama(cfg: LlamaConfig, seed: u64, device: &Device) -> Result<Llam
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n)
             .map(|_| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * 0.0346
             })
             .collect();
@@ -26,7 +28,10 @@ pub fn random_llama(cfg: LlamaConfig, seed: u64, device: &Device) -> Result<Llam
     let kvd = cfg.kv_heads * (d / cfg.heads);
     let mut t = HashMap::new();
     t.insert("model.embed_tokens.weight".to_string(), rand(&[cfg.vocab, d])?);
-    t.insert("model.norm.weight".to_string(), Tensor::ones(d, candle_core::DType::F32, device)?);
+    t.insert(
+        "model.norm.weight".to_string(),
+        Tensor::ones(d, candle_core::DType::F32, device)?,
+    );
     for l in 0..cfg.layers {
         let p = |n: &str| format!("model.layers.{l}.{n}");
         for n in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
