@@ -9,7 +9,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use softprompt::backbone::bert::Bert;
 use softprompt::backbone::llama::{Llama, LlamaConfig};
 use softprompt::backbone::weights::MemoryWeights;
-use softprompt::backbone::{lm_logits, Backbone, BackboneInput, CausalLm, Encoder};
+use softprompt::backbone::{lm_logits, Backbone, BackboneInput, CausalLm, Encoder, KvCache};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -234,7 +234,7 @@ fn fused_llama_equals_composed_forward_backward_and_cache() {
         let g = m.backward(&tape, &r.to_dtype(dtype).unwrap()).unwrap();
         let plain = m.forward(&input).unwrap();
         // the same rows in two cached chunks: columns 0..4, then 4..6
-        let mut cache = softprompt::backbone::KvCache::default();
+        let mut cache = KvCache::default();
         let part = |c0: usize, n: usize| (e.narrow(1, c0, n).unwrap(), mask.narrow(1, c0, n).unwrap());
         let (e1, m1) = part(0, 4);
         let (e2, m2) = part(4, 2);
@@ -354,6 +354,125 @@ fn fused_bert_equals_composed() {
         for e in errs {
             assert!(e < 1e-4, "fused and composed BERT differ by {e}");
         }
+    }
+}
+
+/// A random one-row key/value prefix of `v` positions for the tiny Llama (2 layers, 2 key/value
+/// heads of width 4), in `dtype`.
+fn tiny_prefix(v: usize, seed: u64, dtype: DType) -> KvCache {
+    let mut s = seed;
+    let layers = (0..2)
+        .map(|_| {
+            let k = rand(&[1, 2, v, 4], 1.0, &mut s).to_dtype(dtype).unwrap();
+            let val = rand(&[1, 2, v, 4], 1.0, &mut s).to_dtype(dtype).unwrap();
+            (k, val)
+        })
+        .collect();
+    KvCache {
+        layers,
+        mask: Some(Tensor::ones((1, v), DType::F32, &Device::Cpu).unwrap()),
+    }
+}
+
+/// Prefix tuning's gradient path: d(loss)/d(prefix K/V) of every layer, summed over the rows,
+/// equals central finite differences (f64, composed path), and so does the input gradient.
+#[test]
+fn llama_prefix_gradient_matches_finite_differences() {
+    let model = tiny_llama();
+    let (b, t, d, v) = (2, 4, 16, 3);
+    let mut s = 21u64;
+    let embeds = rand(&[b, t, d], 1.0, &mut s);
+    let mask = Tensor::new(&[[1u32, 1, 1, 1], [1, 1, 0, 0]], &Device::Cpu).unwrap();
+    let r = rand(&[b, t, d], 1.0, &mut s);
+    let prefix = tiny_prefix(v, 5, DType::F64);
+    let loss = |prefix: &KvCache, embeds: &Tensor| -> f64 {
+        let mut cache = prefix.repeat(b).unwrap();
+        let h = model
+            .forward_cached(&BackboneInput::new(embeds, &mask), &mut cache)
+            .unwrap();
+        (h * &r).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+    };
+    let (_, tape) = model
+        .forward_train_prefixed(&BackboneInput::new(&embeds, &mask), &prefix)
+        .unwrap();
+    let (d_embeds, d_prefix) = model.backward_prefixed(&tape, &r).unwrap();
+    assert_eq!(d_prefix.len(), 2);
+    let eps = 1e-5;
+    let mut worst = 0f64;
+    for (l, (dk, dv)) in d_prefix.iter().enumerate() {
+        for (which, grad) in [dk, dv].into_iter().enumerate() {
+            let grad: Vec<f64> = grad.flatten_all().unwrap().to_vec1().unwrap();
+            for (i, &g) in grad.iter().enumerate() {
+                let bump = |delta: f64| {
+                    let mut p = prefix.clone();
+                    let t = if which == 0 { &p.layers[l].0 } else { &p.layers[l].1 };
+                    let mut vals: Vec<f64> = t.flatten_all().unwrap().to_vec1().unwrap();
+                    vals[i] += delta;
+                    let bumped = Tensor::from_vec(vals, t.shape(), &Device::Cpu).unwrap();
+                    if which == 0 {
+                        p.layers[l].0 = bumped;
+                    } else {
+                        p.layers[l].1 = bumped;
+                    }
+                    loss(&p, &embeds)
+                };
+                let fd = (bump(eps) - bump(-eps)) / (2.0 * eps);
+                worst = worst.max((fd - g).abs() / (1.0 + fd.abs()));
+            }
+        }
+    }
+    let base: Vec<f64> = embeds.flatten_all().unwrap().to_vec1().unwrap();
+    let grad: Vec<f64> = d_embeds.flatten_all().unwrap().to_vec1().unwrap();
+    for i in (0..base.len()).step_by(7) {
+        let bump = |delta: f64| {
+            let mut v = base.clone();
+            v[i] += delta;
+            loss(&prefix, &Tensor::from_vec(v, (b, t, d), &Device::Cpu).unwrap())
+        };
+        let fd = (bump(eps) - bump(-eps)) / (2.0 * eps);
+        worst = worst.max((fd - grad[i]).abs() / (1.0 + fd.abs()));
+    }
+    println!("prefix and input gradients vs finite differences: max relative error {worst:.2e}");
+    assert!(
+        worst < 1e-6,
+        "prefix gradient disagrees with finite differences: {worst}"
+    );
+}
+
+/// The fused f32 path gives the composed path's prefix and input gradients.
+#[test]
+fn fused_llama_prefix_gradient_equals_composed() {
+    let (composed, fused) = (tiny_llama_in(DType::F64), tiny_llama_in(DType::F32));
+    let (b, t, d, v) = (3, 5, 16, 4);
+    let mut s = 31u64;
+    let embeds = rand(&[b, t, d], 1.0, &mut s);
+    let mask = Tensor::new(&[[1u32, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], &Device::Cpu).unwrap();
+    let r = rand(&[b, t, d], 1.0, &mut s);
+    let run = |m: &Llama, dtype: DType| {
+        let e = embeds.to_dtype(dtype).unwrap();
+        let prefix = tiny_prefix(v, 9, dtype);
+        let (h, tape) = m
+            .forward_train_prefixed(&BackboneInput::new(&e, &mask), &prefix)
+            .unwrap();
+        let (g, dp) = m.backward_prefixed(&tape, &r.to_dtype(dtype).unwrap()).unwrap();
+        let dp: Vec<Tensor> = dp.into_iter().flat_map(|(k, v)| [k, v]).collect();
+        (h, g, Tensor::cat(&dp, 0).unwrap())
+    };
+    let (h64, g64, p64) = run(&composed, DType::F64);
+    let (h32, g32, p32) = run(&fused, DType::F32);
+    let keep = mask.to_dtype(DType::F64).unwrap().unsqueeze(2).unwrap();
+    let real = |x: &Tensor| x.to_dtype(DType::F64).unwrap().broadcast_mul(&keep).unwrap();
+    let errs = [
+        max_diff(&real(&h64), &real(&h32)),
+        max_diff(&g64, &g32),
+        max_diff(&p64, &p32),
+    ];
+    println!(
+        "prefix, fused vs composed: hidden {:.1e}, input gradient {:.1e}, prefix gradient {:.1e}",
+        errs[0], errs[1], errs[2]
+    );
+    for e in errs {
+        assert!(e < 1e-4, "fused and composed prefix paths differ by {e}");
     }
 }
 

@@ -174,6 +174,8 @@ struct LayerTape {
 }
 
 struct LlamaTape {
+    /// Cached (prefix) positions before the input.
+    past: usize,
     layers: Vec<LayerTape>,
     packing: ops::Packing,
     last: Tensor,
@@ -457,7 +459,8 @@ impl Llama {
         packing: &ops::Packing,
         cos: &Tensor,
         sin: &Tensor,
-    ) -> Result<Tensor> {
+        past: usize,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
         let (h, hkv, hd) = (self.cfg.heads, self.cfg.kv_heads, self.cfg.head_dim());
         let eps = self.cfg.eps;
         // MLP
@@ -474,7 +477,13 @@ impl Llama {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, hkv, (h / hkv) * t, hd))?;
-        let (dq, dk, dv) = ops::attention_backward(&tape.attn, &da)?;
+        let (dq, dk_all, dv_all) = ops::attention_backward(&tape.attn, &da)?;
+        // the cached (prefix) slots' gradient, summed over rows; the rest flows into this input
+        let d_past = (
+            dk_all.narrow(2, 0, past)?.sum_keepdim(0)?,
+            dv_all.narrow(2, 0, past)?.sum_keepdim(0)?,
+        );
+        let (dk, dv) = (dk_all.narrow(2, past, t)?, dv_all.narrow(2, past, t)?);
         let neg_sin = sin.neg()?;
         let dq = candle_nn::rotary_emb::rope(&dq.reshape((b, h, t, hd))?.contiguous()?, cos, &neg_sin)?;
         let dk = candle_nn::rotary_emb::rope(&dk.contiguous()?, cos, &neg_sin)?;
@@ -482,7 +491,10 @@ impl Llama {
             |y: Tensor, n: usize| -> Result<Tensor> { Ok(packing.pack(&y.transpose(1, 2)?.reshape((b, t, n * hd))?)?) };
         let d_qkv = Tensor::cat(&[flat(dq, h)?, flat(dk, hkv)?, flat(dv, hkv)?], 1)?;
         let dn1 = ops::linear_backward(&d_qkv, &layer.w_qkv)?;
-        Ok((dx2 + ops::rms_norm_backward(&tape.x, &layer.attn_norm, eps, &dn1)?)?)
+        Ok((
+            (dx2 + ops::rms_norm_backward(&tape.x, &layer.attn_norm, eps, &dn1)?)?,
+            d_past,
+        ))
     }
 
     fn run(
@@ -518,6 +530,7 @@ impl Llama {
             c.mask = Some(key_mask);
         }
         let tape = keep.then_some(LlamaTape {
+            past: past_len,
             layers: tapes,
             last: x,
             cos,
@@ -558,15 +571,31 @@ impl Backbone for Llama {
         Ok(self.run(input, false, None)?.0)
     }
     fn forward_train(&self, input: &BackboneInput) -> Result<(Tensor, Tape)> {
-        if let Some(f) = &self.fused {
-            self.check_width(input)?;
-            let (h, tape) = f.forward(input.embeds, input.mask, None, true)?;
-            return Ok((h, Tape(Box::new(tape.expect("keep=true yields a tape")))));
-        }
-        let (h, tape) = self.run(input, true, None)?;
-        Ok((h, Tape(Box::new(tape.expect("keep=true yields a tape")))))
+        self.train_forward(input, None)
     }
     fn backward(&self, tape: &Tape, d_hidden: &Tensor) -> Result<Tensor> {
+        Ok(self.train_backward(tape, d_hidden)?.0)
+    }
+}
+
+impl Llama {
+    /// The training forward, after a key/value prefix (one row) when given.
+    fn train_forward(&self, input: &BackboneInput, prefix: Option<&KvCache>) -> Result<(Tensor, Tape)> {
+        let mut cache = match prefix {
+            Some(p) => Some(p.repeat(input.embeds.dim(0)?)?),
+            None => None,
+        };
+        if let Some(f) = &self.fused {
+            self.check_width(input)?;
+            let (h, tape) = f.forward(input.embeds, input.mask, cache.as_mut(), true)?;
+            return Ok((h, Tape(Box::new(tape.expect("keep=true yields a tape")))));
+        }
+        let (h, tape) = self.run(input, true, cache.as_mut())?;
+        Ok((h, Tape(Box::new(tape.expect("keep=true yields a tape")))))
+    }
+
+    /// The input gradient and the prefix's gradient (empty without a prefix).
+    fn train_backward(&self, tape: &Tape, d_hidden: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
         if let (Some(f), Some(t)) = (&self.fused, tape.0.downcast_ref::<FusedTape>()) {
             return f.backward(t, d_hidden);
         }
@@ -576,14 +605,26 @@ impl Backbone for Llama {
             .context("tape was not made by a Llama model")?;
         let d_packed = tape.packing.pack(d_hidden)?;
         let mut dx = ops::rms_norm_backward(&tape.last, &self.norm, self.cfg.eps, &d_packed)?;
+        let mut d_past = Vec::new();
         for (layer, lt) in self.layers.iter().zip(&tape.layers).rev() {
-            dx = self.layer_backward(layer, lt, &dx, &tape.packing, &tape.cos, &tape.sin)?;
+            let (d, dkv) = self.layer_backward(layer, lt, &dx, &tape.packing, &tape.cos, &tape.sin, tape.past)?;
+            dx = d;
+            if tape.past > 0 {
+                d_past.push(dkv);
+            }
         }
-        Ok(tape.packing.unpack(&dx)?)
+        d_past.reverse();
+        Ok((tape.packing.unpack(&dx)?, d_past))
     }
 }
 
 impl super::CausalLm for Llama {
+    fn forward_train_prefixed(&self, input: &BackboneInput, prefix: &KvCache) -> Result<(Tensor, Tape)> {
+        self.train_forward(input, Some(prefix))
+    }
+    fn backward_prefixed(&self, tape: &Tape, d_hidden: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+        self.train_backward(tape, d_hidden)
+    }
     fn forward_cached(&self, input: &BackboneInput, cache: &mut KvCache) -> Result<Tensor> {
         if let Some(f) = &self.fused {
             self.check_width(input)?;

@@ -72,6 +72,8 @@ struct LayerTape {
 
 /// The tape of a fused forward pass.
 pub struct FusedTape {
+    /// Cached (prefix) positions before the input.
+    past: usize,
     packed: Packed,
     geometry: Geometry,
     layers: Vec<LayerTape>,
@@ -158,6 +160,7 @@ impl FusedLlama {
             self.store_cache(c, &packed, &geometry, kv, &device)?;
         }
         let tape = keep.then_some(FusedTape {
+            past,
             packed,
             geometry,
             layers: tapes,
@@ -167,15 +170,48 @@ impl FusedLlama {
         Ok((hidden, tape))
     }
 
-    /// d(loss)/d(input embeddings) `[B, T, D]` from d(loss)/d(hidden) `[B, T, D]`.
-    pub fn backward(&self, tape: &FusedTape, d_hidden: &Tensor) -> Result<Tensor> {
+    /// d(loss)/d(input embeddings) `[B, T, D]` from d(loss)/d(hidden) `[B, T, D]`, and, when
+    /// the forward ran after cached positions (a key/value prefix), their gradient per layer:
+    /// `(dK, dV)`, each `[1, Hkv, past, hd]`, summed over the rows.
+    pub fn backward(&self, tape: &FusedTape, d_hidden: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+        let device = d_hidden.device();
         let dh = tape.packed.pack_sum(d_hidden)?;
         let mut dx = vec![0f32; dh.len()];
         norm::rms_norm_backward(&tape.last, &self.norm, &tape.last_rstd, &dh, &mut dx);
+        let mut d_past = Vec::new();
         for (layer, lt) in self.layers.iter().zip(&tape.layers).rev() {
-            dx = self.layer_backward(layer, lt, &tape.geometry, dx);
+            let (d, (dk, dv)) = self.layer_backward(layer, lt, &tape.geometry, dx);
+            dx = d;
+            if tape.past > 0 {
+                let shape = (1, self.kv_heads, tape.past, self.head_dim());
+                let (dk, dv) = (self.sum_past(&dk, tape), self.sum_past(&dv, tape));
+                d_past.push((
+                    Tensor::from_vec(dk, shape, device)?,
+                    Tensor::from_vec(dv, shape, device)?,
+                ));
+            }
         }
-        tape.packed.unpack(&dx, false, d_hidden.device())
+        d_past.reverse();
+        Ok((tape.packed.unpack(&dx, false, device)?, d_past))
+    }
+
+    /// The gradient of the cached slots `[B·S, kv_dim]` → `[Hkv, past, hd]`, summed over rows.
+    fn sum_past(&self, slots: &[f32], tape: &FusedTape) -> Vec<f32> {
+        let (hkv, hd, kvd, past) = (self.kv_heads, self.head_dim(), self.kv_dim(), tape.past);
+        let keys = tape.geometry.keys;
+        let mut out = vec![0f32; hkv * past * hd];
+        for b in 0..tape.packed.rows {
+            for j in 0..past {
+                let src = &slots[(b * keys + j) * kvd..(b * keys + j + 1) * kvd];
+                for h in 0..hkv {
+                    let dst = &mut out[(h * past + j) * hd..(h * past + j + 1) * hd];
+                    for (o, s) in dst.iter_mut().zip(&src[h * hd..(h + 1) * hd]) {
+                        *o += s;
+                    }
+                }
+            }
+        }
+        out
     }
 
     fn geometry(&self, packed: &Packed, past: usize, cache: Option<&KvCache>) -> Result<Geometry> {
@@ -345,7 +381,14 @@ impl FusedLlama {
         (out, tape)
     }
 
-    fn layer_backward(&self, l: &FusedLayer, t: &LayerTape, g: &Geometry, dy: Vec<f32>) -> Vec<f32> {
+    /// One layer's input gradient, and the gradient of every key/value slot (for a prefix).
+    fn layer_backward(
+        &self,
+        l: &FusedLayer,
+        t: &LayerTape,
+        g: &Geometry,
+        dy: Vec<f32>,
+    ) -> (Vec<f32>, (Vec<f32>, Vec<f32>)) {
         use Direction::Backward as B;
         let (d, hd, kvd, inter) = (self.hidden, self.head_dim(), self.kv_dim(), self.intermediate);
         let n = dy.len() / d;
@@ -407,6 +450,6 @@ impl FusedLlama {
         span("norm", B, || {
             norm::rms_norm_backward(&t.x, &l.attn_norm, &t.rstd1, &dn1, &mut dx)
         });
-        dx
+        (dx, (dk, dv))
     }
 }

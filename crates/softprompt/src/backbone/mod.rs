@@ -174,6 +174,13 @@ pub trait CausalLm: Backbone {
     /// Forwards `input` after the positions already in `cache`, appending the new keys and
     /// values to it. Returns the new positions' hidden states.
     fn forward_cached(&self, input: &BackboneInput, cache: &mut KvCache) -> Result<Tensor>;
+    /// Training forward of rows that all follow the same key/value prefix (`prefix`: one row,
+    /// per layer `[1, Hkv, V, head_dim]`, keys used as they are; prefix tuning, Cartridges). The
+    /// input's positions start after the prefix. The tape serves [`CausalLm::backward_prefixed`].
+    fn forward_train_prefixed(&self, input: &BackboneInput, prefix: &KvCache) -> Result<(Tensor, Tape)>;
+    /// From a [`CausalLm::forward_train_prefixed`] tape: d(loss)/d(input embeddings) and the
+    /// prefix's gradient per layer, `(dK, dV)` each `[1, Hkv, V, head_dim]`, summed over rows.
+    fn backward_prefixed(&self, tape: &Tape, d_hidden: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)>;
     /// The vocabulary head `[vocab, hidden]`.
     fn lm_head(&self) -> &Tensor;
 }
