@@ -158,6 +158,16 @@ mod tests {
         ) -> Result<Tensor> {
             bail!("not needed")
         }
+        fn forward_train_prefixed(
+            &self,
+            _: &crate::backbone::BackboneInput,
+            _: &crate::backbone::KvCache,
+        ) -> Result<(Tensor, crate::backbone::Tape)> {
+            bail!("not needed")
+        }
+        fn backward_prefixed(&self, _: &crate::backbone::Tape, _: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+            bail!("not needed")
+        }
         fn lm_head(&self) -> &Tensor {
             &self.head
         }
