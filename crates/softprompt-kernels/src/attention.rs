@@ -63,23 +63,122 @@ impl AttentionLayout<'_> {
     }
 }
 
-/// Dot product with eight independent accumulators, so the compiler can keep it in SIMD lanes.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    let mut acc = [0f32; 8];
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
+/// Queries per block: attention runs block by block (one task each), so a block's scores
+/// `[BLOCK, keys]` are the only score matrix that ever exists (memory linear in the keys).
+const BLOCK: usize = 64;
+
+/// `dst (+)= beta · lhs · rhs` for an `[m, k]` lhs and a `[k, n]` rhs given by (row, column)
+/// strides into slices, `dst` `[m, n]` with row stride `dst_rs`, on the calling thread.
+/// The largest index each operand is read or written at is checked first, so the call is safe.
+#[allow(clippy::too_many_arguments)]
+fn mm(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: (&[f32], usize, usize),
+    rhs: (&[f32], usize, usize),
+    beta: f32,
+    par: gemm::Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
     }
-    acc.iter().sum::<f32>() + tail
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(last(m, n, dst_rs, 1) < dst.len(), "mm: dst out of bounds");
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                dst[r * dst_rs..r * dst_rs + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    assert!(last(m, k, lhs.1, lhs.2) < lhs.0.len(), "mm: lhs out of bounds");
+    assert!(last(k, n, rhs.1, rhs.2) < rhs.0.len(), "mm: rhs out of bounds");
+    // SAFETY: every index gemm touches is below the bounds checked above.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.0.as_ptr(),
+            lhs.2 as isize,
+            lhs.1 as isize,
+            rhs.0.as_ptr(),
+            rhs.2 as isize,
+            rhs.1 as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
 }
 
-fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += a * x;
+/// The query blocks: `(first, end)` ranges of at most [`BLOCK`] queries of one batch row.
+fn blocks(lay: &AttentionLayout) -> Vec<(usize, usize)> {
+    let n = lay.query_row.len();
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let mut end = start + 1;
+        while end < n && end - start < BLOCK && lay.query_row[end] == lay.query_row[start] {
+            end += 1;
+        }
+        out.push((start, end));
+        start = end;
     }
+    out
+}
+
+/// Splits `data` into the per-block chunks of `width` values per query.
+fn block_chunks<'a>(mut data: &'a mut [f32], blocks: &[(usize, usize)], width: usize) -> Vec<&'a mut [f32]> {
+    let mut out = Vec::with_capacity(blocks.len());
+    for &(a, b) in blocks {
+        let (head, rest) = data.split_at_mut((b - a) * width);
+        out.push(head);
+        data = rest;
+    }
+    out
+}
+
+/// Masked softmax of each row of `scores` `[m, end]` in place: query `first + r` sees the key
+/// slots `j < its span` that are real; the others get probability 0.
+fn softmax_rows(lay: &AttentionLayout, scores: &mut [f32], first: usize, end: usize) {
+    for (r, row) in scores.chunks_mut(end).enumerate() {
+        let (b, lim) = lay.span(first + r);
+        let allowed = |j: usize| j < lim && lay.key_mask[b * lay.keys + j];
+        let max = (0..end)
+            .filter(|&j| allowed(j))
+            .map(|j| row[j])
+            .fold(f32::NEG_INFINITY, f32::max);
+        if max == f32::NEG_INFINITY {
+            row.fill(0.0);
+            continue;
+        }
+        let mut sum = 0.0;
+        for (j, x) in row.iter_mut().enumerate() {
+            *x = if allowed(j) { (*x - max).exp() } else { 0.0 };
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        for x in row.iter_mut() {
+            *x *= inv;
+        }
+    }
+}
+
+/// Key slots a block needs: up to the last query's causal limit (queries of a row are in
+/// position order), or all of them.
+fn block_keys(lay: &AttentionLayout, last_query: usize) -> usize {
+    lay.span(last_query).1
 }
 
 /// Softmax attention: writes `out: [N, heads·head_dim]`; with `probs` (`[N, heads, keys]`) also
@@ -90,64 +189,63 @@ pub fn attention(lay: &AttentionLayout, q: &[f32], k: &[f32], v: &[f32], out: &m
     let kvd = lay.kv_heads * hd;
     let (scale, group) = (lay.scale(), lay.group());
     assert_eq!(out.len(), q.len());
-    let body = |i: usize, out: &mut [f32], p_row: &mut [f32]| {
-        let (b, end) = lay.span(i);
-        let base = b * s;
-        for head in 0..h {
-            let g = head / group;
-            let qh = &q[(i * h + head) * hd..][..hd];
-            let p = &mut p_row[head * s..(head + 1) * s];
-            let mut max = f32::NEG_INFINITY;
-            for j in 0..end {
-                if lay.key_mask[base + j] {
-                    let sc = scale * dot(qh, &k[(base + j) * kvd + g * hd..][..hd]);
-                    p[j] = sc;
-                    max = max.max(sc);
-                }
-            }
-            let o = &mut out[head * hd..(head + 1) * hd];
-            o.fill(0.0);
-            if max == f32::NEG_INFINITY {
-                p.fill(0.0);
-                continue;
-            }
-            let mut sum = 0.0;
-            for j in 0..s {
-                p[j] = if j < end && lay.key_mask[base + j] {
-                    let e = (p[j] - max).exp();
-                    sum += e;
-                    e
-                } else {
-                    0.0
-                };
-            }
-            let inv = 1.0 / sum;
-            for j in 0..end {
-                if p[j] != 0.0 {
-                    p[j] *= inv;
-                    axpy(o, p[j], &v[(base + j) * kvd + g * hd..][..hd]);
-                }
-            }
-        }
-    };
-    match probs {
-        Some(probs) => {
+    let blocks = blocks(lay);
+    let prob_chunks: Vec<Option<&mut [f32]>> = match probs {
+        Some(p) => {
             assert_eq!(
-                probs.len(),
+                p.len(),
                 lay.query_row.len() * h * s,
                 "attention: probs is not [N, heads, keys]"
             );
-            out.par_chunks_mut(h * hd)
-                .zip(probs.par_chunks_mut(h * s))
-                .enumerate()
-                .for_each(|(i, (o, p))| body(i, o, p));
+            block_chunks(p, &blocks, h * s).into_iter().map(Some).collect()
         }
-        // Without a tape one row of probabilities per task is enough.
-        None => out
-            .par_chunks_mut(h * hd)
-            .enumerate()
-            .for_each_init(|| vec![0f32; h * s], |p, (i, o)| body(i, o, p)),
-    }
+        None => blocks.iter().map(|_| None).collect(),
+    };
+    let tasks: Vec<_> = blocks
+        .iter()
+        .zip(block_chunks(out, &blocks, h * hd))
+        .zip(prob_chunks)
+        .collect();
+    tasks
+        .into_par_iter()
+        .for_each(|((&(first, last_end), out), mut probs)| {
+            let m = last_end - first;
+            let b = lay.query_row[first];
+            let end = block_keys(lay, last_end - 1);
+            let mut scores = vec![0f32; m * end];
+            let (k_row, v_row) = (&k[b * s * kvd..], &v[b * s * kvd..]);
+            for head in 0..h {
+                let g = head / group;
+                // scores = scale · Q·Kᵀ
+                mm(
+                    (m, end, hd),
+                    &mut scores,
+                    end,
+                    false,
+                    (&q[(first * h + head) * hd..], h * hd, 1),
+                    (&k_row[g * hd..], 1, kvd),
+                    scale,
+                    gemm::Parallelism::None,
+                );
+                softmax_rows(lay, &mut scores, first, end);
+                if let Some(p) = probs.as_deref_mut() {
+                    for (r, row) in scores.chunks(end).enumerate() {
+                        p[(r * h + head) * s..][..end].copy_from_slice(row);
+                    }
+                }
+                // out = P·V
+                mm(
+                    (m, hd, end),
+                    &mut out[head * hd..],
+                    h * hd,
+                    false,
+                    (&scores, end, 1),
+                    (&v_row[g * hd..], kvd, 1),
+                    1.0,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
 }
 
 /// Input gradients of [`attention`] from `d_out: [N, heads·head_dim]`: writes `dq` (like `q`)
@@ -170,73 +268,113 @@ pub fn attention_backward(
     let (scale, group) = (lay.scale(), lay.group());
     assert_eq!(probs.len(), n * h * s);
     assert_eq!(d_out.len(), q.len());
-    // 1. per query: dS = P ⊙ (dP − rowsum(P ⊙ dP)) with dP = dO·Vᵀ, and dQ = scale · dS·K.
+    // 1. per query block: dS = P ⊙ (dP − rowsum(P ⊙ dP)) with dP = dO·Vᵀ, and dQ = scale · dS·K.
+    let blocks = blocks(lay);
     let mut ds = vec![0f32; n * h * s];
-    dq.par_chunks_mut(h * hd)
-        .zip(ds.par_chunks_mut(h * s))
-        .enumerate()
-        .for_each(|(i, (dq, ds))| {
-            let (b, end) = lay.span(i);
-            let base = b * s;
-            for head in 0..h {
-                let g = head / group;
-                let p = &probs[(i * h + head) * s..][..s];
-                let d_o = &d_out[(i * h + head) * hd..][..hd];
-                let ds = &mut ds[head * s..(head + 1) * s];
-                let mut row = 0.0;
-                for j in 0..end {
-                    if p[j] != 0.0 {
-                        ds[j] = dot(d_o, &v[(base + j) * kvd + g * hd..][..hd]);
-                        row += p[j] * ds[j];
-                    }
-                }
-                let dqh = &mut dq[head * hd..(head + 1) * hd];
-                dqh.fill(0.0);
-                for j in 0..end {
-                    if p[j] != 0.0 {
-                        ds[j] = p[j] * (ds[j] - row);
-                        axpy(dqh, scale * ds[j], &k[(base + j) * kvd + g * hd..][..hd]);
-                    }
+    let tasks: Vec<_> = blocks
+        .iter()
+        .zip(block_chunks(dq, &blocks, h * hd))
+        .zip(block_chunks(&mut ds, &blocks, h * s))
+        .collect();
+    tasks.into_par_iter().for_each(|((&(first, last_end), dq), ds)| {
+        let m = last_end - first;
+        let b = lay.query_row[first];
+        let end = block_keys(lay, last_end - 1);
+        let mut dp = vec![0f32; m * end];
+        let (k_row, v_row) = (&k[b * s * kvd..], &v[b * s * kvd..]);
+        for head in 0..h {
+            let g = head / group;
+            mm(
+                (m, end, hd),
+                &mut dp,
+                end,
+                false,
+                (&d_out[(first * h + head) * hd..], h * hd, 1),
+                (&v_row[g * hd..], 1, kvd),
+                1.0,
+                gemm::Parallelism::None,
+            );
+            for (r, dp) in dp.chunks_mut(end).enumerate() {
+                let p = &probs[((first + r) * h + head) * s..][..end];
+                let row: f32 = p.iter().zip(dp.iter()).map(|(p, d)| p * d).sum();
+                let out = &mut ds[(r * h + head) * s..][..end];
+                for ((o, d), p) in out.iter_mut().zip(dp.iter_mut()).zip(p) {
+                    *d = p * (*d - row);
+                    *o = *d;
                 }
             }
-        });
-    // 2. per key slot: dK = scale · dSᵀ·Q and dV = Pᵀ·dO, summed over the heads of its group.
-    let mut row_start = vec![n; lay.key_mask.len() / s.max(1) + 1];
+            mm(
+                (m, hd, end),
+                &mut dq[head * hd..],
+                h * hd,
+                false,
+                (&dp, end, 1),
+                (&k_row[g * hd..], kvd, 1),
+                scale,
+                gemm::Parallelism::None,
+            );
+        }
+    });
+    // 2. per batch row and key/value head: dV = Σ_heads Pᵀ·dO and dK = scale · Σ_heads dSᵀ·Q,
+    //    two matrix multiplies per query head over the row's queries (P and dS are zero where a
+    //    key is masked or in a query's causal future).
+    let rows = lay.key_mask.len() / s.max(1);
+    let mut row_start = vec![n; rows + 1];
     for (i, &b) in lay.query_row.iter().enumerate().rev() {
         row_start[b] = i;
     }
-    for b in (0..row_start.len() - 1).rev() {
+    for b in (0..rows).rev() {
         row_start[b] = row_start[b].min(row_start[b + 1]);
     }
-    dk.par_chunks_mut(kvd)
-        .zip(dv.par_chunks_mut(kvd))
-        .enumerate()
-        .for_each(|(slot, (dk, dv))| {
-            dk.fill(0.0);
-            dv.fill(0.0);
-            if !lay.key_mask[slot] {
-                return;
-            }
-            let (b, j) = (slot / s, slot % s);
-            for i in row_start[b]..row_start[b + 1] {
-                if lay.causal && lay.query_key[i] < j {
-                    continue;
-                }
-                for head in 0..h {
-                    let g = head / group;
-                    let idx = (i * h + head) * s + j;
-                    let (p, d) = (probs[idx], ds[idx]);
-                    if p != 0.0 {
-                        axpy(
-                            &mut dk[g * hd..(g + 1) * hd],
-                            scale * d,
-                            &q[(i * h + head) * hd..][..hd],
-                        );
-                        axpy(&mut dv[g * hd..(g + 1) * hd], p, &d_out[(i * h + head) * hd..][..hd]);
-                    }
-                }
-            }
-        });
+    let few_rows = rows < rayon::current_num_threads();
+    let row_grads = |b: usize, dk: &mut [f32], dv: &mut [f32]| {
+        let (start, count) = (row_start[b], row_start[b + 1] - row_start[b]);
+        dk.fill(0.0);
+        dv.fill(0.0);
+        if count == 0 {
+            return;
+        }
+        let par = if few_rows {
+            gemm::Parallelism::Rayon(rayon::current_num_threads())
+        } else {
+            gemm::Parallelism::None
+        };
+        for head in 0..h {
+            let g = head / group;
+            let accumulate = head % group != 0;
+            // dV[j] (+)= Σ_i P[i, j]·dO[i];  dK[j] (+)= scale · Σ_i dS[i, j]·Q[i]
+            mm(
+                (s, hd, count),
+                &mut dv[g * hd..],
+                kvd,
+                accumulate,
+                (&probs[(start * h + head) * s..], 1, h * s),
+                (&d_out[(start * h + head) * hd..], h * hd, 1),
+                1.0,
+                par,
+            );
+            mm(
+                (s, hd, count),
+                &mut dk[g * hd..],
+                kvd,
+                accumulate,
+                (&ds[(start * h + head) * s..], 1, h * s),
+                (&q[(start * h + head) * hd..], h * hd, 1),
+                scale,
+                par,
+            );
+        }
+    };
+    if few_rows {
+        for (b, (dk, dv)) in dk.chunks_mut(s * kvd).zip(dv.chunks_mut(s * kvd)).enumerate() {
+            row_grads(b, dk, dv);
+        }
+    } else {
+        dk.par_chunks_mut(s * kvd)
+            .zip(dv.par_chunks_mut(s * kvd))
+            .enumerate()
+            .for_each(|(b, (dk, dv))| row_grads(b, dk, dv));
+    }
 }
 
 #[cfg(test)]
