@@ -1,0 +1,84 @@
+//! On the real SmolLM2 and MiniLM, the fused f32 CPU kernels give the composed candle path's
+//! hidden states and input gradients (the composed path is the one checked against finite
+//! differences and transformers): a batch with a shared prefix (a soft prompt), padding and
+//! rows of different lengths. Its own test binary: it switches paths with an environment
+//! variable read at load time.
+
+mod common;
+use candle_core::{DType, Device, Tensor};
+use softprompt::backbone::{BackboneInput, LoadedModel};
+
+fn relative(a: &Tensor, b: &Tensor) -> f32 {
+    let diff = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    diff / scale.max(1e-12)
+}
+
+fn both(name: &str) -> (LoadedModel, LoadedModel) {
+    std::env::set_var("SOFTPROMPT_COMPOSED", "1");
+    let composed = common::load_model(name);
+    std::env::remove_var("SOFTPROMPT_COMPOSED");
+    (composed, common::load_model(name))
+}
+
+fn compare(name: &str, ids: &[[u32; 9]; 3], lens: [usize; 3], prefix: usize) {
+    let (composed, fused) = both(name);
+    let ids = Tensor::new(ids, &Device::Cpu).unwrap();
+    let mask: Vec<u32> = (0..27).map(|i| u32::from(i % 9 < lens[i / 9])).collect();
+    let mask = Tensor::from_vec(mask, (3, 9), &Device::Cpu).unwrap();
+    let embeds = composed.backbone.embed(&ids).unwrap();
+    // a soft prompt: the same random rows at the first `prefix` positions of every row
+    let d = embeds.dim(2).unwrap();
+    let prompt = (Tensor::rand(-0.5f32, 0.5, (1, prefix, d), &Device::Cpu).unwrap())
+        .repeat((3, 1, 1))
+        .unwrap();
+    let embeds = Tensor::cat(&[&prompt, &embeds.narrow(1, prefix, 9 - prefix).unwrap()], 1).unwrap();
+    let keep = mask.to_dtype(DType::F32).unwrap().unsqueeze(2).unwrap();
+    let r = Tensor::randn(0f32, 1.0, (3, 9, d), &Device::Cpu)
+        .unwrap()
+        .broadcast_mul(&keep)
+        .unwrap();
+    let run = |m: &LoadedModel| {
+        let (h, tape) = m.backbone.forward_train(&BackboneInput::new(&embeds, &mask)).unwrap();
+        let g = m.backbone.backward(&tape, &r).unwrap();
+        // the prompt's gradient is the sum over rows at its positions; the rest per row
+        let g_prompt = g.narrow(1, 0, prefix).unwrap().sum(0).unwrap();
+        let g_rest = g.narrow(1, prefix, 9 - prefix).unwrap();
+        (h.broadcast_mul(&keep).unwrap(), g_prompt, g_rest)
+    };
+    let (h0, p0, r0) = run(&composed);
+    let (h1, p1, r1) = run(&fused);
+    let errs = [relative(&h1, &h0), relative(&p1, &p0), relative(&r1, &r0)];
+    println!(
+        "{name}: fused vs composed, relative max error: hidden {:.1e}, prompt gradient {:.1e}, other gradients {:.1e}",
+        errs[0], errs[1], errs[2]
+    );
+    for e in errs {
+        assert!(e < 1e-3, "{name}: fused and composed differ by {e} (relative)");
+    }
+}
+
+/// One test (not two): the path is chosen by an environment variable, which parallel tests
+/// would race on.
+#[test]
+fn fused_equals_composed_on_smollm2_and_minilm() {
+    let ids = [
+        [1u32, 504, 3575, 282, 4649, 314, 2, 17, 99],
+        [1, 504, 3575, 282, 38634, 314, 260, 3575, 0],
+        [1, 504, 3575, 282, 7, 0, 0, 0, 0],
+    ];
+    compare("smollm2-135m", &ids, [9, 8, 5], 4);
+    let ids = [
+        [101u32, 2023, 3185, 2001, 2307, 102, 0, 0, 0],
+        [101, 1996, 2143, 2001, 6659, 1010, 2092, 102, 0],
+        [101, 7592, 102, 0, 0, 0, 0, 0, 0],
+    ];
+    compare("minilm-l6", &ids, [6, 8, 3], 2);
+}
