@@ -16,6 +16,8 @@ pub struct ApiError {
     pub kind: &'static str,
     /// Machine-readable code.
     pub code: Option<&'static str>,
+    /// Seconds to wait before retrying (503 when the queue is full).
+    pub retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -26,6 +28,7 @@ impl ApiError {
             message: message.into(),
             kind: "invalid_request_error",
             code: None,
+            retry_after: None,
         }
     }
     /// Any status with a code.
@@ -35,6 +38,7 @@ impl ApiError {
             message: message.into(),
             kind,
             code: Some(code),
+            retry_after: None,
         }
     }
     /// The JSON body.

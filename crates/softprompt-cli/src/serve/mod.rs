@@ -3,12 +3,16 @@
 //! batching, on the model's one worker thread); each adapter's prompt was turned into keys and
 //! values once, at start-up.
 //!
-//! Routes: `GET /health`, `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`
-//! (streaming with server-sent events when `stream` is true). Safe by default: binds
-//! 127.0.0.1, optional bearer key, bounded body, prompt and `max_tokens`; adapter names are
-//! looked up among the folders found at start-up, so no name reaches the file system.
+//! Routes: `GET /` (a playground page), `GET /health`, `GET /metrics` (Prometheus text),
+//! `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (streaming with
+//! server-sent events when `stream` is true), `POST /v1/adapters` and
+//! `DELETE /v1/adapters/{name}` (load and unload at run time). Safe by default: binds
+//! 127.0.0.1, optional bearer key, bounded body, prompt, `max_tokens` and queue (503 with
+//! Retry-After); adapter names are plain names that cannot leave the adapters folder; a client
+//! that disconnects cancels its sequence; SIGTERM finishes the requests in flight and stops.
 
 mod api;
+mod metrics;
 mod routes;
 #[cfg(test)]
 mod tests;
@@ -22,7 +26,7 @@ use softprompt::infer::prompt_cache::PromptCache;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 /// Arguments of `serve`.
 #[derive(Args)]
@@ -44,6 +48,9 @@ pub struct ServeArgs {
     /// Largest `max_tokens` a request may ask for.
     #[arg(long, default_value_t = 1024)]
     max_tokens_limit: usize,
+    /// Most requests queued or generating at once; more are answered 503 with Retry-After.
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
 }
 
 /// What the handlers share.
@@ -52,14 +59,20 @@ pub struct AppState {
     pub model: Arc<LoadedModel>,
     /// The base model's name (its `model` field).
     pub base_name: String,
-    /// Adapters by name.
-    pub adapters: BTreeMap<String, Arc<PromptCache>>,
+    /// Adapters by name (loaded and unloaded at run time through `/v1/adapters`).
+    pub adapters: RwLock<BTreeMap<String, Arc<PromptCache>>>,
+    /// The folder adapters are loaded from.
+    pub adapters_dir: Option<PathBuf>,
     /// The model thread.
     pub worker: worker::WorkerHandle,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<metrics::Metrics>,
     /// Bearer key.
     pub api_key: Option<String>,
     /// Request limits.
     pub limits: api::Limits,
+    /// Most requests queued or generating.
+    pub max_queue: usize,
 }
 
 /// Options of a server.
@@ -68,6 +81,40 @@ pub struct ServerOptions {
     pub api_key: Option<String>,
     /// Largest `max_tokens`.
     pub max_tokens_limit: usize,
+    /// Most requests queued or generating.
+    pub max_queue: usize,
+    /// The adapters folder (for loading at run time).
+    pub adapters_dir: Option<PathBuf>,
+}
+
+/// Whether `name` is a plain folder name: letters, digits, `.`, `_`, `-`, not starting with a
+/// dot, at most 100 bytes. Such a name cannot leave the adapters folder.
+pub fn plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 100
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// Loads adapter `name` from `dir` (a plain name whose folder, links resolved, is inside `dir`).
+pub fn load_adapter(model: &LoadedModel, dir: &Path, name: &str) -> Result<PromptCache> {
+    if !plain_name(name) {
+        bail!("`{name}` is not a plain adapter name (letters, digits, `.`, `_`, `-`)");
+    }
+    let root = dir
+        .canonicalize()
+        .with_context(|| format!("cannot read {}", dir.display()))?;
+    let path = root
+        .join(name)
+        .canonicalize()
+        .with_context(|| format!("no adapter folder `{name}`"))?;
+    if path.parent() != Some(root.as_path()) || !path.join(ADAPTER_CONFIG).is_file() {
+        bail!("no adapter folder `{name}` (with {ADAPTER_CONFIG})");
+    }
+    let lm = model.backbone.require_causal("serving")?;
+    PromptCache::from_adapter(lm, &adapter::load_peft(&path)?).with_context(|| format!("adapter `{name}`"))
 }
 
 /// Loads every adapter in `dir` (sub-folders holding `adapter_config.json`) for `model`.
@@ -84,6 +131,10 @@ pub fn load_adapters(model: &LoadedModel, dir: &Path) -> Result<BTreeMap<String,
         let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
             continue;
         };
+        if !plain_name(&name) {
+            eprintln!("skipping adapter folder {}: not a plain name", path.display());
+            continue;
+        }
         let a = adapter::load_peft(&path)?;
         let cache = PromptCache::from_adapter(lm, &a).with_context(|| format!("adapter {}", path.display()))?;
         out.insert(name, Arc::new(cache));
@@ -129,18 +180,22 @@ pub fn state(
     if adapters.contains_key(&base_name) {
         bail!("an adapter folder is named like the base model (`{base_name}`); rename it");
     }
-    let worker = worker::spawn(model.clone());
+    let metrics = Arc::new(metrics::Metrics::default());
+    let worker = worker::spawn(model.clone(), metrics.clone());
     Ok(AppState {
         model,
         base_name,
-        adapters,
+        adapters: RwLock::new(adapters),
+        adapters_dir: opts.adapters_dir,
         worker,
+        metrics,
         api_key: opts.api_key,
         limits: api::Limits {
             max_tokens: opts.max_tokens_limit,
             default_max_tokens: 16,
             max_stops: 4,
         },
+        max_queue: opts.max_queue,
     })
 }
 
@@ -170,6 +225,8 @@ pub fn serve_cmd(args: ServeArgs) -> Result<()> {
         ServerOptions {
             api_key: args.api_key,
             max_tokens_limit: args.max_tokens_limit,
+            max_queue: args.max_queue,
+            adapters_dir: args.adapters.clone(),
         },
     )?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -3,11 +3,12 @@
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, Sse};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use softprompt::infer::engine::{Completion, Event, GenRequest};
@@ -15,6 +16,7 @@ use softprompt::infer::prompt_cache::PromptCache;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::api::{self, ApiError, ChatBody, CompletionBody, Params};
@@ -27,24 +29,111 @@ pub const BODY_LIMIT: usize = 1 << 20;
 /// All routes over `state`.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
+        .route("/", get(playground))
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/adapters", post(load_adapter))
+        .route("/v1/adapters/{name}", delete(unload_adapter))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::BAD_REQUEST);
-        (status, Json(self.body())).into_response()
+        let mut resp = (status, Json(self.body())).into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, secs.into());
+        }
+        resp
+    }
+}
+
+/// Counts every request by route and status, with its time to the response head.
+async fn track(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    let route = match path {
+        "/" | "/health" | "/metrics" | "/v1/models" | "/v1/completions" | "/v1/chat/completions" | "/v1/adapters" => {
+            path.to_string()
+        }
+        p if p.starts_with("/v1/adapters/") => "/v1/adapters/{name}".to_string(),
+        _ => "other".to_string(),
+    };
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    s.metrics
+        .http(&route, resp.status().as_u16(), start.elapsed().as_secs_f64());
+    resp
+}
+
+async fn playground() -> Html<&'static str> {
+    Html(include_str!("playground.html"))
+}
+
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+/// `POST /v1/adapters {"name": NAME}`: loads (or reloads) adapter folder NAME of the adapters
+/// folder, turning its prompt into keys and values off the async threads.
+async fn load_adapter(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&s, &headers)?;
+    #[derive(serde::Deserialize)]
+    struct Body {
+        name: String,
+    }
+    let Body { name } = api::parse(&body_bytes(body)?)?;
+    let dir = s
+        .adapters_dir
+        .clone()
+        .ok_or_else(|| ApiError::bad("the server was started without --adapters"))?;
+    if name == s.base_name {
+        return Err(ApiError::bad(format!("`{name}` is the base model's name")));
+    }
+    let st = s.clone();
+    let n = name.clone();
+    let cache = tokio::task::spawn_blocking(move || super::load_adapter(&st.model, &dir, &n))
+        .await
+        .map_err(|e| server_error(format!("{e}")))?
+        .map_err(|e| ApiError::new(400, "invalid_request_error", "adapter_not_loaded", format!("{e:#}")))?;
+    s.adapters.write().unwrap().insert(name.clone(), Arc::new(cache));
+    Ok(Json(json!({"id": name, "object": "model", "loaded": true})))
+}
+
+/// `DELETE /v1/adapters/NAME`: requests already running keep their copy.
+async fn unload_adapter(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&s, &headers)?;
+    let removed = s.adapters.write().unwrap().remove(&name);
+    match removed {
+        Some(_) => Ok(Json(json!({"id": name, "object": "model", "deleted": true}))),
+        None => Err(ApiError::new(
+            404,
+            "invalid_request_error",
+            "model_not_found",
+            format!("no adapter `{name}` is loaded"),
+        )),
     }
 }
 
 async fn health(State(s): State<Arc<AppState>>) -> Json<Value> {
-    Json(json!({"status": "ok", "in_flight": s.worker.load.load(Ordering::SeqCst)}))
+    Json(json!({"status": "ok", "in_flight": s.metrics.queue_depth.load(Ordering::SeqCst)}))
 }
 
 async fn not_found() -> ApiError {
@@ -73,7 +162,8 @@ async fn models(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Result<Js
     authorize(&s, &headers)?;
     let entry = |id: &str, kind: &str| json!({"id": id, "object": "model", "created": 0, "owned_by": "softprompt", "kind": kind});
     let mut data = vec![entry(&s.base_name, "base")];
-    data.extend(s.adapters.keys().map(|k| entry(k, "adapter")));
+    let names: Vec<String> = s.adapters.read().unwrap().keys().cloned().collect();
+    data.extend(names.iter().map(|k| entry(k, "adapter")));
     Ok(Json(json!({"object": "list", "data": data})))
 }
 
@@ -146,7 +236,8 @@ async fn run(s: Arc<AppState>, params: Params, ids: Vec<u32>, kind: Kind) -> Res
     let prompt = if name == s.base_name {
         Arc::new(PromptCache::none())
     } else {
-        s.adapters.get(&name).cloned().ok_or_else(|| {
+        let found = s.adapters.read().unwrap().get(&name).cloned();
+        found.ok_or_else(|| {
             ApiError::new(
                 404,
                 "invalid_request_error",
@@ -180,13 +271,31 @@ async fn run(s: Arc<AppState>, params: Params, ids: Vec<u32>, kind: Kind) -> Res
         stop_ids: s.model.tokenizer.eos_id().into_iter().collect(),
     };
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    if !s.worker.submit(Job { req, tx }) {
-        return Err(ApiError::new(
-            503,
-            "server_error",
-            "unavailable",
-            "the model thread has stopped",
-        ));
+    let job = Job {
+        req,
+        tx,
+        submitted: Instant::now(),
+    };
+    match s.worker.submit(job, s.max_queue) {
+        Ok(()) => {}
+        Err(true) => {
+            let mut e = ApiError::new(
+                503,
+                "server_error",
+                "queue_full",
+                format!("{} requests are already queued or generating; retry later", s.max_queue),
+            );
+            e.retry_after = Some(1);
+            return Err(e);
+        }
+        Err(false) => {
+            return Err(ApiError::new(
+                503,
+                "server_error",
+                "unavailable",
+                "the model thread has stopped",
+            ));
+        }
     }
     let id = format!(
         "{}-{}",

@@ -6,10 +6,13 @@
 use softprompt::backbone::LoadedModel;
 use softprompt::infer::engine::{Engine, Event, GenRequest};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
+
+use super::metrics::Metrics;
 
 /// What a request receives: events, or the error that ended it.
 pub type Reply = Result<Event, String>;
@@ -20,46 +23,54 @@ pub struct Job {
     pub req: GenRequest,
     /// Where its events go.
     pub tx: UnboundedSender<Reply>,
+    /// When it was handed over.
+    pub submitted: Instant,
 }
 
 /// The handle the HTTP side holds.
 #[derive(Clone)]
 pub struct WorkerHandle {
     tx: Sender<Job>,
-    /// Requests queued or generating.
-    pub load: Arc<AtomicUsize>,
+    /// Queue depth and the model thread's counters.
+    pub metrics: Arc<Metrics>,
 }
 
 impl WorkerHandle {
-    /// Hands a job to the worker; false if the worker is gone.
-    pub fn submit(&self, job: Job) -> bool {
-        self.load.fetch_add(1, Ordering::SeqCst);
-        let ok = self.tx.send(job).is_ok();
-        if !ok {
-            self.load.fetch_sub(1, Ordering::SeqCst);
+    /// Hands a job to the worker unless `max_queue` requests are already queued or generating;
+    /// `Err(true)` when full, `Err(false)` when the worker is gone.
+    pub fn submit(&self, job: Job, max_queue: usize) -> Result<(), bool> {
+        let depth = &self.metrics.queue_depth;
+        if depth.fetch_add(1, Ordering::SeqCst) >= max_queue {
+            depth.fetch_sub(1, Ordering::SeqCst);
+            self.metrics.rejected.fetch_add(1, Ordering::SeqCst);
+            return Err(true);
         }
-        ok
+        if self.tx.send(job).is_err() {
+            depth.fetch_sub(1, Ordering::SeqCst);
+            return Err(false);
+        }
+        Ok(())
     }
 }
 
 /// Starts the worker thread over `model`.
-pub fn spawn(model: Arc<LoadedModel>) -> WorkerHandle {
+pub fn spawn(model: Arc<LoadedModel>, metrics: Arc<Metrics>) -> WorkerHandle {
     let (tx, rx) = std::sync::mpsc::channel::<Job>();
-    let load = Arc::new(AtomicUsize::new(0));
-    let counter = load.clone();
+    let m = metrics.clone();
     std::thread::Builder::new()
         .name("softprompt-model".into())
-        .spawn(move || run(&model, rx, &counter))
+        .spawn(move || run(&model, rx, &m))
         .expect("cannot start the model thread");
-    WorkerHandle { tx, load }
+    WorkerHandle { tx, metrics }
 }
 
-fn run(model: &LoadedModel, rx: Receiver<Job>, load: &AtomicUsize) {
+fn run(model: &LoadedModel, rx: Receiver<Job>, metrics: &Metrics) {
+    let load = &metrics.queue_depth;
     let Some(lm) = model.backbone.causal() else {
         return;
     };
     let mut engine: Engine<u64> = Engine::new(lm, &model.tokenizer);
-    let mut senders: HashMap<u64, UnboundedSender<Reply>> = HashMap::new();
+    let mut senders: HashMap<u64, (UnboundedSender<Reply>, Instant)> = HashMap::new();
     let mut next_id = 0u64;
     loop {
         // Wait for work when idle; otherwise take whatever arrived since the last step.
@@ -83,6 +94,7 @@ fn run(model: &LoadedModel, rx: Receiver<Job>, load: &AtomicUsize) {
             }
         }
         let mut events = Vec::new();
+        let start = Instant::now();
         for job in jobs {
             if job.tx.is_closed() {
                 load.fetch_sub(1, Ordering::SeqCst);
@@ -92,7 +104,7 @@ fn run(model: &LoadedModel, rx: Receiver<Job>, load: &AtomicUsize) {
             next_id += 1;
             match engine.add(id, job.req) {
                 Ok(ev) => {
-                    senders.insert(id, job.tx);
+                    senders.insert(id, (job.tx, job.submitted));
                     events.extend(ev);
                 }
                 Err(e) => {
@@ -101,11 +113,24 @@ fn run(model: &LoadedModel, rx: Receiver<Job>, load: &AtomicUsize) {
                 }
             }
         }
-        match engine.step() {
-            Ok(ev) => events.extend(ev),
+        let step_start = Instant::now();
+        let stepped = engine.step();
+        let now = Instant::now();
+        metrics
+            .busy_us
+            .fetch_add((now - start).as_micros() as u64, Ordering::SeqCst);
+        match stepped {
+            Ok(ev) => {
+                let tokens = ev.iter().filter(|(_, e)| matches!(e, Event::Token { .. })).count();
+                if tokens > 0 {
+                    let tps = tokens as f64 / (now - step_start).as_secs_f64().max(1e-9);
+                    metrics.last_step_tps.store(tps.to_bits(), Ordering::SeqCst);
+                }
+                events.extend(ev)
+            }
             Err(e) => {
                 // A failed step fails every active request; the server goes on.
-                for (id, tx) in senders.drain() {
+                for (id, (tx, _)) in senders.drain() {
                     engine.cancel(&id);
                     let _ = tx.send(Err(format!("generation failed: {e:#}")));
                     load.fetch_sub(1, Ordering::SeqCst);
@@ -115,7 +140,16 @@ fn run(model: &LoadedModel, rx: Receiver<Job>, load: &AtomicUsize) {
         }
         for (id, event) in events {
             let done = matches!(event, Event::Done { .. });
-            let Some(tx) = senders.get(&id) else { continue };
+            if matches!(event, Event::Token { .. }) {
+                metrics.tokens.fetch_add(1, Ordering::SeqCst);
+            }
+            let Some((tx, submitted)) = senders.get(&id) else {
+                continue;
+            };
+            if done {
+                let secs = submitted.elapsed().as_secs_f64();
+                metrics.generation_latency.lock().unwrap().observe(secs);
+            }
             if tx.send(Ok(event)).is_err() || done {
                 // finished, or the client went away: the sequence leaves the batch
                 engine.cancel(&id);
@@ -123,5 +157,6 @@ fn run(model: &LoadedModel, rx: Receiver<Job>, load: &AtomicUsize) {
                 load.fetch_sub(1, Ordering::SeqCst);
             }
         }
+        metrics.active.store(engine.active(), Ordering::SeqCst);
     }
 }
