@@ -248,6 +248,20 @@ fn stop_strings_and_eos_end_a_sequence() {
     assert_eq!(got.text, " Rome");
     assert_eq!(streamed, " Rome");
     assert_eq!(got.finish, Some(softprompt::infer::engine::FinishReason::Stop));
+    // a stop string over two tokens ("\n", "\n"): the first "\n" is held back, then dropped
+    let mut two = req.clone();
+    two.stop = vec!["\n\n".into()];
+    let mut streamed = String::new();
+    let got = generate(lm(), &m.tokenizer, two, |e| {
+        if let softprompt::infer::engine::Event::Token { text, .. } = e {
+            streamed.push_str(text);
+        }
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(got.text, " Rome.");
+    assert_eq!(streamed, " Rome.");
+    assert_eq!(got.ids.len(), 4);
     // the second token is an end-of-sequence id here
     req.stop = Vec::new();
     req.stop_ids = vec![base.ids[1]];
