@@ -6,6 +6,7 @@
 use softprompt::backbone::LoadedModel;
 use softprompt::infer::engine::{Engine, Event, GenRequest};
 use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::Arc;
@@ -102,7 +103,10 @@ fn run(model: &LoadedModel, rx: Receiver<Job>, metrics: &Metrics) {
             }
             let id = next_id;
             next_id += 1;
-            match engine.add(id, job.req) {
+            // A panic in the model code fails this request, not the server.
+            let added = catch_unwind(AssertUnwindSafe(|| engine.add(id, job.req)))
+                .unwrap_or_else(|p| Err(anyhow::anyhow!("internal error: {}", panic_text(&*p))));
+            match added {
                 Ok(ev) => {
                     senders.insert(id, (job.tx, job.submitted));
                     events.extend(ev);
@@ -114,7 +118,12 @@ fn run(model: &LoadedModel, rx: Receiver<Job>, metrics: &Metrics) {
             }
         }
         let step_start = Instant::now();
-        let stepped = engine.step();
+        let stepped = catch_unwind(AssertUnwindSafe(|| engine.step())).unwrap_or_else(|p| {
+            // the batch may be half-updated: every active request fails (below), the engine
+            // starts empty
+            engine = Engine::new(lm, &model.tokenizer);
+            Err(anyhow::anyhow!("internal error: {}", panic_text(&*p)))
+        });
         let now = Instant::now();
         metrics
             .busy_us
@@ -159,4 +168,12 @@ fn run(model: &LoadedModel, rx: Receiver<Job>, metrics: &Metrics) {
         }
         metrics.active.store(engine.active(), Ordering::SeqCst);
     }
+}
+
+/// The message of a panic payload.
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
 }
