@@ -1,7 +1,9 @@
 //! `softprompt`: the command-line interface. Thin: parse, call the library, print.
 
 mod bench_cmd;
+mod chat;
 mod model_cmds;
+mod serve;
 mod train_cmds;
 
 use anyhow::Result;
@@ -24,8 +26,12 @@ enum Command {
     Info(model_cmds::InfoArgs),
     /// Print the token ids (and pieces) of a text.
     Tokenize(model_cmds::TokenizeArgs),
-    /// Greedy completion of a text with a causal model.
+    /// Complete a text with a causal model (greedy or sampled, with an adapter), streaming the
+    /// tokens to stdout.
     Complete(model_cmds::CompleteArgs),
+    /// Serve the model and the adapters of a folder over an OpenAI-compatible HTTP API, with
+    /// mixed-adapter continuous batching.
+    Serve(serve::ServeArgs),
     /// Train a soft prompt (prompt tuning or p-tuning) and save a PEFT-compatible adapter.
     Train(Box<train_cmds::TrainArgs>),
     /// Score a JSONL set with an adapter, or with a hand-written template (zero-shot); prints JSON.
@@ -43,6 +49,7 @@ fn main() {
         Command::Info(a) => model_cmds::info(a),
         Command::Tokenize(a) => model_cmds::tokenize(a),
         Command::Complete(a) => model_cmds::complete(a),
+        Command::Serve(a) => serve::serve_cmd(a),
         Command::Train(a) => train_cmds::train_cmd(*a),
         Command::Bench(a) => bench_cmd::bench(a),
         Command::Eval(a) => train_cmds::eval_cmd(a),

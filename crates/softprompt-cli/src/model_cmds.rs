@@ -1,10 +1,17 @@
 //! Model-level commands: fetch, info, tokenize, complete.
 
 use anyhow::Result;
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use clap::Args;
+use softprompt::adapter;
 use softprompt::backbone::{self, LoadedModel};
+use softprompt::infer::engine::{generate, Event, GenRequest};
+use softprompt::infer::prompt_cache::PromptCache;
+use softprompt::infer::sampling::SamplingParams;
 use softprompt::model_source;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// MODEL argument shared by the commands.
@@ -39,11 +46,50 @@ pub struct TokenizeArgs {
 pub struct CompleteArgs {
     #[command(flatten)]
     model: ModelArg,
-    /// Text to continue.
+    /// Text to continue (with --chat: the user's message).
     text: String,
+    /// A PEFT adapter folder (prompt tuning, p-tuning or prefix tuning).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// Most tokens to generate.
     #[arg(long, default_value_t = 32)]
     max_tokens: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// A string that ends the completion (not printed); may be repeated.
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Apply the model's chat template (GGUF tokenizer.chat_template) to TEXT as a user message.
+    #[arg(long)]
+    chat: bool,
+}
+
+/// How tokens are chosen (`complete`).
+#[derive(Args)]
+pub struct SamplingArgs {
+    /// Softmax temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this total probability.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Keep only the K most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Random seed (default: from the operating system).
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            seed: self.seed,
+        }
+    }
 }
 
 /// Loads MODEL on the CPU.
@@ -110,23 +156,51 @@ pub fn tokenize(args: TokenizeArgs) -> Result<()> {
 
 pub fn complete(args: CompleteArgs) -> Result<()> {
     let model = load(&args.model.model)?;
-    let ids = model.tokenizer.encode(&args.text, true)?;
-    let ids_t = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-    let embeds = model.backbone.embed(&ids_t)?;
-    let stop: Vec<u32> = model.tokenizer.eos_id().into_iter().collect();
+    let lm = model.backbone.require_causal("completion")?;
+    let prompt = match &args.adapter {
+        Some(dir) => PromptCache::from_adapter(lm, &adapter::load_peft(dir)?)?,
+        None => PromptCache::none(),
+    };
+    let (text, ids) = if args.chat {
+        let messages = [crate::chat::ChatMessage {
+            role: "user".into(),
+            content: args.text.clone(),
+        }];
+        let text = crate::chat::render(&model, &messages)?;
+        let ids = model.tokenizer.encode(&text, false)?;
+        (text, ids)
+    } else {
+        (args.text.clone(), model.tokenizer.encode(&args.text, true)?)
+    };
+    let req = GenRequest {
+        ids,
+        prompt: Arc::new(prompt),
+        max_tokens: args.max_tokens,
+        sampling: args.sampling.params(),
+        stop: args.stop.clone(),
+        stop_ids: model.tokenizer.eos_id().into_iter().collect(),
+    };
     let start = Instant::now();
-    let out = softprompt::infer::generate::greedy(
-        model.backbone.require_causal("completion")?,
-        &embeds,
-        args.max_tokens,
-        &stop,
-    )?;
+    let mut out = std::io::stdout().lock();
+    if !args.chat {
+        write!(out, "{text}")?;
+        out.flush()?;
+    }
+    let done = generate(lm, &model.tokenizer, req, |e| {
+        let piece = match e {
+            Event::Token { text, .. } | Event::Done { text, .. } => text,
+        };
+        write!(out, "{piece}")?;
+        out.flush()?;
+        Ok(())
+    })?;
+    writeln!(out)?;
     let secs = start.elapsed().as_secs_f64();
-    println!("{}{}", args.text, model.tokenizer.decode(&out, true)?);
     eprintln!(
-        "[{} tokens in {secs:.2} s, {:.1} tokens/s]",
-        out.len(),
-        out.len() as f64 / secs.max(1e-9)
+        "[{} tokens in {secs:.2} s, {:.1} tokens/s, finish: {}]",
+        done.ids.len(),
+        done.ids.len() as f64 / secs.max(1e-9),
+        done.finish.map_or("?", |f| f.as_str())
     );
     Ok(())
 }

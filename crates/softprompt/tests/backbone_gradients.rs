@@ -371,6 +371,7 @@ fn tiny_prefix(v: usize, seed: u64, dtype: DType) -> KvCache {
     KvCache {
         layers,
         mask: Some(Tensor::ones((1, v), DType::F32, &Device::Cpu).unwrap()),
+        next_pos: None,
     }
 }
 
@@ -553,4 +554,64 @@ fn smollm2_gradient_reaches_every_position_that_influences_the_loss() {
             }
         }
     }
+}
+
+/// Rows whose caches differ in length, stacked into one batch (padded key slots, each row with
+/// its own rotary position), give on the fused path what each row gives alone on the composed
+/// path; the composed path refuses such a batch.
+#[test]
+fn fused_llama_runs_rows_with_their_own_positions() {
+    use softprompt::backbone::KvCache;
+    let (composed, fused) = (tiny_llama_in(DType::F64), tiny_llama_in(DType::F32));
+    let d = 16;
+    let mut s = 21u64;
+    let lens = [3usize, 5, 2];
+    let prompts: Vec<Tensor> = lens.iter().map(|&t| rand(&[1, t, d], 1.0, &mut s)).collect();
+    let next = rand(&[3, 1, d], 1.0, &mut s);
+    let prefill = |m: &Llama, dtype: DType| -> Vec<KvCache> {
+        prompts
+            .iter()
+            .map(|p| {
+                let mut c = KvCache::default();
+                let e = p.to_dtype(dtype).unwrap();
+                let ones = Tensor::ones((1, p.dim(1).unwrap()), DType::U32, &Device::Cpu).unwrap();
+                m.forward_cached(&BackboneInput::new(&e, &ones), &mut c).unwrap();
+                c
+            })
+            .collect()
+    };
+    let one = Tensor::ones((1, 1), DType::U32, &Device::Cpu).unwrap();
+    let ones = Tensor::ones((3, 1), DType::U32, &Device::Cpu).unwrap();
+    // reference: each row alone on the composed path
+    let alone: Vec<Tensor> = prefill(&composed, DType::F64)
+        .into_iter()
+        .enumerate()
+        .map(|(r, mut c)| {
+            let e = next.narrow(0, r, 1).unwrap().to_dtype(DType::F64).unwrap();
+            composed.forward_cached(&BackboneInput::new(&e, &one), &mut c).unwrap()
+        })
+        .collect();
+    let caches = prefill(&fused, DType::F32);
+    let mut batch = KvCache::stack(&caches.iter().collect::<Vec<_>>()).unwrap();
+    assert_eq!(batch.positions(), lens);
+    let e = next.to_dtype(DType::F32).unwrap();
+    let h = fused
+        .forward_cached(&BackboneInput::new(&e, &ones), &mut batch)
+        .unwrap();
+    assert_eq!(batch.positions(), [4, 6, 3]);
+    for (r, a) in alone.iter().enumerate() {
+        let err = max_diff(a, &h.narrow(0, r, 1).unwrap());
+        assert!(err < 1e-4, "row {r}: fused batch vs composed alone differ by {err}");
+    }
+    let rows = batch.unstack().unwrap();
+    assert_eq!(rows.iter().map(KvCache::len).collect::<Vec<_>>(), [4, 6, 3]);
+    // the composed path refuses rows whose positions differ from their key slots
+    let caches64 = prefill(&composed, DType::F64);
+    let mut batch64 = KvCache::stack(&caches64.iter().collect::<Vec<_>>()).unwrap();
+    let e = next.to_dtype(DType::F64).unwrap();
+    let err = composed
+        .forward_cached(&BackboneInput::new(&e, &ones), &mut batch64)
+        .expect_err("the composed path must refuse per-row positions")
+        .to_string();
+    assert!(err.contains("fused f32 CPU path"), "{err}");
 }

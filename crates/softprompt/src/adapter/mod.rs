@@ -105,6 +105,7 @@ impl PeftAdapter {
         Ok(Some(crate::backbone::KvCache {
             layers,
             mask: Some(mask),
+            next_pos: None,
         }))
     }
 

@@ -507,6 +507,16 @@ impl Llama {
         let t = input.embeds.dim(1)?;
         let mask = input.mask.to_dtype(candle_core::DType::F32)?;
         let past_len = cache.as_ref().map_or(0, |c| c.len());
+        if let Some(c) = cache.as_ref() {
+            if c.positions().iter().any(|&p| p != past_len) {
+                bail!(
+                    "rows with their own positions after a padded key/value cache (mixed-request \
+                     batches) run only on the fused f32 CPU path, not on {:?} {:?}",
+                    self.embed.device(),
+                    self.embed.dtype()
+                );
+            }
+        }
         let key_mask = match cache.as_ref().and_then(|c| c.mask.as_ref()) {
             Some(m) => Tensor::cat(&[m, &mask], 1)?,
             None => mask.clone(),
@@ -528,6 +538,7 @@ impl Llama {
         if let Some(c) = cache {
             c.layers = new_kv;
             c.mask = Some(key_mask);
+            c.next_pos = None;
         }
         let tape = keep.then_some(LlamaTape {
             past: past_len,

@@ -92,8 +92,13 @@ struct Geometry {
     key_mask: Vec<bool>,
     /// `[N]` batch row of each query.
     query_row: Vec<usize>,
-    /// `[N]` key slot (= position) of each query.
+    /// `[N]` key slot of each query (its causal limit).
     query_key: Vec<usize>,
+    /// `[N]` rotary position of each query: its key slot, unless the cache gives its row its
+    /// own position (rows of different lengths padded to one number of slots).
+    query_pos: Vec<usize>,
+    /// `[B]` rotary position of each row's first new column.
+    base: Option<Vec<usize>>,
 }
 
 impl Geometry {
@@ -142,8 +147,9 @@ impl FusedLlama {
         let device = embeds.device().clone();
         let past = cache.as_ref().map_or(0, |c| c.len());
         // A prefix shared by every row is computed once (not after a cache: rows may differ there).
-        let packed = Packed::new(mask, (past == 0).then_some(embeds))?;
-        let geometry = self.geometry(&packed, past, cache.as_deref())?;
+        let positions = cache.as_ref().and_then(|c| c.next_pos.clone());
+        let packed = Packed::new(mask, (past == 0 && positions.is_none()).then_some(embeds))?;
+        let geometry = self.geometry(&packed, past, cache.as_deref(), positions)?;
         let mut kv = self.past_slots(&packed, &geometry, cache.as_deref())?;
         let mut x = packed.pack(embeds)?;
         let mut tapes = Vec::new();
@@ -214,7 +220,13 @@ impl FusedLlama {
         out
     }
 
-    fn geometry(&self, packed: &Packed, past: usize, cache: Option<&KvCache>) -> Result<Geometry> {
+    fn geometry(
+        &self,
+        packed: &Packed,
+        past: usize,
+        cache: Option<&KvCache>,
+        base: Option<Vec<usize>>,
+    ) -> Result<Geometry> {
         let keys = past + packed.cols;
         let mut key_mask = vec![false; packed.rows * keys];
         if let Some(m) = cache.and_then(|c| c.mask.as_ref()) {
@@ -233,17 +245,38 @@ impl FusedLlama {
         }
         // A shared position appears in every row; its slot in rows other than 0 is real too.
         let max = self.cos.len() / (self.head_dim() / 2);
+        if let Some(b) = &base {
+            ensure!(
+                b.len() == packed.rows,
+                "the key/value cache gives positions for {} rows, the batch has {}",
+                b.len(),
+                packed.rows
+            );
+            ensure!(
+                packed.shared == 0,
+                "rows with their own positions cannot share a prefix"
+            );
+        }
+        let longest = base.as_ref().map_or(past, |b| b.iter().copied().max().unwrap_or(0)) + packed.cols;
         ensure!(
-            keys <= max,
-            "sequence of {keys} positions exceeds the model's context of {max}"
+            keys <= max && longest <= max,
+            "sequence of {} positions exceeds the model's context of {max}",
+            keys.max(longest)
         );
+        let query_key: Vec<usize> = packed.col.iter().map(|c| past + c).collect();
+        let query_pos = match &base {
+            Some(b) => packed.row.iter().zip(&packed.col).map(|(&r, c)| b[r] + c).collect(),
+            None => query_key.clone(),
+        };
         Ok(Geometry {
             keys,
             shared: packed.shared,
             rows: packed.rows,
             key_mask,
             query_row: packed.row.clone(),
-            query_key: packed.col.iter().map(|c| past + c).collect(),
+            query_key,
+            query_pos,
+            base,
         })
     }
 
@@ -293,6 +326,7 @@ impl FusedLlama {
             .collect::<Result<_>>()?;
         let mask: Vec<f32> = g.key_mask.iter().map(|&m| f32::from(u8::from(m))).collect();
         cache.mask = Some(Tensor::from_vec(mask, (packed.rows, g.keys), device)?);
+        cache.next_pos = g.base.as_ref().map(|b| b.iter().map(|p| p + packed.cols).collect());
         Ok(())
     }
 
@@ -307,7 +341,7 @@ impl FusedLlama {
         use Direction::Forward as F;
         let (d, hd, kvd, inter) = (self.hidden, self.head_dim(), self.kv_dim(), self.intermediate);
         let n = x.len() / d;
-        let positions = &g.query_key;
+        let positions = &g.query_pos;
         // attention block
         let (mut n1, mut rstd1) = (vec![0f32; n * d], vec![0f32; n]);
         span("norm", F, || {
@@ -392,7 +426,7 @@ impl FusedLlama {
         use Direction::Backward as B;
         let (d, hd, kvd, inter) = (self.hidden, self.head_dim(), self.kv_dim(), self.intermediate);
         let n = dy.len() / d;
-        let positions = &g.query_key;
+        let positions = &g.query_pos;
         // MLP block
         let mut dn2 = vec![0f32; n * d];
         span("mlp", B, || {

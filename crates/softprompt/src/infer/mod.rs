@@ -1,7 +1,13 @@
-//! Inference: scoring candidates with a shared prompt cache, evaluation of a data set, greedy
-//! generation with a key/value cache, and sessions that rebuild a task from an adapter.
+//! Inference: scoring candidates with a shared prompt cache, evaluation of a data set,
+//! generation with a key/value cache (greedy or sampled, stop strings), an adapter's prompt
+//! turned into keys and values once, mixed-prompt continuous batching, and sessions that
+//! rebuild a task from an adapter.
 
+pub mod engine;
 pub mod evaluate;
 pub mod generate;
+pub mod prompt_cache;
+pub mod sampling;
 pub mod score;
 pub mod session;
+pub mod text_stream;

@@ -1,0 +1,257 @@
+//! The OpenAI-compatible request bodies, their checks, and the JSON the server answers with.
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::chat::ChatMessage;
+
+/// An error answered as OpenAI does: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: u16,
+    /// What is wrong.
+    pub message: String,
+    /// OpenAI's error type.
+    pub kind: &'static str,
+    /// Machine-readable code.
+    pub code: Option<&'static str>,
+    /// Seconds to wait before retrying (503 when the queue is full).
+    pub retry_after: Option<u32>,
+}
+
+impl ApiError {
+    /// 400: a request that cannot be served as it is.
+    pub fn bad(message: impl Into<String>) -> Self {
+        Self {
+            status: 400,
+            message: message.into(),
+            kind: "invalid_request_error",
+            code: None,
+            retry_after: None,
+        }
+    }
+    /// Any status with a code.
+    pub fn new(status: u16, kind: &'static str, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            kind,
+            code: Some(code),
+            retry_after: None,
+        }
+    }
+    /// The JSON body.
+    pub fn body(&self) -> Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": Value::Null, "code": self.code}})
+    }
+}
+
+/// `stop`: one string or a list.
+#[derive(Debug, Deserialize, Default)]
+#[serde(untagged)]
+pub enum Stop {
+    /// No stop strings.
+    #[default]
+    None,
+    /// One.
+    One(String),
+    /// Several.
+    Many(Vec<String>),
+}
+
+impl Stop {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            Stop::None => Vec::new(),
+            Stop::One(s) => vec![s],
+            Stop::Many(v) => v,
+        }
+    }
+}
+
+/// `prompt`: one string or a list of one.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    /// A text.
+    One(String),
+    /// Texts (only one is served per request).
+    Many(Vec<String>),
+}
+
+/// Fields shared by both endpoints.
+#[derive(Debug, Deserialize)]
+pub struct CommonFields {
+    /// Adapter folder name, or the base model's name.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Most tokens to generate.
+    #[serde(default, alias = "max_completion_tokens")]
+    pub max_tokens: Option<u64>,
+    /// Softmax temperature (default 1, as OpenAI's); 0 is greedy.
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    /// Nucleus sampling.
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    /// Top-k (an extension).
+    #[serde(default)]
+    pub top_k: Option<u64>,
+    /// Seed of the sequence's generator.
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Stop strings.
+    #[serde(default)]
+    pub stop: Stop,
+    /// Server-sent events.
+    #[serde(default)]
+    pub stream: bool,
+    /// Completions: an integer (top alternatives, only the chosen token's are given);
+    /// chat: a boolean.
+    #[serde(default)]
+    pub logprobs: Option<Value>,
+    /// Only 1 is served.
+    #[serde(default)]
+    pub n: Option<u64>,
+    /// Accepted and ignored (OpenAI clients send them).
+    #[serde(default)]
+    #[allow(dead_code)]
+    pub user: Option<Value>,
+    /// Accepted and ignored.
+    #[serde(default)]
+    #[allow(dead_code)]
+    pub stream_options: Option<Value>,
+    /// Accepted if 0.
+    #[serde(default)]
+    pub frequency_penalty: Option<f64>,
+    /// Accepted if 0.
+    #[serde(default)]
+    pub presence_penalty: Option<f64>,
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Deserialize)]
+pub struct CompletionBody {
+    /// The text to continue.
+    pub prompt: Prompt,
+    /// Include the prompt in the text (`echo`): refused unless false.
+    #[serde(default)]
+    pub echo: bool,
+    /// The rest.
+    #[serde(flatten)]
+    pub common: CommonFields,
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Deserialize)]
+pub struct ChatBody {
+    /// The conversation.
+    pub messages: Vec<ChatMessage>,
+    /// The rest.
+    #[serde(flatten)]
+    pub common: CommonFields,
+}
+
+/// Checked generation parameters.
+#[derive(Debug, Clone)]
+pub struct Params {
+    /// Adapter or base model name (`None`: the base model).
+    pub model: Option<String>,
+    /// Most tokens.
+    pub max_tokens: usize,
+    /// Sampling.
+    pub sampling: softprompt::infer::sampling::SamplingParams,
+    /// Stop strings.
+    pub stop: Vec<String>,
+    /// Stream with SSE.
+    pub stream: bool,
+    /// Report log-probabilities.
+    pub logprobs: bool,
+}
+
+/// Limits the server enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest `max_tokens`.
+    pub max_tokens: usize,
+    /// Default `max_tokens` (completions: 16 as OpenAI's; chat: up to the limit).
+    pub default_max_tokens: usize,
+    /// Most stop strings.
+    pub max_stops: usize,
+}
+
+impl CommonFields {
+    /// Checks every field; `default_max` is the endpoint's default `max_tokens`.
+    pub fn check(self, limits: &Limits, default_max: usize) -> Result<Params, ApiError> {
+        let max_tokens = match self.max_tokens {
+            None => default_max.min(limits.max_tokens),
+            Some(n) if n as usize > limits.max_tokens || n == 0 => {
+                return Err(ApiError::bad(format!(
+                    "max_tokens must be between 1 and {}, got {n}",
+                    limits.max_tokens
+                )))
+            }
+            Some(n) => n as usize,
+        };
+        let temperature = self.temperature.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(ApiError::bad(format!(
+                "temperature must be between 0 and 2, got {temperature}"
+            )));
+        }
+        let top_p = self.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(ApiError::bad(format!("top_p must be in (0, 1], got {top_p}")));
+        }
+        if let Some(n) = self.n {
+            if n != 1 {
+                return Err(ApiError::bad(format!("only n = 1 is served, got {n}")));
+            }
+        }
+        for (name, v) in [
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ] {
+            if v.is_some_and(|v| v != 0.0) {
+                return Err(ApiError::bad(format!("{name} is not supported (only 0)")));
+            }
+        }
+        let stop = self.stop.into_vec();
+        if stop.len() > limits.max_stops || stop.iter().any(|s| s.is_empty() || s.len() > 256) {
+            return Err(ApiError::bad(format!(
+                "stop: at most {} non-empty strings of at most 256 bytes",
+                limits.max_stops
+            )));
+        }
+        let logprobs = match self.logprobs {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+            Some(Value::Bool(true)) => true,
+            Some(Value::Number(n)) if n.as_u64().is_some_and(|n| n <= 5) => true,
+            Some(other) => return Err(ApiError::bad(format!("logprobs: unexpected value {other}"))),
+        };
+        Ok(Params {
+            model: self.model,
+            max_tokens,
+            sampling: softprompt::infer::sampling::SamplingParams {
+                temperature: temperature as f32,
+                top_p: top_p as f32,
+                top_k: self.top_k.unwrap_or(0) as usize,
+                seed: self.seed,
+            },
+            stop,
+            stream: self.stream,
+            logprobs,
+        })
+    }
+}
+
+/// Parses a JSON body into `T`, answering 400 with serde's message when it does not fit.
+pub fn parse<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ApiError> {
+    let value: Value =
+        serde_json::from_slice(bytes).map_err(|e| ApiError::bad(format!("the body is not valid JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(ApiError::bad("the body must be a JSON object"));
+    }
+    serde_json::from_value(value).map_err(|e| ApiError::bad(format!("invalid request: {e}")))
+}

@@ -1,0 +1,265 @@
+//! `softprompt serve`: one frozen model, the adapters of a folder, an OpenAI-compatible HTTP API
+//! (axum on tokio). Requests with different adapters share one batch (mixed-prompt continuous
+//! batching, on the model's one worker thread); each adapter's prompt was turned into keys and
+//! values once, at start-up.
+//!
+//! Routes: `GET /` (a playground page), `GET /health`, `GET /metrics` (Prometheus text),
+//! `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (streaming with
+//! server-sent events when `stream` is true), `POST /v1/adapters` and
+//! `DELETE /v1/adapters/{name}` (load and unload at run time). Safe by default: binds
+//! 127.0.0.1, optional bearer key, bounded body, prompt, `max_tokens` and queue (503 with
+//! Retry-After); adapter names are plain names that cannot leave the adapters folder; a client
+//! that disconnects cancels its sequence; SIGTERM finishes the requests in flight and stops.
+
+mod api;
+mod metrics;
+mod routes;
+#[cfg(test)]
+mod tests;
+mod worker;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use softprompt::adapter::{self, ADAPTER_CONFIG};
+use softprompt::backbone::LoadedModel;
+use softprompt::infer::prompt_cache::PromptCache;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+/// Arguments of `serve`.
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    model: crate::model_cmds::ModelArg,
+    /// Folder whose sub-folders are PEFT adapters; each is served under its folder name.
+    #[arg(long)]
+    adapters: Option<PathBuf>,
+    /// Address to bind.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port (0: any free port).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on /v1/ routes.
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Largest `max_tokens` a request may ask for.
+    #[arg(long, default_value_t = 1024)]
+    max_tokens_limit: usize,
+    /// Most requests queued or generating at once; more are answered 503 with Retry-After.
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
+}
+
+/// What the handlers share.
+pub struct AppState {
+    /// The model (tokenizer and chat template; the network runs on the worker).
+    pub model: Arc<LoadedModel>,
+    /// The base model's name (its `model` field).
+    pub base_name: String,
+    /// Adapters by name (loaded and unloaded at run time through `/v1/adapters`).
+    pub adapters: RwLock<BTreeMap<String, Arc<PromptCache>>>,
+    /// The folder adapters are loaded from.
+    pub adapters_dir: Option<PathBuf>,
+    /// The model thread.
+    pub worker: worker::WorkerHandle,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<metrics::Metrics>,
+    /// Bearer key.
+    pub api_key: Option<String>,
+    /// Request limits.
+    pub limits: api::Limits,
+    /// Most requests queued or generating.
+    pub max_queue: usize,
+}
+
+/// Options of a server.
+pub struct ServerOptions {
+    /// Bearer key.
+    pub api_key: Option<String>,
+    /// Largest `max_tokens`.
+    pub max_tokens_limit: usize,
+    /// Most requests queued or generating.
+    pub max_queue: usize,
+    /// The adapters folder (for loading at run time).
+    pub adapters_dir: Option<PathBuf>,
+}
+
+/// Whether `name` is a plain folder name: letters, digits, `.`, `_`, `-`, not starting with a
+/// dot, at most 100 bytes. Such a name cannot leave the adapters folder.
+pub fn plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 100
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// Loads adapter `name` from `dir` (a plain name whose folder, links resolved, is inside `dir`).
+pub fn load_adapter(model: &LoadedModel, dir: &Path, name: &str) -> Result<PromptCache> {
+    if !plain_name(name) {
+        bail!("`{name}` is not a plain adapter name (letters, digits, `.`, `_`, `-`)");
+    }
+    let root = dir
+        .canonicalize()
+        .with_context(|| format!("cannot read {}", dir.display()))?;
+    let path = root
+        .join(name)
+        .canonicalize()
+        .with_context(|| format!("no adapter folder `{name}`"))?;
+    if path.parent() != Some(root.as_path()) || !path.join(ADAPTER_CONFIG).is_file() {
+        bail!("no adapter folder `{name}` (with {ADAPTER_CONFIG})");
+    }
+    let lm = model.backbone.require_causal("serving")?;
+    PromptCache::from_adapter(lm, &adapter::load_peft(&path)?).with_context(|| format!("adapter `{name}`"))
+}
+
+/// Loads every adapter in `dir` (sub-folders holding `adapter_config.json`) for `model`.
+pub fn load_adapters(model: &LoadedModel, dir: &Path) -> Result<BTreeMap<String, Arc<PromptCache>>> {
+    let lm = model.backbone.require_causal("serving")?;
+    let mut out = BTreeMap::new();
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("cannot read the adapters folder {}", dir.display()))?;
+    for entry in entries {
+        let path = entry?.path();
+        if !path.join(ADAPTER_CONFIG).is_file() {
+            continue;
+        }
+        let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
+            continue;
+        };
+        if !plain_name(&name) {
+            eprintln!("skipping adapter folder {}: not a plain name", path.display());
+            continue;
+        }
+        let a = adapter::load_peft(&path)?;
+        let cache = PromptCache::from_adapter(lm, &a).with_context(|| format!("adapter {}", path.display()))?;
+        out.insert(name, Arc::new(cache));
+    }
+    Ok(out)
+}
+
+/// The base model's name: the MODEL argument's file stem.
+fn base_name(spec: &str) -> String {
+    Path::new(spec)
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or(spec)
+        .to_string()
+}
+
+/// Binds `addr` and serves until `shutdown` resolves (in-flight requests are finished).
+/// Returns the bound address through `on_bound` before serving.
+pub async fn run_server(
+    state: AppState,
+    addr: SocketAddr,
+    on_bound: impl FnOnce(SocketAddr),
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    on_bound(listener.local_addr()?);
+    axum::serve(listener, routes::router(Arc::new(state)))
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Builds the shared state: starts the worker thread.
+pub fn state(
+    model: Arc<LoadedModel>,
+    base_name: String,
+    adapters: BTreeMap<String, Arc<PromptCache>>,
+    opts: ServerOptions,
+) -> Result<AppState> {
+    model.backbone.require_causal("serving")?;
+    if adapters.contains_key(&base_name) {
+        bail!("an adapter folder is named like the base model (`{base_name}`); rename it");
+    }
+    let metrics = Arc::new(metrics::Metrics::default());
+    let worker = worker::spawn(model.clone(), metrics.clone());
+    Ok(AppState {
+        model,
+        base_name,
+        adapters: RwLock::new(adapters),
+        adapters_dir: opts.adapters_dir,
+        worker,
+        metrics,
+        api_key: opts.api_key,
+        limits: api::Limits {
+            max_tokens: opts.max_tokens_limit,
+            default_max_tokens: 16,
+            max_stops: 4,
+        },
+        max_queue: opts.max_queue,
+    })
+}
+
+pub fn serve_cmd(args: ServeArgs) -> Result<()> {
+    let model = crate::model_cmds::load(&args.model.model)?;
+    let adapters = match &args.adapters {
+        Some(dir) => load_adapters(&model, dir)?,
+        None => BTreeMap::new(),
+    };
+    let base = base_name(&args.model.model);
+    eprintln!(
+        "model {base}; adapters: {}",
+        if adapters.is_empty() {
+            "none".to_string()
+        } else {
+            adapters.keys().cloned().collect::<Vec<_>>().join(", ")
+        }
+    );
+    let ip: std::net::IpAddr = args
+        .host
+        .parse()
+        .with_context(|| format!("--host {} is not an IP address", args.host))?;
+    let state = state(
+        Arc::new(model),
+        base,
+        adapters,
+        ServerOptions {
+            api_key: args.api_key,
+            max_tokens_limit: args.max_tokens_limit,
+            max_queue: args.max_queue,
+            adapters_dir: args.adapters.clone(),
+        },
+    )?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(run_server(
+        state,
+        SocketAddr::new(ip, args.port),
+        |a| println!("listening on http://{a}"),
+        shutdown_signal(),
+    ))
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    eprintln!("shutting down: finishing the requests in flight");
+}

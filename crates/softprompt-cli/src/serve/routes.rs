@@ -1,0 +1,468 @@
+//! The HTTP routes: parsing and checking a request, handing it to the worker, and answering
+//! with OpenAI's JSON (whole, or as server-sent events).
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use softprompt::infer::engine::{Completion, Event, GenRequest};
+use softprompt::infer::prompt_cache::PromptCache;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::api::{self, ApiError, ChatBody, CompletionBody, Params};
+use super::worker::{Job, Reply};
+use super::AppState;
+
+/// Largest request body.
+pub const BODY_LIMIT: usize = 1 << 20;
+
+/// All routes over `state`.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/", get(playground))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/v1/models", get(models))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/adapters", post(load_adapter))
+        .route("/v1/adapters/{name}", delete(unload_adapter))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn_with_state(state.clone(), track))
+        .with_state(state)
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::BAD_REQUEST);
+        let mut resp = (status, Json(self.body())).into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, secs.into());
+        }
+        resp
+    }
+}
+
+/// Counts every request by route and status, with its time to the response head.
+async fn track(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    let route = match path {
+        "/" | "/health" | "/metrics" | "/v1/models" | "/v1/completions" | "/v1/chat/completions" | "/v1/adapters" => {
+            path.to_string()
+        }
+        p if p.starts_with("/v1/adapters/") => "/v1/adapters/{name}".to_string(),
+        _ => "other".to_string(),
+    };
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    s.metrics
+        .http(&route, resp.status().as_u16(), start.elapsed().as_secs_f64());
+    resp
+}
+
+async fn playground() -> Html<&'static str> {
+    Html(include_str!("playground.html"))
+}
+
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+/// `POST /v1/adapters {"name": NAME}`: loads (or reloads) adapter folder NAME of the adapters
+/// folder, turning its prompt into keys and values off the async threads.
+async fn load_adapter(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&s, &headers)?;
+    #[derive(serde::Deserialize)]
+    struct Body {
+        name: String,
+    }
+    let Body { name } = api::parse(&body_bytes(body)?)?;
+    let dir = s
+        .adapters_dir
+        .clone()
+        .ok_or_else(|| ApiError::bad("the server was started without --adapters"))?;
+    if name == s.base_name {
+        return Err(ApiError::bad(format!("`{name}` is the base model's name")));
+    }
+    let st = s.clone();
+    let n = name.clone();
+    let cache = tokio::task::spawn_blocking(move || super::load_adapter(&st.model, &dir, &n))
+        .await
+        .map_err(|e| server_error(format!("{e}")))?
+        .map_err(|e| ApiError::new(400, "invalid_request_error", "adapter_not_loaded", format!("{e:#}")))?;
+    s.adapters.write().unwrap().insert(name.clone(), Arc::new(cache));
+    Ok(Json(json!({"id": name, "object": "model", "loaded": true})))
+}
+
+/// `DELETE /v1/adapters/NAME`: requests already running keep their copy.
+async fn unload_adapter(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&s, &headers)?;
+    let removed = s.adapters.write().unwrap().remove(&name);
+    match removed {
+        Some(_) => Ok(Json(json!({"id": name, "object": "model", "deleted": true}))),
+        None => Err(ApiError::new(
+            404,
+            "invalid_request_error",
+            "model_not_found",
+            format!("no adapter `{name}` is loaded"),
+        )),
+    }
+}
+
+async fn health(State(s): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({"status": "ok", "in_flight": s.metrics.queue_depth.load(Ordering::SeqCst)}))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(404, "invalid_request_error", "not_found", "no such route")
+}
+
+fn authorize(s: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(key) = &s.api_key else { return Ok(()) };
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given == Some(key.as_str()) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            401,
+            "invalid_request_error",
+            "invalid_api_key",
+            "missing or wrong API key (Authorization: Bearer KEY)",
+        ))
+    }
+}
+
+async fn models(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    authorize(&s, &headers)?;
+    let entry = |id: &str, kind: &str| json!({"id": id, "object": "model", "created": 0, "owned_by": "softprompt", "kind": kind});
+    let mut data = vec![entry(&s.base_name, "base")];
+    let names: Vec<String> = s.adapters.read().unwrap().keys().cloned().collect();
+    data.extend(names.iter().map(|k| entry(k, "adapter")));
+    Ok(Json(json!({"object": "list", "data": data})))
+}
+
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        let status = e.status().as_u16();
+        let code = if status == 413 { "body_too_large" } else { "bad_body" };
+        ApiError::new(status, "invalid_request_error", code, e.body_text())
+    })
+}
+
+async fn completions(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers)?;
+    let body: CompletionBody = api::parse(&body_bytes(body)?)?;
+    if body.echo {
+        return Err(ApiError::bad("echo is not supported"));
+    }
+    let text = match body.prompt {
+        api::Prompt::One(t) => t,
+        api::Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
+        api::Prompt::Many(v) => return Err(ApiError::bad(format!("one prompt per request, got {}", v.len()))),
+    };
+    let params = body.common.check(&s.limits, s.limits.default_max_tokens)?;
+    let ids = s
+        .model
+        .tokenizer
+        .encode(&text, true)
+        .map_err(|e| ApiError::bad(format!("{e:#}")))?;
+    run(s, params, ids, Kind::Completion).await
+}
+
+async fn chat_completions(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers)?;
+    let body: ChatBody = api::parse(&body_bytes(body)?)?;
+    let params = body.common.check(&s.limits, s.limits.max_tokens)?;
+    let text = crate::chat::render(&s.model, &body.messages).map_err(|e| ApiError::bad(format!("{e:#}")))?;
+    let ids = s
+        .model
+        .tokenizer
+        .encode(&text, false)
+        .map_err(|e| ApiError::bad(format!("{e:#}")))?;
+    run(s, params, ids, Kind::Chat).await
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Resolves the adapter, checks the lengths, hands the request to the worker and answers.
+async fn run(s: Arc<AppState>, params: Params, ids: Vec<u32>, kind: Kind) -> Result<Response, ApiError> {
+    let name = params.model.clone().unwrap_or_else(|| s.base_name.clone());
+    let prompt = if name == s.base_name {
+        Arc::new(PromptCache::none())
+    } else {
+        let found = s.adapters.read().unwrap().get(&name).cloned();
+        found.ok_or_else(|| {
+            ApiError::new(
+                404,
+                "invalid_request_error",
+                "model_not_found",
+                format!("the model `{name}` does not exist (see GET /v1/models)"),
+            )
+        })?
+    };
+    if ids.is_empty() {
+        return Err(ApiError::bad("the prompt is empty"));
+    }
+    let context = s.model.backbone.info().max_positions;
+    if prompt.len() + ids.len() >= context {
+        return Err(ApiError::new(
+            400,
+            "invalid_request_error",
+            "context_length_exceeded",
+            format!(
+                "the prompt has {} tokens (+{} adapter positions); the model's context is {context}",
+                ids.len(),
+                prompt.len()
+            ),
+        ));
+    }
+    let req = GenRequest {
+        ids,
+        prompt,
+        max_tokens: params.max_tokens,
+        sampling: params.sampling,
+        stop: params.stop.clone(),
+        stop_ids: s.model.tokenizer.eos_id().into_iter().collect(),
+    };
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let job = Job {
+        req,
+        tx,
+        submitted: Instant::now(),
+    };
+    match s.worker.submit(job, s.max_queue) {
+        Ok(()) => {}
+        Err(true) => {
+            let mut e = ApiError::new(
+                503,
+                "server_error",
+                "queue_full",
+                format!("{} requests are already queued or generating; retry later", s.max_queue),
+            );
+            e.retry_after = Some(1);
+            return Err(e);
+        }
+        Err(false) => {
+            return Err(ApiError::new(
+                503,
+                "server_error",
+                "unavailable",
+                "the model thread has stopped",
+            ));
+        }
+    }
+    let id = format!(
+        "{}-{}",
+        if kind == Kind::Chat { "chatcmpl" } else { "cmpl" },
+        NEXT_ID.fetch_add(1, Ordering::SeqCst)
+    );
+    let meta = Meta {
+        id,
+        created: now(),
+        model: name,
+        kind,
+        logprobs: params.logprobs,
+        state: s,
+    };
+    if params.stream {
+        Ok(stream(meta, rx).into_response())
+    } else {
+        whole(meta, rx).await
+    }
+}
+
+struct Meta {
+    id: String,
+    created: u64,
+    model: String,
+    kind: Kind,
+    logprobs: bool,
+    state: Arc<AppState>,
+}
+
+impl Meta {
+    fn token_text(&self, id: u32) -> String {
+        self.state.model.tokenizer.decode(&[id], false).unwrap_or_default()
+    }
+
+    fn logprobs_json(&self, ids: &[u32], lps: &[f32]) -> Value {
+        if !self.logprobs {
+            return Value::Null;
+        }
+        let tokens: Vec<String> = ids.iter().map(|&i| self.token_text(i)).collect();
+        match self.kind {
+            Kind::Completion => {
+                json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": Value::Null, "text_offset": Value::Null})
+            }
+            Kind::Chat => {
+                json!({"content": tokens.iter().zip(lps).map(|(t, l)| json!({"token": t, "logprob": l, "bytes": t.as_bytes(), "top_logprobs": []})).collect::<Vec<_>>()})
+            }
+        }
+    }
+
+    fn usage(prompt: usize, completion: usize) -> Value {
+        json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+    }
+
+    /// One streamed chunk.
+    fn chunk(&self, text: &str, ids: &[u32], lps: &[f32], finish: Option<&str>, first: bool) -> Value {
+        let logprobs = self.logprobs_json(ids, lps);
+        match self.kind {
+            Kind::Completion => json!({
+                "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
+            }),
+            Kind::Chat => {
+                let mut delta = serde_json::Map::new();
+                if first {
+                    delta.insert("role".into(), json!("assistant"));
+                }
+                if !text.is_empty() || finish.is_none() {
+                    delta.insert("content".into(), json!(text));
+                }
+                json!({
+                    "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+                })
+            }
+        }
+    }
+}
+
+fn server_error(message: String) -> ApiError {
+    ApiError::new(500, "server_error", "generation_failed", message)
+}
+
+/// Waits for the whole completion and answers with one JSON object.
+async fn whole(meta: Meta, mut rx: UnboundedReceiver<Reply>) -> Result<Response, ApiError> {
+    let mut out = Completion::default();
+    let mut usage = Value::Null;
+    while let Some(reply) = rx.recv().await {
+        let event = reply.map_err(server_error)?;
+        out.push(&event);
+        if let Event::Done {
+            prompt_tokens,
+            completion_tokens,
+            ..
+        } = event
+        {
+            usage = Meta::usage(prompt_tokens, completion_tokens);
+            break;
+        }
+    }
+    let finish = out
+        .finish
+        .ok_or_else(|| server_error("the model thread stopped".into()))?
+        .as_str();
+    let logprobs = meta.logprobs_json(&out.ids, &out.logprobs);
+    let body = match meta.kind {
+        Kind::Completion => json!({
+            "id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
+            "choices": [{"index": 0, "text": out.text, "logprobs": logprobs, "finish_reason": finish}],
+            "usage": usage,
+        }),
+        Kind::Chat => json!({
+            "id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": logprobs, "finish_reason": finish}],
+            "usage": usage,
+        }),
+    };
+    Ok(Json(body).into_response())
+}
+
+enum Phase {
+    Running { first: bool },
+    SendDone,
+    End,
+}
+
+/// Answers with server-sent events: one chunk per token (text made final), a last chunk with
+/// `finish_reason`, then `[DONE]`. Dropping the stream (client gone) drops the receiver, and
+/// the worker cancels the sequence.
+fn stream(meta: Meta, rx: UnboundedReceiver<Reply>) -> impl IntoResponse {
+    let meta = Arc::new(meta);
+    let events = futures_util::stream::unfold((rx, Phase::Running { first: true }), move |(mut rx, phase)| {
+        let meta = meta.clone();
+        async move {
+            let first = match phase {
+                Phase::End => return None,
+                Phase::SendDone => {
+                    return Some((
+                        Ok::<_, Infallible>(SseEvent::default().data("[DONE]")),
+                        (rx, Phase::End),
+                    ))
+                }
+                Phase::Running { first } => first,
+            };
+            let data = match rx.recv().await {
+                None => return None,
+                Some(Err(message)) => {
+                    let err = server_error(message).body();
+                    return Some((Ok(SseEvent::default().data(err.to_string())), (rx, Phase::SendDone)));
+                }
+                Some(Ok(Event::Token { id, logprob, text })) => meta.chunk(&text, &[id], &[logprob], None, first),
+                Some(Ok(Event::Done {
+                    reason,
+                    text,
+                    prompt_tokens,
+                    completion_tokens,
+                })) => {
+                    let mut last = meta.chunk(&text, &[], &[], Some(reason.as_str()), first);
+                    last["usage"] = Meta::usage(prompt_tokens, completion_tokens);
+                    return Some((Ok(SseEvent::default().data(last.to_string())), (rx, Phase::SendDone)));
+                }
+            };
+            Some((
+                Ok(SseEvent::default().data(data.to_string())),
+                (rx, Phase::Running { first: false }),
+            ))
+        }
+    });
+    Sse::new(events)
+}

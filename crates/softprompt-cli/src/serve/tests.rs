@@ -1,0 +1,469 @@
+//! The server in-process on a loopback port, talked to over HTTP: the fixture adapters give
+//! PEFT's greedy tokens, concurrent requests with different adapters each get their own answer,
+//! streaming equals the whole answer, and bad requests get 4xx JSON errors without hurting
+//! the server.
+
+use super::*;
+use std::io::{BufRead, BufReader};
+use std::sync::OnceLock;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/peft")
+        .join(name)
+}
+
+fn model() -> Arc<LoadedModel> {
+    static MODEL: OnceLock<Arc<LoadedModel>> = OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            Arc::new(crate::model_cmds::load("smollm2-135m").expect("run `softprompt fetch` before the tests"))
+        })
+        .clone()
+}
+
+/// A fresh folder with the two generation fixture adapters.
+fn adapters_dir() -> PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("softprompt-serve-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    for name in ["smollm2_generate_prompt_tuning", "smollm2_generate_prefix_tuning"] {
+        let to = dir.join(name.trim_start_matches("smollm2_generate_"));
+        std::fs::create_dir_all(&to).unwrap();
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            std::fs::copy(fixture(name).join(f), to.join(f)).unwrap();
+        }
+    }
+    std::fs::create_dir_all(dir.join("not-an-adapter")).unwrap();
+    dir
+}
+
+/// Starts a server on 127.0.0.1:0 in a thread of its own; returns its base URL and adapters
+/// folder.
+fn start_in(api_key: Option<String>, max_queue: usize) -> (String, PathBuf) {
+    let m = model();
+    let dir = adapters_dir();
+    let adapters = load_adapters(&m, &dir).unwrap();
+    assert_eq!(adapters.keys().collect::<Vec<_>>(), ["prefix_tuning", "prompt_tuning"]);
+    let st = state(
+        m,
+        "smollm2".into(),
+        adapters,
+        ServerOptions {
+            api_key,
+            max_tokens_limit: 64,
+            max_queue,
+            adapters_dir: Some(dir.clone()),
+        },
+    )
+    .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(run_server(
+            st,
+            "127.0.0.1:0".parse().unwrap(),
+            |a| tx.send(a).unwrap(),
+            std::future::pending(),
+        ))
+        .unwrap();
+    });
+    (format!("http://{}", rx.recv().unwrap()), dir)
+}
+
+fn start(api_key: Option<String>, max_queue: usize) -> String {
+    start_in(api_key, max_queue).0
+}
+
+fn shared() -> &'static (String, PathBuf) {
+    static SERVER: OnceLock<(String, PathBuf)> = OnceLock::new();
+    SERVER.get_or_init(|| start_in(None, 64))
+}
+
+fn server() -> &'static str {
+    &shared().0
+}
+
+/// `(status, JSON body)` of a POST.
+fn post(url: &str, body: &str) -> (u16, Value) {
+    post_with(url, body, None)
+}
+
+fn post_with(url: &str, body: &str, key: Option<&str>) -> (u16, Value) {
+    let mut req = ureq::post(url).set("Content-Type", "application/json");
+    if let Some(k) = key {
+        req = req.set("Authorization", &format!("Bearer {k}"));
+    }
+    let resp = match req.send_string(body) {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{e}"),
+    };
+    let status = resp.status();
+    let text = resp.into_string().unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}")),
+    )
+}
+
+fn get(url: &str) -> (u16, Value) {
+    let resp = match ureq::get(url).call() {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{e}"),
+    };
+    (
+        resp.status(),
+        serde_json::from_str(&resp.into_string().unwrap()).unwrap(),
+    )
+}
+
+use serde_json::{json, Value};
+
+/// Fixture case: (prompt text, new_ids) of `adapter`'s first case.
+fn case(adapter: &str, i: usize) -> (String, Vec<u32>) {
+    let cases: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("smollm2_generate_cases.json")).unwrap()).unwrap();
+    let c = &cases["cases"][adapter][i];
+    (
+        c["prompt"].as_str().unwrap().to_string(),
+        serde_json::from_value(c["new_ids"].clone()).unwrap(),
+    )
+}
+
+fn completion_body(model: &str, prompt: &str, stream: bool) -> String {
+    json!({"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0, "stream": stream, "logprobs": 1})
+        .to_string()
+}
+
+#[test]
+fn health_and_models() {
+    let (status, body) = get(&format!("{}/health", server()));
+    assert_eq!(status, 200);
+    assert_eq!(body["status"], "ok");
+    let (status, body) = get(&format!("{}/v1/models", server()));
+    assert_eq!(status, 200);
+    let ids: Vec<&str> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    // (another test may load an adapter of its own meanwhile)
+    assert_eq!(ids[0], "smollm2");
+    assert!(
+        ids.contains(&"prefix_tuning") && ids.contains(&"prompt_tuning"),
+        "{ids:?}"
+    );
+}
+
+#[test]
+fn concurrent_requests_with_different_adapters_get_peft_tokens() {
+    let m = model();
+    let jobs = [
+        ("smollm2", "plain", 0),
+        ("prompt_tuning", "smollm2_generate_prompt_tuning", 0),
+        ("prefix_tuning", "smollm2_generate_prefix_tuning", 1),
+        ("prompt_tuning", "smollm2_generate_prompt_tuning", 2),
+    ];
+    let handles: Vec<_> = jobs
+        .iter()
+        .map(|&(model, fixture_name, i)| {
+            let url = format!("{}/v1/completions", server());
+            std::thread::spawn(move || {
+                let (prompt, want) = case(fixture_name, i);
+                let (status, body) = post(&url, &completion_body(model, &prompt, false));
+                (status, body, want)
+            })
+        })
+        .collect();
+    for (h, job) in handles.into_iter().zip(jobs) {
+        let (status, body, want) = h.join().unwrap();
+        assert_eq!(status, 200, "{body}");
+        let choice = &body["choices"][0];
+        assert_eq!(choice["text"], m.tokenizer.decode(&want, true).unwrap(), "{job:?}");
+        assert_eq!(choice["finish_reason"], "length");
+        assert_eq!(body["usage"]["completion_tokens"], 12);
+        assert_eq!(choice["logprobs"]["token_logprobs"].as_array().unwrap().len(), 12);
+        assert_eq!(body["model"], job.0);
+    }
+}
+
+/// Reads an SSE response: the `data:` payloads.
+fn sse(url: &str, body: &str) -> Vec<String> {
+    let resp = ureq::post(url)
+        .set("Content-Type", "application/json")
+        .send_string(body)
+        .unwrap();
+    assert_eq!(resp.header("content-type"), Some("text/event-stream"));
+    BufReader::new(resp.into_reader())
+        .lines()
+        .map(|l| l.unwrap())
+        .filter_map(|l| l.strip_prefix("data: ").map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn streaming_equals_whole_answer() {
+    let (prompt, want) = case("smollm2_generate_prefix_tuning", 0);
+    let url = format!("{}/v1/completions", server());
+    let data = sse(&url, &completion_body("prefix_tuning", &prompt, true));
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let text: String = chunks
+        .iter()
+        .map(|c| c["choices"][0]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, model().tokenizer.decode(&want, true).unwrap());
+    assert!(chunks.len() >= 12);
+    assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "length");
+
+    // chat: streamed deltas equal the whole message
+    let url = format!("{}/v1/chat/completions", server());
+    let body = |stream: bool| {
+        json!({"model": "prompt_tuning", "messages": [{"role": "user", "content": "What is the capital of France?"}],
+               "max_tokens": 10, "temperature": 0, "stream": stream})
+        .to_string()
+    };
+    let (status, whole) = post(&url, &body(false));
+    assert_eq!(status, 200, "{whole}");
+    assert_eq!(whole["object"], "chat.completion");
+    assert_eq!(whole["choices"][0]["message"]["role"], "assistant");
+    let content = whole["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(!content.is_empty());
+    let data = sse(&url, &body(true));
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed, content);
+}
+
+#[test]
+fn bad_requests_get_json_errors_and_the_server_keeps_serving() {
+    let url = format!("{}/v1/completions", server());
+    let cases: [(&str, u16); 9] = [
+        (r#"{"model": "nope", "prompt": "hi"}"#, 404),
+        (r#"{"model": "../prompt_tuning", "prompt": "hi"}"#, 404),
+        (r#"{"prompt": "hi", "#, 400),
+        (r#"[1, 2]"#, 400),
+        (r#"{"model": "smollm2"}"#, 400),
+        (r#"{"prompt": "hi", "temperature": -1}"#, 400),
+        (r#"{"prompt": "hi", "max_tokens": 100000}"#, 400),
+        (r#"{"prompt": "hi", "top_p": 0}"#, 400),
+        (r#"{"prompt": "", "max_tokens": 2}"#, 400),
+    ];
+    for (body, want) in cases {
+        let (status, err) = post(&url, body);
+        assert_eq!(status, want, "{body}: {err}");
+        assert!(err["error"]["message"].is_string(), "{body}: {err}");
+    }
+    let big = json!({"prompt": "x".repeat(routes::BODY_LIMIT + 10)}).to_string();
+    assert_eq!(post(&url, &big).0, 413);
+    let long = json!({"prompt": "hello ".repeat(9000), "max_tokens": 1}).to_string();
+    let (status, err) = post(&url, &long);
+    assert_eq!(status, 400);
+    assert_eq!(err["error"]["code"], "context_length_exceeded");
+    assert_eq!(get(&format!("{}/v1/nothing", server())).0, 404);
+    // still serving
+    let (status, body) = post(&url, r#"{"prompt": "Hello", "max_tokens": 2, "temperature": 0}"#);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], 2);
+}
+
+#[test]
+fn api_key_is_required_when_set() {
+    let base = start(Some("sekrit".into()), 64);
+    let url = format!("{base}/v1/completions");
+    let body = r#"{"prompt": "Hi", "max_tokens": 1}"#;
+    assert_eq!(post(&url, body).0, 401);
+    assert_eq!(post_with(&url, body, Some("wrong")).0, 401);
+    assert_eq!(post_with(&url, body, Some("sekrit")).0, 200);
+    assert_eq!(get(&format!("{base}/health")).0, 200);
+}
+
+#[test]
+fn playground_and_metrics() {
+    let resp = ureq::get(&format!("{}/", server())).call().unwrap();
+    assert!(resp.content_type().starts_with("text/html"));
+    assert!(resp.into_string().unwrap().contains("softprompt playground"));
+    let (status, _) = post(
+        &format!("{}/v1/completions", server()),
+        r#"{"prompt": "Hi", "max_tokens": 1}"#,
+    );
+    assert_eq!(status, 200);
+    let text = ureq::get(&format!("{}/metrics", server()))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    for needle in [
+        "softprompt_requests_total{route=\"/v1/completions\",status=\"200\"}",
+        "softprompt_queue_depth",
+        "softprompt_generation_seconds_count",
+        "softprompt_tokens_per_second",
+        "softprompt_http_seconds_bucket{route=\"/v1/completions\",le=\"+Inf\"}",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from\n{text}");
+    }
+}
+
+#[test]
+fn adapters_load_and_unload_at_run_time() {
+    let (base, dir) = shared();
+    let late = dir.join("late");
+    std::fs::create_dir_all(&late).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(fixture("smollm2_generate_prompt_tuning").join(f), late.join(f)).unwrap();
+    }
+    let url = format!("{base}/v1/completions");
+    let body = r#"{"model": "late", "prompt": "The capital of Italy is", "max_tokens": 12, "temperature": 0}"#;
+    assert_eq!(post(&url, body).0, 404);
+    for bad in ["../late", "", ".hidden", "a/b", "missing", "not-an-adapter"] {
+        let (status, err) = post(&format!("{base}/v1/adapters"), &json!({"name": bad}).to_string());
+        assert_eq!(status, 400, "{bad}: {err}");
+    }
+    let (status, _) = post(&format!("{base}/v1/adapters"), r#"{"name": "late"}"#);
+    assert_eq!(status, 200);
+    let (status, out) = post(&url, body);
+    assert_eq!(status, 200, "{out}");
+    let (_, want) = case("smollm2_generate_prompt_tuning", 0);
+    assert_eq!(
+        out["choices"][0]["text"],
+        model().tokenizer.decode(&want, true).unwrap()
+    );
+    let resp = ureq::delete(&format!("{base}/v1/adapters/late")).call().unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(post(&url, body).0, 404);
+    match ureq::delete(&format!("{base}/v1/adapters/late")).call() {
+        Err(ureq::Error::Status(404, _)) => {}
+        other => panic!("{:?}", other.map(|r| r.status())),
+    }
+}
+
+/// A full queue answers 503 with Retry-After; a client that goes away cancels its sequence
+/// and frees its place.
+#[test]
+fn full_queue_and_disconnects() {
+    let base = start(None, 1);
+    let url = format!("{base}/v1/completions");
+    let resp = ureq::post(&url)
+        .set("Content-Type", "application/json")
+        .send_string(r#"{"prompt": "Once upon a time", "max_tokens": 64, "stream": true}"#)
+        .unwrap();
+    let mut reader = BufReader::new(resp.into_reader());
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    assert!(first.starts_with("data: "), "{first}");
+    let full = ureq::post(&url)
+        .set("Content-Type", "application/json")
+        .send_string(r#"{"prompt": "Hi", "max_tokens": 1}"#);
+    match full {
+        Err(ureq::Error::Status(503, r)) => {
+            assert_eq!(r.header("retry-after"), Some("1"));
+            let v: Value = serde_json::from_str(&r.into_string().unwrap()).unwrap();
+            assert_eq!(v["error"]["code"], "queue_full");
+        }
+        other => panic!("expected 503, got {:?}", other.map(|r| r.status())),
+    }
+    drop(reader); // the client goes away
+    let t0 = std::time::Instant::now();
+    loop {
+        let (_, h) = get(&format!("{base}/health"));
+        if h["in_flight"] == 0 {
+            break;
+        }
+        assert!(t0.elapsed().as_secs() < 20, "the dropped sequence was not cancelled");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(post(&url, r#"{"prompt": "Hi", "max_tokens": 1}"#).0, 200);
+}
+
+/// Load and fault test (loopback, bounded): clients over several adapters with malformed
+/// requests mixed in; every valid request gets a complete answer equal to its answer alone.
+/// Prints throughput and p50/p99 latency at 1, 4 and 16 clients.
+#[test]
+fn load_and_faults() {
+    let base = server().to_string();
+    let url = format!("{base}/v1/completions");
+    let jobs: Vec<(&str, &str)> = vec![
+        ("smollm2", "The capital of Italy is"),
+        ("prompt_tuning", "Once upon a time"),
+        ("prefix_tuning", "def fibonacci(n):"),
+        ("prompt_tuning", "Water boils at"),
+    ];
+    let body = |(m, p): (&str, &str)| json!({"model": m, "prompt": p, "max_tokens": 8, "temperature": 0}).to_string();
+    let alone: Vec<String> = jobs
+        .iter()
+        .map(|&j| {
+            let (status, v) = post(&url, &body(j));
+            assert_eq!(status, 200);
+            v["choices"][0]["text"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let mut report = Vec::new();
+    for clients in [1usize, 4, 16] {
+        let t0 = std::time::Instant::now();
+        let handles: Vec<_> = (0..clients)
+            .map(|c| {
+                let (url, jobs, alone) = (url.clone(), jobs.clone(), alone.clone());
+                std::thread::spawn(move || {
+                    let mut lat = Vec::new();
+                    let mut tokens = 0u64;
+                    for r in 0..2 {
+                        if (c + r) % 4 == 3 {
+                            // malformed requests between the valid ones
+                            let (status, _) = post(&url, r#"{"prompt": "x", "max_tokens": -1}"#);
+                            assert_eq!(status, 400);
+                            let (status, _) = post(&url, r#"{"model": "ghost", "prompt": "x"}"#);
+                            assert_eq!(status, 404);
+                        }
+                        let k = (c + r) % jobs.len();
+                        let t = std::time::Instant::now();
+                        let (status, v) = post(&url, &body(jobs[k]));
+                        lat.push(t.elapsed().as_secs_f64());
+                        assert_eq!(status, 200, "{v}");
+                        assert_eq!(v["choices"][0]["text"], alone[k], "client {c} request {r}");
+                        tokens += v["usage"]["completion_tokens"].as_u64().unwrap();
+                    }
+                    (lat, tokens)
+                })
+            })
+            .collect();
+        let mut lat = Vec::new();
+        let mut tokens = 0;
+        for h in handles {
+            let (l, t) = h.join().unwrap();
+            lat.extend(l);
+            tokens += t;
+        }
+        let wall = t0.elapsed().as_secs_f64();
+        lat.sort_by(f64::total_cmp);
+        let pct = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize];
+        report.push(format!(
+            "{clients:>2} clients: {} requests, {tokens} tokens in {wall:.2} s = {:.1} tokens/s; latency p50 {:.2} s, p99 {:.2} s",
+            lat.len(),
+            tokens as f64 / wall,
+            pct(0.5),
+            pct(0.99)
+        ));
+    }
+    eprintln!("{}", report.join("\n"));
+    let (_, h) = get(&format!("{base}/health"));
+    assert_eq!(h["status"], "ok");
+}

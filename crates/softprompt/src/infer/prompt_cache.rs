@@ -1,0 +1,88 @@
+//! An adapter turned, once, into the keys and values every request starts from.
+//!
+//! For a causal model the keys and values of a prepended prompt do not depend on what follows,
+//! so a prompt-tuning or p-tuning adapter (`[P; X]`, PEFT's layout for causal LMs) is run
+//! through the model once when it is loaded; a prefix-tuning adapter already *is* per-layer keys
+//! and values. Either way a request starts from the same [`KvCache`] and pays only for its
+//! own tokens; the real tokens' positions start after the prompt, as in PEFT.
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
+
+use crate::adapter::PeftAdapter;
+use crate::backbone::{BackboneInput, CausalLm, KvCache};
+
+/// The keys and values a request starts from (one row), for one adapter or none.
+#[derive(Clone, Default)]
+pub struct PromptCache {
+    /// The cache (empty for the plain model).
+    pub cache: KvCache,
+}
+
+impl PromptCache {
+    /// The plain model: nothing before the request's tokens.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Number of virtual positions before a request's tokens.
+    pub fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Whether this is the plain model.
+    pub fn is_empty(&self) -> bool {
+        self.cache.is_empty()
+    }
+
+    /// A prompt `[p, hidden]` prepended to the input embeddings, run through the model once.
+    pub fn from_prompt(lm: &dyn CausalLm, prompt: &Tensor) -> Result<Self> {
+        let (p, d) = prompt.dims2()?;
+        if d != lm.info().hidden || p == 0 {
+            bail!(
+                "a prompt of shape [{p}, {d}] does not fit a model of hidden size {}",
+                lm.info().hidden
+            );
+        }
+        let device = lm.embedding_table().device();
+        let embeds = prompt
+            .to_device(device)?
+            .to_dtype(lm.embedding_table().dtype())?
+            .unsqueeze(0)?;
+        let mask = Tensor::ones((1, p), DType::U32, device)?;
+        let mut cache = KvCache::default();
+        lm.forward_cached(&BackboneInput::new(&embeds, &mask), &mut cache)?;
+        Ok(Self { cache })
+    }
+
+    /// The cache of a PEFT adapter: prompt tuning and p-tuning (the prompt prepended), prefix
+    /// tuning and Cartridges (the per-layer prefix, [`PeftAdapter::prefix_cache`]).
+    pub fn from_adapter(lm: &dyn CausalLm, adapter: &PeftAdapter) -> Result<Self> {
+        crate::adapter::check_compatible(&adapter.config, lm.info())?;
+        match adapter.prefix_cache(lm.info())? {
+            Some(cache) => {
+                let device = lm.embedding_table().device();
+                let dtype = lm.embedding_table().dtype();
+                let layers = cache
+                    .layers
+                    .iter()
+                    .map(|(k, v)| {
+                        Ok((
+                            k.to_device(device)?.to_dtype(dtype)?,
+                            v.to_device(device)?.to_dtype(dtype)?,
+                        ))
+                    })
+                    .collect::<Result<_>>()?;
+                let mask = cache.mask.map(|m| m.to_device(device)).transpose()?;
+                Ok(Self {
+                    cache: KvCache {
+                        layers,
+                        mask,
+                        next_pos: None,
+                    },
+                })
+            }
+            None => Self::from_prompt(lm, &adapter.prompt_embeddings),
+        }
+    }
+}
