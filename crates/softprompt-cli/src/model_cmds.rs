@@ -1,8 +1,9 @@
 //! Model-level commands: fetch, info, tokenize, complete.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
 use softprompt::backbone::{self, LoadedModel};
 use softprompt::model_source;
 use std::time::Instant;
@@ -108,19 +109,51 @@ pub fn tokenize(args: TokenizeArgs) -> Result<()> {
     Ok(())
 }
 
+/// Prompts longer than this are run through the model in chunks of this many tokens, with a
+/// progress bar on stderr.
+const PROMPT_CHUNK: usize = 512;
+
 pub fn complete(args: CompleteArgs) -> Result<()> {
+    if args.text.is_empty() {
+        bail!("nothing to complete: TEXT is empty (give the text to continue)");
+    }
+    if args.max_tokens == 0 {
+        bail!("--max-tokens is 0; it must be at least 1 (the most tokens to generate)");
+    }
     let model = load(&args.model.model)?;
     let ids = model.tokenizer.encode(&args.text, true)?;
+    if ids.is_empty() {
+        bail!("nothing to complete: TEXT has no tokens");
+    }
     let ids_t = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
     let embeds = model.backbone.embed(&ids_t)?;
     let stop: Vec<u32> = model.tokenizer.eos_id().into_iter().collect();
     let start = Instant::now();
-    let out = softprompt::infer::generate::greedy(
+    let bar = (ids.len() > PROMPT_CHUNK).then(|| {
+        let bar = ProgressBar::new(ids.len() as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "reading the prompt {bar:30} {pos}/{len} tokens  [{elapsed_precise} < {eta_precise}]",
+            )
+            .expect("valid template"),
+        );
+        bar
+    });
+    let out = softprompt::infer::generate::greedy_with_progress(
         model.backbone.require_causal("completion")?,
         &embeds,
         args.max_tokens,
         &stop,
+        PROMPT_CHUNK,
+        &mut |done, _| {
+            if let Some(b) = &bar {
+                b.set_position(done as u64);
+            }
+        },
     )?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
     let secs = start.elapsed().as_secs_f64();
     println!("{}{}", args.text, model.tokenizer.decode(&out, true)?);
     eprintln!(
