@@ -64,6 +64,19 @@ impl clap::Args for TrainArgs {
             );
         // Every field of TrainConfig is a flag; the defaults shown (and used) are Default's.
         let mut cmd = TrainConfig::augment_args(cmd);
+        // `--lr -0.1` is a value (refused by the option checks with its reason), not a flag.
+        for name in [
+            "lr",
+            "weight_decay",
+            "beta1",
+            "beta2",
+            "adam_eps",
+            "clip",
+            "encoder_dropout",
+            "epochs",
+        ] {
+            cmd = cmd.mut_arg(name, |a| a.allow_negative_numbers(true));
+        }
         for (name, value) in default_values() {
             let Some(text) = flag_text(&value) else { continue };
             // clap keeps &'static str defaults; the few default strings live as long as the process.

@@ -64,6 +64,12 @@ fn train_steps_zero_and_infinite_learning_rate_are_errors() {
     let (code, err) = softprompt(&["train", "--train", &data, "--lr", "inf"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("option `lr` (--lr) is inf"), "{err}");
+    let (code, err) = softprompt(&["train", "--train", &data, "--lr", "-0.1"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("option `lr` (--lr) is -0.1; it must be a finite number > 0"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -279,7 +279,8 @@ impl OutputDir {
             Mode::Overwrite { staging } => {
                 let _ = std::fs::remove_dir_all(staging);
                 Some(format!(
-                    "{target} still holds the previous run, unchanged; the new run was discarded"
+                    "{}{target} still holds the previous run, unchanged; the new run was discarded",
+                    if training { "Training stopped; " } else { "" }
                 ))
             }
             Mode::Fresh { created } if checkpoint_step(&self.target).is_none() => {
