@@ -139,7 +139,7 @@ impl Task {
                 );
             };
             if let Some(&(_, j)) = first.iter().find(|(f, _)| *f == id) {
-                let piece = tokenizer.id_to_token(id).unwrap_or_else(|| id.to_string());
+                let piece = tokenizer.decode(&[id], false).unwrap_or_else(|_| id.to_string());
                 bail!(
                     "verbaliser: labels `{}` and `{}` have words (`{}`, `{}`) that start with the \
                      same token `{piece}`, so the model could not tell them apart; give each label \
