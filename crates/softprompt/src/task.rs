@@ -140,10 +140,18 @@ impl Task {
             };
             if let Some(&(_, j)) = first.iter().find(|(f, _)| *f == id) {
                 let piece = tokenizer.decode(&[id], false).unwrap_or_else(|_| id.to_string());
+                let hint = if piece.trim().is_empty() && !prefix.is_empty() {
+                    format!(
+                        " (the template already puts `{prefix}` before the label: drop the words' \
+                         leading space)"
+                    )
+                } else {
+                    String::new()
+                };
                 bail!(
                     "verbaliser: labels `{}` and `{}` have words (`{}`, `{}`) that start with the \
                      same token `{piece}`, so the model could not tell them apart; give each label \
-                     a word whose first token differs (--verbalizer LABEL=WORD)",
+                     a word whose first token differs (--verbalizer LABEL=WORD){hint}",
                     self.labels[j],
                     self.labels[i],
                     self.label_words[j],

@@ -280,7 +280,7 @@ fn verbaliser_words_must_be_non_empty_and_distinct() {
         .unwrap()
         .with_target("label")
         .unwrap();
-    let words: BTreeMap<String, String> = [("a", " positive"), ("b", " positive vibes")]
+    let words: BTreeMap<String, String> = [("a", "positive"), ("b", "positive vibes")]
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
@@ -290,7 +290,7 @@ fn verbaliser_words_must_be_non_empty_and_distinct() {
         .map(|e| format!("{e:#}"))
         .expect("a first-token collision is refused");
     assert!(
-        e.contains("labels `a` and `b`") && e.contains("start with the same token"),
+        e.contains("labels `a` and `b`") && e.contains("start with the same token ` positive`"),
         "{e}"
     );
 }
