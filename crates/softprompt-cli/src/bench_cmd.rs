@@ -168,8 +168,8 @@ fn print_profile(kinds: &std::collections::BTreeMap<(&'static str, Direction), f
 /// The training-step and evaluation workloads of a real recipe.
 fn bench_recipe(args: &BenchArgs, path: &std::path::Path) -> Result<()> {
     use softprompt::train::{self, DataOrder};
-    let text = std::fs::read_to_string(path)?;
-    let mut cfg: softprompt::config::TrainConfig = toml::from_str(&text)?;
+    // Paths in the recipe are relative to its folder, as for `train --config`.
+    let mut cfg: softprompt::config::TrainConfig = crate::train_cmds::read_config_table(path)?.try_into()?;
     cfg.baseline_template = None;
     cfg.output = std::env::temp_dir().join(format!("softprompt-bench-{}", std::process::id()));
     let p = train::prepare(&cfg, &mut train::Quiet)?;

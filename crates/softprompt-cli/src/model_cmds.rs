@@ -1,6 +1,6 @@
 //! Model-level commands: fetch, info, tokenize, complete.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::Device;
 use clap::Args;
 use softprompt::adapter;
@@ -155,6 +155,12 @@ pub fn tokenize(args: TokenizeArgs) -> Result<()> {
 }
 
 pub fn complete(args: CompleteArgs) -> Result<()> {
+    if args.text.is_empty() {
+        bail!("nothing to complete: TEXT is empty (give the text to continue)");
+    }
+    if args.max_tokens == 0 {
+        bail!("--max-tokens is 0; it must be at least 1 (the most tokens to generate)");
+    }
     let model = load(&args.model.model)?;
     let lm = model.backbone.require_causal("completion")?;
     let prompt = match &args.adapter {

@@ -1,6 +1,6 @@
 //! Training and scoring commands: train, eval, predict.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use softprompt::data::read_jsonl;
@@ -9,7 +9,7 @@ use softprompt::infer::session::{self, TaskOptions};
 use softprompt::task::TaskKind;
 use softprompt::train::{self, TrainConfig};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Parses `label=word` (the word may start with a space, e.g. `positive= positive`).
 fn parse_pair(s: &str) -> Result<(String, String), String> {
@@ -64,6 +64,19 @@ impl clap::Args for TrainArgs {
             );
         // Every field of TrainConfig is a flag; the defaults shown (and used) are Default's.
         let mut cmd = TrainConfig::augment_args(cmd);
+        // `--lr -0.1` is a value (refused by the option checks with its reason), not a flag.
+        for name in [
+            "lr",
+            "weight_decay",
+            "beta1",
+            "beta2",
+            "adam_eps",
+            "clip",
+            "encoder_dropout",
+            "epochs",
+        ] {
+            cmd = cmd.mut_arg(name, |a| a.allow_negative_numbers(true));
+        }
         for (name, value) in default_values() {
             let Some(text) = flag_text(&value) else { continue };
             // clap keeps &'static str defaults; the few default strings live as long as the process.
@@ -102,14 +115,38 @@ impl clap::FromArgMatches for TrainArgs {
     }
 }
 
-/// Merges the TOML file (if any) with the flags (flags win) into a configuration.
+/// The options that name files or folders.
+const PATH_OPTIONS: &[&str] = &["train", "dev", "test", "init_from", "output"];
+
+/// Reads a training TOML file into a table whose relative paths are resolved from the file's
+/// folder (so a configuration works from any current directory). `model` is resolved too when
+/// it names a file or folder there (it may also be a short name).
+pub fn read_config_table(path: &Path) -> Result<toml::Table> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut table = text
+        .parse::<toml::Table>()
+        .with_context(|| format!("{} is not valid TOML", path.display()))?;
+    let base = path.parent().unwrap_or(Path::new(""));
+    for (key, value) in table.iter_mut() {
+        let toml::Value::String(s) = value else { continue };
+        let p = Path::new(s.as_str());
+        if p.is_absolute() || s.is_empty() {
+            continue;
+        }
+        let resolved = base.join(p);
+        let is_path = PATH_OPTIONS.contains(&key.as_str()) || (key == "model" && resolved.exists());
+        if is_path {
+            *s = resolved.to_string_lossy().into_owned();
+        }
+    }
+    Ok(table)
+}
+
+/// Merges the TOML file (if any) with the flags (flags win) into a configuration. Paths in the
+/// file are relative to the file's folder; paths given as flags to the current directory.
 fn config(args: &TrainArgs) -> Result<TrainConfig> {
     let mut table = match &args.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-            text.parse::<toml::Table>()
-                .with_context(|| format!("{} is not valid TOML", path.display()))?
-        }
+        Some(path) => read_config_table(path)?,
         None => toml::Table::new(),
     };
     let flags = toml::Table::try_from(&args.options).context("cannot read the flags")?;
@@ -177,8 +214,9 @@ pub fn train_cmd(args: TrainArgs) -> Result<()> {
         "best_dev_accuracy": report.best_dev.map(|b| b.0),
         "best_step": report.best_dev.map(|b| b.1),
         "steps": report.steps,
+        "steps_run": report.steps_run,
         "train_seconds": report.train_seconds,
-        "seconds_per_step": report.train_seconds / report.steps.max(1) as f64,
+        "seconds_per_step": report.train_seconds / report.steps_run.max(1) as f64,
         "truncated_train_rows": report.truncated_train_rows,
         "stopped_early": report.stopped_early,
         "adapter": report.adapter_dir,
@@ -223,20 +261,62 @@ pub struct ScoreArgs {
     /// Longest sequence.
     #[arg(long, default_value_t = 512)]
     max_len: usize,
+    /// Let --template replace the template the adapter was trained with.
+    #[arg(long)]
+    force_template: bool,
+}
+
+/// Checks the options of `eval`/`predict` before the model loads.
+fn check_score_args(args: &ScoreArgs) -> Result<()> {
+    if args.rows == Some(0) {
+        bail!("--rows 0 leaves no rows to score; give --rows N with N ≥ 1, or leave it out to score every row");
+    }
+    if args.batch == 0 {
+        bail!("--batch 0: the rows per batch must be at least 1");
+    }
+    if args.max_len == 0 {
+        bail!("--max-len 0: the longest sequence must be at least 1 token");
+    }
+    let mut seen: Vec<(&str, &str)> = Vec::new();
+    for (label, word) in &args.verbalizer {
+        if word.trim().is_empty() {
+            bail!("--verbalizer {label}=: the word for label `{label}` is empty");
+        }
+        if let Some((other, _)) = seen.iter().find(|(_, w)| w == word) {
+            bail!("--verbalizer: labels `{other}` and `{label}` both map to the word `{word}`; each label needs its own word");
+        }
+        seen.push((label, word));
+    }
+    if args.force_template && args.template.is_none() {
+        bail!("--force-template needs --template");
+    }
+    Ok(())
+}
+
+/// A progress bar of rows scored, on stderr (hidden when stderr is not a terminal).
+fn rows_bar(n: usize) -> ProgressBar {
+    let bar = ProgressBar::new(n as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} rows  [{elapsed_precise} < {eta_precise}]")
+            .expect("valid template"),
+    );
+    bar
 }
 
 fn score(args: &ScoreArgs) -> Result<(softprompt::infer::evaluate::EvalResult, softprompt::data::DataSet)> {
-    let model = crate::model_cmds::load(&args.model)?;
+    check_score_args(args)?;
     let mut data = read_jsonl(&args.data)?;
     if let Some(n) = args.rows {
         data.records.truncate(n);
     }
+    let model = crate::model_cmds::load(&args.model)?;
     let opts = TaskOptions {
         template: args.template.clone(),
         target_field: args.target_field.clone(),
         task: args.task,
         verbalizer: args.verbalizer.iter().cloned().collect(),
         max_len: args.max_len,
+        force_template: args.force_template,
     };
     let s = session::open(&model, args.adapter.as_deref(), &opts, &[&data])?;
     let examples = s.task.encode_set(&data, &model.tokenizer)?;
@@ -247,7 +327,12 @@ fn score(args: &ScoreArgs) -> Result<(softprompt::infer::evaluate::EvalResult, s
         );
     }
     let scorer = Scorer::new(&model, &s.task, s.prompt.as_ref(), s.head.as_ref())?;
-    Ok((scorer.evaluate(&examples.examples, args.batch, args.exact_match)?, data))
+    let bar = rows_bar(examples.examples.len());
+    let r = scorer.evaluate_with_progress(&examples.examples, args.batch, args.exact_match, &mut |done| {
+        bar.set_position(done as u64)
+    })?;
+    bar.finish_and_clear();
+    Ok((r, data))
 }
 
 pub fn eval_cmd(args: ScoreArgs) -> Result<()> {
@@ -328,6 +413,27 @@ mod tests {
         assert_eq!(cfg.batch, TrainConfig::default().batch);
         // A flag given as a table replaces the file's table.
         assert_eq!(cfg.verbalizer.get("negative").map(String::as_str), Some(" bad"));
+    }
+
+    #[test]
+    fn paths_in_a_config_file_resolve_from_its_folder_and_flags_from_the_current_one() {
+        let dir = std::env::temp_dir().join(format!("softprompt-cli-paths-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("run.toml");
+        std::fs::write(
+            &path,
+            "model = \"smollm2-135m\"\ntrain = \"rows.jsonl\"\ntest = \"/abs/test.jsonl\"\noutput = \"../runs/x\"\n",
+        )
+        .unwrap();
+        let cfg = config(&parse(&["--config", path.to_str().unwrap(), "--dev", "d.jsonl"])).unwrap();
+        assert_eq!(cfg.train, dir.join("rows.jsonl"));
+        assert_eq!(cfg.output, dir.join("../runs/x"));
+        assert_eq!(cfg.test, Some(PathBuf::from("/abs/test.jsonl")));
+        assert_eq!(cfg.dev, Some(PathBuf::from("d.jsonl")));
+        assert_eq!(cfg.model, "smollm2-135m");
+        // A flag wins over the file and stays relative to the current directory.
+        let cfg = config(&parse(&["--config", path.to_str().unwrap(), "--train", "t.jsonl"])).unwrap();
+        assert_eq!(cfg.train, PathBuf::from("t.jsonl"));
     }
 
     #[test]
@@ -477,6 +583,7 @@ mod tests {
             "--eval-batch",
             "5",
             "--resume",
+            "--overwrite",
             "--device",
             "cuda:1",
         ];

@@ -170,6 +170,10 @@ pub struct TrainConfig {
     /// Continue from `output/checkpoint-last`.
     #[cfg_attr(feature = "cli", arg(long))]
     pub resume: bool,
+    /// Replace the run already in `output` (the new run is written beside it and swapped in only
+    /// when it succeeds; without this flag an existing adapter is never replaced).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub overwrite: bool,
     /// Where to compute: `cpu`, `cuda` or `cuda:N` (CUDA needs the `cuda` feature).
     #[cfg_attr(feature = "cli", arg(long))]
     pub device: String,
@@ -218,6 +222,7 @@ impl Default for TrainConfig {
             exact_match: false,
             eval_batch: 16,
             resume: false,
+            overwrite: false,
             device: "cpu".into(),
         }
     }
@@ -237,10 +242,132 @@ impl TrainConfig {
         }
     }
 
+    /// Checks every option on its own (before any file is read or the model is loaded). Each
+    /// message names the option as in the TOML file and as a flag, the value and what is allowed.
+    pub fn validate(&self) -> Result<()> {
+        let at_least_1 = |name: &str, v: usize, what: &str| -> Result<()> {
+            if v == 0 {
+                bail!("{} is 0; it must be at least 1 ({what})", option(name));
+            }
+            Ok(())
+        };
+        at_least_1("batch", self.batch, "rows per micro-batch")?;
+        at_least_1("accumulation", self.accumulation, "micro-batches per optimiser step")?;
+        at_least_1("eval_batch", self.eval_batch, "rows per evaluation batch")?;
+        at_least_1("max_len", self.max_len, "the longest sequence, in tokens")?;
+        if let Some(s) = self.steps {
+            at_least_1("steps", s, "optimiser steps")?;
+        }
+        if let Some(n) = self.dev_rows {
+            at_least_1("dev_rows", n, "dev rows to score; leave it out to use them all")?;
+        }
+        if let Some(n) = self.test_rows {
+            at_least_1("test_rows", n, "test rows to score; leave it out to use them all")?;
+        }
+        if let Some(n) = self.patience {
+            at_least_1("patience", n, "evaluations without improvement before stopping")?;
+        }
+        if let Some(e) = self.epochs {
+            if !(e.is_finite() && e > 0.0) {
+                bail!(
+                    "{} is {e}; it must be a finite number > 0 (passes over the training set)",
+                    option("epochs")
+                );
+            }
+        }
+        let in_range = |name: &str, v: f64, ok: bool, range: &str| -> Result<()> {
+            if !ok {
+                bail!("{} is {v}; it must be {range}", option(name));
+            }
+            Ok(())
+        };
+        let (lr, wd, eps, clip) = (self.lr, self.weight_decay, self.adam_eps, self.clip);
+        in_range(
+            "lr",
+            lr,
+            lr.is_finite() && lr > 0.0,
+            "a finite number > 0 (the peak learning rate)",
+        )?;
+        in_range("weight_decay", wd, wd.is_finite() && wd >= 0.0, "a finite number ≥ 0")?;
+        for (name, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            in_range(name, b, (0.0..1.0).contains(&b), "in [0, 1)")?;
+        }
+        in_range("adam_eps", eps, eps.is_finite() && eps > 0.0, "a finite number > 0")?;
+        in_range(
+            "clip",
+            clip,
+            clip.is_finite() && clip >= 0.0,
+            "a finite number ≥ 0 (0 = off)",
+        )?;
+        if self.method == Method::PTuning {
+            at_least_1(
+                "encoder_hidden",
+                self.encoder_hidden,
+                "the p-tuning encoder's hidden size",
+            )?;
+            at_least_1("encoder_layers", self.encoder_layers, "the p-tuning encoder's layers")?;
+            let p = self.encoder_dropout;
+            in_range("encoder_dropout", p, (0.0..1.0).contains(&p), "in [0, 1)")?;
+        }
+        if self.resume && self.overwrite {
+            bail!(
+                "options `resume` (--resume) and `overwrite` (--overwrite) exclude each other: \
+                 --resume continues the run in {0}, --overwrite replaces it",
+                self.output.display()
+            );
+        }
+        match self.init {
+            InitKind::Text if self.init_text.as_deref().is_none_or(|t| t.trim().is_empty()) => bail!(
+                "option `init` is \"text\" but {} is not given (or empty): give the text whose \
+                 tokens start the prompt",
+                option("init_text")
+            ),
+            InitKind::From if self.init_from.is_none() => bail!(
+                "option `init` is \"from\" but {} is not given: give the adapter directory whose \
+                 prompt starts this one",
+                option("init_from")
+            ),
+            _ => {}
+        }
+        self.check_verbalizer()?;
+        crate::train::run_template(self)?;
+        if let Some(src) = &self.baseline_template {
+            crate::train::check_baseline_template(src, &self.target_field)?;
+        }
+        Ok(())
+    }
+
+    /// Verbaliser words must be non-empty and distinct (two labels with one word could never be
+    /// told apart).
+    fn check_verbalizer(&self) -> Result<()> {
+        let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+        for (label, word) in &self.verbalizer {
+            if word.trim().is_empty() {
+                bail!(
+                    "option `verbalizer` (--verbalizer): the word for label `{label}` is empty; \
+                     give each label a word, e.g. `{label}= {label}`"
+                );
+            }
+            if let Some(other) = seen.insert(word.as_str(), label.as_str()) {
+                bail!(
+                    "option `verbalizer` (--verbalizer): labels `{other}` and `{label}` both map to \
+                     the word `{word}`; each label needs its own word, or the model cannot tell \
+                     them apart"
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// The device of option `device`.
     pub fn device(&self) -> Result<Device> {
         parse_device(&self.device).context("option `device`")
     }
+}
+
+/// How messages name an option: its TOML key and its flag, e.g. ``option `lr` (--lr)``.
+pub fn option(name: &str) -> String {
+    format!("option `{name}` (--{})", name.replace('_', "-"))
 }
 
 /// Parses a device name: `cpu`, `cuda` (GPU 0) or `cuda:N`. A CUDA device is refused with a

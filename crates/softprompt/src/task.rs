@@ -104,14 +104,63 @@ impl Task {
             };
             label_words.push(word);
         }
-        Ok(Self {
+        let task = Self {
             kind,
             template,
             labels,
             label_words,
             special: SpecialTokens::of(tokenizer)?,
             max_len,
-        })
+        };
+        if kind == TaskKind::Classify {
+            task.check_label_words(tokenizer)?;
+        }
+        Ok(task)
+    }
+
+    /// Classification reads each label off its word's tokens: a word that tokenizes to nothing,
+    /// or two words that start with the same token, could not be told apart.
+    fn check_label_words(&self, tokenizer: &TextTokenizer) -> Result<()> {
+        let prefix = self.template.target().map(|t| t.prefix.clone()).unwrap_or_default();
+        let mut first: Vec<(u32, usize)> = Vec::with_capacity(self.labels.len());
+        for i in 0..self.labels.len() {
+            if self.label_words[i].trim().is_empty() {
+                bail!(
+                    "verbaliser: the word of label `{}` is empty; give each label a word, e.g. `{0}= {0}`",
+                    self.labels[i]
+                );
+            }
+            let ids = tokenizer.encode(&self.target_text(&prefix, i), false)?;
+            let Some(&id) = ids.first() else {
+                bail!(
+                    "verbaliser: the word `{}` of label `{}` has no tokens",
+                    self.label_words[i],
+                    self.labels[i]
+                );
+            };
+            if let Some(&(_, j)) = first.iter().find(|(f, _)| *f == id) {
+                let piece = tokenizer.decode(&[id], false).unwrap_or_else(|_| id.to_string());
+                let hint = if piece.trim().is_empty() && !prefix.is_empty() {
+                    format!(
+                        " (the template already puts `{prefix}` before the label: drop the words' \
+                         leading space)"
+                    )
+                } else {
+                    String::new()
+                };
+                bail!(
+                    "verbaliser: labels `{}` and `{}` have words (`{}`, `{}`) that start with the \
+                     same token `{piece}`, so the model could not tell them apart; give each label \
+                     a word whose first token differs (--verbalizer LABEL=WORD){hint}",
+                    self.labels[j],
+                    self.labels[i],
+                    self.label_words[j],
+                    self.label_words[i]
+                );
+            }
+            first.push((id, i));
+        }
+        Ok(())
     }
 
     /// Distinct values of the target field over data sets, sorted.

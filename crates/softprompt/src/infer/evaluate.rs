@@ -95,7 +95,25 @@ impl<'a> Scorer<'a> {
     }
 
     /// Scores `examples` in batches of `batch_size`; `exact_match` adds greedy generation.
+    /// No rows is an error (an accuracy over nothing would mean nothing).
     pub fn evaluate(&self, examples: &[Example], batch_size: usize, exact_match: bool) -> Result<EvalResult> {
+        self.evaluate_with_progress(examples, batch_size, exact_match, &mut |_| {})
+    }
+
+    /// [`Scorer::evaluate`], calling `done` with the number of rows scored so far after each batch.
+    pub fn evaluate_with_progress(
+        &self,
+        examples: &[Example],
+        batch_size: usize,
+        exact_match: bool,
+        done: &mut dyn FnMut(usize),
+    ) -> Result<EvalResult> {
+        if examples.is_empty() {
+            bail!("no rows to score");
+        }
+        if batch_size == 0 {
+            bail!("the evaluation batch size is 0; it must be at least 1");
+        }
         let prefix = self
             .task
             .template
@@ -105,7 +123,7 @@ impl<'a> Scorer<'a> {
         let candidates = self.task.candidate_ids(self.tokenizer, &prefix)?;
         let single_token = candidates.iter().all(|c| c.len() == 1);
         let mut predictions = Vec::with_capacity(examples.len());
-        for chunk in examples.chunks(batch_size.max(1)) {
+        for chunk in examples.chunks(batch_size) {
             let refs: Vec<&Example> = chunk.iter().collect();
             let scores = match self.reader {
                 Reader::Head(enc, head) => head.logits(enc, &self.hidden(&refs)?.0)?.to_vec2()?,
@@ -128,6 +146,7 @@ impl<'a> Scorer<'a> {
                     scores: s,
                 });
             }
+            done(predictions.len());
         }
         let n = predictions.len();
         let correct = predictions.iter().filter(|p| p.predicted == p.gold).count();

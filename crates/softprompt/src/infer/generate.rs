@@ -9,14 +9,41 @@ use crate::backbone::{lm_logits, BackboneInput, CausalLm, KvCache};
 /// Greedily extends the input embeddings `[1, T, hidden]` by up to `max_new` tokens, stopping
 /// after any id in `stop`. Returns the generated ids (the stop id included when reached).
 pub fn greedy(backbone: &dyn CausalLm, embeds: &Tensor, max_new: usize, stop: &[u32]) -> Result<Vec<u32>> {
+    greedy_with_progress(backbone, embeds, max_new, stop, usize::MAX, &mut |_, _| {})
+}
+
+/// [`greedy`], running the prompt through the model `chunk` positions at a time and calling
+/// `progress(done, total)` after each chunk (a long prompt's processing can then be shown).
+pub fn greedy_with_progress(
+    backbone: &dyn CausalLm,
+    embeds: &Tensor,
+    max_new: usize,
+    stop: &[u32],
+    chunk: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<u32>> {
     let (b, t, _) = embeds.dims3()?;
     if b != 1 || t == 0 {
         bail!("greedy generation runs one non-empty sequence at a time (got batch {b}, length {t})");
     }
+    let context = backbone.info().max_positions;
+    if t > context {
+        bail!("the prompt has {t} tokens, more than the model's context of {context}");
+    }
     let device = embeds.device();
     let mut cache = KvCache::default();
-    let mask = Tensor::ones((1, t), candle_core::DType::U32, device)?;
-    let mut hidden = backbone.forward_cached(&BackboneInput::new(embeds, &mask), &mut cache)?;
+    let chunk = chunk.max(1);
+    let mut start = 0;
+    let mut hidden = None;
+    while start < t {
+        let len = chunk.min(t - start);
+        let mask = Tensor::ones((1, len), candle_core::DType::U32, device)?;
+        let part = embeds.narrow(1, start, len)?;
+        hidden = Some(backbone.forward_cached(&BackboneInput::new(&part, &mask), &mut cache)?);
+        start += len;
+        progress(start, t);
+    }
+    let mut hidden = hidden.expect("t > 0");
     let mut out = Vec::new();
     for _ in 0..max_new {
         let last = hidden.i((0, hidden.dim(1)? - 1))?.unsqueeze(0)?;

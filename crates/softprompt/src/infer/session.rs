@@ -28,6 +28,8 @@ pub struct TaskOptions {
     pub verbalizer: BTreeMap<String, String>,
     /// Longest sequence.
     pub max_len: usize,
+    /// Let `template` replace the template an adapter was trained with (`--force-template`).
+    pub force_template: bool,
 }
 
 /// A task ready to score rows.
@@ -52,6 +54,17 @@ pub fn open(model: &LoadedModel, adapter_dir: Option<&Path>, opts: &TaskOptions,
             adapter::check_compatible(&a.config, info)?;
             if dir.join(TASK_FILE).is_file() {
                 let tf = load_task_file(dir)?;
+                if let Some(t) = &opts.template {
+                    if *t != tf.template && !opts.force_template {
+                        bail!(
+                            "the adapter {} was trained with its own template `{}`; --template `{t}` \
+                             would replace it. Leave --template out to use the adapter's, or add \
+                             --force-template to score with yours",
+                            dir.display(),
+                            tf.template
+                        );
+                    }
+                }
                 opts.template = opts.template.or(Some(tf.template));
                 opts.target_field = opts.target_field.or(Some(tf.target_field));
                 opts.task = opts.task.or(Some(tf.task));

@@ -14,13 +14,14 @@
 
 pub mod learner;
 pub mod optim;
+pub mod output;
 pub mod plot;
 pub mod prepare;
 pub mod step;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::adapter::{self, run_files};
@@ -28,9 +29,9 @@ pub use crate::config::{EncoderKind, InitKind, Method, TrainConfig};
 use crate::infer::evaluate::{EvalResult, Scorer};
 use crate::loss::ClassifierHead;
 use crate::task::Task;
-use crate::template::Template;
 pub use learner::{new_learner, save_adapter, Learner, HEAD_BIAS, HEAD_WEIGHT};
-pub use prepare::{prepare, run_template, Prepared};
+pub use output::OutputDir;
+pub use prepare::{check_baseline_template, prepare, run_template, Prepared};
 pub use run_files::Progress;
 pub use step::{step, total_steps, DataOrder, StepResult};
 
@@ -63,9 +64,11 @@ pub struct TrainReport {
     pub test: Option<EvalResult>,
     /// Best dev accuracy and its step.
     pub best_dev: Option<(f64, usize)>,
-    /// Optimiser steps taken in total.
+    /// Optimiser steps taken in total (a resumed run's earlier steps included).
     pub steps: usize,
-    /// Wall-clock seconds of the training loop.
+    /// Optimiser steps taken by this invocation (fewer than `steps` after `resume`).
+    pub steps_run: usize,
+    /// Wall-clock seconds of this invocation's training loop.
     pub train_seconds: f64,
     /// Training rows whose fields were truncated to `max_len`.
     pub truncated_train_rows: usize,
@@ -78,12 +81,7 @@ pub struct TrainReport {
 /// Scores a hand-written template (no virtual tokens) on the prepared test set.
 pub fn evaluate_baseline(p: &Prepared, template: &str) -> Result<Option<EvalResult>> {
     let Some(test_set) = &p.test_set else { return Ok(None) };
-    let t = Template::parse(template)
-        .context("option `baseline_template`")?
-        .with_target(&p.cfg.target_field)?;
-    if t.num_virtual_tokens() > 0 {
-        bail!("option `baseline_template` must be hand-written (no [soft:..] tokens)");
-    }
+    let t = check_baseline_template(template, &p.cfg.target_field)?;
     let task = Task::new(
         p.task.kind,
         t,
@@ -125,7 +123,7 @@ pub fn evaluate_dev(p: &Prepared, learner: &Learner, progress: &mut Progress) ->
 /// Writes what an evaluation leaves behind: the adapter when it `improved`, the resumable
 /// state in `OUTPUT/checkpoint-last`, and the plot.
 pub fn checkpoint(p: &Prepared, learner: &Learner, progress: &Progress, improved: bool) -> Result<()> {
-    let out = &p.cfg.output;
+    let out = &p.out_dir;
     if improved {
         save_adapter(p, learner, out)?;
     }
@@ -133,12 +131,12 @@ pub fn checkpoint(p: &Prepared, learner: &Learner, progress: &Progress, improved
     plot::write_plot(&out.join("training.png"), &progress.losses, &progress.dev)
 }
 
-/// Scores the best adapter of the run (read back from `OUTPUT`) on the test set.
+/// Scores the best adapter of the run (read back from the run's folder) on the test set.
 pub fn evaluate_test(p: &Prepared) -> Result<Option<EvalResult>> {
     if p.test.is_empty() {
         return Ok(None);
     }
-    let best = adapter::load_peft(&p.cfg.output)?;
+    let best = adapter::load_peft(&p.out_dir)?;
     let prompt = best.input_prompt()?.to_device(p.model.backbone.device())?;
     let head = ClassifierHead::from_adapter(&best)?;
     let scorer = Scorer::new(&p.model, &p.task, Some(&prompt), head.as_ref())?;
@@ -146,8 +144,28 @@ pub fn evaluate_test(p: &Prepared) -> Result<Option<EvalResult>> {
 }
 
 /// Runs a whole training job: baseline, training with evaluation, best adapter, test score.
+///
+/// Nothing is lost: the options are checked before anything is read; a folder that holds a run
+/// is only continued (`resume`) or replaced (`overwrite`, written beside it and swapped in at the
+/// end) when asked; a run that fails leaves what was there before unchanged (see
+/// [`OutputDir`]).
 pub fn train(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<TrainReport> {
-    let p = prepare(cfg, obs)?;
+    cfg.validate()?;
+    let out = OutputDir::claim(cfg)?;
+    let mut training = false;
+    match run(cfg, out.work(), obs, &mut training) {
+        Ok(report) => {
+            out.commit()?;
+            Ok(report)
+        }
+        Err(e) => Err(out.abandon(e, training)),
+    }
+}
+
+/// The job of [`train`], writing into `work`; sets `training` once the training loop starts.
+fn run(cfg: &TrainConfig, work: &Path, obs: &mut dyn Observer, training: &mut bool) -> Result<TrainReport> {
+    let mut p = prepare(cfg, obs)?;
+    p.out_dir = work.to_path_buf();
     let baseline_test = match &cfg.baseline_template {
         Some(t) => evaluate_baseline(&p, t)?,
         None => None,
@@ -161,11 +179,19 @@ pub fn train(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<TrainReport> {
     }
     let mut learner = new_learner(&p)?;
     let total = total_steps(cfg, p.train.len())?;
-    let out = &cfg.output;
     let mut progress = Progress::default();
     if cfg.resume {
-        let last_dir = out.join("checkpoint-last");
+        let last_dir = work.join(output::CHECKPOINT_DIR);
         progress = learner.restore(run_files::load_checkpoint(&last_dir)?, &last_dir)?;
+        if progress.step >= total {
+            bail!(
+                "nothing to resume: the checkpoint in {} is at step {}, and this run has {total} \
+                 steps; raise {} to train further",
+                last_dir.display(),
+                progress.step,
+                crate::config::option("steps")
+            );
+        }
         obs.message(&format!(
             "resumed from {} at step {}",
             last_dir.display(),
@@ -173,15 +199,10 @@ pub fn train(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<TrainReport> {
         ));
     }
     let mut order = DataOrder::new(cfg.seed, p.train.len());
-    let metrics_path = out.join("metrics.jsonl");
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(cfg.resume)
-        .write(true)
-        .truncate(!cfg.resume)
-        .open(&metrics_path)
-        .with_context(|| format!("cannot write {}", metrics_path.display()))?;
+    let mut metrics = output::open_metrics(work, cfg.resume.then_some(progress.step))?;
     obs.start(total, progress.step);
+    *training = true;
+    let first_step = progress.step;
     let started = Instant::now();
     let mut stopped_early = false;
     let examples_per_step = (cfg.batch * cfg.accumulation) as f64;
@@ -226,6 +247,7 @@ pub fn train(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<TrainReport> {
         }
     }
     let train_seconds = started.elapsed().as_secs_f64();
+    *training = false;
     let test = evaluate_test(&p)?;
     if let Some(r) = &test {
         obs.message(&format!(
@@ -239,9 +261,10 @@ pub fn train(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<TrainReport> {
         test,
         best_dev: progress.best,
         steps: progress.step,
+        steps_run: progress.step - first_step,
         train_seconds,
         truncated_train_rows: p.truncated_train,
         stopped_early,
-        adapter_dir: out.clone(),
+        adapter_dir: cfg.output.clone(),
     })
 }

@@ -1,12 +1,12 @@
 //! Step 1 of a run: load the model on the configured device, read and encode the data.
 
 use anyhow::{bail, Context, Result};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::Observer;
 use crate::backbone::{self, LoadedModel, Model};
-use crate::config::TrainConfig;
-use crate::data::{read_jsonl, DataSet};
+use crate::config::{option, TrainConfig};
+use crate::data::{field_text, read_jsonl, DataSet};
 use crate::model_source;
 use crate::task::{Example, Task, TaskKind};
 use crate::template::Template;
@@ -15,6 +15,9 @@ use crate::template::Template;
 pub struct Prepared {
     /// Configuration.
     pub cfg: TrainConfig,
+    /// The folder this run writes into: `cfg.output`, or a staging folder beside it that
+    /// replaces it at the end (`overwrite`).
+    pub out_dir: PathBuf,
     /// Loaded model and tokenizer.
     pub model: LoadedModel,
     /// The task (template with virtual tokens).
@@ -40,14 +43,75 @@ fn read_set(path: &Path, limit: Option<usize>) -> Result<DataSet> {
 }
 
 /// The template of a run: without any virtual token, `[soft:N]` is prepended (prompt tuning).
+/// Refuses a template that reads no field of the rows (every row would look the same).
 pub fn run_template(cfg: &TrainConfig) -> Result<Template> {
-    let t = Template::parse(&cfg.template).context("option `template`")?;
+    let what = || option("template");
+    let t = Template::parse(&cfg.template).with_context(what)?;
     let t = if t.num_virtual_tokens() == 0 {
-        Template::parse(&format!("[soft:{}]{}", cfg.num_virtual_tokens, cfg.template)).context("option `template`")?
+        if cfg.num_virtual_tokens == 0 {
+            bail!(
+                "{} is 0; it must be at least 1, since the template has no [soft:N] tokens and \
+                 the prompt is the virtual tokens prepended to it",
+                option("num_virtual_tokens")
+            );
+        }
+        Template::parse(&format!("[soft:{}]{}", cfg.num_virtual_tokens, cfg.template)).with_context(what)?
     } else {
         t
     };
-    t.with_target(&cfg.target_field).context("option `template`")
+    let t = t.with_target(&cfg.target_field).with_context(what)?;
+    check_reads_a_field(&t, "template", &cfg.target_field)?;
+    Ok(t)
+}
+
+/// Refuses a template without any input field (only soft tokens and text).
+fn check_reads_a_field(t: &Template, name: &str, target_field: &str) -> Result<()> {
+    if t.fields().is_empty() {
+        bail!(
+            "{} `{}` reads no field of the rows (only the target `{target_field}`), so every row \
+             would give the model the same input; add the input field, e.g. `{{text}}`",
+            option(name),
+            t.source()
+        );
+    }
+    Ok(())
+}
+
+/// Checks option `baseline_template`: hand-written (no soft tokens) and reading a field.
+pub fn check_baseline_template(src: &str, target_field: &str) -> Result<Template> {
+    let t = Template::parse(src)
+        .with_context(|| option("baseline_template"))?
+        .with_target(target_field)
+        .with_context(|| option("baseline_template"))?;
+    if t.num_virtual_tokens() > 0 {
+        bail!(
+            "{} must be hand-written (no [soft:..] tokens)",
+            option("baseline_template")
+        );
+    }
+    check_reads_a_field(&t, "baseline_template", target_field)?;
+    Ok(t)
+}
+
+/// For classification, the classes are the labels of the training rows: a label seen only in
+/// the dev or test set would be a class without a single training row.
+fn class_labels(cfg: &TrainConfig, train: &DataSet, others: &[(&str, Option<&DataSet>)]) -> Result<Vec<String>> {
+    let labels = Task::labels_from(&[train], &cfg.target_field)?;
+    for (name, set) in others {
+        let Some(set) = set else { continue };
+        for (origin, row) in set.rows() {
+            let label = field_text(row, &cfg.target_field, &origin)?;
+            if labels.binary_search(&label).is_err() {
+                bail!(
+                    "{origin}: label `{label}` appears in the {name} set but in no training row of \
+                     {}; a class without training rows cannot be learned (training labels: {})",
+                    cfg.train.display(),
+                    labels.join(", ")
+                );
+            }
+        }
+    }
+    Ok(labels)
 }
 
 /// Refuses a task the model cannot run.
@@ -66,21 +130,32 @@ fn check_task(cfg: &TrainConfig, model: &Model) -> Result<()> {
     }
 }
 
-/// Loads the model (on the device of option `device`) and the data, and encodes every row.
+/// Checks the options and reads the data, then loads the model (on the device of option
+/// `device`) and encodes every row. Writes nothing.
 pub fn prepare(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<Prepared> {
+    cfg.validate()?;
     let device = cfg.device()?;
-    check_output_dir(&cfg.output)?;
-    let location = model_source::resolve(&cfg.model)?;
-    let model = backbone::load(&location, &device)?;
-    check_task(cfg, &model.backbone)?;
     let train_set = read_set(&cfg.train, None)?;
     let dev_set = cfg.dev.as_deref().map(|p| read_set(p, cfg.dev_rows)).transpose()?;
     let test_set = cfg.test.as_deref().map(|p| read_set(p, cfg.test_rows)).transpose()?;
-    let all: Vec<&DataSet> = [Some(&train_set), dev_set.as_ref(), test_set.as_ref()]
-        .into_iter()
-        .flatten()
-        .collect();
-    let labels = Task::labels_from(&all, &cfg.target_field)?;
+    let labels = match cfg.task {
+        // Generation ranks every target seen anywhere (a test question may have a new answer).
+        TaskKind::Generate => {
+            let all: Vec<&DataSet> = [Some(&train_set), dev_set.as_ref(), test_set.as_ref()]
+                .into_iter()
+                .flatten()
+                .collect();
+            Task::labels_from(&all, &cfg.target_field)?
+        }
+        TaskKind::Classify | TaskKind::SeqCls => class_labels(
+            cfg,
+            &train_set,
+            &[("dev", dev_set.as_ref()), ("test", test_set.as_ref())],
+        )?,
+    };
+    let location = model_source::resolve(&cfg.model)?;
+    let model = backbone::load(&location, &device)?;
+    check_task(cfg, &model.backbone)?;
     let task = Task::new(
         cfg.task,
         run_template(cfg)?,
@@ -110,6 +185,7 @@ pub fn prepare(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<Prepared> {
     let dev = encode_opt(&dev_set)?;
     let test = encode_opt(&test_set)?;
     Ok(Prepared {
+        out_dir: cfg.output.clone(),
         cfg: cfg.clone(),
         model,
         task,
@@ -119,13 +195,4 @@ pub fn prepare(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<Prepared> {
         test,
         test_set,
     })
-}
-
-/// Refuses an output directory that cannot be created or written, before any work is done.
-fn check_output_dir(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("output directory {} cannot be created", dir.display()))?;
-    let probe = dir.join(".softprompt-write-test");
-    std::fs::write(&probe, b"").with_context(|| format!("output directory {} is not writable", dir.display()))?;
-    let _ = std::fs::remove_file(probe);
-    Ok(())
 }

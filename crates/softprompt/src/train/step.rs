@@ -160,8 +160,8 @@ pub struct StepResult {
 }
 
 /// One optimiser step (`step` is 1-based, of `total`): gradients, clipping, AdamW. A
-/// non-finite loss, gradient or parameter stops training with an error that names `last_good`,
-/// where the last good checkpoint stays.
+/// non-finite loss, gradient or parameter stops training with an error ([`super::train`] adds
+/// where the last good checkpoint is).
 pub fn step(
     p: &Prepared,
     learner: &mut Learner,
@@ -170,32 +170,17 @@ pub fn step(
     total: usize,
 ) -> Result<StepResult> {
     let cfg = &p.cfg;
-    let last_dir = cfg.output.join("checkpoint-last");
     let (loss, mut grads) = compute_gradients(p, learner, order, step)?;
     if !loss.is_finite() {
-        bail!(
-            "loss became {loss} at step {step}; training stopped. The last good checkpoint is kept in {} (and the best adapter in {})",
-            last_dir.display(),
-            cfg.output.display()
-        );
+        bail!("loss became {loss} at step {step}");
     }
-    let grad_norm = clip_grad_norm(&mut grads, cfg.clip).with_context(|| {
-        format!(
-            "step {step}: training stopped; the last good checkpoint is in {}",
-            last_dir.display()
-        )
-    })?;
+    let grad_norm = clip_grad_norm(&mut grads, cfg.clip).with_context(|| format!("step {step}"))?;
     let lr = learning_rate(cfg.lr, cfg.schedule, step, cfg.warmup, total);
     span("optimiser", Direction::Backward, || {
         learner.optimizer.update(&learner.params(), &grads, lr)
     })?;
     if !all_finite(&learner.params())? {
-        bail!(
-            "parameters became non-finite at step {step} (learning rate {lr:e}); training stopped. \
-             The last good checkpoint is kept in {} (and the best adapter in {})",
-            last_dir.display(),
-            cfg.output.display()
-        );
+        bail!("parameters became non-finite at step {step} (learning rate {lr:e})");
     }
     Ok(StepResult { loss, grad_norm, lr })
 }

@@ -1,0 +1,98 @@
+//! The command line refuses what cannot work with a message in the user's terms and exit
+//! status 1 (never a panic's 101), before any model is loaded.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn softprompt(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_softprompt"))
+        .args(args)
+        .output()
+        .expect("the softprompt binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("softprompt-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn rows(dir: &std::path::Path) -> String {
+    let f = dir.join("rows.jsonl");
+    std::fs::write(
+        &f,
+        "{\"text\": \"fine\", \"label\": \"positive\"}\n{\"text\": \"bad\", \"label\": \"negative\"}\n",
+    )
+    .unwrap();
+    f.to_string_lossy().into_owned()
+}
+
+#[test]
+fn train_batch_zero_is_an_error_naming_the_flag() {
+    let dir = scratch("batch0");
+    let data = rows(&dir);
+    let out = dir.join("out");
+    let (code, err) = softprompt(&[
+        "train",
+        "--train",
+        &data,
+        "--batch",
+        "0",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("option `batch` (--batch) is 0; it must be at least 1"),
+        "{err}"
+    );
+    assert!(!out.exists(), "a refused run left {}", out.display());
+}
+
+#[test]
+fn train_steps_zero_and_infinite_learning_rate_are_errors() {
+    let dir = scratch("steps0");
+    let data = rows(&dir);
+    let (code, err) = softprompt(&["train", "--train", &data, "--steps", "0"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("option `steps` (--steps) is 0"), "{err}");
+    let (code, err) = softprompt(&["train", "--train", &data, "--lr", "inf"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("option `lr` (--lr) is inf"), "{err}");
+    let (code, err) = softprompt(&["train", "--train", &data, "--lr", "-0.1"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("option `lr` (--lr) is -0.1; it must be a finite number > 0"),
+        "{err}"
+    );
+}
+
+#[test]
+fn eval_rows_zero_is_an_error() {
+    let dir = scratch("rows0");
+    let data = rows(&dir);
+    let (code, err) = softprompt(&[
+        "eval",
+        "smollm2-135m",
+        "--data",
+        &data,
+        "--template",
+        "Review: {text}\\nSentiment: {label}",
+        "--rows",
+        "0",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--rows 0 leaves no rows to score"), "{err}");
+}
+
+#[test]
+fn complete_of_an_empty_text_is_an_error() {
+    let (code, err) = softprompt(&["complete", "smollm2-135m", ""]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("nothing to complete: TEXT is empty"), "{err}");
+}
