@@ -246,7 +246,7 @@ fn score(args: &ScoreArgs) -> Result<(softprompt::infer::evaluate::EvalResult, s
             examples.truncated, args.max_len
         );
     }
-    let scorer = Scorer::new(&model, &s.task, s.prompt.as_ref(), s.head.as_ref())?;
+    let scorer = Scorer::new(&model, &s.task, s.prompt.as_ref(), s.head.as_ref())?.with_prefix(s.prefix.as_ref());
     Ok((scorer.evaluate(&examples.examples, args.batch, args.exact_match)?, data))
 }
 

@@ -9,12 +9,23 @@ use crate::backbone::{lm_logits, BackboneInput, CausalLm, KvCache};
 /// Greedily extends the input embeddings `[1, T, hidden]` by up to `max_new` tokens, stopping
 /// after any id in `stop`. Returns the generated ids (the stop id included when reached).
 pub fn greedy(backbone: &dyn CausalLm, embeds: &Tensor, max_new: usize, stop: &[u32]) -> Result<Vec<u32>> {
+    greedy_after(backbone, None, embeds, max_new, stop)
+}
+
+/// [`greedy`] after a one-row key/value prefix (prefix tuning, Cartridges).
+pub fn greedy_after(
+    backbone: &dyn CausalLm,
+    prefix: Option<&KvCache>,
+    embeds: &Tensor,
+    max_new: usize,
+    stop: &[u32],
+) -> Result<Vec<u32>> {
     let (b, t, _) = embeds.dims3()?;
     if b != 1 || t == 0 {
         bail!("greedy generation runs one non-empty sequence at a time (got batch {b}, length {t})");
     }
     let device = embeds.device();
-    let mut cache = KvCache::default();
+    let mut cache = prefix.cloned().unwrap_or_default();
     let mask = Tensor::ones((1, t), candle_core::DType::U32, device)?;
     let mut hidden = backbone.forward_cached(&BackboneInput::new(embeds, &mask), &mut cache)?;
     let mut out = Vec::new();

@@ -40,9 +40,17 @@ fn read_set(path: &Path, limit: Option<usize>) -> Result<DataSet> {
 }
 
 /// The template of a run: without any virtual token, `[soft:N]` is prepended (prompt tuning).
+/// A key/value prefix (prefix tuning, Cartridges) enters every attention layer instead, so its
+/// template must have no virtual tokens.
 pub fn run_template(cfg: &TrainConfig) -> Result<Template> {
     let t = Template::parse(&cfg.template).context("option `template`")?;
-    let t = if t.num_virtual_tokens() == 0 {
+    if cfg.method.is_kv_prefix() && t.num_virtual_tokens() > 0 {
+        bail!(
+            "option `template`: method `{}` learns keys and values before the input in every layer; remove the [soft:..] tokens (`num_virtual_tokens` sets the prefix length)",
+            serde_json::to_value(cfg.method)?.as_str().unwrap_or_default()
+        );
+    }
+    let t = if t.num_virtual_tokens() == 0 && !cfg.method.is_kv_prefix() {
         Template::parse(&format!("[soft:{}]{}", cfg.num_virtual_tokens, cfg.template)).context("option `template`")?
     } else {
         t
