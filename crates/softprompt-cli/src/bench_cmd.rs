@@ -190,9 +190,10 @@ fn bench_recipe(args: &BenchArgs, path: &std::path::Path) -> Result<()> {
     profile::reset();
     let step_s = median(times.clone());
     let mean = times.iter().sum::<f64>() / times.len() as f64;
-    let prompt = learner.prompt.forward()?;
+    let (prompt, prefix) = learner.prompt.eval_parts()?;
     let rows = &p.dev[..args.eval_rows.min(p.dev.len())];
-    let scorer = softprompt::infer::evaluate::Scorer::new(&p.model, &p.task, Some(&prompt), learner.head.as_ref())?;
+    let scorer = softprompt::infer::evaluate::Scorer::new(&p.model, &p.task, prompt.as_ref(), learner.head.as_ref())?
+        .with_prefix(prefix.as_ref());
     let s = Instant::now();
     scorer.evaluate(rows, cfg.eval_batch, false)?;
     let eval_s = s.elapsed().as_secs_f64();

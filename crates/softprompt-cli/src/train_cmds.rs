@@ -326,7 +326,7 @@ fn score(args: &ScoreArgs) -> Result<(softprompt::infer::evaluate::EvalResult, s
             examples.truncated, args.max_len
         );
     }
-    let scorer = Scorer::new(&model, &s.task, s.prompt.as_ref(), s.head.as_ref())?;
+    let scorer = Scorer::new(&model, &s.task, s.prompt.as_ref(), s.head.as_ref())?.with_prefix(s.prefix.as_ref());
     let bar = rows_bar(examples.examples.len());
     let r = scorer.evaluate_with_progress(&examples.examples, args.batch, args.exact_match, &mut |done| {
         bar.set_position(done as u64)
@@ -535,6 +535,9 @@ mod tests {
             "3",
             "--encoder-dropout",
             "0.25",
+            "--prefix-projection",
+            "--num-frozen-tokens",
+            "2",
             "--init",
             "from",
             "--init-text",

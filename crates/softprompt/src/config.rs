@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 pub use crate::prompt::encoder::EncoderKind;
-use crate::prompt::EncoderSpec;
+use crate::prompt::{EncoderSpec, PrefixSpec};
 pub use crate::task::TaskKind;
 pub use crate::train::optim::Schedule;
 
@@ -23,6 +23,21 @@ pub enum Method {
     PromptTuning,
     /// Liu et al. 2021: virtual tokens pass through an MLP or bi-LSTM encoder.
     PTuning,
+    /// Li & Liang 2021 (PEFT's PREFIX_TUNING): learned keys and values before the input in every
+    /// attention layer, optionally through a projection MLP (`prefix_projection`). Causal
+    /// models; the template has no `[soft]` tokens.
+    PrefixTuning,
+    /// Eyuboglu et al. 2025 (PEFT's CARTRIDGE): the key/value prefix itself is learned, usually
+    /// from a text prefill (`init = "text"`); the first `num_frozen_tokens` stay fixed.
+    Cartridge,
+}
+
+impl Method {
+    /// Whether the method learns a per-layer key/value prefix (prefix tuning, Cartridges)
+    /// rather than an input prompt.
+    pub fn is_kv_prefix(self) -> bool {
+        matches!(self, Method::PrefixTuning | Method::Cartridge)
+    }
 }
 
 /// How the prompt starts.
@@ -32,8 +47,11 @@ pub enum Method {
 pub enum InitKind {
     /// Uniform in [-0.5, 0.5] (Lester).
     Random,
-    /// N(0, 1) (PEFT's RANDOM).
+    /// N(0, 1) (PEFT's RANDOM; the default of a key/value prefix).
     RandomNormal,
+    /// Zeros (PEFT's `init_weights = "zero"` of prefix tuning; with `prefix_projection`, the
+    /// projection's last layer).
+    Zero,
     /// Embeddings of tokens sampled from the 5,000 most common.
     Vocab,
     /// Class-label word embeddings, the rest sampled vocabulary.
@@ -77,7 +95,7 @@ pub struct TrainConfig {
     /// Label → verbaliser word (Classify); default: the label itself.
     #[cfg_attr(feature = "cli", arg(skip))]
     pub verbalizer: BTreeMap<String, String>,
-    /// Prompt tuning or p-tuning.
+    /// Prompt tuning, p-tuning, prefix tuning or Cartridge.
     #[cfg_attr(feature = "cli", arg(long))]
     pub method: Method,
     /// Virtual tokens to prepend when the template has none.
@@ -86,9 +104,16 @@ pub struct TrainConfig {
     /// P-tuning encoder.
     #[cfg_attr(feature = "cli", arg(long))]
     pub encoder: EncoderKind,
-    /// P-tuning encoder hidden size.
+    /// P-tuning encoder hidden size (also the hidden size of prefix tuning's projection).
     #[cfg_attr(feature = "cli", arg(long))]
     pub encoder_hidden: usize,
+    /// Prefix tuning: pass the prefix through PEFT's projection MLP
+    /// (`Linear(kv_dim, encoder_hidden) → tanh → Linear(encoder_hidden, layers·2·kv_dim)`).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub prefix_projection: bool,
+    /// Cartridge: leading virtual tokens kept frozen (an attention sink).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub num_frozen_tokens: usize,
     /// LSTM layers.
     #[cfg_attr(feature = "cli", arg(long))]
     pub encoder_layers: usize,
@@ -98,7 +123,8 @@ pub struct TrainConfig {
     /// Initialisation.
     #[cfg_attr(feature = "cli", arg(long))]
     pub init: InitKind,
-    /// Text for `init = "text"`.
+    /// Text for `init = "text"` (for a key/value prefix: the keys and values of its first
+    /// `num_virtual_tokens` tokens, run through the frozen model).
     #[cfg_attr(feature = "cli", arg(long))]
     pub init_text: Option<String>,
     /// Adapter directory for `init = "from"`.
@@ -195,6 +221,8 @@ impl Default for TrainConfig {
             num_virtual_tokens: 20,
             encoder: EncoderKind::Mlp,
             encoder_hidden: 128,
+            prefix_projection: false,
+            num_frozen_tokens: 1,
             encoder_layers: 2,
             encoder_dropout: 0.0,
             init: InitKind::Vocab,
@@ -229,10 +257,10 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
-    /// The p-tuning encoder this configuration asks for (`None` for prompt tuning).
+    /// The p-tuning encoder this configuration asks for (`None` for the other methods).
     pub fn encoder_spec(&self) -> Option<EncoderSpec> {
         match self.method {
-            Method::PromptTuning => None,
+            Method::PromptTuning | Method::PrefixTuning | Method::Cartridge => None,
             Method::PTuning => Some(EncoderSpec::new(
                 self.encoder,
                 self.encoder_hidden,
@@ -357,6 +385,19 @@ impl TrainConfig {
             }
         }
         Ok(())
+    }
+
+    /// The key/value prefix this configuration asks for (`None` for the input-prompt methods).
+    pub fn prefix_spec(&self) -> Option<PrefixSpec> {
+        match self.method {
+            Method::PrefixTuning => Some(PrefixSpec::PrefixTuning {
+                projection: self.prefix_projection.then_some(self.encoder_hidden),
+            }),
+            Method::Cartridge => Some(PrefixSpec::Cartridge {
+                num_frozen_tokens: self.num_frozen_tokens,
+            }),
+            Method::PromptTuning | Method::PTuning => None,
+        }
     }
 
     /// The device of option `device`.

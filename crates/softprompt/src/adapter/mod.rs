@@ -79,34 +79,14 @@ impl PeftAdapter {
         if !self.config.peft_type().is_kv_prefix() {
             return Ok(None);
         }
-        let (v, width) = self.prompt_embeddings.dims2()?;
-        let (hkv, hd) = (info.kv_heads, info.head_dim());
-        if width != info.layers * 2 * hkv * hd {
-            bail!(
-                "{}: prefix of width {width} does not fit {} layers × 2 × {hkv} key/value heads × {hd}",
-                self.dir.display(),
-                info.layers
-            );
-        }
-        // [V, L·2, Hkv, hd] → [L·2, Hkv, V, hd]
-        let kv = self
-            .prompt_embeddings
-            .reshape((v, info.layers * 2, hkv, hd))?
-            .permute((1, 2, 0, 3))?
-            .contiguous()?;
-        let layers = (0..info.layers)
-            .map(|l| -> Result<_> {
-                let k = kv.get(2 * l)?.unsqueeze(0)?;
-                let val = kv.get(2 * l + 1)?.unsqueeze(0)?;
-                Ok((k, val))
-            })
-            .collect::<Result<_>>()?;
-        let mask = Tensor::ones((1, v), candle_core::DType::F32, self.prompt_embeddings.device())?;
-        Ok(Some(crate::backbone::KvCache {
-            layers,
-            mask: Some(mask),
-            next_pos: None,
-        }))
+        let shape = crate::prompt::PrefixShape {
+            layers: info.layers,
+            kv_heads: info.kv_heads,
+            head_dim: info.head_dim(),
+        };
+        let cache = crate::prompt::prefix::flat_to_cache(&self.prompt_embeddings, shape)
+            .with_context(|| format!("{}", self.dir.display()))?;
+        Ok(Some(cache))
     }
 
     /// The sequence-classification head `(weight [labels, hidden], bias [labels])`, if saved.

@@ -136,6 +136,19 @@ impl KvCache {
         self.next_pos.clone().unwrap_or_else(|| vec![self.len(); self.rows()])
     }
 
+    /// The same cache on `device`.
+    pub fn to_device(&self, device: &Device) -> Result<KvCache> {
+        Ok(KvCache {
+            layers: self
+                .layers
+                .iter()
+                .map(|(k, v)| Ok((k.to_device(device)?, v.to_device(device)?)))
+                .collect::<Result<_>>()?,
+            mask: self.mask.as_ref().map(|m| m.to_device(device)).transpose()?,
+            next_pos: self.next_pos.clone(),
+        })
+    }
+
     /// The cache of a single sequence repeated for `n` sequences (a shared prompt's keys and
     /// values reused by a batch).
     pub fn repeat(&self, n: usize) -> Result<KvCache> {

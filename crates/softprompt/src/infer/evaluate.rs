@@ -4,7 +4,7 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, IndexOp, Tensor, D};
 
-use super::score::{argmax, score_candidates};
+use super::score::{argmax, score_candidates_after};
 use crate::backbone::{lm_logits, BackboneInput, CausalLm, Encoder, KvCache, LoadedModel, Model};
 use crate::batch::{make_batch, splice_embeddings, Batch};
 use crate::loss::ClassifierHead;
@@ -57,6 +57,7 @@ pub struct Scorer<'a> {
     tokenizer: &'a TextTokenizer,
     task: &'a Task,
     prompt: Option<&'a Tensor>,
+    prefix: Option<&'a KvCache>,
 }
 
 impl<'a> Scorer<'a> {
@@ -91,7 +92,15 @@ impl<'a> Scorer<'a> {
             tokenizer: &model.tokenizer,
             task,
             prompt,
+            prefix: None,
         })
+    }
+
+    /// The same scorer with a one-row key/value prefix (prefix tuning, Cartridges; see
+    /// `PeftAdapter::prefix_cache`) before every row: each batch starts from `prefix.repeat(b)`.
+    pub fn with_prefix(mut self, prefix: Option<&'a KvCache>) -> Self {
+        self.prefix = prefix;
+        self
     }
 
     /// Scores `examples` in batches of `batch_size`; `exact_match` adds greedy generation.
@@ -130,7 +139,7 @@ impl<'a> Scorer<'a> {
                 Reader::Lm(lm) if single_token => self.first_token_scores(lm, &refs, &candidates)?,
                 Reader::Lm(lm) => refs
                     .iter()
-                    .map(|e| score_candidates(lm, &self.prompt_embeds(e)?, &candidates))
+                    .map(|e| score_candidates_after(lm, self.prefix, &self.prompt_embeds(e)?, &candidates))
                     .collect::<Result<_>>()?,
             };
             for (e, s) in chunk.iter().zip(scores) {
@@ -171,15 +180,20 @@ impl<'a> Scorer<'a> {
         let embeds = splice_embeddings(&**self.model, &batch, self.prompt)?;
         let shared = shared_prefix_len(refs);
         let (b, t) = batch.shape;
-        let lm = match self.model {
-            Model::Causal(lm) if (MIN_SHARED_PREFIX..t).contains(&shared) => lm.as_ref(),
-            _ => return Ok((self.model.forward(&BackboneInput::new(&embeds, &batch.mask))?, batch)),
+        let input = BackboneInput::new(&embeds, &batch.mask);
+        let lm = match (self.model, self.prefix) {
+            (Model::Causal(lm), _) if (MIN_SHARED_PREFIX..t).contains(&shared) => lm.as_ref(),
+            (Model::Causal(lm), Some(prefix)) => {
+                let mut cache = prefix.repeat(b)?;
+                return Ok((lm.forward_cached(&input, &mut cache)?, batch));
+            }
+            _ => return Ok((self.model.forward(&input)?, batch)),
         };
         // The leading positions every row shares (a prepended soft prompt) do not depend on
         // the rows in a causal model: run them once and hand their keys/values to the batch.
         let prefix = embeds.i(0)?.narrow(0, 0, shared)?.unsqueeze(0)?;
         let ones = Tensor::ones((1, shared), DType::U32, device)?;
-        let mut single = KvCache::default();
+        let mut single = self.prefix.cloned().unwrap_or_default();
         let head = lm.forward_cached(&BackboneInput::new(&prefix, &ones), &mut single)?;
         let mut cache = single.repeat(b)?;
         let rest = embeds.narrow(1, shared, t - shared)?;
@@ -219,7 +233,7 @@ impl<'a> Scorer<'a> {
     fn generate(&self, lm: &dyn CausalLm, e: &Example, candidates: &[Vec<u32>]) -> Result<String> {
         let longest = candidates.iter().map(Vec::len).max().unwrap_or(1);
         let stop: Vec<u32> = self.tokenizer.eos_id().into_iter().collect();
-        let ids = super::generate::greedy(lm, &self.prompt_embeds(e)?, longest + 2, &stop)?;
+        let ids = super::generate::greedy_after(lm, self.prefix, &self.prompt_embeds(e)?, longest + 2, &stop)?;
         self.tokenizer.decode(&ids, true)
     }
 }

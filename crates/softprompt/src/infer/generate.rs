@@ -9,13 +9,37 @@ use crate::backbone::{lm_logits, BackboneInput, CausalLm, KvCache};
 /// Greedily extends the input embeddings `[1, T, hidden]` by up to `max_new` tokens, stopping
 /// after any id in `stop`. Returns the generated ids (the stop id included when reached).
 pub fn greedy(backbone: &dyn CausalLm, embeds: &Tensor, max_new: usize, stop: &[u32]) -> Result<Vec<u32>> {
-    greedy_with_progress(backbone, embeds, max_new, stop, usize::MAX, &mut |_, _| {})
+    greedy_after(backbone, None, embeds, max_new, stop)
+}
+
+/// [`greedy`] after a one-row key/value prefix (prefix tuning, Cartridges).
+pub fn greedy_after(
+    backbone: &dyn CausalLm,
+    prefix: Option<&KvCache>,
+    embeds: &Tensor,
+    max_new: usize,
+    stop: &[u32],
+) -> Result<Vec<u32>> {
+    generate_greedy(backbone, prefix, embeds, max_new, stop, usize::MAX, &mut |_, _| {})
 }
 
 /// [`greedy`], running the prompt through the model `chunk` positions at a time and calling
 /// `progress(done, total)` after each chunk (a long prompt's processing can then be shown).
 pub fn greedy_with_progress(
     backbone: &dyn CausalLm,
+    embeds: &Tensor,
+    max_new: usize,
+    stop: &[u32],
+    chunk: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<u32>> {
+    generate_greedy(backbone, None, embeds, max_new, stop, chunk, progress)
+}
+
+/// The greedy loop: the prompt (after `prefix`, if any) in chunks, then one token at a time.
+fn generate_greedy(
+    backbone: &dyn CausalLm,
+    prefix: Option<&KvCache>,
     embeds: &Tensor,
     max_new: usize,
     stop: &[u32],
@@ -31,7 +55,7 @@ pub fn greedy_with_progress(
         bail!("the prompt has {t} tokens, more than the model's context of {context}");
     }
     let device = embeds.device();
-    let mut cache = KvCache::default();
+    let mut cache = prefix.cloned().unwrap_or_default();
     let chunk = chunk.max(1);
     let mut start = 0;
     let mut hidden = None;

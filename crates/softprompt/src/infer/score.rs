@@ -13,9 +13,20 @@ use crate::backbone::{lm_logits, BackboneInput, CausalLm, KvCache};
 /// bound can beat the best full score. Candidates left unscored report their bound (they cannot
 /// be the argmax).
 pub fn score_candidates(backbone: &dyn CausalLm, prompt: &Tensor, candidates: &[Vec<u32>]) -> Result<Vec<f32>> {
+    score_candidates_after(backbone, None, prompt, candidates)
+}
+
+/// [`score_candidates`] after a one-row key/value prefix (prefix tuning, Cartridges): the
+/// prompt's positions follow the prefix's.
+pub fn score_candidates_after(
+    backbone: &dyn CausalLm,
+    prefix: Option<&KvCache>,
+    prompt: &Tensor,
+    candidates: &[Vec<u32>],
+) -> Result<Vec<f32>> {
     let device = prompt.device();
     let t = prompt.dim(1)?;
-    let mut cache = KvCache::default();
+    let mut cache = prefix.cloned().unwrap_or_default();
     let mask = Tensor::ones((1, t), DType::U32, device)?;
     let hidden = backbone.forward_cached(&BackboneInput::new(prompt, &mask), &mut cache)?;
     let first = candle_nn::ops::log_softmax(&lm_logits(backbone, &hidden.i((0, t - 1))?.unsqueeze(0)?)?, D::Minus1)?

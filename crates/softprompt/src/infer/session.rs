@@ -9,7 +9,7 @@ use std::path::Path;
 
 use crate::adapter::run_files::{load_task_file, TASK_FILE};
 use crate::adapter::{self, TaskType};
-use crate::backbone::{LoadedModel, Model};
+use crate::backbone::{KvCache, LoadedModel, Model};
 use crate::data::DataSet;
 use crate::loss::ClassifierHead;
 use crate::task::{Task, TaskKind};
@@ -40,6 +40,9 @@ pub struct Session {
     pub prompt: Option<Tensor>,
     /// Classification head (SeqCls adapters).
     pub head: Option<ClassifierHead>,
+    /// The one-row key/value prefix of a prefix-tuning or Cartridge adapter (give it to
+    /// `Scorer::with_prefix`).
+    pub prefix: Option<KvCache>,
 }
 
 /// Builds a session from an adapter directory and/or options; labels not stored in the adapter
@@ -48,6 +51,7 @@ pub fn open(model: &LoadedModel, adapter_dir: Option<&Path>, opts: &TaskOptions,
     let info = model.backbone.info();
     let mut opts = opts.clone();
     let mut labels: Vec<String> = Vec::new();
+    let mut prefix = None;
     let (prompt, head) = match adapter_dir {
         Some(dir) => {
             let a = adapter::load_peft(dir)?;
@@ -80,17 +84,31 @@ pub fn open(model: &LoadedModel, adapter_dir: Option<&Path>, opts: &TaskOptions,
                     TaskKind::Classify
                 });
             }
-            let prompt = a.input_prompt()?.to_device(model.backbone.device())?;
             let head = ClassifierHead::from_adapter(&a)?;
             let src = opts
                 .template
                 .clone()
                 .context("this adapter has no softprompt.json; give the template with --template")?;
             let t = Template::parse(&src).context("template")?;
-            if t.num_virtual_tokens() == 0 {
-                opts.template = Some(format!("[soft:{}]{src}", prompt.dim(0)?));
+            if let Some(cache) = a.prefix_cache(info)? {
+                model
+                    .backbone
+                    .require_causal(&format!("a {} adapter", a.config.peft_type().as_str()))?;
+                if t.num_virtual_tokens() > 0 {
+                    bail!(
+                        "a {} adapter puts its keys and values before the input in every layer; the template must have no [soft:..] tokens",
+                        a.config.peft_type().as_str()
+                    );
+                }
+                prefix = Some(cache.to_device(model.backbone.device())?);
+                (None, head)
+            } else {
+                let prompt = a.input_prompt()?.to_device(model.backbone.device())?;
+                if t.num_virtual_tokens() == 0 {
+                    opts.template = Some(format!("[soft:{}]{src}", prompt.dim(0)?));
+                }
+                (Some(prompt), head)
             }
-            (Some(prompt), head)
         }
         None => (None, None),
     };
@@ -123,5 +141,10 @@ pub fn open(model: &LoadedModel, adapter_dir: Option<&Path>, opts: &TaskOptions,
     }
     let max_len = if opts.max_len == 0 { 512 } else { opts.max_len };
     let task = Task::new(kind, template, labels, &opts.verbalizer, &model.tokenizer, max_len)?;
-    Ok(Session { task, prompt, head })
+    Ok(Session {
+        task,
+        prompt,
+        head,
+        prefix,
+    })
 }

@@ -110,7 +110,7 @@ pub struct Linear {
 
 impl Linear {
     /// torch's default init: weight and bias uniform in `±1/sqrt(in)`.
-    fn new(input: usize, output: usize, dtype: DType, device: &Device, rng: &mut StdRng) -> Result<Self> {
+    pub(crate) fn new(input: usize, output: usize, dtype: DType, device: &Device, rng: &mut StdRng) -> Result<Self> {
         let bound = 1.0 / (input as f64).sqrt();
         Ok(Self {
             weight: var_uniform(rng, &[output, input], bound, dtype, device)?,
@@ -118,12 +118,12 @@ impl Linear {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.matmul(&self.weight.as_tensor().t()?)?
             .broadcast_add(self.bias.as_tensor())?)
     }
 
-    fn push_vars(&self, prefix: &str, out: &mut Vec<(String, Var)>) {
+    pub(crate) fn push_vars(&self, prefix: &str, out: &mut Vec<(String, Var)>) {
         out.push((format!("{prefix}.weight"), self.weight.clone()));
         out.push((format!("{prefix}.bias"), self.bias.clone()));
     }

@@ -18,6 +18,8 @@ pub enum PromptInit {
     Random,
     /// Standard normal `N(0, 1)`: PEFT's `RANDOM` (the default init of `torch.nn.Embedding`).
     RandomNormal,
+    /// All zeros (PEFT's `init_weights="zero"` of prefix tuning).
+    Zero,
     /// Embeddings of `p` distinct tokens drawn without replacement from the
     /// [`VOCAB_SAMPLE_POOL`] most common tokens (see [`common_token_ids`] for what "most
     /// common" means without corpus counts).
@@ -141,7 +143,7 @@ pub fn initial_prompt(
         if d != token_dim
             && !matches!(
                 init,
-                PromptInit::Random | PromptInit::RandomNormal | PromptInit::FromTensor(_)
+                PromptInit::Random | PromptInit::RandomNormal | PromptInit::Zero | PromptInit::FromTensor(_)
             )
         {
             bail!("the embedding table has {d} columns but token_dim is {token_dim}");
@@ -152,6 +154,7 @@ pub fn initial_prompt(
     match init {
         PromptInit::Random => from_values(uniform(rng, p * token_dim, -0.5, 0.5)),
         PromptInit::RandomNormal => from_values(normal(rng, p * token_dim)),
+        PromptInit::Zero => Ok(Tensor::zeros((p, token_dim), DType::F32, &device)?),
         PromptInit::FromTensor(t) => {
             let dims = t.dims();
             if dims != [p, token_dim] {

@@ -14,6 +14,7 @@
 
 pub mod encoder;
 pub mod init;
+pub mod prefix;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, Var};
@@ -25,6 +26,7 @@ pub use init::{
     common_token_ids, initial_prompt, sample_vocab_ids, seeded_rng, text_init_ids, InitSource, PromptInit,
     VOCAB_SAMPLE_POOL,
 };
+pub use prefix::{KvPrefix, PrefixShape, PrefixSpec};
 
 /// PEFT's name of the prompt-tuning embedding (and of the saved prompt of every method).
 pub const PROMPT_EMBEDDINGS: &str = "prompt_embeddings";

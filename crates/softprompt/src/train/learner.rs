@@ -7,6 +7,7 @@ use rand::SeedableRng;
 use std::path::Path;
 
 use super::optim::{AdamW, AdamWConfig};
+pub use super::prefix::Learned;
 use super::Prepared;
 use crate::adapter::run_files::{self, Checkpoint, Progress};
 use crate::adapter::{self, MethodConfig, PeftConfig, TaskType};
@@ -23,8 +24,8 @@ pub const HEAD_BIAS: &str = adapter::CLASSIFIER_BIAS;
 
 /// The learnable state of a run.
 pub struct Learner {
-    /// The soft prompt.
-    pub prompt: SoftPrompt,
+    /// The soft prompt or the key/value prefix.
+    pub prompt: Learned,
     /// Classification head (SeqCls).
     pub head: Option<ClassifierHead>,
     /// Optimiser.
@@ -44,17 +45,21 @@ impl Learner {
         v
     }
 
-    /// Copies of every parameter's current value, named as [`Learner::params`].
+    /// Copies of every parameter's current value, named as [`Learner::params`], plus a
+    /// Cartridge's frozen tokens (saved, never trained).
     pub fn tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        self.params()
-            .into_iter()
-            .map(|(n, v)| Ok((n, v.as_detached_tensor().copy()?)))
-            .collect()
+        let mut out = self.prompt.tensors()?;
+        if let Some(h) = &self.head {
+            for (name, var) in [(HEAD_WEIGHT, &h.weight), (HEAD_BIAS, &h.bias)] {
+                out.push((name.to_string(), var.as_detached_tensor().copy()?));
+            }
+        }
+        Ok(out)
     }
 
     /// Restores parameters and optimiser state from a checkpoint; returns its progress.
     pub fn restore(&mut self, checkpoint: Checkpoint, dir: &Path) -> Result<Progress> {
-        let device = self.prompt.embedding().device().clone();
+        let device = self.prompt.device();
         let on_device = |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(&device)?) };
         self.prompt.set_from(&checkpoint.params)?;
         if let Some(h) = &self.head {
@@ -82,6 +87,7 @@ fn prompt_init(cfg: &TrainConfig, task: &Task) -> Result<PromptInit> {
     Ok(match cfg.init {
         InitKind::Random => PromptInit::Random,
         InitKind::RandomNormal => PromptInit::RandomNormal,
+        InitKind::Zero => PromptInit::Zero,
         InitKind::Vocab => PromptInit::Vocab,
         InitKind::Labels => {
             let prefix = task.template.target().map(|t| t.prefix.clone()).unwrap_or_default();
@@ -109,17 +115,22 @@ pub fn new_learner(p: &Prepared) -> Result<Learner> {
     let bb = &p.model.backbone;
     let device = bb.device();
     let init = prompt_init(cfg, &p.task)?;
-    let n = p.task.template.num_virtual_tokens();
     let d = bb.info().hidden;
-    let start = initial_prompt(
-        &init,
-        n,
-        d,
-        InitSource::model(bb.embedding_table(), &p.model.tokenizer),
-        &mut rng,
-    )?
-    .to_device(device)?;
-    let prompt = SoftPrompt::new(&start, cfg.encoder_spec().as_ref(), &mut rng)?;
+    let prompt = match cfg.prefix_spec() {
+        Some(spec) => Learned::KvPrefix(super::prefix::new_prefix(p, spec, &init, &mut rng)?),
+        None => {
+            let n = p.task.template.num_virtual_tokens();
+            let start = initial_prompt(
+                &init,
+                n,
+                d,
+                InitSource::model(bb.embedding_table(), &p.model.tokenizer),
+                &mut rng,
+            )?
+            .to_device(device)?;
+            Learned::Input(SoftPrompt::new(&start, cfg.encoder_spec().as_ref(), &mut rng)?)
+        }
+    };
     let head = if cfg.task == TaskKind::SeqCls {
         let c = p.task.labels.len();
         // transformers initialises classifier weights N(0, 0.02) and biases 0.
@@ -153,7 +164,10 @@ pub fn save_adapter(p: &Prepared, learner: &Learner, dir: &Path) -> Result<()> {
     } else {
         TaskType::CausalLm
     };
-    let mut config = PeftConfig::for_prompt(&learner.prompt, &learner.init, task_type, info);
+    let mut config = match &learner.prompt {
+        Learned::Input(prompt) => PeftConfig::for_prompt(prompt, &learner.init, task_type, info),
+        Learned::KvPrefix(prefix) => super::prefix::peft_config(prefix, info),
+    };
     config.base_model_name_or_path = Some(p.cfg.model.clone());
     if let MethodConfig::PromptTuning {
         tokenizer_name_or_path: Some(t),
@@ -170,7 +184,7 @@ pub fn save_adapter(p: &Prepared, learner: &Learner, dir: &Path) -> Result<()> {
         None => Vec::new(),
     };
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    adapter::save_peft(dir, &config, &learner.prompt.forward()?, &extra)?;
+    adapter::save_peft(dir, &config, &learner.prompt.forward()?.detach(), &extra)?;
     run_files::save_task_file(dir, &p.task, &p.cfg)?;
     run_files::save_prompt_params(dir, &learner.tensors()?)
 }

@@ -16,6 +16,7 @@ pub mod learner;
 pub mod optim;
 pub mod output;
 pub mod plot;
+pub mod prefix;
 pub mod prepare;
 pub mod step;
 
@@ -29,7 +30,7 @@ pub use crate::config::{EncoderKind, InitKind, Method, TrainConfig};
 use crate::infer::evaluate::{EvalResult, Scorer};
 use crate::loss::ClassifierHead;
 use crate::task::Task;
-pub use learner::{new_learner, save_adapter, Learner, HEAD_BIAS, HEAD_WEIGHT};
+pub use learner::{new_learner, save_adapter, Learned, Learner, HEAD_BIAS, HEAD_WEIGHT};
 pub use output::OutputDir;
 pub use prepare::{check_baseline_template, prepare, run_template, Prepared};
 pub use run_files::Progress;
@@ -103,12 +104,10 @@ pub fn evaluate_dev(p: &Prepared, learner: &Learner, progress: &mut Progress) ->
         return Ok((true, None));
     }
     let step = progress.step;
-    let prompt = learner.prompt.forward()?;
-    let r = Scorer::new(&p.model, &p.task, Some(&prompt), learner.head.as_ref())?.evaluate(
-        &p.dev,
-        p.cfg.eval_batch,
-        false,
-    )?;
+    let (prompt, prefix) = learner.prompt.eval_parts()?;
+    let r = Scorer::new(&p.model, &p.task, prompt.as_ref(), learner.head.as_ref())?
+        .with_prefix(prefix.as_ref())
+        .evaluate(&p.dev, p.cfg.eval_batch, false)?;
     progress.dev.push((step, r.accuracy));
     let better = progress.best.is_none_or(|(b, _)| r.accuracy > b);
     if better {
@@ -137,9 +136,15 @@ pub fn evaluate_test(p: &Prepared) -> Result<Option<EvalResult>> {
         return Ok(None);
     }
     let best = adapter::load_peft(&p.out_dir)?;
-    let prompt = best.input_prompt()?.to_device(p.model.backbone.device())?;
+    let device = p.model.backbone.device();
+    let prefix = best.prefix_cache(p.model.backbone.info())?;
+    let prefix = prefix.map(|c| c.to_device(device)).transpose()?;
+    let prompt = match prefix {
+        Some(_) => None,
+        None => Some(best.input_prompt()?.to_device(device)?),
+    };
     let head = ClassifierHead::from_adapter(&best)?;
-    let scorer = Scorer::new(&p.model, &p.task, Some(&prompt), head.as_ref())?;
+    let scorer = Scorer::new(&p.model, &p.task, prompt.as_ref(), head.as_ref())?.with_prefix(prefix.as_ref());
     Ok(Some(scorer.evaluate(&p.test, p.cfg.eval_batch, p.cfg.exact_match)?))
 }
 

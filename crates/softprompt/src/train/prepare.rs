@@ -44,17 +44,25 @@ fn read_set(path: &Path, limit: Option<usize>) -> Result<DataSet> {
 
 /// The template of a run: without any virtual token, `[soft:N]` is prepended (prompt tuning).
 /// Refuses a template that reads no field of the rows (every row would look the same).
+/// A key/value prefix (prefix tuning, Cartridges) enters every attention layer instead, so its
+/// template must have no virtual tokens.
 pub fn run_template(cfg: &TrainConfig) -> Result<Template> {
     let what = || option("template");
     let t = Template::parse(&cfg.template).with_context(what)?;
-    let t = if t.num_virtual_tokens() == 0 {
-        if cfg.num_virtual_tokens == 0 {
-            bail!(
-                "{} is 0; it must be at least 1, since the template has no [soft:N] tokens and \
-                 the prompt is the virtual tokens prepended to it",
-                option("num_virtual_tokens")
-            );
-        }
+    if cfg.method.is_kv_prefix() && t.num_virtual_tokens() > 0 {
+        bail!(
+            "option `template`: method `{}` learns keys and values before the input in every layer; remove the [soft:..] tokens (`num_virtual_tokens` sets the prefix length)",
+            serde_json::to_value(cfg.method)?.as_str().unwrap_or_default()
+        );
+    }
+    if cfg.num_virtual_tokens == 0 && t.num_virtual_tokens() == 0 {
+        bail!(
+            "{} is 0; it must be at least 1, since the template has no [soft:N] tokens and \
+             the prompt (or prefix) is that many virtual tokens",
+            option("num_virtual_tokens")
+        );
+    }
+    let t = if t.num_virtual_tokens() == 0 && !cfg.method.is_kv_prefix() {
         Template::parse(&format!("[soft:{}]{}", cfg.num_virtual_tokens, cfg.template)).with_context(what)?
     } else {
         t

@@ -7,7 +7,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use std::collections::{BTreeMap, HashMap};
 
-use super::learner::{Learner, HEAD_BIAS, HEAD_WEIGHT};
+use super::learner::{Learned, Learner, HEAD_BIAS, HEAD_WEIGHT};
 use super::optim::{clip_grad_norm, learning_rate};
 use super::Prepared;
 use crate::backbone::profile::{span, Direction};
@@ -95,8 +95,19 @@ pub fn compute_gradients(
             .into_iter()
             .map(|i| &p.train[i])
             .collect();
+        let soft = match &learner.prompt {
+            Learned::Input(soft) => soft,
+            Learned::KvPrefix(prefix) => {
+                let (loss, g) = super::prefix::micro_batch_gradients(p, prefix, &rows)?;
+                for (name, g) in g {
+                    add(&name, g)?;
+                }
+                loss_sum += loss / cfg.accumulation as f32;
+                continue;
+            }
+        };
         let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed ^ ((step as u64) << 16) ^ micro as u64);
-        let prompt = span("prompt", Direction::Forward, || learner.prompt.forward_train(&mut rng))?;
+        let prompt = span("prompt", Direction::Forward, || soft.forward_train(&mut rng))?;
         let (batch, embeds) = span("splice", Direction::Forward, || -> Result<_> {
             let batch = make_batch(&rows, learner.head.is_none(), model.device())?;
             let embeds = splice_embeddings(&**model, &batch, Some(&prompt.detach()))?;
@@ -118,10 +129,10 @@ pub fn compute_gradients(
         })?;
         let d_embeds = model.backward(&tape, &d_hidden)?;
         span("prompt", Direction::Backward, || -> Result<()> {
-            let d_prompt = prompt_gradient(&batch, &d_embeds, learner.prompt.num_virtual_tokens())?;
+            let d_prompt = prompt_gradient(&batch, &d_embeds, soft.num_virtual_tokens())?;
             // Through the (small) prompt encoder with candle's autograd.
             let store = (&prompt * d_prompt.detach())?.sum_all()?.backward()?;
-            for (name, var) in learner.prompt.vars() {
+            for (name, var) in soft.vars() {
                 if let Some(g) = store.get(var.as_tensor()) {
                     add(&name, g.clone())?;
                 }
