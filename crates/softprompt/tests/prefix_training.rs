@@ -185,18 +185,19 @@ fn saved_adapter_reloads(cfg: TrainConfig, fixture: &str, peft_type: PeftType) {
     let s1 = dev_scores(&cfg, &model, &cache);
     let s2 = dev_scores(&cfg, &model, &from_raw);
     assert!(max_diff(&s1, &s2) < 1e-5, "{fixture}: {s1:?} vs {s2:?}");
-    // And the test evaluation of the run used that adapter: same as scoring it here.
-    let report = train::train(
+    // And the run's test evaluation (the best adapter read back from the folder) scores the
+    // same as scoring it here.
+    let p = train::prepare(
         &TrainConfig {
             test: cfg.dev.clone(),
             test_rows: Some(4),
-            resume: true,
             ..cfg.clone()
         },
         &mut Quiet,
     )
     .unwrap();
-    let t: Vec<Vec<f32>> = report.test.unwrap().predictions.into_iter().map(|p| p.scores).collect();
+    let test = train::evaluate_test(&p).unwrap().unwrap();
+    let t: Vec<Vec<f32>> = test.predictions.into_iter().map(|p| p.scores).collect();
     assert!(max_diff(&t, &s1) < 1e-4, "{fixture}: test {t:?} vs {s1:?}");
 }
 
