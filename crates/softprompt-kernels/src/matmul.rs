@@ -14,9 +14,29 @@ fn parallelism(m: usize, n: usize, k: usize) -> Parallelism {
 /// `out (+)= x · wᵀ` with `x: [m, k]`, `w: [n, k]` (a linear layer's `[out, in]` weight) and
 /// `out: [m, n]`. With `accumulate` the product is added to `out` (a fused residual add).
 pub fn matmul_wt(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usize, accumulate: bool) {
-    assert_eq!(x.len(), m * k, "matmul_wt: x is not [m, k]");
-    assert_eq!(w.len(), n * k, "matmul_wt: w is not [n, k]");
-    assert_eq!(out.len(), m * n, "matmul_wt: out is not [m, n]");
+    // wᵀ[p, j] = w[j·k + p]
+    product(x, (w, 1, k), out, (m, k, n), accumulate);
+}
+
+/// `out (+)= dy · w` with `dy: [m, k]`, `w: [k, n]` and `out: [m, n]`: the input gradient of a
+/// linear layer whose weight is `w` (`[out, in]`, so `k` = out and `n` = in).
+pub fn matmul(dy: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usize, accumulate: bool) {
+    // w[p, j] = w[p·n + j]
+    product(dy, (w, n, 1), out, (m, k, n), accumulate);
+}
+
+/// `out (+)= x · r` for a row-major `x: [m, k]`, an `r: [k, n]` given as (slice, row stride,
+/// column stride) over `k·n` values, and a row-major `out: [m, n]`.
+fn product(
+    x: &[f32],
+    (r, r_rs, r_cs): (&[f32], usize, usize),
+    out: &mut [f32],
+    (m, k, n): (usize, usize, usize),
+    accumulate: bool,
+) {
+    assert_eq!(x.len(), m * k, "matmul: the left operand is not [m, k]");
+    assert_eq!(r.len(), k * n, "matmul: the right operand does not hold k·n values");
+    assert_eq!(out.len(), m * n, "matmul: out is not [m, n]");
     if m == 0 || n == 0 {
         return;
     }
@@ -26,8 +46,9 @@ pub fn matmul_wt(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: u
         }
         return;
     }
-    // SAFETY: the three slices have the asserted sizes and the strides below stay inside them:
-    // x[i, p] = x[i·k + p], wᵀ[p, j] = w[j·k + p], out[i, j] = out[i·n + j].
+    // SAFETY: the sizes are asserted above and both stride layouts of `r` used by the callers
+    // ((1, k) and (n, 1)) address exactly its k·n values; x[i, p] = x[i·k + p] and
+    // out[i, j] = out[i·n + j] stay inside their slices.
     unsafe {
         gemm(
             m,
@@ -40,50 +61,9 @@ pub fn matmul_wt(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: u
             x.as_ptr(),
             1,
             k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism(m, n, k),
-        )
-    }
-}
-
-/// `out (+)= dy · w` with `dy: [m, k]`, `w: [k, n]` and `out: [m, n]`: the input gradient of a
-/// linear layer whose weight is `w` (`[out, in]`, so `k` = out and `n` = in).
-pub fn matmul(dy: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usize, accumulate: bool) {
-    assert_eq!(dy.len(), m * k, "matmul: dy is not [m, k]");
-    assert_eq!(w.len(), k * n, "matmul: w is not [k, n]");
-    assert_eq!(out.len(), m * n, "matmul: out is not [m, n]");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            out.fill(0.0);
-        }
-        return;
-    }
-    // SAFETY: sizes asserted above; dy[i, p] = dy[i·k + p], w[p, j] = w[p·n + j].
-    unsafe {
-        gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            dy.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            1,
-            n as isize,
+            r.as_ptr(),
+            r_cs as isize,
+            r_rs as isize,
             1.0,
             1.0,
             false,
