@@ -29,9 +29,10 @@ fn scratch(name: &str) -> PathBuf {
 
 const CARTRIDGE_TEXT: &str = "Facts about countries and their capital cities:";
 
-/// Four capital-city rows in one batch: every step sees the same rows.
-fn four_rows() -> PathBuf {
-    let dir = scratch("data");
+/// Four capital-city rows in one batch: every step sees the same rows. Each test writes its own
+/// copy (tests run in parallel; a shared folder would be removed under another test's feet).
+fn four_rows(test: &str) -> PathBuf {
+    let dir = scratch(&format!("data-{test}"));
     std::fs::create_dir_all(&dir).unwrap();
     let rows: Vec<String> = std::fs::read_to_string(common::data("facts-countries/capital/train.jsonl"))
         .unwrap()
@@ -47,7 +48,7 @@ fn four_rows() -> PathBuf {
 fn tiny(name: &str, method: Method) -> TrainConfig {
     TrainConfig {
         model: "smollm2-135m".into(),
-        train: four_rows(),
+        train: four_rows(name),
         dev: Some(common::data("facts-countries/capital/dev.jsonl")),
         dev_rows: Some(4),
         template: "{text} {target}".into(),
