@@ -285,17 +285,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     });
     if args.json {
         println!("{summary}");
-        for ((kind, dir), secs) in &kinds {
-            let dir = if *dir == Direction::Forward {
-                "forward"
-            } else {
-                "backward"
-            };
-            println!(
-                "{}",
-                json!({"workload": "profile", "kind": kind, "direction": dir, "seconds": secs})
-            );
-        }
+        print_profile(&kinds, 1.0, true);
         return Ok(());
     }
     println!(
@@ -325,18 +315,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     );
     if !kinds.is_empty() {
         println!("where the time goes (one training forward + backward, seconds):");
-        println!("  {:<10} {:>9} {:>9}", "kind", "forward", "backward");
-        let mut names: Vec<&str> = kinds.keys().map(|(k, _)| *k).collect();
-        names.dedup();
-        for k in names {
-            let get = |d| kinds.get(&(k, d)).copied().unwrap_or(0.0);
-            println!(
-                "  {:<10} {:>9.3} {:>9.3}",
-                k,
-                get(Direction::Forward),
-                get(Direction::Backward)
-            );
-        }
+        print_profile(&kinds, 1.0, false);
     }
     Ok(())
 }
