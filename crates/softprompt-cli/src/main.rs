@@ -4,6 +4,7 @@ mod bench_cmd;
 mod chat;
 mod model_cmds;
 mod serve;
+mod sweep_cmd;
 mod train_cmds;
 
 use anyhow::Result;
@@ -36,6 +37,9 @@ enum Command {
     Train(Box<train_cmds::TrainArgs>),
     /// Score a JSONL set with an adapter, or with a hand-written template (zero-shot); prints JSON.
     Eval(train_cmds::ScoreArgs),
+    /// Train one run per cell of a grid over training options (times seeds); resumable; writes
+    /// results.jsonl, results.md (mean ± sd over seeds) and plots.
+    Sweep(Box<sweep_cmd::SweepArgs>),
     /// Time the backbone's forward and input-gradient backward (prints one run's figures).
     Bench(bench_cmd::BenchArgs),
     /// Predict every row of a JSONL set; writes JSONL.
@@ -51,6 +55,7 @@ fn main() {
         Command::Complete(a) => model_cmds::complete(a),
         Command::Serve(a) => serve::serve_cmd(a),
         Command::Train(a) => train_cmds::train_cmd(*a),
+        Command::Sweep(a) => sweep_cmd::sweep_cmd(*a),
         Command::Bench(a) => bench_cmd::bench(a),
         Command::Eval(a) => train_cmds::eval_cmd(a),
         Command::Predict(a) => train_cmds::predict_cmd(a),

@@ -28,7 +28,7 @@ pub struct TrainArgs {
     /// `--verbalizer LABEL=WORD` entries.
     verbalizer: Vec<(String, String)>,
     /// Names of the options given on the command line.
-    given: Vec<String>,
+    pub given: Vec<String>,
 }
 
 /// The default configuration as TOML values, by option name.
@@ -144,7 +144,7 @@ pub fn read_config_table(path: &Path) -> Result<toml::Table> {
 
 /// Merges the TOML file (if any) with the flags (flags win) into a configuration. Paths in the
 /// file are relative to the file's folder; paths given as flags to the current directory.
-fn config(args: &TrainArgs) -> Result<TrainConfig> {
+pub fn config(args: &TrainArgs) -> Result<TrainConfig> {
     let mut table = match &args.config {
         Some(path) => read_config_table(path)?,
         None => toml::Table::new(),
@@ -171,13 +171,25 @@ fn config(args: &TrainArgs) -> Result<TrainConfig> {
         .with_context(|| format!("invalid training options in {origin}"))
 }
 
-struct Bar {
-    bar: Option<ProgressBar>,
+/// The progress bar of a training run (inside `multi` when it shares the terminal with others).
+#[derive(Default)]
+pub struct Bar {
+    /// The bar, once training starts.
+    pub bar: Option<ProgressBar>,
+    /// The group of bars this one joins.
+    pub multi: Option<indicatif::MultiProgress>,
 }
 
 impl train::Observer for Bar {
     fn start(&mut self, total: usize, done: usize) {
+        if let Some(old) = self.bar.take() {
+            old.finish_and_clear();
+        }
         let bar = ProgressBar::new(total as u64);
+        let bar = match &self.multi {
+            Some(m) => m.add(bar),
+            None => bar,
+        };
         bar.set_style(
             ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")
                 .expect("valid template"),
@@ -192,16 +204,17 @@ impl train::Observer for Bar {
         }
     }
     fn message(&mut self, text: &str) {
-        match &self.bar {
-            Some(b) => b.println(text),
-            None => eprintln!("{text}"),
+        match (&self.bar, &self.multi) {
+            (Some(b), _) => b.println(text),
+            (None, Some(m)) => drop(m.println(text)),
+            (None, None) => eprintln!("{text}"),
         }
     }
 }
 
 pub fn train_cmd(args: TrainArgs) -> Result<()> {
     let cfg = config(&args)?;
-    let mut bar = Bar { bar: None };
+    let mut bar = Bar::default();
     let report = train::train(&cfg, &mut bar)?;
     if let Some(b) = &bar.bar {
         b.finish_and_clear();

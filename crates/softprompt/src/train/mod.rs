@@ -53,6 +53,7 @@ pub trait Observer {
 }
 
 /// An observer that ignores everything.
+#[derive(Debug, Default, Clone, Copy)]
 pub struct Quiet;
 impl Observer for Quiet {}
 

@@ -1,0 +1,195 @@
+//! Sweeps: one training run per cell of a grid over training options (times seeds), each in its
+//! own folder, resumable, summarised as `results.jsonl`, `results.md` and plots.
+//!
+//! A cell is finished when its folder holds `result.json`; a rerun skips it (after checking it
+//! was run with the same options). A cell that was interrupted continues from its
+//! `checkpoint-last` (and a cell whose training had finished but whose test score was not yet
+//! written is only scored). So an interrupted sweep is resumed by running the same command again.
+
+pub mod grid;
+mod plots;
+pub mod report;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+use crate::adapter::run_files;
+use crate::config::TrainConfig;
+use crate::template::Template;
+use crate::train::{self, output, Observer};
+pub use grid::{Axis, Cell, Grid};
+pub use report::CellResult;
+
+/// The file that marks a cell as finished and holds its result.
+pub const RESULT_FILE: &str = "result.json";
+
+/// Receives a sweep's progress; the CLI draws it, tests ignore it.
+pub trait SweepObserver {
+    /// Cell `index` (0-based) of `total` starts; `how` says whether it starts, resumes, is only
+    /// scored, or is skipped as finished.
+    fn cell_start(&mut self, index: usize, total: usize, cell: &Cell, how: CellStart);
+    /// Cell `index` finished with `result`.
+    fn cell_done(&mut self, index: usize, total: usize, cell: &Cell, result: &CellResult);
+    /// The observer of the cell's training run.
+    fn run_observer(&mut self) -> &mut dyn Observer;
+}
+
+/// How a cell is taken up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CellStart {
+    /// Finished in an earlier run: its `result.json` is read.
+    Finished,
+    /// Interrupted after the checkpoint of this step: training continues from it.
+    Resume(usize),
+    /// Trained to the end earlier, but not yet scored on the test set.
+    ScoreOnly,
+    /// Not started yet.
+    Fresh,
+}
+
+/// A sweep observer that ignores everything.
+pub struct QuietSweep(pub train::Quiet);
+
+impl SweepObserver for QuietSweep {
+    fn cell_start(&mut self, _: usize, _: usize, _: &Cell, _: CellStart) {}
+    fn cell_done(&mut self, _: usize, _: usize, _: &Cell, _: &CellResult) {}
+    fn run_observer(&mut self) -> &mut dyn Observer {
+        &mut self.0
+    }
+}
+
+/// A sweep: the base options, the grid and the output folder.
+pub struct Sweep {
+    /// Options shared by every cell.
+    pub base: TrainConfig,
+    /// What varies.
+    pub grid: Grid,
+    /// The sweep's folder (one subfolder per cell, plus the summaries).
+    pub output: PathBuf,
+}
+
+impl Sweep {
+    /// Checks the whole sweep before anything runs: the grid against the options, every cell's
+    /// options (as `train` would check them), and that the cells have a set to be compared on.
+    pub fn new(base: TrainConfig, grid: Grid, output: PathBuf) -> Result<Sweep> {
+        if base.test.is_none() && base.dev.is_none() {
+            bail!(
+                "a sweep compares its cells on the test set (or, without one, the best dev \
+                 accuracy): give option `test` or `dev` in the base configuration"
+            );
+        }
+        let sweep = Sweep { base, grid, output };
+        let varies_length = sweep.grid.axes.iter().any(|a| a.key == "num_virtual_tokens");
+        for cell in sweep.cells() {
+            let cfg = sweep.cell_config(&cell, false)?;
+            cfg.validate()
+                .with_context(|| format!("grid cell {}", cell.group_label()))?;
+            let soft_in_template = Template::parse(&cfg.template)?.num_virtual_tokens();
+            if varies_length && soft_in_template > 0 && !cfg.method.is_kv_prefix() {
+                bail!(
+                    "--grid num_virtual_tokens has no effect in cell {}: its template has its own \
+                     [soft:{soft_in_template}] tokens (`num_virtual_tokens` only sets the length \
+                     of a prompt prepended to a template without any); remove them from the template",
+                    cell.group_label()
+                );
+            }
+        }
+        Ok(sweep)
+    }
+
+    /// Every cell, in the order they run.
+    pub fn cells(&self) -> Vec<Cell> {
+        self.grid.cells(self.base.seed)
+    }
+
+    /// The options of `cell`, writing into its folder.
+    fn cell_config(&self, cell: &Cell, resume: bool) -> Result<TrainConfig> {
+        let mut cfg = self.grid.config_with(&self.base, &cell.settings, cell.seed)?;
+        cfg.output = self.output.join(&cell.name);
+        cfg.resume = resume;
+        cfg.overwrite = false;
+        Ok(cfg)
+    }
+
+    /// Runs every cell not yet finished, then writes `results.jsonl` and `results.md` (and the
+    /// plots) from all of them. Returns every cell's result, in grid order.
+    pub fn run(&self, obs: &mut dyn SweepObserver) -> Result<Vec<CellResult>> {
+        std::fs::create_dir_all(&self.output).with_context(|| format!("cannot create {}", self.output.display()))?;
+        let cells = self.cells();
+        let mut results = vec![];
+        for (i, cell) in cells.iter().enumerate() {
+            let result = self.run_cell(i, cells.len(), cell, obs)?;
+            obs.cell_done(i, cells.len(), cell, &result);
+            results.push(result);
+            report::write_summaries(&self.output, &self.grid, &results)?;
+        }
+        Ok(results)
+    }
+
+    /// Takes one cell to its result: read, resumed, scored or trained.
+    fn run_cell(&self, index: usize, total: usize, cell: &Cell, obs: &mut dyn SweepObserver) -> Result<CellResult> {
+        let dir = self.output.join(&cell.name);
+        let cfg = self.cell_config(cell, false)?;
+        let result_path = dir.join(RESULT_FILE);
+        if result_path.exists() {
+            obs.cell_start(index, total, cell, CellStart::Finished);
+            let result = CellResult::read(&result_path)?;
+            result.check_options(&cfg, &result_path)?;
+            return Ok(result);
+        }
+        let context = || format!("sweep cell {} ({})", cell.name, dir.display());
+        let result = match output::checkpoint_step(&dir) {
+            Some(step) if training_finished(&cfg, &dir, step).with_context(context)? => {
+                obs.cell_start(index, total, cell, CellStart::ScoreOnly);
+                score_finished(&cfg, &dir, obs.run_observer()).with_context(context)?
+            }
+            Some(step) => {
+                obs.cell_start(index, total, cell, CellStart::Resume(step));
+                let cfg = self.cell_config(cell, true)?;
+                CellResult::from_report(&cfg, &train::train(&cfg, obs.run_observer()).with_context(context)?)?
+            }
+            None => {
+                obs.cell_start(index, total, cell, CellStart::Fresh);
+                CellResult::from_report(&cfg, &train::train(&cfg, obs.run_observer()).with_context(context)?)?
+            }
+        };
+        let result = result.with_cell(cell);
+        result.write(&result_path)?;
+        Ok(result)
+    }
+}
+
+/// Whether the run in `dir`, checkpointed at `step`, has nothing left to train: its last step
+/// is done, or early stopping had ended it.
+fn training_finished(cfg: &TrainConfig, dir: &Path, step: usize) -> Result<bool> {
+    let rows = crate::data::read_jsonl(&cfg.train)?.len();
+    if step >= train::total_steps(cfg, rows)? {
+        return Ok(true);
+    }
+    let checkpoint = run_files::load_checkpoint(&dir.join(output::CHECKPOINT_DIR))?;
+    Ok(cfg.patience.is_some_and(|p| checkpoint.progress.evals_since_best >= p))
+}
+
+/// The result of a run whose training finished but whose test score was never written: the
+/// saved best adapter is scored on the test set.
+fn score_finished(cfg: &TrainConfig, dir: &Path, obs: &mut dyn Observer) -> Result<CellResult> {
+    let checkpoint = run_files::load_checkpoint(&dir.join(output::CHECKPOINT_DIR))?;
+    let mut p = train::prepare(cfg, obs)?;
+    p.out_dir = dir.to_path_buf();
+    let test = train::evaluate_test(&p)?;
+    let progress = checkpoint.progress;
+    CellResult::new(cfg, test.map(|t| t.accuracy), progress.best, progress.step, None)
+}
+
+/// The options of a cell as they are compared between runs: everything but where and how the
+/// run writes.
+pub fn comparable_options(cfg: &TrainConfig) -> Result<Value> {
+    let mut v = serde_json::to_value(cfg)?;
+    if let Value::Object(m) = &mut v {
+        for key in ["output", "resume", "overwrite"] {
+            m.remove(key);
+        }
+    }
+    Ok(v)
+}

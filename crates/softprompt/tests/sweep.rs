@@ -1,0 +1,129 @@
+//! `sweep` on the real SmolLM2 with a tiny grid and a few steps per cell: every cell runs, an
+//! interrupted cell resumes from its checkpoint (ending bit-identical to an uninterrupted run), a
+//! rerun skips finished cells, and a cell trained but not yet scored is only scored.
+
+mod common;
+use softprompt::sweep::{Axis, Cell, CellResult, CellStart, Grid, Sweep, SweepObserver};
+use softprompt::task::TaskKind;
+use softprompt::train::optim::Schedule;
+use softprompt::train::{self, InitKind, Observer, Quiet, TrainConfig};
+use std::path::{Path, PathBuf};
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("softprompt-sweep-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn base() -> TrainConfig {
+    TrainConfig {
+        model: "smollm2-135m".into(),
+        train: common::data("sentiment-movies/train.jsonl"),
+        test: Some(common::data("sentiment-movies/test.jsonl")),
+        test_rows: Some(4),
+        template: "Review: {text}\nSentiment: {label}".into(),
+        target_field: "label".into(),
+        task: TaskKind::Classify,
+        init: InitKind::Vocab,
+        lr: 0.03,
+        warmup: 0,
+        schedule: Schedule::Constant,
+        steps: Some(2),
+        batch: 2,
+        eval_every: 1,
+        ..TrainConfig::default()
+    }
+}
+
+/// Records how each cell was taken up.
+#[derive(Default)]
+struct Record {
+    starts: Vec<(String, CellStart)>,
+    quiet: Quiet,
+}
+
+impl SweepObserver for Record {
+    fn cell_start(&mut self, _: usize, _: usize, cell: &Cell, how: CellStart) {
+        self.starts.push((cell.name.clone(), how));
+    }
+    fn cell_done(&mut self, _: usize, _: usize, _: &Cell, _: &CellResult) {}
+    fn run_observer(&mut self) -> &mut dyn Observer {
+        &mut self.quiet
+    }
+}
+
+fn run(output: &Path, lengths: &str) -> (Vec<CellResult>, Vec<(String, CellStart)>) {
+    let grid = Grid::new(
+        vec![Axis::parse(&format!("num_virtual_tokens={lengths}")).unwrap()],
+        1,
+        &base(),
+    )
+    .unwrap();
+    let sweep = Sweep::new(base(), grid, output.to_path_buf()).unwrap();
+    let mut record = Record::default();
+    let results = sweep.run(&mut record).unwrap();
+    (results, record.starts)
+}
+
+#[test]
+fn cells_run_resume_skip_and_rescore() {
+    let out = scratch("grid");
+    // Cell `num_virtual_tokens-2` was interrupted after its first step's checkpoint.
+    let interrupted = TrainConfig {
+        num_virtual_tokens: 2,
+        steps: Some(1),
+        output: out.join("num_virtual_tokens-2_seed-42"),
+        ..base()
+    };
+    train::train(&interrupted, &mut Quiet).unwrap();
+
+    let (results, starts) = run(&out, "1,2");
+    let how: Vec<CellStart> = starts.iter().map(|s| s.1).collect();
+    assert_eq!(how, vec![CellStart::Fresh, CellStart::Resume(1)]);
+    assert_eq!(results.iter().map(|r| r.steps).collect::<Vec<_>>(), vec![2, 2]);
+    assert!(results.iter().all(|r| r.metric == "test_accuracy"));
+    let metrics = std::fs::read_to_string(out.join("num_virtual_tokens-2_seed-42/metrics.jsonl")).unwrap();
+    let steps: Vec<&str> = metrics.lines().filter(|l| l.contains("\"loss\"")).collect();
+    assert_eq!(steps.len(), 2, "each step once after resuming:\n{metrics}");
+    let lines = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 2);
+    let table = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert!(
+        table.starts_with("| num_virtual_tokens | test_accuracy (%) | seeds |"),
+        "{table}"
+    );
+    assert_eq!(table.matches('★').count(), 1, "{table}");
+
+    // The resumed cell ends where an uninterrupted run of it ends.
+    let fresh = scratch("fresh");
+    run(&fresh, "2");
+    let adapter =
+        |dir: &Path| std::fs::read(dir.join("num_virtual_tokens-2_seed-42/adapter_model.safetensors")).unwrap();
+    assert_eq!(
+        adapter(&out),
+        adapter(&fresh),
+        "resumed cell differs from an uninterrupted run"
+    );
+
+    // A rerun only reads the results.
+    let (again, starts) = run(&out, "1,2");
+    assert!(starts.iter().all(|s| s.1 == CellStart::Finished), "{starts:?}");
+    assert_eq!(again, results);
+
+    // A cell trained to the end but never scored is scored again, to the same figure.
+    std::fs::remove_file(out.join("num_virtual_tokens-1_seed-42/result.json")).unwrap();
+    let (rescored, starts) = run(&out, "1,2");
+    assert_eq!(starts[0].1, CellStart::ScoreOnly);
+    assert_eq!(rescored[0].value, results[0].value);
+
+    // A sweep with other base options refuses the finished cells rather than mixing them in.
+    let grid = Grid::new(vec![Axis::parse("num_virtual_tokens=1").unwrap()], 1, &base()).unwrap();
+    let other = TrainConfig { lr: 0.1, ..base() };
+    let e = Sweep::new(other, grid, out.clone())
+        .unwrap()
+        .run(&mut Record::default())
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("option `lr`"), "{e:#}");
+    let _ = std::fs::remove_dir_all(&out);
+    let _ = std::fs::remove_dir_all(&fresh);
+}
