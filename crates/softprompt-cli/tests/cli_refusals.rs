@@ -96,3 +96,29 @@ fn complete_of_an_empty_text_is_an_error() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("nothing to complete: TEXT is empty"), "{err}");
 }
+
+#[test]
+fn sweep_refuses_resume_flags_missing_output_and_unknown_keys() {
+    let dir = scratch("sweep");
+    let data = rows(&dir);
+    let out = dir.join("out");
+    let out = out.to_str().unwrap();
+    let base = ["sweep", "--train", &data, "--test", &data, "--steps", "1"];
+    let run = |extra: &[&str]| softprompt(&[&base[..], extra].concat());
+    let (code, err) = run(&["--grid", "init=text,vocab", "--resume", "--output", out]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--resume does not apply to a sweep"), "{err}");
+    let (code, err) = run(&["--grid", "init=text,vocab"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("sweep needs --output DIR"), "{err}");
+    let (code, err) = run(&["--grid", "lenght=1,2", "--output", out]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("`lenght` is not a training option"), "{err}");
+    let (code, err) = run(&["--grid", "num_virtual_tokens=0,5", "--output", out]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("num_virtual_tokens"), "{err}");
+    assert!(
+        !std::path::Path::new(out).exists(),
+        "nothing written for a refused sweep"
+    );
+}

@@ -88,10 +88,11 @@ impl Cell {
     }
 }
 
-/// A value for a table or a legend: strings without quotes.
+/// A value for a table or a legend: strings without quotes, on one line (a newline shown as
+/// `\n`, as templates are written).
 pub fn show_value(v: &Value) -> String {
     match v {
-        Value::String(s) => s.clone(),
+        Value::String(s) => s.replace('\n', "\\n"),
         other => other.to_string(),
     }
 }

@@ -231,7 +231,7 @@ pub fn markdown_table(groups: &[Group], metric: &str) -> String {
 /// A value as a Markdown table cell: text in backticks, `|` escaped.
 fn markdown_cell(v: &Value) -> String {
     match v {
-        Value::String(t) => format!("`{}`", t.replace('|', "\\|").replace('`', "'")),
+        Value::String(_) => format!("`{}`", show_value(v).replace('|', "\\|").replace('`', "'")),
         other => show_value(other),
     }
 }
