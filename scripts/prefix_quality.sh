@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The quality table of prefix tuning and Cartridges against prompt tuning (README, issue #10):
+# the sentiment-quality recipe (300 steps, batch 8, 20 virtual tokens or K/V positions, dev 200
+# rows every 100 steps, first 500 test rows), one run per method, seed 42.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release -p softprompt-cli
+sp=target/release/softprompt
+out=${QUALITY_OUT:-runs/quality}
+recipe=examples/sentiment-quality.toml
+plain='Review: {text}\nSentiment: {label}'
+run() { local name=$1; shift; $sp train --config $recipe --output "$out/$name" --overwrite "$@" | tee "$out/$name.json"; }
+mkdir -p "$out"
+run prompt-tuning
+run prefix-zero --template "$plain" --method prefix-tuning --num-virtual-tokens 20 --init zero --lr 0.01
+run prefix-text --template "$plain" --method prefix-tuning --num-virtual-tokens 20 --init text --lr 0.01
+run cartridge --template "$plain" --method cartridge --num-virtual-tokens 20 --init text --lr 0.01
