@@ -102,6 +102,13 @@ impl SweepObserver for CellsBar {
         self.cells
             .println(format!("{}: {} {:.1}%", cell.name, result.metric, 100.0 * result.value));
     }
+    fn cell_failed(&mut self, index: usize, _total: usize, cell: &Cell, error: &anyhow::Error) {
+        if let Some(b) = self.run.bar.take() {
+            b.finish_and_clear();
+        }
+        self.cells.set_position(index as u64 + 1);
+        self.cells.println(format!("{}: FAILED: {error:#}", cell.name));
+    }
     fn run_observer(&mut self) -> &mut dyn Observer {
         &mut self.run
     }

@@ -466,8 +466,14 @@ fn vocab_labels_and_random_inits_on_real_models() {
             ),
             0.0
         );
-        let too_many = PromptInit::Labels(vec!["a".into(); 7]);
-        assert!(initial_prompt(&too_many, 6, d, src, &mut seeded_rng(0)).is_err());
+        // Fewer virtual tokens than labels: token i averages labels i, i + p, …
+        let two = initial_prompt(&PromptInit::Labels(labels.clone()), 2, d, src, &mut seeded_rng(0)).unwrap();
+        let mean_of = |rs: &[usize]| {
+            let rows: Vec<Tensor> = rs.iter().map(|&r| lp.i(r).unwrap().unsqueeze(0).unwrap()).collect();
+            Tensor::cat(&rows, 0).unwrap().mean(0).unwrap()
+        };
+        assert!(max_abs_diff(&two.i(0).unwrap(), &mean_of(&[0, 2])) < 1e-6);
+        assert!(max_abs_diff(&two.i(1).unwrap(), &mean_of(&[1])) < 1e-6);
     }
 }
 

@@ -127,3 +127,21 @@ fn cells_run_resume_skip_and_rescore() {
     let _ = std::fs::remove_dir_all(&out);
     let _ = std::fs::remove_dir_all(&fresh);
 }
+
+#[test]
+fn a_failed_cell_is_reported_and_the_others_still_run() {
+    let out = scratch("failed");
+    // `max_len` 4 cannot hold the prompt: that cell fails once the tokenizer is loaded.
+    let grid = Grid::new(vec![Axis::parse("max_len=4,256").unwrap()], 1, &base()).unwrap();
+    let sweep = Sweep::new(base(), grid, out.clone()).unwrap();
+    let e = format!("{:#}", sweep.run(&mut Record::default()).unwrap_err());
+    assert!(e.contains("1 of 2 cells failed"), "{e}");
+    assert!(
+        e.contains("max_len-4_seed-42: ") && e.contains("does not fit in max_len 4"),
+        "{e}"
+    );
+    assert!(out.join("max_len-256_seed-42/result.json").is_file());
+    let table = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert!(table.contains("| 256 |") && table.contains("Failed cells"), "{table}");
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -26,7 +26,8 @@ pub enum PromptInit {
     Vocab,
     /// One virtual token per label: the label's embedding, averaged over its sub-tokens; the
     /// remaining virtual tokens as [`PromptInit::Vocab`] (drawn among tokens not used by a label).
-    /// Each label is tokenized as written, without special tokens: for byte-level BPE
+    /// With fewer virtual tokens than labels, virtual token `i` is the average of labels `i`,
+    /// `i + p`, `i + 2p`, … (so a one-token prompt starts at the mean of all labels). Each label is tokenized as written, without special tokens: for byte-level BPE
     /// vocabularies pass `" positive"` to get the word as it appears after a space.
     Labels(Vec<String>),
     /// PEFT's `TEXT`: the text is tokenized as PEFT does (`tokenizer(text)`, i.e. with the
@@ -184,12 +185,6 @@ pub fn initial_prompt(
             if labels.is_empty() {
                 bail!("the class-label prompt initialisation needs at least one label");
             }
-            if labels.len() > p {
-                bail!(
-                    "{} labels do not fit into {p} virtual tokens (one virtual token per label)",
-                    labels.len()
-                );
-            }
             let vocab = table.dim(0)?;
             let mut parts = Vec::with_capacity(p);
             let mut used = Vec::new();
@@ -203,6 +198,13 @@ pub fn initial_prompt(
                 check_ids(&ids, vocab)?;
                 used.extend_from_slice(&ids);
                 parts.push(rows(table, &ids)?.mean_keepdim(0)?);
+            }
+            if parts.len() > p {
+                // More labels than virtual tokens: token i averages labels i, i + p, …
+                let shared: Vec<Tensor> = (0..p)
+                    .map(|i| Tensor::cat(&parts[i..].iter().step_by(p).collect::<Vec<_>>(), 0)?.mean_keepdim(0))
+                    .collect::<candle_core::Result<_>>()?;
+                return Ok(Tensor::cat(&shared, 0)?);
             }
             let rest = p - labels.len();
             if rest > 0 {

@@ -31,6 +31,10 @@ pub trait SweepObserver {
     fn cell_start(&mut self, index: usize, total: usize, cell: &Cell, how: CellStart);
     /// Cell `index` finished with `result`.
     fn cell_done(&mut self, index: usize, total: usize, cell: &Cell, result: &CellResult);
+    /// Cell `index` failed with `error`; the sweep goes on with the next cell.
+    fn cell_failed(&mut self, index: usize, total: usize, cell: &Cell, error: &anyhow::Error) {
+        let _ = (index, total, cell, error);
+    }
     /// The observer of the cell's training run.
     fn run_observer(&mut self) -> &mut dyn Observer;
 }
@@ -112,17 +116,38 @@ impl Sweep {
         Ok(cfg)
     }
 
-    /// Runs every cell not yet finished, then writes `results.jsonl` and `results.md` (and the
-    /// plots) from all of them. Returns every cell's result, in grid order.
+    /// Runs every cell not yet finished, writing `results.jsonl` and `results.md` (and the
+    /// plots) after each. A cell that fails is reported and the sweep goes on with the others;
+    /// the sweep then ends with an error naming every failed cell (run it again to retry them).
+    /// Returns every cell's result, in grid order.
     pub fn run(&self, obs: &mut dyn SweepObserver) -> Result<Vec<CellResult>> {
         std::fs::create_dir_all(&self.output).with_context(|| format!("cannot create {}", self.output.display()))?;
         let cells = self.cells();
         let mut results = vec![];
+        let mut failed: Vec<(String, String)> = vec![];
         for (i, cell) in cells.iter().enumerate() {
-            let result = self.run_cell(i, cells.len(), cell, obs)?;
-            obs.cell_done(i, cells.len(), cell, &result);
-            results.push(result);
-            report::write_summaries(&self.output, &self.grid, &results)?;
+            match self.run_cell(i, cells.len(), cell, obs) {
+                Ok(result) => {
+                    obs.cell_done(i, cells.len(), cell, &result);
+                    results.push(result);
+                }
+                Err(e) => {
+                    obs.cell_failed(i, cells.len(), cell, &e);
+                    failed.push((cell.name.clone(), format!("{e:#}")));
+                }
+            }
+            report::write_summaries(&self.output, &self.grid, &results, &failed)?;
+        }
+        if !failed.is_empty() {
+            let list: Vec<String> = failed.iter().map(|(name, e)| format!("{name}: {e}")).collect();
+            bail!(
+                "{} of {} cells failed (the others are in {}; run the same command again to retry \
+                 the failed ones):\n{}",
+                failed.len(),
+                cells.len(),
+                self.output.join("results.md").display(),
+                list.join("\n")
+            );
         }
         Ok(results)
     }

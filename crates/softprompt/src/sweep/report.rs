@@ -182,8 +182,9 @@ pub fn mean_std(values: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
-/// Writes `results.jsonl`, `results.md` and the plots for the results so far.
-pub fn write_summaries(dir: &Path, grid: &Grid, results: &[CellResult]) -> Result<()> {
+/// Writes `results.jsonl`, `results.md` (with a list of the cells that failed, if any) and the
+/// plots for the results so far.
+pub fn write_summaries(dir: &Path, grid: &Grid, results: &[CellResult], failed: &[(String, String)]) -> Result<()> {
     write_atomically(&dir.join("results.jsonl"), |w| {
         for r in results {
             writeln!(w, "{}", serde_json::to_string(r)?)?;
@@ -191,7 +192,13 @@ pub fn write_summaries(dir: &Path, grid: &Grid, results: &[CellResult]) -> Resul
         Ok(())
     })?;
     let groups = groups(grid, results);
-    let table = markdown_table(&groups, results.first().map_or("metric", |r| r.metric.as_str()));
+    let mut table = markdown_table(&groups, results.first().map_or("metric", |r| r.metric.as_str()));
+    if !failed.is_empty() {
+        table += "\nFailed cells (run the sweep again to retry them):\n\n";
+        for (name, e) in failed {
+            table += &format!("- `{name}`: {}\n", e.replace('\n', " "));
+        }
+    }
     write_atomically(&dir.join("results.md"), |w| Ok(w.write_all(table.as_bytes())?))?;
     plots::write_plots(dir, grid, &groups)
 }
@@ -200,7 +207,7 @@ pub fn write_summaries(dir: &Path, grid: &Grid, results: &[CellResult]) -> Resul
 /// deviation in percent and the number of seeds; the best group in bold and marked ★.
 pub fn markdown_table(groups: &[Group], metric: &str) -> String {
     let Some(first) = groups.first() else {
-        return String::new();
+        return "No cell has finished yet.\n".into();
     };
     let best = groups
         .iter()
