@@ -51,6 +51,10 @@ pub struct BenchArgs {
     /// grows with width.
     #[arg(long)]
     random_llama: Option<String>,
+    /// How to hold the frozen linear weights: `f32` or `file` (the file's storage, e.g. GGUF
+    /// Q4_1, converted tile by tile); overrides the recipe's `weights`.
+    #[arg(long, value_enum)]
+    weights: Option<softprompt::backbone::WeightStorage>,
 }
 
 /// The random Llama of `--random-llama`.
@@ -171,6 +175,7 @@ fn bench_recipe(args: &BenchArgs, path: &std::path::Path) -> Result<()> {
     // Paths in the recipe are relative to its folder, as for `train --config`.
     let mut cfg: softprompt::config::TrainConfig = crate::train_cmds::read_config_table(path)?.try_into()?;
     cfg.baseline_template = None;
+    cfg.weights = args.weights.unwrap_or(cfg.weights);
     cfg.output = std::env::temp_dir().join(format!("softprompt-bench-{}", std::process::id()));
     let p = train::prepare(&cfg, &mut train::Quiet)?;
     let mut learner = train::new_learner(&p)?;
@@ -202,6 +207,7 @@ fn bench_recipe(args: &BenchArgs, path: &std::path::Path) -> Result<()> {
     let ceiling = matmul_ceiling(&info, 256);
     let line = json!({
         "workload": "train_step", "recipe": path.display().to_string(), "steps": args.steps,
+        "weights": cfg.weights, "peak_rss_mb": crate::model_cmds::memory_mib().map(|(_, peak)| peak),
         "batch": cfg.batch, "s_per_step_median": step_s, "s_per_step_mean": mean,
         "s_per_step_min": times.iter().cloned().fold(f64::INFINITY, f64::min),
         "s_per_step_max": times.iter().cloned().fold(0.0, f64::max),
@@ -212,8 +218,8 @@ fn bench_recipe(args: &BenchArgs, path: &std::path::Path) -> Result<()> {
         println!("{line}");
     } else {
         println!(
-            "recipe {} · batch {} · {} threads\ntraining step (splice, forward, head, loss, backward, AdamW): median {:.3} s, mean {mean:.3} s over {} steps\nevaluation: {} rows in {eval_s:.2} s = {:.1} rows/s\nmatmul ceiling (256 rows): {ceiling:.1} GFLOP/s\nwhere the time goes (seconds per step):",
-            path.display(), cfg.batch, rayon::current_num_threads(), step_s, times.len(), rows.len(), rows.len() as f64 / eval_s
+            "recipe {} · batch {} · weights {:?} · peak RSS {:.0} MiB · {} threads\ntraining step (splice, forward, head, loss, backward, AdamW): median {:.3} s, mean {mean:.3} s over {} steps\nevaluation: {} rows in {eval_s:.2} s = {:.1} rows/s\nmatmul ceiling (256 rows): {ceiling:.1} GFLOP/s\nwhere the time goes (seconds per step):",
+            path.display(), cfg.batch, cfg.weights, crate::model_cmds::memory_mib().map_or(0.0, |(_, peak)| peak), rayon::current_num_threads(), step_s, times.len(), rows.len(), rows.len() as f64 / eval_s
         );
     }
     print_profile(&kinds, times.len() as f64, args.json);
@@ -233,7 +239,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             random.as_ref()
         }
         None => {
-            loaded = crate::model_cmds::load(&args.model)?;
+            loaded = crate::model_cmds::load_with(&args.model, args.weights.unwrap_or_default())?;
             &*loaded.backbone
         }
     };

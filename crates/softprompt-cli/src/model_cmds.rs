@@ -4,7 +4,7 @@ use anyhow::{bail, Result};
 use candle_core::Device;
 use clap::Args;
 use softprompt::adapter;
-use softprompt::backbone::{self, LoadedModel};
+use softprompt::backbone::{self, LoadedModel, WeightStorage};
 use softprompt::infer::engine::{generate, Event, GenRequest};
 use softprompt::infer::prompt_cache::PromptCache;
 use softprompt::infer::sampling::SamplingParams;
@@ -20,6 +20,17 @@ pub struct ModelArg {
     /// A GGUF file, a Hugging Face model directory, a fetched default model
     /// (`smollm2-135m`, `minilm-l6`) or `hf:org/name` (with the `hub` feature, online).
     pub model: String,
+    /// How to hold the frozen linear weights: `f32` (converted on load, fastest) or `file` (as
+    /// the file stores them, e.g. GGUF Q4_1: the same numbers in less memory).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub weights: WeightStorage,
+}
+
+impl ModelArg {
+    /// Loads the model on the CPU.
+    pub fn load(&self) -> Result<LoadedModel> {
+        load_with(&self.model, self.weights)
+    }
 }
 
 /// Arguments of `info`.
@@ -92,10 +103,10 @@ impl SamplingArgs {
     }
 }
 
-/// Loads MODEL on the CPU.
-pub fn load(spec: &str) -> Result<LoadedModel> {
+/// Loads MODEL on the CPU with its linear weights held as `weights` says.
+pub fn load_with(spec: &str, weights: WeightStorage) -> Result<LoadedModel> {
     let location = model_source::resolve(spec)?;
-    backbone::load(&location, &Device::Cpu)
+    backbone::load_with(&location, &Device::Cpu, weights)
 }
 
 pub fn fetch() -> Result<()> {
@@ -117,7 +128,7 @@ pub fn memory_mib() -> Option<(f64, f64)> {
 
 pub fn info(args: InfoArgs) -> Result<()> {
     let start = Instant::now();
-    let model = load(&args.model.model)?;
+    let model = args.model.load()?;
     let load_s = start.elapsed().as_secs_f64();
     let i = model.backbone.info();
     println!("model:          {}", i.source.display());
@@ -144,7 +155,7 @@ pub fn info(args: InfoArgs) -> Result<()> {
 }
 
 pub fn tokenize(args: TokenizeArgs) -> Result<()> {
-    let model = load(&args.model.model)?;
+    let model = args.model.load()?;
     let ids = model.tokenizer.encode(&args.text, args.special)?;
     let pieces: Vec<String> = ids
         .iter()
@@ -161,7 +172,7 @@ pub fn complete(args: CompleteArgs) -> Result<()> {
     if args.max_tokens == 0 {
         bail!("--max-tokens is 0; it must be at least 1 (the most tokens to generate)");
     }
-    let model = load(&args.model.model)?;
+    let model = args.model.load()?;
     let lm = model.backbone.require_causal("completion")?;
     let prompt = match &args.adapter {
         Some(dir) => PromptCache::from_adapter(lm, &adapter::load_peft(dir)?)?,

@@ -79,8 +79,19 @@ impl CellsBar {
     }
 }
 
+impl CellsBar {
+    /// A line above the bars, or on stderr when they are hidden (not a terminal, e.g. a log).
+    fn say(&self, text: &str) {
+        if self.cells.is_hidden() {
+            eprintln!("{text}");
+        } else {
+            self.cells.println(text);
+        }
+    }
+}
+
 impl SweepObserver for CellsBar {
-    fn cell_start(&mut self, index: usize, _total: usize, cell: &Cell, how: CellStart) {
+    fn cell_start(&mut self, index: usize, total: usize, cell: &Cell, how: CellStart) {
         let what = match how {
             CellStart::Finished => "finished earlier".to_string(),
             CellStart::Resume(step) => format!("resuming at step {step}"),
@@ -89,6 +100,9 @@ impl SweepObserver for CellsBar {
         };
         self.cells.set_position(index as u64);
         self.cells.set_message(format!("{}: {what}", cell.name));
+        if self.cells.is_hidden() {
+            eprintln!("cell {}/{total} {}: {what}", index + 1, cell.name);
+        }
         if how == CellStart::Finished {
             // Finished cells take no time: leave them out of the time-left estimate.
             self.cells.reset_eta();
@@ -107,7 +121,7 @@ impl SweepObserver for CellsBar {
             b.finish_and_clear();
         }
         self.cells.set_position(index as u64 + 1);
-        self.cells.println(format!("{}: FAILED: {error:#}", cell.name));
+        self.say(&format!("{}: FAILED: {error:#}", cell.name));
     }
     fn run_observer(&mut self) -> &mut dyn Observer {
         &mut self.run

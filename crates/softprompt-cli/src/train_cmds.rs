@@ -244,6 +244,9 @@ pub fn train_cmd(args: TrainArgs) -> Result<()> {
 pub struct ScoreArgs {
     /// MODEL.
     model: String,
+    /// How to hold the frozen linear weights: `f32` or `file` (the file's storage, less memory).
+    #[arg(long, value_enum, default_value = "f32")]
+    weights: softprompt::backbone::WeightStorage,
     /// JSONL rows to score.
     #[arg(long)]
     data: PathBuf,
@@ -322,7 +325,7 @@ fn score(args: &ScoreArgs) -> Result<(softprompt::infer::evaluate::EvalResult, s
     if let Some(n) = args.rows {
         data.records.truncate(n);
     }
-    let model = crate::model_cmds::load(&args.model)?;
+    let model = crate::model_cmds::load_with(&args.model, args.weights)?;
     let opts = TaskOptions {
         template: args.template.clone(),
         target_field: args.target_field.clone(),

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+pub use crate::backbone::WeightStorage;
 pub use crate::prompt::encoder::EncoderKind;
 use crate::prompt::{EncoderSpec, PrefixSpec};
 pub use crate::task::TaskKind;
@@ -203,6 +204,11 @@ pub struct TrainConfig {
     /// Where to compute: `cpu`, `cuda` or `cuda:N` (CUDA needs the `cuda` feature).
     #[cfg_attr(feature = "cli", arg(long))]
     pub device: String,
+    /// How the frozen linear weights are held: `f32` (converted on load, fastest) or `file`
+    /// (as the model file stores them, e.g. GGUF Q4_1 or f16, converted tile by tile inside
+    /// each product: the same numbers in a fraction of the memory).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub weights: WeightStorage,
 }
 
 impl Default for TrainConfig {
@@ -252,6 +258,7 @@ impl Default for TrainConfig {
             resume: false,
             overwrite: false,
             device: "cpu".into(),
+            weights: WeightStorage::F32,
         }
     }
 }

@@ -319,14 +319,18 @@ impl GgufFile {
             .collect()
     }
 
+    /// The raw bytes of a tensor's data (bounds were checked when the file was opened).
+    pub fn raw_bytes(&self, e: &TensorEntry) -> &[u8] {
+        &self.mmap[e.offset..e.offset + e.size]
+    }
+
     /// Reads one tensor, dequantized to f32 on `device`, in PyTorch dimension order.
     pub fn tensor_f32(&self, name: &str, device: &Device) -> Result<Tensor> {
         let e = self
             .tensors
             .get(name)
             .ok_or_else(|| anyhow!("{}: tensor `{name}` is missing", self.path.display()))?;
-        let raw = &self.mmap[e.offset..e.offset + e.size];
-        let q = qtensor_from_ggml(e.dtype, raw, e.shape.clone(), device)
+        let q = qtensor_from_ggml(e.dtype, self.raw_bytes(e), e.shape.clone(), device)
             .with_context(|| format!("{}: cannot read tensor `{name}`", self.path.display()))?;
         let t = q
             .dequantize(device)

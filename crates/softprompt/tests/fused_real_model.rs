@@ -1,12 +1,13 @@
 //! On the real SmolLM2 and MiniLM, the fused f32 CPU kernels give the composed candle path's
 //! hidden states and input gradients (the composed path is the one checked against finite
 //! differences and transformers): a batch with a shared prefix (a soft prompt), padding and
-//! rows of different lengths. Its own test binary: it switches paths with an environment
+//! rows of different lengths. SmolLM2 with its weights kept in the file's Q4_1 blocks gives the
+//! numbers of the f32 copy. Its own test binary: it switches paths with an environment
 //! variable read at load time.
 
 mod common;
 use candle_core::{DType, Device, Tensor};
-use softprompt::backbone::{BackboneInput, LoadedModel};
+use softprompt::backbone::{BackboneInput, LoadedModel, WeightStorage};
 
 fn relative(a: &Tensor, b: &Tensor) -> f32 {
     let diff = (a - b)
@@ -28,8 +29,13 @@ fn both(name: &str) -> (LoadedModel, LoadedModel) {
     (composed, common::load_model(name))
 }
 
-fn compare(name: &str, ids: &[[u32; 9]; 3], lens: [usize; 3], prefix: usize) {
-    let (composed, fused) = both(name);
+fn compare(
+    name: &str,
+    (composed, fused): (&LoadedModel, &LoadedModel),
+    ids: &[[u32; 9]; 3],
+    lens: [usize; 3],
+    prefix: usize,
+) {
     let ids = Tensor::new(ids, &Device::Cpu).unwrap();
     let mask: Vec<u32> = (0..27).map(|i| u32::from(i % 9 < lens[i / 9])).collect();
     let mask = Tensor::from_vec(mask, (3, 9), &Device::Cpu).unwrap();
@@ -53,15 +59,15 @@ fn compare(name: &str, ids: &[[u32; 9]; 3], lens: [usize; 3], prefix: usize) {
         let g_rest = g.narrow(1, prefix, 9 - prefix).unwrap();
         (h.broadcast_mul(&keep).unwrap(), g_prompt, g_rest)
     };
-    let (h0, p0, r0) = run(&composed);
-    let (h1, p1, r1) = run(&fused);
+    let (h0, p0, r0) = run(composed);
+    let (h1, p1, r1) = run(fused);
     let errs = [relative(&h1, &h0), relative(&p1, &p0), relative(&r1, &r0)];
     println!(
-        "{name}: fused vs composed, relative max error: hidden {:.1e}, prompt gradient {:.1e}, other gradients {:.1e}",
+        "{name}: relative max error: hidden {:.1e}, prompt gradient {:.1e}, other gradients {:.1e}",
         errs[0], errs[1], errs[2]
     );
     for e in errs {
-        assert!(e < 1e-3, "{name}: fused and composed differ by {e} (relative)");
+        assert!(e < 1e-3, "{name}: the two paths differ by {e} (relative)");
     }
 }
 
@@ -74,11 +80,26 @@ fn fused_equals_composed_on_smollm2_and_minilm() {
         [1, 504, 3575, 282, 38634, 314, 260, 3575, 0],
         [1, 504, 3575, 282, 7, 0, 0, 0, 0],
     ];
-    compare("smollm2-135m", &ids, [9, 8, 5], 4);
+    let (composed, fused) = both("smollm2-135m");
+    compare("smollm2 fused vs composed", (&composed, &fused), &ids, [9, 8, 5], 4);
+    drop(composed);
+    // The weights kept as the file stores them (Q4_1 blocks, converted tile by tile) give the
+    // numbers of the f32 copy made at load.
+    let location = softprompt::model_source::resolve("smollm2-135m").unwrap();
+    let stored = softprompt::backbone::load_with(&location, &Device::Cpu, WeightStorage::File).unwrap();
+    compare(
+        "smollm2 stored (Q4_1) vs f32 weights",
+        (&fused, &stored),
+        &ids,
+        [9, 8, 5],
+        4,
+    );
+    drop((fused, stored));
     let ids = [
         [101u32, 2023, 3185, 2001, 2307, 102, 0, 0, 0],
         [101, 1996, 2143, 2001, 6659, 1010, 2092, 102, 0],
         [101, 7592, 102, 0, 0, 0, 0, 0, 0],
     ];
-    compare("minilm-l6", &ids, [6, 8, 3], 2);
+    let (composed, fused) = both("minilm-l6");
+    compare("minilm fused vs composed", (&composed, &fused), &ids, [6, 8, 3], 2);
 }

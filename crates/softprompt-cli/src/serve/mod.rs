@@ -200,7 +200,7 @@ pub fn state(
 }
 
 pub fn serve_cmd(args: ServeArgs) -> Result<()> {
-    let model = crate::model_cmds::load(&args.model.model)?;
+    let model = args.model.load()?;
     let adapters = match &args.adapters {
         Some(dir) => load_adapters(&model, dir)?,
         None => BTreeMap::new(),

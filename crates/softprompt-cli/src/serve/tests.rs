@@ -17,7 +17,10 @@ fn model() -> Arc<LoadedModel> {
     static MODEL: OnceLock<Arc<LoadedModel>> = OnceLock::new();
     MODEL
         .get_or_init(|| {
-            Arc::new(crate::model_cmds::load("smollm2-135m").expect("run `softprompt fetch` before the tests"))
+            Arc::new(
+                crate::model_cmds::load_with("smollm2-135m", Default::default())
+                    .expect("run `softprompt fetch` before the tests"),
+            )
         })
         .clone()
 }

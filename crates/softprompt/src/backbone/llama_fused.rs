@@ -13,6 +13,7 @@ use anyhow::{ensure, Result};
 use candle_core::{Device, Tensor};
 use softprompt_kernels::{activation, attention, matmul, norm, rope, AttentionLayout};
 
+use super::frozen_weight::FrozenWeight;
 use super::fused::{to_vec, Packed};
 use super::profile::{span, Direction};
 use super::KvCache;
@@ -22,17 +23,17 @@ pub struct FusedLayer {
     /// Attention RMSNorm gain `[D]`.
     pub attn_norm: Vec<f32>,
     /// q, k, v stacked `[D + 2·kv_dim, D]`.
-    pub w_qkv: Vec<f32>,
+    pub w_qkv: FrozenWeight,
     /// Their biases `[D + 2·kv_dim]` (Qwen2).
     pub b_qkv: Option<Vec<f32>>,
     /// Output projection `[D, D]`.
-    pub wo: Vec<f32>,
+    pub wo: FrozenWeight,
     /// MLP RMSNorm gain `[D]`.
     pub ffn_norm: Vec<f32>,
     /// Gate and up stacked `[2·I, D]`.
-    pub w_gate_up: Vec<f32>,
+    pub w_gate_up: FrozenWeight,
     /// Down projection `[D, I]`.
-    pub w_down: Vec<f32>,
+    pub w_down: FrozenWeight,
 }
 
 /// The Llama stack on fused kernels.
@@ -350,7 +351,7 @@ impl FusedLlama {
         let width = d + 2 * kvd;
         let mut qkv = vec![0f32; n * width];
         span("qkv", F, || {
-            matmul::matmul_wt(&n1, &l.w_qkv, &mut qkv, n, d, width, false);
+            l.w_qkv.matmul_wt(&n1, &mut qkv, n, d, width, false);
             if let Some(b) = &l.b_qkv {
                 matmul::add_bias(&mut qkv, b);
             }
@@ -387,7 +388,7 @@ impl FusedLlama {
             attention::attention(&lay, &q, k_slots, v_slots, &mut a, keep.then_some(&mut probs[..]))
         });
         let mut x2 = x.clone();
-        span("o-proj", F, || matmul::matmul_wt(&a, &l.wo, &mut x2, n, d, d, true));
+        span("o-proj", F, || l.wo.matmul_wt(&a, &mut x2, n, d, d, true));
         // MLP block
         let (mut n2, mut rstd2) = (a, vec![0f32; n]);
         span("norm", F, || {
@@ -396,10 +397,10 @@ impl FusedLlama {
         let mut gate_up = vec![0f32; n * 2 * inter];
         let mut out = x2.clone();
         span("mlp", F, || {
-            matmul::matmul_wt(&n2, &l.w_gate_up, &mut gate_up, n, d, 2 * inter, false);
+            l.w_gate_up.matmul_wt(&n2, &mut gate_up, n, d, 2 * inter, false);
             let mut m = vec![0f32; n * inter];
             activation::silu_mul(&gate_up, &mut m, inter);
-            matmul::matmul_wt(&m, &l.w_down, &mut out, n, inter, d, true);
+            l.w_down.matmul_wt(&m, &mut out, n, inter, d, true);
         });
         let tape = keep.then(|| LayerTape {
             x,
@@ -431,10 +432,10 @@ impl FusedLlama {
         let mut dn2 = vec![0f32; n * d];
         span("mlp", B, || {
             let mut dm = vec![0f32; n * inter];
-            matmul::matmul(&dy, &l.w_down, &mut dm, n, d, inter, false);
+            l.w_down.matmul(&dy, &mut dm, n, d, inter, false);
             let mut dgu = vec![0f32; n * 2 * inter];
             activation::silu_mul_backward(&t.gate_up, &dm, &mut dgu, inter);
-            matmul::matmul(&dgu, &l.w_gate_up, &mut dn2, n, 2 * inter, d, false);
+            l.w_gate_up.matmul(&dgu, &mut dn2, n, 2 * inter, d, false);
         });
         let mut dx2 = dy;
         span("norm", B, || {
@@ -442,7 +443,7 @@ impl FusedLlama {
         });
         // attention block
         let mut da = dn2; // reuse
-        span("o-proj", B, || matmul::matmul(&dx2, &l.wo, &mut da, n, d, d, false));
+        span("o-proj", B, || l.wo.matmul(&dx2, &mut da, n, d, d, false));
         let mut dq = vec![0f32; n * d];
         let (mut dk, mut dv) = (vec![0f32; t.k.len()], vec![0f32; t.v.len()]);
         span("attention", B, || {
@@ -477,9 +478,7 @@ impl FusedLlama {
             }
         });
         let mut dn1 = da;
-        span("qkv", B, || {
-            matmul::matmul(&dqkv, &l.w_qkv, &mut dn1, n, width, d, false)
-        });
+        span("qkv", B, || l.w_qkv.matmul(&dqkv, &mut dn1, n, width, d, false));
         let mut dx = dx2;
         span("norm", B, || {
             norm::rms_norm_backward(&t.x, &l.attn_norm, &t.rstd1, &dn1, &mut dx)

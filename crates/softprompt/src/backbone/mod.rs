@@ -9,6 +9,8 @@
 
 pub mod bert;
 pub mod bert_fused;
+pub mod frozen_weight;
+pub use frozen_weight::WeightStorage;
 pub mod fused;
 pub mod llama;
 pub mod llama_fused;
@@ -383,15 +385,22 @@ pub struct LoadedModel {
     pub chat_template: Option<String>,
 }
 
-/// Loads a model (GGUF file or Hugging Face directory) and its tokenizer on `device`.
+/// Loads a model (GGUF file or Hugging Face directory) and its tokenizer on `device`, its
+/// weights converted to f32.
 pub fn load(location: &ModelLocation, device: &Device) -> Result<LoadedModel> {
+    load_with(location, device, WeightStorage::F32)
+}
+
+/// [`load`] with the linear layers' weights kept as `storage` says (Llama family; BERT
+/// encoders always hold f32, as their files do).
+pub fn load_with(location: &ModelLocation, device: &Device, storage: WeightStorage) -> Result<LoadedModel> {
     let (backbone, tokenizer, chat_template): (Model, TextTokenizer, Option<String>) = match location {
         ModelLocation::Gguf(path) => {
             let file = GgufFile::open(path)?;
             let arch = file.get_str("general.architecture")?.to_string();
             let backbone = match arch.as_str() {
                 "llama" | "qwen2" | "mistral" | "smollm" => {
-                    Model::Causal(Box::new(llama::Llama::from_gguf(&file, device)?))
+                    Model::Causal(Box::new(llama::Llama::from_gguf(&file, device, storage)?))
                 }
                 other => bail!(
                     "{}: architecture `{other}` is not supported (supported in GGUF: llama, qwen2, mistral)",
@@ -411,9 +420,9 @@ pub fn load(location: &ModelLocation, device: &Device) -> Result<LoadedModel> {
                 .to_string();
             let weights = weights::SafetensorsWeights::open(dir)?;
             let backbone = match model_type.as_str() {
-                "llama" | "mistral" | "qwen2" => {
-                    Model::Causal(Box::new(llama::Llama::from_hf(dir, &config, &weights, device)?))
-                }
+                "llama" | "mistral" | "qwen2" => Model::Causal(Box::new(llama::Llama::from_hf(
+                    dir, &config, &weights, device, storage,
+                )?)),
                 "bert" => Model::Encoder(Box::new(bert::Bert::from_hf(dir, &config, &weights, device)?)),
                 other => bail!(
                     "{}: model_type `{other}` is not supported (supported: llama, mistral, qwen2, bert)",

@@ -2,6 +2,7 @@
 //! Every tensor is returned as f32; f16/bf16/quantized storage is converted on load.
 
 use anyhow::{anyhow, bail, Context, Result};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -31,6 +32,26 @@ pub trait WeightSource {
         }
         Ok(t)
     }
+
+    /// The tensor `name` as the file stores it: its GGML storage type and raw little-endian
+    /// bytes, row-major in PyTorch order (for weights kept in the file's storage). Sources that
+    /// hold other types give f32.
+    fn stored(&self, name: &str, shape: &[usize]) -> Result<(GgmlDType, Vec<u8>)> {
+        let t = self.tensor_shaped(name, shape, &Device::Cpu)?;
+        let values: Vec<f32> = t.flatten_all()?.to_vec1()?;
+        Ok((GgmlDType::F32, values.iter().flat_map(|v| v.to_le_bytes()).collect()))
+    }
+}
+
+/// Refuses a stored tensor whose shape is not the configuration's.
+fn check_shape(source: &dyn WeightSource, name: &str, found: &[usize], shape: &[usize]) -> Result<()> {
+    if found != shape {
+        bail!(
+            "{}: tensor `{name}` has shape {found:?}, expected {shape:?} from the model's configuration",
+            source.location().display()
+        );
+    }
+    Ok(())
 }
 
 impl WeightSource for GgufFile {
@@ -49,6 +70,14 @@ impl WeightSource for GgufFile {
     }
     fn location(&self) -> &Path {
         self.path()
+    }
+    fn stored(&self, name: &str, shape: &[usize]) -> Result<(GgmlDType, Vec<u8>)> {
+        let e = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| anyhow!("{}: tensor `{name}` is missing", self.path().display()))?;
+        check_shape(self, name, &e.shape, shape)?;
+        Ok((e.dtype, self.raw_bytes(e).to_vec()))
     }
 }
 
@@ -136,6 +165,24 @@ impl WeightSource for SafetensorsWeights {
     }
     fn location(&self) -> &Path {
         self.files.first().map(|p| p.as_path()).unwrap_or(&self.dir)
+    }
+    fn stored(&self, name: &str, shape: &[usize]) -> Result<(GgmlDType, Vec<u8>)> {
+        let view = self
+            .inner
+            .get(name)
+            .map_err(|e| anyhow!("{}: cannot load tensor `{name}`: {e}", self.dir.display()))?;
+        let dtype = match view.dtype() {
+            safetensors::Dtype::F16 => GgmlDType::F16,
+            safetensors::Dtype::BF16 => GgmlDType::BF16,
+            safetensors::Dtype::F32 => GgmlDType::F32,
+            _ => {
+                let t = self.tensor_shaped(name, shape, &Device::Cpu)?;
+                let values: Vec<f32> = t.flatten_all()?.to_vec1()?;
+                return Ok((GgmlDType::F32, values.iter().flat_map(|v| v.to_le_bytes()).collect()));
+            }
+        };
+        check_shape(self, name, view.shape(), shape)?;
+        Ok((dtype, view.data().to_vec()))
     }
 }
 

@@ -162,7 +162,7 @@ pub fn prepare(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<Prepared> {
         )?,
     };
     let location = model_source::resolve(&cfg.model)?;
-    let model = backbone::load(&location, &device)?;
+    let model = backbone::load_with(&location, &device, cfg.weights)?;
     check_task(cfg, &model.backbone)?;
     let task = Task::new(
         cfg.task,

@@ -1,11 +1,12 @@
 //! Loading a Llama-family model: GGUF files (llama.cpp's names and q/k row order) and Hugging
 //! Face directories (config.json + safetensors), into the composed tensors or the fused rows.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use std::path::Path;
 
 use super::{rope_tables, Layer, Llama, LlamaConfig};
+use crate::backbone::frozen_weight::{reorder_rows, FrozenWeight, StoredRows, WeightStorage};
 use crate::backbone::llama_fused::{FusedLayer, FusedLlama};
 use crate::backbone::weights::WeightSource;
 use crate::backbone::{Arch, ModelInfo};
@@ -76,17 +77,30 @@ fn hf_name(p: P, l: usize) -> String {
 /// Undoes llama.cpp's permutation of q/k rows (interleaved → half-split rotary layout):
 /// rows `[h, d/2, 2]` → `[h, 2, d/2]`.
 fn unpermute_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
-    let (rows, cols) = w.dims2()?;
+    let order: Vec<u32> = unpermuted_order(w.dim(0)?, heads)
+        .into_iter()
+        .map(|r| r as u32)
+        .collect();
+    Ok(w.index_select(&Tensor::new(order.as_slice(), w.device())?, 0)?)
+}
+
+/// The row order that undoes llama.cpp's q/k permutation: row `r` of the result is row
+/// `order[r]` of the file's. Within each head, the file interleaves the two rotary halves
+/// (rows 0, 2, 4, … are the first half); HF keeps each half contiguous.
+fn unpermuted_order(rows: usize, heads: usize) -> Vec<usize> {
     let hd = rows / heads;
-    Ok(w.reshape((heads, hd / 2, 2, cols))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((rows, cols))?)
+    (0..rows)
+        .map(|r| {
+            let (h, j) = (r / hd, r % hd);
+            let (half, i) = (j / (hd / 2), j % (hd / 2));
+            h * hd + 2 * i + half
+        })
+        .collect()
 }
 
 impl Llama {
     /// Loads a GGUF file whose `general.architecture` is llama, mistral or qwen2.
-    pub fn from_gguf(file: &GgufFile, device: &Device) -> Result<Self> {
+    pub fn from_gguf(file: &GgufFile, device: &Device, storage: WeightStorage) -> Result<Self> {
         let arch = file.get_str("general.architecture")?.to_string();
         let key = |k: &str| format!("{arch}.{k}");
         let heads = file.get_usize(&key("attention.head_count"))?;
@@ -108,7 +122,7 @@ impl Llama {
         };
         // llama.cpp permutes q/k rows for the llama architecture only (qwen2 keeps HF's layout).
         let unpermute = arch == "llama" || arch == "mistral";
-        Self::build(cfg, file, gguf_name, unpermute, arch, device)
+        Self::build(cfg, file, (gguf_name, unpermute), arch, device, storage)
     }
 
     /// Loads a Hugging Face directory (`config.json` + safetensors).
@@ -117,6 +131,7 @@ impl Llama {
         config: &serde_json::Value,
         weights: &dyn WeightSource,
         device: &Device,
+        storage: WeightStorage,
     ) -> Result<Self> {
         let f = crate::backbone::config_fields(dir, config)?;
         let heads = f.req_usize("num_attention_heads")?;
@@ -132,21 +147,28 @@ impl Llama {
             max_positions: f.opt_usize("max_position_embeddings")?.unwrap_or(4096),
         };
         let model_type = f.opt_str("model_type")?.unwrap_or_else(|| "llama".to_string());
-        Self::build(cfg, weights, hf_name, false, model_type, device)
+        Self::build(cfg, weights, (hf_name, false), model_type, device, storage)
     }
 
     /// Builds a model from Hugging Face-named weights and an explicit configuration.
     pub fn from_weights(cfg: LlamaConfig, weights: &dyn WeightSource, device: &Device) -> Result<Self> {
-        Self::build(cfg, weights, hf_name, false, "llama".into(), device)
+        Self::build(
+            cfg,
+            weights,
+            (hf_name, false),
+            "llama".into(),
+            device,
+            WeightStorage::F32,
+        )
     }
 
     fn build(
         cfg: LlamaConfig,
         w: &dyn WeightSource,
-        name: fn(P, usize) -> String,
-        unpermute: bool,
+        (name, unpermute): (fn(P, usize) -> String, bool),
         model_type: String,
         device: &Device,
+        storage: WeightStorage,
     ) -> Result<Self> {
         cfg.validate(w.location())?;
         let (d, hd, i) = (cfg.hidden, cfg.head_dim(), cfg.intermediate);
@@ -160,8 +182,64 @@ impl Llama {
             }
         };
         let embed = get(P::Embed, 0, &[cfg.vocab, d])?;
+        let keep_stored = storage == WeightStorage::File;
+        let fused_path = crate::backbone::fused::applies(device, embed.dtype());
+        if keep_stored && !fused_path {
+            bail!(
+                "weights = \"file\" keeps the weights in the file's storage for the fused CPU kernels; \
+                 it needs device cpu (and SOFTPROMPT_COMPOSED unset)"
+            );
+        }
+        // A linear weight as the file stores it, rows reordered where llama.cpp permuted them.
+        let stored = |p: P, l: usize, shape: [usize; 2], heads: Option<usize>| -> Result<StoredRows> {
+            let (dtype, bytes) = w.stored(&name(p, l), &shape)?;
+            let bytes = match heads {
+                Some(h) if unpermute => reorder_rows(&bytes, &unpermuted_order(shape[0], h)),
+                _ => bytes,
+            };
+            StoredRows::from_bytes(dtype, shape[0], shape[1], &bytes)
+                .with_context(|| format!("{}: tensor `{}`", w.location().display(), name(p, l)))
+        };
         let mut layers = Vec::with_capacity(cfg.layers);
+        let mut stored_layers = Vec::with_capacity(cfg.layers);
+        let mut biases = 0;
         for l in 0..cfg.layers {
+            let parts = [
+                opt(P::QBias, l, &[d])?,
+                opt(P::KBias, l, &[kvd])?,
+                opt(P::VBias, l, &[kvd])?,
+            ];
+            let b_qkv = if parts.iter().any(Option::is_some) {
+                let filled: Vec<Tensor> = parts
+                    .into_iter()
+                    .zip([d, kvd, kvd])
+                    .map(|(b, n)| b.map_or_else(|| Tensor::zeros(n, embed.dtype(), device), Ok))
+                    .collect::<candle_core::Result<_>>()?;
+                biases += d + 2 * kvd;
+                Some(Tensor::cat(&filled, 0)?)
+            } else {
+                None
+            };
+            if keep_stored {
+                use crate::backbone::fused::to_vec;
+                stored_layers.push(FusedLayer {
+                    attn_norm: to_vec(&get(P::AttnNorm, l, &[d])?)?,
+                    w_qkv: FrozenWeight::Stored(vec![
+                        stored(P::Q, l, [d, d], Some(cfg.heads))?,
+                        stored(P::K, l, [kvd, d], Some(cfg.kv_heads))?,
+                        stored(P::V, l, [kvd, d], None)?,
+                    ]),
+                    b_qkv: b_qkv.as_ref().map(to_vec).transpose()?,
+                    wo: FrozenWeight::Stored(vec![stored(P::O, l, [d, d], None)?]),
+                    ffn_norm: to_vec(&get(P::FfnNorm, l, &[d])?)?,
+                    w_gate_up: FrozenWeight::Stored(vec![
+                        stored(P::Gate, l, [i, d], None)?,
+                        stored(P::Up, l, [i, d], None)?,
+                    ]),
+                    w_down: FrozenWeight::Stored(vec![stored(P::Down, l, [d, i], None)?]),
+                });
+                continue;
+            }
             let mut wq = get(P::Q, l, &[d, d])?;
             let mut wk = get(P::K, l, &[kvd, d])?;
             if unpermute {
@@ -169,21 +247,6 @@ impl Llama {
                 wk = unpermute_rows(&wk, cfg.kv_heads)?;
             }
             let wv = get(P::V, l, &[kvd, d])?;
-            let biases = [
-                opt(P::QBias, l, &[d])?,
-                opt(P::KBias, l, &[kvd])?,
-                opt(P::VBias, l, &[kvd])?,
-            ];
-            let b_qkv = if biases.iter().any(Option::is_some) {
-                let filled: Vec<Tensor> = biases
-                    .into_iter()
-                    .zip([d, kvd, kvd])
-                    .map(|(b, n)| b.map_or_else(|| Tensor::zeros(n, embed.dtype(), device), Ok))
-                    .collect::<candle_core::Result<_>>()?;
-                Some(Tensor::cat(&filled, 0)?)
-            } else {
-                None
-            };
             let gate = get(P::Gate, l, &[i, d])?;
             let up = get(P::Up, l, &[i, d])?;
             layers.push(Layer {
@@ -201,17 +264,18 @@ impl Llama {
         let tied = lm_head.is_none();
         let lm_head = lm_head.unwrap_or_else(|| embed.clone());
         let per_layer = 2 * d + 2 * d * d + 2 * kvd * d + 3 * d * i;
-        let biases: usize = layers
-            .iter()
-            .filter_map(|l| l.b_qkv.as_ref())
-            .map(Tensor::elem_count)
-            .sum();
         let params = cfg.vocab * d * if tied { 1 } else { 2 } + d + cfg.layers * per_layer + biases;
         let (cos, sin) = rope_tables(&cfg, embed.dtype(), device)?;
-        let fused = if crate::backbone::fused::applies(device, embed.dtype()) {
-            Some(Self::fuse(&cfg, std::mem::take(&mut layers), &norm, &cos, &sin)?)
-        } else {
-            None
+        let fused = match (keep_stored, fused_path) {
+            (true, _) => Some(Self::fused_stack(&cfg, stored_layers, &norm, &cos, &sin)?),
+            (false, true) => {
+                let layers = std::mem::take(&mut layers)
+                    .into_iter()
+                    .map(Self::fuse_layer)
+                    .collect::<Result<_>>()?;
+                Some(Self::fused_stack(&cfg, layers, &norm, &cos, &sin)?)
+            }
+            (false, false) => None,
         };
         let info = ModelInfo {
             arch: Arch::Llama,
@@ -240,23 +304,29 @@ impl Llama {
         })
     }
 
-    /// Moves the layers' weights into the plain rows the fused CPU kernels read.
-    fn fuse(cfg: &LlamaConfig, layers: Vec<Layer>, norm: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<FusedLlama> {
+    /// Moves a layer's weights into the plain f32 rows the fused CPU kernels read.
+    fn fuse_layer(l: Layer) -> Result<FusedLayer> {
         use crate::backbone::fused::to_vec;
-        let layers = layers
-            .into_iter()
-            .map(|l| {
-                Ok(FusedLayer {
-                    attn_norm: to_vec(&l.attn_norm)?,
-                    w_qkv: to_vec(&l.w_qkv)?,
-                    b_qkv: l.b_qkv.as_ref().map(to_vec).transpose()?,
-                    wo: to_vec(&l.wo)?,
-                    ffn_norm: to_vec(&l.ffn_norm)?,
-                    w_gate_up: to_vec(&l.w_gate_up)?,
-                    w_down: to_vec(&l.w_down)?,
-                })
-            })
-            .collect::<Result<_>>()?;
+        Ok(FusedLayer {
+            attn_norm: to_vec(&l.attn_norm)?,
+            w_qkv: FrozenWeight::F32(to_vec(&l.w_qkv)?),
+            b_qkv: l.b_qkv.as_ref().map(to_vec).transpose()?,
+            wo: FrozenWeight::F32(to_vec(&l.wo)?),
+            ffn_norm: to_vec(&l.ffn_norm)?,
+            w_gate_up: FrozenWeight::F32(to_vec(&l.w_gate_up)?),
+            w_down: FrozenWeight::F32(to_vec(&l.w_down)?),
+        })
+    }
+
+    /// The fused stack of `layers`, the final norm and the RoPE tables.
+    fn fused_stack(
+        cfg: &LlamaConfig,
+        layers: Vec<FusedLayer>,
+        norm: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<FusedLlama> {
+        use crate::backbone::fused::to_vec;
         Ok(FusedLlama {
             layers,
             norm: to_vec(norm)?,

@@ -1,0 +1,269 @@
+//! A frozen linear weight `[out, in]` for the fused kernels: plain f32 rows, or the rows as the
+//! model file stores them (GGUF quantized blocks, f16, bf16), converted to f32 tile by tile
+//! inside each product. Only the two products a frozen layer needs exist: the forward
+//! `x · Wᵀ` and the input gradient `dy · W`.
+
+use anyhow::{bail, Result};
+use candle_core::quantized::k_quants::{
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8K, BlockQ8_0,
+    GgmlType,
+};
+use candle_core::quantized::GgmlDType;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use softprompt_kernels::matmul;
+
+/// How the fused CPU path keeps the frozen weights of the linear layers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[serde(rename_all = "kebab-case")]
+pub enum WeightStorage {
+    /// Converted to f32 when the model loads (fastest; 4 bytes per weight).
+    #[default]
+    F32,
+    /// As the file stores them (GGUF Q4_0/Q4_1/Q5_x/Q8_0/K-quants, f16, bf16), converted to f32
+    /// tile by tile inside each product: the same numbers as `f32` in a fraction of the memory,
+    /// for some speed. The embedding table, norms and biases stay f32.
+    File,
+}
+
+/// A frozen `[rows, cols]` weight.
+pub enum FrozenWeight {
+    /// Plain f32 rows.
+    F32(Vec<f32>),
+    /// Rows in the file's storage: parts stacked by rows (e.g. q, k and v, each in the type
+    /// its file gives it).
+    Stored(Vec<StoredRows>),
+}
+
+impl FrozenWeight {
+    /// `out (+)= x · Wᵀ` with `x: [m, k]`, `W: [n, k]`, `out: [m, n]`.
+    pub fn matmul_wt(&self, x: &[f32], out: &mut [f32], m: usize, k: usize, n: usize, accumulate: bool) {
+        match self {
+            FrozenWeight::F32(w) => matmul::matmul_wt(x, w, out, m, k, n, accumulate),
+            FrozenWeight::Stored(s) => matmul::matmul_wt_by_rows(
+                x,
+                &|r0, r1, t: &mut [f32]| stack_rows_f32(s, r0, r1, t),
+                out,
+                m,
+                k,
+                n,
+                accumulate,
+            ),
+        }
+    }
+
+    /// `out (+)= dy · W` with `dy: [m, k]`, `W: [k, n]`, `out: [m, n]` (the input gradient).
+    pub fn matmul(&self, dy: &[f32], out: &mut [f32], m: usize, k: usize, n: usize, accumulate: bool) {
+        match self {
+            FrozenWeight::F32(w) => matmul::matmul(dy, w, out, m, k, n, accumulate),
+            FrozenWeight::Stored(s) => matmul::matmul_by_rows(
+                dy,
+                &|r0, r1, t: &mut [f32]| stack_rows_f32(s, r0, r1, t),
+                out,
+                m,
+                k,
+                n,
+                accumulate,
+            ),
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        match self {
+            FrozenWeight::F32(w) => 4 * w.len(),
+            FrozenWeight::Stored(s) => s.iter().map(|p| p.blocks.bytes()).sum(),
+        }
+    }
+}
+
+/// Rows `r0..r1` of parts stacked by rows, as f32 into `out: [r1 - r0, cols]`, several rows at a
+/// time in parallel.
+fn stack_rows_f32(parts: &[StoredRows], r0: usize, r1: usize, out: &mut [f32]) {
+    const ROWS_PER_TASK: usize = 8;
+    let cols = out.len() / (r1 - r0).max(1);
+    out.par_chunks_mut(ROWS_PER_TASK * cols)
+        .enumerate()
+        .for_each(|(i, chunk)| {
+            let mut a = r0 + i * ROWS_PER_TASK;
+            let b = (a + ROWS_PER_TASK).min(r1);
+            let mut start = 0;
+            for part in parts {
+                let end = start + part.rows;
+                if a < end && a < b {
+                    let to = b.min(end);
+                    let (head, _) = chunk[(a - r0 - i * ROWS_PER_TASK) * cols..].split_at_mut((to - a) * cols);
+                    part.blocks.rows_f32(a - start, to - start, head);
+                    a = to;
+                }
+                start = end;
+            }
+        });
+}
+
+/// Rows in a GGML storage type: every row a whole number of blocks.
+pub struct StoredRows {
+    dtype: GgmlDType,
+    rows: usize,
+    blocks: Box<dyn BlockRows>,
+}
+
+impl StoredRows {
+    /// Rows from their raw little-endian bytes in `dtype` (as in a GGUF file or, for f16/bf16/
+    /// f32, a safetensors file): `rows · cols / block_size` blocks of `type_size` bytes.
+    pub fn from_bytes(dtype: GgmlDType, rows: usize, cols: usize, bytes: &[u8]) -> Result<StoredRows> {
+        let (bs, ts) = (dtype.block_size(), dtype.type_size());
+        if !cols.is_multiple_of(bs) {
+            bail!("rows of {cols} values do not split into {dtype:?} blocks of {bs}");
+        }
+        let n_blocks = rows * cols / bs;
+        if bytes.len() != n_blocks * ts {
+            bail!(
+                "{} bytes for a [{rows}, {cols}] {dtype:?} weight; expected {}",
+                bytes.len(),
+                n_blocks * ts
+            );
+        }
+        let per_row = cols / bs;
+        let blocks: Box<dyn BlockRows> = match dtype {
+            GgmlDType::F32 => typed::<f32>(bytes, per_row),
+            GgmlDType::F16 => typed::<half::f16>(bytes, per_row),
+            GgmlDType::BF16 => typed::<half::bf16>(bytes, per_row),
+            GgmlDType::Q4_0 => typed::<BlockQ4_0>(bytes, per_row),
+            GgmlDType::Q4_1 => typed::<BlockQ4_1>(bytes, per_row),
+            GgmlDType::Q5_0 => typed::<BlockQ5_0>(bytes, per_row),
+            GgmlDType::Q5_1 => typed::<BlockQ5_1>(bytes, per_row),
+            GgmlDType::Q8_0 => typed::<BlockQ8_0>(bytes, per_row),
+            GgmlDType::Q2K => typed::<BlockQ2K>(bytes, per_row),
+            GgmlDType::Q3K => typed::<BlockQ3K>(bytes, per_row),
+            GgmlDType::Q4K => typed::<BlockQ4K>(bytes, per_row),
+            GgmlDType::Q5K => typed::<BlockQ5K>(bytes, per_row),
+            GgmlDType::Q6K => typed::<BlockQ6K>(bytes, per_row),
+            GgmlDType::Q8K => typed::<BlockQ8K>(bytes, per_row),
+            GgmlDType::Q8_1 => bail!("Q8_1 is an activation format, not a weight storage"),
+        };
+        Ok(StoredRows { dtype, rows, blocks })
+    }
+
+    /// The storage type.
+    pub fn dtype(&self) -> GgmlDType {
+        self.dtype
+    }
+}
+
+/// Raw bytes in a row-major `[rows, row_bytes]` layout with the rows reordered: row `r` of the
+/// result is row `order[r]` of `bytes` (used to undo llama.cpp's q/k row permutation on stored
+/// blocks, exactly as it is undone on f32 rows).
+pub fn reorder_rows(bytes: &[u8], order: &[usize]) -> Vec<u8> {
+    let row_bytes = bytes.len() / order.len().max(1);
+    order
+        .iter()
+        .flat_map(|&r| &bytes[r * row_bytes..(r + 1) * row_bytes])
+        .copied()
+        .collect()
+}
+
+/// Blocks of one GGML type, converted to f32 by whole rows.
+trait BlockRows: Send + Sync {
+    /// Rows `r0..r1` into `out`.
+    fn rows_f32(&self, r0: usize, r1: usize, out: &mut [f32]);
+    /// Bytes held.
+    fn bytes(&self) -> usize;
+}
+
+/// Blocks of type `T`, `per_row` to a row.
+struct Typed<T> {
+    blocks: Vec<T>,
+    per_row: usize,
+}
+
+impl<T: GgmlType> BlockRows for Typed<T> {
+    fn rows_f32(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        T::to_float(&self.blocks[r0 * self.per_row..r1 * self.per_row], out);
+    }
+    fn bytes(&self) -> usize {
+        self.blocks.len() * std::mem::size_of::<T>()
+    }
+}
+
+/// Copies raw bytes into a vector of blocks (the bytes need not be aligned for `T`).
+fn typed<T: GgmlType + 'static>(bytes: &[u8], per_row: usize) -> Box<dyn BlockRows> {
+    let n = bytes.len() / std::mem::size_of::<T>();
+    let mut blocks = vec![T::zeros(); n];
+    // SAFETY: GGML block types are plain `repr(C)` structs of integers and f16 (every bit
+    // pattern is a valid value) of exactly `type_size` bytes; `blocks` holds n of them, i.e.
+    // `bytes.len()` bytes (checked by the caller), and the regions do not overlap.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            bytes.as_ptr(),
+            blocks.as_mut_ptr().cast::<u8>(),
+            n * std::mem::size_of::<T>(),
+        );
+    }
+    Box::new(Typed { blocks, per_row })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::QTensor;
+    use candle_core::{Device, Tensor};
+
+    /// A stored weight converts to exactly what candle's whole-tensor dequantization gives,
+    /// and its products equal the f32 products of those values.
+    #[test]
+    fn stored_rows_dequantize_like_candle_and_multiply_like_f32() {
+        let (rows, cols, m) = (300, 64, 3);
+        let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap();
+        for dtype in [
+            GgmlDType::Q4_1,
+            GgmlDType::Q8_0,
+            GgmlDType::F16,
+            GgmlDType::BF16,
+            GgmlDType::Q4_0,
+        ] {
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let want: Vec<f32> = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            // Stacked from two parts (of different types: the second is f32).
+            let bytes = q.data().unwrap();
+            let split = 100 * cols / dtype.block_size() * dtype.type_size();
+            let top = StoredRows::from_bytes(dtype, 100, cols, &bytes[..split]).unwrap();
+            let rest: Vec<u8> = want[100 * cols..].iter().flat_map(|v| v.to_le_bytes()).collect();
+            let bottom = StoredRows::from_bytes(GgmlDType::F32, rows - 100, cols, &rest).unwrap();
+            let parts = vec![top, bottom];
+            let mut got = vec![0.0; rows * cols];
+            stack_rows_f32(&parts, 0, rows, &mut got);
+            assert_eq!(got, want, "{dtype:?}");
+            let mut some = vec![0.0; 11 * cols];
+            stack_rows_f32(&parts, 95, 106, &mut some);
+            assert_eq!(some, want[95 * cols..106 * cols], "{dtype:?}");
+            let plain = FrozenWeight::F32(want);
+            let stored = FrozenWeight::Stored(parts);
+            assert!(stored.bytes() <= plain.bytes());
+            let x: Vec<f32> = (0..m * cols).map(|i| (i as f32 * 0.3).sin()).collect();
+            let (mut a, mut b) = (vec![0.0; m * rows], vec![0.0; m * rows]);
+            plain.matmul_wt(&x, &mut a, m, cols, rows, false);
+            stored.matmul_wt(&x, &mut b, m, cols, rows, false);
+            assert!(a.iter().zip(&b).all(|(p, q)| (p - q).abs() < 1e-4), "{dtype:?}");
+            let dy: Vec<f32> = (0..m * rows).map(|i| (i as f32 * 0.7).cos()).collect();
+            let (mut a, mut b) = (vec![0.0; m * cols], vec![0.0; m * cols]);
+            plain.matmul(&dy, &mut a, m, rows, cols, false);
+            stored.matmul(&dy, &mut b, m, rows, cols, false);
+            assert!(a.iter().zip(&b).all(|(p, q)| (p - q).abs() < 1e-3), "{dtype:?}");
+        }
+    }
+
+    #[test]
+    fn wrong_sizes_are_refused() {
+        assert!(StoredRows::from_bytes(GgmlDType::Q8_0, 2, 48, &[0; 68]).is_err());
+        assert!(StoredRows::from_bytes(GgmlDType::Q8_0, 2, 32, &[0; 67]).is_err());
+        assert!(StoredRows::from_bytes(GgmlDType::Q8_0, 2, 32, &[0; 68]).is_ok());
+    }
+}
