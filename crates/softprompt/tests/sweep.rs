@@ -1,5 +1,5 @@
 //! `sweep` on the real SmolLM2 with a tiny grid and a few steps per cell: every cell runs, an
-//! interrupted cell resumes from its checkpoint (ending bit-identical to an uninterrupted run), a
+//! cell killed before its first checkpoint starts over, an interrupted cell resumes from its checkpoint (ending bit-identical to an uninterrupted run), a
 //! rerun skips finished cells, and a cell trained but not yet scored is only scored.
 
 mod common;
@@ -76,6 +76,10 @@ fn cells_run_resume_skip_and_rescore() {
         ..base()
     };
     train::train(&interrupted, &mut Quiet).unwrap();
+    // Cell `num_virtual_tokens-1` was killed before its first checkpoint: only metrics remain.
+    let killed = out.join("num_virtual_tokens-1_seed-42");
+    std::fs::create_dir_all(&killed).unwrap();
+    std::fs::write(killed.join("metrics.jsonl"), "{\"step\": 1, \"loss\": 1.0}\n").unwrap();
 
     let (results, starts) = run(&out, "1,2");
     let how: Vec<CellStart> = starts.iter().map(|s| s.1).collect();

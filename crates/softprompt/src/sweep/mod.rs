@@ -176,6 +176,12 @@ impl Sweep {
             }
             None => {
                 obs.cell_start(index, total, cell, CellStart::Fresh);
+                // A run killed before its first checkpoint leaves only its metrics: nothing
+                // worth keeping, so the cell starts over in place.
+                let cfg = TrainConfig {
+                    overwrite: killed_before_checkpoint(&dir),
+                    ..cfg
+                };
                 CellResult::from_report(&cfg, &train::train(&cfg, obs.run_observer()).with_context(context)?)?
             }
         };
@@ -183,6 +189,13 @@ impl Sweep {
         result.write(&result_path)?;
         Ok(result)
     }
+}
+
+/// Whether `dir` holds what a run killed before its first checkpoint leaves: files, but no
+/// checkpoint and no adapter.
+fn killed_before_checkpoint(dir: &Path) -> bool {
+    let has_files = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
+    has_files && !dir.join(crate::adapter::ADAPTER_WEIGHTS).exists()
 }
 
 /// Whether the run in `dir`, checkpointed at `step`, has nothing left to train: its last step

@@ -103,25 +103,25 @@ impl CellResult {
 
     /// Refuses a finished cell that was run with other options than `cfg` (the base
     /// configuration changed between runs of the sweep), naming the first option that differs.
+    /// An option the result does not record (added to softprompt after the cell ran) counts as
+    /// its default.
     pub fn check_options(&self, cfg: &TrainConfig, path: &Path) -> Result<()> {
-        let now = comparable_options(cfg)?;
-        if now == self.options {
-            return Ok(());
-        }
-        let (Value::Object(then), Value::Object(now)) = (&self.options, &now) else {
+        let (Value::Object(then), Value::Object(now), Value::Object(defaults)) = (
+            &self.options,
+            &comparable_options(cfg)?,
+            &comparable_options(&TrainConfig::default())?,
+        ) else {
             bail!("{}: field `options` is not an object", path.display());
         };
-        let key = now
-            .keys()
-            .find(|k| then.get(*k) != now.get(*k))
-            .cloned()
-            .unwrap_or_default();
+        let recorded = |k: &str| then.get(k).or(defaults.get(k)).unwrap_or(&Value::Null);
+        let Some((key, value)) = now.iter().find(|(k, v)| recorded(k) != *v) else {
+            return Ok(());
+        };
         bail!(
-            "{} was run with option `{key}` = {}, but this sweep gives it {}: use another \
+            "{} was run with option `{key}` = {}, but this sweep gives it {value}: use another \
              output folder for the new sweep, or remove that cell's folder to rerun it",
             path.display(),
-            then.get(&key).unwrap_or(&Value::Null),
-            now.get(&key).unwrap_or(&Value::Null),
+            recorded(key),
         )
     }
 }
@@ -291,6 +291,16 @@ mod tests {
         let other = TrainConfig { lr: 0.5, ..cfg.clone() };
         let e = format!("{:#}", r.check_options(&other, Path::new("x/result.json")).unwrap_err());
         assert!(e.contains("option `lr` = 0.03, but this sweep gives it 0.5"), "{e}");
+        // An option added after the cell ran counts as its default.
+        if let Value::Object(m) = &mut r.options {
+            m.remove("weights");
+        }
+        r.check_options(&cfg, Path::new("x/result.json")).unwrap();
+        let other = TrainConfig {
+            weights: crate::backbone::WeightStorage::File,
+            ..cfg.clone()
+        };
+        assert!(r.check_options(&other, Path::new("x/result.json")).is_err());
         r.options = Value::Null;
         assert!(r.check_options(&cfg, Path::new("x")).is_err());
     }
