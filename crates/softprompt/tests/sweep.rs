@@ -120,6 +120,28 @@ fn cells_run_resume_skip_and_rescore() {
     assert_eq!(starts[0].1, CellStart::ScoreOnly);
     assert_eq!(rescored[0].value, results[0].value);
 
+    // A second sweep in a folder where one is running (here: this process's parent, alive) is
+    // refused; a lock left by a process that is gone is taken over.
+    let parent = std::fs::read_to_string("/proc/self/stat")
+        .unwrap()
+        .split_whitespace()
+        .nth(3)
+        .unwrap()
+        .to_string();
+    std::fs::write(out.join("sweep.lock"), &parent).unwrap();
+    let grid = Grid::new(vec![Axis::parse("num_virtual_tokens=1").unwrap()], 1, &base()).unwrap();
+    let e = Sweep::new(base(), grid, out.clone())
+        .unwrap()
+        .run(&mut Record::default())
+        .unwrap_err();
+    assert!(
+        format!("{e:#}").contains(&format!("another sweep (process {parent})")),
+        "{e:#}"
+    );
+    std::fs::write(out.join("sweep.lock"), "999999999").unwrap();
+    run(&out, "1,2");
+    assert!(!out.join("sweep.lock").exists());
+
     // A sweep with other base options refuses the finished cells rather than mixing them in.
     let grid = Grid::new(vec![Axis::parse("num_virtual_tokens=1").unwrap()], 1, &base()).unwrap();
     let other = TrainConfig { lr: 0.1, ..base() };

@@ -122,6 +122,7 @@ impl Sweep {
     /// Returns every cell's result, in grid order.
     pub fn run(&self, obs: &mut dyn SweepObserver) -> Result<Vec<CellResult>> {
         std::fs::create_dir_all(&self.output).with_context(|| format!("cannot create {}", self.output.display()))?;
+        let _lock = SweepLock::take(&self.output)?;
         let cells = self.cells();
         let mut results = vec![];
         let mut failed: Vec<(String, String)> = vec![];
@@ -188,6 +189,37 @@ impl Sweep {
         let result = result.with_cell(cell);
         result.write(&result_path)?;
         Ok(result)
+    }
+}
+
+/// `sweep.lock` in a sweep's folder while a sweep runs there, holding its process id: two
+/// sweeps in one folder would train the same cells at once. A lock whose process is gone (a
+/// killed sweep) is taken over.
+struct SweepLock(PathBuf);
+
+impl SweepLock {
+    fn take(dir: &Path) -> Result<SweepLock> {
+        let path = dir.join("sweep.lock");
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let pid = text.trim();
+            let alive = !pid.is_empty() && Path::new("/proc").join(pid).exists();
+            if alive && pid != std::process::id().to_string() {
+                bail!(
+                    "another sweep (process {pid}) is running in {}; wait for it to end, or stop it \
+                     (if it is gone, remove {})",
+                    dir.display(),
+                    path.display()
+                );
+            }
+        }
+        crate::io::write_bytes(&path, std::process::id().to_string().as_bytes())?;
+        Ok(SweepLock(path))
+    }
+}
+
+impl Drop for SweepLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
