@@ -15,7 +15,6 @@
 pub mod learner;
 pub mod optim;
 pub mod output;
-pub mod plot;
 pub mod prefix;
 pub mod prepare;
 pub mod step;
@@ -128,7 +127,7 @@ pub fn checkpoint(p: &Prepared, learner: &Learner, progress: &Progress, improved
         save_adapter(p, learner, out)?;
     }
     learner::save_checkpoint(p, learner, progress, &out.join("checkpoint-last"))?;
-    plot::write_plot(&out.join("training.png"), &progress.losses, &progress.dev)
+    crate::plot::training_chart(&out.join("training.png"), &progress.losses, &progress.dev)
 }
 
 /// Scores the best adapter of the run (read back from the run's folder) on the test set.
