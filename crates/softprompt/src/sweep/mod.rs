@@ -7,7 +7,7 @@
 //! written is only scored). So an interrupted sweep is resumed by running the same command again.
 
 pub mod grid;
-mod plots;
+pub mod plots;
 pub mod report;
 
 use anyhow::{bail, Context, Result};

@@ -5,7 +5,7 @@ use anyhow::Result;
 use serde_json::Value;
 use std::path::Path;
 
-use super::grid::{show_value, Grid};
+use super::grid::{show_value, Axis, Grid};
 use super::report::Group;
 use crate::plot::{bar_chart, line_chart, Bar, Point, Series};
 
@@ -23,7 +23,10 @@ pub fn write_plots(dir: &Path, grid: &Grid, groups: &[Group]) -> Result<()> {
                 .settings
                 .iter()
                 .filter(|(k, _)| *k != axis.key)
-                .map(|(k, v)| format!("{k}={}", short(v)))
+                .map(|(k, v)| {
+                    let other = grid.axes.iter().find(|a| a.key == *k).unwrap_or(axis);
+                    format!("{k}={}", short(other, v))
+                })
                 .collect();
             if rest.is_empty() {
                 "all".into()
@@ -70,7 +73,7 @@ pub fn write_plots(dir: &Path, grid: &Grid, groups: &[Group]) -> Result<()> {
                 let bars: Vec<Bar> = groups
                     .iter()
                     .map(|g| Bar {
-                        group: short(&value_of(g)),
+                        group: short(axis, &value_of(g)),
                         label: others(g),
                         mean: 100.0 * g.mean,
                         err: err(g),
@@ -83,12 +86,13 @@ pub fn write_plots(dir: &Path, grid: &Grid, groups: &[Group]) -> Result<()> {
     Ok(())
 }
 
-/// A value cut to [`LABEL_CHARS`] characters for a label.
-fn short(v: &Value) -> String {
+/// A value as a label: itself when it has at most [`LABEL_CHARS`] characters, otherwise `vN`,
+/// its position on its axis (results.md lists what each `vN` stands for).
+pub fn short(axis: &Axis, v: &Value) -> String {
     let text = show_value(v);
     if text.chars().count() <= LABEL_CHARS {
         return text;
     }
-    let cut: String = text.chars().take(LABEL_CHARS - 1).collect();
-    format!("{cut}…")
+    let i = axis.values.iter().position(|x| x == v).unwrap_or(0);
+    format!("v{}", i + 1)
 }

@@ -193,6 +193,17 @@ pub fn write_summaries(dir: &Path, grid: &Grid, results: &[CellResult], failed: 
     })?;
     let groups = groups(grid, results);
     let mut table = markdown_table(&groups, results.first().map_or("metric", |r| r.metric.as_str()));
+    for axis in &grid.axes {
+        let long: Vec<String> = axis
+            .values
+            .iter()
+            .filter(|v| plots::short(axis, v) != show_value(v))
+            .map(|v| format!("- {} = `{}`\n", plots::short(axis, v), show_value(v)))
+            .collect();
+        if !long.is_empty() {
+            table += &format!("\nIn plot-{}.png:\n\n{}", axis.key, long.concat());
+        }
+    }
     if !failed.is_empty() {
         table += "\nFailed cells (run the sweep again to retry them):\n\n";
         for (name, e) in failed {
