@@ -127,6 +127,21 @@ pub fn read_config_table(path: &Path) -> Result<toml::Table> {
         .parse::<toml::Table>()
         .with_context(|| format!("{} is not valid TOML", path.display()))?;
     let base = path.parent().unwrap_or(Path::new(""));
+    resolve_paths(&mut table, base, true);
+    // The data sets of each `[[tasks]]` table, too.
+    if let Some(toml::Value::Array(tasks)) = table.get_mut("tasks") {
+        for task in tasks {
+            if let toml::Value::Table(t) = task {
+                resolve_paths(t, base, false);
+            }
+        }
+    }
+    Ok(table)
+}
+
+/// Resolves the path options of `table` from `base` (and `model` when `with_model` and it
+/// names a file or folder there).
+fn resolve_paths(table: &mut toml::Table, base: &Path, with_model: bool) {
     for (key, value) in table.iter_mut() {
         let toml::Value::String(s) = value else { continue };
         let p = Path::new(s.as_str());
@@ -134,12 +149,11 @@ pub fn read_config_table(path: &Path) -> Result<toml::Table> {
             continue;
         }
         let resolved = base.join(p);
-        let is_path = PATH_OPTIONS.contains(&key.as_str()) || (key == "model" && resolved.exists());
+        let is_path = PATH_OPTIONS.contains(&key.as_str()) || (with_model && key == "model" && resolved.exists());
         if is_path {
             *s = resolved.to_string_lossy().into_owned();
         }
     }
-    Ok(table)
 }
 
 /// Merges the TOML file (if any) with the flags (flags win) into a configuration. Paths in the
@@ -434,6 +448,28 @@ mod tests {
         // A flag wins over the file and stays relative to the current directory.
         let cfg = config(&parse(&["--config", path.to_str().unwrap(), "--train", "t.jsonl"])).unwrap();
         assert_eq!(cfg.train, PathBuf::from("t.jsonl"));
+        // The files of `[[tasks]]` tables resolve from the file's folder as well.
+        std::fs::write(
+            &path,
+            "method = \"multitask-prompt-tuning\"\n[[tasks]]\ntrain = \"a/train.jsonl\"\ndev = \"a/dev.jsonl\"\n[[tasks]]\ntrain = \"b.jsonl\"\n",
+        )
+        .unwrap();
+        let cfg = config(&parse(&["--config", path.to_str().unwrap()])).unwrap();
+        assert_eq!(cfg.tasks.len(), 2);
+        assert_eq!(cfg.tasks[0].train, dir.join("a/train.jsonl"));
+        assert_eq!(cfg.tasks[0].dev, Some(dir.join("a/dev.jsonl")));
+        assert_eq!(cfg.tasks[1].train, dir.join("b.jsonl"));
+        assert_eq!(cfg.tasks[1].test, None);
+        // The repeatable flag: TRAIN[,DEV[,TEST]] per task, in task-id order.
+        let cfg = config(&parse(&["--tasks", "x.jsonl,,z.jsonl", "--tasks", "y.jsonl"])).unwrap();
+        assert_eq!(cfg.tasks[0].dev, None);
+        assert_eq!(cfg.tasks[0].test, Some(PathBuf::from("z.jsonl")));
+        assert_eq!(cfg.tasks[1].train, PathBuf::from("y.jsonl"));
+        let e = Wrapper::try_parse_from(["train", "--tasks", ",d.jsonl"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("TRAIN.jsonl[,DEV.jsonl[,TEST.jsonl]]"), "{e}");
     }
 
     #[test]
@@ -472,6 +508,7 @@ mod tests {
             baseline_template: Some("{text} {label}".into()),
             init_text: Some("x".into()),
             init_from: Some("a".into()),
+            tasks: vec!["t.jsonl".parse().unwrap()],
             steps: Some(1),
             epochs: Some(1.0),
             dev_rows: Some(1),
@@ -544,6 +581,14 @@ mod tests {
             "t",
             "--init-from",
             "dir",
+            "--init-task",
+            "2",
+            "--tasks",
+            "a.jsonl,b.jsonl",
+            "--tasks",
+            "c.jsonl",
+            "--num-ranks",
+            "3",
             "--lr",
             "0.5",
             "--weight-decay",

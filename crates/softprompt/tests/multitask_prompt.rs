@@ -79,10 +79,17 @@ fn damaged_factor_tensors_are_refused_naming_the_file() {
     let src = load_peft(&fixture(FIXTURE)).unwrap();
     let dir = scratch("damaged");
     // Without the rows factor.
-    let extra: Vec<(String, Tensor)> = src.extra().into_iter().filter(|(n, _)| n != "prefix_task_rows").collect();
+    let extra: Vec<(String, Tensor)> = src
+        .extra()
+        .into_iter()
+        .filter(|(n, _)| n != "prefix_task_rows")
+        .collect();
     save_peft(&dir, &src.config, &src.prompt_embeddings, &extra).unwrap();
     let e = format!("{:#}", load_peft(&dir).unwrap_err());
-    assert!(e.contains(ADAPTER_WEIGHTS) && e.contains("`prefix_task_rows` is missing"), "{e}");
+    assert!(
+        e.contains(ADAPTER_WEIGHTS) && e.contains("`prefix_task_rows` is missing"),
+        "{e}"
+    );
     // A config that disagrees with the factors' rank.
     let mut config = src.config.clone();
     if let MethodConfig::MultitaskPromptTuning { num_ranks, .. } = &mut config.method {
@@ -90,6 +97,9 @@ fn damaged_factor_tensors_are_refused_naming_the_file() {
     }
     save_peft(&dir, &config, &src.prompt_embeddings, &src.extra()).unwrap();
     let e = format!("{:#}", load_peft(&dir).unwrap_err());
-    assert!(e.contains("`prefix_task_cols` has shape [3, 6, 2]") && e.contains("num_ranks 3"), "{e}");
+    assert!(
+        e.contains("`prefix_task_cols` has shape [3, 6, 2]") && e.contains("num_ranks 3"),
+        "{e}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

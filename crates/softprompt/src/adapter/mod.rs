@@ -192,9 +192,12 @@ pub fn load_peft(dir: &Path) -> Result<PeftAdapter> {
             (PREFIX_TASK_COLS, [tasks, p, ranks]),
             (PREFIX_TASK_ROWS, [tasks, ranks, d]),
         ] {
-            let t = tensors
-                .get_mut(name)
-                .with_context(|| format!("{}: tensor `{name}` is missing (a MULTITASK_PROMPT_TUNING adapter has it)", w_path.display()))?;
+            let t = tensors.get_mut(name).with_context(|| {
+                format!(
+                    "{}: tensor `{name}` is missing (a MULTITASK_PROMPT_TUNING adapter has it)",
+                    w_path.display()
+                )
+            })?;
             if t.dims() != want {
                 bail!(
                     "{}: tensor `{name}` has shape {:?} but {} says {want:?} (num_tasks {tasks}, num_virtual_tokens {p}, num_ranks {ranks}, token_dim {d})",

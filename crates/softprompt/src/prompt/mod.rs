@@ -71,7 +71,9 @@ impl SoftPrompt {
             encoder: None,
             tasks: Some(factors),
         };
-        prompt.forward().context("the task factors do not fit the shared prompt")?;
+        prompt
+            .forward()
+            .context("the task factors do not fit the shared prompt")?;
         Ok(prompt)
     }
 
@@ -160,9 +162,15 @@ impl SoftPrompt {
     /// below [`SoftPrompt::num_tasks`]).
     pub fn task_prompt(&self, task: usize) -> Result<Tensor> {
         if task >= self.num_tasks() {
-            bail!("task id {task} is out of range: the prompt has {} tasks (0..{})", self.num_tasks(), self.num_tasks());
+            bail!(
+                "task id {task} is out of range: the prompt has {} tasks (0..{})",
+                self.num_tasks(),
+                self.num_tasks()
+            );
         }
-        Ok(self.forward()?.narrow(0, task * self.num_virtual_tokens, self.num_virtual_tokens)?)
+        Ok(self
+            .forward()?
+            .narrow(0, task * self.num_virtual_tokens, self.num_virtual_tokens)?)
     }
 
     /// What PEFT saves: `prompt_embeddings` (the prompt `[p, d]`; for p-tuning the encoder's

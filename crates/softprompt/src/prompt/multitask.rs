@@ -116,7 +116,11 @@ impl TaskFactors {
                 .cloned()
                 .with_context(|| format!("the source has no tensor `{name}` (needed by {})", init.peft_name()))
         };
-        let device = source.values().next().map(|t| t.device().clone()).unwrap_or(Device::Cpu);
+        let device = source
+            .values()
+            .next()
+            .map(|t| t.device().clone())
+            .unwrap_or(Device::Cpu);
         let (cols, rows) = match init {
             SourceInit::OnlySourceShared => return Self::random(tasks, p, r, d, &device, rng),
             SourceInit::AverageSourceTasks => (
@@ -143,6 +147,14 @@ impl TaskFactors {
         let cols = one.cols.as_tensor().repeat((tasks, 1, 1))?;
         let rows = one.rows.as_tensor().repeat((tasks, 1, 1))?;
         Self::new(&cols, &rows)
+    }
+
+    /// The same factors on `device` (new parameters).
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        Self::new(
+            &self.cols.as_tensor().to_device(device)?,
+            &self.rows.as_tensor().to_device(device)?,
+        )
     }
 
     /// Number of tasks.
@@ -201,7 +213,14 @@ mod tests {
             let rows = f.rows.as_tensor().i(k).unwrap();
             let want = (cols.matmul(&rows).unwrap() * &shared).unwrap();
             let got = table.narrow(0, k * p, p).unwrap();
-            let diff: f32 = (want - got).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            let diff: f32 = (want - got)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
             assert!(diff < 1e-6, "task {k}: {diff}");
         }
     }
@@ -218,10 +237,23 @@ mod tests {
             .collect();
         let avg = TaskFactors::from_source(SourceInit::AverageSourceTasks, &dict, 1, p, d, r, &mut rng).unwrap();
         let want = dict[PREFIX_TASK_COLS].mean_keepdim(0).unwrap();
-        let diff: f32 = (avg.cols.as_tensor() - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        let diff: f32 = (avg.cols.as_tensor() - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
         assert!(diff < 1e-7);
         let exact = TaskFactors::from_source(SourceInit::ExactSourceTask(1), &dict, 1, p, d, r, &mut rng).unwrap();
-        let want: Vec<f32> = dict[PREFIX_TASK_ROWS].i(1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let want: Vec<f32> = dict[PREFIX_TASK_ROWS]
+            .i(1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let got: Vec<f32> = exact.rows.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(got, want);
         let e = TaskFactors::from_source(SourceInit::ExactSourceTask(2), &dict, 1, p, d, r, &mut rng).unwrap_err();
