@@ -4,6 +4,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use softprompt::data::read_jsonl;
+use softprompt::infer::by_task;
 use softprompt::infer::evaluate::Scorer;
 use softprompt::infer::session::{self, TaskOptions};
 use softprompt::task::TaskKind;
@@ -278,6 +279,9 @@ pub struct ScoreArgs {
     /// Let --template replace the template the adapter was trained with.
     #[arg(long)]
     force_template: bool,
+    /// Task id of every row for a multitask adapter (otherwise each row's `task_id` field).
+    #[arg(long)]
+    task_id: Option<usize>,
 }
 
 /// Checks the options of `eval`/`predict` before the model loads.
@@ -331,7 +335,27 @@ fn score(args: &ScoreArgs) -> Result<(softprompt::infer::evaluate::EvalResult, s
         verbalizer: args.verbalizer.iter().cloned().collect(),
         max_len: args.max_len,
         force_template: args.force_template,
+        task_id: args.task_id,
     };
+    let multitask = match args.adapter.as_deref() {
+        Some(dir) => Some(softprompt::adapter::load_peft(dir)?).filter(|a| a.is_multitask()),
+        None => None,
+    };
+    if let (Some(a), Some(dir)) = (multitask, args.adapter.as_deref()) {
+        let bar = rows_bar(data.len());
+        let r = by_task::evaluate_by_task(
+            &model,
+            dir,
+            a.num_tasks(),
+            &opts,
+            &data,
+            args.batch,
+            args.exact_match,
+            &mut |done| bar.set_position(done as u64),
+        )?;
+        bar.finish_and_clear();
+        return Ok((r, data));
+    }
     let s = session::open(&model, args.adapter.as_deref(), &opts, &[&data])?;
     let examples = s.task.encode_set(&data, &model.tokenizer)?;
     if examples.truncated > 0 {
