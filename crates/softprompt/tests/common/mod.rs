@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: fixture paths, real-model paths, comparisons.
 #![allow(dead_code)]
 
+pub mod tiny;
+
 use candle_core::{Device, Tensor};
 use softprompt::backbone::{self, LoadedModel};
 use softprompt::model_source;
