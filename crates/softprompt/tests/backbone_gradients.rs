@@ -8,6 +8,7 @@ mod common;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::tiny::{rand, tiny_llama, tiny_llama_in};
 use softprompt::backbone::bert::Bert;
+use softprompt::backbone::llama::Llama;
 use softprompt::backbone::weights::MemoryWeights;
 use softprompt::backbone::{lm_logits, Backbone, BackboneInput, CausalLm, Encoder, KvCache};
 use std::collections::HashMap;
