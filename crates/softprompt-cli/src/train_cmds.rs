@@ -338,21 +338,14 @@ fn score(args: &ScoreArgs) -> Result<(softprompt::infer::evaluate::EvalResult, s
         task_id: args.task_id,
     };
     let multitask = match args.adapter.as_deref() {
-        Some(dir) => Some(softprompt::adapter::load_peft(dir)?).filter(|a| a.is_multitask()),
+        Some(dir) => softprompt::adapter::load_peft(dir)?.is_multitask().then_some(dir),
         None => None,
     };
-    if let (Some(a), Some(dir)) = (multitask, args.adapter.as_deref()) {
+    if let Some(dir) = multitask {
         let bar = rows_bar(data.len());
-        let r = by_task::evaluate_by_task(
-            &model,
-            dir,
-            a.num_tasks(),
-            &opts,
-            &data,
-            args.batch,
-            args.exact_match,
-            &mut |done| bar.set_position(done as u64),
-        )?;
+        let r = by_task::evaluate_by_task(&model, dir, &opts, &data, args.batch, args.exact_match, &mut |done| {
+            bar.set_position(done as u64)
+        })?;
         bar.finish_and_clear();
         return Ok((r, data));
     }

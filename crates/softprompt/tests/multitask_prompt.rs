@@ -378,7 +378,7 @@ fn training_two_tasks_lowers_the_loss_saves_peft_files_and_scores_per_task() {
         max_len: 256,
         ..TaskOptions::default()
     };
-    let r = evaluate_by_task(&model, &cfg.output, 2, &opts, &ds, 4, false, &mut |_| {}).unwrap();
+    let r = evaluate_by_task(&model, &cfg.output, &opts, &ds, 4, false, &mut |_| {}).unwrap();
     for (a, b) in r.tasks.iter().zip(&test.tasks) {
         assert_eq!((a.task, a.n, a.accuracy), (b.task, b.n, b.accuracy));
     }
@@ -387,14 +387,14 @@ fn training_two_tasks_lowers_the_loss_saves_peft_files_and_scores_per_task() {
     let ds = read_jsonl(&file).unwrap();
     let e = format!(
         "{:#}",
-        evaluate_by_task(&model, &cfg.output, 2, &opts, &ds, 4, false, &mut |_| {}).unwrap_err()
+        evaluate_by_task(&model, &cfg.output, &opts, &ds, 4, false, &mut |_| {}).unwrap_err()
     );
     assert!(e.contains("mixed.jsonl:1") && e.contains("task_id"), "{e}");
     std::fs::write(&file, "{\"text\": \"x\", \"target\": \"Lima\", \"task_id\": 2}\n").unwrap();
     let ds = read_jsonl(&file).unwrap();
     let e = format!(
         "{:#}",
-        evaluate_by_task(&model, &cfg.output, 2, &opts, &ds, 4, false, &mut |_| {}).unwrap_err()
+        evaluate_by_task(&model, &cfg.output, &opts, &ds, 4, false, &mut |_| {}).unwrap_err()
     );
     assert!(e.contains("mixed.jsonl:1") && e.contains("0..2"), "{e}");
 }

@@ -66,13 +66,13 @@ pub fn split_by_task(ds: &DataSet, ids: &[usize]) -> Vec<(usize, Vec<usize>, Dat
 pub fn evaluate_by_task(
     model: &LoadedModel,
     adapter_dir: &Path,
-    num_tasks: usize,
     opts: &TaskOptions,
     ds: &DataSet,
     batch_size: usize,
     exact_match: bool,
     done: &mut dyn FnMut(usize),
 ) -> Result<EvalResult> {
+    let num_tasks = crate::adapter::load_peft(adapter_dir)?.num_tasks();
     let ids = row_task_ids(ds, opts.task_id, num_tasks)?;
     let mut parts = Vec::new();
     let mut scored = 0;
