@@ -22,7 +22,7 @@ use softprompt::template::Token;
 use softprompt::train::optim::Schedule;
 use softprompt::train::{self, DataOrder, InitKind, Method, Quiet, TrainConfig};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 const FIXTURE: &str = "smollm2_multitask_prompt_tuning";
 
@@ -301,14 +301,6 @@ fn two_tasks(name: &str) -> TrainConfig {
 }
 
 use softprompt::config::TaskData;
-
-fn losses(out: &Path) -> Vec<f64> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("loss")?.as_f64())
-        .collect()
-}
 
 #[test]
 fn training_two_tasks_lowers_the_loss_saves_peft_files_and_scores_per_task() {

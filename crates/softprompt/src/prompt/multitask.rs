@@ -197,6 +197,10 @@ mod tests {
     use super::*;
     use candle_core::IndexOp;
 
+    fn max_abs(a: Tensor, b: Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+    }
+
     #[test]
     fn each_task_prompt_is_the_shared_prompt_times_its_product() {
         let mut rng = super::super::seeded_rng(3);
@@ -213,14 +217,7 @@ mod tests {
             let rows = f.rows.as_tensor().i(k).unwrap();
             let want = (cols.matmul(&rows).unwrap() * &shared).unwrap();
             let got = table.narrow(0, k * p, p).unwrap();
-            let diff: f32 = (want - got)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let diff = max_abs(want, got);
             assert!(diff < 1e-6, "task {k}: {diff}");
         }
     }
@@ -237,15 +234,7 @@ mod tests {
             .collect();
         let avg = TaskFactors::from_source(SourceInit::AverageSourceTasks, &dict, 1, p, d, r, &mut rng).unwrap();
         let want = dict[PREFIX_TASK_COLS].mean_keepdim(0).unwrap();
-        let diff: f32 = (avg.cols.as_tensor() - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert!(diff < 1e-7);
+        assert!(max_abs(avg.cols.as_tensor().clone(), want) < 1e-7);
         let exact = TaskFactors::from_source(SourceInit::ExactSourceTask(1), &dict, 1, p, d, r, &mut rng).unwrap();
         let want: Vec<f32> = dict[PREFIX_TASK_ROWS]
             .i(1)

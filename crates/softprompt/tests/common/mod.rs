@@ -75,3 +75,12 @@ pub fn smollm2_tokenizer() -> softprompt::tokenizer::TextTokenizer {
 pub fn minilm_tokenizer() -> softprompt::tokenizer::TextTokenizer {
     softprompt::tokenizer::TextTokenizer::from_json_file(&model_file("minilm-l6/tokenizer.json")).unwrap()
 }
+
+/// The training losses of a run, from its `metrics.jsonl`.
+pub fn losses(out: &std::path::Path) -> Vec<f64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("loss")?.as_f64())
+        .collect()
+}
