@@ -221,7 +221,7 @@ pub fn train_cmd(args: TrainArgs) -> Result<()> {
     if let Some(b) = &bar.bar {
         b.finish_and_clear();
     }
-    let summary = serde_json::json!({
+    let mut summary = serde_json::json!({
         "baseline_test_accuracy": report.baseline_test.as_ref().map(|r| r.accuracy),
         "test_accuracy": report.test.as_ref().map(|r| r.accuracy),
         "test_exact_match": report.test.as_ref().and_then(|r| r.exact_match),
@@ -237,6 +237,12 @@ pub fn train_cmd(args: TrainArgs) -> Result<()> {
         "adapter": report.adapter_dir,
         "plot": report.adapter_dir.join("training.png"),
     });
+    // A multitask run's per-task metrics (their mean is the accuracy above).
+    for (key, r) in [("baseline_test_tasks", &report.baseline_test), ("test_tasks", &report.test)] {
+        if let Some(r) = r.as_ref().filter(|r| !r.tasks.is_empty()) {
+            summary[key] = serde_json::to_value(&r.tasks)?;
+        }
+    }
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
 }
