@@ -171,7 +171,7 @@ fn print_profile(kinds: &std::collections::BTreeMap<(&'static str, Direction), f
 
 /// The training-step and evaluation workloads of a real recipe.
 fn bench_recipe(args: &BenchArgs, path: &std::path::Path) -> Result<()> {
-    use softprompt::train::{self, DataOrder};
+    use softprompt::train;
     // Paths in the recipe are relative to its folder, as for `train --config`.
     let mut cfg: softprompt::config::TrainConfig = crate::train_cmds::read_config_table(path)?.try_into()?;
     cfg.baseline_template = None;
@@ -179,7 +179,7 @@ fn bench_recipe(args: &BenchArgs, path: &std::path::Path) -> Result<()> {
     cfg.output = std::env::temp_dir().join(format!("softprompt-bench-{}", std::process::id()));
     let p = train::prepare(&cfg, &mut train::Quiet)?;
     let mut learner = train::new_learner(&p)?;
-    let mut order = DataOrder::new(cfg.seed, p.train.len());
+    let mut order = p.data_order();
     let total = args.steps + 2;
     let mut times = Vec::new();
     for step in 1..=total {
@@ -196,8 +196,9 @@ fn bench_recipe(args: &BenchArgs, path: &std::path::Path) -> Result<()> {
     let step_s = median(times.clone());
     let mean = times.iter().sum::<f64>() / times.len() as f64;
     let (prompt, prefix) = learner.prompt.eval_parts()?;
-    let rows = &p.dev[..args.eval_rows.min(p.dev.len())];
-    let scorer = softprompt::infer::evaluate::Scorer::new(&p.model, &p.task, prompt.as_ref(), learner.head.as_ref())?
+    let dev = &p.tasks[0].dev;
+    let rows = &dev[..args.eval_rows.min(dev.len())];
+    let scorer = softprompt::infer::evaluate::Scorer::new(&p.model, p.task(), prompt.as_ref(), learner.head.as_ref())?
         .with_prefix(prefix.as_ref());
     let s = Instant::now();
     scorer.evaluate(rows, cfg.eval_batch, false)?;

@@ -59,9 +59,12 @@ pub struct CompleteArgs {
     model: ModelArg,
     /// Text to continue (with --chat: the user's message).
     text: String,
-    /// A PEFT adapter folder (prompt tuning, p-tuning or prefix tuning).
+    /// A PEFT adapter folder (prompt tuning, p-tuning, prefix tuning, Cartridge, multitask).
     #[arg(long)]
     adapter: Option<PathBuf>,
+    /// The task whose prompt a multitask adapter uses (0-based).
+    #[arg(long)]
+    task_id: Option<usize>,
     /// Most tokens to generate.
     #[arg(long, default_value_t = 32)]
     max_tokens: usize,
@@ -175,7 +178,10 @@ pub fn complete(args: CompleteArgs) -> Result<()> {
     let model = args.model.load()?;
     let lm = model.backbone.require_causal("completion")?;
     let prompt = match &args.adapter {
-        Some(dir) => PromptCache::from_adapter(lm, &adapter::load_peft(dir)?)?,
+        Some(dir) => PromptCache::from_adapter_task(lm, &adapter::load_peft(dir)?, args.task_id)?,
+        None if args.task_id.is_some() => {
+            bail!("--task-id selects a multitask adapter's prompt; give the adapter (--adapter DIR)")
+        }
         None => PromptCache::none(),
     };
     let (text, ids) = if args.chat {

@@ -4,6 +4,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use softprompt::data::read_jsonl;
+use softprompt::infer::by_task;
 use softprompt::infer::evaluate::Scorer;
 use softprompt::infer::session::{self, TaskOptions};
 use softprompt::task::TaskKind;
@@ -127,6 +128,21 @@ pub fn read_config_table(path: &Path) -> Result<toml::Table> {
         .parse::<toml::Table>()
         .with_context(|| format!("{} is not valid TOML", path.display()))?;
     let base = path.parent().unwrap_or(Path::new(""));
+    resolve_paths(&mut table, base, true);
+    // The data sets of each `[[tasks]]` table, too.
+    if let Some(toml::Value::Array(tasks)) = table.get_mut("tasks") {
+        for task in tasks {
+            if let toml::Value::Table(t) = task {
+                resolve_paths(t, base, false);
+            }
+        }
+    }
+    Ok(table)
+}
+
+/// Resolves the path options of `table` from `base` (and `model` when `with_model` and it
+/// names a file or folder there).
+fn resolve_paths(table: &mut toml::Table, base: &Path, with_model: bool) {
     for (key, value) in table.iter_mut() {
         let toml::Value::String(s) = value else { continue };
         let p = Path::new(s.as_str());
@@ -134,12 +150,11 @@ pub fn read_config_table(path: &Path) -> Result<toml::Table> {
             continue;
         }
         let resolved = base.join(p);
-        let is_path = PATH_OPTIONS.contains(&key.as_str()) || (key == "model" && resolved.exists());
+        let is_path = PATH_OPTIONS.contains(&key.as_str()) || (with_model && key == "model" && resolved.exists());
         if is_path {
             *s = resolved.to_string_lossy().into_owned();
         }
     }
-    Ok(table)
 }
 
 /// Merges the TOML file (if any) with the flags (flags win) into a configuration. Paths in the
@@ -219,7 +234,7 @@ pub fn train_cmd(args: TrainArgs) -> Result<()> {
     if let Some(b) = &bar.bar {
         b.finish_and_clear();
     }
-    let summary = serde_json::json!({
+    let mut summary = serde_json::json!({
         "baseline_test_accuracy": report.baseline_test.as_ref().map(|r| r.accuracy),
         "test_accuracy": report.test.as_ref().map(|r| r.accuracy),
         "test_exact_match": report.test.as_ref().and_then(|r| r.exact_match),
@@ -235,6 +250,12 @@ pub fn train_cmd(args: TrainArgs) -> Result<()> {
         "adapter": report.adapter_dir,
         "plot": report.adapter_dir.join("training.png"),
     });
+    // A multitask run's per-task metrics (their mean is the accuracy above).
+    for (key, r) in [("baseline_test_tasks", &report.baseline_test), ("test_tasks", &report.test)] {
+        if let Some(r) = r.as_ref().filter(|r| !r.tasks.is_empty()) {
+            summary[key] = serde_json::to_value(&r.tasks)?;
+        }
+    }
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
 }
@@ -280,6 +301,9 @@ pub struct ScoreArgs {
     /// Let --template replace the template the adapter was trained with.
     #[arg(long)]
     force_template: bool,
+    /// Task id of every row for a multitask adapter (otherwise each row's `task_id` field).
+    #[arg(long)]
+    task_id: Option<usize>,
 }
 
 /// Checks the options of `eval`/`predict` before the model loads.
@@ -333,7 +357,20 @@ fn score(args: &ScoreArgs) -> Result<(softprompt::infer::evaluate::EvalResult, s
         verbalizer: args.verbalizer.iter().cloned().collect(),
         max_len: args.max_len,
         force_template: args.force_template,
+        task_id: args.task_id,
     };
+    let multitask = match args.adapter.as_deref() {
+        Some(dir) => softprompt::adapter::load_peft(dir)?.is_multitask().then_some(dir),
+        None => None,
+    };
+    if let Some(dir) = multitask {
+        let bar = rows_bar(data.len());
+        let r = by_task::evaluate_by_task(&model, dir, &opts, &data, args.batch, args.exact_match, &mut |done| {
+            bar.set_position(done as u64)
+        })?;
+        bar.finish_and_clear();
+        return Ok((r, data));
+    }
     let s = session::open(&model, args.adapter.as_deref(), &opts, &[&data])?;
     let examples = s.task.encode_set(&data, &model.tokenizer)?;
     if examples.truncated > 0 {
@@ -450,6 +487,28 @@ mod tests {
         // A flag wins over the file and stays relative to the current directory.
         let cfg = config(&parse(&["--config", path.to_str().unwrap(), "--train", "t.jsonl"])).unwrap();
         assert_eq!(cfg.train, PathBuf::from("t.jsonl"));
+        // The files of `[[tasks]]` tables resolve from the file's folder as well.
+        std::fs::write(
+            &path,
+            "method = \"multitask-prompt-tuning\"\n[[tasks]]\ntrain = \"a/train.jsonl\"\ndev = \"a/dev.jsonl\"\n[[tasks]]\ntrain = \"b.jsonl\"\n",
+        )
+        .unwrap();
+        let cfg = config(&parse(&["--config", path.to_str().unwrap()])).unwrap();
+        assert_eq!(cfg.tasks.len(), 2);
+        assert_eq!(cfg.tasks[0].train, dir.join("a/train.jsonl"));
+        assert_eq!(cfg.tasks[0].dev, Some(dir.join("a/dev.jsonl")));
+        assert_eq!(cfg.tasks[1].train, dir.join("b.jsonl"));
+        assert_eq!(cfg.tasks[1].test, None);
+        // The repeatable flag: TRAIN[,DEV[,TEST]] per task, in task-id order.
+        let cfg = config(&parse(&["--tasks", "x.jsonl,,z.jsonl", "--tasks", "y.jsonl"])).unwrap();
+        assert_eq!(cfg.tasks[0].dev, None);
+        assert_eq!(cfg.tasks[0].test, Some(PathBuf::from("z.jsonl")));
+        assert_eq!(cfg.tasks[1].train, PathBuf::from("y.jsonl"));
+        let e = Wrapper::try_parse_from(["train", "--tasks", ",d.jsonl"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("TRAIN.jsonl[,DEV.jsonl[,TEST.jsonl]]"), "{e}");
     }
 
     #[test]
@@ -488,6 +547,7 @@ mod tests {
             baseline_template: Some("{text} {label}".into()),
             init_text: Some("x".into()),
             init_from: Some("a".into()),
+            tasks: vec!["t.jsonl".parse().unwrap()],
             steps: Some(1),
             epochs: Some(1.0),
             dev_rows: Some(1),
@@ -560,6 +620,14 @@ mod tests {
             "t",
             "--init-from",
             "dir",
+            "--init-task",
+            "2",
+            "--tasks",
+            "a.jsonl,b.jsonl",
+            "--tasks",
+            "c.jsonl",
+            "--num-ranks",
+            "3",
             "--lr",
             "0.5",
             "--weight-decay",

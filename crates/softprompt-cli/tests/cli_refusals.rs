@@ -1,5 +1,5 @@
 //! The command line refuses what cannot work with a message in the user's terms and exit
-//! status 1 (never a panic's 101), before any model is loaded.
+//! status 1 (never a panic's 101), where it can before any model is loaded.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -121,4 +121,48 @@ fn sweep_refuses_resume_flags_missing_output_and_unknown_keys() {
         !std::path::Path::new(out).exists(),
         "nothing written for a refused sweep"
     );
+}
+
+/// A multitask adapter needs a task id in range; other adapters refuse one.
+#[test]
+fn complete_with_a_multitask_adapter_needs_a_task_id_in_range() {
+    let fixture = |name: &str| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures/peft")
+            .join(name)
+            .to_string_lossy()
+            .into_owned()
+    };
+    let mpt = fixture("smollm2_multitask_prompt_tuning");
+    let complete = |extra: &[&str]| {
+        let mut args = vec![
+            "complete",
+            "smollm2-135m",
+            "The capital of Peru is",
+            "--max-tokens",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        softprompt(&args)
+    };
+    let (code, err) = complete(&["--adapter", &mpt]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("one prompt per task") && err.contains("--task-id"),
+        "{err}"
+    );
+    let (code, err) = complete(&["--adapter", &mpt, "--task-id", "3"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("task id 3 is out of range") && err.contains("0..3"),
+        "{err}"
+    );
+    let (code, err) = complete(&["--adapter", &fixture("smollm2_prompt_tuning_random"), "--task-id", "0"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("task id 0 was given") && err.contains("PROMPT_TUNING"),
+        "{err}"
+    );
+    let (code, err) = complete(&["--adapter", &mpt, "--task-id", "1"]);
+    assert_eq!(code, 0, "{err}");
 }

@@ -31,6 +31,9 @@ pub enum Method {
     /// Eyuboglu et al. 2025 (PEFT's CARTRIDGE): the key/value prefix itself is learned, usually
     /// from a text prefill (`init = "text"`); the first `num_frozen_tokens` stay fixed.
     Cartridge,
+    /// Wang et al. 2023 (PEFT's MULTITASK_PROMPT_TUNING): a shared prompt times a rank-`num_ranks`
+    /// product per task, trained on every set of `tasks` at once (one task id per set).
+    MultitaskPromptTuning,
 }
 
 impl Method {
@@ -61,6 +64,59 @@ pub enum InitKind {
     Text,
     /// The prompt of an existing adapter (`init_from`).
     From,
+    /// Multitask: the shared prompt of the source adapter `init_from`, each task's factors the
+    /// mean of the source tasks' (PEFT's AVERAGE_SOURCE_TASKS; one task).
+    AverageSourceTasks,
+    /// Multitask: the shared prompt and the factors of task `init_task` of the source adapter
+    /// `init_from` (PEFT's EXACT_SOURCE_TASK; one task).
+    ExactSourceTask,
+    /// Multitask: only the shared prompt of the source adapter `init_from`; fresh factors
+    /// (PEFT's ONLY_SOURCE_SHARED).
+    OnlySourceShared,
+}
+
+impl InitKind {
+    /// Whether the init reads a multitask source adapter (the three PEFT source-task inits).
+    pub fn is_source_task(self) -> bool {
+        matches!(
+            self,
+            InitKind::AverageSourceTasks | InitKind::ExactSourceTask | InitKind::OnlySourceShared
+        )
+    }
+}
+
+/// One task's data sets of a multitask run (TOML: a `[[tasks]]` table; flag:
+/// `--tasks TRAIN[,DEV[,TEST]]`). Its rows get the task id of its position in `tasks`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskData {
+    /// Training JSONL.
+    pub train: PathBuf,
+    /// Development JSONL.
+    #[serde(default)]
+    pub dev: Option<PathBuf>,
+    /// Test JSONL.
+    #[serde(default)]
+    pub test: Option<PathBuf>,
+}
+
+impl std::str::FromStr for TaskData {
+    type Err = String;
+    /// `TRAIN[,DEV[,TEST]]`; an empty DEV (`a.jsonl,,c.jsonl`) is left out.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let parts: Vec<&str> = s.split(',').map(str::trim).collect();
+        let path = |i: usize| parts.get(i).filter(|p| !p.is_empty()).map(PathBuf::from);
+        match (parts.len(), path(0)) {
+            (1..=3, Some(train)) => Ok(Self {
+                train,
+                dev: path(1),
+                test: path(2),
+            }),
+            _ => Err(format!(
+                "expected TRAIN.jsonl[,DEV.jsonl[,TEST.jsonl]] (one task's files), got `{s}`"
+            )),
+        }
+    }
 }
 
 /// A training run's configuration. Every field has a default, so a TOML file or the flags need
@@ -128,9 +184,21 @@ pub struct TrainConfig {
     /// `num_virtual_tokens` tokens, run through the frozen model).
     #[cfg_attr(feature = "cli", arg(long))]
     pub init_text: Option<String>,
-    /// Adapter directory for `init = "from"`.
+    /// Adapter directory for `init = "from"`; for the multitask source inits the source adapter
+    /// directory or its `.safetensors` file (PEFT's `prompt_tuning_init_state_dict_path`).
     #[cfg_attr(feature = "cli", arg(long))]
     pub init_from: Option<PathBuf>,
+    /// Source task for `init = "exact-source-task"` (PEFT's `prompt_tuning_init_task`).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub init_task: usize,
+    /// Multitask prompt tuning: one entry per task, in task-id order (`[[tasks]]` tables with
+    /// `train` and optional `dev`, `test`; replaces `train`/`dev`/`test`). Repeatable flag:
+    /// `--tasks TRAIN[,DEV[,TEST]]`.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub tasks: Vec<TaskData>,
+    /// Multitask prompt tuning: the rank of each task's factors (PEFT's `num_ranks`).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub num_ranks: usize,
     /// Peak learning rate.
     #[cfg_attr(feature = "cli", arg(long))]
     pub lr: f64,
@@ -234,6 +302,9 @@ impl Default for TrainConfig {
             init: InitKind::Vocab,
             init_text: None,
             init_from: None,
+            init_task: 0,
+            tasks: Vec::new(),
+            num_ranks: 1,
             lr: 0.03,
             weight_decay: 0.0,
             beta1: 0.9,
@@ -267,7 +338,7 @@ impl TrainConfig {
     /// The p-tuning encoder this configuration asks for (`None` for the other methods).
     pub fn encoder_spec(&self) -> Option<EncoderSpec> {
         match self.method {
-            Method::PromptTuning | Method::PrefixTuning | Method::Cartridge => None,
+            Method::PromptTuning | Method::PrefixTuning | Method::Cartridge | Method::MultitaskPromptTuning => None,
             Method::PTuning => Some(EncoderSpec::new(
                 self.encoder,
                 self.encoder_hidden,
@@ -364,10 +435,79 @@ impl TrainConfig {
             ),
             _ => {}
         }
+        self.check_multitask()?;
         self.check_verbalizer()?;
         crate::train::run_template(self)?;
         if let Some(src) = &self.baseline_template {
             crate::train::check_baseline_template(src, &self.target_field)?;
+        }
+        Ok(())
+    }
+
+    /// Number of tasks: the sets of `tasks`, or 1 (the rows of `train`).
+    pub fn num_tasks(&self) -> usize {
+        self.tasks.len().max(1)
+    }
+
+    /// The options of multitask prompt tuning: `tasks` and the source inits belong to it, its
+    /// sets replace `train`/`dev`/`test`, and PEFT's AVERAGE/EXACT source inits start one task.
+    fn check_multitask(&self) -> Result<()> {
+        let mpt = self.method == Method::MultitaskPromptTuning;
+        if !mpt && !self.tasks.is_empty() {
+            bail!(
+                "{} lists {} task sets, but method is `{}`; the task sets are for method \
+                 \"multitask-prompt-tuning\" (--method multitask-prompt-tuning)",
+                option("tasks"),
+                self.tasks.len(),
+                serde_json::to_value(self.method)?.as_str().unwrap_or_default()
+            );
+        }
+        if !mpt && self.init.is_source_task() {
+            bail!(
+                "option `init` is \"{}\", a multitask source init; it needs method \
+                 \"multitask-prompt-tuning\"",
+                serde_json::to_value(self.init)?.as_str().unwrap_or_default()
+            );
+        }
+        if !mpt {
+            return Ok(());
+        }
+        if self.num_ranks == 0 {
+            bail!(
+                "{} is 0; it must be at least 1 (the rank of each task's factors)",
+                option("num_ranks")
+            );
+        }
+        if self.task == TaskKind::SeqCls {
+            bail!(
+                "method \"multitask-prompt-tuning\" runs on causal models here (task \"generate\" or \
+                 \"classify\"); task \"seq-cls\" would share one classifier head between tasks"
+            );
+        }
+        let given_split = self.dev.is_some() || self.test.is_some() || self.train != Self::default().train;
+        if !self.tasks.is_empty() && given_split {
+            bail!(
+                "{} lists the data sets of every task; leave out options `train`, `dev` and `test` \
+                 (each [[tasks]] table has its own train, dev and test)",
+                option("tasks")
+            );
+        }
+        if self.init.is_source_task() && self.init_from.is_none() {
+            bail!(
+                "option `init` is \"{}\" but {} is not given: give the source multitask adapter \
+                 (its directory or its adapter_model.safetensors)",
+                serde_json::to_value(self.init)?.as_str().unwrap_or_default(),
+                option("init_from")
+            );
+        }
+        if matches!(self.init, InitKind::AverageSourceTasks | InitKind::ExactSourceTask) && self.num_tasks() != 1 {
+            bail!(
+                "option `init` is \"{}\", which starts one target task (as in PEFT), but {} \
+                 lists {} tasks; train one task, or use init \"only-source-shared\"",
+                serde_json::to_value(self.init)?.as_str().unwrap_or_default(),
+                option("tasks"),
+                self.tasks.len()
+            );
         }
         Ok(())
     }
@@ -403,7 +543,7 @@ impl TrainConfig {
             Method::Cartridge => Some(PrefixSpec::Cartridge {
                 num_frozen_tokens: self.num_frozen_tokens,
             }),
-            Method::PromptTuning | Method::PTuning => None,
+            Method::PromptTuning | Method::PTuning | Method::MultitaskPromptTuning => None,
         }
     }
 

@@ -242,6 +242,21 @@ impl Task {
     }
 }
 
+/// Points the virtual tokens of `examples` at task `task`'s rows of a stacked multitask prompt
+/// table `[tasks·p, d]` (see [`crate::prompt::multitask`]): `Soft(v)` becomes `Soft(task·p + v)`,
+/// so a batch mixing tasks splices each row's own prompt and the gradient of each task's prompt
+/// comes from its own rows only. Task 0 leaves the examples unchanged.
+pub fn assign_task(examples: &mut [Example], task: usize, num_virtual_tokens: usize) {
+    let offset = task * num_virtual_tokens;
+    for e in examples {
+        for tok in &mut e.prompt {
+            if let Token::Soft(v) = tok {
+                *v += offset;
+            }
+        }
+    }
+}
+
 fn preview(labels: &[String]) -> String {
     let shown: Vec<&str> = labels.iter().take(8).map(String::as_str).collect();
     if labels.len() > 8 {

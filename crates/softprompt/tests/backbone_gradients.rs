@@ -6,77 +6,13 @@
 
 mod common;
 use candle_core::{DType, Device, IndexOp, Tensor};
+use common::tiny::{rand, tiny_llama, tiny_llama_in};
 use softprompt::backbone::bert::Bert;
-use softprompt::backbone::llama::{Llama, LlamaConfig};
+use softprompt::backbone::llama::Llama;
 use softprompt::backbone::weights::MemoryWeights;
 use softprompt::backbone::{lm_logits, Backbone, BackboneInput, CausalLm, Encoder, KvCache};
 use std::collections::HashMap;
 use std::path::PathBuf;
-
-fn rand(shape: &[usize], scale: f64, seed: &mut u64) -> Tensor {
-    let n: usize = shape.iter().product();
-    let v: Vec<f64> = (0..n)
-        .map(|_| {
-            *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((*seed >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * scale
-        })
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-fn tiny_llama() -> Llama {
-    tiny_llama_in(DType::F64)
-}
-
-/// The tiny Llama with its weights in `dtype`: f64 runs the composed candle path, f32 the fused
-/// CPU kernels.
-fn tiny_llama_in(dtype: DType) -> Llama {
-    let cfg = LlamaConfig {
-        layers: 2,
-        hidden: 16,
-        heads: 4,
-        kv_heads: 2,
-        intermediate: 24,
-        vocab: 20,
-        eps: 1e-5,
-        rope_theta: 10_000.0,
-        max_positions: 32,
-    };
-    let mut s = 7u64;
-    let mut t = HashMap::new();
-    t.insert("model.embed_tokens.weight".into(), rand(&[20, 16], 1.0, &mut s));
-    t.insert(
-        "model.norm.weight".into(),
-        rand(&[16], 0.5, &mut s).affine(1.0, 1.0).unwrap(),
-    );
-    for l in 0..2 {
-        let p = |n: &str| format!("model.layers.{l}.{n}");
-        t.insert(
-            p("input_layernorm.weight"),
-            rand(&[16], 0.5, &mut s).affine(1.0, 1.0).unwrap(),
-        );
-        t.insert(
-            p("post_attention_layernorm.weight"),
-            rand(&[16], 0.5, &mut s).affine(1.0, 1.0).unwrap(),
-        );
-        t.insert(p("self_attn.q_proj.weight"), rand(&[16, 16], 0.5, &mut s));
-        t.insert(p("self_attn.k_proj.weight"), rand(&[8, 16], 0.5, &mut s));
-        t.insert(p("self_attn.v_proj.weight"), rand(&[8, 16], 0.5, &mut s));
-        t.insert(p("self_attn.q_proj.bias"), rand(&[16], 0.2, &mut s));
-        t.insert(p("self_attn.k_proj.bias"), rand(&[8], 0.2, &mut s));
-        t.insert(p("self_attn.v_proj.bias"), rand(&[8], 0.2, &mut s));
-        t.insert(p("self_attn.o_proj.weight"), rand(&[16, 16], 0.5, &mut s));
-        t.insert(p("mlp.gate_proj.weight"), rand(&[24, 16], 0.5, &mut s));
-        t.insert(p("mlp.up_proj.weight"), rand(&[24, 16], 0.5, &mut s));
-        t.insert(p("mlp.down_proj.weight"), rand(&[16, 24], 0.5, &mut s));
-    }
-    let t = t.into_iter().map(|(k, v)| (k, v.to_dtype(dtype).unwrap())).collect();
-    let w = MemoryWeights {
-        tensors: t,
-        origin: PathBuf::from("tiny-llama"),
-    };
-    Llama::from_weights(cfg, &w, &Device::Cpu).unwrap()
-}
 
 fn tiny_bert() -> Bert {
     tiny_bert_in(DType::F64)

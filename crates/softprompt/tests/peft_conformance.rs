@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 const TOL: f32 = 2e-3;
 
-const ALL_ADAPTERS: [&str; 9] = [
+const ALL_ADAPTERS: [&str; 10] = [
     "smollm2_prompt_tuning_text",
     "smollm2_prompt_tuning_random",
     "smollm2_p_tuning_mlp",
@@ -20,6 +20,7 @@ const ALL_ADAPTERS: [&str; 9] = [
     "smollm2_prefix_tuning",
     "smollm2_prefix_tuning_projection",
     "smollm2_cartridge",
+    "smollm2_multitask_prompt_tuning",
     "minilm_seqcls_prompt_tuning",
     "minilm_seqcls_p_tuning_mlp",
 ];

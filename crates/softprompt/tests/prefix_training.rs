@@ -68,17 +68,9 @@ fn tiny(name: &str, method: Method) -> TrainConfig {
     }
 }
 
-fn losses(out: &Path) -> Vec<f64> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("loss")?.as_f64())
-        .collect()
-}
-
 fn lowers_the_loss(cfg: TrainConfig) {
     train::train(&cfg, &mut Quiet).unwrap();
-    let l = losses(&cfg.output);
+    let l = common::losses(&cfg.output);
     println!("{:?}: {l:?}", cfg.method);
     assert_eq!(l.len(), cfg.steps.unwrap());
     let n = l.len();

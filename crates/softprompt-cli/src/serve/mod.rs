@@ -136,6 +136,13 @@ pub fn load_adapters(model: &LoadedModel, dir: &Path) -> Result<BTreeMap<String,
             continue;
         }
         let a = adapter::load_peft(&path)?;
+        if a.is_multitask() {
+            eprintln!(
+                "skipping adapter folder {}: a multitask adapter needs a task id per request, which serving does not take yet (use `complete --task-id`)",
+                path.display()
+            );
+            continue;
+        }
         let cache = PromptCache::from_adapter(lm, &a).with_context(|| format!("adapter {}", path.display()))?;
         out.insert(name, Arc::new(cache));
     }

@@ -3,9 +3,10 @@
 //! - `adapter_config.json`: the prompt-learning config, written like
 //!   `json.dumps(config, indent=2, sort_keys=True)` (ASCII only, no trailing newline);
 //! - `adapter_model.safetensors`: `prompt_embeddings` (f32 `[p·submodules, d]`; for p-tuning the
-//!   encoder's **output**, for prefix tuning the `[p, layers·2·d_kv]` key/value prefix), plus
-//!   `base_model.classifier.{weight,bias}` for sequence classification; metadata
-//!   `{"format": "pt"}`.
+//!   encoder's **output**, for prefix tuning the `[p, layers·2·d_kv]` key/value prefix, for
+//!   multitask prompt tuning the shared prompt, with `prefix_task_cols [T, p, r]` and
+//!   `prefix_task_rows [T, r, d]` beside it), plus `base_model.classifier.{weight,bias}` for
+//!   sequence classification; metadata `{"format": "pt"}`.
 //!
 //! PEFT never saves a p-tuning encoder, so such an adapter is, for inference, a plain prompt;
 //! training state (the encoder included) is [`crate::prompt::SoftPrompt::tensors`]' job.
@@ -27,7 +28,7 @@ use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use crate::prompt::{SoftPrompt, PROMPT_EMBEDDINGS};
+use crate::prompt::{SoftPrompt, TaskFactors, PREFIX_TASK_COLS, PREFIX_TASK_ROWS, PROMPT_EMBEDDINGS};
 pub use compat::check_compatible;
 pub use peft_config::{MethodConfig, PeftConfig};
 pub use peft_types::{PeftType, TaskType};
@@ -58,7 +59,8 @@ pub struct PeftAdapter {
 
 impl PeftAdapter {
     /// The prompt matrix `[p, d]` to prepend to the input embeddings (prompt tuning and
-    /// p-tuning); an error for prefix tuning, whose prompt enters every attention layer.
+    /// p-tuning); an error for prefix tuning, whose prompt enters every attention layer, and for
+    /// multitask prompt tuning, whose prompt depends on the task ([`PeftAdapter::input_prompt_for`]).
     pub fn input_prompt(&self) -> Result<&Tensor> {
         match self.config.peft_type() {
             t if t.is_kv_prefix() => bail!(
@@ -66,7 +68,37 @@ impl PeftAdapter {
                 self.dir.display(),
                 t.as_str()
             ),
+            PeftType::MultitaskPromptTuning => bail!(
+                "{}: a MULTITASK_PROMPT_TUNING adapter has one prompt per task ({} tasks); give the task id (--task-id N, N in 0..{})",
+                self.dir.display(),
+                self.num_tasks(),
+                self.num_tasks()
+            ),
             _ => Ok(&self.prompt_embeddings),
+        }
+    }
+
+    /// Number of tasks: a multitask adapter's `num_tasks`, 1 for the other methods.
+    pub fn num_tasks(&self) -> usize {
+        self.config.multitask_shape().map_or(1, |(t, _)| t)
+    }
+
+    /// Whether the adapter is a multitask prompt (its prompt depends on a task id).
+    pub fn is_multitask(&self) -> bool {
+        self.config.peft_type() == PeftType::MultitaskPromptTuning
+    }
+
+    /// The input prompt `[p, d]` for rows of task `task`: a multitask adapter needs the task id
+    /// (in range), the other input-prompt adapters refuse one (they have a single prompt).
+    pub fn input_prompt_for(&self, task: Option<usize>) -> Result<Tensor> {
+        match (self.is_multitask(), task) {
+            (true, Some(t)) => self.to_soft_prompt()?.task_prompt(t).with_context(|| format!("{}", self.dir.display())),
+            (false, Some(t)) => bail!(
+                "task id {t} was given, but {} is a {} adapter with one prompt for every row (task ids are for MULTITASK_PROMPT_TUNING adapters)",
+                self.dir.display(),
+                self.config.peft_type().as_str()
+            ),
+            (_, None) => Ok(self.input_prompt()?.clone()),
         }
     }
 
@@ -95,8 +127,13 @@ impl PeftAdapter {
     }
 
     /// The adapter's prompt as a learnable prompt-tuning [`SoftPrompt`] (for a p-tuning adapter
-    /// this is the encoder's output: PEFT does not save the encoder).
+    /// this is the encoder's output: PEFT does not save the encoder; a multitask adapter gives
+    /// its shared prompt and task factors).
     pub fn to_soft_prompt(&self) -> Result<SoftPrompt> {
+        if self.is_multitask() {
+            let factors = TaskFactors::new(&self.tensors[PREFIX_TASK_COLS], &self.tensors[PREFIX_TASK_ROWS])?;
+            return SoftPrompt::multitask(&self.prompt_embeddings, factors);
+        }
         SoftPrompt::prompt_tuning(self.input_prompt()?)
     }
 
@@ -149,6 +186,29 @@ pub fn load_peft(dir: &Path) -> Result<PeftAdapter> {
         );
     }
     let prompt_embeddings = pe.to_dtype(DType::F32)?;
+    if let Some((tasks, ranks)) = config.multitask_shape() {
+        let (p, d) = (config.total_virtual_tokens(), config.token_dim);
+        for (name, want) in [
+            (PREFIX_TASK_COLS, [tasks, p, ranks]),
+            (PREFIX_TASK_ROWS, [tasks, ranks, d]),
+        ] {
+            let t = tensors.get_mut(name).with_context(|| {
+                format!(
+                    "{}: tensor `{name}` is missing (a MULTITASK_PROMPT_TUNING adapter has it)",
+                    w_path.display()
+                )
+            })?;
+            if t.dims() != want {
+                bail!(
+                    "{}: tensor `{name}` has shape {:?} but {} says {want:?} (num_tasks {tasks}, num_virtual_tokens {p}, num_ranks {ranks}, token_dim {d})",
+                    w_path.display(),
+                    t.dims(),
+                    cfg_path.display()
+                );
+            }
+            *t = t.to_dtype(DType::F32)?;
+        }
+    }
     Ok(PeftAdapter {
         dir: dir.to_path_buf(),
         config,

@@ -51,6 +51,55 @@ pub enum MethodConfig {
         /// The first virtual tokens kept frozen during training.
         num_frozen_tokens: usize,
     },
+    /// `MultitaskPromptTuningConfig`.
+    MultitaskPromptTuning {
+        /// The prompt-tuning fields (init, its text, the tokenizer), as for prompt tuning; the
+        /// init is `RANDOM`, `TEXT`, `AVERAGE_SOURCE_TASKS`, `EXACT_SOURCE_TASK` or
+        /// `ONLY_SOURCE_SHARED`.
+        prompt: PromptTuningFields,
+        /// The source state dict of the source-task inits (PEFT reads it again when it loads
+        /// an adapter with such an init).
+        prompt_tuning_init_state_dict_path: Option<String>,
+        /// The source task of `EXACT_SOURCE_TASK`.
+        prompt_tuning_init_task: Option<usize>,
+        /// Rank `r` of each task's factors.
+        num_ranks: usize,
+        /// Number of tasks.
+        num_tasks: usize,
+    },
+}
+
+/// The fields prompt tuning and multitask prompt tuning share.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptTuningFields {
+    /// `prompt_tuning_init`.
+    pub prompt_tuning_init: String,
+    /// The TEXT init's text.
+    pub prompt_tuning_init_text: Option<String>,
+    /// Tokenizer PEFT loads for the TEXT init.
+    pub tokenizer_name_or_path: Option<String>,
+    /// Extra arguments for that tokenizer.
+    pub tokenizer_kwargs: Option<Value>,
+}
+
+impl PromptTuningFields {
+    fn read(fields: &crate::json_fields::JsonFields) -> Result<Self> {
+        Ok(Self {
+            prompt_tuning_init: fields.opt_str("prompt_tuning_init")?.unwrap_or_else(|| "RANDOM".into()),
+            prompt_tuning_init_text: fields.opt_str("prompt_tuning_init_text")?,
+            tokenizer_name_or_path: fields.opt_str("tokenizer_name_or_path")?,
+            tokenizer_kwargs: fields.opt_value("tokenizer_kwargs"),
+        })
+    }
+
+    fn write(&self, m: &mut Map<String, Value>) {
+        let opt_str = |s: &Option<String>| s.clone().map_or(Value::Null, Value::String);
+        let [init, text, tokenizer, kwargs] = PROMPT_TUNING_FIELDS;
+        m.insert(init.into(), Value::String(self.prompt_tuning_init.clone()));
+        m.insert(text.into(), opt_str(&self.prompt_tuning_init_text));
+        m.insert(tokenizer.into(), opt_str(&self.tokenizer_name_or_path));
+        m.insert(kwargs.into(), self.tokenizer_kwargs.clone().unwrap_or(Value::Null));
+    }
 }
 
 impl MethodConfig {
@@ -61,6 +110,7 @@ impl MethodConfig {
             MethodConfig::PTuning { .. } => PeftType::PTuning,
             MethodConfig::PrefixTuning { .. } => PeftType::PrefixTuning,
             MethodConfig::Cartridge { .. } => PeftType::Cartridge,
+            MethodConfig::MultitaskPromptTuning { .. } => PeftType::MultitaskPromptTuning,
         }
     }
 
@@ -206,6 +256,16 @@ impl PeftConfig {
         self.method.peft_type()
     }
 
+    /// A multitask prompt's `(num_tasks, num_ranks)`; `None` for the other methods.
+    pub fn multitask_shape(&self) -> Option<(usize, usize)> {
+        match &self.method {
+            MethodConfig::MultitaskPromptTuning {
+                num_tasks, num_ranks, ..
+            } => Some((*num_tasks, *num_ranks)),
+            _ => None,
+        }
+    }
+
     /// The p-tuning encoder this config describes (`None` for the other methods).
     pub fn encoder_spec(&self) -> Result<Option<EncoderSpec>> {
         Ok(self.method.encoder_spec(self.token_dim))
@@ -268,15 +328,13 @@ impl PeftConfig {
                 prompt_tuning_init_text,
                 tokenizer_name_or_path,
                 tokenizer_kwargs,
-            } => {
-                m.insert("prompt_tuning_init".into(), Value::String(prompt_tuning_init.clone()));
-                m.insert("prompt_tuning_init_text".into(), opt_str(prompt_tuning_init_text));
-                m.insert("tokenizer_name_or_path".into(), opt_str(tokenizer_name_or_path));
-                m.insert(
-                    "tokenizer_kwargs".into(),
-                    tokenizer_kwargs.clone().unwrap_or(Value::Null),
-                );
+            } => PromptTuningFields {
+                prompt_tuning_init: prompt_tuning_init.clone(),
+                prompt_tuning_init_text: prompt_tuning_init_text.clone(),
+                tokenizer_name_or_path: tokenizer_name_or_path.clone(),
+                tokenizer_kwargs: tokenizer_kwargs.clone(),
             }
+            .write(&mut m),
             MethodConfig::PTuning {
                 encoder_reparameterization_type,
                 encoder_hidden_size,
@@ -306,6 +364,22 @@ impl PeftConfig {
             MethodConfig::Cartridge { num_frozen_tokens } => {
                 m.insert("num_frozen_tokens".into(), Value::from(*num_frozen_tokens as u64));
             }
+            MethodConfig::MultitaskPromptTuning {
+                prompt,
+                prompt_tuning_init_state_dict_path,
+                prompt_tuning_init_task,
+                num_ranks,
+                num_tasks,
+            } => {
+                prompt.write(&mut m);
+                m.insert(
+                    "prompt_tuning_init_state_dict_path".into(),
+                    opt_str(prompt_tuning_init_state_dict_path),
+                );
+                m.insert("prompt_tuning_init_task".into(), opt_usize(*prompt_tuning_init_task));
+                m.insert("num_ranks".into(), Value::from(*num_ranks as u64));
+                m.insert("num_tasks".into(), Value::from(*num_tasks as u64));
+            }
         }
         Value::Object(m)
     }
@@ -318,12 +392,15 @@ impl PeftConfig {
         let fields = crate::json_fields::JsonFields::new(obj);
         let peft_type = PeftType::parse(&fields.req_str("peft_type")?).context("field `peft_type`")?;
         let method = match peft_type {
-            PeftType::PromptTuning => MethodConfig::PromptTuning {
-                prompt_tuning_init: fields.opt_str("prompt_tuning_init")?.unwrap_or_else(|| "RANDOM".into()),
-                prompt_tuning_init_text: fields.opt_str("prompt_tuning_init_text")?,
-                tokenizer_name_or_path: fields.opt_str("tokenizer_name_or_path")?,
-                tokenizer_kwargs: fields.opt_value("tokenizer_kwargs"),
-            },
+            PeftType::PromptTuning => {
+                let f = PromptTuningFields::read(&fields)?;
+                MethodConfig::PromptTuning {
+                    prompt_tuning_init: f.prompt_tuning_init,
+                    prompt_tuning_init_text: f.prompt_tuning_init_text,
+                    tokenizer_name_or_path: f.tokenizer_name_or_path,
+                    tokenizer_kwargs: f.tokenizer_kwargs,
+                }
+            }
             PeftType::PTuning => {
                 let kind = match fields.opt_str("encoder_reparameterization_type")? {
                     None => EncoderKind::Mlp,
@@ -346,6 +423,22 @@ impl PeftConfig {
             PeftType::Cartridge => MethodConfig::Cartridge {
                 num_frozen_tokens: fields.opt_usize("num_frozen_tokens")?.unwrap_or(1),
             },
+            PeftType::MultitaskPromptTuning => {
+                let at_least_1 = |name: &str| -> Result<usize> {
+                    let n = fields.opt_usize(name)?.unwrap_or(1);
+                    if n == 0 {
+                        bail!("field `{name}` must be at least 1");
+                    }
+                    Ok(n)
+                };
+                MethodConfig::MultitaskPromptTuning {
+                    prompt: PromptTuningFields::read(&fields)?,
+                    prompt_tuning_init_state_dict_path: fields.opt_str("prompt_tuning_init_state_dict_path")?,
+                    prompt_tuning_init_task: fields.opt_usize("prompt_tuning_init_task")?,
+                    num_ranks: at_least_1("num_ranks")?,
+                    num_tasks: at_least_1("num_tasks")?,
+                }
+            }
         };
         let task_type = match fields.opt_str("task_type")? {
             None => None,
@@ -433,6 +526,14 @@ impl From<PeftConfig> for Value {
     }
 }
 
+/// The JSON fields of [`PromptTuningFields`].
+const PROMPT_TUNING_FIELDS: [&str; 4] = [
+    "prompt_tuning_init",
+    "prompt_tuning_init_text",
+    "tokenizer_name_or_path",
+    "tokenizer_kwargs",
+];
+
 fn known_fields(t: PeftType) -> Vec<&'static str> {
     let mut v = vec![
         "auto_mapping",
@@ -450,12 +551,7 @@ fn known_fields(t: PeftType) -> Vec<&'static str> {
         "token_dim",
     ];
     v.extend_from_slice(match t {
-        PeftType::PromptTuning => &[
-            "prompt_tuning_init",
-            "prompt_tuning_init_text",
-            "tokenizer_name_or_path",
-            "tokenizer_kwargs",
-        ][..],
+        PeftType::PromptTuning => &PROMPT_TUNING_FIELDS[..],
         PeftType::PTuning => &[
             "encoder_reparameterization_type",
             "encoder_hidden_size",
@@ -464,6 +560,16 @@ fn known_fields(t: PeftType) -> Vec<&'static str> {
         ][..],
         PeftType::PrefixTuning => &["encoder_hidden_size", "prefix_projection", "init_weights"][..],
         PeftType::Cartridge => &["num_frozen_tokens"][..],
+        PeftType::MultitaskPromptTuning => &[
+            PROMPT_TUNING_FIELDS[0],
+            PROMPT_TUNING_FIELDS[1],
+            PROMPT_TUNING_FIELDS[2],
+            PROMPT_TUNING_FIELDS[3],
+            "prompt_tuning_init_state_dict_path",
+            "prompt_tuning_init_task",
+            "num_ranks",
+            "num_tasks",
+        ][..],
     });
     v
 }

@@ -13,6 +13,9 @@ pub enum PeftType {
     PrefixTuning,
     /// `CARTRIDGE`: a K/V prefix stored directly as parameters (Eyuboglu et al. 2025).
     Cartridge,
+    /// `MULTITASK_PROMPT_TUNING`: a shared prompt times per-task low-rank factors (Wang et al.
+    /// 2023).
+    MultitaskPromptTuning,
 }
 
 impl PeftType {
@@ -23,6 +26,7 @@ impl PeftType {
             PeftType::PTuning => "P_TUNING",
             PeftType::PrefixTuning => "PREFIX_TUNING",
             PeftType::Cartridge => "CARTRIDGE",
+            PeftType::MultitaskPromptTuning => "MULTITASK_PROMPT_TUNING",
         }
     }
 
@@ -39,8 +43,12 @@ impl PeftType {
             "P_TUNING" => PeftType::PTuning,
             "PREFIX_TUNING" => PeftType::PrefixTuning,
             "CARTRIDGE" => PeftType::Cartridge,
+            "MULTITASK_PROMPT_TUNING" => PeftType::MultitaskPromptTuning,
             other => {
-                bail!("unknown peft_type `{other}` (supported: PROMPT_TUNING, P_TUNING, PREFIX_TUNING, CARTRIDGE)")
+                bail!(
+                    "unknown peft_type `{other}` (supported: PROMPT_TUNING, P_TUNING, PREFIX_TUNING, CARTRIDGE, \
+                     MULTITASK_PROMPT_TUNING)"
+                )
             }
         })
     }

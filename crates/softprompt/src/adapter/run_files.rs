@@ -39,8 +39,11 @@ pub struct TaskFile {
     pub target_field: String,
     /// Task kind.
     pub task: crate::task::TaskKind,
-    /// Labels or candidate targets.
+    /// Labels or candidate targets (of task 0 for a multitask adapter).
     pub labels: Vec<String>,
+    /// A multitask adapter's labels of every task, by task id (empty otherwise).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub task_labels: Vec<Vec<String>>,
     /// Label → verbaliser word.
     pub verbalizer: std::collections::BTreeMap<String, String>,
     /// Model the adapter was trained on.
@@ -54,13 +57,22 @@ pub const TASK_FILE: &str = "softprompt.json";
 /// Name of the raw prompt parameters file in an adapter directory.
 pub const PROMPT_FILE: &str = "softprompt_prompt.safetensors";
 
-/// Writes `softprompt.json` next to an adapter.
-pub fn save_task_file(dir: &Path, task: &Task, cfg: &TrainConfig) -> Result<()> {
+/// Writes `softprompt.json` next to an adapter; `tasks` are the run's tasks by task id (one,
+/// unless multitask).
+pub fn save_task_file(dir: &Path, tasks: &[&Task], cfg: &TrainConfig) -> Result<()> {
+    let Some(task) = tasks.first() else {
+        bail!("cannot write {}: the run has no task", dir.join(TASK_FILE).display());
+    };
     let file = TaskFile {
         template: task.template.source().to_string(),
         target_field: cfg.target_field.clone(),
         task: cfg.task,
         labels: task.labels.clone(),
+        task_labels: if tasks.len() > 1 {
+            tasks.iter().map(|t| t.labels.clone()).collect()
+        } else {
+            Vec::new()
+        },
         verbalizer: cfg.verbalizer.clone(),
         model: cfg.model.clone(),
         config: cfg.clone(),

@@ -40,6 +40,73 @@ pub struct EvalResult {
     /// Per-row predictions.
     #[serde(skip)]
     pub predictions: Vec<Prediction>,
+    /// A multitask evaluation's metrics per task (empty otherwise); `accuracy` and
+    /// `exact_match` are then their means over the tasks.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tasks: Vec<TaskMetrics>,
+}
+
+/// One task's metrics in a multitask evaluation.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TaskMetrics {
+    /// Task id.
+    pub task: usize,
+    /// Rows scored.
+    pub n: usize,
+    /// Accuracy.
+    pub accuracy: f64,
+    /// Greedy exact match, when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exact_match: Option<f64>,
+}
+
+impl EvalResult {
+    /// Joins the results of several tasks: `parts` holds each task id, the data-set positions of
+    /// its rows and its result. Accuracy and exact match are the means over the tasks (each task
+    /// counts the same, whatever its size); predictions go back to the positions given.
+    pub fn by_task(parts: Vec<(usize, Vec<usize>, EvalResult)>) -> Result<Self> {
+        if parts.is_empty() {
+            bail!("no rows to score");
+        }
+        let k = parts.len() as f64;
+        let n: usize = parts.iter().map(|(_, _, r)| r.n).sum();
+        let mut slots: Vec<Option<Prediction>> = vec![None; n];
+        let mut tasks = Vec::with_capacity(parts.len());
+        for (task, positions, r) in parts {
+            if positions.len() != r.predictions.len() {
+                bail!(
+                    "task {task}: {} positions for {} predictions",
+                    positions.len(),
+                    r.predictions.len()
+                );
+            }
+            for (pos, pred) in positions.into_iter().zip(r.predictions) {
+                let slot = slots
+                    .get_mut(pos)
+                    .with_context(|| format!("task {task}: row position {pos} is outside the {n} rows"))?;
+                *slot = Some(pred);
+            }
+            tasks.push(TaskMetrics {
+                task,
+                n: r.n,
+                accuracy: r.accuracy,
+                exact_match: r.exact_match,
+            });
+        }
+        let predictions = slots
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| p.with_context(|| format!("no prediction for row position {i}")))
+            .collect::<Result<_>>()?;
+        let exact: Option<Vec<f64>> = tasks.iter().map(|t| t.exact_match).collect();
+        Ok(Self {
+            n,
+            accuracy: tasks.iter().map(|t| t.accuracy).sum::<f64>() / k,
+            exact_match: exact.map(|e| e.iter().sum::<f64>() / k),
+            predictions,
+            tasks,
+        })
+    }
 }
 
 /// How a row's label scores are read off the model: the language model's log-probabilities of
@@ -171,6 +238,7 @@ impl<'a> Scorer<'a> {
             accuracy: correct as f64 / n.max(1) as f64,
             exact_match: exact,
             predictions,
+            tasks: Vec::new(),
         })
     }
 

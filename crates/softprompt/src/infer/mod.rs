@@ -3,6 +3,7 @@
 //! turned into keys and values once, mixed-prompt continuous batching, and sessions that
 //! rebuild a task from an adapter.
 
+pub mod by_task;
 pub mod engine;
 pub mod evaluate;
 pub mod generate;

@@ -56,10 +56,22 @@ impl PromptCache {
     }
 
     /// The cache of a PEFT adapter: prompt tuning and p-tuning (the prompt prepended), prefix
-    /// tuning and Cartridges (the per-layer prefix, [`PeftAdapter::prefix_cache`]).
+    /// tuning and Cartridges (the per-layer prefix, [`PeftAdapter::prefix_cache`]). A multitask
+    /// adapter needs a task id: see [`PromptCache::from_adapter_task`].
     pub fn from_adapter(lm: &dyn CausalLm, adapter: &PeftAdapter) -> Result<Self> {
+        Self::from_adapter_task(lm, adapter, None)
+    }
+
+    /// [`PromptCache::from_adapter`] with the task id of a multitask adapter (its task's prompt
+    /// prepended); a task id is refused for the other adapters.
+    pub fn from_adapter_task(lm: &dyn CausalLm, adapter: &PeftAdapter, task: Option<usize>) -> Result<Self> {
         crate::adapter::check_compatible(&adapter.config, lm.info())?;
         match adapter.prefix_cache(lm.info())? {
+            Some(_) if task.is_some() => bail!(
+                "a task id was given, but {} is a {} adapter (task ids are for MULTITASK_PROMPT_TUNING adapters)",
+                adapter.dir.display(),
+                adapter.config.peft_type().as_str()
+            ),
             Some(cache) => {
                 let device = lm.embedding_table().device();
                 let dtype = lm.embedding_table().dtype();
@@ -82,7 +94,7 @@ impl PromptCache {
                     },
                 })
             }
-            None => Self::from_prompt(lm, &adapter.prompt_embeddings),
+            None => Self::from_prompt(lm, &adapter.input_prompt_for(task)?),
         }
     }
 }

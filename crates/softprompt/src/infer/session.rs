@@ -30,6 +30,9 @@ pub struct TaskOptions {
     pub max_len: usize,
     /// Let `template` replace the template an adapter was trained with (`--force-template`).
     pub force_template: bool,
+    /// The task id of a multitask adapter (`--task-id`): its prompt and, when the adapter's
+    /// `softprompt.json` has them, its labels. Refused for the other adapters.
+    pub task_id: Option<usize>,
 }
 
 /// A task ready to score rows.
@@ -75,7 +78,17 @@ pub fn open(model: &LoadedModel, adapter_dir: Option<&Path>, opts: &TaskOptions,
                 if opts.verbalizer.is_empty() {
                     opts.verbalizer = tf.verbalizer;
                 }
-                labels = tf.labels;
+                labels = match opts.task_id {
+                    Some(t) if !tf.task_labels.is_empty() => tf.task_labels.get(t).cloned().with_context(|| {
+                        format!(
+                            "task id {t} is out of range: {} has labels for {} tasks (0..{})",
+                            dir.join(TASK_FILE).display(),
+                            tf.task_labels.len(),
+                            tf.task_labels.len()
+                        )
+                    })?,
+                    _ => tf.labels,
+                };
             }
             if opts.task.is_none() {
                 opts.task = Some(if a.config.task_type == Some(TaskType::SeqCls) {
@@ -91,6 +104,13 @@ pub fn open(model: &LoadedModel, adapter_dir: Option<&Path>, opts: &TaskOptions,
                 .context("this adapter has no softprompt.json; give the template with --template")?;
             let t = Template::parse(&src).context("template")?;
             if let Some(cache) = a.prefix_cache(info)? {
+                if let Some(t) = opts.task_id {
+                    bail!(
+                        "task id {t} was given, but {} is a {} adapter (task ids are for MULTITASK_PROMPT_TUNING adapters)",
+                        dir.display(),
+                        a.config.peft_type().as_str()
+                    );
+                }
                 model
                     .backbone
                     .require_causal(&format!("a {} adapter", a.config.peft_type().as_str()))?;
@@ -103,12 +123,15 @@ pub fn open(model: &LoadedModel, adapter_dir: Option<&Path>, opts: &TaskOptions,
                 prefix = Some(cache.to_device(model.backbone.device())?);
                 (None, head)
             } else {
-                let prompt = a.input_prompt()?.to_device(model.backbone.device())?;
+                let prompt = a.input_prompt_for(opts.task_id)?.to_device(model.backbone.device())?;
                 if t.num_virtual_tokens() == 0 {
                     opts.template = Some(format!("[soft:{}]{src}", prompt.dim(0)?));
                 }
                 (Some(prompt), head)
             }
+        }
+        None if opts.task_id.is_some() => {
+            bail!("--task-id selects a multitask adapter's prompt; give the adapter (--adapter)")
         }
         None => (None, None),
     };

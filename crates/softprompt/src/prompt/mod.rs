@@ -7,6 +7,7 @@
 //! | prompt tuning | `prompt_embeddings` `[p, d]` | the embedding itself |
 //! | p-tuning, MLP | `prompt_encoder.default.embedding.weight` `[p, d]`, `prompt_encoder.default.mlp_head.{0,2,4}.{weight,bias}` | `mlp_head(embedding)` |
 //! | p-tuning, LSTM | `prompt_encoder.default.embedding.weight`, `prompt_encoder.default.lstm_head.{weight_ih,weight_hh,bias_ih,bias_hh}_l{k}[_reverse]`, `prompt_encoder.default.mlp_head.{0,2}.{weight,bias}` | `mlp_head(lstm_head(embedding))` |
+//! | multitask prompt tuning | `prompt_embeddings` `[p, d]`, `prefix_task_cols` `[T, p, r]`, `prefix_task_rows` `[T, r, d]` | every task's `embedding ⊙ (cols[t]·rows[t])`, stacked `[T·p, d]` |
 //!
 //! [`SoftPrompt::forward`] builds `P` as a candle graph over the parameters' [`Var`]s, so the
 //! trainer can call `(P * dP).sum_all()?.backward()?` with `dP = d(loss)/dP` from the frozen
@@ -14,6 +15,7 @@
 
 pub mod encoder;
 pub mod init;
+pub mod multitask;
 pub mod prefix;
 
 use anyhow::{bail, Context, Result};
@@ -26,6 +28,7 @@ pub use init::{
     common_token_ids, initial_prompt, sample_vocab_ids, seeded_rng, text_init_ids, InitSource, PromptInit,
     VOCAB_SAMPLE_POOL,
 };
+pub use multitask::{SourceInit, TaskFactors, PREFIX_TASK_COLS, PREFIX_TASK_ROWS};
 pub use prefix::{KvPrefix, PrefixShape, PrefixSpec};
 
 /// PEFT's name of the prompt-tuning embedding (and of the saved prompt of every method).
@@ -33,13 +36,15 @@ pub const PROMPT_EMBEDDINGS: &str = "prompt_embeddings";
 /// PEFT's name of p-tuning's virtual-token embedding.
 pub const P_TUNING_EMBEDDING: &str = "prompt_encoder.default.embedding.weight";
 
-/// A soft prompt: `num_virtual_tokens` × `token_dim` learnable embedding, optionally encoded.
+/// A soft prompt: `num_virtual_tokens` × `token_dim` learnable embedding, optionally encoded
+/// (p-tuning) or multiplied by per-task factors (multitask prompt tuning).
 #[derive(Debug, Clone)]
 pub struct SoftPrompt {
     num_virtual_tokens: usize,
     token_dim: usize,
     embedding: Var,
     encoder: Option<PromptEncoder>,
+    tasks: Option<TaskFactors>,
 }
 
 impl SoftPrompt {
@@ -51,7 +56,25 @@ impl SoftPrompt {
             token_dim: d,
             embedding: Var::from_tensor(&init.contiguous()?)?,
             encoder: None,
+            tasks: None,
         })
+    }
+
+    /// Multitask prompt tuning: the shared prompt starts at `init [p, d]`, each task's prompt is
+    /// it times the task's factors (see [`multitask`]).
+    pub fn multitask(init: &Tensor, factors: TaskFactors) -> Result<Self> {
+        let (p, d) = dims_of(init)?;
+        let prompt = Self {
+            num_virtual_tokens: p,
+            token_dim: d,
+            embedding: Var::from_tensor(&init.contiguous()?)?,
+            encoder: None,
+            tasks: Some(factors),
+        };
+        prompt
+            .forward()
+            .context("the task factors do not fit the shared prompt")?;
+        Ok(prompt)
     }
 
     /// P-tuning: the learnable embedding starts at `init [p, d]` and passes through a new
@@ -64,6 +87,7 @@ impl SoftPrompt {
             token_dim: d,
             embedding: Var::from_tensor(&init.contiguous()?)?,
             encoder: Some(encoder),
+            tasks: None,
         })
     }
 
@@ -100,31 +124,84 @@ impl SoftPrompt {
         self.encoder.is_some()
     }
 
-    /// The prompt matrix `P [p, d]` as a differentiable graph over [`SoftPrompt::vars`]
-    /// (no dropout).
+    /// The per-task factors of a multitask prompt.
+    pub fn task_factors(&self) -> Option<&TaskFactors> {
+        self.tasks.as_ref()
+    }
+
+    /// Number of tasks (1 unless multitask).
+    pub fn num_tasks(&self) -> usize {
+        self.tasks.as_ref().map_or(1, TaskFactors::num_tasks)
+    }
+
+    /// Rows of [`SoftPrompt::forward`]: `num_tasks · num_virtual_tokens`.
+    pub fn num_prompt_rows(&self) -> usize {
+        self.num_tasks() * self.num_virtual_tokens
+    }
+
+    /// The prompt matrix `P` as a differentiable graph over [`SoftPrompt::vars`] (no dropout):
+    /// `[p, d]`, or for a multitask prompt every task's prompt stacked, `[tasks·p, d]`.
     pub fn forward(&self) -> Result<Tensor> {
-        match &self.encoder {
-            None => Ok(self.embedding.as_tensor().clone()),
-            Some(enc) => enc.forward(self.embedding.as_tensor()),
+        let e = self.embedding.as_tensor();
+        match (&self.encoder, &self.tasks) {
+            (Some(enc), _) => enc.forward(e),
+            (None, Some(tasks)) => tasks.apply(e),
+            (None, None) => Ok(e.clone()),
         }
     }
 
     /// Like [`SoftPrompt::forward`], with the LSTM encoder's inter-layer dropout (training mode).
     pub fn forward_train(&self, rng: &mut StdRng) -> Result<Tensor> {
         match &self.encoder {
-            None => Ok(self.embedding.as_tensor().clone()),
             Some(enc) => enc.forward_train(self.embedding.as_tensor(), rng),
+            None => self.forward(),
+        }
+    }
+
+    /// The prompt `[p, d]` of task `task` (the only prompt unless multitask; then `task` must be
+    /// below [`SoftPrompt::num_tasks`]).
+    pub fn task_prompt(&self, task: usize) -> Result<Tensor> {
+        if task >= self.num_tasks() {
+            bail!(
+                "task id {task} is out of range: the prompt has {} tasks (0..{})",
+                self.num_tasks(),
+                self.num_tasks()
+            );
+        }
+        Ok(self
+            .forward()?
+            .narrow(0, task * self.num_virtual_tokens, self.num_virtual_tokens)?)
+    }
+
+    /// What PEFT saves: `prompt_embeddings` (the prompt `[p, d]`; for p-tuning the encoder's
+    /// output, for a multitask prompt the shared prompt) and the other tensors of the file
+    /// (a multitask prompt's factors), detached copies.
+    pub fn peft_tensors(&self) -> Result<(Tensor, Vec<(String, Tensor)>)> {
+        match &self.tasks {
+            None => Ok((self.forward()?.detach(), Vec::new())),
+            Some(tasks) => {
+                let extra = tasks
+                    .vars()
+                    .into_iter()
+                    .map(|(n, v)| Ok((n, v.as_detached_tensor().copy()?)))
+                    .collect::<Result<_>>()?;
+                Ok((self.embedding.as_detached_tensor().copy()?, extra))
+            }
         }
     }
 
     /// Every learnable parameter with PEFT's name, embedding first, then the encoder in torch's
-    /// parameter order.
+    /// parameter order (or a multitask prompt's factors).
     pub fn vars(&self) -> Vec<(String, Var)> {
-        match &self.encoder {
-            None => vec![(PROMPT_EMBEDDINGS.to_string(), self.embedding.clone())],
-            Some(enc) => {
+        match (&self.encoder, &self.tasks) {
+            (Some(enc), _) => {
                 let mut out = vec![(P_TUNING_EMBEDDING.to_string(), self.embedding.clone())];
                 out.extend(enc.vars());
+                out
+            }
+            (None, tasks) => {
+                let mut out = vec![(PROMPT_EMBEDDINGS.to_string(), self.embedding.clone())];
+                out.extend(tasks.iter().flat_map(TaskFactors::vars));
                 out
             }
         }

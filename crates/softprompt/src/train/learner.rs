@@ -8,10 +8,10 @@ use std::path::Path;
 
 use super::optim::{AdamW, AdamWConfig};
 pub use super::prefix::Learned;
-use super::Prepared;
+use super::{multitask, Prepared, TaskSplit};
 use crate::adapter::run_files::{self, Checkpoint, Progress};
 use crate::adapter::{self, MethodConfig, PeftConfig, TaskType};
-use crate::config::{InitKind, TrainConfig};
+use crate::config::{InitKind, Method, TrainConfig};
 use crate::loss::ClassifierHead;
 use crate::prompt::init::normal;
 use crate::prompt::{initial_prompt, InitSource, PromptInit, SoftPrompt};
@@ -81,18 +81,24 @@ impl Learner {
     }
 }
 
-/// The prompt initialisation option `init` asks for, resolved against the task (label texts)
-/// and the files it names (`init_from`).
-fn prompt_init(cfg: &TrainConfig, task: &Task) -> Result<PromptInit> {
+/// The prompt initialisation option `init` asks for, resolved against the tasks (label texts,
+/// of every task of a multitask run) and the files it names (`init_from`; a multitask source
+/// adapter gives the shared prompt).
+fn prompt_init(cfg: &TrainConfig, tasks: &[TaskSplit]) -> Result<PromptInit> {
     Ok(match cfg.init {
         InitKind::Random => PromptInit::Random,
         InitKind::RandomNormal => PromptInit::RandomNormal,
         InitKind::Zero => PromptInit::Zero,
         InitKind::Vocab => PromptInit::Vocab,
-        InitKind::Labels => {
-            let prefix = task.template.target().map(|t| t.prefix.clone()).unwrap_or_default();
-            PromptInit::Labels((0..task.labels.len()).map(|i| task.target_text(&prefix, i)).collect())
-        }
+        InitKind::Labels => PromptInit::Labels(
+            tasks
+                .iter()
+                .flat_map(|TaskSplit { task, .. }| {
+                    let prefix = task.template.target().map(|t| t.prefix.clone()).unwrap_or_default();
+                    (0..task.labels.len()).map(move |i| task.target_text(&prefix, i))
+                })
+                .collect(),
+        ),
         InitKind::Text => PromptInit::Text(
             cfg.init_text
                 .clone()
@@ -105,6 +111,9 @@ fn prompt_init(cfg: &TrainConfig, task: &Task) -> Result<PromptInit> {
                 .context("init = \"from\" needs option `init_from` (an adapter directory)")?;
             PromptInit::FromTensor(adapter::load_peft(dir)?.prompt_embeddings)
         }
+        InitKind::AverageSourceTasks | InitKind::ExactSourceTask | InitKind::OnlySourceShared => {
+            PromptInit::FromTensor(multitask::SourceStateDict::read(cfg)?.shared_prompt()?)
+        }
     })
 }
 
@@ -114,12 +123,12 @@ pub fn new_learner(p: &Prepared) -> Result<Learner> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
     let bb = &p.model.backbone;
     let device = bb.device();
-    let init = prompt_init(cfg, &p.task)?;
+    let init = prompt_init(cfg, &p.tasks)?;
     let d = bb.info().hidden;
     let prompt = match cfg.prefix_spec() {
         Some(spec) => Learned::KvPrefix(super::prefix::new_prefix(p, spec, &init, &mut rng)?),
         None => {
-            let n = p.task.template.num_virtual_tokens();
+            let n = p.task().template.num_virtual_tokens();
             let start = initial_prompt(
                 &init,
                 n,
@@ -128,11 +137,14 @@ pub fn new_learner(p: &Prepared) -> Result<Learner> {
                 &mut rng,
             )?
             .to_device(device)?;
-            Learned::Input(SoftPrompt::new(&start, cfg.encoder_spec().as_ref(), &mut rng)?)
+            Learned::Input(match cfg.method {
+                Method::MultitaskPromptTuning => multitask::new_prompt(p, &start, &mut rng)?,
+                _ => SoftPrompt::new(&start, cfg.encoder_spec().as_ref(), &mut rng)?,
+            })
         }
     };
     let head = if cfg.task == TaskKind::SeqCls {
-        let c = p.task.labels.len();
+        let c = p.task().labels.len();
         // transformers initialises classifier weights N(0, 0.02) and biases 0.
         let w: Vec<f32> = normal(&mut rng, c * d).into_iter().map(|x| (0.02 * x) as f32).collect();
         Some(ClassifierHead {
@@ -165,6 +177,7 @@ pub fn save_adapter(p: &Prepared, learner: &Learner, dir: &Path) -> Result<()> {
         TaskType::CausalLm
     };
     let mut config = match &learner.prompt {
+        Learned::Input(prompt) if prompt.task_factors().is_some() => multitask::peft_config(p, prompt, task_type)?,
         Learned::Input(prompt) => PeftConfig::for_prompt(prompt, &learner.init, task_type, info),
         Learned::KvPrefix(prefix) => super::prefix::peft_config(prefix, info),
     };
@@ -176,16 +189,18 @@ pub fn save_adapter(p: &Prepared, learner: &Learner, dir: &Path) -> Result<()> {
     {
         *t = p.cfg.model.clone();
     }
-    let extra: Vec<(String, Tensor)> = match &learner.head {
-        Some(h) => vec![
-            (HEAD_WEIGHT.into(), h.weight.as_tensor().clone()),
-            (HEAD_BIAS.into(), h.bias.as_tensor().clone()),
-        ],
-        None => Vec::new(),
+    let (saved, mut extra) = match &learner.prompt {
+        Learned::Input(prompt) => prompt.peft_tensors()?,
+        Learned::KvPrefix(prefix) => (prefix.forward()?.detach(), Vec::new()),
     };
+    if let Some(h) = &learner.head {
+        extra.push((HEAD_WEIGHT.into(), h.weight.as_tensor().clone()));
+        extra.push((HEAD_BIAS.into(), h.bias.as_tensor().clone()));
+    }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    adapter::save_peft(dir, &config, &learner.prompt.forward()?.detach(), &extra)?;
-    run_files::save_task_file(dir, &p.task, &p.cfg)?;
+    adapter::save_peft(dir, &config, &saved, &extra)?;
+    let tasks: Vec<&Task> = p.tasks.iter().map(|t| &t.task).collect();
+    run_files::save_task_file(dir, &tasks, &p.cfg)?;
     run_files::save_prompt_params(dir, &learner.tensors()?)
 }
 

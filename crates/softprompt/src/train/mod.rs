@@ -13,6 +13,7 @@
 //! where an uninterrupted one would be.
 
 pub mod learner;
+pub mod multitask;
 pub mod optim;
 pub mod output;
 pub mod prefix;
@@ -20,18 +21,20 @@ pub mod prepare;
 pub mod step;
 
 use anyhow::{bail, Result};
+use candle_core::Tensor;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::adapter::{self, run_files};
+use crate::backbone::KvCache;
 pub use crate::config::{EncoderKind, InitKind, Method, TrainConfig};
 use crate::infer::evaluate::{EvalResult, Scorer};
 use crate::loss::ClassifierHead;
-use crate::task::Task;
+use crate::task::{Example, Task};
 pub use learner::{new_learner, save_adapter, Learned, Learner, HEAD_BIAS, HEAD_WEIGHT};
 pub use output::OutputDir;
-pub use prepare::{check_baseline_template, prepare, run_template, Prepared};
+pub use prepare::{check_baseline_template, prepare, run_template, Prepared, TaskSplit};
 pub use run_files::Progress;
 pub use step::{step, total_steps, DataOrder, StepResult};
 
@@ -79,35 +82,91 @@ pub struct TrainReport {
     pub adapter_dir: PathBuf,
 }
 
-/// Scores a hand-written template (no virtual tokens) on the prepared test set.
-pub fn evaluate_baseline(p: &Prepared, template: &str) -> Result<Option<EvalResult>> {
-    let Some(test_set) = &p.test_set else { return Ok(None) };
-    let t = check_baseline_template(template, &p.cfg.target_field)?;
-    let task = Task::new(
-        p.task.kind,
-        t,
-        p.task.labels.clone(),
-        &p.cfg.verbalizer,
-        &p.model.tokenizer,
-        p.cfg.max_len,
-    )?;
-    let examples = task.encode_set(test_set, &p.model.tokenizer)?.examples;
-    let scorer = Scorer::new(&p.model, &task, None, None)?;
-    Ok(Some(scorer.evaluate(&examples, p.cfg.eval_batch, p.cfg.exact_match)?))
+/// Scores every task's `rows` (one list per task id), each task with its own labels and its rows of `prompt`
+/// (`[p, d]`, or a multitask prompt's stacked `[tasks·p, d]`); several tasks are joined by
+/// [`EvalResult::by_task`]. `task_of` may replace a task's definition (the baseline template).
+/// None when no task has rows.
+fn evaluate_split(
+    p: &Prepared,
+    prompt: Option<&Tensor>,
+    head: Option<&ClassifierHead>,
+    prefix: Option<&KvCache>,
+    rows: &[&[Example]],
+    exact_match: bool,
+    task_of: &dyn Fn(&TaskSplit) -> Result<Option<Task>>,
+) -> Result<Option<EvalResult>> {
+    let mut parts = Vec::new();
+    let mut position = 0;
+    for ((id, t), &rows) in p.tasks.iter().enumerate().zip(rows) {
+        if rows.is_empty() {
+            continue;
+        }
+        let own = task_of(t)?;
+        let task = own.as_ref().unwrap_or(&t.task);
+        let task_prompt = match prompt {
+            Some(m) if p.tasks.len() > 1 => {
+                let v = m.dim(0)? / p.tasks.len();
+                Some(m.narrow(0, id * v, v)?)
+            }
+            other => other.cloned(),
+        };
+        let r = Scorer::new(&p.model, task, task_prompt.as_ref(), head)?
+            .with_prefix(prefix)
+            .evaluate(rows, p.cfg.eval_batch, exact_match)?;
+        parts.push((id, (position..position + rows.len()).collect(), r));
+        position += rows.len();
+    }
+    match parts.len() {
+        0 => Ok(None),
+        1 if p.tasks.len() == 1 => Ok(parts.pop().map(|(_, _, r)| r)),
+        _ => Ok(Some(EvalResult::by_task(parts)?)),
+    }
 }
 
-/// Scores the learner on the dev set and updates the best-so-far bookkeeping of `progress`.
-/// Returns whether this is the best evaluation so far (always true without a dev set), and the
-/// result (None without a dev set).
-pub fn evaluate_dev(p: &Prepared, learner: &Learner, progress: &mut Progress) -> Result<(bool, Option<EvalResult>)> {
-    if p.dev.is_empty() {
-        return Ok((true, None));
+/// Scores a hand-written template (no virtual tokens) on the prepared test set(s).
+pub fn evaluate_baseline(p: &Prepared, template: &str) -> Result<Option<EvalResult>> {
+    let t = check_baseline_template(template, &p.cfg.target_field)?;
+    let baseline = |s: &TaskSplit| -> Result<Option<Task>> {
+        Ok(Some(Task::new(
+            s.task.kind,
+            t.clone(),
+            s.task.labels.clone(),
+            &p.cfg.verbalizer,
+            &p.model.tokenizer,
+            p.cfg.max_len,
+        )?))
+    };
+    // The test rows rendered with the baseline template (no virtual tokens).
+    let mut test: Vec<Vec<Example>> = Vec::with_capacity(p.tasks.len());
+    for s in &p.tasks {
+        let rows = match (&s.test_set, baseline(s)?) {
+            (Some(set), Some(task)) => task.encode_set(set, &p.model.tokenizer)?.examples,
+            _ => Vec::new(),
+        };
+        test.push(rows);
     }
+    let rows: Vec<&[Example]> = test.iter().map(Vec::as_slice).collect();
+    evaluate_split(p, None, None, None, &rows, p.cfg.exact_match, &baseline)
+}
+
+/// Scores the learner on the dev set(s) and updates the best-so-far bookkeeping of `progress`.
+/// Returns whether this is the best evaluation so far (always true without a dev set), and the
+/// result (None without a dev set; for several tasks the mean of the tasks' accuracies).
+pub fn evaluate_dev(p: &Prepared, learner: &Learner, progress: &mut Progress) -> Result<(bool, Option<EvalResult>)> {
     let step = progress.step;
     let (prompt, prefix) = learner.prompt.eval_parts()?;
-    let r = Scorer::new(&p.model, &p.task, prompt.as_ref(), learner.head.as_ref())?
-        .with_prefix(prefix.as_ref())
-        .evaluate(&p.dev, p.cfg.eval_batch, false)?;
+    let Some(r) = evaluate_split(
+        p,
+        prompt.as_ref(),
+        learner.head.as_ref(),
+        prefix.as_ref(),
+        &p.tasks.iter().map(|t| t.dev.as_slice()).collect::<Vec<_>>(),
+        false,
+        &|_| Ok(None),
+    )?
+    else {
+        return Ok((true, None));
+    };
     progress.dev.push((step, r.accuracy));
     let better = progress.best.is_none_or(|(b, _)| r.accuracy > b);
     if better {
@@ -130,22 +189,43 @@ pub fn checkpoint(p: &Prepared, learner: &Learner, progress: &Progress, improved
     crate::plot::training_chart(&out.join("training.png"), &progress.losses, &progress.dev)
 }
 
-/// Scores the best adapter of the run (read back from the run's folder) on the test set.
+/// Scores the best adapter of the run (read back from the run's folder) on the test set(s).
 pub fn evaluate_test(p: &Prepared) -> Result<Option<EvalResult>> {
-    if p.test.is_empty() {
+    if p.tasks.iter().all(|t| t.test.is_empty()) {
         return Ok(None);
     }
     let best = adapter::load_peft(&p.out_dir)?;
     let device = p.model.backbone.device();
     let prefix = best.prefix_cache(p.model.backbone.info())?;
     let prefix = prefix.map(|c| c.to_device(device)).transpose()?;
-    let prompt = match prefix {
-        Some(_) => None,
-        None => Some(best.input_prompt()?.to_device(device)?),
+    let prompt = match (&prefix, best.is_multitask()) {
+        (Some(_), _) => None,
+        (None, true) => Some(best.to_soft_prompt()?.forward()?.to_device(device)?),
+        (None, false) => Some(best.input_prompt()?.to_device(device)?),
     };
     let head = ClassifierHead::from_adapter(&best)?;
-    let scorer = Scorer::new(&p.model, &p.task, prompt.as_ref(), head.as_ref())?.with_prefix(prefix.as_ref());
-    Ok(Some(scorer.evaluate(&p.test, p.cfg.eval_batch, p.cfg.exact_match)?))
+    evaluate_split(
+        p,
+        prompt.as_ref(),
+        head.as_ref(),
+        prefix.as_ref(),
+        &p.tasks.iter().map(|t| t.test.as_slice()).collect::<Vec<_>>(),
+        p.cfg.exact_match,
+        &|_| Ok(None),
+    )
+}
+
+/// ` (task 0 70.0%, task 1 90.0%; mean)` for a multitask result, nothing otherwise.
+fn per_task(r: &EvalResult) -> String {
+    if r.tasks.is_empty() {
+        return String::new();
+    }
+    let each: Vec<String> = r
+        .tasks
+        .iter()
+        .map(|t| format!("task {} {:.1}%", t.task, 100.0 * t.accuracy))
+        .collect();
+    format!(" ({}; the mean over tasks)", each.join(", "))
 }
 
 /// Runs a whole training job: baseline, training with evaluation, best adapter, test score.
@@ -177,9 +257,10 @@ fn run(cfg: &TrainConfig, work: &Path, obs: &mut dyn Observer, training: &mut bo
     };
     if let Some(r) = &baseline_test {
         obs.message(&format!(
-            "zero-shot baseline on test ({} rows): accuracy {:.1}%",
+            "zero-shot baseline on test ({} rows): accuracy {:.1}%{}",
             r.n,
-            100.0 * r.accuracy
+            100.0 * r.accuracy,
+            per_task(r)
         ));
     }
     let mut learner = new_learner(&p)?;
@@ -203,7 +284,7 @@ fn run(cfg: &TrainConfig, work: &Path, obs: &mut dyn Observer, training: &mut bo
             progress.step
         ));
     }
-    let mut order = DataOrder::new(cfg.seed, p.train.len());
+    let mut order = p.data_order();
     let mut metrics = output::open_metrics(work, cfg.resume.then_some(progress.step))?;
     obs.start(total, progress.step);
     *training = true;
@@ -229,15 +310,16 @@ fn run(cfg: &TrainConfig, work: &Path, obs: &mut dyn Observer, training: &mut bo
         }
         let (improved, dev) = evaluate_dev(&p, &learner, &mut progress)?;
         if let Some(r) = dev {
-            writeln!(
-                metrics,
-                "{}",
-                serde_json::json!({"step": n, "dev_accuracy": r.accuracy, "dev_rows": r.n})
-            )?;
+            let mut line = serde_json::json!({"step": n, "dev_accuracy": r.accuracy, "dev_rows": r.n});
+            if !r.tasks.is_empty() {
+                line["dev_tasks"] = serde_json::to_value(&r.tasks)?;
+            }
+            writeln!(metrics, "{line}")?;
             obs.message(&format!(
-                "step {n}: dev accuracy {:.1}% ({} rows){}",
+                "step {n}: dev accuracy {:.1}% ({} rows){}{}",
                 100.0 * r.accuracy,
                 r.n,
+                per_task(&r),
                 if improved { ", best so far" } else { "" }
             ));
         }
@@ -256,9 +338,10 @@ fn run(cfg: &TrainConfig, work: &Path, obs: &mut dyn Observer, training: &mut bo
     let test = evaluate_test(&p)?;
     if let Some(r) = &test {
         obs.message(&format!(
-            "trained prompt on test ({} rows): accuracy {:.1}%",
+            "trained prompt on test ({} rows): accuracy {:.1}%{}",
             r.n,
-            100.0 * r.accuracy
+            100.0 * r.accuracy,
+            per_task(r)
         ));
     }
     Ok(TrainReport {

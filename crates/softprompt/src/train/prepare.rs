@@ -1,17 +1,18 @@
-//! Step 1 of a run: load the model on the configured device, read and encode the data.
+//! Step 1 of a run: load the model on the configured device, read and encode the data (one
+//! task, or the sets of every task of a multitask run).
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
-use super::Observer;
+use super::{DataOrder, Observer};
 use crate::backbone::{self, LoadedModel, Model};
-use crate::config::{option, TrainConfig};
+use crate::config::{option, Method, TaskData, TrainConfig};
 use crate::data::{field_text, read_jsonl, DataSet};
 use crate::model_source;
-use crate::task::{Example, Task, TaskKind};
+use crate::task::{assign_task, Example, Task, TaskKind};
 use crate::template::Template;
 
-/// Everything prepared for training: model, task, encoded data.
+/// Everything prepared for training: model, task(s), encoded data.
 pub struct Prepared {
     /// Configuration.
     pub cfg: TrainConfig,
@@ -20,18 +21,89 @@ pub struct Prepared {
     pub out_dir: PathBuf,
     /// Loaded model and tokenizer.
     pub model: LoadedModel,
-    /// The task (template with virtual tokens).
-    pub task: Task,
-    /// Encoded training rows.
+    /// One entry per task id: one, unless multitask prompt tuning trains several.
+    pub tasks: Vec<TaskSplit>,
+    /// Encoded training rows of every task, task after task (`TaskSplit::train_rows` each);
+    /// a multitask row's virtual tokens index its task's rows of the stacked prompt
+    /// ([`crate::task::assign_task`]).
     pub train: Vec<Example>,
+    /// Training rows whose fields were truncated.
+    pub(crate) truncated_train: usize,
+}
+
+/// One task of a run: its definition (template, labels) and its encoded dev and test rows.
+pub struct TaskSplit {
+    /// The task (template with virtual tokens, this task's labels).
+    pub task: Task,
+    /// Number of this task's rows in [`Prepared::train`].
+    pub train_rows: usize,
     /// Encoded dev rows.
     pub dev: Vec<Example>,
     /// Encoded test rows.
     pub test: Vec<Example>,
     /// Raw test set (for the baseline).
     pub(crate) test_set: Option<DataSet>,
-    /// Training rows whose fields were truncated.
-    pub(crate) truncated_train: usize,
+}
+
+impl Prepared {
+    /// The task of task id 0 (the only one unless multitask).
+    pub fn task(&self) -> &Task {
+        &self.tasks[0].task
+    }
+
+    /// The order of the training rows: a permutation per epoch, or for several tasks each
+    /// task's rows in turn (every batch draws from every task).
+    pub fn data_order(&self) -> DataOrder {
+        let sizes: Vec<usize> = self.tasks.iter().map(|t| t.train_rows).collect();
+        DataOrder::tasks(self.cfg.seed, &sizes)
+    }
+}
+
+/// The data files of one task.
+struct TaskFiles {
+    train: DataSet,
+    dev: Option<DataSet>,
+    test: Option<DataSet>,
+}
+
+/// Reads the data of every task: the sets of option `tasks`, or `train`/`dev`/`test`.
+fn read_tasks(cfg: &TrainConfig) -> Result<Vec<TaskFiles>> {
+    let one = TaskData {
+        train: cfg.train.clone(),
+        dev: cfg.dev.clone(),
+        test: cfg.test.clone(),
+    };
+    let sets = if cfg.tasks.is_empty() {
+        std::slice::from_ref(&one)
+    } else {
+        &cfg.tasks[..]
+    };
+    sets.iter()
+        .map(|t| {
+            Ok(TaskFiles {
+                train: read_set(&t.train, None)?,
+                dev: t.dev.as_deref().map(|p| read_set(p, cfg.dev_rows)).transpose()?,
+                test: t.test.as_deref().map(|p| read_set(p, cfg.test_rows)).transpose()?,
+            })
+        })
+        .collect()
+}
+
+/// The labels of one task's data (see [`class_labels`] for classification).
+fn task_labels(cfg: &TrainConfig, f: &TaskFiles) -> Result<Vec<String>> {
+    match cfg.task {
+        // Generation ranks every target seen anywhere (a test question may have a new answer).
+        TaskKind::Generate => {
+            let all: Vec<&DataSet> = [Some(&f.train), f.dev.as_ref(), f.test.as_ref()]
+                .into_iter()
+                .flatten()
+                .collect();
+            Task::labels_from(&all, &cfg.target_field)
+        }
+        TaskKind::Classify | TaskKind::SeqCls => {
+            class_labels(cfg, &f.train, &[("dev", f.dev.as_ref()), ("test", f.test.as_ref())])
+        }
+    }
 }
 
 fn read_set(path: &Path, limit: Option<usize>) -> Result<DataSet> {
@@ -113,7 +185,7 @@ fn class_labels(cfg: &TrainConfig, train: &DataSet, others: &[(&str, Option<&Dat
                 bail!(
                     "{origin}: label `{label}` appears in the {name} set but in no training row of \
                      {}; a class without training rows cannot be learned (training labels: {})",
-                    cfg.train.display(),
+                    train.source.display(),
                     labels.join(", ")
                 );
             }
@@ -143,64 +215,63 @@ fn check_task(cfg: &TrainConfig, model: &Model) -> Result<()> {
 pub fn prepare(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<Prepared> {
     cfg.validate()?;
     let device = cfg.device()?;
-    let train_set = read_set(&cfg.train, None)?;
-    let dev_set = cfg.dev.as_deref().map(|p| read_set(p, cfg.dev_rows)).transpose()?;
-    let test_set = cfg.test.as_deref().map(|p| read_set(p, cfg.test_rows)).transpose()?;
-    let labels = match cfg.task {
-        // Generation ranks every target seen anywhere (a test question may have a new answer).
-        TaskKind::Generate => {
-            let all: Vec<&DataSet> = [Some(&train_set), dev_set.as_ref(), test_set.as_ref()]
-                .into_iter()
-                .flatten()
-                .collect();
-            Task::labels_from(&all, &cfg.target_field)?
-        }
-        TaskKind::Classify | TaskKind::SeqCls => class_labels(
-            cfg,
-            &train_set,
-            &[("dev", dev_set.as_ref()), ("test", test_set.as_ref())],
-        )?,
-    };
+    let files = read_tasks(cfg)?;
+    let labels: Vec<Vec<String>> = files.iter().map(|f| task_labels(cfg, f)).collect::<Result<_>>()?;
     let location = model_source::resolve(&cfg.model)?;
     let model = backbone::load_with(&location, &device, cfg.weights)?;
     check_task(cfg, &model.backbone)?;
-    let task = Task::new(
-        cfg.task,
-        run_template(cfg)?,
-        labels,
-        &cfg.verbalizer,
-        &model.tokenizer,
-        cfg.max_len,
-    )?;
-    let encode = |ds: &DataSet| task.encode_set(ds, &model.tokenizer);
-    let train = encode(&train_set)?;
-    if train.truncated > 0 {
-        obs.message(&format!(
-            "warning: {} of {} training rows were longer than max_len {} and had their fields truncated",
-            train.truncated,
-            train.examples.len(),
-            cfg.max_len
-        ));
+    let multitask = cfg.method == Method::MultitaskPromptTuning;
+    let mut tasks = Vec::with_capacity(files.len());
+    let mut train = Vec::new();
+    let mut truncated_train = 0;
+    for (id, (f, labels)) in files.into_iter().zip(labels).enumerate() {
+        let task = Task::new(
+            cfg.task,
+            run_template(cfg)?,
+            labels,
+            &cfg.verbalizer,
+            &model.tokenizer,
+            cfg.max_len,
+        )?;
+        let encode = |ds: &DataSet| task.encode_set(ds, &model.tokenizer);
+        let mut rows = encode(&f.train)?;
+        if rows.truncated > 0 {
+            obs.message(&format!(
+                "warning: {} of {} training rows of {} were longer than max_len {} and had their fields truncated",
+                rows.truncated,
+                rows.examples.len(),
+                f.train.source.display(),
+                cfg.max_len
+            ));
+        }
+        if multitask {
+            assign_task(&mut rows.examples, id, task.template.num_virtual_tokens());
+        }
+        let encode_opt = |ds: &Option<DataSet>| -> Result<Vec<Example>> {
+            Ok(ds
+                .as_ref()
+                .map(encode)
+                .transpose()?
+                .map(|s| s.examples)
+                .unwrap_or_default())
+        };
+        let split = TaskSplit {
+            train_rows: rows.examples.len(),
+            dev: encode_opt(&f.dev)?,
+            test: encode_opt(&f.test)?,
+            test_set: f.test,
+            task,
+        };
+        truncated_train += rows.truncated;
+        train.extend(rows.examples);
+        tasks.push(split);
     }
-    let encode_opt = |ds: &Option<DataSet>| -> Result<Vec<Example>> {
-        Ok(ds
-            .as_ref()
-            .map(encode)
-            .transpose()?
-            .map(|s| s.examples)
-            .unwrap_or_default())
-    };
-    let dev = encode_opt(&dev_set)?;
-    let test = encode_opt(&test_set)?;
     Ok(Prepared {
         out_dir: cfg.output.clone(),
         cfg: cfg.clone(),
         model,
-        task,
-        truncated_train: train.truncated,
-        train: train.examples,
-        dev,
-        test,
-        test_set,
+        tasks,
+        train,
+        truncated_train,
     })
 }

@@ -18,19 +18,28 @@ use crate::loss::lm_loss;
 use crate::task::Example;
 
 /// The rows of micro-batch `micro` of step `step` (1-based): a pure function of the seed (each
-/// epoch's order is a permutation seeded by `seed + epoch + 1`).
+/// epoch's order is a permutation seeded by `seed + epoch + 1`). With several tasks
+/// ([`DataOrder::tasks`]) the positions take the tasks in turn (position `k` is task
+/// `k mod T`), each task running through its own permutations, so every batch of at least `T`
+/// rows draws from every task and a small task is repeated rather than left out.
 pub struct DataOrder {
     seed: u64,
-    n: usize,
-    perms: HashMap<usize, Vec<usize>>,
+    sizes: Vec<usize>,
+    perms: HashMap<(usize, usize), Vec<usize>>,
 }
 
 impl DataOrder {
     /// The order of `n` training rows for `seed`.
     pub fn new(seed: u64, n: usize) -> Self {
+        Self::tasks(seed, &[n])
+    }
+
+    /// The order of training rows that are the sets of several tasks one after another
+    /// (`sizes[t]` rows of task `t`).
+    pub fn tasks(seed: u64, sizes: &[usize]) -> Self {
         Self {
             seed,
-            n,
+            sizes: sizes.to_vec(),
             perms: HashMap::new(),
         }
     }
@@ -38,20 +47,23 @@ impl DataOrder {
     /// Row indices of micro-batch `micro` of step `step`.
     pub fn rows(&mut self, step: usize, micro: usize, accumulation: usize, batch: usize) -> Vec<usize> {
         let start = ((step - 1) * accumulation + micro) * batch;
-        (start..start + batch)
-            .map(|pos| {
-                let epoch = pos / self.n;
-                let (seed, n) = (self.seed, self.n);
-                let perm = self.perms.entry(epoch).or_insert_with(|| {
-                    let mut p: Vec<usize> = (0..n).collect();
-                    p.shuffle(&mut rand::rngs::StdRng::seed_from_u64(
-                        seed.wrapping_add(epoch as u64 + 1),
-                    ));
-                    p
-                });
-                perm[pos % n]
-            })
-            .collect()
+        (start..start + batch).map(|pos| self.row_at(pos)).collect()
+    }
+
+    fn row_at(&mut self, pos: usize) -> usize {
+        let tasks = self.sizes.len();
+        let (task, j) = (pos % tasks, pos / tasks);
+        let n = self.sizes[task];
+        let epoch = j / n;
+        let offset: usize = self.sizes[..task].iter().sum();
+        // Task 0 keeps the single-set seeds, so one task orders its rows as before.
+        let seed = self.seed.wrapping_add(epoch as u64 + 1) ^ ((task as u64) << 48);
+        let perm = self.perms.entry((task, epoch)).or_insert_with(|| {
+            let mut p: Vec<usize> = (0..n).collect();
+            p.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+            p
+        });
+        offset + perm[j % n]
     }
 }
 
@@ -129,7 +141,7 @@ pub fn compute_gradients(
         })?;
         let d_embeds = model.backward(&tape, &d_hidden)?;
         span("prompt", Direction::Backward, || -> Result<()> {
-            let d_prompt = prompt_gradient(&batch, &d_embeds, soft.num_virtual_tokens())?;
+            let d_prompt = prompt_gradient(&batch, &d_embeds, soft.num_prompt_rows())?;
             // Through the (small) prompt encoder with candle's autograd.
             let store = (&prompt * d_prompt.detach())?.sum_all()?.backward()?;
             for (name, var) in soft.vars() {

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: fixture paths, real-model paths, comparisons.
 #![allow(dead_code)]
 
+pub mod tiny;
+
 use candle_core::{Device, Tensor};
 use softprompt::backbone::{self, LoadedModel};
 use softprompt::model_source;
@@ -72,4 +74,13 @@ pub fn smollm2_tokenizer() -> softprompt::tokenizer::TextTokenizer {
 /// MiniLM's tokenizer (tokenizer.json).
 pub fn minilm_tokenizer() -> softprompt::tokenizer::TextTokenizer {
     softprompt::tokenizer::TextTokenizer::from_json_file(&model_file("minilm-l6/tokenizer.json")).unwrap()
+}
+
+/// The training losses of a run, from its `metrics.jsonl`.
+pub fn losses(out: &std::path::Path) -> Vec<f64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("loss")?.as_f64())
+        .collect()
 }
