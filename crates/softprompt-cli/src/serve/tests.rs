@@ -22,7 +22,48 @@ fn model() -> Arc<LoadedModel> {
         .clone()
 }
 
-/// A fresh folder with the two generation fixture adapters.
+/// Writes `softprompt.json` for a classification task into `dir`.
+fn write_task_file(dir: &std::path::Path, template: &str, labels: &[&str], verbalizer: &[(&str, &str)]) {
+    use softprompt::adapter::run_files::{TaskFile, TASK_FILE};
+    let tf = TaskFile {
+        template: template.into(),
+        target_field: "label".into(),
+        task: softprompt::task::TaskKind::Classify,
+        labels: labels.iter().map(|l| l.to_string()).collect(),
+        verbalizer: verbalizer.iter().map(|(l, w)| (l.to_string(), w.to_string())).collect(),
+        model: "smollm2-135m".into(),
+        config: Default::default(),
+    };
+    std::fs::write(dir.join(TASK_FILE), serde_json::to_string_pretty(&tf).unwrap()).unwrap();
+}
+
+/// The prompt-tuning fixture (8 virtual tokens) with a classification task: one input field and
+/// one-token label words (`sentiment`), two fields and multi-token words (`nli`).
+fn add_classifiers(dir: &std::path::Path) {
+    for (name, template, labels, verbalizer) in [
+        (
+            "sentiment",
+            "[soft:8]Review: {text}\nSentiment: {label}",
+            &["negative", "positive"][..],
+            &[][..],
+        ),
+        (
+            "nli",
+            "[soft:8]Premise: {premise}\nHypothesis: {hypothesis}\nRelation: {label}",
+            &["contradiction", "entailment", "neutral"][..],
+            &[("contradiction", "contradicts it"), ("entailment", "follows from it"), ("neutral", "unrelated")][..],
+        ),
+    ] {
+        let to = dir.join(name);
+        std::fs::create_dir_all(&to).unwrap();
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            std::fs::copy(fixture("smollm2_generate_prompt_tuning").join(f), to.join(f)).unwrap();
+        }
+        write_task_file(&to, template, labels, verbalizer);
+    }
+}
+
+/// A fresh folder with the two generation fixture adapters and two classification adapters.
 fn adapters_dir() -> PathBuf {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -36,6 +77,7 @@ fn adapters_dir() -> PathBuf {
         }
     }
     std::fs::create_dir_all(dir.join("not-an-adapter")).unwrap();
+    add_classifiers(&dir);
     dir
 }
 
@@ -45,7 +87,10 @@ fn start_in(api_key: Option<String>, max_queue: usize) -> (String, PathBuf) {
     let m = model();
     let dir = adapters_dir();
     let adapters = load_adapters(&m, &dir).unwrap();
-    assert_eq!(adapters.keys().collect::<Vec<_>>(), ["prefix_tuning", "prompt_tuning"]);
+    assert_eq!(
+        adapters.keys().collect::<Vec<_>>(),
+        ["nli", "prefix_tuning", "prompt_tuning", "sentiment"]
+    );
     let st = state(
         m,
         "smollm2".into(),
@@ -466,4 +511,112 @@ fn load_and_faults() {
     eprintln!("{}", report.join("\n"));
     let (_, h) = get(&format!("{base}/health"));
     assert_eq!(h["status"], "ok");
+}
+
+/// The library's own scores for `rows` of a classification adapter: `Scorer::evaluate` (the
+/// `eval`/`predict` path) on a data set whose rows carry the first label as gold.
+fn library_scores(name: &str, rows: &[Value]) -> Vec<(String, Vec<f32>)> {
+    use softprompt::infer::{evaluate::Scorer, session};
+    let m = model();
+    let dir = shared().1.join(name);
+    let s = session::open(&m, Some(&dir), &Default::default(), &[]).unwrap();
+    let text: String = rows
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            r["label"] = json!(s.task.labels[0]);
+            format!("{r}\n")
+        })
+        .collect();
+    let data = softprompt::data::DataSet::parse("rows.jsonl", &text).unwrap();
+    let examples = s.task.encode_set(&data, &m.tokenizer).unwrap().examples;
+    let scorer = Scorer::new(&m, &s.task, s.prompt.as_ref(), s.head.as_ref()).unwrap();
+    let r = scorer.evaluate(&examples, 4, false).unwrap();
+    r.predictions.into_iter().map(|p| (p.predicted, p.scores)).collect()
+}
+
+fn probabilities(result: &Value, labels: &[&str]) -> Vec<f32> {
+    labels
+        .iter()
+        .map(|l| result["probabilities"][l].as_f64().unwrap() as f32)
+        .collect()
+}
+
+#[test]
+fn classify_gives_the_library_labels_and_probabilities() {
+    let url = format!("{}/v1/classify", server());
+    let texts = [
+        "a gentle, funny film that stays with you",
+        "dull, long and badly acted",
+        "I walked out after twenty minutes",
+    ];
+    let (status, body) = post(&url, &json!({"model": "sentiment", "input": texts}).to_string());
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["labels"], json!(["negative", "positive"]));
+    let data = body["data"].as_array().unwrap();
+    assert_eq!(data.len(), 3);
+    let rows: Vec<Value> = texts.iter().map(|t| json!({"text": t})).collect();
+    for (i, (got, (label, scores))) in data.iter().zip(library_scores("sentiment", &rows)).enumerate() {
+        assert_eq!(got["index"], i);
+        assert_eq!(got["label"], label.as_str());
+        let p = probabilities(got, &["negative", "positive"]);
+        assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-5, "{got}");
+        // one-token label words: softmax of the label words' log-probabilities
+        let want = 1.0 / (1.0 + (scores[0] - scores[1]).exp());
+        assert!((p[1] - want).abs() < 1e-4, "{got} vs {scores:?}");
+    }
+    // one text alone gives the same answer as in the list
+    let (status, one) = post(&url, &json!({"model": "sentiment", "input": texts[1]}).to_string());
+    assert_eq!(status, 200, "{one}");
+    assert_eq!(one["data"][0]["label"], data[1]["label"]);
+    let (a, b) = (probabilities(&one["data"][0], &["positive"])[0], probabilities(&data[1], &["positive"])[0]);
+    assert!((a - b).abs() < 1e-4);
+
+    // several fields, multi-token label words (scored in full)
+    let rows = vec![
+        json!({"premise": "A man is playing a guitar on stage.", "hypothesis": "A man is performing music."}),
+        json!({"premise": "The cat sleeps.", "hypothesis": "The cat is running a marathon."}),
+    ];
+    let (status, body) = post(&url, &json!({"model": "nli", "input": rows}).to_string());
+    assert_eq!(status, 200, "{body}");
+    let labels = ["contradiction", "entailment", "neutral"];
+    for (got, (label, _)) in body["data"].as_array().unwrap().iter().zip(library_scores("nli", &rows)) {
+        assert_eq!(got["label"], label.as_str(), "{got}");
+        let p = probabilities(got, &labels);
+        assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-5, "{got}");
+        let best = labels.iter().position(|l| *l == label).unwrap();
+        assert!(p.iter().all(|&x| x <= p[best]), "{got}");
+    }
+}
+
+#[test]
+fn classify_errors_are_json_4xx() {
+    let url = format!("{}/v1/classify", server());
+    let too_many: Vec<String> = (0..33).map(|i| format!("text {i}")).collect();
+    let cases: Vec<(Value, u16, &str)> = vec![
+        (json!({"model": "prompt_tuning", "input": "hi"}), 400, "has no labels"),
+        (json!({"model": "smollm2", "input": "hi"}), 400, "base model"),
+        (json!({"model": "ghost", "input": "hi"}), 404, "does not exist"),
+        (json!({"model": "sentiment", "input": too_many}), 400, "at most 32"),
+        (json!({"model": "sentiment", "input": []}), 400, "empty list"),
+        (json!({"model": "sentiment", "input": 5}), 400, "input[0] is 5"),
+        (json!({"model": "sentiment"}), 400, "missing field `input`"),
+        (json!({"input": "hi"}), 400, "missing field `model`"),
+        (json!({"model": "sentiment", "input": [{"review": "x"}]}), 400, "input[0]: no field `text`"),
+        (json!({"model": "nli", "input": "just a text"}), 400, "`premise`, `hypothesis`"),
+        (json!({"model": "nli", "input": [{"premise": "p", "hypothesis": "h"}, {"premise": "p"}]}), 400, "input[1]: no field `hypothesis`"),
+    ];
+    for (body, want, needle) in cases {
+        let (status, err) = post(&url, &body.to_string());
+        assert_eq!(status, want, "{body}: {err}");
+        let message = err["error"]["message"].as_str().unwrap_or_else(|| panic!("{err}"));
+        assert!(message.contains(needle), "{body}: `{message}` lacks `{needle}`");
+    }
+    let (status, body) = post(&url, r#"{"model": "sentiment", "input": "fine"}"#);
+    assert_eq!(status, 200, "{body}");
+    // the models list says which adapters classify and what they need
+    let (_, models) = get(&format!("{}/v1/models", server()));
+    let nli = models["data"].as_array().unwrap().iter().find(|m| m["id"] == "nli").unwrap();
+    assert_eq!(nli["labels"], json!(["contradiction", "entailment", "neutral"]));
+    assert_eq!(nli["input_fields"], json!(["premise", "hypothesis"]));
 }
