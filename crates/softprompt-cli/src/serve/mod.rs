@@ -13,6 +13,8 @@
 //! that disconnects cancels its sequence; SIGTERM finishes the requests in flight and stops.
 
 mod api;
+#[cfg(test)]
+mod browser_tests;
 mod metrics;
 mod routes;
 #[cfg(test)]

@@ -13,7 +13,7 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn model() -> Arc<LoadedModel> {
+pub(super) fn model() -> Arc<LoadedModel> {
     static MODEL: OnceLock<Arc<LoadedModel>> = OnceLock::new();
     MODEL
         .get_or_init(|| {
@@ -130,12 +130,12 @@ fn shared() -> &'static (String, PathBuf) {
     SERVER.get_or_init(|| start_in(None, 64))
 }
 
-fn server() -> &'static str {
+pub(super) fn server() -> &'static str {
     &shared().0
 }
 
 /// `(status, JSON body)` of a POST.
-fn post(url: &str, body: &str) -> (u16, Value) {
+pub(super) fn post(url: &str, body: &str) -> (u16, Value) {
     post_with(url, body, None)
 }
 
@@ -172,7 +172,7 @@ fn get(url: &str) -> (u16, Value) {
 use serde_json::{json, Value};
 
 /// Fixture case: (prompt text, new_ids) of `adapter`'s first case.
-fn case(adapter: &str, i: usize) -> (String, Vec<u32>) {
+pub(super) fn case(adapter: &str, i: usize) -> (String, Vec<u32>) {
     let cases: Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("smollm2_generate_cases.json")).unwrap()).unwrap();
     let c = &cases["cases"][adapter][i];
