@@ -441,7 +441,8 @@ fn full_queue_and_disconnects() {
 
 /// Load and fault test (loopback, bounded): clients over several adapters with malformed
 /// requests mixed in; every valid request gets a complete answer equal to its answer alone.
-/// Prints throughput and p50/p99 latency at 1, 4 and 16 clients.
+/// Prints throughput and p50/p99 latency at 1, 4 and 16 clients and the resident set; memory
+/// after a second 16-client burst stays within a margin of the first's.
 #[test]
 fn load_and_faults() {
     let base = server().to_string();
@@ -461,8 +462,9 @@ fn load_and_faults() {
             v["choices"][0]["text"].as_str().unwrap().to_string()
         })
         .collect();
-    let mut report = Vec::new();
-    for clients in [1usize, 4, 16] {
+    // One burst: `clients` threads, two valid requests each with malformed ones between;
+    // returns a report line.
+    let burst = |clients: usize| {
         let t0 = std::time::Instant::now();
         let handles: Vec<_> = (0..clients)
             .map(|c| {
@@ -500,14 +502,29 @@ fn load_and_faults() {
         let wall = t0.elapsed().as_secs_f64();
         lat.sort_by(f64::total_cmp);
         let pct = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize];
-        report.push(format!(
+        format!(
             "{clients:>2} clients: {} requests, {tokens} tokens in {wall:.2} s = {:.1} tokens/s; latency p50 {:.2} s, p99 {:.2} s",
             lat.len(),
             tokens as f64 / wall,
             pct(0.5),
             pct(0.99)
-        ));
-    }
+        )
+    };
+    let mut report: Vec<String> = [1usize, 4, 16].into_iter().map(burst).collect();
+    // Memory stays bounded: another 16-client burst after the first leaves the resident set
+    // where it was, within a generous margin (allocator slack, other tests in this process).
+    let rss = || crate::model_cmds::memory_mib().expect("/proc/self/status").0;
+    let after_first = rss();
+    report.push(burst(16));
+    let after_second = rss();
+    let peak = crate::model_cmds::memory_mib().unwrap().1;
+    report.push(format!(
+        "resident set after a 16-client burst {after_first:.0} MiB, after another {after_second:.0} MiB; peak {peak:.0} MiB"
+    ));
+    assert!(
+        after_second < after_first + 256.0,
+        "memory grew from {after_first:.0} MiB to {after_second:.0} MiB across two identical bursts"
+    );
     eprintln!("{}", report.join("\n"));
     let (_, h) = get(&format!("{base}/health"));
     assert_eq!(h["status"], "ok");
