@@ -147,7 +147,14 @@ pub fn run(model_spec: &str, b: &GenerateBench, json_out: bool) -> Result<()> {
 
     // concurrent clients over several adapters, against the same requests one at a time
     let reqs: Vec<GenRequest> = (0..b.clients)
-        .map(|i| request(&model, &adapters[i % b.adapters], PROMPTS[i % PROMPTS.len()], b.max_tokens))
+        .map(|i| {
+            request(
+                &model,
+                &adapters[i % b.adapters],
+                PROMPTS[i % PROMPTS.len()],
+                b.max_tokens,
+            )
+        })
         .collect::<Result<_>>()?;
     let (n1, s1) = one_at_a_time(lm, &model, &reqs)?;
     let (nb, sb) = batched(lm, &model, &reqs)?;

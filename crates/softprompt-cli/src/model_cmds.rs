@@ -3,9 +3,9 @@
 use anyhow::{bail, Result};
 use candle_core::Device;
 use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
 use softprompt::adapter;
 use softprompt::backbone::{self, LoadedModel};
-use indicatif::{ProgressBar, ProgressStyle};
 use softprompt::infer::engine::{generate_with_progress, Event, GenRequest};
 use softprompt::infer::prompt_cache::PromptCache;
 use softprompt::infer::sampling::SamplingParams;

@@ -220,11 +220,19 @@ fn playground_streams_a_completion_and_shows_probabilities_in_chromium() {
         json!(prompt)
     ));
     let mut texts = Vec::new();
-    b.wait_for("$('status').dataset.state === 'done'", "$('out').textContent", &mut texts);
+    b.wait_for(
+        "$('status').dataset.state === 'done'",
+        "$('out').textContent",
+        &mut texts,
+    );
     assert_eq!(b.eval("$('out').textContent"), json!(want), "states seen: {texts:?}");
     // one server-sent event per token, plus the last one with the finish reason
     assert_eq!(b.eval("Number($('out').dataset.chunks)"), json!(13));
-    assert!(b.eval("$('status').textContent").as_str().unwrap().contains("12 tokens"));
+    assert!(b
+        .eval("$('status').textContent")
+        .as_str()
+        .unwrap()
+        .contains("12 tokens"));
     eprintln!("the page's text went through {} states while streaming", texts.len());
 
     // classify mode: only adapters with labels; one box per input field; the probabilities
@@ -242,8 +250,14 @@ fn playground_streams_a_completion_and_shows_probabilities_in_chromium() {
         "$('fields').querySelector('textarea').value = {}; $('go').click(); true",
         json!(text)
     ));
-    b.wait_for("$('status').dataset.state === 'done'", "$('status').textContent", &mut Vec::new());
-    let shown = b.eval("[...$('probs').querySelectorAll('tr')].map(r => [r.dataset.label, r.className, r.lastChild.textContent])");
+    b.wait_for(
+        "$('status').dataset.state === 'done'",
+        "$('status').textContent",
+        &mut Vec::new(),
+    );
+    let shown = b.eval(
+        "[...$('probs').querySelectorAll('tr')].map(r => [r.dataset.label, r.className, r.lastChild.textContent])",
+    );
     let (status, answer) = super::tests::post(
         &format!("{base}/v1/classify"),
         &json!({"model": "sentiment", "input": text}).to_string(),

@@ -59,10 +59,14 @@ impl IntoResponse for ApiError {
 async fn track(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
     let route = match path {
-        "/" | "/health" | "/metrics" | "/v1/models" | "/v1/completions" | "/v1/chat/completions" | "/v1/classify"
-        | "/v1/adapters" => {
-            path.to_string()
-        }
+        "/"
+        | "/health"
+        | "/metrics"
+        | "/v1/models"
+        | "/v1/completions"
+        | "/v1/chat/completions"
+        | "/v1/classify"
+        | "/v1/adapters" => path.to_string(),
         p if p.starts_with("/v1/adapters/") => "/v1/adapters/{name}".to_string(),
         _ => "other".to_string(),
     };

@@ -51,7 +51,11 @@ fn add_classifiers(dir: &std::path::Path) {
             "nli",
             "[soft:8]Premise: {premise}\nHypothesis: {hypothesis}\nRelation: {label}",
             &["contradiction", "entailment", "neutral"][..],
-            &[("contradiction", "contradicts it"), ("entailment", "follows from it"), ("neutral", "unrelated")][..],
+            &[
+                ("contradiction", "contradicts it"),
+                ("entailment", "follows from it"),
+                ("neutral", "unrelated"),
+            ][..],
         ),
     ] {
         let to = dir.join(name);
@@ -586,7 +590,10 @@ fn classify_gives_the_library_labels_and_probabilities() {
     let (status, one) = post(&url, &json!({"model": "sentiment", "input": texts[1]}).to_string());
     assert_eq!(status, 200, "{one}");
     assert_eq!(one["data"][0]["label"], data[1]["label"]);
-    let (a, b) = (probabilities(&one["data"][0], &["positive"])[0], probabilities(&data[1], &["positive"])[0]);
+    let (a, b) = (
+        probabilities(&one["data"][0], &["positive"])[0],
+        probabilities(&data[1], &["positive"])[0],
+    );
     assert!((a - b).abs() < 1e-4);
 
     // several fields, multi-token label words (scored in full)
@@ -597,7 +604,12 @@ fn classify_gives_the_library_labels_and_probabilities() {
     let (status, body) = post(&url, &json!({"model": "nli", "input": rows}).to_string());
     assert_eq!(status, 200, "{body}");
     let labels = ["contradiction", "entailment", "neutral"];
-    for (got, (label, _)) in body["data"].as_array().unwrap().iter().zip(library_scores("nli", &rows)) {
+    for (got, (label, _)) in body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(library_scores("nli", &rows))
+    {
         assert_eq!(got["label"], label.as_str(), "{got}");
         let p = probabilities(got, &labels);
         assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-5, "{got}");
@@ -619,9 +631,21 @@ fn classify_errors_are_json_4xx() {
         (json!({"model": "sentiment", "input": 5}), 400, "input[0] is 5"),
         (json!({"model": "sentiment"}), 400, "missing field `input`"),
         (json!({"input": "hi"}), 400, "missing field `model`"),
-        (json!({"model": "sentiment", "input": [{"review": "x"}]}), 400, "input[0]: no field `text`"),
-        (json!({"model": "nli", "input": "just a text"}), 400, "`premise`, `hypothesis`"),
-        (json!({"model": "nli", "input": [{"premise": "p", "hypothesis": "h"}, {"premise": "p"}]}), 400, "input[1]: no field `hypothesis`"),
+        (
+            json!({"model": "sentiment", "input": [{"review": "x"}]}),
+            400,
+            "input[0]: no field `text`",
+        ),
+        (
+            json!({"model": "nli", "input": "just a text"}),
+            400,
+            "`premise`, `hypothesis`",
+        ),
+        (
+            json!({"model": "nli", "input": [{"premise": "p", "hypothesis": "h"}, {"premise": "p"}]}),
+            400,
+            "input[1]: no field `hypothesis`",
+        ),
     ];
     for (body, want, needle) in cases {
         let (status, err) = post(&url, &body.to_string());
@@ -633,7 +657,12 @@ fn classify_errors_are_json_4xx() {
     assert_eq!(status, 200, "{body}");
     // the models list says which adapters classify and what they need
     let (_, models) = get(&format!("{}/v1/models", server()));
-    let nli = models["data"].as_array().unwrap().iter().find(|m| m["id"] == "nli").unwrap();
+    let nli = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "nli")
+        .unwrap();
     assert_eq!(nli["labels"], json!(["contradiction", "entailment", "neutral"]));
     assert_eq!(nli["input_fields"], json!(["premise", "hypothesis"]));
 }

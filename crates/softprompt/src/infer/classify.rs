@@ -102,7 +102,7 @@ impl Classifier {
         let scorer = Scorer::new(model, &s.task, s.prompt.as_ref(), s.head.as_ref())?
             .with_prefix(s.prefix.as_ref())
             .exhaustive();
-        let scores = scorer.scores(&examples, BATCH)?;
+        let scores = scorer.scores(examples, BATCH)?;
         Ok(scores
             .into_iter()
             .map(|sc| {
