@@ -55,6 +55,23 @@ pub struct BenchArgs {
     /// Q4_1, converted tile by tile); overrides the recipe's `weights`.
     #[arg(long, value_enum)]
     weights: Option<softprompt::backbone::WeightStorage>,
+    /// Time generation instead: single-stream greedy tokens/s with a prompt-tuning adapter (the
+    /// workload of ../shared/bench/peft_generate_speed.py), then --clients requests over
+    /// --adapters adapters batched together against the same requests one at a time.
+    #[arg(long)]
+    generate: bool,
+    /// New tokens per request (--generate).
+    #[arg(long, default_value_t = 32)]
+    max_tokens: usize,
+    /// Virtual tokens of each adapter (--generate).
+    #[arg(long = "virtual", default_value_t = 20)]
+    virtual_tokens: usize,
+    /// Concurrent requests (--generate).
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    /// Distinct adapters among the concurrent requests (--generate).
+    #[arg(long, default_value_t = 4)]
+    adapters: usize,
 }
 
 /// The random Llama of `--random-llama`.
@@ -229,6 +246,16 @@ fn bench_recipe(args: &BenchArgs, path: &std::path::Path) -> Result<()> {
 
 /// Runs `bench`.
 pub fn bench(args: BenchArgs) -> Result<()> {
+    if args.generate {
+        let b = crate::bench_generate::GenerateBench {
+            max_tokens: args.max_tokens,
+            virtual_tokens: args.virtual_tokens,
+            clients: args.clients,
+            adapters: args.adapters,
+            reps: args.reps,
+        };
+        return crate::bench_generate::run(&args.model, &b, args.json);
+    }
     if let Some(path) = args.recipe.clone() {
         return bench_recipe(&args, &path);
     }

@@ -1,6 +1,7 @@
 //! `softprompt`: the command-line interface. Thin: parse, call the library, print.
 
 mod bench_cmd;
+mod bench_generate;
 mod chat;
 mod model_cmds;
 mod serve;

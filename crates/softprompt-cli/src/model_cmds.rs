@@ -3,9 +3,10 @@
 use anyhow::{bail, Result};
 use candle_core::Device;
 use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
 use softprompt::adapter;
 use softprompt::backbone::{self, LoadedModel, WeightStorage};
-use softprompt::infer::engine::{generate, Event, GenRequest};
+use softprompt::infer::engine::{generate_with_progress, Event, GenRequest};
 use softprompt::infer::prompt_cache::PromptCache;
 use softprompt::infer::sampling::SamplingParams;
 use softprompt::model_source;
@@ -168,6 +169,24 @@ pub fn tokenize(args: TokenizeArgs) -> Result<()> {
     Ok(())
 }
 
+/// Prompts longer than this are run through the model in chunks of this many tokens, with a
+/// progress bar on stderr.
+const PROMPT_CHUNK: usize = 512;
+
+/// The bar of a long prompt's prefill (`None` for prompts of at most [`PROMPT_CHUNK`] tokens).
+fn prefill_bar(tokens: usize) -> Option<ProgressBar> {
+    (tokens > PROMPT_CHUNK).then(|| {
+        let bar = ProgressBar::new(tokens as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "reading the prompt {bar:30} {pos}/{len} tokens  [{elapsed_precise} < {eta_precise}]",
+            )
+            .expect("valid template"),
+        );
+        bar
+    })
+}
+
 pub fn complete(args: CompleteArgs) -> Result<()> {
     if args.text.is_empty() {
         bail!("nothing to complete: TEXT is empty (give the text to continue)");
@@ -209,7 +228,16 @@ pub fn complete(args: CompleteArgs) -> Result<()> {
         write!(out, "{text}")?;
         out.flush()?;
     }
-    let done = generate(lm, &model.tokenizer, req, |e| {
+    let bar = prefill_bar(req.ids.len());
+    let mut progress = |done: usize, _total: usize| {
+        if let Some(b) = &bar {
+            b.set_position(done as u64);
+            if done as u64 == b.length().unwrap_or(0) {
+                b.finish_and_clear();
+            }
+        }
+    };
+    let done = generate_with_progress(lm, &model.tokenizer, req, PROMPT_CHUNK, &mut progress, |e| {
         let piece = match e {
             Event::Token { text, .. } | Event::Done { text, .. } => text,
         };

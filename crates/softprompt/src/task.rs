@@ -20,7 +20,7 @@
 use anyhow::{bail, Result};
 use std::collections::BTreeSet;
 
-use crate::data::{field_text, DataSet};
+use crate::data::{field_text, DataSet, Row};
 use crate::template::{SpecialTokens, Template, Token};
 use crate::tokenizer::TextTokenizer;
 
@@ -203,24 +203,40 @@ impl Task {
                     preview(&self.labels)
                 );
             };
-            let enc = self
-                .template
-                .encode(row, &origin, tokenizer, &self.special, self.max_len, reserve)?;
-            truncated += enc.truncated as usize;
-            let target = if self.kind == TaskKind::SeqCls {
-                Vec::new()
-            } else {
-                tokenizer.encode(&self.target_text(&enc.target_prefix, gold), false)?
-            };
-            examples.push(Example {
-                origin,
-                prompt: enc.tokens,
-                target,
-                gold,
-                truncated: enc.truncated,
-            });
+            let mut e = self.encode_prompt(row, origin, tokenizer, reserve)?;
+            if self.kind != TaskKind::SeqCls {
+                e.example.target = tokenizer.encode(&self.target_text(&e.target_prefix, gold), false)?;
+            }
+            e.example.gold = gold;
+            truncated += e.example.truncated as usize;
+            examples.push(e.example);
         }
         Ok(EncodedSet { examples, truncated })
+    }
+
+    /// Encodes one row without a label, for prediction: only its prompt is filled (`target` is
+    /// empty and `gold` is 0, which scoring never reads). `origin` names the row in errors
+    /// (a missing field lists the fields the row has).
+    pub fn encode_input(&self, row: &Row, origin: &str, tokenizer: &TextTokenizer) -> Result<Example> {
+        let reserve = self.max_target_tokens(tokenizer)?;
+        Ok(self.encode_prompt(row, origin.to_string(), tokenizer, reserve)?.example)
+    }
+
+    /// The prompt part of one row, room for `reserve` target tokens kept.
+    fn encode_prompt(&self, row: &Row, origin: String, tokenizer: &TextTokenizer, reserve: usize) -> Result<Encoded> {
+        let enc = self
+            .template
+            .encode(row, &origin, tokenizer, &self.special, self.max_len, reserve)?;
+        Ok(Encoded {
+            example: Example {
+                origin,
+                prompt: enc.tokens,
+                target: Vec::new(),
+                gold: 0,
+                truncated: enc.truncated,
+            },
+            target_prefix: enc.target_prefix,
+        })
     }
 
     fn max_target_tokens(&self, tokenizer: &TextTokenizer) -> Result<usize> {
@@ -255,6 +271,12 @@ pub fn assign_task(examples: &mut [Example], task: usize, num_virtual_tokens: us
             }
         }
     }
+}
+
+/// A row's prompt, before its target is known.
+struct Encoded {
+    example: Example,
+    target_prefix: String,
 }
 
 fn preview(labels: &[String]) -> String {

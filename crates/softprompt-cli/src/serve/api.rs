@@ -179,6 +179,58 @@ pub struct Limits {
     pub default_max_tokens: usize,
     /// Most stop strings.
     pub max_stops: usize,
+    /// Most inputs in one `/v1/classify` request.
+    pub max_inputs: usize,
+}
+
+/// Default of [`Limits::max_inputs`].
+pub const MAX_CLASSIFY_INPUTS: usize = 32;
+
+/// `POST /v1/classify`: `input` is one text, one object of the template's fields, or a list of
+/// either.
+#[derive(Debug, Deserialize)]
+pub struct ClassifyBody {
+    /// The adapter's name.
+    pub model: String,
+    /// What to classify.
+    pub input: Value,
+}
+
+impl ClassifyBody {
+    /// The inputs as rows: a text fills the template's one input field (`text_row`), an object
+    /// is the row itself. At most `limits.max_inputs`, at least one.
+    pub fn rows(
+        self,
+        limits: &Limits,
+        text_row: impl Fn(&str) -> anyhow::Result<softprompt::data::Row>,
+    ) -> Result<Vec<softprompt::data::Row>, ApiError> {
+        let items = match self.input {
+            Value::Array(items) => items,
+            one => vec![one],
+        };
+        if items.is_empty() {
+            return Err(ApiError::bad("input is an empty list: give at least one input"));
+        }
+        if items.len() > limits.max_inputs {
+            return Err(ApiError::new(
+                400,
+                "invalid_request_error",
+                "too_many_inputs",
+                format!("{} inputs; at most {} per request", items.len(), limits.max_inputs),
+            ));
+        }
+        items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| match item {
+                Value::String(text) => text_row(&text).map_err(|e| ApiError::bad(format!("input[{i}]: {e:#}"))),
+                Value::Object(row) => Ok(row),
+                other => Err(ApiError::bad(format!(
+                    "input[{i}] is {other}; expected a text or an object of the template's fields"
+                ))),
+            })
+            .collect()
+    }
 }
 
 impl CommonFields {

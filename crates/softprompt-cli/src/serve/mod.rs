@@ -5,13 +5,16 @@
 //!
 //! Routes: `GET /` (a playground page), `GET /health`, `GET /metrics` (Prometheus text),
 //! `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (streaming with
-//! server-sent events when `stream` is true), `POST /v1/adapters` and
+//! server-sent events when `stream` is true), `POST /v1/classify` (labels and probabilities,
+//! for adapters trained for classification), `POST /v1/adapters` and
 //! `DELETE /v1/adapters/{name}` (load and unload at run time). Safe by default: binds
 //! 127.0.0.1, optional bearer key, bounded body, prompt, `max_tokens` and queue (503 with
 //! Retry-After); adapter names are plain names that cannot leave the adapters folder; a client
 //! that disconnects cancels its sequence; SIGTERM finishes the requests in flight and stops.
 
 mod api;
+#[cfg(test)]
+mod browser_tests;
 mod metrics;
 mod routes;
 #[cfg(test)]
@@ -22,6 +25,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use softprompt::adapter::{self, ADAPTER_CONFIG};
 use softprompt::backbone::LoadedModel;
+use softprompt::infer::classify::Classifier;
 use softprompt::infer::prompt_cache::PromptCache;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -53,6 +57,29 @@ pub struct ServeArgs {
     max_queue: usize,
 }
 
+/// One served adapter: the keys and values generation starts from and, for an adapter trained
+/// for classification, its classifier.
+#[derive(Clone)]
+pub struct Served {
+    /// The adapter's prompt as keys and values.
+    pub prompt: Arc<PromptCache>,
+    /// Labels, template and scoring (`None`: the adapter has no labels).
+    pub classifier: Option<Arc<Classifier>>,
+}
+
+impl Served {
+    /// Loads the adapter folder `path` for `model`.
+    fn load(model: &LoadedModel, path: &Path) -> Result<Self> {
+        let lm = model.backbone.require_causal("serving")?;
+        let prompt = PromptCache::from_adapter(lm, &adapter::load_peft(path)?)
+            .with_context(|| format!("adapter {}", path.display()))?;
+        Ok(Self {
+            prompt: Arc::new(prompt),
+            classifier: Classifier::from_adapter(model, path)?.map(Arc::new),
+        })
+    }
+}
+
 /// What the handlers share.
 pub struct AppState {
     /// The model (tokenizer and chat template; the network runs on the worker).
@@ -60,7 +87,7 @@ pub struct AppState {
     /// The base model's name (its `model` field).
     pub base_name: String,
     /// Adapters by name (loaded and unloaded at run time through `/v1/adapters`).
-    pub adapters: RwLock<BTreeMap<String, Arc<PromptCache>>>,
+    pub adapters: RwLock<BTreeMap<String, Served>>,
     /// The folder adapters are loaded from.
     pub adapters_dir: Option<PathBuf>,
     /// The model thread.
@@ -99,7 +126,7 @@ pub fn plain_name(name: &str) -> bool {
 }
 
 /// Loads adapter `name` from `dir` (a plain name whose folder, links resolved, is inside `dir`).
-pub fn load_adapter(model: &LoadedModel, dir: &Path, name: &str) -> Result<PromptCache> {
+pub fn load_adapter(model: &LoadedModel, dir: &Path, name: &str) -> Result<Served> {
     if !plain_name(name) {
         bail!("`{name}` is not a plain adapter name (letters, digits, `.`, `_`, `-`)");
     }
@@ -113,13 +140,12 @@ pub fn load_adapter(model: &LoadedModel, dir: &Path, name: &str) -> Result<Promp
     if path.parent() != Some(root.as_path()) || !path.join(ADAPTER_CONFIG).is_file() {
         bail!("no adapter folder `{name}` (with {ADAPTER_CONFIG})");
     }
-    let lm = model.backbone.require_causal("serving")?;
-    PromptCache::from_adapter(lm, &adapter::load_peft(&path)?).with_context(|| format!("adapter `{name}`"))
+    Served::load(model, &path).with_context(|| format!("adapter `{name}`"))
 }
 
 /// Loads every adapter in `dir` (sub-folders holding `adapter_config.json`) for `model`.
-pub fn load_adapters(model: &LoadedModel, dir: &Path) -> Result<BTreeMap<String, Arc<PromptCache>>> {
-    let lm = model.backbone.require_causal("serving")?;
+pub fn load_adapters(model: &LoadedModel, dir: &Path) -> Result<BTreeMap<String, Served>> {
+    model.backbone.require_causal("serving")?;
     let mut out = BTreeMap::new();
     let entries =
         std::fs::read_dir(dir).with_context(|| format!("cannot read the adapters folder {}", dir.display()))?;
@@ -143,8 +169,7 @@ pub fn load_adapters(model: &LoadedModel, dir: &Path) -> Result<BTreeMap<String,
             );
             continue;
         }
-        let cache = PromptCache::from_adapter(lm, &a).with_context(|| format!("adapter {}", path.display()))?;
-        out.insert(name, Arc::new(cache));
+        out.insert(name, Served::load(model, &path)?);
     }
     Ok(out)
 }
@@ -180,7 +205,7 @@ pub async fn run_server(
 pub fn state(
     model: Arc<LoadedModel>,
     base_name: String,
-    adapters: BTreeMap<String, Arc<PromptCache>>,
+    adapters: BTreeMap<String, Served>,
     opts: ServerOptions,
 ) -> Result<AppState> {
     model.backbone.require_causal("serving")?;
@@ -201,6 +226,7 @@ pub fn state(
             max_tokens: opts.max_tokens_limit,
             default_max_tokens: 16,
             max_stops: 4,
+            max_inputs: api::MAX_CLASSIFY_INPUTS,
         },
         max_queue: opts.max_queue,
     })

@@ -20,8 +20,8 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::api::{self, ApiError, ChatBody, CompletionBody, Params};
-use super::worker::{Job, Reply};
-use super::AppState;
+use super::worker::{ClassifyJob, GenJob, Job, Reply};
+use super::{AppState, Served};
 
 /// Largest request body.
 pub const BODY_LIMIT: usize = 1 << 20;
@@ -35,6 +35,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/classify", post(classify))
         .route("/v1/adapters", post(load_adapter))
         .route("/v1/adapters/{name}", delete(unload_adapter))
         .fallback(not_found)
@@ -58,9 +59,14 @@ impl IntoResponse for ApiError {
 async fn track(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
     let route = match path {
-        "/" | "/health" | "/metrics" | "/v1/models" | "/v1/completions" | "/v1/chat/completions" | "/v1/adapters" => {
-            path.to_string()
-        }
+        "/"
+        | "/health"
+        | "/metrics"
+        | "/v1/models"
+        | "/v1/completions"
+        | "/v1/chat/completions"
+        | "/v1/classify"
+        | "/v1/adapters" => path.to_string(),
         p if p.starts_with("/v1/adapters/") => "/v1/adapters/{name}".to_string(),
         _ => "other".to_string(),
     };
@@ -105,11 +111,11 @@ async fn load_adapter(
     }
     let st = s.clone();
     let n = name.clone();
-    let cache = tokio::task::spawn_blocking(move || super::load_adapter(&st.model, &dir, &n))
+    let served = tokio::task::spawn_blocking(move || super::load_adapter(&st.model, &dir, &n))
         .await
         .map_err(|e| server_error(format!("{e}")))?
         .map_err(|e| ApiError::new(400, "invalid_request_error", "adapter_not_loaded", format!("{e:#}")))?;
-    s.adapters.write().unwrap().insert(name.clone(), Arc::new(cache));
+    s.adapters.write().unwrap().insert(name.clone(), served);
     Ok(Json(json!({"id": name, "object": "model", "loaded": true})))
 }
 
@@ -162,8 +168,15 @@ async fn models(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Result<Js
     authorize(&s, &headers)?;
     let entry = |id: &str, kind: &str| json!({"id": id, "object": "model", "created": 0, "owned_by": "softprompt", "kind": kind});
     let mut data = vec![entry(&s.base_name, "base")];
-    let names: Vec<String> = s.adapters.read().unwrap().keys().cloned().collect();
-    data.extend(names.iter().map(|k| entry(k, "adapter")));
+    for (name, served) in s.adapters.read().unwrap().iter() {
+        let mut e = entry(name, "adapter");
+        // classification adapters say what /v1/classify answers and what an input needs
+        if let Some(c) = &served.classifier {
+            e["labels"] = json!(c.labels());
+            e["input_fields"] = json!(c.input_fields());
+        }
+        data.push(e);
+    }
     Ok(Json(json!({"object": "list", "data": data})))
 }
 
@@ -173,6 +186,103 @@ fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
         let code = if status == 413 { "body_too_large" } else { "bad_body" };
         ApiError::new(status, "invalid_request_error", code, e.body_text())
     })
+}
+
+/// 404 for a name that is neither the base model nor a loaded adapter.
+fn unknown_model(name: &str) -> ApiError {
+    ApiError::new(
+        404,
+        "invalid_request_error",
+        "model_not_found",
+        format!("the model `{name}` does not exist (see GET /v1/models)"),
+    )
+}
+
+/// 503 when the worker's queue is full (with Retry-After) or the worker is gone.
+fn unavailable(full: bool, max_queue: usize) -> ApiError {
+    if full {
+        let mut e = ApiError::new(
+            503,
+            "server_error",
+            "queue_full",
+            format!("{max_queue} requests are already queued or generating; retry later"),
+        );
+        e.retry_after = Some(1);
+        e
+    } else {
+        ApiError::new(503, "server_error", "unavailable", "the model thread has stopped")
+    }
+}
+
+/// `POST /v1/classify {"model": ADAPTER, "input": TEXT | {FIELD: TEXT, ..} | [..]}`: the label
+/// and the probability of every label for each input, scored on the model thread.
+async fn classify(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&s, &headers)?;
+    let body: api::ClassifyBody = api::parse(&body_bytes(body)?)?;
+    let name = body.model.clone();
+    let served = s.adapters.read().unwrap().get(&name).cloned();
+    let classifier = match served {
+        Some(Served {
+            classifier: Some(c), ..
+        }) => c,
+        Some(_) => {
+            return Err(ApiError::new(
+                400,
+                "invalid_request_error",
+                "not_a_classifier",
+                format!(
+                    "the adapter `{name}` has no labels: /v1/classify serves adapters trained for \
+                     classification (softprompt.json with task `classify` or `seq-cls` and its labels)"
+                ),
+            ))
+        }
+        None if name == s.base_name => {
+            return Err(ApiError::new(
+                400,
+                "invalid_request_error",
+                "not_a_classifier",
+                format!("`{name}` is the base model, which has no labels; name a classification adapter"),
+            ))
+        }
+        None => return Err(unknown_model(&name)),
+    };
+    let rows = body.rows(&s.limits, |t| classifier.row_from_text(t))?;
+    let examples = classifier
+        .encode(&s.model.tokenizer, &rows)
+        .map_err(|e| ApiError::bad(format!("{e:#}")))?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job = Job::Classify(ClassifyJob {
+        classifier: classifier.clone(),
+        examples,
+        tx,
+    });
+    s.worker
+        .submit(job, s.max_queue)
+        .map_err(|full| unavailable(full, s.max_queue))?;
+    let results = rx
+        .await
+        .map_err(|_| server_error("the model thread stopped".into()))?
+        .map_err(server_error)?;
+    let labels = classifier.labels();
+    let data: Vec<Value> = results
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let probs: serde_json::Map<String, Value> = labels
+                .iter()
+                .zip(&r.probabilities)
+                .map(|(l, p)| (l.clone(), json!(p)))
+                .collect();
+            json!({"index": i, "label": r.label, "probabilities": probs})
+        })
+        .collect();
+    Ok(Json(json!({
+        "object": "list", "model": name, "labels": labels, "data": data,
+    })))
 }
 
 async fn completions(
@@ -236,15 +346,8 @@ async fn run(s: Arc<AppState>, params: Params, ids: Vec<u32>, kind: Kind) -> Res
     let prompt = if name == s.base_name {
         Arc::new(PromptCache::none())
     } else {
-        let found = s.adapters.read().unwrap().get(&name).cloned();
-        found.ok_or_else(|| {
-            ApiError::new(
-                404,
-                "invalid_request_error",
-                "model_not_found",
-                format!("the model `{name}` does not exist (see GET /v1/models)"),
-            )
-        })?
+        let found = s.adapters.read().unwrap().get(&name).map(|a| a.prompt.clone());
+        found.ok_or_else(|| unknown_model(&name))?
     };
     if ids.is_empty() {
         return Err(ApiError::bad("the prompt is empty"));
@@ -271,32 +374,14 @@ async fn run(s: Arc<AppState>, params: Params, ids: Vec<u32>, kind: Kind) -> Res
         stop_ids: s.model.tokenizer.eos_id().into_iter().collect(),
     };
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let job = Job {
+    let job = Job::Generate(GenJob {
         req,
         tx,
         submitted: Instant::now(),
-    };
-    match s.worker.submit(job, s.max_queue) {
-        Ok(()) => {}
-        Err(true) => {
-            let mut e = ApiError::new(
-                503,
-                "server_error",
-                "queue_full",
-                format!("{} requests are already queued or generating; retry later", s.max_queue),
-            );
-            e.retry_after = Some(1);
-            return Err(e);
-        }
-        Err(false) => {
-            return Err(ApiError::new(
-                503,
-                "server_error",
-                "unavailable",
-                "the model thread has stopped",
-            ));
-        }
-    }
+    });
+    s.worker
+        .submit(job, s.max_queue)
+        .map_err(|full| unavailable(full, s.max_queue))?;
     let id = format!(
         "{}-{}",
         if kind == Kind::Chat { "chatcmpl" } else { "cmpl" },

@@ -13,7 +13,7 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn model() -> Arc<LoadedModel> {
+pub(super) fn model() -> Arc<LoadedModel> {
     static MODEL: OnceLock<Arc<LoadedModel>> = OnceLock::new();
     MODEL
         .get_or_init(|| {
@@ -25,7 +25,52 @@ fn model() -> Arc<LoadedModel> {
         .clone()
 }
 
-/// A fresh folder with the two generation fixture adapters.
+/// Writes `softprompt.json` for a classification task into `dir`.
+fn write_task_file(dir: &std::path::Path, template: &str, labels: &[&str], verbalizer: &[(&str, &str)]) {
+    use softprompt::adapter::run_files::{TaskFile, TASK_FILE};
+    let tf = TaskFile {
+        template: template.into(),
+        target_field: "label".into(),
+        task: softprompt::task::TaskKind::Classify,
+        labels: labels.iter().map(|l| l.to_string()).collect(),
+        verbalizer: verbalizer.iter().map(|(l, w)| (l.to_string(), w.to_string())).collect(),
+        model: "smollm2-135m".into(),
+        config: Default::default(),
+    };
+    std::fs::write(dir.join(TASK_FILE), serde_json::to_string_pretty(&tf).unwrap()).unwrap();
+}
+
+/// The prompt-tuning fixture (8 virtual tokens) with a classification task: one input field and
+/// one-token label words (`sentiment`), two fields and multi-token words (`nli`).
+fn add_classifiers(dir: &std::path::Path) {
+    for (name, template, labels, verbalizer) in [
+        (
+            "sentiment",
+            "[soft:8]Review: {text}\nSentiment: {label}",
+            &["negative", "positive"][..],
+            &[][..],
+        ),
+        (
+            "nli",
+            "[soft:8]Premise: {premise}\nHypothesis: {hypothesis}\nRelation: {label}",
+            &["contradiction", "entailment", "neutral"][..],
+            &[
+                ("contradiction", "contradicts it"),
+                ("entailment", "follows from it"),
+                ("neutral", "unrelated"),
+            ][..],
+        ),
+    ] {
+        let to = dir.join(name);
+        std::fs::create_dir_all(&to).unwrap();
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            std::fs::copy(fixture("smollm2_generate_prompt_tuning").join(f), to.join(f)).unwrap();
+        }
+        write_task_file(&to, template, labels, verbalizer);
+    }
+}
+
+/// A fresh folder with the two generation fixture adapters and two classification adapters.
 fn adapters_dir() -> PathBuf {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -39,6 +84,7 @@ fn adapters_dir() -> PathBuf {
         }
     }
     std::fs::create_dir_all(dir.join("not-an-adapter")).unwrap();
+    add_classifiers(&dir);
     dir
 }
 
@@ -48,7 +94,10 @@ fn start_in(api_key: Option<String>, max_queue: usize) -> (String, PathBuf) {
     let m = model();
     let dir = adapters_dir();
     let adapters = load_adapters(&m, &dir).unwrap();
-    assert_eq!(adapters.keys().collect::<Vec<_>>(), ["prefix_tuning", "prompt_tuning"]);
+    assert_eq!(
+        adapters.keys().collect::<Vec<_>>(),
+        ["nli", "prefix_tuning", "prompt_tuning", "sentiment"]
+    );
     let st = state(
         m,
         "smollm2".into(),
@@ -88,12 +137,12 @@ fn shared() -> &'static (String, PathBuf) {
     SERVER.get_or_init(|| start_in(None, 64))
 }
 
-fn server() -> &'static str {
+pub(super) fn server() -> &'static str {
     &shared().0
 }
 
 /// `(status, JSON body)` of a POST.
-fn post(url: &str, body: &str) -> (u16, Value) {
+pub(super) fn post(url: &str, body: &str) -> (u16, Value) {
     post_with(url, body, None)
 }
 
@@ -130,7 +179,7 @@ fn get(url: &str) -> (u16, Value) {
 use serde_json::{json, Value};
 
 /// Fixture case: (prompt text, new_ids) of `adapter`'s first case.
-fn case(adapter: &str, i: usize) -> (String, Vec<u32>) {
+pub(super) fn case(adapter: &str, i: usize) -> (String, Vec<u32>) {
     let cases: Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("smollm2_generate_cases.json")).unwrap()).unwrap();
     let c = &cases["cases"][adapter][i];
@@ -399,7 +448,8 @@ fn full_queue_and_disconnects() {
 
 /// Load and fault test (loopback, bounded): clients over several adapters with malformed
 /// requests mixed in; every valid request gets a complete answer equal to its answer alone.
-/// Prints throughput and p50/p99 latency at 1, 4 and 16 clients.
+/// Prints throughput and p50/p99 latency at 1, 4 and 16 clients and the resident set; memory
+/// after a second 16-client burst stays within a margin of the first's.
 #[test]
 fn load_and_faults() {
     let base = server().to_string();
@@ -419,8 +469,9 @@ fn load_and_faults() {
             v["choices"][0]["text"].as_str().unwrap().to_string()
         })
         .collect();
-    let mut report = Vec::new();
-    for clients in [1usize, 4, 16] {
+    // One burst: `clients` threads, two valid requests each with malformed ones between;
+    // returns a report line.
+    let burst = |clients: usize| {
         let t0 = std::time::Instant::now();
         let handles: Vec<_> = (0..clients)
             .map(|c| {
@@ -458,15 +509,163 @@ fn load_and_faults() {
         let wall = t0.elapsed().as_secs_f64();
         lat.sort_by(f64::total_cmp);
         let pct = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize];
-        report.push(format!(
+        format!(
             "{clients:>2} clients: {} requests, {tokens} tokens in {wall:.2} s = {:.1} tokens/s; latency p50 {:.2} s, p99 {:.2} s",
             lat.len(),
             tokens as f64 / wall,
             pct(0.5),
             pct(0.99)
-        ));
-    }
+        )
+    };
+    let mut report: Vec<String> = [1usize, 4, 16].into_iter().map(burst).collect();
+    // Memory stays bounded: another 16-client burst after the first leaves the resident set
+    // where it was, within a generous margin (allocator slack, other tests in this process).
+    let rss = || crate::model_cmds::memory_mib().expect("/proc/self/status").0;
+    let after_first = rss();
+    report.push(burst(16));
+    let after_second = rss();
+    let peak = crate::model_cmds::memory_mib().unwrap().1;
+    report.push(format!(
+        "resident set after a 16-client burst {after_first:.0} MiB, after another {after_second:.0} MiB; peak {peak:.0} MiB"
+    ));
+    assert!(
+        after_second < after_first + 256.0,
+        "memory grew from {after_first:.0} MiB to {after_second:.0} MiB across two identical bursts"
+    );
     eprintln!("{}", report.join("\n"));
     let (_, h) = get(&format!("{base}/health"));
     assert_eq!(h["status"], "ok");
+}
+
+/// The library's own scores for `rows` of a classification adapter: `Scorer::evaluate` (the
+/// `eval`/`predict` path) on a data set whose rows carry the first label as gold.
+fn library_scores(name: &str, rows: &[Value]) -> Vec<(String, Vec<f32>)> {
+    use softprompt::infer::{evaluate::Scorer, session};
+    let m = model();
+    let dir = shared().1.join(name);
+    let s = session::open(&m, Some(&dir), &Default::default(), &[]).unwrap();
+    let text: String = rows
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            r["label"] = json!(s.task.labels[0]);
+            format!("{r}\n")
+        })
+        .collect();
+    let data = softprompt::data::DataSet::parse("rows.jsonl", &text).unwrap();
+    let examples = s.task.encode_set(&data, &m.tokenizer).unwrap().examples;
+    let scorer = Scorer::new(&m, &s.task, s.prompt.as_ref(), s.head.as_ref()).unwrap();
+    let r = scorer.evaluate(&examples, 4, false).unwrap();
+    r.predictions.into_iter().map(|p| (p.predicted, p.scores)).collect()
+}
+
+fn probabilities(result: &Value, labels: &[&str]) -> Vec<f32> {
+    labels
+        .iter()
+        .map(|l| result["probabilities"][l].as_f64().unwrap() as f32)
+        .collect()
+}
+
+#[test]
+fn classify_gives_the_library_labels_and_probabilities() {
+    let url = format!("{}/v1/classify", server());
+    let texts = [
+        "a gentle, funny film that stays with you",
+        "dull, long and badly acted",
+        "I walked out after twenty minutes",
+    ];
+    let (status, body) = post(&url, &json!({"model": "sentiment", "input": texts}).to_string());
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["labels"], json!(["negative", "positive"]));
+    let data = body["data"].as_array().unwrap();
+    assert_eq!(data.len(), 3);
+    let rows: Vec<Value> = texts.iter().map(|t| json!({"text": t})).collect();
+    for (i, (got, (label, scores))) in data.iter().zip(library_scores("sentiment", &rows)).enumerate() {
+        assert_eq!(got["index"], i);
+        assert_eq!(got["label"], label.as_str());
+        let p = probabilities(got, &["negative", "positive"]);
+        assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-5, "{got}");
+        // one-token label words: softmax of the label words' log-probabilities
+        let want = 1.0 / (1.0 + (scores[0] - scores[1]).exp());
+        assert!((p[1] - want).abs() < 1e-4, "{got} vs {scores:?}");
+    }
+    // one text alone gives the same answer as in the list
+    let (status, one) = post(&url, &json!({"model": "sentiment", "input": texts[1]}).to_string());
+    assert_eq!(status, 200, "{one}");
+    assert_eq!(one["data"][0]["label"], data[1]["label"]);
+    let (a, b) = (
+        probabilities(&one["data"][0], &["positive"])[0],
+        probabilities(&data[1], &["positive"])[0],
+    );
+    assert!((a - b).abs() < 1e-4);
+
+    // several fields, multi-token label words (scored in full)
+    let rows = vec![
+        json!({"premise": "A man is playing a guitar on stage.", "hypothesis": "A man is performing music."}),
+        json!({"premise": "The cat sleeps.", "hypothesis": "The cat is running a marathon."}),
+    ];
+    let (status, body) = post(&url, &json!({"model": "nli", "input": rows}).to_string());
+    assert_eq!(status, 200, "{body}");
+    let labels = ["contradiction", "entailment", "neutral"];
+    for (got, (label, _)) in body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(library_scores("nli", &rows))
+    {
+        assert_eq!(got["label"], label.as_str(), "{got}");
+        let p = probabilities(got, &labels);
+        assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-5, "{got}");
+        let best = labels.iter().position(|l| *l == label).unwrap();
+        assert!(p.iter().all(|&x| x <= p[best]), "{got}");
+    }
+}
+
+#[test]
+fn classify_errors_are_json_4xx() {
+    let url = format!("{}/v1/classify", server());
+    let too_many: Vec<String> = (0..33).map(|i| format!("text {i}")).collect();
+    let cases: Vec<(Value, u16, &str)> = vec![
+        (json!({"model": "prompt_tuning", "input": "hi"}), 400, "has no labels"),
+        (json!({"model": "smollm2", "input": "hi"}), 400, "base model"),
+        (json!({"model": "ghost", "input": "hi"}), 404, "does not exist"),
+        (json!({"model": "sentiment", "input": too_many}), 400, "at most 32"),
+        (json!({"model": "sentiment", "input": []}), 400, "empty list"),
+        (json!({"model": "sentiment", "input": 5}), 400, "input[0] is 5"),
+        (json!({"model": "sentiment"}), 400, "missing field `input`"),
+        (json!({"input": "hi"}), 400, "missing field `model`"),
+        (
+            json!({"model": "sentiment", "input": [{"review": "x"}]}),
+            400,
+            "input[0]: no field `text`",
+        ),
+        (
+            json!({"model": "nli", "input": "just a text"}),
+            400,
+            "`premise`, `hypothesis`",
+        ),
+        (
+            json!({"model": "nli", "input": [{"premise": "p", "hypothesis": "h"}, {"premise": "p"}]}),
+            400,
+            "input[1]: no field `hypothesis`",
+        ),
+    ];
+    for (body, want, needle) in cases {
+        let (status, err) = post(&url, &body.to_string());
+        assert_eq!(status, want, "{body}: {err}");
+        let message = err["error"]["message"].as_str().unwrap_or_else(|| panic!("{err}"));
+        assert!(message.contains(needle), "{body}: `{message}` lacks `{needle}`");
+    }
+    let (status, body) = post(&url, r#"{"model": "sentiment", "input": "fine"}"#);
+    assert_eq!(status, 200, "{body}");
+    // the models list says which adapters classify and what they need
+    let (_, models) = get(&format!("{}/v1/models", server()));
+    let nli = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "nli")
+        .unwrap();
+    assert_eq!(nli["labels"], json!(["contradiction", "entailment", "neutral"]));
+    assert_eq!(nli["input_fields"], json!(["premise", "hypothesis"]));
 }

@@ -1,10 +1,13 @@
 //! The model's one thread: a [`Engine`] fed by a channel. Between decode steps it takes the
-//! requests that arrived (each prefilled and joining the batch), runs one step for every active
-//! sequence, and sends each event to its request's channel. A request whose receiver is gone
+//! requests that arrived (each prefilled and joining the batch, or a classification scored at
+//! once), runs one step for every active sequence, and sends each event to its request's
+//! channel. A request whose receiver is gone
 //! (the client disconnected) is cancelled. HTTP handlers never wait on the model.
 
 use softprompt::backbone::LoadedModel;
+use softprompt::infer::classify::{Classification, Classifier};
 use softprompt::infer::engine::{Engine, Event, GenRequest};
+use softprompt::task::Example;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
@@ -18,8 +21,39 @@ use super::metrics::Metrics;
 /// What a request receives: events, or the error that ended it.
 pub type Reply = Result<Event, String>;
 
+/// What a classification receives.
+pub type ClassifyReply = Result<Vec<Classification>, String>;
+
 /// A request for the worker.
-pub struct Job {
+pub enum Job {
+    /// A sequence to generate.
+    Generate(GenJob),
+    /// Inputs to classify.
+    Classify(ClassifyJob),
+}
+
+/// Inputs to classify with an adapter.
+pub struct ClassifyJob {
+    /// The adapter's classifier.
+    pub classifier: Arc<Classifier>,
+    /// The inputs, encoded by the classifier.
+    pub examples: Vec<Example>,
+    /// Where the answer goes.
+    pub tx: tokio::sync::oneshot::Sender<ClassifyReply>,
+}
+
+impl Job {
+    /// Whether the client is gone.
+    fn abandoned(&self) -> bool {
+        match self {
+            Job::Generate(g) => g.tx.is_closed(),
+            Job::Classify(c) => c.tx.is_closed(),
+        }
+    }
+}
+
+/// A sequence to generate.
+pub struct GenJob {
     /// What to generate.
     pub req: GenRequest,
     /// Where its events go.
@@ -97,10 +131,18 @@ fn run(model: &LoadedModel, rx: Receiver<Job>, metrics: &Metrics) {
         let mut events = Vec::new();
         let start = Instant::now();
         for job in jobs {
-            if job.tx.is_closed() {
+            if job.abandoned() {
                 load.fetch_sub(1, Ordering::SeqCst);
                 continue;
             }
+            let job = match job {
+                Job::Generate(g) => g,
+                Job::Classify(c) => {
+                    classify(model, c);
+                    load.fetch_sub(1, Ordering::SeqCst);
+                    continue;
+                }
+            };
             let id = next_id;
             next_id += 1;
             // A panic in the model code fails this request, not the server.
@@ -168,6 +210,14 @@ fn run(model: &LoadedModel, rx: Receiver<Job>, metrics: &Metrics) {
         }
         metrics.active.store(engine.active(), Ordering::SeqCst);
     }
+}
+
+/// Scores one classification job and answers it (a panic fails the job, not the server).
+fn classify(model: &LoadedModel, job: ClassifyJob) {
+    let reply = catch_unwind(AssertUnwindSafe(|| job.classifier.classify(model, &job.examples)))
+        .unwrap_or_else(|p| Err(anyhow::anyhow!("internal error: {}", panic_text(&*p))))
+        .map_err(|e| format!("classification failed: {e:#}"));
+    let _ = job.tx.send(reply);
 }
 
 /// The message of a panic payload.

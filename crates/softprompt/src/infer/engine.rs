@@ -13,6 +13,7 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use std::sync::Arc;
 
+use super::generate::prefill;
 use super::prompt_cache::PromptCache;
 use super::sampling::{Sampler, SamplingParams};
 use super::text_stream::TextStream;
@@ -132,6 +133,18 @@ impl<'a, K: Clone + PartialEq> Engine<'a, K> {
     /// Starts a sequence: runs its tokens after its adapter's cache and chooses its first token.
     /// Returns the events of that first token (and the end, if it ends at once).
     pub fn add(&mut self, key: K, req: GenRequest) -> Result<Vec<(K, Event)>> {
+        self.add_with_progress(key, req, usize::MAX, &mut |_, _| {})
+    }
+
+    /// [`Engine::add`], running the request's tokens `chunk` at a time and calling
+    /// `progress(done, total)` after each chunk (a long prompt's prefill can then be shown).
+    pub fn add_with_progress(
+        &mut self,
+        key: K,
+        req: GenRequest,
+        chunk: usize,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<(K, Event)>> {
         req.sampling.validate()?;
         if req.ids.is_empty() {
             bail!("the prompt is empty: at least one token is needed");
@@ -149,11 +162,8 @@ impl<'a, K: Clone + PartialEq> Engine<'a, K> {
         let mut cache = req.prompt.cache.clone();
         let ids = Tensor::new(req.ids.as_slice(), device)?.unsqueeze(0)?;
         let embeds = self.lm.embed(&ids)?;
-        let mask = Tensor::ones((1, req.ids.len()), DType::U32, device)?;
-        let hidden = self
-            .lm
-            .forward_cached(&BackboneInput::new(&embeds, &mask), &mut cache)?;
-        let last = hidden.narrow(1, req.ids.len() - 1, 1)?.squeeze(1)?;
+        let hidden = prefill(self.lm, &embeds, &mut cache, chunk, progress)?;
+        let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?.squeeze(1)?;
         let logits: Vec<f32> = lm_logits(self.lm, &last)?.squeeze(0)?.to_dtype(DType::F32)?.to_vec1()?;
         let seq = Sequence {
             key,
@@ -289,11 +299,24 @@ pub fn generate(
     lm: &dyn CausalLm,
     tokenizer: &TextTokenizer,
     req: GenRequest,
+    on_event: impl FnMut(&Event) -> Result<()>,
+) -> Result<Completion> {
+    generate_with_progress(lm, tokenizer, req, usize::MAX, &mut |_, _| {}, on_event)
+}
+
+/// [`generate`], prefilling the request's tokens `chunk` at a time with `progress(done, total)`
+/// after each chunk (see [`Engine::add_with_progress`]).
+pub fn generate_with_progress(
+    lm: &dyn CausalLm,
+    tokenizer: &TextTokenizer,
+    req: GenRequest,
+    chunk: usize,
+    progress: &mut dyn FnMut(usize, usize),
     mut on_event: impl FnMut(&Event) -> Result<()>,
 ) -> Result<Completion> {
     let mut engine = Engine::new(lm, tokenizer);
     let mut out = Completion::default();
-    let mut events = engine.add((), req)?;
+    let mut events = engine.add_with_progress((), req, chunk, progress)?;
     loop {
         for (_, e) in &events {
             on_event(e)?;

@@ -4,7 +4,7 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, IndexOp, Tensor, D};
 
-use super::score::{argmax, score_candidates_after};
+use super::score::{argmax, score_all_candidates_after, score_candidates_after};
 use crate::backbone::{lm_logits, BackboneInput, CausalLm, Encoder, KvCache, LoadedModel, Model};
 use crate::batch::{make_batch, splice_embeddings, Batch};
 use crate::loss::ClassifierHead;
@@ -125,6 +125,7 @@ pub struct Scorer<'a> {
     task: &'a Task,
     prompt: Option<&'a Tensor>,
     prefix: Option<&'a KvCache>,
+    exhaustive: bool,
 }
 
 impl<'a> Scorer<'a> {
@@ -160,6 +161,7 @@ impl<'a> Scorer<'a> {
             task,
             prompt,
             prefix: None,
+            exhaustive: false,
         })
     }
 
@@ -168,6 +170,57 @@ impl<'a> Scorer<'a> {
     pub fn with_prefix(mut self, prefix: Option<&'a KvCache>) -> Self {
         self.prefix = prefix;
         self
+    }
+
+    /// The same scorer scoring every label in full: multi-token label words are not cut short
+    /// by branch and bound, so the scores give probabilities over the labels (slower when the
+    /// words have several tokens; the same when each is one token).
+    pub fn exhaustive(mut self) -> Self {
+        self.exhaustive = true;
+        self
+    }
+
+    /// Every label's score for each of `examples` (log-probability, or logit for heads), in
+    /// batches of `batch_size`. Only the rows' prompts are read (their gold labels are not).
+    pub fn scores(&self, examples: &[Example], batch_size: usize) -> Result<Vec<Vec<f32>>> {
+        if batch_size == 0 {
+            bail!("the batch size is 0; it must be at least 1");
+        }
+        let candidates = self.candidates()?;
+        let mut out = Vec::with_capacity(examples.len());
+        for chunk in examples.chunks(batch_size) {
+            out.extend(self.chunk_scores(&chunk.iter().collect::<Vec<_>>(), &candidates)?);
+        }
+        Ok(out)
+    }
+
+    /// Token ids of every label's text after the template's target prefix.
+    fn candidates(&self) -> Result<Vec<Vec<u32>>> {
+        let prefix = self
+            .task
+            .template
+            .target()
+            .map(|t| t.prefix.clone())
+            .unwrap_or_default();
+        self.task.candidate_ids(self.tokenizer, &prefix)
+    }
+
+    /// The label scores of one batch of rows.
+    fn chunk_scores(&self, refs: &[&Example], candidates: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        let single_token = candidates.iter().all(|c| c.len() == 1);
+        let score = if self.exhaustive {
+            score_all_candidates_after
+        } else {
+            score_candidates_after
+        };
+        match self.reader {
+            Reader::Head(enc, head) => Ok(head.logits(enc, &self.hidden(refs)?.0)?.to_vec2()?),
+            Reader::Lm(lm) if single_token => self.first_token_scores(lm, refs, candidates),
+            Reader::Lm(lm) => refs
+                .iter()
+                .map(|e| score(lm, self.prefix, &self.prompt_embeds(e)?, candidates))
+                .collect(),
+        }
     }
 
     /// Scores `examples` in batches of `batch_size`; `exact_match` adds greedy generation.
@@ -190,25 +243,11 @@ impl<'a> Scorer<'a> {
         if batch_size == 0 {
             bail!("the evaluation batch size is 0; it must be at least 1");
         }
-        let prefix = self
-            .task
-            .template
-            .target()
-            .map(|t| t.prefix.clone())
-            .unwrap_or_default();
-        let candidates = self.task.candidate_ids(self.tokenizer, &prefix)?;
-        let single_token = candidates.iter().all(|c| c.len() == 1);
+        let candidates = self.candidates()?;
         let mut predictions = Vec::with_capacity(examples.len());
         for chunk in examples.chunks(batch_size) {
             let refs: Vec<&Example> = chunk.iter().collect();
-            let scores = match self.reader {
-                Reader::Head(enc, head) => head.logits(enc, &self.hidden(&refs)?.0)?.to_vec2()?,
-                Reader::Lm(lm) if single_token => self.first_token_scores(lm, &refs, &candidates)?,
-                Reader::Lm(lm) => refs
-                    .iter()
-                    .map(|e| score_candidates_after(lm, self.prefix, &self.prompt_embeds(e)?, &candidates))
-                    .collect::<Result<_>>()?,
-            };
+            let scores = self.chunk_scores(&refs, &candidates)?;
             for (e, s) in chunk.iter().zip(scores) {
                 let generated = match self.reader {
                     Reader::Lm(lm) if exact_match => Some(self.generate(lm, e, &candidates)?),

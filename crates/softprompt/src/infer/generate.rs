@@ -36,6 +36,34 @@ pub fn greedy_with_progress(
     generate_greedy(backbone, None, embeds, max_new, stop, chunk, progress)
 }
 
+/// Runs the input embeddings `[1, T, hidden]` (`T > 0`) after `cache`, `chunk` positions at a
+/// time, calling `progress(done, T)` after each chunk; returns the last chunk's hidden states.
+pub fn prefill(
+    backbone: &dyn CausalLm,
+    embeds: &Tensor,
+    cache: &mut KvCache,
+    chunk: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Tensor> {
+    let t = embeds.dim(1)?;
+    if t == 0 {
+        bail!("nothing to run: the input has no positions");
+    }
+    let device = embeds.device();
+    let chunk = chunk.max(1);
+    let mut start = 0;
+    let mut hidden = None;
+    while start < t {
+        let len = chunk.min(t - start);
+        let mask = Tensor::ones((1, len), candle_core::DType::U32, device)?;
+        let part = embeds.narrow(1, start, len)?;
+        hidden = Some(backbone.forward_cached(&BackboneInput::new(&part, &mask), cache)?);
+        start += len;
+        progress(start, t);
+    }
+    Ok(hidden.expect("t > 0"))
+}
+
 /// The greedy loop: the prompt (after `prefix`, if any) in chunks, then one token at a time.
 fn generate_greedy(
     backbone: &dyn CausalLm,
@@ -56,18 +84,7 @@ fn generate_greedy(
     }
     let device = embeds.device();
     let mut cache = prefix.cloned().unwrap_or_default();
-    let chunk = chunk.max(1);
-    let mut start = 0;
-    let mut hidden = None;
-    while start < t {
-        let len = chunk.min(t - start);
-        let mask = Tensor::ones((1, len), candle_core::DType::U32, device)?;
-        let part = embeds.narrow(1, start, len)?;
-        hidden = Some(backbone.forward_cached(&BackboneInput::new(&part, &mask), &mut cache)?);
-        start += len;
-        progress(start, t);
-    }
-    let mut hidden = hidden.expect("t > 0");
+    let mut hidden = prefill(backbone, embeds, &mut cache, chunk, progress)?;
     let mut out = Vec::new();
     for _ in 0..max_new {
         let last = hidden.i((0, hidden.dim(1)? - 1))?.unsqueeze(0)?;

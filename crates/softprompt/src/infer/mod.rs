@@ -1,9 +1,10 @@
 //! Inference: scoring candidates with a shared prompt cache, evaluation of a data set,
 //! generation with a key/value cache (greedy or sampled, stop strings), an adapter's prompt
 //! turned into keys and values once, mixed-prompt continuous batching, and sessions that
-//! rebuild a task from an adapter.
+//! rebuild a task from an adapter, and classification of single inputs.
 
 pub mod by_task;
+pub mod classify;
 pub mod engine;
 pub mod evaluate;
 pub mod generate;

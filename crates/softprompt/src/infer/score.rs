@@ -24,6 +24,28 @@ pub fn score_candidates_after(
     prompt: &Tensor,
     candidates: &[Vec<u32>],
 ) -> Result<Vec<f32>> {
+    score_after(backbone, prefix, prompt, candidates, true)
+}
+
+/// [`score_candidates_after`] without branch and bound: every candidate's full log-probability
+/// (what probabilities over the candidates need).
+pub fn score_all_candidates_after(
+    backbone: &dyn CausalLm,
+    prefix: Option<&KvCache>,
+    prompt: &Tensor,
+    candidates: &[Vec<u32>],
+) -> Result<Vec<f32>> {
+    score_after(backbone, prefix, prompt, candidates, false)
+}
+
+/// The scoring loop; `prune` stops once no remaining candidate can beat the best.
+fn score_after(
+    backbone: &dyn CausalLm,
+    prefix: Option<&KvCache>,
+    prompt: &Tensor,
+    candidates: &[Vec<u32>],
+    prune: bool,
+) -> Result<Vec<f32>> {
     let device = prompt.device();
     let t = prompt.dim(1)?;
     let mut cache = prefix.cloned().unwrap_or_default();
@@ -41,7 +63,7 @@ pub fn score_candidates_after(
     let mut best = f32::NEG_INFINITY;
     const CHUNK: usize = 8;
     let mut i = 0;
-    while i < order.len() && scores[order[i]] > best {
+    while i < order.len() && (!prune || scores[order[i]] > best) {
         let chunk: Vec<usize> = order[i..(i + CHUNK).min(order.len())].to_vec();
         i += chunk.len();
         let multi: Vec<usize> = chunk.iter().copied().filter(|&c| candidates[c].len() > 1).collect();
