@@ -27,20 +27,9 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-/// The first eight training rows (both labels) in a file of the test's own: every step of a
-/// batch-8 run sees the same rows.
+/// The first eight training rows (both labels): every step of a batch-8 run sees them all.
 fn eight_rows(test: &str) -> PathBuf {
-    let dir = scratch(&format!("data-{test}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let rows: Vec<String> = std::fs::read_to_string(common::data("sentiment-movies/train.jsonl"))
-        .unwrap()
-        .lines()
-        .take(8)
-        .map(String::from)
-        .collect();
-    let f = dir.join("eight.jsonl");
-    std::fs::write(&f, rows.join("\n")).unwrap();
-    f
+    common::first_rows("sentiment-movies/train.jsonl", 8, &scratch(&format!("data-{test}")))
 }
 
 fn tiny(name: &str) -> TrainConfig {
@@ -106,18 +95,10 @@ fn minilm_prefix_matches_transformers() {
     }
 }
 
-fn losses(out: &Path) -> Vec<f64> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("loss")?.as_f64())
-        .collect()
-}
-
 /// Trains `cfg`; the loss falls and the saved prefix is not the one it started from.
 fn lowers_the_loss_and_moves_the_prefix(cfg: TrainConfig) {
     train::train(&cfg, &mut Quiet).unwrap();
-    let l = losses(&cfg.output);
+    let l = common::losses(&cfg.output);
     println!("projection {}: {l:?}", cfg.prefix_projection);
     let n = l.len();
     assert_eq!(n, cfg.steps.unwrap());
@@ -177,15 +158,6 @@ fn session_logits(model: &softprompt::backbone::LoadedModel, dir: &Path) -> Vec<
         .collect()
 }
 
-fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .flatten()
-        .zip(b.iter().flatten())
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 /// The adapter is PEFT's prefix-tuning layout for SEQ_CLS; it reloads as a session whose
 /// scores equal the trained parameters' (rebuilt from softprompt's raw file) and the run's own
 /// test evaluation.
@@ -212,36 +184,15 @@ fn saved_adapter_reloads(cfg: TrainConfig) {
     let model = common::load_model("minilm-l6");
     let from_files = session_logits(&model, &cfg.output);
     // The same adapter rebuilt from the raw parameters (the best checkpoint is the last one).
-    let raw = read_safetensors(&cfg.output.join("softprompt_prompt.safetensors")).unwrap();
-    let p = train::prepare(
-        &TrainConfig {
-            output: scratch("reprepare"),
-            ..cfg.clone()
-        },
-        &mut Quiet,
-    )
-    .unwrap();
-    let mut learner = train::new_learner(&p).unwrap();
-    learner.prompt.set_from(&raw.into_iter().collect()).unwrap();
-    let flat = learner.prompt.forward().unwrap();
+    let flat = common::raw_learned(&cfg, scratch("reprepare"));
     let d = common::max_abs_diff(&flat, &a.prompt_embeddings);
     assert!(
         d < 1e-6,
         "saved prompt_embeddings differ from the raw parameters' by {d}"
     );
     // The run's test evaluation reads the best adapter back from its folder.
-    let p = train::prepare(
-        &TrainConfig {
-            test: cfg.dev.clone(),
-            test_rows: Some(6),
-            ..cfg.clone()
-        },
-        &mut Quiet,
-    )
-    .unwrap();
-    let test = train::evaluate_test(&p).unwrap().unwrap();
-    let t: Vec<Vec<f32>> = test.predictions.into_iter().map(|p| p.scores).collect();
-    let err = max_diff(&t, &from_files);
+    let t = common::test_scores_on_dev(&cfg, 6);
+    let err = common::max_diff_rows(&t, &from_files);
     println!("session vs run's test evaluation: {err:.1e}");
     assert!(err < 1e-5, "test evaluation {t:?} vs session {from_files:?}");
     // Scoring one row at a time gives the batch's logits (padding does not leak).
@@ -256,7 +207,7 @@ fn saved_adapter_reloads(cfg: TrainConfig) {
         .chunks(1)
         .map(|e| scorer.evaluate(e, 1, false).unwrap().predictions[0].scores.clone())
         .collect();
-    let err = max_diff(&alone, &from_files);
+    let err = common::max_diff_rows(&alone, &from_files);
     assert!(err < 1e-4, "one row at a time vs batches of 4: {err}");
 }
 
@@ -285,33 +236,10 @@ fn resumed_ptv2_equals_uninterrupted() {
         encoder_hidden: 16,
         ..tiny("resume-full")
     };
-    train::train(&full, &mut Quiet).unwrap();
-    let part = TrainConfig {
-        steps: Some(2),
-        output: scratch("resume-part"),
-        ..full.clone()
-    };
-    train::train(&part, &mut Quiet).unwrap();
-    let report = train::train(
-        &TrainConfig {
-            resume: true,
-            output: part.output.clone(),
-            ..full.clone()
-        },
-        &mut Quiet,
-    )
-    .unwrap();
-    assert_eq!((report.steps, report.steps_run), (4, 2));
-    let a = read_safetensors(&full.output.join("checkpoint-last/state.safetensors")).unwrap();
-    let b = read_safetensors(&part.output.join("checkpoint-last/state.safetensors")).unwrap();
-    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
-    assert!(a.keys().any(|k| k.starts_with("adamw.m.prompt_encoder")));
-    assert!(a.keys().any(|k| k.contains("classifier")));
-    for (k, t) in &a {
-        let x: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-        let y: Vec<f32> = b[k].flatten_all().unwrap().to_vec1().unwrap();
-        assert_eq!(x, y, "{k} differs after resuming");
-    }
+    common::resume_equals_uninterrupted(&full, scratch("resume-part"));
+    let state = read_safetensors(&full.output.join("checkpoint-last/state.safetensors")).unwrap();
+    assert!(state.keys().any(|k| k.starts_with("adamw.m.prompt_encoder")));
+    assert!(state.keys().any(|k| k.contains("classifier")));
 }
 
 #[test]
