@@ -25,8 +25,9 @@ pub enum Method {
     /// Liu et al. 2021: virtual tokens pass through an MLP or bi-LSTM encoder.
     PTuning,
     /// Li & Liang 2021 (PEFT's PREFIX_TUNING): learned keys and values before the input in every
-    /// attention layer, optionally through a projection MLP (`prefix_projection`). Causal
-    /// models; the template has no `[soft]` tokens.
+    /// attention layer, optionally through a projection MLP (`prefix_projection`). On causal
+    /// models, and on encoders with `seq-cls` (p-tuning v2, Liu et al. 2022); the template has
+    /// no `[soft]` tokens.
     PrefixTuning,
     /// Eyuboglu et al. 2025 (PEFT's CARTRIDGE): the key/value prefix itself is learned, usually
     /// from a text prefill (`init = "text"`); the first `num_frozen_tokens` stay fixed.

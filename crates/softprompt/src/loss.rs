@@ -148,14 +148,7 @@ mod tests {
         fn backward(&self, _: &crate::backbone::Tape, d_hidden: &Tensor) -> Result<Tensor> {
             Ok(d_hidden.clone())
         }
-    }
-
-    impl CausalLm for IdentityHead {
-        fn forward_cached(
-            &self,
-            _: &crate::backbone::BackboneInput,
-            _: &mut crate::backbone::KvCache,
-        ) -> Result<Tensor> {
+        fn forward_prefixed(&self, _: &crate::backbone::BackboneInput, _: &crate::backbone::KvCache) -> Result<Tensor> {
             bail!("not needed")
         }
         fn forward_train_prefixed(
@@ -166,6 +159,16 @@ mod tests {
             bail!("not needed")
         }
         fn backward_prefixed(&self, _: &crate::backbone::Tape, _: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+            bail!("not needed")
+        }
+    }
+
+    impl CausalLm for IdentityHead {
+        fn forward_cached(
+            &self,
+            _: &crate::backbone::BackboneInput,
+            _: &mut crate::backbone::KvCache,
+        ) -> Result<Tensor> {
             bail!("not needed")
         }
         fn lm_head(&self) -> &Tensor {

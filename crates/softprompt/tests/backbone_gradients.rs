@@ -20,6 +20,24 @@ fn tiny_bert() -> Bert {
 
 /// The tiny BERT with its weights in `dtype` (f32: the fused CPU kernels).
 fn tiny_bert_in(dtype: DType) -> Bert {
+    let config = serde_json::json!({
+        "model_type": "bert", "hidden_size": 16, "num_attention_heads": 2, "num_hidden_layers": 2,
+        "intermediate_size": 24, "vocab_size": 20, "max_position_embeddings": 16, "type_vocab_size": 2,
+        "layer_norm_eps": 1e-12, "hidden_act": "gelu"
+    });
+    let t = tiny_bert_tensors()
+        .into_iter()
+        .map(|(k, v)| (k, v.to_dtype(dtype).unwrap()))
+        .collect();
+    let w = MemoryWeights {
+        tensors: t,
+        origin: PathBuf::from("tiny-bert"),
+    };
+    Bert::from_hf(&PathBuf::from("tiny-bert"), &config, &w, &Device::Cpu).unwrap()
+}
+
+/// The tiny BERT's weights (f64): 2 layers, hidden 16, 2 heads, 16 positions.
+fn tiny_bert_tensors() -> HashMap<String, Tensor> {
     let mut s = 11u64;
     let mut t = HashMap::new();
     let mut ins = |n: &str, shape: &[usize], scale: f64, shift: f64, s: &mut u64| {
@@ -52,17 +70,7 @@ fn tiny_bert_in(dtype: DType) -> Bert {
     }
     ins("pooler.dense.weight", &[16, 16], 0.5, 0.0, &mut s);
     ins("pooler.dense.bias", &[16], 0.2, 0.0, &mut s);
-    let config = serde_json::json!({
-        "model_type": "bert", "hidden_size": 16, "num_attention_heads": 2, "num_hidden_layers": 2,
-        "intermediate_size": 24, "vocab_size": 20, "max_position_embeddings": 16, "type_vocab_size": 2,
-        "layer_norm_eps": 1e-12, "hidden_act": "gelu"
-    });
-    let t = t.into_iter().map(|(k, v)| (k, v.to_dtype(dtype).unwrap())).collect();
-    let w = MemoryWeights {
-        tensors: t,
-        origin: PathBuf::from("tiny-bert"),
-    };
-    Bert::from_hf(&PathBuf::from("tiny-bert"), &config, &w, &Device::Cpu).unwrap()
+    t
 }
 
 /// Scalar loss `Σ R ⊙ f(embeds)` where f is the backbone (and `pooler` when given).
@@ -296,11 +304,17 @@ fn fused_bert_equals_composed() {
 /// A random one-row key/value prefix of `v` positions for the tiny Llama (2 layers, 2 key/value
 /// heads of width 4), in `dtype`.
 fn tiny_prefix(v: usize, seed: u64, dtype: DType) -> KvCache {
+    tiny_prefix_of(v, 4, seed, dtype)
+}
+
+/// A random one-row key/value prefix of `v` positions for 2 layers of 2 key/value heads of width
+/// `hd` (4: the tiny Llama, 8: the tiny BERT), in `dtype`.
+fn tiny_prefix_of(v: usize, hd: usize, seed: u64, dtype: DType) -> KvCache {
     let mut s = seed;
     let layers = (0..2)
         .map(|_| {
-            let k = rand(&[1, 2, v, 4], 1.0, &mut s).to_dtype(dtype).unwrap();
-            let val = rand(&[1, 2, v, 4], 1.0, &mut s).to_dtype(dtype).unwrap();
+            let k = rand(&[1, 2, v, hd], 1.0, &mut s).to_dtype(dtype).unwrap();
+            let val = rand(&[1, 2, v, hd], 1.0, &mut s).to_dtype(dtype).unwrap();
             (k, val)
         })
         .collect();
@@ -311,29 +325,36 @@ fn tiny_prefix(v: usize, seed: u64, dtype: DType) -> KvCache {
     }
 }
 
-/// Prefix tuning's gradient path: d(loss)/d(prefix K/V) of every layer, summed over the rows,
-/// equals central finite differences (f64, composed path), and so does the input gradient.
-#[test]
-fn llama_prefix_gradient_matches_finite_differences() {
-    let model = tiny_llama();
-    let (b, t, d, v) = (2, 4, 16, 3);
-    let mut s = 21u64;
-    let embeds = rand(&[b, t, d], 1.0, &mut s);
-    let mask = Tensor::new(&[[1u32, 1, 1, 1], [1, 1, 0, 0]], &Device::Cpu).unwrap();
-    let r = rand(&[b, t, d], 1.0, &mut s);
-    let prefix = tiny_prefix(v, 5, DType::F64);
+/// Largest relative error of `backward_prefixed` against central finite differences (f64) of
+/// `loss = Σ r ⊙ f(prefix, embeds)`, where f is `forward_prefixed` (then the pooler, when given):
+/// every prefix key/value of every layer, and every 7th input embedding.
+fn prefix_gradient_error(
+    model: &dyn Backbone,
+    pooler: Option<&dyn Encoder>,
+    prefix: &KvCache,
+    embeds: &Tensor,
+    mask: &Tensor,
+    r: &Tensor,
+) -> f64 {
     let loss = |prefix: &KvCache, embeds: &Tensor| -> f64 {
-        let mut cache = prefix.repeat(b).unwrap();
         let h = model
-            .forward_cached(&BackboneInput::new(embeds, &mask), &mut cache)
+            .forward_prefixed(&BackboneInput::new(embeds, mask), prefix)
             .unwrap();
-        (h * &r).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+        let out = match pooler {
+            Some(p) => p.pool(&h).unwrap(),
+            None => h,
+        };
+        (out * r).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
     };
-    let (_, tape) = model
-        .forward_train_prefixed(&BackboneInput::new(&embeds, &mask), &prefix)
+    let (h, tape) = model
+        .forward_train_prefixed(&BackboneInput::new(embeds, mask), prefix)
         .unwrap();
-    let (d_embeds, d_prefix) = model.backward_prefixed(&tape, &r).unwrap();
-    assert_eq!(d_prefix.len(), 2);
+    let d_hidden = match pooler {
+        Some(p) => p.pool_backward(&h, r).unwrap(),
+        None => r.clone(),
+    };
+    let (d_embeds, d_prefix) = model.backward_prefixed(&tape, &d_hidden).unwrap();
+    assert_eq!(d_prefix.len(), prefix.layers.len());
     let eps = 1e-5;
     let mut worst = 0f64;
     for (l, (dk, dv)) in d_prefix.iter().enumerate() {
@@ -351,7 +372,7 @@ fn llama_prefix_gradient_matches_finite_differences() {
                     } else {
                         p.layers[l].1 = bumped;
                     }
-                    loss(&p, &embeds)
+                    loss(&p, embeds)
                 };
                 let fd = (bump(eps) - bump(-eps)) / (2.0 * eps);
                 worst = worst.max((fd - g).abs() / (1.0 + fd.abs()));
@@ -364,16 +385,114 @@ fn llama_prefix_gradient_matches_finite_differences() {
         let bump = |delta: f64| {
             let mut v = base.clone();
             v[i] += delta;
-            loss(&prefix, &Tensor::from_vec(v, (b, t, d), &Device::Cpu).unwrap())
+            loss(prefix, &Tensor::from_vec(v, embeds.shape(), &Device::Cpu).unwrap())
         };
         let fd = (bump(eps) - bump(-eps)) / (2.0 * eps);
         worst = worst.max((fd - grad[i]).abs() / (1.0 + fd.abs()));
     }
+    worst
+}
+
+/// Prefix tuning's gradient path: d(loss)/d(prefix K/V) of every layer, summed over the rows,
+/// equals central finite differences (f64, composed path), and so does the input gradient.
+#[test]
+fn llama_prefix_gradient_matches_finite_differences() {
+    let model = tiny_llama();
+    let (b, t, d, v) = (2, 4, 16, 3);
+    let mut s = 21u64;
+    let embeds = rand(&[b, t, d], 1.0, &mut s);
+    let mask = Tensor::new(&[[1u32, 1, 1, 1], [1, 1, 0, 0]], &Device::Cpu).unwrap();
+    let r = rand(&[b, t, d], 1.0, &mut s);
+    let prefix = tiny_prefix(v, 5, DType::F64);
+    let worst = prefix_gradient_error(&model, None, &prefix, &embeds, &mask, &r);
     println!("prefix and input gradients vs finite differences: max relative error {worst:.2e}");
     assert!(
         worst < 1e-6,
         "prefix gradient disagrees with finite differences: {worst}"
     );
+}
+
+/// P-tuning v2's gradient path on the tiny BERT with padding: the prefix keys/values of every
+/// layer (summed over rows) and the input embeddings, through the pooler and through the hidden
+/// states of the real positions, equal central finite differences (f64, composed path).
+#[test]
+fn bert_prefix_gradient_matches_finite_differences() {
+    let model = tiny_bert();
+    let (b, t, d, v) = (2, 5, 16, 3);
+    let mut s = 23u64;
+    let embeds = rand(&[b, t, d], 1.0, &mut s);
+    let mask = Tensor::new(&[[1u32, 1, 1, 1, 1], [1, 1, 1, 0, 0]], &Device::Cpu).unwrap();
+    let prefix = tiny_prefix_of(v, 8, 7, DType::F64);
+    let pooled = rand(&[b, d], 1.0, &mut s);
+    let keep = mask.to_dtype(DType::F64).unwrap().unsqueeze(2).unwrap();
+    let hidden = rand(&[b, t, d], 1.0, &mut s).broadcast_mul(&keep).unwrap();
+    let through_pooler = prefix_gradient_error(&model, Some(&model), &prefix, &embeds, &mask, &pooled);
+    let through_hidden = prefix_gradient_error(&model, None, &prefix, &embeds, &mask, &hidden);
+    println!(
+        "BERT prefix and input gradients vs finite differences: pooler {through_pooler:.2e}, hidden {through_hidden:.2e}"
+    );
+    for worst in [through_pooler, through_hidden] {
+        assert!(
+            worst < 1e-6,
+            "BERT prefix gradient disagrees with finite differences: {worst}"
+        );
+    }
+}
+
+/// A BERT prefix moves the input's positions by its length (Hugging Face BERT with
+/// `past_key_values`): behind a fully masked prefix, the input gives what the plain forward
+/// gives with the position table shifted by the prefix length. A prefix that pushes the input
+/// past `max_position_embeddings` is refused with an error naming both lengths.
+#[test]
+fn bert_prefix_offsets_positions_and_respects_max_positions() {
+    let (v, t) = (10, 6);
+    let positions = tiny_bert_tensors()["embeddings.position_embeddings.weight"].clone();
+    let shift = (positions.narrow(0, v, t).unwrap() - positions.narrow(0, 0, t).unwrap()).unwrap();
+    for dtype in [DType::F64, DType::F32] {
+        let model = tiny_bert_in(dtype);
+        let mut s = 41u64;
+        let embeds = rand(&[1, t, 16], 1.0, &mut s);
+        let shifted = embeds.broadcast_add(&shift).unwrap().to_dtype(dtype).unwrap();
+        let embeds = embeds.to_dtype(dtype).unwrap();
+        let mask = Tensor::ones((1, t), DType::U32, &Device::Cpu).unwrap();
+        // 10 prefix positions + 6 input positions = the tiny model's 16: allowed.
+        let mut hidden_prefix = tiny_prefix_of(v, 8, 3, dtype);
+        hidden_prefix.mask = Some(Tensor::zeros((1, v), DType::F32, &Device::Cpu).unwrap());
+        let input = BackboneInput::new(&embeds, &mask);
+        let behind = model.forward_prefixed(&input, &hidden_prefix).unwrap();
+        let plain_shifted = model.forward(&BackboneInput::new(&shifted, &mask)).unwrap();
+        let err = max_diff(&behind, &plain_shifted);
+        assert!(
+            err < 1e-5,
+            "{dtype:?}: masked prefix vs shifted positions differ by {err}"
+        );
+        let prefix = tiny_prefix_of(v, 8, 3, dtype);
+        let h = model.forward_prefixed(&input, &prefix).unwrap();
+        let (h_train, _) = model.forward_train_prefixed(&input, &prefix).unwrap();
+        assert!(max_diff(&h, &h_train) < 1e-6);
+        assert!(
+            max_diff(&h, &behind) > 1e-3,
+            "the prefix's keys and values changed nothing"
+        );
+        let e = model
+            .forward_prefixed(&input, &tiny_prefix_of(11, 8, 3, dtype))
+            .unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("prefix's 11 positions and the input's 6 positions exceed the model's 16"),
+            "{e}"
+        );
+        let e = model
+            .forward_train_prefixed(&input, &tiny_prefix_of(11, 8, 3, dtype))
+            .map(|_| ())
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("max_position_embeddings"), "{e:#}");
+        // A prefix for another geometry (head width 4) is refused, not a panic.
+        let e = model
+            .forward_prefixed(&input, &tiny_prefix_of(2, 4, 3, dtype))
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("expected [1, 2, 2, 8]"), "{e:#}");
+    }
 }
 
 /// The fused f32 path gives the composed path's prefix and input gradients.
@@ -410,6 +529,53 @@ fn fused_llama_prefix_gradient_equals_composed() {
     );
     for e in errs {
         assert!(e < 1e-4, "fused and composed prefix paths differ by {e}");
+    }
+}
+
+/// The fused f32 BERT gives the composed path's hidden states (real positions), input
+/// gradients and per-layer prefix gradients after a key/value prefix, with padding.
+#[test]
+fn fused_bert_prefix_gradient_equals_composed() {
+    let (composed, fused) = (tiny_bert_in(DType::F64), tiny_bert_in(DType::F32));
+    let (b, t, d, v) = (3, 5, 16, 4);
+    let mut s = 37u64;
+    let embeds = rand(&[b, t, d], 1.0, &mut s);
+    let mask = Tensor::new(&[[1u32, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], &Device::Cpu).unwrap();
+    let keep = mask.to_dtype(DType::F64).unwrap().unsqueeze(2).unwrap();
+    let real = |x: &Tensor| x.to_dtype(DType::F64).unwrap().broadcast_mul(&keep).unwrap();
+    let r = real(&rand(&[b, t, d], 1.0, &mut s));
+    let run = |m: &Bert, dtype: DType| {
+        let e = embeds.to_dtype(dtype).unwrap();
+        let prefix = tiny_prefix_of(v, 8, 9, dtype);
+        let (h, tape) = m
+            .forward_train_prefixed(&BackboneInput::new(&e, &mask), &prefix)
+            .unwrap();
+        let (g, dp) = m.backward_prefixed(&tape, &r.to_dtype(dtype).unwrap()).unwrap();
+        let dp: Vec<Tensor> = dp.into_iter().flat_map(|(k, v)| [k, v]).collect();
+        let plain = m.forward_prefixed(&BackboneInput::new(&e, &mask), &prefix).unwrap();
+        (
+            real(&h),
+            g,
+            Tensor::cat(&dp, 0).unwrap(),
+            real(&plain),
+            m.pool(&h).unwrap(),
+        )
+    };
+    let (h64, g64, p64, i64_, c64) = run(&composed, DType::F64);
+    let (h32, g32, p32, i32_, c32) = run(&fused, DType::F32);
+    let errs = [
+        max_diff(&h64, &h32),
+        max_diff(&g64, &g32),
+        max_diff(&p64, &p32),
+        max_diff(&i64_, &i32_),
+        max_diff(&c64, &c32),
+    ];
+    println!(
+        "BERT prefix, fused vs composed: hidden {:.1e}, input gradient {:.1e}, prefix gradient {:.1e}, inference {:.1e}, pooled {:.1e}",
+        errs[0], errs[1], errs[2], errs[3], errs[4]
+    );
+    for e in errs {
+        assert!(e < 1e-4, "fused and composed BERT prefix paths differ by {e}");
     }
 }
 

@@ -29,20 +29,13 @@ fn scratch(name: &str) -> PathBuf {
 
 const CARTRIDGE_TEXT: &str = "Facts about countries and their capital cities:";
 
-/// Four capital-city rows in one batch: every step sees the same rows. Each test writes its own
-/// copy (tests run in parallel; a shared folder would be removed under another test's feet).
+/// Four capital-city rows in one batch: every step sees the same rows.
 fn four_rows(test: &str) -> PathBuf {
-    let dir = scratch(&format!("data-{test}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let rows: Vec<String> = std::fs::read_to_string(common::data("facts-countries/capital/train.jsonl"))
-        .unwrap()
-        .lines()
-        .take(4)
-        .map(String::from)
-        .collect();
-    let f = dir.join("four.jsonl");
-    std::fs::write(&f, rows.join("\n")).unwrap();
-    f
+    common::first_rows(
+        "facts-countries/capital/train.jsonl",
+        4,
+        &scratch(&format!("data-{test}")),
+    )
 }
 
 fn tiny(name: &str, method: Method) -> TrainConfig {
@@ -138,14 +131,6 @@ fn dev_scores(cfg: &TrainConfig, model: &softprompt::backbone::LoadedModel, pref
     r.predictions.into_iter().map(|p| p.scores).collect()
 }
 
-fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    a.iter()
-        .flatten()
-        .zip(b.iter().flatten())
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 /// Saves, reloads through `load_peft` + `prefix_cache`, and scores as the raw parameters do.
 fn saved_adapter_reloads(cfg: TrainConfig, fixture: &str, peft_type: PeftType) {
     train::train(&cfg, &mut Quiet).unwrap();
@@ -157,18 +142,7 @@ fn saved_adapter_reloads(cfg: TrainConfig, fixture: &str, peft_type: PeftType) {
     let cache = a.prefix_cache(&info).unwrap().unwrap();
     // The same prefix rebuilt from softprompt's own raw parameters (the best checkpoint is the
     // last: one evaluation at the end).
-    let raw = read_safetensors(&cfg.output.join("softprompt_prompt.safetensors")).unwrap();
-    let p = train::prepare(
-        &TrainConfig {
-            output: scratch(&format!("{fixture}-reprepare")),
-            ..cfg.clone()
-        },
-        &mut Quiet,
-    )
-    .unwrap();
-    let mut learner = train::new_learner(&p).unwrap();
-    learner.prompt.set_from(&raw.into_iter().collect()).unwrap();
-    let flat = learner.prompt.forward().unwrap();
+    let flat = common::raw_learned(&cfg, scratch(&format!("{fixture}-reprepare")));
     let d = common::max_abs_diff(&flat, &a.prompt_embeddings);
     assert!(
         d < 1e-6,
@@ -177,21 +151,11 @@ fn saved_adapter_reloads(cfg: TrainConfig, fixture: &str, peft_type: PeftType) {
     let from_raw = flat_to_cache(&flat, prefix_shape(&info)).unwrap();
     let s1 = dev_scores(&cfg, &model, &cache);
     let s2 = dev_scores(&cfg, &model, &from_raw);
-    assert!(max_diff(&s1, &s2) < 1e-5, "{fixture}: {s1:?} vs {s2:?}");
+    assert!(common::max_diff_rows(&s1, &s2) < 1e-5, "{fixture}: {s1:?} vs {s2:?}");
     // And the run's test evaluation (the best adapter read back from the folder) scores the
     // same as scoring it here.
-    let p = train::prepare(
-        &TrainConfig {
-            test: cfg.dev.clone(),
-            test_rows: Some(4),
-            ..cfg.clone()
-        },
-        &mut Quiet,
-    )
-    .unwrap();
-    let test = train::evaluate_test(&p).unwrap().unwrap();
-    let t: Vec<Vec<f32>> = test.predictions.into_iter().map(|p| p.scores).collect();
-    assert!(max_diff(&t, &s1) < 1e-4, "{fixture}: test {t:?} vs {s1:?}");
+    let t = common::test_scores_on_dev(&cfg, 4);
+    assert!(common::max_diff_rows(&t, &s1) < 1e-4, "{fixture}: test {t:?} vs {s1:?}");
 }
 
 #[test]
@@ -236,32 +200,8 @@ fn saved_cartridge_reloads_and_scores_the_same() {
 }
 
 fn resume_equals_uninterrupted(full: TrainConfig) {
-    train::train(&full, &mut Quiet).unwrap();
-    let part = TrainConfig {
-        steps: Some(2),
-        output: scratch(&format!("part-{:?}", full.method)),
-        ..full.clone()
-    };
-    train::train(&part, &mut Quiet).unwrap();
-    let report = train::train(
-        &TrainConfig {
-            resume: true,
-            output: part.output.clone(),
-            ..full.clone()
-        },
-        &mut Quiet,
-    )
-    .unwrap();
-    assert_eq!(report.steps, 4);
-    let a = read_safetensors(&full.output.join("checkpoint-last/state.safetensors")).unwrap();
-    let b = read_safetensors(&part.output.join("checkpoint-last/state.safetensors")).unwrap();
-    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
-    assert!(a.keys().any(|k| k.starts_with("adamw.m.")));
-    for (k, t) in &a {
-        let x: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-        let y: Vec<f32> = b[k].flatten_all().unwrap().to_vec1().unwrap();
-        assert_eq!(x, y, "{k} differs after resuming");
-    }
+    let part = scratch(&format!("part-{:?}", full.method));
+    common::resume_equals_uninterrupted(&full, part);
 }
 
 #[test]

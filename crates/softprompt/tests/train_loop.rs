@@ -110,16 +110,7 @@ fn resumed_p_tuning_equals_uninterrupted() {
 #[test]
 fn training_lowers_the_loss_and_writes_every_file() {
     // Four rows in one batch: every step sees the same rows, so the loss must fall.
-    let dir = scratch("lower-data");
-    std::fs::create_dir_all(&dir).unwrap();
-    let rows: Vec<String> = std::fs::read_to_string(common::data("facts-countries/capital/train.jsonl"))
-        .unwrap()
-        .lines()
-        .take(4)
-        .map(String::from)
-        .collect();
-    let f = dir.join("four.jsonl");
-    std::fs::write(&f, rows.join("\n")).unwrap();
+    let f = common::first_rows("facts-countries/capital/train.jsonl", 4, &scratch("lower-data"));
     let cfg = TrainConfig {
         train: f,
         batch: 4,

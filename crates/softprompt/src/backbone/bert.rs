@@ -7,16 +7,22 @@
 //! per layer: a = softmax(q·kᵀ/√d + mask)·v;  x1 = LN(x + a·Woᵀ + bo);  out = LN(x1 + gelu(x1·W1ᵀ + b1)·W2ᵀ + b2)
 //! pooler: tanh(Wp·h[:, 0] + bp)
 //! ```
+//!
+//! A key/value prefix (p-tuning v2, Liu et al. 2022) puts its `V` keys and values before the
+//! input's in every layer, every real position attends to them, and the input's positions start
+//! at `V`, as Hugging Face BERT does with `past_key_values` (`V + T ≤ max_position_embeddings`).
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 
-use super::bert_fused::{FusedBert, FusedBertLayer, FusedBertTape, FusedDense, FusedNorm};
+use super::bert_fused::{
+    check_positions, check_prefix, FusedBert, FusedBertLayer, FusedBertTape, FusedDense, FusedNorm,
+};
 use super::fused::to_vec;
 use super::ops::{self, AttentionSaved};
 use super::weights::WeightSource;
-use super::{Arch, Backbone, BackboneInput, ModelInfo, Tape};
+use super::{Arch, Backbone, BackboneInput, KvCache, ModelInfo, Tape};
 
 struct Dense {
     w: Tensor,
@@ -73,6 +79,8 @@ struct LayerTape {
 struct BertTape {
     e: Tensor,
     layers: Vec<LayerTape>,
+    /// Key/value prefix positions before the input.
+    past: usize,
 }
 
 impl Bert {
@@ -231,6 +239,7 @@ impl Bert {
         layer: &Layer,
         x: &Tensor,
         bias: &Tensor,
+        past: Option<&(Tensor, Tensor)>,
         keep: bool,
     ) -> Result<(Tensor, Option<LayerTape>)> {
         let (b, t, d) = x.dims3()?;
@@ -239,6 +248,10 @@ impl Bert {
         let q = heads(layer.q.forward(x)?)?;
         let k = heads(layer.k.forward(x)?)?;
         let v = heads(layer.v.forward(x)?)?;
+        let (k, v) = match past {
+            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+            None => (k, v),
+        };
         let (a, saved) = ops::attention(&q, &k, &v, bias, 1, keep)?;
         let a = a.transpose(1, 2)?.reshape((b, t, d))?;
         let r1 = (x + layer.o.forward(&a)?)?;
@@ -250,7 +263,15 @@ impl Bert {
         Ok((out, tape))
     }
 
-    fn layer_backward(&self, layer: &Layer, tape: &LayerTape, dy: &Tensor) -> Result<Tensor> {
+    /// One layer's input gradient and the gradient of its `past` prefix keys and values,
+    /// summed over the rows.
+    fn layer_backward(
+        &self,
+        layer: &Layer,
+        tape: &LayerTape,
+        dy: &Tensor,
+        past: usize,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
         let (b, t, d) = dy.dims3()?;
         let (h, hd) = (self.info.heads, self.info.head_dim());
         let dr2 = ops::layer_norm_backward(&tape.r2, &layer.out_norm.g, self.eps, dy)?;
@@ -263,10 +284,15 @@ impl Bert {
             .reshape((b, t, h, hd))?
             .transpose(1, 2)?
             .contiguous()?;
-        let (dq, dk, dv) = ops::attention_backward(&tape.attn, &da)?;
+        let (dq, dk_all, dv_all) = ops::attention_backward(&tape.attn, &da)?;
+        let d_past = (
+            dk_all.narrow(2, 0, past)?.sum_keepdim(0)?,
+            dv_all.narrow(2, 0, past)?.sum_keepdim(0)?,
+        );
+        let (dk, dv) = (dk_all.narrow(2, past, t)?, dv_all.narrow(2, past, t)?);
         let flat = |y: Tensor| -> Result<Tensor> { Ok(y.transpose(1, 2)?.reshape((b, t, d))?) };
         let dx = ((layer.q.backward(&flat(dq)?)? + layer.k.backward(&flat(dk)?)?)? + layer.v.backward(&flat(dv)?)?)?;
-        Ok((dr1 + dx)?)
+        Ok(((dr1 + dx)?, d_past))
     }
 
     fn check_width(&self, input: &BackboneInput) -> Result<()> {
@@ -280,15 +306,20 @@ impl Bert {
         Ok(())
     }
 
-    fn run(&self, input: &BackboneInput, keep: bool) -> Result<(Tensor, Option<BertTape>)> {
+    /// The forward pass, after a one-row key/value `prefix` when given (its keys and values
+    /// before the input's in every layer, the input's positions starting after it).
+    fn run(&self, input: &BackboneInput, keep: bool, prefix: Option<&KvCache>) -> Result<(Tensor, Option<BertTape>)> {
         self.check_width(input)?;
         let (b, t, d) = input.embeds.dims3()?;
-        if t > self.info.max_positions {
-            bail!(
-                "sequence of {t} positions exceeds the model's {} positions",
-                self.info.max_positions
-            );
-        }
+        let dtype = input.embeds.dtype();
+        let past = match prefix {
+            Some(p) => {
+                check_prefix(p, self.info.layers, self.info.heads, self.info.head_dim())?;
+                p.len()
+            }
+            None => 0,
+        };
+        check_positions(past, t, self.info.max_positions)?;
         let types = match input.token_types {
             Some(tt) => self
                 .token_type
@@ -301,17 +332,82 @@ impl Bert {
                 .broadcast_as((b, t, d))?
                 .contiguous()?,
         };
-        let pos = self.position.narrow(0, 0, t)?.unsqueeze(0)?;
+        let pos = self.position.narrow(0, past, t)?.unsqueeze(0)?;
         let e = input.embeds.broadcast_add(&pos)?.add(&types)?;
         let mut x = ops::layer_norm(&e, &self.emb_norm.g, &self.emb_norm.b, self.eps)?;
-        let bias = ops::attention_bias(input.mask, t, false, input.embeds.dtype())?;
+        let mask = input.mask.to_dtype(DType::F32)?;
+        // Every row sees the prefix: its K/V and key mask repeated for each row.
+        let (key_mask, past_kv) = match prefix {
+            Some(p) => {
+                let rows = p.repeat(b)?;
+                let layers = rows
+                    .layers
+                    .iter()
+                    .map(|(k, v)| Ok((k.to_dtype(dtype)?, v.to_dtype(dtype)?)))
+                    .collect::<Result<Vec<_>>>()?;
+                let prefix_mask = rows.mask.as_ref().context("a non-empty cache has a mask")?;
+                (Tensor::cat(&[&prefix_mask.to_dtype(DType::F32)?, &mask], 1)?, layers)
+            }
+            None => (mask, Vec::new()),
+        };
+        let bias = ops::attention_bias(&key_mask, t, false, dtype)?;
         let mut tapes = Vec::new();
-        for layer in &self.layers {
-            let (y, tape) = self.layer_forward(layer, &x, &bias, keep)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let (y, tape) = self.layer_forward(layer, &x, &bias, past_kv.get(l), keep)?;
             tapes.extend(tape);
             x = y;
         }
-        Ok((x, keep.then_some(BertTape { e, layers: tapes })))
+        Ok((x, keep.then_some(BertTape { e, layers: tapes, past })))
+    }
+
+    /// The training forward, after a key/value prefix when given.
+    fn train_forward(&self, input: &BackboneInput, prefix: Option<&KvCache>) -> Result<(Tensor, Tape)> {
+        self.check_width(input)?;
+        let (h, tape) = match &self.fused {
+            Some(f) => {
+                let (h, tape) = f.forward(input.embeds, input.mask, input.token_types, prefix, true)?;
+                (h, Tape(Box::new(tape.expect("keep=true yields a tape"))))
+            }
+            None => {
+                let (h, tape) = self.run(input, true, prefix)?;
+                (h, Tape(Box::new(tape.expect("keep=true yields a tape"))))
+            }
+        };
+        Ok((h, tape))
+    }
+
+    /// The inference forward, after a key/value prefix when given.
+    fn infer_forward(&self, input: &BackboneInput, prefix: Option<&KvCache>) -> Result<Tensor> {
+        self.check_width(input)?;
+        match &self.fused {
+            Some(f) => Ok(f.forward(input.embeds, input.mask, input.token_types, prefix, false)?.0),
+            None => Ok(self.run(input, false, prefix)?.0),
+        }
+    }
+
+    /// The input gradient and, after a prefix, the prefix's gradient per layer.
+    fn train_backward(&self, tape: &Tape, d_hidden: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+        if let (Some(f), Some(t)) = (&self.fused, tape.0.downcast_ref::<FusedBertTape>()) {
+            return f.backward(t, d_hidden);
+        }
+        let tape = tape
+            .0
+            .downcast_ref::<BertTape>()
+            .context("tape was not made by a BERT model")?;
+        let mut dx = d_hidden.clone();
+        let mut d_past = Vec::new();
+        for (layer, lt) in self.layers.iter().zip(&tape.layers).rev() {
+            let (d, dkv) = self.layer_backward(layer, lt, &dx, tape.past)?;
+            dx = d;
+            if tape.past > 0 {
+                d_past.push(dkv);
+            }
+        }
+        d_past.reverse();
+        Ok((
+            ops::layer_norm_backward(&tape.e, &self.emb_norm.g, self.eps, &dx)?,
+            d_past,
+        ))
     }
 
     fn pooler(&self) -> Result<&Dense> {
@@ -332,34 +428,22 @@ impl Backbone for Bert {
         &self.word
     }
     fn forward(&self, input: &BackboneInput) -> Result<Tensor> {
-        if let Some(f) = &self.fused {
-            self.check_width(input)?;
-            return Ok(f.forward(input.embeds, input.mask, input.token_types, false)?.0);
-        }
-        Ok(self.run(input, false)?.0)
+        self.infer_forward(input, None)
     }
     fn forward_train(&self, input: &BackboneInput) -> Result<(Tensor, Tape)> {
-        if let Some(f) = &self.fused {
-            self.check_width(input)?;
-            let (h, tape) = f.forward(input.embeds, input.mask, input.token_types, true)?;
-            return Ok((h, Tape(Box::new(tape.expect("keep=true yields a tape")))));
-        }
-        let (h, tape) = self.run(input, true)?;
-        Ok((h, Tape(Box::new(tape.expect("keep=true yields a tape")))))
+        self.train_forward(input, None)
     }
     fn backward(&self, tape: &Tape, d_hidden: &Tensor) -> Result<Tensor> {
-        if let (Some(f), Some(t)) = (&self.fused, tape.0.downcast_ref::<FusedBertTape>()) {
-            return f.backward(t, d_hidden);
-        }
-        let tape = tape
-            .0
-            .downcast_ref::<BertTape>()
-            .context("tape was not made by a BERT model")?;
-        let mut dx = d_hidden.clone();
-        for (layer, lt) in self.layers.iter().zip(&tape.layers).rev() {
-            dx = self.layer_backward(layer, lt, &dx)?;
-        }
-        Ok(ops::layer_norm_backward(&tape.e, &self.emb_norm.g, self.eps, &dx)?)
+        Ok(self.train_backward(tape, d_hidden)?.0)
+    }
+    fn forward_prefixed(&self, input: &BackboneInput, prefix: &KvCache) -> Result<Tensor> {
+        self.infer_forward(input, Some(prefix))
+    }
+    fn forward_train_prefixed(&self, input: &BackboneInput, prefix: &KvCache) -> Result<(Tensor, Tape)> {
+        self.train_forward(input, Some(prefix))
+    }
+    fn backward_prefixed(&self, tape: &Tape, d_hidden: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+        self.train_backward(tape, d_hidden)
     }
 }
 

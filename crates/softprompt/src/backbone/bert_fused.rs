@@ -8,12 +8,13 @@
 //!            z = x1·W_inᵀ + b_in;  r2 = x1 + gelu(z)·W_outᵀ + b_out;  out = LN(r2)
 //! ```
 
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Result};
 use candle_core::Tensor;
 use softprompt_kernels::{activation, attention, matmul, norm, AttentionLayout};
 
-use super::fused::{to_vec, Packed};
+use super::fused::{fill_past_slots, sum_past_slots, to_vec, Packed};
 use super::profile::{span, Direction};
+use super::KvCache;
 
 /// A dense layer `[out, in]` with its bias.
 pub struct FusedDense {
@@ -91,39 +92,101 @@ struct LayerTape {
     rstd2: Vec<f32>,
 }
 
+/// Where one call's key slots sit: per row, the `past` slots of a key/value prefix, then the
+/// row's padded columns.
+struct KeySlots {
+    past: usize,
+    keys: usize,
+    /// `[rows·keys]` whether each slot holds a real key.
+    key_mask: Vec<bool>,
+    /// `[N]` key slot of each packed query (bidirectional: not a limit, only bookkeeping).
+    query_key: Vec<usize>,
+}
+
+impl KeySlots {
+    /// The slots of `packed` after a prefix whose key mask is `prefix_mask` (the same in every
+    /// row; empty without a prefix).
+    fn new(packed: &Packed, prefix_mask: &[bool]) -> Self {
+        let past = prefix_mask.len();
+        let keys = past + packed.cols;
+        let mut key_mask = Vec::with_capacity(packed.rows * keys);
+        for row in packed.real.chunks(packed.cols.max(1)).take(packed.rows) {
+            key_mask.extend_from_slice(prefix_mask);
+            key_mask.extend_from_slice(row);
+        }
+        let query_key = packed.col.iter().map(|c| past + c).collect();
+        Self {
+            past,
+            keys,
+            key_mask,
+            query_key,
+        }
+    }
+
+    /// The key slot of packed position `i`.
+    fn slot(&self, packed: &Packed, i: usize) -> usize {
+        packed.row[i] * self.keys + self.query_key[i]
+    }
+
+    fn layout<'a>(&'a self, m: &FusedBert, packed: &'a Packed) -> AttentionLayout<'a> {
+        AttentionLayout {
+            heads: m.heads,
+            kv_heads: m.heads,
+            head_dim: m.hidden / m.heads,
+            keys: self.keys,
+            key_mask: &self.key_mask,
+            query_row: &packed.row,
+            query_key: &self.query_key,
+            causal: false,
+        }
+    }
+}
+
 /// The tape of a fused BERT forward.
 pub struct FusedBertTape {
     packed: Packed,
+    slots: KeySlots,
     e: Vec<f32>,
     rstd0: Vec<f32>,
     layers: Vec<LayerTape>,
 }
 
 impl FusedBert {
-    /// Forward over the real positions; hidden states `[B, T, D]` (zeros at padding).
+    /// Forward over the real positions; hidden states `[B, T, D]` (zeros at padding). With a
+    /// `prefix` (one row, per layer `[1, H, V, hd]`) every layer's attention sees its `V` keys
+    /// and values before the input's, and the input's positions start at `V`.
     pub fn forward(
         &self,
         embeds: &Tensor,
         mask: &Tensor,
         token_types: Option<&Tensor>,
+        prefix: Option<&KvCache>,
         keep: bool,
     ) -> Result<(Tensor, Option<FusedBertTape>)> {
         let d = self.hidden;
         let packed = Packed::new(mask, None)?;
+        let prefix_mask = match prefix {
+            Some(p) => {
+                check_prefix(p, self.layers.len(), self.heads, d / self.heads)?;
+                to_vec(p.mask.as_ref().expect("a non-empty cache has a mask"))?
+                    .iter()
+                    .map(|&m| m != 0.0)
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        let slots = KeySlots::new(&packed, &prefix_mask);
+        let past = slots.past;
         let types = token_types.map(to_vec).transpose()?;
         let max_pos = self.position.len() / d;
-        ensure!(
-            packed.cols <= max_pos,
-            "sequence of {} positions exceeds the model's {max_pos} positions",
-            packed.cols
-        );
+        check_positions(past, packed.cols, max_pos)?;
         let mut e = packed.pack(embeds)?;
         for (i, row) in e.chunks_mut(d).enumerate() {
             let (r, c) = (packed.row[i], packed.col[i]);
             let ty = types.as_ref().map_or(0, |t| t[r * packed.cols + c] as usize);
             ensure!((ty + 1) * d <= self.token_type.len(), "token type {ty} is out of range");
             let (pos, tt) = (
-                &self.position[c * d..(c + 1) * d],
+                &self.position[(past + c) * d..(past + c + 1) * d],
                 &self.token_type[ty * d..(ty + 1) * d],
             );
             for ((x, p), t) in row.iter_mut().zip(pos).zip(tt) {
@@ -133,26 +196,22 @@ impl FusedBert {
         let n = packed.len();
         let (mut x, mut rstd0) = (vec![0f32; n * d], vec![0f32; n]);
         norm::layer_norm(&e, &self.emb_norm.g, &self.emb_norm.b, self.eps, &mut x, &mut rstd0);
-        let query_key = packed.col.clone();
-        let lay = AttentionLayout {
-            heads: self.heads,
-            kv_heads: self.heads,
-            head_dim: d / self.heads,
-            keys: packed.cols,
-            key_mask: &packed.real,
-            query_row: &packed.row,
-            query_key: &query_key,
-            causal: false,
-        };
         let mut tapes = Vec::new();
-        for layer in &self.layers {
-            let (y, tape) = self.layer_forward(layer, x, &lay, &packed, keep);
+        for (l, layer) in self.layers.iter().enumerate() {
+            let size = packed.rows * slots.keys * d;
+            let (mut k, mut v) = (vec![0f32; size], vec![0f32; size]);
+            if let Some((pk, pv)) = prefix.map(|p| &p.layers[l]) {
+                fill_past_slots(pk, &mut k, packed.rows, slots.keys)?;
+                fill_past_slots(pv, &mut v, packed.rows, slots.keys)?;
+            }
+            let (y, tape) = self.layer_forward(layer, x, &slots, &packed, (k, v), keep);
             tapes.extend(tape);
             x = y;
         }
         let hidden = packed.unpack(&x, true, embeds.device())?;
         let tape = keep.then_some(FusedBertTape {
             packed,
+            slots,
             e,
             rstd0,
             layers: tapes,
@@ -160,47 +219,50 @@ impl FusedBert {
         Ok((hidden, tape))
     }
 
-    /// d(loss)/d(input embeddings) from d(loss)/d(hidden).
-    pub fn backward(&self, tape: &FusedBertTape, d_hidden: &Tensor) -> Result<Tensor> {
-        let packed = &tape.packed;
+    /// d(loss)/d(input embeddings) from d(loss)/d(hidden), and, after a prefix, its gradient
+    /// per layer `(dK, dV)`, each `[1, H, V, hd]`, summed over the rows.
+    pub fn backward(&self, tape: &FusedBertTape, d_hidden: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+        let (packed, slots) = (&tape.packed, &tape.slots);
+        let device = d_hidden.device();
+        let hd = self.hidden / self.heads;
         let mut dx = packed.pack_sum(d_hidden)?;
-        let query_key = packed.col.clone();
-        let lay = AttentionLayout {
-            heads: self.heads,
-            kv_heads: self.heads,
-            head_dim: self.hidden / self.heads,
-            keys: packed.cols,
-            key_mask: &packed.real,
-            query_row: &packed.row,
-            query_key: &query_key,
-            causal: false,
-        };
+        let mut d_past = Vec::new();
         for (layer, lt) in self.layers.iter().zip(&tape.layers).rev() {
-            dx = self.layer_backward(layer, lt, &lay, packed, dx);
+            let (d, (dk, dv)) = self.layer_backward(layer, lt, slots, packed, dx);
+            dx = d;
+            if slots.past > 0 {
+                let shape = (1, self.heads, slots.past, hd);
+                let sum = |g: &[f32]| sum_past_slots(g, packed.rows, slots.keys, slots.past, self.heads, hd);
+                d_past.push((
+                    Tensor::from_vec(sum(&dk), shape, device)?,
+                    Tensor::from_vec(sum(&dv), shape, device)?,
+                ));
+            }
         }
+        d_past.reverse();
         let mut de = vec![0f32; dx.len()];
         norm::layer_norm_backward(&tape.e, &self.emb_norm.g, &tape.rstd0, &dx, &mut de);
-        packed.unpack(&de, false, d_hidden.device())
+        Ok((packed.unpack(&de, false, device)?, d_past))
     }
 
     fn layer_forward(
         &self,
         l: &FusedBertLayer,
         x: Vec<f32>,
-        lay: &AttentionLayout,
+        slots: &KeySlots,
         packed: &Packed,
+        (mut k, mut v): (Vec<f32>, Vec<f32>),
         keep: bool,
     ) -> (Vec<f32>, Option<LayerTape>) {
         use Direction::Forward as F;
         let (d, inter) = (self.hidden, self.intermediate);
         let n = x.len() / d;
-        let slots = packed.rows * packed.cols;
         let mut qkv = vec![0f32; n * 3 * d];
         span("qkv", F, || l.qkv.forward(&x, &mut qkv, n, false));
-        let (mut q, mut k, mut v) = (vec![0f32; n * d], vec![0f32; slots * d], vec![0f32; slots * d]);
+        let mut q = vec![0f32; n * d];
         span("copies", F, || {
             for (i, row) in qkv.chunks(3 * d).enumerate() {
-                let s = (packed.row[i] * packed.cols + packed.col[i]) * d;
+                let s = slots.slot(packed, i) * d;
                 q[i * d..(i + 1) * d].copy_from_slice(&row[..d]);
                 k[s..s + d].copy_from_slice(&row[d..2 * d]);
                 v[s..s + d].copy_from_slice(&row[2 * d..]);
@@ -208,12 +270,13 @@ impl FusedBert {
         });
         let mut a = vec![0f32; n * d];
         let mut probs = if keep {
-            vec![0f32; n * self.heads * packed.cols]
+            vec![0f32; n * self.heads * slots.keys]
         } else {
             Vec::new()
         };
         span("attention", F, || {
-            attention::attention(lay, &q, &k, &v, &mut a, keep.then_some(&mut probs[..]))
+            let lay = slots.layout(self, packed);
+            attention::attention(&lay, &q, &k, &v, &mut a, keep.then_some(&mut probs[..]))
         });
         let mut r1 = x;
         span("o-proj", F, || l.o.forward(&a, &mut r1, n, true));
@@ -251,10 +314,10 @@ impl FusedBert {
         &self,
         l: &FusedBertLayer,
         t: &LayerTape,
-        lay: &AttentionLayout,
+        slots: &KeySlots,
         packed: &Packed,
         dy: Vec<f32>,
-    ) -> Vec<f32> {
+    ) -> (Vec<f32>, (Vec<f32>, Vec<f32>)) {
         use Direction::Backward as B;
         let (d, inter) = (self.hidden, self.intermediate);
         let n = dy.len() / d;
@@ -278,12 +341,13 @@ impl FusedBert {
         span("o-proj", B, || l.o.backward(&dr1, &mut da, n, false));
         let (mut dq, mut dk, mut dv) = (vec![0f32; n * d], vec![0f32; t.k.len()], vec![0f32; t.v.len()]);
         span("attention", B, || {
-            attention::attention_backward(lay, &t.q, &t.k, &t.v, &t.probs, &da, &mut dq, &mut dk, &mut dv)
+            let lay = slots.layout(self, packed);
+            attention::attention_backward(&lay, &t.q, &t.k, &t.v, &t.probs, &da, &mut dq, &mut dk, &mut dv)
         });
         let mut dqkv = vec![0f32; n * 3 * d];
         span("copies", B, || {
             for (i, row) in dqkv.chunks_mut(3 * d).enumerate() {
-                let s = (packed.row[i] * packed.cols + packed.col[i]) * d;
+                let s = slots.slot(packed, i) * d;
                 row[..d].copy_from_slice(&dq[i * d..(i + 1) * d]);
                 row[d..2 * d].copy_from_slice(&dk[s..s + d]);
                 row[2 * d..].copy_from_slice(&dv[s..s + d]);
@@ -291,6 +355,46 @@ impl FusedBert {
         });
         let mut dx = dr1;
         span("qkv", B, || l.qkv.backward(&dqkv, &mut dx, n, true));
-        dx
+        (dx, (dk, dv))
     }
+}
+
+/// Refuses a key/value prefix that is not one row with a key mask and, for each of the model's
+/// `layers`, keys and values of shape `[1, heads, V, head_dim]`.
+pub fn check_prefix(prefix: &KvCache, layers: usize, heads: usize, head_dim: usize) -> Result<()> {
+    ensure!(
+        prefix.mask.is_some() && prefix.rows() == 1 && prefix.layers.len() == layers,
+        "a key/value prefix must be one row with a mask and keys/values for each of the model's {layers} layers; \
+         got {} rows, {} layers",
+        prefix.rows(),
+        prefix.layers.len()
+    );
+    let want = [1, heads, prefix.len(), head_dim];
+    for (l, (k, v)) in prefix.layers.iter().enumerate() {
+        for t in [k, v] {
+            ensure!(
+                t.dims() == want,
+                "layer {l} of the key/value prefix has shape {:?}, expected {want:?}",
+                t.dims()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Refuses inputs whose positions, after a prefix of `past` positions, run past the model's
+/// `max_positions` (absolute position embeddings: Hugging Face BERT offsets the input's
+/// positions by the prefix length).
+pub fn check_positions(past: usize, cols: usize, max_positions: usize) -> Result<()> {
+    if past + cols > max_positions {
+        if past > 0 {
+            bail!(
+                "the key/value prefix's {past} positions and the input's {cols} positions exceed the model's \
+                 {max_positions} positions (max_position_embeddings): the input's positions start after the \
+                 prefix; lower num_virtual_tokens or max_len"
+            );
+        }
+        bail!("sequence of {cols} positions exceeds the model's {max_positions} positions");
+    }
+    Ok(())
 }

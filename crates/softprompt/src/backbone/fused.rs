@@ -144,3 +144,48 @@ fn common_prefix(real: &[bool], embeds: &Tensor) -> Result<usize> {
     let same = |p: usize| (0..b).all(|r| real[r * t + p] && row(r, p) == row(0, p));
     Ok((0..t).take_while(|&p| same(p)).count())
 }
+
+/// Writes cached keys or values `cache` (`[R, H, past, hd]`; `R` is `rows`, or 1 for a prefix
+/// every row shares) into the first `past` key slots of every row of `slots`
+/// (`[rows·keys, H·hd]`).
+pub fn fill_past_slots(cache: &Tensor, slots: &mut [f32], rows: usize, keys: usize) -> Result<()> {
+    let (r, heads, past, hd) = cache.dims4()?;
+    if (r != 1 && r != rows) || past > keys || slots.len() != rows * keys * heads * hd {
+        bail!(
+            "cached keys/values of shape {:?} do not fit a batch of {rows} rows and {keys} key slots",
+            cache.dims()
+        );
+    }
+    let src = to_vec(cache)?;
+    let width = heads * hd;
+    for b in 0..rows {
+        let from_row = if r == 1 { 0 } else { b };
+        for h in 0..heads {
+            for j in 0..past {
+                let from = ((from_row * heads + h) * past + j) * hd;
+                let to = (b * keys + j) * width + h * hd;
+                slots[to..to + hd].copy_from_slice(&src[from..from + hd]);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The gradient of the first `past` key slots of `slots` (`[rows·keys, H·hd]`) summed over the
+/// rows, laid out `[H, past, hd]`: a shared prefix's gradient.
+pub fn sum_past_slots(slots: &[f32], rows: usize, keys: usize, past: usize, heads: usize, hd: usize) -> Vec<f32> {
+    let width = heads * hd;
+    let mut out = vec![0f32; heads * past * hd];
+    for b in 0..rows {
+        for j in 0..past {
+            let src = &slots[(b * keys + j) * width..(b * keys + j + 1) * width];
+            for h in 0..heads {
+                let dst = &mut out[(h * past + j) * hd..(h * past + j + 1) * hd];
+                for (o, s) in dst.iter_mut().zip(&src[h * hd..(h + 1) * hd]) {
+                    *o += s;
+                }
+            }
+        }
+    }
+    out
+}

@@ -329,6 +329,16 @@ impl Backbone for Llama {
     fn backward(&self, tape: &Tape, d_hidden: &Tensor) -> Result<Tensor> {
         Ok(self.train_backward(tape, d_hidden)?.0)
     }
+    fn forward_prefixed(&self, input: &BackboneInput, prefix: &KvCache) -> Result<Tensor> {
+        let mut cache = prefix.repeat(input.embeds.dim(0)?)?;
+        super::CausalLm::forward_cached(self, input, &mut cache)
+    }
+    fn forward_train_prefixed(&self, input: &BackboneInput, prefix: &KvCache) -> Result<(Tensor, Tape)> {
+        self.train_forward(input, Some(prefix))
+    }
+    fn backward_prefixed(&self, tape: &Tape, d_hidden: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+        self.train_backward(tape, d_hidden)
+    }
 }
 
 impl Llama {
@@ -372,12 +382,6 @@ impl Llama {
 }
 
 impl super::CausalLm for Llama {
-    fn forward_train_prefixed(&self, input: &BackboneInput, prefix: &KvCache) -> Result<(Tensor, Tape)> {
-        self.train_forward(input, Some(prefix))
-    }
-    fn backward_prefixed(&self, tape: &Tape, d_hidden: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
-        self.train_backward(tape, d_hidden)
-    }
     fn forward_cached(&self, input: &BackboneInput, cache: &mut KvCache) -> Result<Tensor> {
         if let Some(f) = &self.fused {
             self.check_width(input)?;

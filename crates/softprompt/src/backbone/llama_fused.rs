@@ -14,7 +14,7 @@ use candle_core::{Device, Tensor};
 use softprompt_kernels::{activation, attention, matmul, norm, rope, AttentionLayout};
 
 use super::frozen_weight::FrozenWeight;
-use super::fused::{to_vec, Packed};
+use super::fused::{fill_past_slots, sum_past_slots, to_vec, Packed};
 use super::profile::{span, Direction};
 use super::KvCache;
 
@@ -204,21 +204,8 @@ impl FusedLlama {
 
     /// The gradient of the cached slots `[B·S, kv_dim]` → `[Hkv, past, hd]`, summed over rows.
     fn sum_past(&self, slots: &[f32], tape: &FusedTape) -> Vec<f32> {
-        let (hkv, hd, kvd, past) = (self.kv_heads, self.head_dim(), self.kv_dim(), tape.past);
-        let keys = tape.geometry.keys;
-        let mut out = vec![0f32; hkv * past * hd];
-        for b in 0..tape.packed.rows {
-            for j in 0..past {
-                let src = &slots[(b * keys + j) * kvd..(b * keys + j + 1) * kvd];
-                for h in 0..hkv {
-                    let dst = &mut out[(h * past + j) * hd..(h * past + j + 1) * hd];
-                    for (o, s) in dst.iter_mut().zip(&src[h * hd..(h + 1) * hd]) {
-                        *o += s;
-                    }
-                }
-            }
-        }
-        out
+        let g = &tape.geometry;
+        sum_past_slots(slots, g.rows, g.keys, tape.past, self.kv_heads, self.head_dim())
     }
 
     fn geometry(
@@ -283,26 +270,13 @@ impl FusedLlama {
 
     /// Per layer, the key and value slots `[B·S, kv_dim]` with the cached positions filled in.
     fn past_slots(&self, packed: &Packed, g: &Geometry, cache: Option<&KvCache>) -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
-        let (kvd, hd) = (self.kv_dim(), self.head_dim());
-        let size = packed.rows * g.keys * kvd;
-        let past = g.keys - packed.cols;
+        let size = packed.rows * g.keys * self.kv_dim();
         let mut slots = Vec::with_capacity(self.layers.len());
         for l in 0..self.layers.len() {
             let (mut k, mut v) = (vec![0f32; size], vec![0f32; size]);
             if let Some((pk, pv)) = cache.and_then(|c| c.layers.get(l)) {
-                // [B, Hkv, past, hd] → slots [B, S, Hkv·hd]
-                for (src, dst) in [(pk, &mut k), (pv, &mut v)] {
-                    let src = to_vec(src)?;
-                    for b in 0..packed.rows {
-                        for h in 0..self.kv_heads {
-                            for j in 0..past {
-                                let from = ((b * self.kv_heads + h) * past + j) * hd;
-                                let to = (b * g.keys + j) * kvd + h * hd;
-                                dst[to..to + hd].copy_from_slice(&src[from..from + hd]);
-                            }
-                        }
-                    }
-                }
+                fill_past_slots(pk, &mut k, packed.rows, g.keys)?;
+                fill_past_slots(pv, &mut v, packed.rows, g.keys)?;
             }
             slots.push((k, v));
         }

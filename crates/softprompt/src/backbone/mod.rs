@@ -286,6 +286,19 @@ pub trait Backbone: Send + Sync {
     /// reported at row 0 (the other rows get zero there): exactly what a prompt's gradient,
     /// summed over the rows, needs.
     fn backward(&self, tape: &Tape, d_hidden: &Tensor) -> Result<Tensor>;
+    /// Hidden states `[B, T, hidden]` of rows that all follow the same key/value prefix
+    /// (`prefix`: one row, per layer `[1, Hkv, V, head_dim]`, keys used as they are; prefix
+    /// tuning, p-tuning v2, Cartridges): every attention layer sees the prefix's `V` keys and
+    /// values before the input's, and every real position attends to them. The input's
+    /// positions start after the prefix (PEFT on causal models; Hugging Face BERT with
+    /// `past_key_values`).
+    fn forward_prefixed(&self, input: &BackboneInput, prefix: &KvCache) -> Result<Tensor>;
+    /// Like [`Backbone::forward_prefixed`], keeping the activations
+    /// [`Backbone::backward_prefixed`] needs.
+    fn forward_train_prefixed(&self, input: &BackboneInput, prefix: &KvCache) -> Result<(Tensor, Tape)>;
+    /// From a [`Backbone::forward_train_prefixed`] tape: d(loss)/d(input embeddings) and the
+    /// prefix's gradient per layer, `(dK, dV)` each `[1, Hkv, V, head_dim]`, summed over rows.
+    fn backward_prefixed(&self, tape: &Tape, d_hidden: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)>;
 }
 
 /// A causal language model: a key/value cache and a vocabulary head.
@@ -293,13 +306,6 @@ pub trait CausalLm: Backbone {
     /// Forwards `input` after the positions already in `cache`, appending the new keys and
     /// values to it. Returns the new positions' hidden states.
     fn forward_cached(&self, input: &BackboneInput, cache: &mut KvCache) -> Result<Tensor>;
-    /// Training forward of rows that all follow the same key/value prefix (`prefix`: one row,
-    /// per layer `[1, Hkv, V, head_dim]`, keys used as they are; prefix tuning, Cartridges). The
-    /// input's positions start after the prefix. The tape serves [`CausalLm::backward_prefixed`].
-    fn forward_train_prefixed(&self, input: &BackboneInput, prefix: &KvCache) -> Result<(Tensor, Tape)>;
-    /// From a [`CausalLm::forward_train_prefixed`] tape: d(loss)/d(input embeddings) and the
-    /// prefix's gradient per layer, `(dK, dV)` each `[1, Hkv, V, head_dim]`, summed over rows.
-    fn backward_prefixed(&self, tape: &Tape, d_hidden: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)>;
     /// The vocabulary head `[vocab, hidden]`.
     fn lm_head(&self) -> &Tensor;
 }

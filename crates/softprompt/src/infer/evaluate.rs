@@ -290,10 +290,7 @@ impl<'a> Scorer<'a> {
         let input = BackboneInput::new(&embeds, &batch.mask);
         let lm = match (self.model, self.prefix) {
             (Model::Causal(lm), _) if (MIN_SHARED_PREFIX..t).contains(&shared) => lm.as_ref(),
-            (Model::Causal(lm), Some(prefix)) => {
-                let mut cache = prefix.repeat(b)?;
-                return Ok((lm.forward_cached(&input, &mut cache)?, batch));
-            }
+            (_, Some(prefix)) => return Ok((self.model.forward_prefixed(&input, prefix)?, batch)),
             _ => return Ok((self.model.forward(&input)?, batch)),
         };
         // The leading positions every row shares (a prepended soft prompt) do not depend on

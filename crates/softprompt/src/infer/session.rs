@@ -111,9 +111,6 @@ pub fn open(model: &LoadedModel, adapter_dir: Option<&Path>, opts: &TaskOptions,
                         a.config.peft_type().as_str()
                     );
                 }
-                model
-                    .backbone
-                    .require_causal(&format!("a {} adapter", a.config.peft_type().as_str()))?;
                 if t.num_virtual_tokens() > 0 {
                     bail!(
                         "a {} adapter puts its keys and values before the input in every layer; the template must have no [soft:..] tokens",

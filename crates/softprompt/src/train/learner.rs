@@ -179,7 +179,7 @@ pub fn save_adapter(p: &Prepared, learner: &Learner, dir: &Path) -> Result<()> {
     let mut config = match &learner.prompt {
         Learned::Input(prompt) if prompt.task_factors().is_some() => multitask::peft_config(p, prompt, task_type)?,
         Learned::Input(prompt) => PeftConfig::for_prompt(prompt, &learner.init, task_type, info),
-        Learned::KvPrefix(prefix) => super::prefix::peft_config(prefix, info),
+        Learned::KvPrefix(prefix) => super::prefix::peft_config(prefix, task_type, info),
     };
     config.base_model_name_or_path = Some(p.cfg.model.clone());
     if let MethodConfig::PromptTuning {

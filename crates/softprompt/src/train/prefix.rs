@@ -1,6 +1,7 @@
-//! Training a key/value prefix (prefix tuning, Cartridges): the learner's two kinds of prompt,
-//! a prefix's start (a text prefill through the frozen model), its PEFT config, and the
-//! gradient of one micro-batch through `forward_train_prefixed` / `backward_prefixed`.
+//! Training a key/value prefix (prefix tuning, p-tuning v2 on encoders, Cartridges): the
+//! learner's two kinds of prompt, a prefix's start (a text prefill through the frozen model) and
+//! its PEFT config. One micro-batch's gradient (`forward_train_prefixed` / `backward_prefixed`)
+//! is in [`super::step`], beside the input prompt's.
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -10,11 +11,8 @@ use std::collections::HashMap;
 use super::Prepared;
 use crate::adapter::{MethodConfig, PeftConfig, TaskType};
 use crate::backbone::{BackboneInput, KvCache, ModelInfo};
-use crate::batch::{make_batch, splice_embeddings};
-use crate::loss::lm_loss;
-use crate::prompt::prefix::{flat_gradient, flat_to_cache, layers_to_flat};
+use crate::prompt::prefix::{flat_to_cache, layers_to_flat};
 use crate::prompt::{KvPrefix, PrefixShape, PrefixSpec, PromptInit, SoftPrompt};
-use crate::task::Example;
 
 /// What a run learns: an input prompt (prompt tuning, p-tuning) or a per-layer key/value prefix
 /// (prefix tuning, Cartridges).
@@ -107,13 +105,13 @@ pub fn prefix_shape(info: &ModelInfo) -> PrefixShape {
 /// special tokens the tokenizer adds, no chat template) run through the frozen model.
 pub fn new_prefix(p: &Prepared, spec: PrefixSpec, init: &PromptInit, rng: &mut StdRng) -> Result<KvPrefix> {
     let v = p.cfg.num_virtual_tokens;
-    let lm = p
-        .model
-        .backbone
-        .require_causal("a key/value prefix (prefix tuning, Cartridge)")?;
-    let shape = prefix_shape(lm.info());
+    let shape = prefix_shape(p.model.backbone.info());
     let start = match init {
         PromptInit::Text(text) => {
+            let lm = p.model.backbone.require_causal(
+                "a key/value prefix started from a text prefill (init = \"text\"; on an encoder use \
+                 `random-normal`, `random` or `zero`)",
+            )?;
             let ids = p
                 .model
                 .tokenizer
@@ -140,7 +138,9 @@ pub fn new_prefix(p: &Prepared, spec: PrefixSpec, init: &PromptInit, rng: &mut S
 
 /// The PEFT `adapter_config.json` of a trained prefix, with the fields PEFT writes
 /// (`encoder_hidden_size` is the key/value width without a projection, as PEFT fills it).
-pub fn peft_config(prefix: &KvPrefix, info: &ModelInfo) -> PeftConfig {
+/// `task_type` is SEQ_CLS for p-tuning v2 on an encoder: PEFT's layout, although PEFT itself
+/// refuses prefix tuning on BERT ("Model does not support past key values") and cannot load it.
+pub fn peft_config(prefix: &KvPrefix, task_type: TaskType, info: &ModelInfo) -> PeftConfig {
     let method = match prefix.spec() {
         PrefixSpec::PrefixTuning { projection } => MethodConfig::PrefixTuning {
             encoder_hidden_size: Some(projection.unwrap_or(prefix.shape().kv_dim())),
@@ -149,34 +149,5 @@ pub fn peft_config(prefix: &KvPrefix, info: &ModelInfo) -> PeftConfig {
         },
         PrefixSpec::Cartridge { num_frozen_tokens } => MethodConfig::Cartridge { num_frozen_tokens },
     };
-    PeftConfig::new(method, TaskType::CausalLm, prefix.num_virtual_tokens(), info)
-}
-
-/// One micro-batch of a prefix: the loss and the gradient of every trainable parameter (the
-/// backbone's per-layer `(dK, dV)` chained through the prefix's graph by candle's autograd).
-pub fn micro_batch_gradients(
-    p: &Prepared,
-    prefix: &KvPrefix,
-    rows: &[&Example],
-) -> Result<(f32, Vec<(String, Tensor)>)> {
-    let lm = p
-        .model
-        .backbone
-        .require_causal("a key/value prefix (prefix tuning, Cartridge)")?;
-    let flat = prefix.forward()?;
-    let cache = flat_to_cache(&flat.detach(), prefix.shape())?;
-    let batch = make_batch(rows, true, p.model.backbone.device())?;
-    let embeds = splice_embeddings(lm, &batch, None)?;
-    let (hidden, tape) = lm.forward_train_prefixed(&BackboneInput::new(&embeds, &batch.mask), &cache)?;
-    let (loss, d_hidden) = lm_loss(lm, &batch, &hidden)?;
-    let (_, d_layers) = lm.backward_prefixed(&tape, &d_hidden)?;
-    let d_flat = flat_gradient(&d_layers, prefix.num_virtual_tokens())?;
-    let store = (&flat * d_flat.detach())?.sum_all()?.backward()?;
-    let mut out = Vec::new();
-    for (name, var) in prefix.vars() {
-        if let Some(g) = store.get(var.as_tensor()) {
-            out.push((name, g.clone()));
-        }
-    }
-    Ok((loss, out))
+    PeftConfig::new(method, task_type, prefix.num_virtual_tokens(), info)
 }

@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
 use super::{DataOrder, Observer};
-use crate::backbone::{self, LoadedModel, Model};
+use crate::backbone::{self, LoadedModel, Model, ModelInfo};
 use crate::config::{option, Method, TaskData, TrainConfig};
 use crate::data::{field_text, read_jsonl, DataSet};
 use crate::model_source;
@@ -206,8 +206,32 @@ fn check_task(cfg: &TrainConfig, model: &Model) -> Result<()> {
             cfg.task,
             cfg.model
         ),
-        _ => Ok(()),
+        (_, Model::Encoder(_)) if cfg.method == Method::Cartridge => bail!(
+            "method `cartridge` runs on causal language models; {} is an encoder (use method = \
+             \"prefix-tuning\": p-tuning v2's per-layer keys and values)",
+            cfg.model
+        ),
+        _ => check_prefix_positions(cfg, model.info()),
     }
+}
+
+/// A key/value prefix moves the input's positions by its length: refuses a prefix and
+/// `max_len` that together exceed the model's positions.
+fn check_prefix_positions(cfg: &TrainConfig, info: &ModelInfo) -> Result<()> {
+    let v = cfg.num_virtual_tokens;
+    if cfg.method.is_kv_prefix() && v + cfg.max_len > info.max_positions {
+        bail!(
+            "{} ({v}) + {} ({}) exceed the {} positions of {}: the input's positions start after the \
+             key/value prefix; lower one of them (e.g. max_len = {})",
+            option("num_virtual_tokens"),
+            option("max_len"),
+            cfg.max_len,
+            info.max_positions,
+            cfg.model,
+            info.max_positions.saturating_sub(v)
+        );
+    }
+    Ok(())
 }
 
 /// Checks the options and reads the data, then loads the model (on the device of option

@@ -15,6 +15,7 @@ use crate::backbone::{BackboneInput, Model};
 use crate::batch::{make_batch, prompt_gradient, splice_embeddings};
 use crate::config::TrainConfig;
 use crate::loss::lm_loss;
+use crate::prompt::prefix::{flat_gradient, flat_to_cache};
 use crate::task::Example;
 
 /// The rows of micro-batch `micro` of step `step` (1-based): a pure function of the seed (each
@@ -107,25 +108,28 @@ pub fn compute_gradients(
             .into_iter()
             .map(|i| &p.train[i])
             .collect();
-        let soft = match &learner.prompt {
-            Learned::Input(soft) => soft,
-            Learned::KvPrefix(prefix) => {
-                let (loss, g) = super::prefix::micro_batch_gradients(p, prefix, &rows)?;
-                for (name, g) in g {
-                    add(&name, g)?;
-                }
-                loss_sum += loss / cfg.accumulation as f32;
-                continue;
-            }
-        };
         let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed ^ ((step as u64) << 16) ^ micro as u64);
-        let prompt = span("prompt", Direction::Forward, || soft.forward_train(&mut rng))?;
+        // What is learned, as a graph over its parameters: the prompt `[p, hidden]` spliced into
+        // the input, or the flat key/value prefix every attention layer reads.
+        let learned = span("prompt", Direction::Forward, || match &learner.prompt {
+            Learned::Input(soft) => soft.forward_train(&mut rng),
+            Learned::KvPrefix(prefix) => prefix.forward(),
+        })?;
+        let prefix = match &learner.prompt {
+            Learned::KvPrefix(p) => Some(flat_to_cache(&learned.detach(), p.shape())?),
+            Learned::Input(_) => None,
+        };
         let (batch, embeds) = span("splice", Direction::Forward, || -> Result<_> {
             let batch = make_batch(&rows, learner.head.is_none(), model.device())?;
-            let embeds = splice_embeddings(&**model, &batch, Some(&prompt.detach()))?;
+            let prompt = prefix.is_none().then(|| learned.detach());
+            let embeds = splice_embeddings(&**model, &batch, prompt.as_ref())?;
             Ok((batch, embeds))
         })?;
-        let (hidden, tape) = model.forward_train(&BackboneInput::new(&embeds, &batch.mask))?;
+        let input = BackboneInput::new(&embeds, &batch.mask);
+        let (hidden, tape) = match &prefix {
+            Some(cache) => model.forward_train_prefixed(&input, cache)?,
+            None => model.forward_train(&input)?,
+        };
         let (loss, d_hidden) = span("head+loss", Direction::Forward, || -> Result<_> {
             Ok(match (model, &learner.head) {
                 (Model::Encoder(enc), Some(head)) => {
@@ -139,12 +143,20 @@ pub fn compute_gradients(
                 _ => bail!("a classification head trains on an encoder, the LM loss on a causal model"),
             })
         })?;
-        let d_embeds = model.backward(&tape, &d_hidden)?;
+        let d_learned = match &learner.prompt {
+            Learned::Input(soft) => {
+                let d_embeds = model.backward(&tape, &d_hidden)?;
+                prompt_gradient(&batch, &d_embeds, soft.num_prompt_rows())?
+            }
+            Learned::KvPrefix(p) => {
+                let (_, d_layers) = model.backward_prefixed(&tape, &d_hidden)?;
+                flat_gradient(&d_layers, p.num_virtual_tokens())?
+            }
+        };
         span("prompt", Direction::Backward, || -> Result<()> {
-            let d_prompt = prompt_gradient(&batch, &d_embeds, soft.num_prompt_rows())?;
-            // Through the (small) prompt encoder with candle's autograd.
-            let store = (&prompt * d_prompt.detach())?.sum_all()?.backward()?;
-            for (name, var) in soft.vars() {
+            // Through the (small) prompt encoder or prefix projection with candle's autograd.
+            let store = (&learned * d_learned.detach())?.sum_all()?.backward()?;
+            for (name, var) in learner.prompt.vars() {
                 if let Some(g) = store.get(var.as_tensor()) {
                     add(&name, g.clone())?;
                 }

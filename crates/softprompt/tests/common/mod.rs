@@ -76,11 +76,98 @@ pub fn minilm_tokenizer() -> softprompt::tokenizer::TextTokenizer {
     softprompt::tokenizer::TextTokenizer::from_json_file(&model_file("minilm-l6/tokenizer.json")).unwrap()
 }
 
-/// The training losses of a run, from its `metrics.jsonl`.
+/// The first `n` rows of data file `rel` (under `data/`), written to `dir/rows.jsonl` (each
+/// test its own folder: tests run in parallel).
+pub fn first_rows(rel: &str, n: usize, dir: &std::path::Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let rows: Vec<String> = std::fs::read_to_string(data(rel))
+        .unwrap()
+        .lines()
+        .take(n)
+        .map(String::from)
+        .collect();
+    let f = dir.join("rows.jsonl");
+    std::fs::write(&f, rows.join("\n")).unwrap();
+    f
+}
+
+/// The training loss of every step of the run in `out` (`metrics.jsonl`).
 pub fn losses(out: &std::path::Path) -> Vec<f64> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("loss")?.as_f64())
         .collect()
+}
+
+/// Largest absolute difference between two lists of score rows.
+pub fn max_diff_rows(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len(), "different numbers of rows");
+    a.iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Trains `full` (4 steps), then the same run stopped after 2 steps into `part_output` and
+/// resumed to 4: the two runs' `checkpoint-last` states (parameters and AdamW moments) are equal
+/// bit for bit.
+pub fn resume_equals_uninterrupted(full: &softprompt::train::TrainConfig, part_output: PathBuf) {
+    use softprompt::train::{self, Quiet, TrainConfig};
+    train::train(full, &mut Quiet).unwrap();
+    let part = TrainConfig {
+        steps: Some(2),
+        output: part_output,
+        ..full.clone()
+    };
+    train::train(&part, &mut Quiet).unwrap();
+    let resumed = TrainConfig {
+        resume: true,
+        output: part.output.clone(),
+        ..full.clone()
+    };
+    let report = train::train(&resumed, &mut Quiet).unwrap();
+    assert_eq!((report.steps, report.steps_run), (4, 2));
+    let state = |out: &std::path::Path| {
+        softprompt::io::read_safetensors(&out.join("checkpoint-last/state.safetensors")).unwrap()
+    };
+    let (a, b) = (state(&full.output), state(&part.output));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    assert!(a.keys().any(|k| k.starts_with("adamw.m.")));
+    for (k, t) in &a {
+        let x: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        let y: Vec<f32> = b[k].flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(x, y, "{k} differs after resuming");
+    }
+}
+
+/// What the run `cfg` learned (`Learned::forward`: a prompt or a flat prefix), rebuilt from its
+/// own raw parameters (`softprompt_prompt.safetensors`) through a fresh learner prepared with
+/// `scratch` as output folder.
+pub fn raw_learned(cfg: &softprompt::train::TrainConfig, scratch: PathBuf) -> Tensor {
+    use softprompt::train::{self, Quiet, TrainConfig};
+    let raw = softprompt::io::read_safetensors(&cfg.output.join("softprompt_prompt.safetensors")).unwrap();
+    let prepare = TrainConfig {
+        output: scratch,
+        ..cfg.clone()
+    };
+    let p = train::prepare(&prepare, &mut Quiet).unwrap();
+    let mut learner = train::new_learner(&p).unwrap();
+    learner.prompt.set_from(&raw.into_iter().collect()).unwrap();
+    learner.prompt.forward().unwrap()
+}
+
+/// The label scores of the run's own test evaluation (`evaluate_test`: the best adapter read
+/// back from its folder) on the first `rows` rows of its dev set.
+pub fn test_scores_on_dev(cfg: &softprompt::train::TrainConfig, rows: usize) -> Vec<Vec<f32>> {
+    use softprompt::train::{self, Quiet, TrainConfig};
+    let on_dev = TrainConfig {
+        test: cfg.dev.clone(),
+        test_rows: Some(rows),
+        ..cfg.clone()
+    };
+    let p = train::prepare(&on_dev, &mut Quiet).unwrap();
+    let test = train::evaluate_test(&p).unwrap().unwrap();
+    test.predictions.into_iter().map(|p| p.scores).collect()
 }
