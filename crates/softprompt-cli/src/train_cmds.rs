@@ -251,7 +251,10 @@ pub fn train_cmd(args: TrainArgs) -> Result<()> {
         "plot": report.adapter_dir.join("training.png"),
     });
     // A multitask run's per-task metrics (their mean is the accuracy above).
-    for (key, r) in [("baseline_test_tasks", &report.baseline_test), ("test_tasks", &report.test)] {
+    for (key, r) in [
+        ("baseline_test_tasks", &report.baseline_test),
+        ("test_tasks", &report.test),
+    ] {
         if let Some(r) = r.as_ref().filter(|r| !r.tasks.is_empty()) {
             summary[key] = serde_json::to_value(&r.tasks)?;
         }
