@@ -3,9 +3,11 @@
 mod bench_cmd;
 mod bench_generate;
 mod chat;
+mod inspect_cmd;
 mod model_cmds;
 mod serve;
 mod sweep_cmd;
+mod templates_cmd;
 mod train_cmds;
 
 use anyhow::Result;
@@ -36,11 +38,16 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Train a soft prompt (prompt tuning or p-tuning) and save a PEFT-compatible adapter.
     Train(Box<train_cmds::TrainArgs>),
-    /// Score a JSONL set with an adapter, or with a hand-written template (zero-shot); prints JSON.
-    Eval(train_cmds::ScoreArgs),
+    /// Score a JSONL set with an adapter, or with a hand-written template (zero-shot); prints
+    /// JSON. With --templates FILE: every template of FILE zero-shot, each one's accuracy and
+    /// their spread.
+    Eval(train_cmds::EvalArgs),
     /// Train one run per cell of a grid over training options (times seeds); resumable; writes
     /// results.jsonl, results.md (mean ± sd over seeds) and plots.
     Sweep(Box<sweep_cmd::SweepArgs>),
+    /// Each virtual token of a prompt-tuning or p-tuning adapter: its norm and nearest
+    /// vocabulary tokens by cosine similarity (table, or JSON lines with --json).
+    Inspect(inspect_cmd::InspectArgs),
     /// Time the backbone's forward and input-gradient backward (prints one run's figures).
     Bench(bench_cmd::BenchArgs),
     /// Predict every row of a JSONL set; writes JSONL.
@@ -57,6 +64,7 @@ fn main() {
         Command::Serve(a) => serve::serve_cmd(a),
         Command::Train(a) => train_cmds::train_cmd(*a),
         Command::Sweep(a) => sweep_cmd::sweep_cmd(*a),
+        Command::Inspect(a) => inspect_cmd::inspect_cmd(a),
         Command::Bench(a) => bench_cmd::bench(a),
         Command::Eval(a) => train_cmds::eval_cmd(a),
         Command::Predict(a) => train_cmds::predict_cmd(a),

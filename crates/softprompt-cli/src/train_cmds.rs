@@ -267,43 +267,43 @@ pub fn train_cmd(args: TrainArgs) -> Result<()> {
 #[derive(Args)]
 pub struct ScoreArgs {
     /// MODEL.
-    model: String,
+    pub(crate) model: String,
     /// How to hold the frozen linear weights: `f32` or `file` (the file's storage, less memory).
     #[arg(long, value_enum, default_value = "f32")]
-    weights: softprompt::backbone::WeightStorage,
+    pub(crate) weights: softprompt::backbone::WeightStorage,
     /// JSONL rows to score.
     #[arg(long)]
-    data: PathBuf,
+    pub(crate) data: PathBuf,
     /// Adapter directory (written by `softprompt train` or HF PEFT).
     #[arg(long)]
-    adapter: Option<PathBuf>,
+    pub(crate) adapter: Option<PathBuf>,
     /// Template (hand-written for a zero-shot baseline, or for a plain PEFT adapter).
     #[arg(long)]
-    template: Option<String>,
+    pub(crate) template: Option<String>,
     /// Field holding the target.
     #[arg(long)]
-    target_field: Option<String>,
+    pub(crate) target_field: Option<String>,
     /// Task kind (default: classify on causal models, seq-cls on encoders).
     #[arg(long, value_enum)]
-    task: Option<TaskKind>,
+    pub(crate) task: Option<TaskKind>,
     /// LABEL=WORD verbaliser entries (repeatable).
     #[arg(long, value_parser = parse_pair)]
-    verbalizer: Vec<(String, String)>,
+    pub(crate) verbalizer: Vec<(String, String)>,
     /// Score only the first N rows.
     #[arg(long)]
-    rows: Option<usize>,
+    pub(crate) rows: Option<usize>,
     /// Also report greedy exact match.
     #[arg(long)]
-    exact_match: bool,
+    pub(crate) exact_match: bool,
     /// Rows per batch.
     #[arg(long, default_value_t = 16)]
-    batch: usize,
+    pub(crate) batch: usize,
     /// Longest sequence.
     #[arg(long, default_value_t = 512)]
-    max_len: usize,
+    pub(crate) max_len: usize,
     /// Let --template replace the template the adapter was trained with.
     #[arg(long)]
-    force_template: bool,
+    pub(crate) force_template: bool,
     /// Task id of every row for a multitask adapter (otherwise each row's `task_id` field).
     #[arg(long)]
     task_id: Option<usize>,
@@ -337,7 +337,7 @@ fn check_score_args(args: &ScoreArgs) -> Result<()> {
 }
 
 /// A progress bar of rows scored, on stderr (hidden when stderr is not a terminal).
-fn rows_bar(n: usize) -> ProgressBar {
+pub(crate) fn rows_bar(n: usize) -> ProgressBar {
     let bar = ProgressBar::new(n as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} rows  [{elapsed_precise} < {eta_precise}]")
@@ -391,8 +391,27 @@ fn score(args: &ScoreArgs) -> Result<(softprompt::infer::evaluate::EvalResult, s
     Ok((r, data))
 }
 
-pub fn eval_cmd(args: ScoreArgs) -> Result<()> {
-    let (r, _) = score(&args)?;
+/// Arguments of `eval`.
+#[derive(Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    score: ScoreArgs,
+    /// Score each hand-written template of FILE zero-shot (no adapter) and report each one's
+    /// accuracy and their spread: one template per line; blank lines and lines starting with
+    /// `#` are skipped.
+    #[arg(long, value_name = "FILE")]
+    templates: Option<PathBuf>,
+    /// With --templates: print JSON instead of a table (a single `eval` always prints JSON).
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn eval_cmd(args: EvalArgs) -> Result<()> {
+    if let Some(file) = &args.templates {
+        check_score_args(&args.score)?;
+        return crate::templates_cmd::eval_templates(&args.score, file, args.json);
+    }
+    let (r, _) = score(&args.score)?;
     println!("{}", serde_json::to_string_pretty(&r)?);
     Ok(())
 }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod data;
 pub mod gguf;
 pub mod infer;
+pub mod inspect;
 pub mod io;
 pub mod json_fields;
 pub mod loss;

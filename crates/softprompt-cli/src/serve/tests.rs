@@ -36,6 +36,7 @@ fn write_task_file(dir: &std::path::Path, template: &str, labels: &[&str], verba
         verbalizer: verbalizer.iter().map(|(l, w)| (l.to_string(), w.to_string())).collect(),
         model: "smollm2-135m".into(),
         config: Default::default(),
+        task_labels: vec![],
     };
     std::fs::write(dir.join(TASK_FILE), serde_json::to_string_pretty(&tf).unwrap()).unwrap();
 }

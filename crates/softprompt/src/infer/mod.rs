@@ -12,4 +12,5 @@ pub mod prompt_cache;
 pub mod sampling;
 pub mod score;
 pub mod session;
+pub mod templates;
 pub mod text_stream;
