@@ -636,6 +636,8 @@ mod tests {
             "--prefix-projection",
             "--num-frozen-tokens",
             "2",
+            "--weights",
+            "file",
             "--init",
             "from",
             "--init-text",
