@@ -5,7 +5,7 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use std::path::Path;
 
-use super::canvas::{color, drawing, format_value, legend, legend_width, message, padded, render, FAMILY};
+use super::canvas::{color, drawing, legend, legend_width, message, padded, render, styled_mesh, FAMILY};
 use super::{Bar, CHART_SIZE};
 
 /// Draws `bars` into the PNG `path` ([`CHART_SIZE`]): the groups, in order of first appearance,
@@ -55,16 +55,10 @@ pub fn bar_chart(path: &Path, title: &str, y_title: &str, bars: &[Bar]) -> Resul
                 .build_cartesian_2d(x, y),
         )?;
         drawing(
-            chart
-                .configure_mesh()
+            styled_mesh(&mut chart.configure_mesh(), (17, 14), 200)
                 .disable_x_mesh()
                 .y_desc(y_title)
-                .axis_desc_style((FAMILY, 17))
-                .label_style((FAMILY, 14))
                 .x_labels(0)
-                .y_label_formatter(&|v| format_value(*v))
-                .light_line_style(TRANSPARENT)
-                .bold_line_style(RGBColor(200, 200, 200))
                 .draw(),
         )?;
         // The group names under the x axis, centred on their groups (plotters' tick labels

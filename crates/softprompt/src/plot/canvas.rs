@@ -2,6 +2,8 @@
 //! PNG encoding, value formatting and the "no data" chart.
 
 use anyhow::{anyhow, Context, Result};
+use plotters::chart::MeshStyle;
+use plotters::coord::ranged1d::Ranged;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
@@ -53,6 +55,32 @@ pub fn render(path: &Path, size: (u32, u32), draw: impl FnOnce(&Area) -> Result<
             .context("cannot encode the chart as PNG")?;
     }
     crate::io::write_bytes(path, &bytes)
+}
+
+/// A tick label: [`format_value`] of the tick's value.
+fn tick_label(v: &f64) -> String {
+    format_value(*v)
+}
+
+/// The axes every chart draws: axis titles and tick labels in the embedded font at
+/// `(title_size, label_size)`, numbers through [`format_value`], the major grid lines only, in
+/// grey `grid` (0–255). Callers add their axis titles and anything particular to their chart.
+pub fn styled_mesh<'m, 'a, 'b, X, Y, DB>(
+    mesh: &'m mut MeshStyle<'a, 'b, X, Y, DB>,
+    (title_size, label_size): (u32, u32),
+    grid: u8,
+) -> &'m mut MeshStyle<'a, 'b, X, Y, DB>
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+    DB: DrawingBackend,
+{
+    mesh.axis_desc_style((FAMILY, title_size))
+        .label_style((FAMILY, label_size))
+        .x_label_formatter(&tick_label)
+        .y_label_formatter(&tick_label)
+        .light_line_style(TRANSPARENT)
+        .bold_line_style(RGBColor(grid, grid, grid))
 }
 
 /// Turns a plotters error into an `anyhow` one.

@@ -5,7 +5,7 @@ use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
 use plotters::prelude::*;
 use std::path::Path;
 
-use super::canvas::{color, drawing, format_value, legend, legend_width, message, padded, render, Area, FAMILY};
+use super::canvas::{color, drawing, legend, legend_width, message, padded, render, styled_mesh, Area, FAMILY};
 use super::{Series, CHART_SIZE};
 
 /// A series' name and its finite points as (x, y, error-bar half-height, 0 for none).
@@ -100,16 +100,9 @@ where
             .build_cartesian_2d(x, y),
     )?;
     drawing(
-        chart
-            .configure_mesh()
+        styled_mesh(&mut chart.configure_mesh(), (17, 14), 200)
             .x_desc(x_title)
             .y_desc(y_title)
-            .axis_desc_style((FAMILY, 17))
-            .label_style((FAMILY, 14))
-            .x_label_formatter(&|v| format_value(*v))
-            .y_label_formatter(&|v| format_value(*v))
-            .light_line_style(TRANSPARENT)
-            .bold_line_style(RGBColor(200, 200, 200))
             .draw(),
     )?;
     for (i, (_, pts)) in series.iter().enumerate() {

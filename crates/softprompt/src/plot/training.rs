@@ -5,7 +5,10 @@ use anyhow::Result;
 use plotters::prelude::*;
 use std::path::Path;
 
-use super::canvas::{drawing, format_value, message, padded, render, Area, FAMILY};
+use plotters::coord::types::RangedCoordf64;
+use std::ops::Range;
+
+use super::canvas::{drawing, message, padded, render, styled_mesh, Area, FAMILY};
 use super::TRAINING_SIZE;
 
 /// Weight of the newest loss in the moving average drawn over the raw loss.
@@ -59,27 +62,7 @@ fn loss_panel(area: &Area, loss: &[(f64, f64)], x_max: f64) -> Result<()> {
     let lo = loss.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
     let hi = loss.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
     let (lo, hi) = padded(lo, hi);
-    let mut chart = drawing(
-        ChartBuilder::on(area)
-            .caption(title, (FAMILY, 20))
-            .margin(10)
-            .x_label_area_size(40)
-            .y_label_area_size(64)
-            .build_cartesian_2d(0.0..x_max, lo.max(0.0).min(lo)..hi),
-    )?;
-    drawing(
-        chart
-            .configure_mesh()
-            .x_desc("step")
-            .y_desc("loss")
-            .axis_desc_style((FAMILY, 16))
-            .label_style((FAMILY, 13))
-            .x_label_formatter(&|v| format_value(*v))
-            .y_label_formatter(&|v| format_value(*v))
-            .light_line_style(TRANSPARENT)
-            .bold_line_style(RGBColor(205, 205, 205))
-            .draw(),
-    )?;
+    let mut chart = panel(area, title, "loss", x_max, lo..hi)?;
     let raw = RGBColor(150, 190, 235);
     let smooth = RGBColor(20, 70, 170);
     drawing(chart.draw_series(LineSeries::new(
@@ -115,27 +98,7 @@ fn dev_panel(area: &Area, acc: &[(f64, f64)], x_max: f64) -> Result<()> {
     let hi = acc.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
     let (lo, hi) = padded(lo, hi);
     let (lo, hi) = (lo.max(0.0), hi.min(100.0).max(lo.max(0.0) + 1.0));
-    let mut chart = drawing(
-        ChartBuilder::on(area)
-            .caption(title, (FAMILY, 20))
-            .margin(10)
-            .x_label_area_size(40)
-            .y_label_area_size(64)
-            .build_cartesian_2d(0.0..x_max, lo..hi),
-    )?;
-    drawing(
-        chart
-            .configure_mesh()
-            .x_desc("step")
-            .y_desc("accuracy (%)")
-            .axis_desc_style((FAMILY, 16))
-            .label_style((FAMILY, 13))
-            .x_label_formatter(&|v| format_value(*v))
-            .y_label_formatter(&|v| format_value(*v))
-            .light_line_style(TRANSPARENT)
-            .bold_line_style(RGBColor(205, 205, 205))
-            .draw(),
-    )?;
+    let mut chart = panel(area, title, "accuracy (%)", x_max, lo..hi)?;
     let red = RGBColor(200, 40, 40);
     drawing(chart.draw_series(LineSeries::new(
         acc.iter().copied(),
@@ -143,4 +106,29 @@ fn dev_panel(area: &Area, acc: &[(f64, f64)], x_max: f64) -> Result<()> {
     )))?;
     drawing(chart.draw_series(acc.iter().map(|&p| Circle::new(p, 5, red.filled()))))?;
     Ok(())
+}
+
+/// One panel's chart: its caption, the step axis `0..x_max`, the value axis `y` titled `y_title`.
+fn panel<'a, 'b>(
+    area: &'a Area<'b>,
+    title: &str,
+    y_title: &str,
+    x_max: f64,
+    y: Range<f64>,
+) -> Result<ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>> {
+    let mut chart = drawing(
+        ChartBuilder::on(area)
+            .caption(title, (FAMILY, 20))
+            .margin(10)
+            .x_label_area_size(40)
+            .y_label_area_size(64)
+            .build_cartesian_2d(0.0..x_max, y),
+    )?;
+    drawing(
+        styled_mesh(&mut chart.configure_mesh(), (16, 13), 205)
+            .x_desc("step")
+            .y_desc(y_title)
+            .draw(),
+    )?;
+    Ok(chart)
 }
