@@ -4,6 +4,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -36,11 +37,23 @@ pub trait WeightSource {
     /// The tensor `name` as the file stores it: its GGML storage type and raw little-endian
     /// bytes, row-major in PyTorch order (for weights kept in the file's storage). Sources that
     /// hold other types give f32.
-    fn stored(&self, name: &str, shape: &[usize]) -> Result<(GgmlDType, Vec<u8>)> {
-        let t = self.tensor_shaped(name, shape, &Device::Cpu)?;
-        let values: Vec<f32> = t.flatten_all()?.to_vec1()?;
-        Ok((GgmlDType::F32, values.iter().flat_map(|v| v.to_le_bytes()).collect()))
+    fn stored(&self, name: &str, shape: &[usize]) -> Result<(GgmlDType, Cow<'_, [u8]>)> {
+        f32_bytes(self, name, shape)
     }
+}
+
+/// The tensor `name` as f32 little-endian bytes (for sources that hold no other storage).
+fn f32_bytes<'s>(
+    source: &(impl WeightSource + ?Sized),
+    name: &str,
+    shape: &[usize],
+) -> Result<(GgmlDType, Cow<'s, [u8]>)> {
+    let t = source.tensor_shaped(name, shape, &Device::Cpu)?;
+    let values: Vec<f32> = t.flatten_all()?.to_vec1()?;
+    Ok((
+        GgmlDType::F32,
+        Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+    ))
 }
 
 /// Refuses a stored tensor whose shape is not the configuration's.
@@ -71,13 +84,13 @@ impl WeightSource for GgufFile {
     fn location(&self) -> &Path {
         self.path()
     }
-    fn stored(&self, name: &str, shape: &[usize]) -> Result<(GgmlDType, Vec<u8>)> {
+    fn stored(&self, name: &str, shape: &[usize]) -> Result<(GgmlDType, Cow<'_, [u8]>)> {
         let e = self
             .tensors
             .get(name)
             .ok_or_else(|| anyhow!("{}: tensor `{name}` is missing", self.path().display()))?;
         check_shape(self, name, &e.shape, shape)?;
-        Ok((e.dtype, self.raw_bytes(e).to_vec()))
+        Ok((e.dtype, Cow::Borrowed(self.raw_bytes(e))))
     }
 }
 
@@ -166,7 +179,7 @@ impl WeightSource for SafetensorsWeights {
     fn location(&self) -> &Path {
         self.files.first().map(|p| p.as_path()).unwrap_or(&self.dir)
     }
-    fn stored(&self, name: &str, shape: &[usize]) -> Result<(GgmlDType, Vec<u8>)> {
+    fn stored(&self, name: &str, shape: &[usize]) -> Result<(GgmlDType, Cow<'_, [u8]>)> {
         let view = self
             .inner
             .get(name)
@@ -175,14 +188,10 @@ impl WeightSource for SafetensorsWeights {
             safetensors::Dtype::F16 => GgmlDType::F16,
             safetensors::Dtype::BF16 => GgmlDType::BF16,
             safetensors::Dtype::F32 => GgmlDType::F32,
-            _ => {
-                let t = self.tensor_shaped(name, shape, &Device::Cpu)?;
-                let values: Vec<f32> = t.flatten_all()?.to_vec1()?;
-                return Ok((GgmlDType::F32, values.iter().flat_map(|v| v.to_le_bytes()).collect()));
-            }
+            _ => return f32_bytes(self, name, shape),
         };
         check_shape(self, name, view.shape(), shape)?;
-        Ok((dtype, view.data().to_vec()))
+        Ok((dtype, Cow::Borrowed(view.data())))
     }
 }
 

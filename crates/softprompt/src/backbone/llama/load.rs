@@ -3,6 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
+use std::borrow::Cow;
 use std::path::Path;
 
 use super::{rope_tables, Layer, Llama, LlamaConfig};
@@ -194,7 +195,7 @@ impl Llama {
         let stored = |p: P, l: usize, shape: [usize; 2], heads: Option<usize>| -> Result<StoredRows> {
             let (dtype, bytes) = w.stored(&name(p, l), &shape)?;
             let bytes = match heads {
-                Some(h) if unpermute => reorder_rows(&bytes, &unpermuted_order(shape[0], h)),
+                Some(h) if unpermute => Cow::Owned(reorder_rows(&bytes, &unpermuted_order(shape[0], h))),
                 _ => bytes,
             };
             StoredRows::from_bytes(dtype, shape[0], shape[1], &bytes)
