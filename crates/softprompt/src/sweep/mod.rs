@@ -165,26 +165,23 @@ impl Sweep {
             return Ok(result);
         }
         let context = || format!("sweep cell {} ({})", cell.name, dir.display());
-        let result = match output::checkpoint_step(&dir) {
-            Some(step) if training_finished(&cfg, &dir, step).with_context(context)? => {
-                obs.cell_start(index, total, cell, CellStart::ScoreOnly);
-                score_finished(&cfg, &dir, obs.run_observer()).with_context(context)?
-            }
-            Some(step) => {
-                obs.cell_start(index, total, cell, CellStart::Resume(step));
-                let cfg = self.cell_config(cell, true)?;
-                CellResult::from_report(&cfg, &train::train(&cfg, obs.run_observer()).with_context(context)?)?
-            }
-            None => {
-                obs.cell_start(index, total, cell, CellStart::Fresh);
-                // A run killed before its first checkpoint leaves only its metrics: nothing
-                // worth keeping, so the cell starts over in place.
-                let cfg = TrainConfig {
+        let (how, cfg) = match output::checkpoint_step(&dir) {
+            Some(step) if training_finished(&cfg, &dir, step).with_context(context)? => (CellStart::ScoreOnly, cfg),
+            Some(step) => (CellStart::Resume(step), self.cell_config(cell, true)?),
+            // A run killed before its first checkpoint leaves only its metrics: nothing worth
+            // keeping, so the cell starts over in place.
+            None => (
+                CellStart::Fresh,
+                TrainConfig {
                     overwrite: killed_before_checkpoint(&dir),
                     ..cfg
-                };
-                CellResult::from_report(&cfg, &train::train(&cfg, obs.run_observer()).with_context(context)?)?
-            }
+                },
+            ),
+        };
+        obs.cell_start(index, total, cell, how);
+        let result = match how {
+            CellStart::ScoreOnly => score_finished(&cfg, &dir, obs.run_observer()).with_context(context)?,
+            _ => CellResult::from_report(&cfg, &train::train(&cfg, obs.run_observer()).with_context(context)?)?,
         };
         let result = result.with_cell(cell);
         result.write(&result_path)?;
