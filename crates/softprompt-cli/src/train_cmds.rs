@@ -697,8 +697,6 @@ mod tests {
             "--overwrite",
             "--device",
             "cuda:1",
-            "--weights",
-            "file",
         ];
         let cfg = config(&parse(&argv)).unwrap();
         let set = serde_json::to_value(&cfg).unwrap();
