@@ -1,7 +1,8 @@
 //! `softprompt serve`: one frozen model, the adapters of a folder, an OpenAI-compatible HTTP API
 //! (axum on tokio). Requests with different adapters share one batch (mixed-prompt continuous
 //! batching, on the model's one worker thread); each adapter's prompt was turned into keys and
-//! values once, at start-up.
+//! values once, at start-up. An encoder (BERT, MiniLM) is served for classification only: its
+//! `seq-cls` adapters answer `/v1/classify`, and the generation routes answer 400.
 //!
 //! Routes: `GET /` (a playground page), `GET /health`, `GET /metrics` (Prometheus text),
 //! `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (streaming with
@@ -61,22 +62,30 @@ pub struct ServeArgs {
 /// for classification, its classifier.
 #[derive(Clone)]
 pub struct Served {
-    /// The adapter's prompt as keys and values.
-    pub prompt: Arc<PromptCache>,
+    /// The adapter's prompt as keys and values (`None` on an encoder, which does not generate).
+    pub prompt: Option<Arc<PromptCache>>,
     /// Labels, template and scoring (`None`: the adapter has no labels).
     pub classifier: Option<Arc<Classifier>>,
 }
 
 impl Served {
-    /// Loads the adapter folder `path` for `model`.
+    /// Loads the adapter folder `path` for `model`. On an encoder (BERT, MiniLM) only
+    /// classification adapters can be served.
     fn load(model: &LoadedModel, path: &Path) -> Result<Self> {
-        let lm = model.backbone.require_causal("serving")?;
-        let prompt = PromptCache::from_adapter(lm, &adapter::load_peft(path)?)
-            .with_context(|| format!("adapter {}", path.display()))?;
-        Ok(Self {
-            prompt: Arc::new(prompt),
-            classifier: Classifier::from_adapter(model, path)?.map(Arc::new),
-        })
+        let classifier = Classifier::from_adapter(model, path)?.map(Arc::new);
+        let prompt = match model.backbone.causal() {
+            Some(lm) => Some(Arc::new(
+                PromptCache::from_adapter(lm, &adapter::load_peft(path)?)
+                    .with_context(|| format!("adapter {}", path.display()))?,
+            )),
+            None if classifier.is_some() => None,
+            None => bail!(
+                "adapter {}: the model is an encoder, which serves only classification adapters \
+                 (softprompt.json with task `seq-cls` and its labels)",
+                path.display()
+            ),
+        };
+        Ok(Self { prompt, classifier })
     }
 }
 
@@ -145,7 +154,6 @@ pub fn load_adapter(model: &LoadedModel, dir: &Path, name: &str) -> Result<Serve
 
 /// Loads every adapter in `dir` (sub-folders holding `adapter_config.json`) for `model`.
 pub fn load_adapters(model: &LoadedModel, dir: &Path) -> Result<BTreeMap<String, Served>> {
-    model.backbone.require_causal("serving")?;
     let mut out = BTreeMap::new();
     let entries =
         std::fs::read_dir(dir).with_context(|| format!("cannot read the adapters folder {}", dir.display()))?;
@@ -208,7 +216,6 @@ pub fn state(
     adapters: BTreeMap<String, Served>,
     opts: ServerOptions,
 ) -> Result<AppState> {
-    model.backbone.require_causal("serving")?;
     if adapters.contains_key(&base_name) {
         bail!("an adapter folder is named like the base model (`{base_name}`); rename it");
     }

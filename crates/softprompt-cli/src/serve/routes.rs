@@ -166,7 +166,8 @@ fn authorize(s: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
 
 async fn models(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
     authorize(&s, &headers)?;
-    let entry = |id: &str, kind: &str| json!({"id": id, "object": "model", "created": 0, "owned_by": "softprompt", "kind": kind});
+    let generates = s.model.backbone.causal().is_some();
+    let entry = |id: &str, kind: &str| json!({"id": id, "object": "model", "created": 0, "owned_by": "softprompt", "kind": kind, "generates": generates});
     let mut data = vec![entry(&s.base_name, "base")];
     for (name, served) in s.adapters.read().unwrap().iter() {
         let mut e = entry(name, "adapter");
@@ -285,12 +286,30 @@ async fn classify(
     })))
 }
 
+/// 400 unless the served model generates (an encoder only classifies).
+fn require_generating(s: &AppState) -> Result<(), ApiError> {
+    if s.model.backbone.causal().is_some() {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        400,
+        "invalid_request_error",
+        "model_does_not_generate",
+        format!(
+            "the served model `{}` is an encoder, which does not generate text; \
+             classify with POST /v1/classify and a seq-cls adapter",
+            s.base_name
+        ),
+    ))
+}
+
 async fn completions(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
+    require_generating(&s)?;
     let body: CompletionBody = api::parse(&body_bytes(body)?)?;
     if body.echo {
         return Err(ApiError::bad("echo is not supported"));
@@ -315,6 +334,7 @@ async fn chat_completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
+    require_generating(&s)?;
     let body: ChatBody = api::parse(&body_bytes(body)?)?;
     let params = body.common.check(&s.limits, s.limits.max_tokens)?;
     let text = crate::chat::render(&s.model, &body.messages).map_err(|e| ApiError::bad(format!("{e:#}")))?;
@@ -347,7 +367,8 @@ async fn run(s: Arc<AppState>, params: Params, ids: Vec<u32>, kind: Kind) -> Res
         Arc::new(PromptCache::none())
     } else {
         let found = s.adapters.read().unwrap().get(&name).map(|a| a.prompt.clone());
-        found.ok_or_else(|| unknown_model(&name))?
+        // a causal model gives every adapter its prompt cache
+        found.flatten().ok_or_else(|| unknown_model(&name))?
     };
     if ids.is_empty() {
         return Err(ApiError::bad("the prompt is empty"));

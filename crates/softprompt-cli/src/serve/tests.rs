@@ -99,9 +99,9 @@ fn start_in(api_key: Option<String>, max_queue: usize) -> (String, PathBuf) {
         adapters.keys().collect::<Vec<_>>(),
         ["nli", "prefix_tuning", "prompt_tuning", "sentiment"]
     );
-    let st = state(
+    let url = launch(
         m,
-        "smollm2".into(),
+        "smollm2",
         adapters,
         ServerOptions {
             api_key,
@@ -109,8 +109,13 @@ fn start_in(api_key: Option<String>, max_queue: usize) -> (String, PathBuf) {
             max_queue,
             adapters_dir: Some(dir.clone()),
         },
-    )
-    .unwrap();
+    );
+    (url, dir)
+}
+
+/// Serves `adapters` on `model` from 127.0.0.1:0 in a thread of its own; returns the base URL.
+fn launch(model: Arc<LoadedModel>, base: &str, adapters: BTreeMap<String, Served>, opts: ServerOptions) -> String {
+    let st = state(model, base.into(), adapters, opts).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -126,7 +131,7 @@ fn start_in(api_key: Option<String>, max_queue: usize) -> (String, PathBuf) {
         ))
         .unwrap();
     });
-    (format!("http://{}", rx.recv().unwrap()), dir)
+    format!("http://{}", rx.recv().unwrap())
 }
 
 fn start(api_key: Option<String>, max_queue: usize) -> String {
@@ -669,4 +674,107 @@ fn classify_errors_are_json_4xx() {
         .unwrap();
     assert_eq!(nli["labels"], json!(["contradiction", "entailment", "neutral"]));
     assert_eq!(nli["input_fields"], json!(["premise", "hypothesis"]));
+}
+
+/// MiniLM served with PEFT's seq-cls fixture adapter (plus its labels): `/v1/classify` gives the
+/// library's own scores as probabilities, the generation routes answer 400, a generation
+/// adapter is refused at load, and the models list says nothing generates.
+#[test]
+fn an_encoder_serves_its_seq_cls_adapters() {
+    use softprompt::adapter::run_files::{TaskFile, TASK_FILE};
+    let m = Arc::new(crate::model_cmds::load_with("minilm-l6", Default::default()).expect("run `softprompt fetch`"));
+    let dir = std::env::temp_dir().join(format!("softprompt-serve-encoder-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let to = dir.join("sentiment");
+    std::fs::create_dir_all(&to).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(fixture("minilm_seqcls_prompt_tuning").join(f), to.join(f)).unwrap();
+    }
+    let tf = TaskFile {
+        template: "[soft:6]{text}".into(),
+        target_field: "label".into(),
+        task: softprompt::task::TaskKind::SeqCls,
+        labels: vec!["negative".into(), "positive".into()],
+        verbalizer: Default::default(),
+        model: "minilm-l6".into(),
+        config: Default::default(),
+        task_labels: vec![],
+    };
+    std::fs::write(to.join(TASK_FILE), serde_json::to_string_pretty(&tf).unwrap()).unwrap();
+
+    // a generation adapter cannot be served by an encoder
+    let bad = dir.join("generation");
+    std::fs::create_dir_all(&bad).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(fixture("minilm_seqcls_prompt_tuning").join(f), bad.join(f)).unwrap();
+    }
+    let err = format!(
+        "{:#}",
+        load_adapters(&m, &dir)
+            .err()
+            .expect("a generation adapter on an encoder")
+    );
+    assert!(err.contains("serves only classification adapters"), "{err}");
+    std::fs::remove_dir_all(&bad).unwrap();
+
+    let adapters = load_adapters(&m, &dir).unwrap();
+    let opts = ServerOptions {
+        api_key: None,
+        max_tokens_limit: 64,
+        max_queue: 8,
+        adapters_dir: Some(dir.clone()),
+    };
+    let base = launch(m.clone(), "minilm", adapters, opts);
+
+    let texts = ["a gentle, funny film that stays with you", "dull, long and badly acted"];
+    let (status, body) = post(
+        &format!("{base}/v1/classify"),
+        &json!({"model": "sentiment", "input": texts}).to_string(),
+    );
+    assert_eq!(status, 200, "{body}");
+    // the library's scores of the same rows: the head's logits, softmaxed
+    let session = softprompt::infer::session::open(&m, Some(&to), &Default::default(), &[]).unwrap();
+    let data_text: String = texts
+        .iter()
+        .map(|t| format!("{}\n", json!({"text": t, "label": "negative"})))
+        .collect();
+    let data = softprompt::data::DataSet::parse("rows.jsonl", &data_text).unwrap();
+    let examples = session.task.encode_set(&data, &m.tokenizer).unwrap().examples;
+    let scorer =
+        softprompt::infer::evaluate::Scorer::new(&m, &session.task, session.prompt.as_ref(), session.head.as_ref())
+            .unwrap();
+    let want = scorer.evaluate(&examples, 4, false).unwrap().predictions;
+    for (got, want) in body["data"].as_array().unwrap().iter().zip(&want) {
+        assert_eq!(got["label"], want.predicted.as_str(), "{got}");
+        let p = probabilities(got, &["negative", "positive"]);
+        let logit_gap = want.scores[0] - want.scores[1];
+        assert!(
+            (p[1] - 1.0 / (1.0 + logit_gap.exp())).abs() < 1e-5,
+            "{got} vs {:?}",
+            want.scores
+        );
+    }
+
+    for (route, body) in [
+        ("completions", json!({"model": "sentiment", "prompt": "hi"})),
+        (
+            "chat/completions",
+            json!({"model": "minilm", "messages": [{"role": "user", "content": "hi"}]}),
+        ),
+    ] {
+        let (status, err) = post(&format!("{base}/v1/{route}"), &body.to_string());
+        assert_eq!(status, 400, "{route}: {err}");
+        assert_eq!(err["error"]["code"], "model_does_not_generate", "{route}: {err}");
+    }
+    let (_, models) = get(&format!("{base}/v1/models"));
+    let models = models["data"].as_array().unwrap();
+    assert_eq!(models.len(), 2);
+    assert!(models.iter().all(|m| m["generates"] == false), "{models:?}");
+    assert_eq!(models[1]["labels"], json!(["negative", "positive"]));
+    // the server still answers after the refusals
+    let (status, _) = post(
+        &format!("{base}/v1/classify"),
+        &json!({"model": "sentiment", "input": "fine"}).to_string(),
+    );
+    assert_eq!(status, 200);
 }

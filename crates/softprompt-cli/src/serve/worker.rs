@@ -102,7 +102,7 @@ pub fn spawn(model: Arc<LoadedModel>, metrics: Arc<Metrics>) -> WorkerHandle {
 fn run(model: &LoadedModel, rx: Receiver<Job>, metrics: &Metrics) {
     let load = &metrics.queue_depth;
     let Some(lm) = model.backbone.causal() else {
-        return;
+        return classify_only(model, rx, metrics);
     };
     let mut engine: Engine<u64> = Engine::new(lm, &model.tokenizer);
     let mut senders: HashMap<u64, (UnboundedSender<Reply>, Instant)> = HashMap::new();
@@ -209,6 +209,27 @@ fn run(model: &LoadedModel, rx: Receiver<Job>, metrics: &Metrics) {
             }
         }
         metrics.active.store(engine.active(), Ordering::SeqCst);
+    }
+}
+
+/// The loop of an encoder, which only classifies: jobs one at a time, in arrival order.
+fn classify_only(model: &LoadedModel, rx: Receiver<Job>, metrics: &Metrics) {
+    for job in rx {
+        match job {
+            Job::Classify(c) if !c.tx.is_closed() => {
+                let start = Instant::now();
+                classify(model, c);
+                metrics
+                    .busy_us
+                    .fetch_add(start.elapsed().as_micros() as u64, Ordering::SeqCst);
+            }
+            Job::Classify(_) => {}
+            Job::Generate(g) => {
+                let _ =
+                    g.tx.send(Err("the served model is an encoder, which does not generate".into()));
+            }
+        }
+        metrics.queue_depth.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
