@@ -98,6 +98,9 @@ pub struct CommonFields {
     /// Top-k (an extension).
     #[serde(default)]
     pub top_k: Option<u64>,
+    /// The task of a multitask adapter (an extension; required for those, refused for others).
+    #[serde(default)]
+    pub task_id: Option<usize>,
     /// Seed of the sequence's generator.
     #[serde(default)]
     pub seed: Option<u64>,
@@ -168,6 +171,8 @@ pub struct Params {
     pub stream: bool,
     /// Report log-probabilities.
     pub logprobs: bool,
+    /// The task of a multitask adapter.
+    pub task_id: Option<usize>,
 }
 
 /// Limits the server enforces.
@@ -294,6 +299,7 @@ impl CommonFields {
             stop,
             stream: self.stream,
             logprobs,
+            task_id: self.task_id,
         })
     }
 }

@@ -1,7 +1,8 @@
 //! `softprompt serve`: one frozen model, the adapters of a folder, an OpenAI-compatible HTTP API
 //! (axum on tokio). Requests with different adapters share one batch (mixed-prompt continuous
 //! batching, on the model's one worker thread); each adapter's prompt was turned into keys and
-//! values once, at start-up. An encoder (BERT, MiniLM) is served for classification only: its
+//! values once, at start-up (one per task for a multitask adapter: a request names its
+//! `task_id`). An encoder (BERT, MiniLM) is served for classification only: its
 //! `seq-cls` adapters answer `/v1/classify`, and the generation routes answer 400.
 //!
 //! Routes: `GET /` (a playground page), `GET /health`, `GET /metrics` (Prometheus text),
@@ -62,9 +63,12 @@ pub struct ServeArgs {
 /// for classification, its classifier.
 #[derive(Clone)]
 pub struct Served {
-    /// The adapter's prompt as keys and values (`None` on an encoder, which does not generate).
-    pub prompt: Option<Arc<PromptCache>>,
-    /// Labels, template and scoring (`None`: the adapter has no labels).
+    /// The adapter's prompt as keys and values: one per task of a multitask adapter (indexed by
+    /// task id), one for the others, none on an encoder (which does not generate).
+    pub prompts: Vec<Arc<PromptCache>>,
+    /// Whether the adapter is a multitask prompt (a request names its task).
+    pub multitask: bool,
+    /// Labels, template and scoring (`None`: the adapter has no labels, or is multitask).
     pub classifier: Option<Arc<Classifier>>,
 }
 
@@ -72,20 +76,62 @@ impl Served {
     /// Loads the adapter folder `path` for `model`. On an encoder (BERT, MiniLM) only
     /// classification adapters can be served.
     fn load(model: &LoadedModel, path: &Path) -> Result<Self> {
-        let classifier = Classifier::from_adapter(model, path)?.map(Arc::new);
-        let prompt = match model.backbone.causal() {
-            Some(lm) => Some(Arc::new(
-                PromptCache::from_adapter(lm, &adapter::load_peft(path)?)
-                    .with_context(|| format!("adapter {}", path.display()))?,
-            )),
-            None if classifier.is_some() => None,
+        let peft = adapter::load_peft(path)?;
+        let multitask = peft.is_multitask();
+        let classifier = match multitask {
+            true => None,
+            false => Classifier::from_adapter(model, path)?.map(Arc::new),
+        };
+        let prompts = match model.backbone.causal() {
+            Some(lm) => {
+                let tasks: Vec<Option<usize>> = match multitask {
+                    true => (0..peft.num_tasks()).map(Some).collect(),
+                    false => vec![None],
+                };
+                tasks
+                    .into_iter()
+                    .map(|t| Ok(Arc::new(PromptCache::from_adapter_task(lm, &peft, t)?)))
+                    .collect::<Result<_>>()
+                    .with_context(|| format!("adapter {}", path.display()))?
+            }
+            None if classifier.is_some() => Vec::new(),
             None => bail!(
                 "adapter {}: the model is an encoder, which serves only classification adapters \
                  (softprompt.json with task `seq-cls` and its labels)",
                 path.display()
             ),
         };
-        Ok(Self { prompt, classifier })
+        Ok(Self {
+            prompts,
+            multitask,
+            classifier,
+        })
+    }
+
+    /// The keys and values a request for task `task_id` starts from: a multitask adapter needs
+    /// a task id in range, the others take none. The error says which.
+    pub fn prompt(&self, task_id: Option<usize>) -> Result<Arc<PromptCache>, String> {
+        match (self.multitask, task_id) {
+            (true, None) => Err(format!(
+                "a multitask adapter: give `task_id` (0 to {})",
+                self.prompts.len() - 1
+            )),
+            (true, Some(t)) => self.prompts.get(t).cloned().ok_or_else(|| {
+                format!(
+                    "task_id {t} is out of range: the adapter has {} tasks (0 to {})",
+                    self.prompts.len(),
+                    self.prompts.len() - 1
+                )
+            }),
+            (false, Some(t)) => Err(format!(
+                "task_id {t} was given, but the adapter has one prompt for every request (task ids are for multitask adapters)"
+            )),
+            (false, None) => self
+                .prompts
+                .first()
+                .cloned()
+                .ok_or_else(|| "the adapter does not generate".to_string()),
+        }
     }
 }
 
@@ -167,14 +213,6 @@ pub fn load_adapters(model: &LoadedModel, dir: &Path) -> Result<BTreeMap<String,
         };
         if !plain_name(&name) {
             eprintln!("skipping adapter folder {}: not a plain name", path.display());
-            continue;
-        }
-        let a = adapter::load_peft(&path)?;
-        if a.is_multitask() {
-            eprintln!(
-                "skipping adapter folder {}: a multitask adapter needs a task id per request, which serving does not take yet (use `complete --task-id`)",
-                path.display()
-            );
             continue;
         }
         out.insert(name, Served::load(model, &path)?);

@@ -176,6 +176,9 @@ async fn models(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Result<Js
             e["labels"] = json!(c.labels());
             e["input_fields"] = json!(c.input_fields());
         }
+        if served.multitask {
+            e["tasks"] = json!(served.prompts.len());
+        }
         data.push(e);
     }
     Ok(Json(json!({"object": "list", "data": data})))
@@ -364,11 +367,15 @@ fn now() -> u64 {
 async fn run(s: Arc<AppState>, params: Params, ids: Vec<u32>, kind: Kind) -> Result<Response, ApiError> {
     let name = params.model.clone().unwrap_or_else(|| s.base_name.clone());
     let prompt = if name == s.base_name {
+        if let Some(t) = params.task_id {
+            return Err(ApiError::bad(format!(
+                "task_id {t} was given for the base model (task ids are for multitask adapters)"
+            )));
+        }
         Arc::new(PromptCache::none())
     } else {
-        let found = s.adapters.read().unwrap().get(&name).map(|a| a.prompt.clone());
-        // a causal model gives every adapter its prompt cache
-        found.flatten().ok_or_else(|| unknown_model(&name))?
+        let found = s.adapters.read().unwrap().get(&name).map(|a| a.prompt(params.task_id));
+        found.ok_or_else(|| unknown_model(&name))?.map_err(ApiError::bad)?
     };
     if ids.is_empty() {
         return Err(ApiError::bad("the prompt is empty"));

@@ -778,3 +778,56 @@ fn an_encoder_serves_its_seq_cls_adapters() {
     );
     assert_eq!(status, 200);
 }
+
+/// PEFT's multitask fixture (3 tasks) served: each `task_id` gets the library's greedy tokens
+/// for that task's prompt, and a missing, out-of-range or misplaced task id is a 400.
+#[test]
+fn a_multitask_adapter_serves_each_task() {
+    use softprompt::infer::engine::{generate, GenRequest};
+    let m = model();
+    let dir = std::env::temp_dir().join(format!("softprompt-serve-mpt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let to = dir.join("mpt");
+    std::fs::create_dir_all(&to).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(fixture("smollm2_multitask_prompt_tuning").join(f), to.join(f)).unwrap();
+    }
+    let opts = ServerOptions {
+        api_key: None,
+        max_tokens_limit: 64,
+        max_queue: 8,
+        adapters_dir: Some(dir.clone()),
+    };
+    let base = launch(m.clone(), "smollm2", load_adapters(&m, &dir).unwrap(), opts);
+    let url = format!("{base}/v1/completions");
+    let text = "The capital of Italy is";
+    let lm = m.backbone.causal().unwrap();
+    let peft = softprompt::adapter::load_peft(&to).unwrap();
+    for task in 0..3 {
+        let req = GenRequest {
+            ids: m.tokenizer.encode(text, true).unwrap(),
+            prompt: Arc::new(PromptCache::from_adapter_task(lm, &peft, Some(task)).unwrap()),
+            max_tokens: 8,
+            sampling: Default::default(),
+            stop: vec![],
+            stop_ids: m.tokenizer.eos_id().into_iter().collect(),
+        };
+        let want = generate(lm, &m.tokenizer, req, |_| Ok(())).unwrap();
+        let body = json!({"model": "mpt", "prompt": text, "max_tokens": 8, "temperature": 0, "task_id": task});
+        let (status, got) = post(&url, &body.to_string());
+        assert_eq!(status, 200, "{got}");
+        assert_eq!(got["choices"][0]["text"], want.text.as_str(), "task {task}");
+    }
+    for (body, needle) in [
+        (json!({"model": "mpt", "prompt": text}), "give `task_id` (0 to 2)"),
+        (json!({"model": "mpt", "prompt": text, "task_id": 3}), "out of range"),
+        (json!({"model": "smollm2", "prompt": text, "task_id": 0}), "base model"),
+    ] {
+        let (status, err) = post(&url, &body.to_string());
+        assert_eq!(status, 400, "{body}: {err}");
+        let message = err["error"]["message"].as_str().unwrap();
+        assert!(message.contains(needle), "{body}: `{message}` lacks `{needle}`");
+    }
+    let (_, models) = get(&format!("{base}/v1/models"));
+    assert_eq!(models["data"][1]["tasks"], 3, "{models}");
+}
