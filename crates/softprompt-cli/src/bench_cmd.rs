@@ -51,8 +51,8 @@ pub struct BenchArgs {
     /// grows with width.
     #[arg(long)]
     random_llama: Option<String>,
-    /// How to hold the frozen linear weights: `f32` or `file` (the file's storage, e.g. GGUF
-    /// Q4_1, converted tile by tile); overrides the recipe's `weights`.
+    /// How to hold the frozen linear weights: `f32`, `file` (the file's storage, e.g. GGUF
+    /// Q4_1, converted tile by tile), `f16`, `bf16` or `q8_0`; overrides the recipe's `weights`.
     #[arg(long, value_enum)]
     weights: Option<softprompt::backbone::WeightStorage>,
     /// Time generation instead: single-stream greedy tokens/s with a prompt-tuning adapter (the

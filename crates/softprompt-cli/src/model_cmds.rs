@@ -21,8 +21,9 @@ pub struct ModelArg {
     /// A GGUF file, a Hugging Face model directory, a fetched default model
     /// (`smollm2-135m`, `minilm-l6`) or `hf:org/name` (with the `hub` feature, online).
     pub model: String,
-    /// How to hold the frozen linear weights: `f32` (converted on load, fastest) or `file` (as
-    /// the file stores them, e.g. GGUF Q4_1: the same numbers in less memory).
+    /// How to hold the frozen linear weights: `f32` (converted on load, fastest), `file` (as
+    /// the file stores them, e.g. GGUF Q4_1: the same numbers in less memory), or converted at
+    /// load to `f16`, `bf16` or `q8_0`.
     #[arg(long, value_enum, default_value = "f32")]
     pub weights: WeightStorage,
 }

@@ -268,7 +268,8 @@ pub fn train_cmd(args: TrainArgs) -> Result<()> {
 pub struct ScoreArgs {
     /// MODEL.
     pub(crate) model: String,
-    /// How to hold the frozen linear weights: `f32` or `file` (the file's storage, less memory).
+    /// How to hold the frozen linear weights: `f32`, `file` (the file's storage, less memory),
+    /// `f16`, `bf16` or `q8_0`.
     #[arg(long, value_enum, default_value = "f32")]
     pub(crate) weights: softprompt::backbone::WeightStorage,
     /// JSONL rows to score.

@@ -273,9 +273,10 @@ pub struct TrainConfig {
     /// Where to compute: `cpu`, `cuda` or `cuda:N` (CUDA needs the `cuda` feature).
     #[cfg_attr(feature = "cli", arg(long))]
     pub device: String,
-    /// How the frozen linear weights are held: `f32` (converted on load, fastest) or `file`
-    /// (as the model file stores them, e.g. GGUF Q4_1 or f16, converted tile by tile inside
-    /// each product: the same numbers in a fraction of the memory).
+    /// How the frozen linear weights are held: `f32` (converted on load, fastest), `file` (as
+    /// the model file stores them, e.g. GGUF Q4_1 or f16, converted tile by tile inside each
+    /// product: the same numbers in a fraction of the memory), or converted at load to `f16`,
+    /// `bf16` or `q8_0` (Llama family).
     #[cfg_attr(feature = "cli", arg(long))]
     pub weights: WeightStorage,
 }

@@ -25,6 +25,37 @@ pub enum WeightStorage {
     /// tile by tile inside each product: the same numbers as `f32` in a fraction of the memory,
     /// for some speed. The embedding table, norms and biases stay f32.
     File,
+    /// Converted to f16 at load (2 bytes per weight), whatever the file stores.
+    F16,
+    /// Converted to bf16 at load (2 bytes per weight), whatever the file stores.
+    Bf16,
+    /// Quantized to GGML Q8_0 at load (34 bytes per 32 weights), whatever the file stores.
+    #[serde(rename = "q8_0")]
+    #[cfg_attr(feature = "cli", value(name = "q8_0"))]
+    Q8_0,
+}
+
+impl WeightStorage {
+    /// The name configs and flags use (`f32`, `file`, `f16`, `bf16`, `q8_0`).
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightStorage::F32 => "f32",
+            WeightStorage::File => "file",
+            WeightStorage::F16 => "f16",
+            WeightStorage::Bf16 => "bf16",
+            WeightStorage::Q8_0 => "q8_0",
+        }
+    }
+
+    /// The type the weights are converted to at load (`None`: f32, or the file's own storage).
+    pub fn converted_to(self) -> Option<GgmlDType> {
+        match self {
+            WeightStorage::F32 | WeightStorage::File => None,
+            WeightStorage::F16 => Some(GgmlDType::F16),
+            WeightStorage::Bf16 => Some(GgmlDType::BF16),
+            WeightStorage::Q8_0 => Some(GgmlDType::Q8_0),
+        }
+    }
 }
 
 /// A frozen `[rows, cols]` weight.
@@ -144,6 +175,19 @@ impl StoredRows {
             GgmlDType::Q8_1 => bail!("Q8_1 is an activation format, not a weight storage"),
         };
         Ok(StoredRows { dtype, rows, blocks })
+    }
+
+    /// The f32 matrix `w: [rows, cols]` converted to `dtype` (GGML's own quantization).
+    pub fn convert(w: &candle_core::Tensor, dtype: GgmlDType) -> Result<StoredRows> {
+        let (rows, cols) = w.dims2()?;
+        if !cols.is_multiple_of(dtype.block_size()) {
+            bail!(
+                "rows of {cols} values do not split into {dtype:?} blocks of {}",
+                dtype.block_size()
+            );
+        }
+        let q = candle_core::quantized::QTensor::quantize(w, dtype)?;
+        Self::from_bytes(dtype, rows, cols, &q.data()?)
     }
 
     /// The storage type.

@@ -398,7 +398,7 @@ pub fn load(location: &ModelLocation, device: &Device) -> Result<LoadedModel> {
 }
 
 /// [`load`] with the linear layers' weights kept as `storage` says (Llama family; BERT
-/// encoders always hold f32, as their files do).
+/// encoders hold f32, as their files do, and refuse a conversion).
 pub fn load_with(location: &ModelLocation, device: &Device, storage: WeightStorage) -> Result<LoadedModel> {
     let (backbone, tokenizer, chat_template): (Model, TextTokenizer, Option<String>) = match location {
         ModelLocation::Gguf(path) => {
@@ -429,6 +429,12 @@ pub fn load_with(location: &ModelLocation, device: &Device, storage: WeightStora
                 "llama" | "mistral" | "qwen2" => Model::Causal(Box::new(llama::Llama::from_hf(
                     dir, &config, &weights, device, storage,
                 )?)),
+                "bert" if storage.converted_to().is_some() => bail!(
+                    "{}: weights = {} converts the linear weights of Llama-family models; BERT \
+                     encoders hold f32 (use weights = f32 or file)",
+                    dir.display(),
+                    storage.name()
+                ),
                 "bert" => Model::Encoder(Box::new(bert::Bert::from_hf(dir, &config, &weights, device)?)),
                 other => bail!(
                     "{}: model_type `{other}` is not supported (supported: llama, mistral, qwen2, bert)",

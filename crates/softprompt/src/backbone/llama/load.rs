@@ -183,16 +183,26 @@ impl Llama {
             }
         };
         let embed = get(P::Embed, 0, &[cfg.vocab, d])?;
-        let keep_stored = storage == WeightStorage::File;
+        let keep_stored = storage != WeightStorage::F32;
         let fused_path = crate::backbone::fused::applies(device, embed.dtype());
         if keep_stored && !fused_path {
             bail!(
-                "weights = \"file\" keeps the weights in the file's storage for the fused CPU kernels; \
-                 it needs device cpu (and SOFTPROMPT_COMPOSED unset)"
+                "weights = \"{}\" keeps the weights in less memory for the fused CPU kernels; \
+                 it needs device cpu (and SOFTPROMPT_COMPOSED unset)",
+                storage.name()
             );
         }
-        // A linear weight as the file stores it, rows reordered where llama.cpp permuted them.
+        // A linear weight as the file stores it or converted as asked, rows reordered where
+        // llama.cpp permuted them.
         let stored = |p: P, l: usize, shape: [usize; 2], heads: Option<usize>| -> Result<StoredRows> {
+            if let Some(to) = storage.converted_to() {
+                let mut t = get(p, l, &shape)?;
+                if let (Some(h), true) = (heads, unpermute) {
+                    t = unpermute_rows(&t, h)?;
+                }
+                return StoredRows::convert(&t.to_dtype(candle_core::DType::F32)?, to)
+                    .with_context(|| format!("{}: tensor `{}`", w.location().display(), name(p, l)));
+            }
             let (dtype, bytes) = w.stored(&name(p, l), &shape)?;
             let bytes = match heads {
                 Some(h) if unpermute => Cow::Owned(reorder_rows(&bytes, &unpermuted_order(shape[0], h))),
