@@ -181,199 +181,192 @@ fn block_keys(lay: &AttentionLayout, last_query: usize) -> usize {
     lay.span(last_query).1
 }
 
-/// Softmax attention: writes `out: [N, heads·head_dim]`; with `probs` (`[N, heads, keys]`) also
-/// keeps the attention probabilities for [`attention_backward`] (zero where masked).
-pub fn attention(lay: &AttentionLayout, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], probs: Option<&mut [f32]>) {
+/// Softmax attention: writes `out: [N, heads·head_dim]`. Nothing of size queries × keys is
+/// kept: [`attention_backward`] recomputes the probabilities block by block.
+pub fn attention(lay: &AttentionLayout, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32]) {
     lay.check(q, k, v);
     let (h, hd, s) = (lay.heads, lay.head_dim, lay.keys);
     let kvd = lay.kv_heads * hd;
     let (scale, group) = (lay.scale(), lay.group());
     assert_eq!(out.len(), q.len());
     let blocks = blocks(lay);
-    let prob_chunks: Vec<Option<&mut [f32]>> = match probs {
-        Some(p) => {
-            assert_eq!(
-                p.len(),
-                lay.query_row.len() * h * s,
-                "attention: probs is not [N, heads, keys]"
+    let tasks: Vec<_> = blocks.iter().zip(block_chunks(out, &blocks, h * hd)).collect();
+    tasks.into_par_iter().for_each(|(&(first, last_end), out)| {
+        let m = last_end - first;
+        let b = lay.query_row[first];
+        let end = block_keys(lay, last_end - 1);
+        let mut scores = vec![0f32; m * end];
+        let (k_row, v_row) = (&k[b * s * kvd..], &v[b * s * kvd..]);
+        for head in 0..h {
+            let g = head / group;
+            // scores = scale · Q·Kᵀ
+            mm(
+                (m, end, hd),
+                &mut scores,
+                end,
+                false,
+                (&q[(first * h + head) * hd..], h * hd, 1),
+                (&k_row[g * hd..], 1, kvd),
+                scale,
+                gemm::Parallelism::None,
             );
-            block_chunks(p, &blocks, h * s).into_iter().map(Some).collect()
+            softmax_rows(lay, &mut scores, first, end);
+            // out = P·V
+            mm(
+                (m, hd, end),
+                &mut out[head * hd..],
+                h * hd,
+                false,
+                (&scores, end, 1),
+                (&v_row[g * hd..], kvd, 1),
+                1.0,
+                gemm::Parallelism::None,
+            );
         }
-        None => blocks.iter().map(|_| None).collect(),
-    };
-    let tasks: Vec<_> = blocks
-        .iter()
-        .zip(block_chunks(out, &blocks, h * hd))
-        .zip(prob_chunks)
-        .collect();
-    tasks
-        .into_par_iter()
-        .for_each(|((&(first, last_end), out), mut probs)| {
-            let m = last_end - first;
-            let b = lay.query_row[first];
-            let end = block_keys(lay, last_end - 1);
-            let mut scores = vec![0f32; m * end];
-            let (k_row, v_row) = (&k[b * s * kvd..], &v[b * s * kvd..]);
-            for head in 0..h {
-                let g = head / group;
-                // scores = scale · Q·Kᵀ
-                mm(
-                    (m, end, hd),
-                    &mut scores,
-                    end,
-                    false,
-                    (&q[(first * h + head) * hd..], h * hd, 1),
-                    (&k_row[g * hd..], 1, kvd),
-                    scale,
-                    gemm::Parallelism::None,
-                );
-                softmax_rows(lay, &mut scores, first, end);
-                if let Some(p) = probs.as_deref_mut() {
-                    for (r, row) in scores.chunks(end).enumerate() {
-                        p[(r * h + head) * s..][..end].copy_from_slice(row);
-                    }
-                }
-                // out = P·V
-                mm(
-                    (m, hd, end),
-                    &mut out[head * hd..],
-                    h * hd,
-                    false,
-                    (&scores, end, 1),
-                    (&v_row[g * hd..], kvd, 1),
-                    1.0,
-                    gemm::Parallelism::None,
-                );
-            }
-        });
+    });
+}
+
+/// One query head's gradients over one batch row's queries: `dq` `[queries, head_dim]`, and
+/// `dk`, `dv` `[keys, head_dim]` (this head's share of its key/value head).
+struct HeadGrads {
+    dq: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
 }
 
 /// Input gradients of [`attention`] from `d_out: [N, heads·head_dim]`: writes `dq` (like `q`)
-/// and `dk`, `dv` (like `k`, `v`; zero at padded slots). `probs` are the forward's.
+/// and `dk`, `dv` (like `k`, `v`; zero at padded slots). The probabilities are recomputed from
+/// `q` and `k` one block of queries at a time (as FlashAttention does), so memory stays linear
+/// in the keys. One task per (batch row, query head): P = softmax(scale·Q·Kᵀ), dP = dO·Vᵀ,
+/// dS = P ⊙ (dP − rowsum(P ⊙ dP)), dQ = scale·dS·K, dV += Pᵀ·dO, dK += scale·dSᵀ·Q; the
+/// heads of a group are then summed into their key/value head.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     lay: &AttentionLayout,
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    probs: &[f32],
     d_out: &[f32],
     dq: &mut [f32],
     dk: &mut [f32],
     dv: &mut [f32],
 ) {
     lay.check(q, k, v);
-    let (h, hd, s, n) = (lay.heads, lay.head_dim, lay.keys, lay.query_row.len());
+    let (h, hd, s) = (lay.heads, lay.head_dim, lay.keys);
     let kvd = lay.kv_heads * hd;
     let (scale, group) = (lay.scale(), lay.group());
-    assert_eq!(probs.len(), n * h * s);
     assert_eq!(d_out.len(), q.len());
-    // 1. per query block: dS = P ⊙ (dP − rowsum(P ⊙ dP)) with dP = dO·Vᵀ, and dQ = scale · dS·K.
-    let blocks = blocks(lay);
-    let mut ds = vec![0f32; n * h * s];
-    let tasks: Vec<_> = blocks
-        .iter()
-        .zip(block_chunks(dq, &blocks, h * hd))
-        .zip(block_chunks(&mut ds, &blocks, h * s))
+    assert_eq!(dq.len(), q.len());
+    assert_eq!((dk.len(), dv.len()), (k.len(), v.len()));
+    let rows = lay.key_mask.len() / s.max(1);
+    let mut row_blocks: Vec<Vec<(usize, usize)>> = vec![Vec::new(); rows];
+    for (first, end) in blocks(lay) {
+        row_blocks[lay.query_row[first]].push((first, end));
+    }
+    let tasks: Vec<(usize, usize)> = (0..rows)
+        .filter(|&b| !row_blocks[b].is_empty())
+        .flat_map(|b| (0..h).map(move |head| (b, head)))
         .collect();
-    tasks.into_par_iter().for_each(|((&(first, last_end), dq), ds)| {
-        let m = last_end - first;
-        let b = lay.query_row[first];
-        let end = block_keys(lay, last_end - 1);
-        let mut dp = vec![0f32; m * end];
-        let (k_row, v_row) = (&k[b * s * kvd..], &v[b * s * kvd..]);
-        for head in 0..h {
-            let g = head / group;
+    let head_grads = |&(b, head): &(usize, usize)| -> HeadGrads {
+        let g = head / group;
+        let blocks = &row_blocks[b];
+        let start = blocks[0].0;
+        let count = blocks[blocks.len() - 1].1 - start;
+        let mut out = HeadGrads {
+            dq: vec![0f32; count * hd],
+            dk: vec![0f32; s * hd],
+            dv: vec![0f32; s * hd],
+        };
+        let (k_row, v_row) = (&k[b * s * kvd + g * hd..], &v[b * s * kvd + g * hd..]);
+        let (mut p, mut ds) = (Vec::new(), Vec::new());
+        for &(first, last_end) in blocks {
+            let m = last_end - first;
+            let end = block_keys(lay, last_end - 1);
+            let (q_blk, do_blk) = (&q[(first * h + head) * hd..], &d_out[(first * h + head) * hd..]);
+            p.resize(m * end, 0.0);
+            ds.resize(m * end, 0.0);
+            let none = gemm::Parallelism::None;
             mm(
                 (m, end, hd),
-                &mut dp,
+                &mut p,
                 end,
                 false,
-                (&d_out[(first * h + head) * hd..], h * hd, 1),
-                (&v_row[g * hd..], 1, kvd),
-                1.0,
-                gemm::Parallelism::None,
+                (q_blk, h * hd, 1),
+                (k_row, 1, kvd),
+                scale,
+                none,
             );
-            for (r, dp) in dp.chunks_mut(end).enumerate() {
-                let p = &probs[((first + r) * h + head) * s..][..end];
-                let row: f32 = p.iter().zip(dp.iter()).map(|(p, d)| p * d).sum();
-                let out = &mut ds[(r * h + head) * s..][..end];
-                for ((o, d), p) in out.iter_mut().zip(dp.iter_mut()).zip(p) {
+            softmax_rows(lay, &mut p, first, end);
+            mm(
+                (m, end, hd),
+                &mut ds,
+                end,
+                false,
+                (do_blk, h * hd, 1),
+                (v_row, 1, kvd),
+                1.0,
+                none,
+            );
+            for (p, ds) in p.chunks(end).zip(ds.chunks_mut(end)) {
+                let row: f32 = p.iter().zip(ds.iter()).map(|(p, d)| p * d).sum();
+                for (d, p) in ds.iter_mut().zip(p) {
                     *d = p * (*d - row);
-                    *o = *d;
                 }
             }
+            let dq_blk = &mut out.dq[(first - start) * hd..];
             mm(
                 (m, hd, end),
-                &mut dq[head * hd..],
-                h * hd,
+                dq_blk,
+                hd,
                 false,
-                (&dp, end, 1),
-                (&k_row[g * hd..], kvd, 1),
+                (&ds, end, 1),
+                (k_row, kvd, 1),
                 scale,
-                gemm::Parallelism::None,
+                none,
             );
-        }
-    });
-    // 2. per batch row and key/value head: dV = Σ_heads Pᵀ·dO and dK = scale · Σ_heads dSᵀ·Q,
-    //    two matrix multiplies per query head over the row's queries (P and dS are zero where a
-    //    key is masked or in a query's causal future).
-    let rows = lay.key_mask.len() / s.max(1);
-    let mut row_start = vec![n; rows + 1];
-    for (i, &b) in lay.query_row.iter().enumerate().rev() {
-        row_start[b] = i;
-    }
-    for b in (0..rows).rev() {
-        row_start[b] = row_start[b].min(row_start[b + 1]);
-    }
-    let few_rows = rows < rayon::current_num_threads();
-    let row_grads = |b: usize, dk: &mut [f32], dv: &mut [f32]| {
-        let (start, count) = (row_start[b], row_start[b + 1] - row_start[b]);
-        dk.fill(0.0);
-        dv.fill(0.0);
-        if count == 0 {
-            return;
-        }
-        let par = if few_rows {
-            gemm::Parallelism::Rayon(rayon::current_num_threads())
-        } else {
-            gemm::Parallelism::None
-        };
-        for head in 0..h {
-            let g = head / group;
-            let accumulate = head % group != 0;
-            // dV[j] (+)= Σ_i P[i, j]·dO[i];  dK[j] (+)= scale · Σ_i dS[i, j]·Q[i]
             mm(
-                (s, hd, count),
-                &mut dv[g * hd..],
-                kvd,
-                accumulate,
-                (&probs[(start * h + head) * s..], 1, h * s),
-                (&d_out[(start * h + head) * hd..], h * hd, 1),
+                (end, hd, m),
+                &mut out.dv,
+                hd,
+                true,
+                (&p, 1, end),
+                (do_blk, h * hd, 1),
                 1.0,
-                par,
+                none,
             );
             mm(
-                (s, hd, count),
-                &mut dk[g * hd..],
-                kvd,
-                accumulate,
-                (&ds[(start * h + head) * s..], 1, h * s),
-                (&q[(start * h + head) * hd..], h * hd, 1),
+                (end, hd, m),
+                &mut out.dk,
+                hd,
+                true,
+                (&ds, 1, end),
+                (q_blk, h * hd, 1),
                 scale,
-                par,
+                none,
             );
         }
+        out
     };
-    if few_rows {
-        for (b, (dk, dv)) in dk.chunks_mut(s * kvd).zip(dv.chunks_mut(s * kvd)).enumerate() {
-            row_grads(b, dk, dv);
+    let grads: Vec<HeadGrads> = tasks.par_iter().map(head_grads).collect();
+    dk.fill(0.0);
+    dv.fill(0.0);
+    for (&(b, head), gr) in tasks.iter().zip(&grads) {
+        let g = head / group;
+        let start = row_blocks[b][0].0;
+        for (i, row) in gr.dq.chunks(hd).enumerate() {
+            dq[((start + i) * h + head) * hd..][..hd].copy_from_slice(row);
         }
-    } else {
-        dk.par_chunks_mut(s * kvd)
-            .zip(dv.par_chunks_mut(s * kvd))
-            .enumerate()
-            .for_each(|(b, (dk, dv))| row_grads(b, dk, dv));
+        for (slot, (gk, gv)) in gr.dk.chunks(hd).zip(gr.dv.chunks(hd)).enumerate() {
+            let at = (b * s + slot) * kvd + g * hd;
+            for ((k, v), (a, c)) in dk[at..at + hd]
+                .iter_mut()
+                .zip(&mut dv[at..at + hd])
+                .zip(gk.iter().zip(gv))
+            {
+                *k += a;
+                *v += c;
+            }
+        }
     }
 }
 
@@ -409,14 +402,11 @@ mod tests {
             let w = gen(n * h * hd, 0.91);
             let loss = |q: &[f32], k: &[f32], v: &[f32]| {
                 let mut out = vec![0.0; q.len()];
-                attention(&lay, q, k, v, &mut out, None);
+                attention(&lay, q, k, v, &mut out);
                 out.iter().zip(&w).map(|(a, b)| (a * b) as f64).sum::<f64>()
             };
-            let mut out = vec![0.0; q.len()];
-            let mut probs = vec![0.0; n * h * s];
-            attention(&lay, &q, &k, &v, &mut out, Some(&mut probs));
             let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
-            attention_backward(&lay, &q, &k, &v, &probs, &w, &mut dq, &mut dk, &mut dv);
+            attention_backward(&lay, &q, &k, &v, &w, &mut dq, &mut dk, &mut dv);
             let fd = |which: usize, idx: usize| {
                 let mut args = [q.clone(), k.clone(), v.clone()];
                 args[which][idx] += 1e-2;

@@ -84,7 +84,6 @@ struct LayerTape {
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
-    probs: Vec<f32>,
     r1: Vec<f32>,
     rstd1: Vec<f32>,
     z: Vec<f32>,
@@ -269,14 +268,9 @@ impl FusedBert {
             }
         });
         let mut a = vec![0f32; n * d];
-        let mut probs = if keep {
-            vec![0f32; n * self.heads * slots.keys]
-        } else {
-            Vec::new()
-        };
         span("attention", F, || {
             let lay = slots.layout(self, packed);
-            attention::attention(&lay, &q, &k, &v, &mut a, keep.then_some(&mut probs[..]))
+            attention::attention(&lay, &q, &k, &v, &mut a)
         });
         let mut r1 = x;
         span("o-proj", F, || l.o.forward(&a, &mut r1, n, true));
@@ -300,7 +294,6 @@ impl FusedBert {
             q,
             k,
             v,
-            probs,
             r1,
             rstd1,
             z,
@@ -342,7 +335,7 @@ impl FusedBert {
         let (mut dq, mut dk, mut dv) = (vec![0f32; n * d], vec![0f32; t.k.len()], vec![0f32; t.v.len()]);
         span("attention", B, || {
             let lay = slots.layout(self, packed);
-            attention::attention_backward(&lay, &t.q, &t.k, &t.v, &t.probs, &da, &mut dq, &mut dk, &mut dv)
+            attention::attention_backward(&lay, &t.q, &t.k, &t.v, &da, &mut dq, &mut dk, &mut dv)
         });
         let mut dqkv = vec![0f32; n * 3 * d];
         span("copies", B, || {

@@ -65,7 +65,6 @@ struct LayerTape {
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
-    probs: Vec<f32>,
     x2: Vec<f32>,
     rstd2: Vec<f32>,
     gate_up: Vec<f32>,
@@ -352,14 +351,9 @@ impl FusedLlama {
             }
         });
         let mut a = n1; // n1 is not needed any more: its buffer takes the attention output
-        let mut probs = if keep {
-            vec![0f32; n * self.heads * g.keys]
-        } else {
-            Vec::new()
-        };
         span("attention", F, || {
             let lay = g.layout(self);
-            attention::attention(&lay, &q, k_slots, v_slots, &mut a, keep.then_some(&mut probs[..]))
+            attention::attention(&lay, &q, k_slots, v_slots, &mut a)
         });
         let mut x2 = x.clone();
         span("o-proj", F, || l.wo.matmul_wt(&a, &mut x2, n, d, d, true));
@@ -382,7 +376,6 @@ impl FusedLlama {
             q,
             k: k_slots.clone(),
             v: v_slots.clone(),
-            probs,
             x2,
             rstd2,
             gate_up,
@@ -422,7 +415,7 @@ impl FusedLlama {
         let (mut dk, mut dv) = (vec![0f32; t.k.len()], vec![0f32; t.v.len()]);
         span("attention", B, || {
             let lay = g.layout(self);
-            attention::attention_backward(&lay, &t.q, &t.k, &t.v, &t.probs, &da, &mut dq, &mut dk, &mut dv)
+            attention::attention_backward(&lay, &t.q, &t.k, &t.v, &da, &mut dq, &mut dk, &mut dv)
         });
         let mut dk_new = vec![0f32; n * kvd];
         span("copies", B, || {
