@@ -235,6 +235,29 @@ fn playground_streams_a_completion_and_shows_probabilities_in_chromium() {
         .contains("12 tokens"));
     eprintln!("the page's text went through {} states while streaming", texts.len());
 
+    // a multitask adapter: the page offers its tasks and sends the chosen one's task_id
+    b.eval("$('model').value = 'multitask'; $('model').dispatchEvent(new Event('change')); true");
+    assert_eq!(
+        b.eval("[...$('task').options].map(o => o.value)"),
+        json!(["0", "1", "2"])
+    );
+    assert_eq!(b.eval("$('task-label').hidden"), json!(false));
+    b.eval("$('task').value = '2'; $('max').value = 6; $('go').click(); true");
+    b.wait_for(
+        "$('status').dataset.state === 'done'",
+        "$('out').textContent",
+        &mut Vec::new(),
+    );
+    let (status, answer) = super::tests::post(
+        &format!("{base}/v1/completions"),
+        &json!({"model": "multitask", "prompt": prompt, "max_tokens": 6, "temperature": 0, "task_id": 2}).to_string(),
+    );
+    assert_eq!(status, 200, "{answer}");
+    let want = format!("{prompt}{}", answer["choices"][0]["text"].as_str().unwrap());
+    assert_eq!(b.eval("$('out').textContent"), json!(want));
+    b.eval("$('model').value = 'prompt_tuning'; $('model').dispatchEvent(new Event('change')); true");
+    assert_eq!(b.eval("$('task-label').hidden"), json!(true));
+
     // classify mode: only adapters with labels; one box per input field; the probabilities
     b.eval("$('mode').value = 'classify'; $('mode').dispatchEvent(new Event('change')); true");
     let options = b.eval("[...$('model').options].map(o => o.value)");

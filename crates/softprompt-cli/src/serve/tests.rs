@@ -71,14 +71,19 @@ fn add_classifiers(dir: &std::path::Path) {
     }
 }
 
-/// A fresh folder with the two generation fixture adapters and two classification adapters.
+/// A fresh folder with the three generation fixture adapters (one of them multitask) and two
+/// classification adapters.
 fn adapters_dir() -> PathBuf {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let dir = std::env::temp_dir().join(format!("softprompt-serve-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    for name in ["smollm2_generate_prompt_tuning", "smollm2_generate_prefix_tuning"] {
-        let to = dir.join(name.trim_start_matches("smollm2_generate_"));
+    for (name, folder) in [
+        ("smollm2_generate_prompt_tuning", "prompt_tuning"),
+        ("smollm2_generate_prefix_tuning", "prefix_tuning"),
+        ("smollm2_multitask_prompt_tuning", "multitask"),
+    ] {
+        let to = dir.join(folder);
         std::fs::create_dir_all(&to).unwrap();
         for f in ["adapter_config.json", "adapter_model.safetensors"] {
             std::fs::copy(fixture(name).join(f), to.join(f)).unwrap();
@@ -97,7 +102,7 @@ fn start_in(api_key: Option<String>, max_queue: usize) -> (String, PathBuf) {
     let adapters = load_adapters(&m, &dir).unwrap();
     assert_eq!(
         adapters.keys().collect::<Vec<_>>(),
-        ["nli", "prefix_tuning", "prompt_tuning", "sentiment"]
+        ["multitask", "nli", "prefix_tuning", "prompt_tuning", "sentiment"]
     );
     let url = launch(
         m,
@@ -785,24 +790,11 @@ fn an_encoder_serves_its_seq_cls_adapters() {
 fn a_multitask_adapter_serves_each_task() {
     use softprompt::infer::engine::{generate, GenRequest};
     let m = model();
-    let dir = std::env::temp_dir().join(format!("softprompt-serve-mpt-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let to = dir.join("mpt");
-    std::fs::create_dir_all(&to).unwrap();
-    for f in ["adapter_config.json", "adapter_model.safetensors"] {
-        std::fs::copy(fixture("smollm2_multitask_prompt_tuning").join(f), to.join(f)).unwrap();
-    }
-    let opts = ServerOptions {
-        api_key: None,
-        max_tokens_limit: 64,
-        max_queue: 8,
-        adapters_dir: Some(dir.clone()),
-    };
-    let base = launch(m.clone(), "smollm2", load_adapters(&m, &dir).unwrap(), opts);
+    let base = server();
     let url = format!("{base}/v1/completions");
     let text = "The capital of Italy is";
     let lm = m.backbone.causal().unwrap();
-    let peft = softprompt::adapter::load_peft(&to).unwrap();
+    let peft = softprompt::adapter::load_peft(&shared().1.join("multitask")).unwrap();
     for task in 0..3 {
         let req = GenRequest {
             ids: m.tokenizer.encode(text, true).unwrap(),
@@ -813,14 +805,17 @@ fn a_multitask_adapter_serves_each_task() {
             stop_ids: m.tokenizer.eos_id().into_iter().collect(),
         };
         let want = generate(lm, &m.tokenizer, req, |_| Ok(())).unwrap();
-        let body = json!({"model": "mpt", "prompt": text, "max_tokens": 8, "temperature": 0, "task_id": task});
+        let body = json!({"model": "multitask", "prompt": text, "max_tokens": 8, "temperature": 0, "task_id": task});
         let (status, got) = post(&url, &body.to_string());
         assert_eq!(status, 200, "{got}");
         assert_eq!(got["choices"][0]["text"], want.text.as_str(), "task {task}");
     }
     for (body, needle) in [
-        (json!({"model": "mpt", "prompt": text}), "give `task_id` (0 to 2)"),
-        (json!({"model": "mpt", "prompt": text, "task_id": 3}), "out of range"),
+        (json!({"model": "multitask", "prompt": text}), "give `task_id` (0 to 2)"),
+        (
+            json!({"model": "multitask", "prompt": text, "task_id": 3}),
+            "out of range",
+        ),
         (json!({"model": "smollm2", "prompt": text, "task_id": 0}), "base model"),
     ] {
         let (status, err) = post(&url, &body.to_string());
@@ -829,5 +824,10 @@ fn a_multitask_adapter_serves_each_task() {
         assert!(message.contains(needle), "{body}: `{message}` lacks `{needle}`");
     }
     let (_, models) = get(&format!("{base}/v1/models"));
-    assert_eq!(models["data"][1]["tasks"], 3, "{models}");
+    let multitask = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "multitask");
+    assert_eq!(multitask.unwrap()["tasks"], 3, "{models}");
 }
