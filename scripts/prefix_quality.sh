@@ -10,11 +10,13 @@ sp=target/release/softprompt
 out=${QUALITY_OUT:-runs/quality}
 recipe=examples/sentiment-quality.toml
 plain='Review: {text}\nSentiment: {label}'
+# the K/V inits prefill a text of at least num_virtual_tokens (20) tokens; the recipe's is 13
+long='Classify the sentiment of the movie review as positive or negative. Read the whole review first, then answer with a single word:'
 wanted() { [ -z "$only" ] || [[ " $only " == *" $1 "* ]]; }
 only="$*"
 run() { local name=$1; shift; wanted "$name" || return 0; $sp train --config $recipe --output "$out/$name" --overwrite "$@" | tee "$out/$name.json"; }
 mkdir -p "$out"
 run prompt-tuning
 run prefix-zero --template "$plain" --method prefix-tuning --num-virtual-tokens 20 --init zero --lr 0.01
-run prefix-text --template "$plain" --method prefix-tuning --num-virtual-tokens 20 --init text --lr 0.01
-run cartridge --template "$plain" --method cartridge --num-virtual-tokens 20 --init text --lr 0.01
+run prefix-text --template "$plain" --method prefix-tuning --num-virtual-tokens 20 --init text --init-text "$long" --lr 0.01
+run cartridge --template "$plain" --method cartridge --num-virtual-tokens 20 --init text --init-text "$long" --lr 0.01
