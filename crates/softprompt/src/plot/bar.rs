@@ -5,7 +5,7 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use std::path::Path;
 
-use super::canvas::{color, drawing, legend, legend_width, message, padded, render, styled_mesh, FAMILY};
+use super::canvas::{color, drawing, message, padded, render, styled_mesh, with_legend, FAMILY};
 use super::{Bar, CHART_SIZE};
 
 /// Draws `bars` into the PNG `path` ([`CHART_SIZE`]): the groups, in order of first appearance,
@@ -32,13 +32,7 @@ pub fn bar_chart(path: &Path, title: &str, y_title: &str, bars: &[Bar]) -> Resul
             return message(root, title, "no data");
         }
         let names: Vec<String> = labels.iter().map(|l| l.to_string()).collect();
-        let (plot, side) = root.split_horizontally(CHART_SIZE.0 - legend_width(&names, CHART_SIZE.0));
-        let entries: Vec<(String, RGBColor)> = names
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (n.clone(), color(i, names.len())))
-            .collect();
-        legend(&side, &entries)?;
+        let plot = with_legend(root, &names)?;
         let lo = bars.iter().map(|b| b.mean - err(b)).fold(0.0, f64::min);
         let hi = bars.iter().map(|b| b.mean + err(b)).fold(0.0, f64::max);
         let (plo, phi) = padded(lo, hi);

@@ -166,9 +166,23 @@ pub fn message(area: &Area, title: &str, text: &str) -> Result<()> {
     Ok(())
 }
 
+/// Splits `root` into the plot area (returned) and a legend column on the right naming `names`,
+/// entry `i` in colour [`color`]`(i, names.len())`.
+pub fn with_legend<'a>(root: &Area<'a>, names: &[String]) -> Result<Area<'a>> {
+    let width = root.dim_in_pixel().0;
+    let (plot, side) = root.split_horizontally(width - legend_width(names, width));
+    let entries: Vec<(String, RGBColor)> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.clone(), color(i, names.len())))
+        .collect();
+    legend(&side, &entries)?;
+    Ok(plot)
+}
+
 /// Draws a legend (colour swatch + name per entry) in a column on `area`; entries that do not
 /// fit are summarised as "… and N more".
-pub fn legend(area: &Area, entries: &[(String, RGBColor)]) -> Result<()> {
+fn legend(area: &Area, entries: &[(String, RGBColor)]) -> Result<()> {
     let (w, h) = area.dim_in_pixel();
     let max_chars = ((w as usize).saturating_sub(46) * 2 / 17).max(4);
     let row = 22;
@@ -196,7 +210,7 @@ pub fn legend(area: &Area, entries: &[(String, RGBColor)]) -> Result<()> {
 
 /// Width in pixels of a legend column for `names` (about 8.5 px per character at 15 px, plus the
 /// swatch), at most a third of `width`.
-pub fn legend_width(names: &[String], width: u32) -> u32 {
+fn legend_width(names: &[String], width: u32) -> u32 {
     let chars = names.iter().map(|n| n.chars().count()).max().unwrap_or(0) as u32;
     (50 + chars * 17 / 2).min(width / 3)
 }

@@ -5,7 +5,7 @@ use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
 use plotters::prelude::*;
 use std::path::Path;
 
-use super::canvas::{color, drawing, legend, legend_width, message, padded, render, styled_mesh, Area, FAMILY};
+use super::canvas::{color, drawing, message, padded, render, styled_mesh, with_legend, Area, FAMILY};
 use super::{Series, CHART_SIZE};
 
 /// A series' name and its finite points as (x, y, error-bar half-height, 0 for none).
@@ -55,13 +55,7 @@ pub fn line_chart(
         let y_lo = all.iter().map(|p| p.1 - p.2).fold(f64::INFINITY, f64::min);
         let y_hi = all.iter().map(|p| p.1 + p.2).fold(f64::NEG_INFINITY, f64::max);
         let names: Vec<String> = kept.iter().map(|s| s.0.to_string()).collect();
-        let (plot, side) = root.split_horizontally(CHART_SIZE.0 - legend_width(&names, CHART_SIZE.0));
-        let entries: Vec<(String, RGBColor)> = names
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (n.clone(), color(i, names.len())))
-            .collect();
-        legend(&side, &entries)?;
+        let plot = with_legend(root, &names)?;
         let y = padded(y_lo, y_hi);
         if x_log {
             let (lo, hi) = if x_hi / x_lo < 1.0 + 1e-9 {
