@@ -144,10 +144,8 @@ impl StoredRows {
     /// Rows from their raw little-endian bytes in `dtype` (as in a GGUF file or, for f16/bf16/
     /// f32, a safetensors file): `rows · cols / block_size` blocks of `type_size` bytes.
     pub fn from_bytes(dtype: GgmlDType, rows: usize, cols: usize, bytes: &[u8]) -> Result<StoredRows> {
+        check_blocks(dtype, cols)?;
         let (bs, ts) = (dtype.block_size(), dtype.type_size());
-        if !cols.is_multiple_of(bs) {
-            bail!("rows of {cols} values do not split into {dtype:?} blocks of {bs}");
-        }
         let n_blocks = rows * cols / bs;
         if bytes.len() != n_blocks * ts {
             bail!(
@@ -180,12 +178,7 @@ impl StoredRows {
     /// The f32 matrix `w: [rows, cols]` converted to `dtype` (GGML's own quantization).
     pub fn convert(w: &candle_core::Tensor, dtype: GgmlDType) -> Result<StoredRows> {
         let (rows, cols) = w.dims2()?;
-        if !cols.is_multiple_of(dtype.block_size()) {
-            bail!(
-                "rows of {cols} values do not split into {dtype:?} blocks of {}",
-                dtype.block_size()
-            );
-        }
+        check_blocks(dtype, cols)?;
         let q = candle_core::quantized::QTensor::quantize(w, dtype)?;
         Self::from_bytes(dtype, rows, cols, &q.data()?)
     }
@@ -194,6 +187,15 @@ impl StoredRows {
     pub fn dtype(&self) -> GgmlDType {
         self.dtype
     }
+}
+
+/// Refuses rows of `cols` values that do not split into whole `dtype` blocks.
+fn check_blocks(dtype: GgmlDType, cols: usize) -> Result<()> {
+    let bs = dtype.block_size();
+    if !cols.is_multiple_of(bs) {
+        bail!("rows of {cols} values do not split into {dtype:?} blocks of {bs}");
+    }
+    Ok(())
 }
 
 /// Raw bytes in a row-major `[rows, row_bytes]` layout with the rows reordered: row `r` of the
