@@ -25,16 +25,31 @@ pub(super) fn model() -> Arc<LoadedModel> {
         .clone()
 }
 
-/// Writes `softprompt.json` for a classification task into `dir`.
-fn write_task_file(dir: &std::path::Path, template: &str, labels: &[&str], verbalizer: &[(&str, &str)]) {
+/// Copies the PEFT files of fixture adapter `name` into a new folder `to`.
+fn copy_adapter(name: &str, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for f in [ADAPTER_CONFIG, softprompt::adapter::ADAPTER_WEIGHTS] {
+        std::fs::copy(fixture(name).join(f), to.join(f)).unwrap();
+    }
+}
+
+/// Writes `softprompt.json` for a classification task of `model` (`classify` or `seq-cls`,
+/// target field `label`) into `dir`.
+fn write_task_file(
+    dir: &std::path::Path,
+    (task, model): (softprompt::task::TaskKind, &str),
+    template: &str,
+    labels: &[&str],
+    verbalizer: &[(&str, &str)],
+) {
     use softprompt::adapter::run_files::{TaskFile, TASK_FILE};
     let tf = TaskFile {
         template: template.into(),
         target_field: "label".into(),
-        task: softprompt::task::TaskKind::Classify,
+        task,
         labels: labels.iter().map(|l| l.to_string()).collect(),
         verbalizer: verbalizer.iter().map(|(l, w)| (l.to_string(), w.to_string())).collect(),
-        model: "smollm2-135m".into(),
+        model: model.into(),
         config: Default::default(),
         task_labels: vec![],
     };
@@ -63,11 +78,9 @@ fn add_classifiers(dir: &std::path::Path) {
         ),
     ] {
         let to = dir.join(name);
-        std::fs::create_dir_all(&to).unwrap();
-        for f in ["adapter_config.json", "adapter_model.safetensors"] {
-            std::fs::copy(fixture("smollm2_generate_prompt_tuning").join(f), to.join(f)).unwrap();
-        }
-        write_task_file(&to, template, labels, verbalizer);
+        copy_adapter("smollm2_generate_prompt_tuning", &to);
+        let task = (softprompt::task::TaskKind::Classify, "smollm2-135m");
+        write_task_file(&to, task, template, labels, verbalizer);
     }
 }
 
@@ -83,11 +96,7 @@ fn adapters_dir() -> PathBuf {
         ("smollm2_generate_prefix_tuning", "prefix_tuning"),
         ("smollm2_multitask_prompt_tuning", "multitask"),
     ] {
-        let to = dir.join(folder);
-        std::fs::create_dir_all(&to).unwrap();
-        for f in ["adapter_config.json", "adapter_model.safetensors"] {
-            std::fs::copy(fixture(name).join(f), to.join(f)).unwrap();
-        }
+        copy_adapter(name, &dir.join(folder));
     }
     std::fs::create_dir_all(dir.join("not-an-adapter")).unwrap();
     add_classifiers(&dir);
@@ -390,10 +399,7 @@ fn playground_and_metrics() {
 fn adapters_load_and_unload_at_run_time() {
     let (base, dir) = shared();
     let late = dir.join("late");
-    std::fs::create_dir_all(&late).unwrap();
-    for f in ["adapter_config.json", "adapter_model.safetensors"] {
-        std::fs::copy(fixture("smollm2_generate_prompt_tuning").join(f), late.join(f)).unwrap();
-    }
+    copy_adapter("smollm2_generate_prompt_tuning", &late);
     let url = format!("{base}/v1/completions");
     let body = r#"{"model": "late", "prompt": "The capital of Italy is", "max_tokens": 12, "temperature": 0}"#;
     assert_eq!(post(&url, body).0, 404);
@@ -686,33 +692,17 @@ fn classify_errors_are_json_4xx() {
 /// adapter is refused at load, and the models list says nothing generates.
 #[test]
 fn an_encoder_serves_its_seq_cls_adapters() {
-    use softprompt::adapter::run_files::{TaskFile, TASK_FILE};
     let m = Arc::new(crate::model_cmds::load_with("minilm-l6", Default::default()).expect("run `softprompt fetch`"));
     let dir = std::env::temp_dir().join(format!("softprompt-serve-encoder-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let to = dir.join("sentiment");
-    std::fs::create_dir_all(&to).unwrap();
-    for f in ["adapter_config.json", "adapter_model.safetensors"] {
-        std::fs::copy(fixture("minilm_seqcls_prompt_tuning").join(f), to.join(f)).unwrap();
-    }
-    let tf = TaskFile {
-        template: "[soft:6]{text}".into(),
-        target_field: "label".into(),
-        task: softprompt::task::TaskKind::SeqCls,
-        labels: vec!["negative".into(), "positive".into()],
-        verbalizer: Default::default(),
-        model: "minilm-l6".into(),
-        config: Default::default(),
-        task_labels: vec![],
-    };
-    std::fs::write(to.join(TASK_FILE), serde_json::to_string_pretty(&tf).unwrap()).unwrap();
+    copy_adapter("minilm_seqcls_prompt_tuning", &to);
+    let task = (softprompt::task::TaskKind::SeqCls, "minilm-l6");
+    write_task_file(&to, task, "[soft:6]{text}", &["negative", "positive"], &[]);
 
     // a generation adapter cannot be served by an encoder
     let bad = dir.join("generation");
-    std::fs::create_dir_all(&bad).unwrap();
-    for f in ["adapter_config.json", "adapter_model.safetensors"] {
-        std::fs::copy(fixture("minilm_seqcls_prompt_tuning").join(f), bad.join(f)).unwrap();
-    }
+    copy_adapter("minilm_seqcls_prompt_tuning", &bad);
     let err = format!(
         "{:#}",
         load_adapters(&m, &dir)
