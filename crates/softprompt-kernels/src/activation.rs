@@ -4,8 +4,9 @@ use rayon::prelude::*;
 
 const ROWS_PER_TASK: usize = 8;
 
+#[inline(always)]
 fn sigmoid(z: f32) -> f32 {
-    1.0 / (1.0 + (-z).exp())
+    1.0 / (1.0 + crate::exp::exp(-z))
 }
 
 /// SwiGLU's gate: for each row of `gate_up: [rows, 2·width]` (gate, then up),

@@ -2,7 +2,8 @@
 //!
 //! Every kernel works on plain row-major slices and has a hand-written input-gradient
 //! counterpart; no weight gradient is ever formed (the weights are frozen). Matrix multiplies go
-//! through the `gemm` crate (the one candle uses), everything else is a fused pass that rayon
+//! through the `gemm` crate (the one candle uses) or, for f32 weights packed at load, through
+//! [`packed`]'s own blocked product; everything else is a fused pass that rayon
 //! spreads over rows. The callers (softprompt's backbones) keep the math of each layer visible
 //! and are checked against the composed candle version by the parity and gradient tests.
 
@@ -12,8 +13,10 @@
 
 pub mod activation;
 pub mod attention;
+pub mod exp;
 pub mod matmul;
 pub mod norm;
+pub mod packed;
 pub mod rope;
 
 pub use attention::AttentionLayout;

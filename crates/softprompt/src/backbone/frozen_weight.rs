@@ -1,5 +1,5 @@
-//! A frozen linear weight `[out, in]` for the fused kernels: plain f32 rows, or the rows as the
-//! model file stores them (GGUF quantized blocks, f16, bf16), converted to f32 tile by tile
+//! A frozen linear weight `[out, in]` for the fused kernels: f32 packed into panels at load
+//! (the fastest products), or the rows as the model file stores them (GGUF quantized blocks, f16, bf16), converted to f32 tile by tile
 //! inside each product. Only the two products a frozen layer needs exist: the forward
 //! `x · Wᵀ` and the input gradient `dy · W`.
 
@@ -12,6 +12,7 @@ use candle_core::quantized::GgmlDType;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use softprompt_kernels::matmul;
+use softprompt_kernels::packed::PackedWeight;
 
 /// How the fused CPU path keeps the frozen weights of the linear layers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,18 +61,28 @@ impl WeightStorage {
 
 /// A frozen `[rows, cols]` weight.
 pub enum FrozenWeight {
-    /// Plain f32 rows.
-    F32(Vec<f32>),
+    /// f32, packed into panels once (see `softprompt_kernels::packed`).
+    F32(PackedWeight),
     /// Rows in the file's storage: parts stacked by rows (e.g. q, k and v, each in the type
     /// its file gives it).
     Stored(Vec<StoredRows>),
 }
 
 impl FrozenWeight {
+    /// The f32 weight `w: [rows, cols]`, packed.
+    pub fn f32(w: &candle_core::Tensor) -> Result<Self> {
+        let (rows, cols) = w.dims2()?;
+        let values = super::fused::to_vec(w)?;
+        Ok(FrozenWeight::F32(PackedWeight::pack(&values, rows, cols)))
+    }
+
     /// `out (+)= x · Wᵀ` with `x: [m, k]`, `W: [n, k]`, `out: [m, n]`.
     pub fn matmul_wt(&self, x: &[f32], out: &mut [f32], m: usize, k: usize, n: usize, accumulate: bool) {
         match self {
-            FrozenWeight::F32(w) => matmul::matmul_wt(x, w, out, m, k, n, accumulate),
+            FrozenWeight::F32(w) => {
+                assert_eq!((w.rows(), w.cols()), (n, k), "matmul_wt: the weight is not [n, k]");
+                w.forward(x, out, m, accumulate)
+            }
             FrozenWeight::Stored(s) => matmul::matmul_wt_by_rows(
                 x,
                 &|r0, r1, t: &mut [f32]| stack_rows_f32(s, r0, r1, t),
@@ -87,7 +98,10 @@ impl FrozenWeight {
     /// `out (+)= dy · W` with `dy: [m, k]`, `W: [k, n]`, `out: [m, n]` (the input gradient).
     pub fn matmul(&self, dy: &[f32], out: &mut [f32], m: usize, k: usize, n: usize, accumulate: bool) {
         match self {
-            FrozenWeight::F32(w) => matmul::matmul(dy, w, out, m, k, n, accumulate),
+            FrozenWeight::F32(w) => {
+                assert_eq!((w.rows(), w.cols()), (k, n), "matmul: the weight is not [k, n]");
+                w.backward(dy, out, m, accumulate)
+            }
             FrozenWeight::Stored(s) => matmul::matmul_by_rows(
                 dy,
                 &|r0, r1, t: &mut [f32]| stack_rows_f32(s, r0, r1, t),
@@ -103,7 +117,7 @@ impl FrozenWeight {
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         match self {
-            FrozenWeight::F32(w) => 4 * w.len(),
+            FrozenWeight::F32(w) => w.bytes(),
             FrozenWeight::Stored(s) => s.iter().map(|p| p.blocks.bytes()).sum(),
         }
     }
@@ -290,7 +304,7 @@ mod tests {
             let mut some = vec![0.0; 11 * cols];
             stack_rows_f32(&parts, 95, 106, &mut some);
             assert_eq!(some, want[95 * cols..106 * cols], "{dtype:?}");
-            let plain = FrozenWeight::F32(want);
+            let plain = FrozenWeight::F32(PackedWeight::pack(&want, rows, cols));
             let stored = FrozenWeight::Stored(parts);
             assert!(stored.bytes() <= plain.bytes());
             let x: Vec<f32> = (0..m * cols).map(|i| (i as f32 * 0.3).sin()).collect();

@@ -187,9 +187,10 @@ impl<'a> Scorer<'a> {
             bail!("the batch size is 0; it must be at least 1");
         }
         let candidates = self.candidates()?;
+        let shared = self.shared_prefix(examples)?;
         let mut out = Vec::with_capacity(examples.len());
         for chunk in examples.chunks(batch_size) {
-            out.extend(self.chunk_scores(&chunk.iter().collect::<Vec<_>>(), &candidates)?);
+            out.extend(self.chunk_scores(&chunk.iter().collect::<Vec<_>>(), &candidates, shared.as_ref())?);
         }
         Ok(out)
     }
@@ -205,8 +206,42 @@ impl<'a> Scorer<'a> {
         self.task.candidate_ids(self.tokenizer, &prefix)
     }
 
+    /// The positions every one of `examples` starts with, run once (None for an encoder, or
+    /// when the rows share fewer than [`MIN_SHARED_PREFIX`] tokens). Every row keeps at least
+    /// one position of its own, so its last position is never inside the shared part.
+    fn shared_prefix(&self, examples: &[Example]) -> Result<Option<SharedPrefix>> {
+        let (Model::Causal(lm), Some(first)) = (self.model, examples.first()) else {
+            return Ok(None);
+        };
+        let shortest = examples.iter().map(|e| e.prompt.len()).min().unwrap_or(0);
+        let len = shared_prefix_len(examples).min(shortest.saturating_sub(1));
+        if len < MIN_SHARED_PREFIX {
+            return Ok(None);
+        }
+        let embeds = self.prompt_embeds(first)?.narrow(1, 0, len)?;
+        let ones = Tensor::ones((1, len), DType::U32, embeds.device())?;
+        let mut cache = self.prefix.cloned().unwrap_or_default();
+        let hidden = lm.forward_cached(&BackboneInput::new(&embeds, &ones), &mut cache)?;
+        Ok(Some(SharedPrefix { len, hidden, cache }))
+    }
+
+    /// The cache a single row continues from and the row's own embeddings after it: after the
+    /// shared prefix when there is one, else after the adapter's key/value prefix (if any).
+    fn row_after<'s>(&'s self, e: &Example, shared: Option<&'s SharedPrefix>) -> Result<(Option<&'s KvCache>, Tensor)> {
+        let embeds = self.prompt_embeds(e)?;
+        Ok(match shared {
+            Some(s) => (Some(&s.cache), embeds.narrow(1, s.len, embeds.dim(1)? - s.len)?),
+            None => (self.prefix, embeds),
+        })
+    }
+
     /// The label scores of one batch of rows.
-    fn chunk_scores(&self, refs: &[&Example], candidates: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+    fn chunk_scores(
+        &self,
+        refs: &[&Example],
+        candidates: &[Vec<u32>],
+        shared: Option<&SharedPrefix>,
+    ) -> Result<Vec<Vec<f32>>> {
         let single_token = candidates.iter().all(|c| c.len() == 1);
         let score = if self.exhaustive {
             score_all_candidates_after
@@ -214,11 +249,14 @@ impl<'a> Scorer<'a> {
             score_candidates_after
         };
         match self.reader {
-            Reader::Head(enc, head) => Ok(head.logits(enc, &self.hidden(refs)?.0)?.to_vec2()?),
-            Reader::Lm(lm) if single_token => self.first_token_scores(lm, refs, candidates),
+            Reader::Head(enc, head) => Ok(head.logits(enc, &self.hidden(refs, None)?.0)?.to_vec2()?),
+            Reader::Lm(lm) if single_token => self.first_token_scores(lm, refs, candidates, shared),
             Reader::Lm(lm) => refs
                 .iter()
-                .map(|e| score(lm, self.prefix, &self.prompt_embeds(e)?, candidates))
+                .map(|e| {
+                    let (prefix, embeds) = self.row_after(e, shared)?;
+                    score(lm, prefix, &embeds, candidates)
+                })
                 .collect(),
         }
     }
@@ -244,13 +282,14 @@ impl<'a> Scorer<'a> {
             bail!("the evaluation batch size is 0; it must be at least 1");
         }
         let candidates = self.candidates()?;
+        let shared = self.shared_prefix(examples)?;
         let mut predictions = Vec::with_capacity(examples.len());
         for chunk in examples.chunks(batch_size) {
             let refs: Vec<&Example> = chunk.iter().collect();
-            let scores = self.chunk_scores(&refs, &candidates)?;
+            let scores = self.chunk_scores(&refs, &candidates, shared.as_ref())?;
             for (e, s) in chunk.iter().zip(scores) {
                 let generated = match self.reader {
-                    Reader::Lm(lm) if exact_match => Some(self.generate(lm, e, &candidates)?),
+                    Reader::Lm(lm) if exact_match => Some(self.generate(lm, e, &candidates, shared.as_ref())?),
                     _ => None,
                 };
                 predictions.push(Prediction {
@@ -281,29 +320,23 @@ impl<'a> Scorer<'a> {
         })
     }
 
-    fn hidden(&self, refs: &[&Example]) -> Result<(Tensor, Batch)> {
-        let device = self.model.device();
-        let batch = make_batch(refs, false, device)?;
+    /// Hidden states `[B, T, D]` of a batch of rows; with `shared`, its positions are not run
+    /// again: the rows continue from its cache.
+    fn hidden(&self, refs: &[&Example], shared: Option<&SharedPrefix>) -> Result<(Tensor, Batch)> {
+        let batch = make_batch(refs, false, self.model.device())?;
         let embeds = splice_embeddings(&**self.model, &batch, self.prompt)?;
-        let shared = shared_prefix_len(refs);
         let (b, t) = batch.shape;
         let input = BackboneInput::new(&embeds, &batch.mask);
-        let lm = match (self.model, self.prefix) {
-            (Model::Causal(lm), _) if (MIN_SHARED_PREFIX..t).contains(&shared) => lm.as_ref(),
-            (_, Some(prefix)) => return Ok((self.model.forward_prefixed(&input, prefix)?, batch)),
+        let (lm, shared) = match (self.model, shared, self.prefix) {
+            (Model::Causal(lm), Some(s), _) => (lm.as_ref(), s),
+            (_, _, Some(prefix)) => return Ok((self.model.forward_prefixed(&input, prefix)?, batch)),
             _ => return Ok((self.model.forward(&input)?, batch)),
         };
-        // The leading positions every row shares (a prepended soft prompt) do not depend on
-        // the rows in a causal model: run them once and hand their keys/values to the batch.
-        let prefix = embeds.i(0)?.narrow(0, 0, shared)?.unsqueeze(0)?;
-        let ones = Tensor::ones((1, shared), DType::U32, device)?;
-        let mut single = self.prefix.cloned().unwrap_or_default();
-        let head = lm.forward_cached(&BackboneInput::new(&prefix, &ones), &mut single)?;
-        let mut cache = single.repeat(b)?;
-        let rest = embeds.narrow(1, shared, t - shared)?;
-        let rest_mask = batch.mask.narrow(1, shared, t - shared)?;
+        let mut cache = shared.cache.repeat(b)?;
+        let rest = embeds.narrow(1, shared.len, t - shared.len)?;
+        let rest_mask = batch.mask.narrow(1, shared.len, t - shared.len)?;
         let tail = lm.forward_cached(&BackboneInput::new(&rest, &rest_mask), &mut cache)?;
-        let head = head.broadcast_as((b, shared, head.dim(2)?))?;
+        let head = shared.hidden.broadcast_as((b, shared.len, shared.hidden.dim(2)?))?;
         Ok((Tensor::cat(&[&head, &tail], 1)?, batch))
     }
 
@@ -314,8 +347,9 @@ impl<'a> Scorer<'a> {
         lm: &dyn CausalLm,
         refs: &[&Example],
         candidates: &[Vec<u32>],
+        shared: Option<&SharedPrefix>,
     ) -> Result<Vec<Vec<f32>>> {
-        let (hidden, batch) = self.hidden(refs)?;
+        let (hidden, batch) = self.hidden(refs, shared)?;
         let rows: Vec<Tensor> = batch
             .last_prompt
             .iter()
@@ -334,22 +368,43 @@ impl<'a> Scorer<'a> {
         splice_embeddings(&**self.model, &batch, self.prompt)
     }
 
-    fn generate(&self, lm: &dyn CausalLm, e: &Example, candidates: &[Vec<u32>]) -> Result<String> {
+    fn generate(
+        &self,
+        lm: &dyn CausalLm,
+        e: &Example,
+        candidates: &[Vec<u32>],
+        shared: Option<&SharedPrefix>,
+    ) -> Result<String> {
         let longest = candidates.iter().map(Vec::len).max().unwrap_or(1);
         let stop: Vec<u32> = self.tokenizer.eos_id().into_iter().collect();
-        let ids = super::generate::greedy_after(lm, self.prefix, &self.prompt_embeds(e)?, longest + 2, &stop)?;
+        let (prefix, embeds) = self.row_after(e, shared)?;
+        let ids = super::generate::greedy_after(lm, prefix, &embeds, longest + 2, &stop)?;
         self.tokenizer.decode(&ids, true)
     }
 }
 
-/// Shortest shared prefix worth computing once for a whole batch.
+/// Shortest shared prefix worth computing once for a whole evaluation.
 const MIN_SHARED_PREFIX: usize = 2;
 
+/// The leading positions every row of an evaluation shares (a prepended soft prompt and the
+/// template's fixed text before the first field) run once through a causal model. They do not
+/// depend on the rows, so every batch continues from their keys and values.
+struct SharedPrefix {
+    /// Positions shared.
+    len: usize,
+    /// Their hidden states, `[1, len, D]`.
+    hidden: Tensor,
+    /// Their keys and values (after the adapter's own key/value prefix, if any), one row.
+    cache: KvCache,
+}
+
 /// Number of leading tokens identical in every example.
-fn shared_prefix_len(refs: &[&Example]) -> usize {
-    let first = &refs[0].prompt;
+fn shared_prefix_len(examples: &[Example]) -> usize {
+    let Some(first) = examples.first().map(|e| &e.prompt) else {
+        return 0;
+    };
     (0..first.len())
-        .take_while(|&i| refs.iter().all(|e| e.prompt.get(i) == Some(&first[i])))
+        .take_while(|&i| examples.iter().all(|e| e.prompt.get(i) == Some(&first[i])))
         .count()
 }
 

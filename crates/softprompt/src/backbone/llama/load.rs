@@ -315,17 +315,18 @@ impl Llama {
         })
     }
 
-    /// Moves a layer's weights into the plain f32 rows the fused CPU kernels read.
+    /// Moves a layer's weights into the f32 layouts the fused CPU kernels read (the linear
+    /// weights packed into panels).
     fn fuse_layer(l: Layer) -> Result<FusedLayer> {
         use crate::backbone::fused::to_vec;
         Ok(FusedLayer {
             attn_norm: to_vec(&l.attn_norm)?,
-            w_qkv: FrozenWeight::F32(to_vec(&l.w_qkv)?),
+            w_qkv: FrozenWeight::f32(&l.w_qkv)?,
             b_qkv: l.b_qkv.as_ref().map(to_vec).transpose()?,
-            wo: FrozenWeight::F32(to_vec(&l.wo)?),
+            wo: FrozenWeight::f32(&l.wo)?,
             ffn_norm: to_vec(&l.ffn_norm)?,
-            w_gate_up: FrozenWeight::F32(to_vec(&l.w_gate_up)?),
-            w_down: FrozenWeight::F32(to_vec(&l.w_down)?),
+            w_gate_up: FrozenWeight::f32(&l.w_gate_up)?,
+            w_down: FrozenWeight::f32(&l.w_down)?,
         })
     }
 
