@@ -381,6 +381,39 @@ pub fn attention_backward(
 mod tests {
     use super::*;
 
+    /// The layout of two batch rows of `s` key slots, `h` query heads over `hkv` key/value heads
+    /// of width `hd`.
+    fn layout<'a>(
+        (h, hkv, hd, s): (usize, usize, usize, usize),
+        key_mask: &'a [bool],
+        query_row: &'a [usize],
+        query_key: &'a [usize],
+        causal: bool,
+    ) -> AttentionLayout<'a> {
+        AttentionLayout {
+            heads: h,
+            kv_heads: hkv,
+            head_dim: hd,
+            keys: s,
+            key_mask,
+            query_row,
+            query_key,
+            causal,
+        }
+    }
+
+    /// Deterministic inputs for `n` queries of that shape: q, k, v and a weight (or output
+    /// gradient) shaped like q.
+    fn inputs(n: usize, (h, hkv, hd, s): (usize, usize, usize, usize)) -> [Vec<f32>; 4] {
+        let gen = |len: usize, seed: f32| -> Vec<f32> { (0..len).map(|i| (i as f32 * seed).sin()).collect() };
+        [
+            gen(n * h * hd, 0.37),
+            gen(2 * s * hkv * hd, 0.53),
+            gen(2 * s * hkv * hd, 0.71),
+            gen(n * h * hd, 0.91),
+        ]
+    }
+
     /// Outputs and input gradients of attention computed directly in f64, query by query (no
     /// blocks): the reference for the blocked kernels.
     #[allow(clippy::type_complexity)]
@@ -432,30 +465,15 @@ mod tests {
     /// the blocked forward and backward agree with the direct f64 computation, causal or not.
     #[test]
     fn blocked_kernels_match_the_direct_computation_across_blocks() {
-        let (h, hkv, hd, s) = (4, 2, 8, 160);
+        let shape = (4, 2, 8, 160);
+        let s = shape.3;
         let lens = [150, 70];
         let key_mask: Vec<bool> = lens.iter().flat_map(|&l| (0..s).map(move |j| j < l)).collect();
         let query_row: Vec<usize> = lens.iter().enumerate().flat_map(|(b, &l)| vec![b; l]).collect();
         let query_key: Vec<usize> = lens.iter().flat_map(|&l| 0..l).collect();
-        let n = query_row.len();
-        let gen = |len: usize, seed: f32| -> Vec<f32> { (0..len).map(|i| (i as f32 * seed).sin()).collect() };
-        let (q, k, v) = (
-            gen(n * h * hd, 0.37),
-            gen(2 * s * hkv * hd, 0.53),
-            gen(2 * s * hkv * hd, 0.71),
-        );
-        let d_out = gen(n * h * hd, 0.91);
+        let [q, k, v, d_out] = inputs(query_row.len(), shape);
         for causal in [true, false] {
-            let lay = AttentionLayout {
-                heads: h,
-                kv_heads: hkv,
-                head_dim: hd,
-                keys: s,
-                key_mask: &key_mask,
-                query_row: &query_row,
-                query_key: &query_key,
-                causal,
-            };
+            let lay = layout(shape, &key_mask, &query_row, &query_key, causal);
             let mut out = vec![0.0; q.len()];
             attention(&lay, &q, &k, &v, &mut out);
             let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
@@ -480,29 +498,13 @@ mod tests {
     /// Two rows (lengths 3 and 2, padded to 3 slots), 4 query heads over 2 key/value heads.
     #[test]
     fn gradient_matches_finite_differences() {
-        let (h, hkv, hd, s) = (4, 2, 3, 3);
+        let shape = (4, 2, 3, 3);
         let key_mask = [true, true, true, true, true, false];
         let query_row = [0, 0, 0, 1, 1];
         let query_key = [0, 1, 2, 0, 1];
         for causal in [true, false] {
-            let lay = AttentionLayout {
-                heads: h,
-                kv_heads: hkv,
-                head_dim: hd,
-                keys: s,
-                key_mask: &key_mask,
-                query_row: &query_row,
-                query_key: &query_key,
-                causal,
-            };
-            let n = query_row.len();
-            let gen = |len: usize, seed: f32| -> Vec<f32> { (0..len).map(|i| (i as f32 * seed).sin()).collect() };
-            let (q, k, v) = (
-                gen(n * h * hd, 0.37),
-                gen(2 * s * hkv * hd, 0.53),
-                gen(2 * s * hkv * hd, 0.71),
-            );
-            let w = gen(n * h * hd, 0.91);
+            let lay = layout(shape, &key_mask, &query_row, &query_key, causal);
+            let [q, k, v, w] = inputs(query_row.len(), shape);
             let loss = |q: &[f32], k: &[f32], v: &[f32]| {
                 let mut out = vec![0.0; q.len()];
                 attention(&lay, q, k, v, &mut out);

@@ -344,6 +344,25 @@ mod tests {
         (0..len).map(|i| (i as f32 * seed).sin()).collect()
     }
 
+    /// Asserts `got[i·cols + j] = start + want(i, j)` to 1e-3 for every entry of `[rows, cols]`.
+    fn assert_entries(
+        what: &str,
+        got: &[f32],
+        (rows, cols): (usize, usize),
+        start: f32,
+        want: impl Fn(usize, usize) -> f32,
+    ) {
+        for i in 0..rows {
+            for j in 0..cols {
+                let w = start + want(i, j);
+                assert!(
+                    (got[i * cols + j] - w).abs() < 1e-3,
+                    "{what} [{rows}, {cols}] at ({i},{j})"
+                );
+            }
+        }
+    }
+
     /// Sizes with partial tiles and panels everywhere, a reduction longer than one block, and
     /// products too small to be split across threads.
     #[test]
@@ -362,23 +381,17 @@ mod tests {
                 let x = values(m * k, 0.11);
                 let mut out = vec![0.5f32; m * n];
                 packed.forward(&x, &mut out, m, accumulate);
-                for i in 0..m {
-                    for j in 0..n {
-                        let dot: f32 = (0..k).map(|p| x[i * k + p] * w[j * k + p]).sum();
-                        let want = dot + if accumulate { 0.5 } else { 0.0 };
-                        assert!((out[i * n + j] - want).abs() < 1e-3, "forward {m}x{k}x{n} at ({i},{j})");
-                    }
-                }
+                let start = if accumulate { 0.5 } else { 0.0 };
+                assert_entries("forward", &out, (m, n), start, |i, j| {
+                    (0..k).map(|p| x[i * k + p] * w[j * k + p]).sum()
+                });
                 let dy = values(m * n, 0.7);
                 let mut dx = vec![0.25f32; m * k];
                 packed.backward(&dy, &mut dx, m, accumulate);
-                for i in 0..m {
-                    for p in 0..k {
-                        let dot: f32 = (0..n).map(|j| dy[i * n + j] * w[j * k + p]).sum();
-                        let want = dot + if accumulate { 0.25 } else { 0.0 };
-                        assert!((dx[i * k + p] - want).abs() < 1e-3, "backward {m}x{n}x{k} at ({i},{p})");
-                    }
-                }
+                let start = if accumulate { 0.25 } else { 0.0 };
+                assert_entries("backward", &dx, (m, k), start, |i, p| {
+                    (0..n).map(|j| dy[i * n + j] * w[j * k + p]).sum()
+                });
             }
         }
     }
