@@ -416,7 +416,6 @@ mod tests {
 
     /// Outputs and input gradients of attention computed directly in f64, query by query (no
     /// blocks): the reference for the blocked kernels.
-    #[allow(clippy::type_complexity)]
     fn reference(lay: &AttentionLayout, q: &[f32], k: &[f32], v: &[f32], d_out: &[f32]) -> [Vec<f64>; 4] {
         let (h, hd, s) = (lay.heads, lay.head_dim, lay.keys);
         let kvd = lay.kv_heads * hd;

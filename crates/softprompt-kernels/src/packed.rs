@@ -65,15 +65,6 @@ impl PackedWeight {
         4 * self.panels.len()
     }
 
-    /// Row `r` as f32 values (for checks and conversions; not a hot path).
-    pub fn row(&self, r: usize) -> Vec<f32> {
-        assert!(r < self.rows, "row {r} of a {}-row matrix", self.rows);
-        let (q, f) = (r / MR, r % MR);
-        (0..self.cols)
-            .map(|p| self.panels[(q * self.cols + p) * MR + f])
-            .collect()
-    }
-
     /// `out (+)= x · Wᵀ` with `x: [m, cols]` and `out: [m, rows]`; with `accumulate` the
     /// product is added to `out` (a fused residual add).
     pub fn forward(&self, x: &[f32], out: &mut [f32], m: usize, accumulate: bool) {
@@ -139,23 +130,7 @@ fn product(source: &PanelSource, a: &[f32], out: &mut [f32], (m, k, n): (usize, 
         }
         return;
     }
-    let kernel = micro_kernel();
-    let blocks = k.div_ceil(KC);
-    let span = k.div_ceil(blocks).next_multiple_of(MR);
-    let tiles = m.div_ceil(NR);
-    let panels = n.div_ceil(MR);
-    let threads = if m * n * k < 64 * 64 * 64 {
-        1
-    } else {
-        rayon::current_num_threads().min(panels)
-    };
-    TILES.with_borrow_mut(|packed_a| {
-        let need = tiles * NR * span.min(k);
-        if packed_a.len() < need {
-            packed_a.resize(need, 0.0);
-        }
-        blocked_product(source, kernel, a, packed_a, out, (m, k, n), span, threads, accumulate);
-    });
+    TILES.with_borrow_mut(|packed_a| blocked_product(source, a, packed_a, out, (m, k, n), accumulate));
 }
 
 thread_local! {
@@ -164,21 +139,29 @@ thread_local! {
     static TILES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// [`product`]'s loops over reduction blocks, with `packed_a` large enough for one block's
-/// activation tiles.
-#[allow(clippy::too_many_arguments)]
+/// [`product`]'s loops over reduction blocks (`m`, `k`, `n` all non-zero), packing the
+/// activation tiles into `packed_a` (grown to one block's tiles when it is shorter).
 fn blocked_product(
     source: &PanelSource,
-    kernel: MicroKernel,
     a: &[f32],
-    packed_a: &mut [f32],
+    packed_a: &mut Vec<f32>,
     out: &mut [f32],
     (m, k, n): (usize, usize, usize),
-    span: usize,
-    threads: usize,
     accumulate: bool,
 ) {
+    let kernel = micro_kernel();
+    let blocks = k.div_ceil(KC);
+    let span = k.div_ceil(blocks).next_multiple_of(MR);
     let (tiles, panels) = (m.div_ceil(NR), n.div_ceil(MR));
+    let threads = if m * n * k < 64 * 64 * 64 {
+        1
+    } else {
+        rayon::current_num_threads().min(panels)
+    };
+    let need = tiles * NR * span.min(k);
+    if packed_a.len() < need {
+        packed_a.resize(need, 0.0);
+    }
     let out_addr = SharedOut(out.as_mut_ptr());
     for p0 in (0..k).step_by(span) {
         let kc = span.min(k - p0);
@@ -340,6 +323,12 @@ unsafe fn portable_kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32, 
 mod tests {
     use super::*;
 
+    /// Row `r` of a packed weight, read back from its panel.
+    fn unpacked_row(w: &PackedWeight, r: usize) -> Vec<f32> {
+        let (q, f) = (r / MR, r % MR);
+        (0..w.cols).map(|p| w.panels[(q * w.cols + p) * MR + f]).collect()
+    }
+
     fn values(len: usize, seed: f32) -> Vec<f32> {
         (0..len).map(|i| (i as f32 * seed).sin()).collect()
     }
@@ -376,7 +365,7 @@ mod tests {
         ] {
             let w = values(n * k, 0.37);
             let packed = PackedWeight::pack(&w, n, k);
-            assert_eq!(packed.row(n - 1), w[(n - 1) * k..].to_vec());
+            assert_eq!(unpacked_row(&packed, n - 1), w[(n - 1) * k..].to_vec());
             for accumulate in [false, true] {
                 let x = values(m * k, 0.11);
                 let mut out = vec![0.5f32; m * n];

@@ -1,6 +1,6 @@
 //! A frozen linear weight `[out, in]` for the fused kernels: f32 packed into panels at load
-//! (the fastest products), or the rows as the model file stores them (GGUF quantized blocks, f16, bf16), converted to f32 tile by tile
-//! inside each product. Only the two products a frozen layer needs exist: the forward
+//! (the fastest products), or the rows as the model file stores them (GGUF quantized blocks,
+//! f16, bf16), converted to f32 tile by tile inside each product. Only the two products a frozen layer needs exist: the forward
 //! `x · Wᵀ` and the input gradient `dy · W`.
 
 use anyhow::{bail, Result};
