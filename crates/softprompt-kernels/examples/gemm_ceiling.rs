@@ -7,8 +7,10 @@
 //! run with every thread of rayon's pool: the FMA peak (independent 8-lane fused multiply-adds
 //! on registers only; x86-64 with AVX2/FMA), then for each linear layer of SmolLM2-135M on an
 //! evaluation batch (552 positions) the forward `x · Wᵀ` and the input gradient `dy · W` by
-//! both products, alternated three times (best of each).
+//! both products, alternated three times (best of each). Last, the vocabulary head on a few
+//! rows (SmolLM2's 49152 × 576 table): the `gemm` crate against `softprompt_kernels::head`.
 
+use softprompt_kernels::head;
 use softprompt_kernels::matmul::{matmul, matmul_wt};
 use softprompt_kernels::packed::PackedWeight;
 use std::time::Instant;
@@ -41,6 +43,35 @@ fn main() {
             bp / bg
         );
     }
+    println!("vocabulary head 49152 x 576 (ms per call, best of 3, alternated):");
+    println!("  rows    gemm    head");
+    for m in [1, 8, 16] {
+        let [g, h] = compare_head(m, 576, 49152);
+        println!("  {m:4}  {g:6.2}  {h:6.2}  {:.2}x", g / h);
+    }
+}
+
+/// Milliseconds per head call on `m` rows: the `gemm` crate, then `head::logits`.
+fn compare_head(m: usize, d: usize, n: usize) -> [f64; 2] {
+    let x: Vec<f32> = (0..m * d).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1).collect();
+    let table: Vec<f32> = (0..n * d).map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.01).collect();
+    let (mut by_gemm, mut by_head) = (vec![0f32; m * n], vec![0f32; m * n]);
+    let mut best = [f64::MAX; 2];
+    for _ in 0..3 {
+        let runs: [&mut dyn FnMut(); 2] = [&mut || matmul_wt(&x, &table, &mut by_gemm, m, d, n, false), &mut || {
+            head::logits(&x, &table, &mut by_head, m, d, n)
+        }];
+        for (b, run) in best.iter_mut().zip(runs) {
+            *b = b.min(1e3 / gflops(1e9, run));
+        }
+    }
+    let worst = by_gemm
+        .iter()
+        .zip(&by_head)
+        .map(|(p, q)| (p - q).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-3, "the head disagrees with gemm by {worst}");
+    best
 }
 
 /// GFLOP/s of the forward and input-gradient products of a `[n, k]` weight on `m` rows: gemm

@@ -20,12 +20,14 @@ pub fn silu_mul(gate_up: &[f32], out: &mut [f32], width: usize) {
     out.par_chunks_mut(width * ROWS_PER_TASK)
         .zip(gate_up.par_chunks(2 * width * ROWS_PER_TASK))
         .for_each(|(out, gu)| {
-            for (o, gu) in out.chunks_mut(width).zip(gu.chunks(2 * width)) {
-                let (gate, up) = gu.split_at(width);
-                for ((o, &z), u) in o.iter_mut().zip(gate).zip(up) {
-                    *o = z * sigmoid(z) * u;
+            crate::simd::wide(|| {
+                for (o, gu) in out.chunks_mut(width).zip(gu.chunks(2 * width)) {
+                    let (gate, up) = gu.split_at(width);
+                    for ((o, &z), u) in o.iter_mut().zip(gate).zip(up) {
+                        *o = z * sigmoid(z) * u;
+                    }
                 }
-            }
+            })
         });
 }
 
@@ -39,19 +41,21 @@ pub fn silu_mul_backward(gate_up: &[f32], dm: &[f32], d_gate_up: &mut [f32], wid
         .zip(gate_up.par_chunks(2 * width * ROWS_PER_TASK))
         .zip(dm.par_chunks(width * ROWS_PER_TASK))
         .for_each(|((dgu, gu), dm)| {
-            for ((dgu, gu), dm) in dgu
-                .chunks_mut(2 * width)
-                .zip(gu.chunks(2 * width))
-                .zip(dm.chunks(width))
-            {
-                let (gate, up) = gu.split_at(width);
-                let (dgate, dup) = dgu.split_at_mut(width);
-                for i in 0..width {
-                    let (z, s) = (gate[i], sigmoid(gate[i]));
-                    dup[i] = dm[i] * z * s;
-                    dgate[i] = dm[i] * up[i] * s * (1.0 + z * (1.0 - s));
+            crate::simd::wide(|| {
+                for ((dgu, gu), dm) in dgu
+                    .chunks_mut(2 * width)
+                    .zip(gu.chunks(2 * width))
+                    .zip(dm.chunks(width))
+                {
+                    let (gate, up) = gu.split_at(width);
+                    let (dgate, dup) = dgu.split_at_mut(width);
+                    for i in 0..width {
+                        let (z, s) = (gate[i], sigmoid(gate[i]));
+                        dup[i] = dm[i] * z * s;
+                        dgate[i] = dm[i] * up[i] * s * (1.0 + z * (1.0 - s));
+                    }
                 }
-            }
+            })
         });
 }
 

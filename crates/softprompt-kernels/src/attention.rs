@@ -21,7 +21,7 @@ pub struct AttentionLayout<'a> {
     pub keys: usize,
     /// `[rows·keys]`: whether a key slot holds a real position.
     pub key_mask: &'a [bool],
-    /// `[N]`: the batch row of each query (non-decreasing).
+    /// `[N]`: the batch row of each query (non-decreasing; within a row, `query_key` too).
     pub query_row: &'a [usize],
     /// `[N]`: the key slot of each query's own position (the causal limit).
     pub query_key: &'a [usize],
@@ -59,6 +59,11 @@ impl AttentionLayout<'_> {
         assert!(
             self.query_row.windows(2).all(|w| w[0] <= w[1]),
             "attention: queries must be grouped by row"
+        );
+        // A block's key range is its last query's (see `block_keys`).
+        assert!(
+            (1..n).all(|i| self.query_row[i] != self.query_row[i - 1] || self.query_key[i] >= self.query_key[i - 1]),
+            "attention: the queries of a row must be in key order"
         );
     }
 }
@@ -151,6 +156,7 @@ fn block_chunks<'a>(mut data: &'a mut [f32], blocks: &[(usize, usize)], width: u
 
 /// Masked softmax of each row of `scores` `[m, end]` in place: query `first + r` sees the key
 /// slots `j < its span` that are real; the others get probability 0.
+#[inline(always)]
 fn softmax_rows(lay: &AttentionLayout, scores: &mut [f32], first: usize, end: usize) {
     for (r, row) in scores.chunks_mut(end).enumerate() {
         let (b, lim) = lay.span(first + r);
@@ -217,7 +223,7 @@ pub fn attention(lay: &AttentionLayout, q: &[f32], k: &[f32], v: &[f32], out: &m
                 scale,
                 gemm::Parallelism::None,
             );
-            softmax_rows(lay, &mut scores, first, end);
+            crate::simd::wide(|| softmax_rows(lay, &mut scores, first, end));
             // out = P·V
             mm(
                 (m, hd, end),
@@ -303,7 +309,7 @@ pub fn attention_backward(
                 scale,
                 none,
             );
-            softmax_rows(lay, &mut p, first, end);
+            crate::simd::wide(|| softmax_rows(lay, &mut p, first, end));
             mm(
                 (m, end, hd),
                 &mut ds,

@@ -14,9 +14,11 @@
 pub mod activation;
 pub mod attention;
 pub mod exp;
+pub mod head;
 pub mod matmul;
 pub mod norm;
 pub mod packed;
 pub mod rope;
+pub mod simd;
 
 pub use attention::AttentionLayout;

@@ -166,14 +166,10 @@ fn blocked_product(
     for p0 in (0..k).step_by(span) {
         let kc = span.min(k - p0);
         let packed_a = &mut packed_a[..tiles * NR * kc];
-        packed_a.par_chunks_mut(NR * kc).enumerate().for_each(|(t, tile)| {
-            for r in 0..NR {
-                let row = t * NR + r;
-                for p in 0..kc {
-                    tile[p * NR + r] = if row < m { a[row * k + p0 + p] } else { 0.0 };
-                }
-            }
-        });
+        packed_a
+            .par_chunks_mut(NR * kc)
+            .enumerate()
+            .for_each(|(t, tile)| pack_tile(a, tile, t * NR, (m, k), p0));
         let packed_a = &*packed_a;
         let add = accumulate || p0 > 0;
         let run = |th: usize| {
@@ -202,6 +198,23 @@ fn blocked_product(
             run(0);
         } else {
             (0..threads).into_par_iter().for_each(run);
+        }
+    }
+}
+
+/// Activation rows `row0..row0 + 6`, columns `p0..p0 + kc` of `a: [m, k]` as one tile
+/// `[kc][6]` (`kc` = `tile.len() / 6`), zeros for rows past `m`.
+fn pack_tile(a: &[f32], tile: &mut [f32], row0: usize, (m, k): (usize, usize), p0: usize) {
+    let kc = tile.len() / NR;
+    let rows = NR.min(m - row0);
+    if rows < NR {
+        tile.fill(0.0);
+    }
+    let src: Vec<&[f32]> = (0..rows).map(|r| &a[(row0 + r) * k + p0..][..kc]).collect();
+    for (p, column) in tile.chunks_exact_mut(NR).enumerate() {
+        for (c, row) in column.iter_mut().zip(&src) {
+            // SAFETY: every row slice holds `kc` values and `p < kc`.
+            *c = unsafe { *row.get_unchecked(p) };
         }
     }
 }

@@ -1,7 +1,7 @@
 //! What the fused CPU paths of every architecture share: reading f32 tensors into plain
 //! vectors, and the packed-batch bookkeeping (which padded position each real token came from).
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 /// Whether a model on `device` with weights of `dtype` runs the fused f32 CPU kernels
@@ -70,6 +70,21 @@ impl Packed {
     /// Whether there is no real position.
     pub fn is_empty(&self) -> bool {
         self.row.is_empty()
+    }
+
+    /// The packed position of column `col` of batch row `row` (a shared one for every row);
+    /// an error if that position is padding or outside the batch.
+    pub fn index_of(&self, row: usize, col: usize) -> Result<usize> {
+        if row < self.rows && col < self.shared {
+            return Ok(col);
+        }
+        let found = (self.shared..self.len()).find(|&i| self.row[i] == row && self.col[i] == col);
+        found.with_context(|| {
+            format!(
+                "position {col} of row {row} is padding or outside the batch [{}, {}]",
+                self.rows, self.cols
+            )
+        })
     }
 
     /// The padded-layout rows `b·T + t` a packed position stands for.

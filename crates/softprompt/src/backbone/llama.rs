@@ -392,4 +392,13 @@ impl super::CausalLm for Llama {
     fn lm_head(&self) -> &Tensor {
         &self.lm_head
     }
+    fn hidden_at(&self, input: &BackboneInput, prefix: Option<&KvCache>, at: &[(usize, usize)]) -> Result<Tensor> {
+        match &self.fused {
+            Some(f) => {
+                self.check_width(input)?;
+                f.hidden_at(input.embeds, input.mask, prefix, at)
+            }
+            None => super::hidden_at_by_forward(self, input, prefix, at),
+        }
+    }
 }

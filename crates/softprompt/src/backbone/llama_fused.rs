@@ -9,7 +9,7 @@
 //! n2 = rms(x2)·g2           gu = n2·W_guᵀ               out = x2 + (silu(g) ⊙ u)·W_downᵀ
 //! ```
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use candle_core::{Device, Tensor};
 use softprompt_kernels::{activation, attention, matmul, norm, rope, AttentionLayout};
 
@@ -65,6 +65,15 @@ struct LayerTape {
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
+    x2: Vec<f32>,
+    rstd2: Vec<f32>,
+    gate_up: Vec<f32>,
+}
+
+/// What [`FusedLlama::attention_and_mlp`] computes: the layer's output and what the backward
+/// pass keeps of the MLP block.
+struct LayerOutputs {
+    out: Vec<f32>,
     x2: Vec<f32>,
     rstd2: Vec<f32>,
     gate_up: Vec<f32>,
@@ -176,6 +185,62 @@ impl FusedLlama {
         Ok((hidden, tape))
     }
 
+    /// The final-normed hidden states `[R, D]` of the positions `at` (`(row, column)` of the
+    /// batch `embeds` `[B, T, D]`, `mask` `[B, T]`; in row, then column order) after the
+    /// positions in `prefix` (one row
+    /// every row continues from, or one per row), which is left as it is. The last layer runs
+    /// only at `at`: nothing after it reads the other positions.
+    pub fn hidden_at(
+        &self,
+        embeds: &Tensor,
+        mask: &Tensor,
+        prefix: Option<&KvCache>,
+        at: &[(usize, usize)],
+    ) -> Result<Tensor> {
+        ensure!(
+            at.windows(2).all(|w| w[0] < w[1]),
+            "the positions to compute are not in row order, then column order"
+        );
+        let past = prefix.map_or(0, |c| c.len());
+        let positions = prefix.and_then(|c| c.next_pos.clone());
+        let packed = Packed::new(mask, (past == 0 && positions.is_none()).then_some(embeds))?;
+        let positions = positions.map(|p| match p.as_slice() {
+            [one] => vec![*one; packed.rows],
+            _ => p,
+        });
+        let geometry = self.geometry(&packed, past, prefix, positions)?;
+        let selected = at
+            .iter()
+            .map(|&(r, c)| packed.index_of(r, c))
+            .collect::<Result<Vec<_>>>()?;
+        let mut kv = self.past_slots(&packed, &geometry, prefix)?;
+        let ((last, body), (last_kv, body_kv)) = (
+            self.layers.split_last().context("the model has no layers")?,
+            kv.split_last_mut().context("the model has no layers")?,
+        );
+        let mut x = packed.pack(embeds)?;
+        for (layer, kv) in body.iter().zip(body_kv) {
+            x = self.layer_forward(layer, x, &geometry, kv, false).0;
+        }
+        let (q, _) = self.attention_inputs(last, &x, &geometry, last_kv);
+        let d = self.hidden;
+        let rows_of =
+            |v: &[f32]| -> Vec<f32> { selected.iter().flat_map(|&i| v[i * d..(i + 1) * d].to_vec()).collect() };
+        let query_row: Vec<usize> = selected.iter().map(|&i| geometry.query_row[i]).collect();
+        let query_key: Vec<usize> = selected.iter().map(|&i| geometry.query_key[i]).collect();
+        let lay = AttentionLayout {
+            query_row: &query_row,
+            query_key: &query_key,
+            ..geometry.layout(self)
+        };
+        let out = self
+            .attention_and_mlp(last, &rows_of(&x), &rows_of(&q), &lay, last_kv)
+            .out;
+        let (mut h, mut rstd) = (vec![0f32; out.len()], vec![0f32; selected.len()]);
+        norm::rms_norm(&out, &self.norm, self.eps, &mut h, &mut rstd);
+        Ok(Tensor::from_vec(h, (selected.len(), d), embeds.device())?)
+    }
+
     /// d(loss)/d(input embeddings) `[B, T, D]` from d(loss)/d(hidden) `[B, T, D]`, and, when
     /// the forward ran after cached positions (a key/value prefix), their gradient per layer:
     /// `(dK, dV)`, each `[1, Hkv, past, hd]`, summed over the rows.
@@ -217,14 +282,20 @@ impl FusedLlama {
         let keys = past + packed.cols;
         let mut key_mask = vec![false; packed.rows * keys];
         if let Some(m) = cache.and_then(|c| c.mask.as_ref()) {
+            // One cached row is every row's (a shared prefix).
+            let (cached_rows, slots) = m.dims2()?;
             ensure!(
-                m.dims2()? == (packed.rows, past),
+                slots == past && (cached_rows == packed.rows || cached_rows == 1),
                 "the key/value cache holds {:?} rows, the batch {}",
                 m.dims(),
                 packed.rows
             );
-            for (i, v) in to_vec(m)?.into_iter().enumerate() {
-                key_mask[(i / past) * keys + i % past] = v != 0.0;
+            let cached = to_vec(m)?;
+            for b in 0..packed.rows {
+                let from = if cached_rows == 1 { 0 } else { b };
+                for j in 0..past {
+                    key_mask[b * keys + j] = cached[from * past + j] != 0.0;
+                }
             }
         }
         for (i, &r) in packed.real.iter().enumerate() {
@@ -309,17 +380,40 @@ impl FusedLlama {
         l: &FusedLayer,
         x: Vec<f32>,
         g: &Geometry,
-        (k_slots, v_slots): &mut (Vec<f32>, Vec<f32>),
+        kv: &mut (Vec<f32>, Vec<f32>),
         keep: bool,
     ) -> (Vec<f32>, Option<LayerTape>) {
+        let (q, rstd1) = self.attention_inputs(l, &x, g, kv);
+        let rest = self.attention_and_mlp(l, &x, &q, &g.layout(self), kv);
+        let tape = keep.then(|| LayerTape {
+            x,
+            rstd1,
+            q,
+            k: kv.0.clone(),
+            v: kv.1.clone(),
+            x2: rest.x2,
+            rstd2: rest.rstd2,
+            gate_up: rest.gate_up,
+        });
+        (rest.out, tape)
+    }
+
+    /// One layer's queries `[N, D]` (normed, projected, rotated) and its attention norm's
+    /// reciprocal RMS `[N]`; the keys and values of the positions are written into their slots.
+    fn attention_inputs(
+        &self,
+        l: &FusedLayer,
+        x: &[f32],
+        g: &Geometry,
+        (k_slots, v_slots): &mut (Vec<f32>, Vec<f32>),
+    ) -> (Vec<f32>, Vec<f32>) {
         use Direction::Forward as F;
-        let (d, hd, kvd, inter) = (self.hidden, self.head_dim(), self.kv_dim(), self.intermediate);
+        let (d, hd, kvd) = (self.hidden, self.head_dim(), self.kv_dim());
         let n = x.len() / d;
         let positions = &g.query_pos;
-        // attention block
         let (mut n1, mut rstd1) = (vec![0f32; n * d], vec![0f32; n]);
         span("norm", F, || {
-            norm::rms_norm(&x, &l.attn_norm, self.eps, &mut n1, &mut rstd1)
+            norm::rms_norm(x, &l.attn_norm, self.eps, &mut n1, &mut rstd1)
         });
         let width = d + 2 * kvd;
         let mut qkv = vec![0f32; n * width];
@@ -329,7 +423,7 @@ impl FusedLlama {
                 matmul::add_bias(&mut qkv, b);
             }
         });
-        let (mut q, mut k_new) = (vec![0f32; n * d], vec![0f32; n * kvd]);
+        let (mut q, mut k_new) = (n1, vec![0f32; n * kvd]); // n1's buffer takes the queries
         span("copies", F, || {
             for (i, row) in qkv.chunks(width).enumerate() {
                 q[i * d..(i + 1) * d].copy_from_slice(&row[..d]);
@@ -350,15 +444,29 @@ impl FusedLlama {
                 }
             }
         });
-        let mut a = n1; // n1 is not needed any more: its buffer takes the attention output
+        (q, rstd1)
+    }
+
+    /// The rest of one layer for the queries `q` (`[n, D]`, their residual rows `x`, placed by
+    /// `lay`): attention over the filled slots, the output projection and the MLP.
+    fn attention_and_mlp(
+        &self,
+        l: &FusedLayer,
+        x: &[f32],
+        q: &[f32],
+        lay: &AttentionLayout,
+        (k_slots, v_slots): &(Vec<f32>, Vec<f32>),
+    ) -> LayerOutputs {
+        use Direction::Forward as F;
+        let (d, inter) = (self.hidden, self.intermediate);
+        let n = x.len() / d;
+        let mut a = vec![0f32; n * d];
         span("attention", F, || {
-            let lay = g.layout(self);
-            attention::attention(&lay, &q, k_slots, v_slots, &mut a)
+            attention::attention(lay, q, k_slots, v_slots, &mut a)
         });
-        let mut x2 = x.clone();
+        let mut x2 = x.to_vec();
         span("o-proj", F, || l.wo.matmul_wt(&a, &mut x2, n, d, d, true));
-        // MLP block
-        let (mut n2, mut rstd2) = (a, vec![0f32; n]);
+        let (mut n2, mut rstd2) = (a, vec![0f32; n]); // a's buffer takes the normed rows
         span("norm", F, || {
             norm::rms_norm(&x2, &l.ffn_norm, self.eps, &mut n2, &mut rstd2)
         });
@@ -370,17 +478,12 @@ impl FusedLlama {
             activation::silu_mul(&gate_up, &mut m, inter);
             l.w_down.matmul_wt(&m, &mut out, n, inter, d, true);
         });
-        let tape = keep.then(|| LayerTape {
-            x,
-            rstd1,
-            q,
-            k: k_slots.clone(),
-            v: v_slots.clone(),
+        LayerOutputs {
+            out,
             x2,
             rstd2,
             gate_up,
-        });
-        (out, tape)
+        }
     }
 
     /// One layer's input gradient, and the gradient of every key/value slot (for a prefix).

@@ -308,6 +308,30 @@ pub trait CausalLm: Backbone {
     fn forward_cached(&self, input: &BackboneInput, cache: &mut KvCache) -> Result<Tensor>;
     /// The vocabulary head `[vocab, hidden]`.
     fn lm_head(&self) -> &Tensor;
+    /// The hidden states `[R, hidden]` of the positions `at` (`(row, column)` of the batch, in
+    /// row, then column order) run after `prefix` (one row every row continues from, left unchanged).
+    /// For scoring: a backbone may skip the work that only the other positions need.
+    fn hidden_at(&self, input: &BackboneInput, prefix: Option<&KvCache>, at: &[(usize, usize)]) -> Result<Tensor> {
+        hidden_at_by_forward(self, input, prefix, at)
+    }
+}
+
+/// [`CausalLm::hidden_at`] by a full forward, then the positions picked out.
+pub fn hidden_at_by_forward<M: CausalLm + ?Sized>(
+    model: &M,
+    input: &BackboneInput,
+    prefix: Option<&KvCache>,
+    at: &[(usize, usize)],
+) -> Result<Tensor> {
+    let hidden = match prefix {
+        Some(p) => model.forward_prefixed(input, p)?,
+        None => model.forward(input)?,
+    };
+    let rows = at
+        .iter()
+        .map(|&(r, c)| hidden.get(r)?.get(c))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&rows, 0)?)
 }
 
 /// A bidirectional encoder with a pooler.
@@ -318,9 +342,33 @@ pub trait Encoder: Backbone {
     fn pool_backward(&self, hidden: &Tensor, d_pooled: &Tensor) -> Result<Tensor>;
 }
 
-/// Logits of the vocabulary head for hidden rows `[N, hidden]` → `[N, vocab]`.
+/// Logits of the vocabulary head for hidden rows `[N, hidden]` → `[N, vocab]`, as training's
+/// loss computes them (its backward multiplies by the same head).
 pub fn lm_logits(backbone: &dyn CausalLm, rows: &Tensor) -> Result<Tensor> {
     Ok(rows.matmul(&backbone.lm_head().t()?)?)
+}
+
+/// [`lm_logits`] for inference (scoring, generation): an f32 head on the CPU is read once for
+/// a few rows by [`softprompt_kernels::head::logits`] instead of being packed for a general
+/// product. The same values up to rounding; training keeps [`lm_logits`], whose rounding its
+/// figures were measured with.
+pub fn inference_logits(backbone: &dyn CausalLm, rows: &Tensor) -> Result<Tensor> {
+    let table = backbone.lm_head();
+    if !fused::applies(table.device(), table.dtype()) || !fused::applies(rows.device(), rows.dtype()) {
+        return lm_logits(backbone, rows);
+    }
+    let ((m, d), (vocab, width)) = (rows.dims2()?, table.dims2()?);
+    anyhow::ensure!(d == width, "hidden rows of width {d} for a head of width {width}");
+    let x = fused::to_vec(rows)?;
+    let mut out = vec![0f32; m * vocab];
+    let (storage, layout) = table.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(all)), Some((start, end))) => {
+            softprompt_kernels::head::logits(&x, &all[start..end], &mut out, m, d, vocab)
+        }
+        _ => return lm_logits(backbone, rows),
+    }
+    Ok(Tensor::from_vec(out, (m, vocab), rows.device())?)
 }
 
 /// A loaded frozen model with its capabilities in its type.

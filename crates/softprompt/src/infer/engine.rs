@@ -17,7 +17,7 @@ use super::generate::prefill;
 use super::prompt_cache::PromptCache;
 use super::sampling::{Sampler, SamplingParams};
 use super::text_stream::TextStream;
-use crate::backbone::{lm_logits, BackboneInput, CausalLm, KvCache};
+use crate::backbone::{inference_logits, BackboneInput, CausalLm, KvCache};
 use crate::tokenizer::TextTokenizer;
 
 /// What a request asks for.
@@ -164,7 +164,7 @@ impl<'a, K: Clone + PartialEq> Engine<'a, K> {
         let embeds = self.lm.embed(&ids)?;
         let hidden = prefill(self.lm, &embeds, &mut cache, chunk, progress)?;
         let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?.squeeze(1)?;
-        let logits: Vec<f32> = lm_logits(self.lm, &last)?.squeeze(0)?.to_dtype(DType::F32)?.to_vec1()?;
+        let logits: Vec<f32> = inference_logits(self.lm, &last)?.squeeze(0)?.to_dtype(DType::F32)?.to_vec1()?;
         let seq = Sequence {
             key,
             cache,
@@ -209,7 +209,7 @@ impl<'a, K: Clone + PartialEq> Engine<'a, K> {
             .lm
             .forward_cached(&BackboneInput::new(&embeds, &mask), &mut batch)?;
         let d = hidden.dim(2)?;
-        let logits: Vec<Vec<f32>> = lm_logits(self.lm, &hidden.reshape((n, d))?)?
+        let logits: Vec<Vec<f32>> = inference_logits(self.lm, &hidden.reshape((n, d))?)?
             .to_dtype(DType::F32)?
             .to_vec2()?;
         let caches = if n == 1 { vec![batch] } else { batch.unstack()? };

@@ -2,11 +2,11 @@
 //! accuracy of a classification head on encoders, and greedy exact match.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, IndexOp, Tensor, D};
+use candle_core::{DType, Tensor, D};
 
 use super::score::{argmax, score_all_candidates_after, score_candidates_after};
-use crate::backbone::{lm_logits, BackboneInput, CausalLm, Encoder, KvCache, LoadedModel, Model};
-use crate::batch::{make_batch, splice_embeddings, Batch};
+use crate::backbone::{inference_logits, BackboneInput, CausalLm, Encoder, KvCache, LoadedModel, Model};
+use crate::batch::{make_batch, splice_embeddings};
 use crate::loss::ClassifierHead;
 use crate::task::{Example, Task, TaskKind};
 use crate::tokenizer::TextTokenizer;
@@ -221,8 +221,8 @@ impl<'a> Scorer<'a> {
         let embeds = self.prompt_embeds(first)?.narrow(1, 0, len)?;
         let ones = Tensor::ones((1, len), DType::U32, embeds.device())?;
         let mut cache = self.prefix.cloned().unwrap_or_default();
-        let hidden = lm.forward_cached(&BackboneInput::new(&embeds, &ones), &mut cache)?;
-        Ok(Some(SharedPrefix { len, hidden, cache }))
+        lm.forward_cached(&BackboneInput::new(&embeds, &ones), &mut cache)?;
+        Ok(Some(SharedPrefix { len, cache }))
     }
 
     /// The cache a single row continues from and the row's own embeddings after it: after the
@@ -249,7 +249,7 @@ impl<'a> Scorer<'a> {
             score_candidates_after
         };
         match self.reader {
-            Reader::Head(enc, head) => Ok(head.logits(enc, &self.hidden(refs, None)?.0)?.to_vec2()?),
+            Reader::Head(enc, head) => Ok(head.logits(enc, &self.hidden(refs)?)?.to_vec2()?),
             Reader::Lm(lm) if single_token => self.first_token_scores(lm, refs, candidates, shared),
             Reader::Lm(lm) => refs
                 .iter()
@@ -320,28 +320,20 @@ impl<'a> Scorer<'a> {
         })
     }
 
-    /// Hidden states `[B, T, D]` of a batch of rows; with `shared`, its positions are not run
-    /// again: the rows continue from its cache.
-    fn hidden(&self, refs: &[&Example], shared: Option<&SharedPrefix>) -> Result<(Tensor, Batch)> {
+    /// Hidden states `[B, T, D]` of a batch of rows (after the adapter's key/value prefix, if any).
+    fn hidden(&self, refs: &[&Example]) -> Result<Tensor> {
         let batch = make_batch(refs, false, self.model.device())?;
         let embeds = splice_embeddings(&**self.model, &batch, self.prompt)?;
-        let (b, t) = batch.shape;
         let input = BackboneInput::new(&embeds, &batch.mask);
-        let (lm, shared) = match (self.model, shared, self.prefix) {
-            (Model::Causal(lm), Some(s), _) => (lm.as_ref(), s),
-            (_, _, Some(prefix)) => return Ok((self.model.forward_prefixed(&input, prefix)?, batch)),
-            _ => return Ok((self.model.forward(&input)?, batch)),
-        };
-        let mut cache = shared.cache.repeat(b)?;
-        let rest = embeds.narrow(1, shared.len, t - shared.len)?;
-        let rest_mask = batch.mask.narrow(1, shared.len, t - shared.len)?;
-        let tail = lm.forward_cached(&BackboneInput::new(&rest, &rest_mask), &mut cache)?;
-        let head = shared.hidden.broadcast_as((b, shared.len, shared.hidden.dim(2)?))?;
-        Ok((Tensor::cat(&[&head, &tail], 1)?, batch))
+        match self.prefix {
+            Some(prefix) => self.model.forward_prefixed(&input, prefix),
+            None => self.model.forward(&input),
+        }
     }
 
-    /// All candidates are one token: one batched forward, the head applied at each row's last
-    /// prompt position only.
+    /// All candidates are one token: one batched forward that continues from the shared
+    /// prefix (or the adapter's key/value prefix) and ends at each row's last prompt position,
+    /// where the head is applied.
     fn first_token_scores(
         &self,
         lm: &dyn CausalLm,
@@ -349,15 +341,18 @@ impl<'a> Scorer<'a> {
         candidates: &[Vec<u32>],
         shared: Option<&SharedPrefix>,
     ) -> Result<Vec<Vec<f32>>> {
-        let (hidden, batch) = self.hidden(refs, shared)?;
-        let rows: Vec<Tensor> = batch
-            .last_prompt
-            .iter()
-            .enumerate()
-            .map(|(r, &p)| hidden.i((r, p)))
-            .collect::<candle_core::Result<_>>()?;
-        let rows = Tensor::stack(&rows, 0)?;
-        let lp = candle_nn::ops::log_softmax(&lm_logits(lm, &rows)?, D::Minus1)?;
+        let batch = make_batch(refs, false, self.model.device())?;
+        let embeds = splice_embeddings(&**self.model, &batch, self.prompt)?;
+        let (skip, prefix) = match shared {
+            Some(s) => (s.len, Some(&s.cache)),
+            None => (0, self.prefix),
+        };
+        let own = batch.shape.1 - skip;
+        let (rest, rest_mask) = (embeds.narrow(1, skip, own)?, batch.mask.narrow(1, skip, own)?);
+        // Every row keeps at least one position of its own (see `shared_prefix`).
+        let at: Vec<(usize, usize)> = batch.last_prompt.iter().map(|&p| p - skip).enumerate().collect();
+        let rows = lm.hidden_at(&BackboneInput::new(&rest, &rest_mask), prefix, &at)?;
+        let lp = candle_nn::ops::log_softmax(&inference_logits(lm, &rows)?, D::Minus1)?;
         let ids: Vec<u32> = candidates.iter().map(|c| c[0]).collect();
         let idx = Tensor::new(ids.as_slice(), lp.device())?;
         Ok(lp.index_select(&idx, 1)?.to_vec2()?)
@@ -392,8 +387,6 @@ const MIN_SHARED_PREFIX: usize = 2;
 struct SharedPrefix {
     /// Positions shared.
     len: usize,
-    /// Their hidden states, `[1, len, D]`.
-    hidden: Tensor,
     /// Their keys and values (after the adapter's own key/value prefix, if any), one row.
     cache: KvCache,
 }

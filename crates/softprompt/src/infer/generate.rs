@@ -4,7 +4,7 @@
 use anyhow::{bail, Result};
 use candle_core::{IndexOp, Tensor};
 
-use crate::backbone::{lm_logits, BackboneInput, CausalLm, KvCache};
+use crate::backbone::{inference_logits, BackboneInput, CausalLm, KvCache};
 
 /// Greedily extends the input embeddings `[1, T, hidden]` by up to `max_new` tokens, stopping
 /// after any id in `stop`. Returns the generated ids (the stop id included when reached).
@@ -88,7 +88,7 @@ fn generate_greedy(
     let mut out = Vec::new();
     for _ in 0..max_new {
         let last = hidden.i((0, hidden.dim(1)? - 1))?.unsqueeze(0)?;
-        let next = lm_logits(backbone, &last)?.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
+        let next = inference_logits(backbone, &last)?.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
         out.push(next);
         if stop.contains(&next) || cache.len() + 1 > backbone.info().max_positions {
             break;

@@ -3,7 +3,7 @@
 use anyhow::Result;
 use candle_core::{DType, IndexOp, Tensor, D};
 
-use crate::backbone::{lm_logits, BackboneInput, CausalLm, KvCache};
+use crate::backbone::{inference_logits, BackboneInput, CausalLm, KvCache};
 
 /// Log-probability of each candidate's tokens after one prompt (`[1, T, D]` embeddings). The
 /// prompt's keys and values are computed once and shared by all candidates.
@@ -51,7 +51,7 @@ fn score_after(
     let mut cache = prefix.cloned().unwrap_or_default();
     let mask = Tensor::ones((1, t), DType::U32, device)?;
     let hidden = backbone.forward_cached(&BackboneInput::new(prompt, &mask), &mut cache)?;
-    let first = candle_nn::ops::log_softmax(&lm_logits(backbone, &hidden.i((0, t - 1))?.unsqueeze(0)?)?, D::Minus1)?
+    let first = candle_nn::ops::log_softmax(&inference_logits(backbone, &hidden.i((0, t - 1))?.unsqueeze(0)?)?, D::Minus1)?
         .squeeze(0)?
         .to_vec1::<f32>()?;
     let mut scores: Vec<f32> = candidates
@@ -104,7 +104,7 @@ fn continuation_log_probs(backbone: &dyn CausalLm, cache: &KvCache, cands: &[&[u
     let mut out = Vec::with_capacity(c);
     for (r, cand) in cands.iter().enumerate() {
         let rows = h.i(r)?.narrow(0, 0, cand.len() - 1)?.reshape((cand.len() - 1, d))?;
-        let lp = candle_nn::ops::log_softmax(&lm_logits(backbone, &rows)?, D::Minus1)?;
+        let lp = candle_nn::ops::log_softmax(&inference_logits(backbone, &rows)?, D::Minus1)?;
         let next = Tensor::new(&cand[1..], device)?.unsqueeze(1)?;
         out.push(lp.gather(&next, 1)?.sum_all()?.to_scalar::<f32>()?);
     }
