@@ -60,6 +60,26 @@ fn hidden_at_matches_the_full_forward_after_a_shared_prefix() {
 }
 
 #[test]
+fn hidden_at_reads_positions_the_rows_share() {
+    // The first two positions are the same in every row, so the backbone computes them once.
+    let lm = model();
+    let dev = Device::Cpu;
+    let shared = (Tensor::randn(0f32, 1.0, (1, 2, 32), &dev).unwrap() * 0.5).unwrap();
+    let own = (Tensor::randn(0f32, 1.0, (2, 3, 32), &dev).unwrap() * 0.5).unwrap();
+    let embeds = Tensor::cat(&[&shared.repeat((2, 1, 1)).unwrap(), &own], 1).unwrap();
+    let mask = Tensor::ones((2, 5), candle_core::DType::U32, &dev).unwrap();
+    let input = BackboneInput::new(&embeds, &mask);
+    let full = lm.forward(&input).unwrap();
+    let at = [(0, 3), (1, 0), (1, 1), (1, 4)];
+    let picked = lm.hidden_at(&input, None, &at).unwrap();
+    for (i, &(r, c)) in at.iter().enumerate() {
+        let diff = (picked.i(i).unwrap() - full.i((r, c)).unwrap()).unwrap();
+        let worst: f32 = diff.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert!(worst < 1e-5, "position {c} of row {r}: max-abs {worst}");
+    }
+}
+
+#[test]
 fn hidden_at_refuses_padding_and_rows_out_of_order() {
     let lm = model();
     let dev = Device::Cpu;

@@ -187,9 +187,8 @@ impl FusedLlama {
 
     /// The final-normed hidden states `[R, D]` of the positions `at` (`(row, column)` of the
     /// batch `embeds` `[B, T, D]`, `mask` `[B, T]`; in row, then column order) after the
-    /// positions in `prefix` (one row
-    /// every row continues from, or one per row), which is left as it is. The last layer runs
-    /// only at `at`: nothing after it reads the other positions.
+    /// positions in `prefix` (one row every row continues from, or one per row), which is left
+    /// as it is. The last layer runs only at `at`: nothing after it reads the other positions.
     pub fn hidden_at(
         &self,
         embeds: &Tensor,
@@ -226,7 +225,8 @@ impl FusedLlama {
         let d = self.hidden;
         let rows_of =
             |v: &[f32]| -> Vec<f32> { selected.iter().flat_map(|&i| v[i * d..(i + 1) * d].to_vec()).collect() };
-        let query_row: Vec<usize> = selected.iter().map(|&i| geometry.query_row[i]).collect();
+        // The asked-for row, not the packed one: a shared position's keys sit in every row's slots.
+        let query_row: Vec<usize> = at.iter().map(|&(r, _)| r).collect();
         let query_key: Vec<usize> = selected.iter().map(|&i| geometry.query_key[i]).collect();
         let lay = AttentionLayout {
             query_row: &query_row,

@@ -164,7 +164,10 @@ impl<'a, K: Clone + PartialEq> Engine<'a, K> {
         let embeds = self.lm.embed(&ids)?;
         let hidden = prefill(self.lm, &embeds, &mut cache, chunk, progress)?;
         let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?.squeeze(1)?;
-        let logits: Vec<f32> = inference_logits(self.lm, &last)?.squeeze(0)?.to_dtype(DType::F32)?.to_vec1()?;
+        let logits: Vec<f32> = inference_logits(self.lm, &last)?
+            .squeeze(0)?
+            .to_dtype(DType::F32)?
+            .to_vec1()?;
         let seq = Sequence {
             key,
             cache,

@@ -88,7 +88,10 @@ fn generate_greedy(
     let mut out = Vec::new();
     for _ in 0..max_new {
         let last = hidden.i((0, hidden.dim(1)? - 1))?.unsqueeze(0)?;
-        let next = inference_logits(backbone, &last)?.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
+        let next = inference_logits(backbone, &last)?
+            .squeeze(0)?
+            .argmax(0)?
+            .to_scalar::<u32>()?;
         out.push(next);
         if stop.contains(&next) || cache.len() + 1 > backbone.info().max_positions {
             break;

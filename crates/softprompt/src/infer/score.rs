@@ -51,9 +51,12 @@ fn score_after(
     let mut cache = prefix.cloned().unwrap_or_default();
     let mask = Tensor::ones((1, t), DType::U32, device)?;
     let hidden = backbone.forward_cached(&BackboneInput::new(prompt, &mask), &mut cache)?;
-    let first = candle_nn::ops::log_softmax(&inference_logits(backbone, &hidden.i((0, t - 1))?.unsqueeze(0)?)?, D::Minus1)?
-        .squeeze(0)?
-        .to_vec1::<f32>()?;
+    let first = candle_nn::ops::log_softmax(
+        &inference_logits(backbone, &hidden.i((0, t - 1))?.unsqueeze(0)?)?,
+        D::Minus1,
+    )?
+    .squeeze(0)?
+    .to_vec1::<f32>()?;
     let mut scores: Vec<f32> = candidates
         .iter()
         .map(|c| c.first().map_or(f32::NEG_INFINITY, |&id| first[id as usize]))
