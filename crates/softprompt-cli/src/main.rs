@@ -1,5 +1,6 @@
 //! `softprompt`: the command-line interface. Thin: parse, call the library, print.
 
+mod allocator;
 mod bench_cmd;
 mod bench_generate;
 mod chat;
@@ -55,6 +56,7 @@ enum Command {
 }
 
 fn main() {
+    allocator::keep_freed_memory();
     let cli = Cli::parse();
     let result: Result<()> = match cli.command {
         Command::Fetch => model_cmds::fetch(),
