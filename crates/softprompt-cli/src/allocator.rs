@@ -16,14 +16,17 @@ const MMAP_THRESHOLD: libc::c_int = 32 << 20;
 const TRIM_THRESHOLD: libc::c_int = 512 << 20;
 
 /// Raises glibc's mmap and trim thresholds (see the module docs), unless the user set either
-/// (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_` or `GLIBC_TUNABLES`). Call it first
-/// in `main`, before other threads exist.
+/// (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`, or `mmap_threshold`/`trim_threshold`
+/// in `GLIBC_TUNABLES`). Call it first in `main`, before other threads exist.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        let user_set = ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"]
-            .iter()
-            .any(|v| std::env::var_os(v).is_some());
+        let env = |name: &str| std::env::var(name).unwrap_or_default();
+        let tunables = env("GLIBC_TUNABLES");
+        let user_set = !env("MALLOC_MMAP_THRESHOLD_").is_empty()
+            || !env("MALLOC_TRIM_THRESHOLD_").is_empty()
+            || tunables.contains("mmap_threshold")
+            || tunables.contains("trim_threshold");
         if !user_set {
             // SAFETY: mallopt only changes malloc's parameters; no other thread runs yet. A
             // refused value (0 returned) leaves glibc's default, which is only slower.
