@@ -21,13 +21,7 @@ const TRIM_THRESHOLD: libc::c_int = 512 << 20;
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        let env = |name: &str| std::env::var(name).unwrap_or_default();
-        let tunables = env("GLIBC_TUNABLES");
-        let user_set = !env("MALLOC_MMAP_THRESHOLD_").is_empty()
-            || !env("MALLOC_TRIM_THRESHOLD_").is_empty()
-            || tunables.contains("mmap_threshold")
-            || tunables.contains("trim_threshold");
-        if !user_set {
+        if !thresholds_set_by_user(|name| std::env::var(name).ok()) {
             // SAFETY: mallopt only changes malloc's parameters; no other thread runs yet. A
             // refused value (0 returned) leaves glibc's default, which is only slower.
             unsafe {
@@ -35,5 +29,40 @@ pub fn keep_freed_memory() {
                 libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
             }
         }
+    }
+}
+
+/// Whether the environment (read through `var`) already sets glibc's mmap or trim threshold:
+/// `MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`, or either key in `GLIBC_TUNABLES`.
+#[cfg_attr(not(all(target_os = "linux", target_env = "gnu")), allow(dead_code))]
+fn thresholds_set_by_user(var: impl Fn(&str) -> Option<String>) -> bool {
+    let set = |name: &str| var(name).is_some_and(|v| !v.is_empty());
+    let tunables = var("GLIBC_TUNABLES").unwrap_or_default();
+    set("MALLOC_MMAP_THRESHOLD_")
+        || set("MALLOC_TRIM_THRESHOLD_")
+        || tunables.contains("malloc.mmap_threshold")
+        || tunables.contains("malloc.trim_threshold")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+    }
+
+    #[test]
+    fn the_user_s_thresholds_win_and_other_tunables_do_not_count() {
+        assert!(!thresholds_set_by_user(env(&[])));
+        assert!(thresholds_set_by_user(env(&[("MALLOC_MMAP_THRESHOLD_", "1048576")])));
+        assert!(thresholds_set_by_user(env(&[("MALLOC_TRIM_THRESHOLD_", "0")])));
+        assert!(!thresholds_set_by_user(env(&[("MALLOC_TRIM_THRESHOLD_", "")])));
+        let tunables = "glibc.malloc.hugetlb=1:glibc.malloc.trim_threshold=4096";
+        assert!(thresholds_set_by_user(env(&[("GLIBC_TUNABLES", tunables)])));
+        assert!(!thresholds_set_by_user(env(&[(
+            "GLIBC_TUNABLES",
+            "glibc.malloc.hugetlb=1"
+        )])));
     }
 }
