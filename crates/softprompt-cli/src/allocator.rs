@@ -8,19 +8,16 @@
 //! freed blocks stay in the heap for the next layer and step; peak memory does not change.
 //! Other platforms and allocators are left as they are.
 
-/// Blocks smaller than this come from the heap (glibc's largest allowed value on 64-bit).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-const MMAP_THRESHOLD: libc::c_int = 32 << 20;
-/// Free memory at the heap's top goes back to the kernel only past this much.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-const TRIM_THRESHOLD: libc::c_int = 512 << 20;
-
 /// Raises glibc's mmap and trim thresholds (see the module docs), unless the user set either
 /// (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`, or `mmap_threshold`/`trim_threshold`
 /// in `GLIBC_TUNABLES`). Call it first in `main`, before other threads exist.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
+        /// Blocks smaller than this come from the heap (glibc's largest allowed value on 64-bit).
+        const MMAP_THRESHOLD: libc::c_int = 32 << 20;
+        /// Free memory at the heap's top goes back to the kernel only past this much.
+        const TRIM_THRESHOLD: libc::c_int = 512 << 20;
         if !thresholds_set_by_user(|name| std::env::var(name).ok()) {
             // SAFETY: mallopt only changes malloc's parameters; no other thread runs yet. A
             // refused value (0 returned) leaves glibc's default, which is only slower.
