@@ -15,6 +15,7 @@
 
 pub mod encoder;
 pub mod init;
+pub mod method;
 pub mod multitask;
 pub mod prefix;
 
@@ -24,6 +25,7 @@ use rand::rngs::StdRng;
 use std::collections::HashMap;
 
 pub use encoder::{EncoderKind, EncoderSpec, PromptEncoder};
+pub use method::Method;
 pub use init::{
     common_token_ids, initial_prompt, sample_vocab_ids, seeded_rng, text_init_ids, InitSource, PromptInit,
     VOCAB_SAMPLE_POOL,

@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-use crate::adapter::run_files;
+use crate::train::checkpoint;
 use crate::config::TrainConfig;
 use crate::template::Template;
 use crate::train::{self, output, Observer};
@@ -234,14 +234,14 @@ fn training_finished(cfg: &TrainConfig, dir: &Path, step: usize) -> Result<bool>
     if step >= train::total_steps(cfg, rows)? {
         return Ok(true);
     }
-    let checkpoint = run_files::load_checkpoint(&dir.join(output::CHECKPOINT_DIR))?;
+    let checkpoint = checkpoint::load_checkpoint(&dir.join(output::CHECKPOINT_DIR))?;
     Ok(cfg.patience.is_some_and(|p| checkpoint.progress.evals_since_best >= p))
 }
 
 /// The result of a run whose training finished but whose test score was never written: the
 /// saved best adapter is scored on the test set.
 fn score_finished(cfg: &TrainConfig, dir: &Path, obs: &mut dyn Observer) -> Result<CellResult> {
-    let checkpoint = run_files::load_checkpoint(&dir.join(output::CHECKPOINT_DIR))?;
+    let checkpoint = checkpoint::load_checkpoint(&dir.join(output::CHECKPOINT_DIR))?;
     let mut p = train::prepare(cfg, obs)?;
     p.out_dir = dir.to_path_buf();
     let test = train::evaluate_test(&p)?;

@@ -7,10 +7,11 @@ use rand::SeedableRng;
 use std::path::Path;
 
 use super::optim::{AdamW, AdamWConfig};
-pub use super::prefix::Learned;
+pub use super::learned::{Learned, LearnedPrompt};
 use super::{multitask, Prepared, TaskSplit};
-use crate::adapter::run_files::{self, Checkpoint, Progress};
-use crate::adapter::{self, MethodConfig, PeftConfig, TaskType};
+use super::checkpoint::{self, Checkpoint, Progress};
+use crate::adapter::run_files::{self, AdapterTask, TASK_FORMAT_VERSION};
+use crate::adapter::{self, MethodConfig, TaskType};
 use crate::config::{InitKind, Method, TrainConfig};
 use crate::loss::ClassifierHead;
 use crate::prompt::init::normal;
@@ -125,8 +126,8 @@ pub fn new_learner(p: &Prepared) -> Result<Learner> {
     let device = bb.device();
     let init = prompt_init(cfg, &p.tasks)?;
     let d = bb.info().hidden;
-    let prompt = match cfg.prefix_spec() {
-        Some(spec) => Learned::KvPrefix(super::prefix::new_prefix(p, spec, &init, &mut rng)?),
+    let prompt: Learned = match cfg.prefix_spec() {
+        Some(spec) => Box::new(super::prefix::new_prefix(p, spec, &init, &mut rng)?),
         None => {
             let n = p.task().template.num_virtual_tokens();
             let start = initial_prompt(
@@ -137,7 +138,7 @@ pub fn new_learner(p: &Prepared) -> Result<Learner> {
                 &mut rng,
             )?
             .to_device(device)?;
-            Learned::Input(match cfg.method {
+            Box::new(match cfg.method {
                 Method::MultitaskPromptTuning => multitask::new_prompt(p, &start, &mut rng)?,
                 _ => SoftPrompt::new(&start, cfg.encoder_spec().as_ref(), &mut rng)?,
             })
@@ -170,17 +171,12 @@ pub fn new_learner(p: &Prepared) -> Result<Learner> {
 
 /// Writes the learner as a PEFT adapter into `dir`, with softprompt's own files beside it.
 pub fn save_adapter(p: &Prepared, learner: &Learner, dir: &Path) -> Result<()> {
-    let info = p.model.backbone.info();
     let task_type = if p.cfg.task == TaskKind::SeqCls {
         TaskType::SeqCls
     } else {
         TaskType::CausalLm
     };
-    let mut config = match &learner.prompt {
-        Learned::Input(prompt) if prompt.task_factors().is_some() => multitask::peft_config(p, prompt, task_type)?,
-        Learned::Input(prompt) => PeftConfig::for_prompt(prompt, &learner.init, task_type, info),
-        Learned::KvPrefix(prefix) => super::prefix::peft_config(prefix, task_type, info),
-    };
+    let mut config = learner.prompt.peft_config(p, &learner.init, task_type)?;
     config.base_model_name_or_path = Some(p.cfg.model.clone());
     if let MethodConfig::PromptTuning {
         tokenizer_name_or_path: Some(t),
@@ -189,24 +185,52 @@ pub fn save_adapter(p: &Prepared, learner: &Learner, dir: &Path) -> Result<()> {
     {
         *t = p.cfg.model.clone();
     }
-    let (saved, mut extra) = match &learner.prompt {
-        Learned::Input(prompt) => prompt.peft_tensors()?,
-        Learned::KvPrefix(prefix) => (prefix.forward()?.detach(), Vec::new()),
-    };
+    let (saved, mut extra) = learner.prompt.peft_tensors()?;
     if let Some(h) = &learner.head {
         extra.push((HEAD_WEIGHT.into(), h.weight.as_tensor().clone()));
         extra.push((HEAD_BIAS.into(), h.bias.as_tensor().clone()));
     }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     adapter::save_peft(dir, &config, &saved, &extra)?;
-    let tasks: Vec<&Task> = p.tasks.iter().map(|t| &t.task).collect();
-    run_files::save_task_file(dir, &tasks, &p.cfg)?;
+    adapter_task(p)?.write(dir)?;
     run_files::save_prompt_params(dir, &learner.tensors()?)
+}
+
+/// What `softprompt.json` records of a run: what inference needs, and the options as a record.
+fn adapter_task(p: &Prepared) -> Result<AdapterTask> {
+    let tasks: Vec<&Task> = p.tasks.iter().map(|t| &t.task).collect();
+    let Some(task) = tasks.first() else {
+        anyhow::bail!("cannot write the adapter: the run has no task");
+    };
+    let cfg = &p.cfg;
+    Ok(AdapterTask {
+        format_version: TASK_FORMAT_VERSION,
+        critical: Vec::new(),
+        template: task.template.source().to_string(),
+        target_field: cfg.target_field.clone(),
+        task: cfg.task,
+        labels: task.labels.clone(),
+        task_labels: if tasks.len() > 1 {
+            tasks.iter().map(|t| t.labels.clone()).collect()
+        } else {
+            Vec::new()
+        },
+        verbalizer: cfg.verbalizer.clone(),
+        method: cfg.method,
+        num_virtual_tokens: if cfg.method.is_kv_prefix() {
+            cfg.num_virtual_tokens
+        } else {
+            task.template.num_virtual_tokens()
+        },
+        model: cfg.model.clone(),
+        training: serde_json::to_value(cfg)?,
+        warnings: Vec::new(),
+    })
 }
 
 /// Saves the full training state into `dir`.
 pub fn save_checkpoint(p: &Prepared, learner: &Learner, progress: &Progress, dir: &Path) -> Result<()> {
-    run_files::save_checkpoint(
+    checkpoint::save_checkpoint(
         dir,
         learner.tensors()?,
         &learner.optimizer.moments,

@@ -12,6 +12,8 @@
 //! with the same seed are identical bit for bit on the CPU, and a resumed run continues exactly
 //! where an uninterrupted one would be.
 
+pub mod checkpoint;
+pub mod learned;
 pub mod learner;
 pub mod multitask;
 pub mod optim;
@@ -26,16 +28,17 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::adapter::{self, run_files};
+use crate::adapter;
 use crate::backbone::KvCache;
 pub use crate::config::{EncoderKind, InitKind, Method, TrainConfig};
 use crate::infer::evaluate::{EvalResult, Scorer};
 use crate::loss::ClassifierHead;
 use crate::task::{Example, Task};
-pub use learner::{new_learner, save_adapter, Learned, Learner, HEAD_BIAS, HEAD_WEIGHT};
+pub use learner::{new_learner, save_adapter, Learned, LearnedPrompt, Learner, HEAD_BIAS, HEAD_WEIGHT};
 pub use output::OutputDir;
-pub use prepare::{check_baseline_template, prepare, run_template, Prepared, TaskSplit};
-pub use run_files::Progress;
+pub use crate::config::{check_baseline_template, run_template};
+pub use prepare::{prepare, Prepared, TaskSplit};
+pub use checkpoint::Progress;
 pub use step::{step, total_steps, DataOrder, StepResult};
 
 /// Receives progress; the CLI draws a progress bar, tests ignore it.
@@ -268,7 +271,7 @@ fn run(cfg: &TrainConfig, work: &Path, obs: &mut dyn Observer, training: &mut bo
     let mut progress = Progress::default();
     if cfg.resume {
         let last_dir = work.join(output::CHECKPOINT_DIR);
-        progress = learner.restore(run_files::load_checkpoint(&last_dir)?, &last_dir)?;
+        progress = learner.restore(checkpoint::load_checkpoint(&last_dir)?, &last_dir)?;
         if progress.step >= total {
             bail!(
                 "nothing to resume: the checkpoint in {} is at step {}, and this run has {total} \

@@ -4,6 +4,7 @@
 use anyhow::{bail, Result};
 use candle_core::{Tensor, Var};
 use std::collections::BTreeMap;
+pub use crate::config::Schedule;
 
 /// AdamW hyper-parameters.
 #[derive(Debug, Clone, Copy)]
@@ -60,19 +61,6 @@ impl AdamW {
         }
         Ok(())
     }
-}
-
-/// Learning-rate schedule after the linear warm-up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
-#[serde(rename_all = "lowercase")]
-pub enum Schedule {
-    /// Constant after warm-up.
-    Constant,
-    /// Linear decay to zero at the last step (transformers' `linear`).
-    Linear,
-    /// Cosine decay to zero at the last step.
-    Cosine,
 }
 
 /// Learning rate at `step` (1-based) of `total`, with `warmup` linear warm-up steps.

@@ -1,95 +1,17 @@
-//! Training a key/value prefix (prefix tuning, p-tuning v2 on encoders, Cartridges): the
-//! learner's two kinds of prompt, a prefix's start (a text prefill through the frozen model) and
+//! Training a key/value prefix (prefix tuning, p-tuning v2 on encoders, Cartridges): a
+//! prefix's start (a text prefill through the frozen model) and
 //! its PEFT config. One micro-batch's gradient (`forward_train_prefixed` / `backward_prefixed`)
-//! is in [`super::step`], beside the input prompt's.
+//! is its [`super::learned::LearnedPrompt`] implementation.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
-use std::collections::HashMap;
 
 use super::Prepared;
 use crate::adapter::{MethodConfig, PeftConfig, TaskType};
 use crate::backbone::{BackboneInput, KvCache, ModelInfo};
-use crate::prompt::prefix::{flat_to_cache, layers_to_flat};
-use crate::prompt::{KvPrefix, PrefixShape, PrefixSpec, PromptInit, SoftPrompt};
-
-/// What a run learns: an input prompt (prompt tuning, p-tuning) or a per-layer key/value prefix
-/// (prefix tuning, Cartridges).
-#[derive(Debug, Clone)]
-pub enum Learned {
-    /// A prompt spliced into the input embeddings.
-    Input(SoftPrompt),
-    /// Keys and values every attention layer reads before the input.
-    KvPrefix(KvPrefix),
-}
-
-impl Learned {
-    /// The input prompt, if this is one.
-    pub fn input(&self) -> Option<&SoftPrompt> {
-        match self {
-            Learned::Input(p) => Some(p),
-            Learned::KvPrefix(_) => None,
-        }
-    }
-
-    /// The key/value prefix, if this is one.
-    pub fn kv_prefix(&self) -> Option<&KvPrefix> {
-        match self {
-            Learned::KvPrefix(p) => Some(p),
-            Learned::Input(_) => None,
-        }
-    }
-
-    /// What PEFT saves as `prompt_embeddings`: the prompt `[p, hidden]` or the flat prefix
-    /// `[V, layers·2·kv_dim]`, as a differentiable graph over [`Learned::vars`].
-    pub fn forward(&self) -> Result<Tensor> {
-        match self {
-            Learned::Input(p) => p.forward(),
-            Learned::KvPrefix(p) => p.forward(),
-        }
-    }
-
-    /// Trainable parameters with their saved names.
-    pub fn vars(&self) -> Vec<(String, Var)> {
-        match self {
-            Learned::Input(p) => p.vars(),
-            Learned::KvPrefix(p) => p.vars(),
-        }
-    }
-
-    /// Copies of every parameter (a Cartridge's frozen tokens included).
-    pub fn tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        match self {
-            Learned::Input(p) => p.tensors(),
-            Learned::KvPrefix(p) => p.tensors(),
-        }
-    }
-
-    /// Restores the parameters from saved tensors.
-    pub fn set_from(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
-        match self {
-            Learned::Input(p) => p.set_from(tensors),
-            Learned::KvPrefix(p) => p.set_from(tensors),
-        }
-    }
-
-    /// Device of the parameters.
-    pub fn device(&self) -> Device {
-        match self {
-            Learned::Input(p) => p.embedding().device().clone(),
-            Learned::KvPrefix(p) => p.device(),
-        }
-    }
-
-    /// What evaluation needs: the input prompt `[p, hidden]` or the prefix as a one-row cache.
-    pub fn eval_parts(&self) -> Result<(Option<Tensor>, Option<KvCache>)> {
-        Ok(match self {
-            Learned::Input(p) => (Some(p.forward()?.detach()), None),
-            Learned::KvPrefix(p) => (None, Some(flat_to_cache(&p.forward()?.detach(), p.shape())?)),
-        })
-    }
-}
+use crate::prompt::prefix::layers_to_flat;
+use crate::prompt::{KvPrefix, PrefixShape, PrefixSpec, PromptInit};
 
 /// The prefix geometry of a model.
 pub fn prefix_shape(info: &ModelInfo) -> PrefixShape {

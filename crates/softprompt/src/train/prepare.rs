@@ -1,16 +1,15 @@
 //! Step 1 of a run: load the model on the configured device, read and encode the data (one
 //! task, or the sets of every task of a multitask run).
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
 
 use super::{DataOrder, Observer};
 use crate::backbone::{self, LoadedModel, Model, ModelInfo};
-use crate::config::{option, Method, TaskData, TrainConfig};
+use crate::config::{option, run_template, Method, TaskData, TrainConfig};
 use crate::data::{field_text, read_jsonl, DataSet};
 use crate::model_source;
 use crate::task::{assign_task, Example, Task, TaskKind};
-use crate::template::Template;
 
 /// Everything prepared for training: model, task(s), encoded data.
 pub struct Prepared {
@@ -112,65 +111,6 @@ fn read_set(path: &Path, limit: Option<usize>) -> Result<DataSet> {
         ds.records.truncate(n);
     }
     Ok(ds)
-}
-
-/// The template of a run: without any virtual token, `[soft:N]` is prepended (prompt tuning).
-/// Refuses a template that reads no field of the rows (every row would look the same).
-/// A key/value prefix (prefix tuning, Cartridges) enters every attention layer instead, so its
-/// template must have no virtual tokens.
-pub fn run_template(cfg: &TrainConfig) -> Result<Template> {
-    let what = || option("template");
-    let t = Template::parse(&cfg.template).with_context(what)?;
-    if cfg.method.is_kv_prefix() && t.num_virtual_tokens() > 0 {
-        bail!(
-            "option `template`: method `{}` learns keys and values before the input in every layer; remove the [soft:..] tokens (`num_virtual_tokens` sets the prefix length)",
-            serde_json::to_value(cfg.method)?.as_str().unwrap_or_default()
-        );
-    }
-    if cfg.num_virtual_tokens == 0 && t.num_virtual_tokens() == 0 {
-        bail!(
-            "{} is 0; it must be at least 1, since the template has no [soft:N] tokens and \
-             the prompt (or prefix) is that many virtual tokens",
-            option("num_virtual_tokens")
-        );
-    }
-    let t = if t.num_virtual_tokens() == 0 && !cfg.method.is_kv_prefix() {
-        Template::parse(&format!("[soft:{}]{}", cfg.num_virtual_tokens, cfg.template)).with_context(what)?
-    } else {
-        t
-    };
-    let t = t.with_target(&cfg.target_field).with_context(what)?;
-    check_reads_a_field(&t, "template", &cfg.target_field)?;
-    Ok(t)
-}
-
-/// Refuses a template without any input field (only soft tokens and text).
-fn check_reads_a_field(t: &Template, name: &str, target_field: &str) -> Result<()> {
-    if t.fields().is_empty() {
-        bail!(
-            "{} `{}` reads no field of the rows (only the target `{target_field}`), so every row \
-             would give the model the same input; add the input field, e.g. `{{text}}`",
-            option(name),
-            t.source()
-        );
-    }
-    Ok(())
-}
-
-/// Checks option `baseline_template`: hand-written (no soft tokens) and reading a field.
-pub fn check_baseline_template(src: &str, target_field: &str) -> Result<Template> {
-    let t = Template::parse(src)
-        .with_context(|| option("baseline_template"))?
-        .with_target(target_field)
-        .with_context(|| option("baseline_template"))?;
-    if t.num_virtual_tokens() > 0 {
-        bail!(
-            "{} must be hand-written (no [soft:..] tokens)",
-            option("baseline_template")
-        );
-    }
-    check_reads_a_field(&t, "baseline_template", target_field)?;
-    Ok(t)
 }
 
 /// For classification, the classes are the labels of the training rows: a label seen only in

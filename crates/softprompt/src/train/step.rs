@@ -7,15 +7,14 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use std::collections::{BTreeMap, HashMap};
 
-use super::learner::{Learned, Learner, HEAD_BIAS, HEAD_WEIGHT};
+use super::learner::{Learner, HEAD_BIAS, HEAD_WEIGHT};
 use super::optim::{clip_grad_norm, learning_rate};
 use super::Prepared;
 use crate::backbone::profile::{span, Direction};
-use crate::backbone::{BackboneInput, Model};
-use crate::batch::{make_batch, prompt_gradient, splice_embeddings};
+use crate::backbone::Model;
+use crate::batch::make_batch;
 use crate::config::TrainConfig;
 use crate::loss::lm_loss;
-use crate::prompt::prefix::{flat_gradient, flat_to_cache};
 use crate::task::Example;
 
 /// The rows of micro-batch `micro` of step `step` (1-based): a pure function of the seed (each
@@ -111,25 +110,11 @@ pub fn compute_gradients(
         let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed ^ ((step as u64) << 16) ^ micro as u64);
         // What is learned, as a graph over its parameters: the prompt `[p, hidden]` spliced into
         // the input, or the flat key/value prefix every attention layer reads.
-        let learned = span("prompt", Direction::Forward, || match &learner.prompt {
-            Learned::Input(soft) => soft.forward_train(&mut rng),
-            Learned::KvPrefix(prefix) => prefix.forward(),
+        let learned = span("prompt", Direction::Forward, || learner.prompt.forward_train(&mut rng))?;
+        let batch = span("splice", Direction::Forward, || {
+            make_batch(&rows, learner.head.is_none(), model.device())
         })?;
-        let prefix = match &learner.prompt {
-            Learned::KvPrefix(p) => Some(flat_to_cache(&learned.detach(), p.shape())?),
-            Learned::Input(_) => None,
-        };
-        let (batch, embeds) = span("splice", Direction::Forward, || -> Result<_> {
-            let batch = make_batch(&rows, learner.head.is_none(), model.device())?;
-            let prompt = prefix.is_none().then(|| learned.detach());
-            let embeds = splice_embeddings(&**model, &batch, prompt.as_ref())?;
-            Ok((batch, embeds))
-        })?;
-        let input = BackboneInput::new(&embeds, &batch.mask);
-        let (hidden, tape) = match &prefix {
-            Some(cache) => model.forward_train_prefixed(&input, cache)?,
-            None => model.forward_train(&input)?,
-        };
+        let (hidden, tape) = learner.prompt.model_forward(&**model, &batch, &learned.detach())?;
         let (loss, d_hidden) = span("head+loss", Direction::Forward, || -> Result<_> {
             Ok(match (model, &learner.head) {
                 (Model::Encoder(enc), Some(head)) => {
@@ -143,16 +128,7 @@ pub fn compute_gradients(
                 _ => bail!("a classification head trains on an encoder, the LM loss on a causal model"),
             })
         })?;
-        let d_learned = match &learner.prompt {
-            Learned::Input(soft) => {
-                let d_embeds = model.backward(&tape, &d_hidden)?;
-                prompt_gradient(&batch, &d_embeds, soft.num_prompt_rows())?
-            }
-            Learned::KvPrefix(p) => {
-                let (_, d_layers) = model.backward_prefixed(&tape, &d_hidden)?;
-                flat_gradient(&d_layers, p.num_virtual_tokens())?
-            }
-        };
+        let d_learned = learner.prompt.gradient(&**model, &batch, &tape, &d_hidden)?;
         span("prompt", Direction::Backward, || -> Result<()> {
             // Through the (small) prompt encoder or prefix projection with candle's autograd.
             let store = (&learned * d_learned.detach())?.sum_all()?.backward()?;

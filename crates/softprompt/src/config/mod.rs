@@ -1,0 +1,322 @@
+//! Everything a training run is configured by: the one list of options. The TOML file, the
+//! command-line flags (with the `cli` feature, `clap::Args` is derived from [`TrainConfig`],
+//! its doc comments are the help and its [`Default`] the defaults) and the training record kept
+//! beside an adapter all use these names and types.
+//!
+//! - `kinds`: the typed choices (`Method`, `InitKind`, `Schedule`, `TaskData`);
+//! - `checks`: the checks of the options on their own and of the run's templates, before any
+//!   file is read or the model is loaded.
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+mod checks;
+mod kinds;
+
+pub use crate::backbone::WeightStorage;
+pub use crate::prompt::encoder::EncoderKind;
+use crate::prompt::{EncoderSpec, PrefixSpec};
+pub use crate::task::TaskKind;
+pub use checks::{check_baseline_template, run_template};
+pub use crate::prompt::Method;
+pub use kinds::{InitKind, Schedule, TaskData};
+
+
+/// A training run's configuration. Every field has a default, so a TOML file or the flags need
+/// only name what differs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// MODEL: GGUF file, HF directory, short name or hf:org/name.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub model: String,
+    /// Training JSONL.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub train: PathBuf,
+    /// Development JSONL (evaluation during training, best checkpoint).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub dev: Option<PathBuf>,
+    /// Test JSONL, scored before (zero-shot) and after training.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub test: Option<PathBuf>,
+    /// Template with soft tokens (see `template`); without any, `[soft:N]` is prepended.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub template: String,
+    /// Hand-written template evaluated as the zero-shot baseline on the test set.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub baseline_template: Option<String>,
+    /// Field holding the target (label or answer).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub target_field: String,
+    /// Task kind.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub task: TaskKind,
+    /// Label → verbaliser word (Classify); default: the label itself.
+    #[cfg_attr(feature = "cli", arg(skip))]
+    pub verbalizer: BTreeMap<String, String>,
+    /// Prompt tuning, p-tuning, prefix tuning or Cartridge.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub method: Method,
+    /// Virtual tokens to prepend when the template has none.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub num_virtual_tokens: usize,
+    /// P-tuning encoder.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub encoder: EncoderKind,
+    /// P-tuning encoder hidden size (also the hidden size of prefix tuning's projection).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub encoder_hidden: usize,
+    /// Prefix tuning: pass the prefix through PEFT's projection MLP
+    /// (`Linear(kv_dim, encoder_hidden) → tanh → Linear(encoder_hidden, layers·2·kv_dim)`).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub prefix_projection: bool,
+    /// Cartridge: leading virtual tokens kept frozen (an attention sink).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub num_frozen_tokens: usize,
+    /// LSTM layers.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub encoder_layers: usize,
+    /// LSTM dropout between layers.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub encoder_dropout: f64,
+    /// Initialisation.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub init: InitKind,
+    /// Text for `init = "text"` (for a key/value prefix: the keys and values of its first
+    /// `num_virtual_tokens` tokens, run through the frozen model).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub init_text: Option<String>,
+    /// Adapter directory for `init = "from"`; for the multitask source inits the source adapter
+    /// directory or its `.safetensors` file (PEFT's `prompt_tuning_init_state_dict_path`).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub init_from: Option<PathBuf>,
+    /// Source task for `init = "exact-source-task"` (PEFT's `prompt_tuning_init_task`).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub init_task: usize,
+    /// Multitask prompt tuning: one entry per task, in task-id order (`[[tasks]]` tables with
+    /// `train` and optional `dev`, `test`; replaces `train`/`dev`/`test`). Repeatable flag:
+    /// `--tasks TRAIN[,DEV[,TEST]]`.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub tasks: Vec<TaskData>,
+    /// Multitask prompt tuning: the rank of each task's factors (PEFT's `num_ranks`).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub num_ranks: usize,
+    /// Peak learning rate.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub lr: f64,
+    /// AdamW decoupled weight decay.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub weight_decay: f64,
+    /// AdamW β₁.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub beta1: f64,
+    /// AdamW β₂.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub beta2: f64,
+    /// AdamW ε.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub adam_eps: f64,
+    /// Linear warm-up steps.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub warmup: usize,
+    /// Schedule after warm-up.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub schedule: Schedule,
+    /// Optimiser steps (overrides `epochs`).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub steps: Option<usize>,
+    /// Passes over the training set (when `steps` is not given).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub epochs: Option<f64>,
+    /// Rows per micro-batch.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub batch: usize,
+    /// Micro-batches per optimiser step.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub accumulation: usize,
+    /// Gradient-norm clipping (0 = off).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub clip: f64,
+    /// Evaluate on dev every N steps (0 = only at the end).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub eval_every: usize,
+    /// Use only the first N dev rows.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub dev_rows: Option<usize>,
+    /// Use only the first N test rows.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub test_rows: Option<usize>,
+    /// Stop after this many evaluations without improvement.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub patience: Option<usize>,
+    /// Seed of initialisation and data order.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub seed: u64,
+    /// Output directory.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub output: PathBuf,
+    /// Longest sequence (prompt + target); longer rows have their fields truncated.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub max_len: usize,
+    /// Also report greedy exact match (Generate).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub exact_match: bool,
+    /// Rows per evaluation batch.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub eval_batch: usize,
+    /// Continue from `output/checkpoint-last`.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub resume: bool,
+    /// Replace the run already in `output` (the new run is written beside it and swapped in only
+    /// when it succeeds; without this flag an existing adapter is never replaced).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub overwrite: bool,
+    /// Where to compute: `cpu`, `cuda` or `cuda:N` (CUDA needs the `cuda` feature).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub device: String,
+    /// How the frozen linear weights are held: `f32` (converted on load, fastest), `file` (as
+    /// the model file stores them, e.g. GGUF Q4_1 or f16, converted tile by tile inside each
+    /// product: the same numbers in a fraction of the memory), or converted at load to `f16`,
+    /// `bf16` or `q8_0` (Llama family).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub weights: WeightStorage,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            model: "smollm2-135m".into(),
+            train: PathBuf::from("data/sentiment-movies/train.jsonl"),
+            dev: None,
+            test: None,
+            template: "Review: {text}\\nSentiment: {label}".into(),
+            baseline_template: None,
+            target_field: "label".into(),
+            task: TaskKind::Classify,
+            verbalizer: BTreeMap::new(),
+            method: Method::PromptTuning,
+            num_virtual_tokens: 20,
+            encoder: EncoderKind::Mlp,
+            encoder_hidden: 128,
+            prefix_projection: false,
+            num_frozen_tokens: 1,
+            encoder_layers: 2,
+            encoder_dropout: 0.0,
+            init: InitKind::Vocab,
+            init_text: None,
+            init_from: None,
+            init_task: 0,
+            tasks: Vec::new(),
+            num_ranks: 1,
+            lr: 0.03,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            adam_eps: 1e-8,
+            warmup: 20,
+            schedule: Schedule::Linear,
+            steps: None,
+            epochs: None,
+            batch: 8,
+            accumulation: 1,
+            clip: 1.0,
+            eval_every: 50,
+            dev_rows: None,
+            test_rows: None,
+            patience: None,
+            seed: 42,
+            output: PathBuf::from("runs/out"),
+            max_len: 256,
+            exact_match: false,
+            eval_batch: 16,
+            resume: false,
+            overwrite: false,
+            device: "cpu".into(),
+            weights: WeightStorage::F32,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The p-tuning encoder this configuration asks for (`None` for the other methods).
+    pub fn encoder_spec(&self) -> Option<EncoderSpec> {
+        match self.method {
+            Method::PromptTuning | Method::PrefixTuning | Method::Cartridge | Method::MultitaskPromptTuning => None,
+            Method::PTuning => Some(EncoderSpec::new(
+                self.encoder,
+                self.encoder_hidden,
+                self.encoder_layers,
+                self.encoder_dropout,
+            )),
+        }
+    }
+
+    /// Number of tasks: the sets of `tasks`, or 1 (the rows of `train`).
+    pub fn num_tasks(&self) -> usize {
+        self.tasks.len().max(1)
+    }
+
+
+    /// The key/value prefix this configuration asks for (`None` for the input-prompt methods).
+    pub fn prefix_spec(&self) -> Option<PrefixSpec> {
+        match self.method {
+            Method::PrefixTuning => Some(PrefixSpec::PrefixTuning {
+                projection: self.prefix_projection.then_some(self.encoder_hidden),
+            }),
+            Method::Cartridge => Some(PrefixSpec::Cartridge {
+                num_frozen_tokens: self.num_frozen_tokens,
+            }),
+            Method::PromptTuning | Method::PTuning | Method::MultitaskPromptTuning => None,
+        }
+    }
+
+    /// The device of option `device`.
+    pub fn device(&self) -> Result<Device> {
+        parse_device(&self.device).context("option `device`")
+    }
+}
+
+/// How messages name an option: its TOML key and its flag, e.g. ``option `lr` (--lr)``.
+pub fn option(name: &str) -> String {
+    format!("option `{name}` (--{})", name.replace('_', "-"))
+}
+
+/// Parses a device name: `cpu`, `cuda` (GPU 0) or `cuda:N`. A CUDA device is refused with a
+/// clear message when candle was built without CUDA support.
+pub fn parse_device(name: &str) -> Result<Device> {
+    let ordinal = match name.trim() {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            _ => bail!("unknown device `{name}`: expected `cpu`, `cuda` or `cuda:N`"),
+        },
+    };
+    if !candle_core::utils::cuda_is_available() {
+        bail!(
+            "device `{name}` asked for, but softprompt was built without CUDA support \
+             (rebuild with `--features softprompt/cuda` on a machine with the CUDA toolkit)"
+        );
+    }
+    Device::new_cuda(ordinal).with_context(|| format!("cannot open CUDA device {ordinal}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_names() {
+        assert!(matches!(parse_device("cpu"), Ok(Device::Cpu)));
+        let e = format!("{:#}", parse_device("tpu").unwrap_err());
+        assert!(e.contains("unknown device `tpu`"), "{e}");
+        if !candle_core::utils::cuda_is_available() {
+            let e = format!("{:#}", parse_device("cuda:1").unwrap_err());
+            assert!(e.contains("without CUDA support"), "{e}");
+        }
+    }
+}

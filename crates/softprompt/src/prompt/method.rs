@@ -1,0 +1,34 @@
+//! Which method learns the prompt: the one name every layer (options, adapter files, training
+//! step) uses for it.
+
+use serde::{Deserialize, Serialize};
+
+/// Which parameter-efficient method trains the prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// Lester et al. 2021: the virtual-token matrix itself is learned.
+    PromptTuning,
+    /// Liu et al. 2021: virtual tokens pass through an MLP or bi-LSTM encoder.
+    PTuning,
+    /// Li & Liang 2021 (PEFT's PREFIX_TUNING): learned keys and values before the input in every
+    /// attention layer, optionally through a projection MLP (`prefix_projection`). On causal
+    /// models, and on encoders with `seq-cls` (p-tuning v2, Liu et al. 2022); the template has
+    /// no `[soft]` tokens.
+    PrefixTuning,
+    /// Eyuboglu et al. 2025 (PEFT's CARTRIDGE): the key/value prefix itself is learned, usually
+    /// from a text prefill (`init = "text"`); the first `num_frozen_tokens` stay fixed.
+    Cartridge,
+    /// Wang et al. 2023 (PEFT's MULTITASK_PROMPT_TUNING): a shared prompt times a rank-`num_ranks`
+    /// product per task, trained on every set of `tasks` at once (one task id per set).
+    MultitaskPromptTuning,
+}
+
+impl Method {
+    /// Whether the method learns a per-layer key/value prefix (prefix tuning, Cartridges)
+    /// rather than an input prompt.
+    pub fn is_kv_prefix(self) -> bool {
+        matches!(self, Method::PrefixTuning | Method::Cartridge)
+    }
+}
