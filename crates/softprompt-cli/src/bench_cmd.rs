@@ -192,7 +192,7 @@ fn print_profile(kinds: &std::collections::BTreeMap<(&'static str, Direction), f
 fn bench_recipe(args: &BenchArgs, path: &std::path::Path) -> Result<()> {
     use softprompt::train;
     // Paths in the recipe are relative to its folder, as for `train --config`.
-    let mut cfg: softprompt::config::TrainConfig = crate::train_cmds::read_config_table(path)?.try_into()?;
+    let mut cfg: softprompt::config::TrainConfig = crate::train_config::read_config_table(path)?.try_into()?;
     cfg.baseline_template = None;
     cfg.weights = args.weights.unwrap_or(cfg.weights);
     cfg.output = std::env::temp_dir().join(format!("softprompt-bench-{}", std::process::id()));
@@ -227,7 +227,7 @@ fn bench_recipe(args: &BenchArgs, path: &std::path::Path) -> Result<()> {
     let ceiling = matmul_ceiling(&info, 256);
     let line = json!({
         "workload": "train_step", "recipe": path.display().to_string(), "steps": args.steps,
-        "weights": cfg.weights, "peak_rss_mb": crate::model_cmds::memory_mib().map(|(_, peak)| peak),
+        "weights": cfg.weights, "peak_rss_mb": crate::memory::memory_mib().map(|(_, peak)| peak),
         "batch": cfg.batch, "s_per_step_median": step_s, "s_per_step_mean": mean,
         "s_per_step_min": times.iter().cloned().fold(f64::INFINITY, f64::min),
         "s_per_step_max": times.iter().cloned().fold(0.0, f64::max),
@@ -239,7 +239,7 @@ fn bench_recipe(args: &BenchArgs, path: &std::path::Path) -> Result<()> {
     } else {
         println!(
             "recipe {} · batch {} · weights {:?} · peak RSS {:.0} MiB · {} threads\ntraining step (splice, forward, head, loss, backward, AdamW): median {:.3} s, mean {mean:.3} s over {} steps\nevaluation: {} rows in {eval_s:.2} s = {:.1} rows/s\nmatmul ceiling (256 rows): {ceiling:.1} GFLOP/s\nwhere the time goes (seconds per step):",
-            path.display(), cfg.batch, cfg.weights, crate::model_cmds::memory_mib().map_or(0.0, |(_, peak)| peak), rayon::current_num_threads(), step_s, times.len(), rows.len(), rows.len() as f64 / eval_s
+            path.display(), cfg.batch, cfg.weights, crate::memory::memory_mib().map_or(0.0, |(_, peak)| peak), rayon::current_num_threads(), step_s, times.len(), rows.len(), rows.len() as f64 / eval_s
         );
     }
     print_profile(&kinds, times.len() as f64, args.json);
@@ -269,7 +269,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             random.as_ref()
         }
         None => {
-            loaded = crate::model_cmds::load_with(&args.model, args.weights.unwrap_or_default())?;
+            loaded = crate::args::load_with(&args.model, args.weights.unwrap_or_default())?;
             &*loaded.backbone
         }
     };
@@ -317,7 +317,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         "train_step_backbone_s": ft + bw, "forward_gflop": needed / 1e9, "forward_gflops": achieved,
         "matmul_ceiling_gflops": ceiling, "forward_efficiency": achieved / ceiling,
         "params_m": info.params as f64 / 1e6,
-        "peak_rss_mb": crate::model_cmds::memory_mib().map(|(_, peak)| peak),
+        "peak_rss_mb": crate::memory::memory_mib().map(|(_, peak)| peak),
     });
     if args.json {
         println!("{summary}");

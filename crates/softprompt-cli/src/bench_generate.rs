@@ -109,7 +109,7 @@ pub fn run(model_spec: &str, b: &GenerateBench, json_out: bool) -> Result<()> {
     if b.max_tokens == 0 || b.virtual_tokens == 0 || b.clients == 0 || b.adapters == 0 {
         bail!("--max-tokens, --virtual, --clients and --adapters must be at least 1");
     }
-    let model = crate::model_cmds::load_with(model_spec, Default::default())?;
+    let model = crate::args::load_with(model_spec, Default::default())?;
     let lm = model.backbone.require_causal("bench --generate")?;
     let adapters: Vec<Arc<PromptCache>> = (0..b.adapters)
         .map(|i| {
@@ -164,7 +164,7 @@ pub fn run(model_spec: &str, b: &GenerateBench, json_out: bool) -> Result<()> {
         "adapters": b.adapters, "virtual": b.virtual_tokens, "new_tokens": b.max_tokens,
         "one_client_tokens_per_s": one, "concurrent_tokens_per_s": many, "ratio": many / one,
         "tokens": nb, "threads": threads,
-        "peak_rss_mb": crate::model_cmds::memory_mib().map(|(_, peak)| peak),
+        "peak_rss_mb": crate::memory::memory_mib().map(|(_, peak)| peak),
     });
     if json_out {
         println!("{line}");

@@ -2,11 +2,10 @@
 
 use anyhow::{bail, Result};
 use clap::Args;
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use softprompt::sweep::{Axis, Cell, CellResult, CellStart, Grid, Sweep, SweepObserver};
-use softprompt::train::Observer;
+use softprompt::sweep::{Axis, Grid, Sweep};
 
-use crate::train_cmds::{config, Bar, TrainArgs};
+use crate::progress::CellsBar;
+use crate::train_config::{config, TrainArgs};
 
 /// Arguments of `sweep`: the grid, the seeds, and every `train` option as the base of each cell.
 #[derive(Args)]
@@ -53,77 +52,4 @@ pub fn sweep_cmd(args: SweepArgs) -> Result<()> {
         output.display()
     );
     Ok(())
-}
-
-/// A bar over the cells (done / total, time left) above the running cell's step bar.
-struct CellsBar {
-    cells: ProgressBar,
-    run: Bar,
-}
-
-impl CellsBar {
-    fn new(total: usize) -> CellsBar {
-        let multi = MultiProgress::new();
-        let cells = multi.add(ProgressBar::new(total as u64));
-        cells.set_style(
-            ProgressStyle::with_template("{bar:30} {pos}/{len} cells  {msg}  [{elapsed_precise} < {eta_precise}]")
-                .expect("valid template"),
-        );
-        CellsBar {
-            cells,
-            run: Bar {
-                bar: None,
-                multi: Some(multi),
-            },
-        }
-    }
-}
-
-impl CellsBar {
-    /// A line above the bars, or on stderr when they are hidden (not a terminal, e.g. a log).
-    fn say(&self, text: &str) {
-        if self.cells.is_hidden() {
-            eprintln!("{text}");
-        } else {
-            self.cells.println(text);
-        }
-    }
-}
-
-impl SweepObserver for CellsBar {
-    fn cell_start(&mut self, index: usize, total: usize, cell: &Cell, how: CellStart) {
-        let what = match how {
-            CellStart::Finished => "finished earlier".to_string(),
-            CellStart::Resume(step) => format!("resuming at step {step}"),
-            CellStart::ScoreOnly => "trained earlier; scoring".to_string(),
-            CellStart::Fresh => "training".to_string(),
-        };
-        self.cells.set_position(index as u64);
-        self.cells.set_message(format!("{}: {what}", cell.name));
-        if self.cells.is_hidden() {
-            eprintln!("cell {}/{total} {}: {what}", index + 1, cell.name);
-        }
-        if how == CellStart::Finished {
-            // Finished cells take no time: leave them out of the time-left estimate.
-            self.cells.reset_eta();
-        }
-    }
-    fn cell_done(&mut self, index: usize, _total: usize, cell: &Cell, result: &CellResult) {
-        if let Some(b) = self.run.bar.take() {
-            b.finish_and_clear();
-        }
-        self.cells.set_position(index as u64 + 1);
-        self.cells
-            .println(format!("{}: {} {:.1}%", cell.name, result.metric, 100.0 * result.value));
-    }
-    fn cell_failed(&mut self, index: usize, _total: usize, cell: &Cell, error: &anyhow::Error) {
-        if let Some(b) = self.run.bar.take() {
-            b.finish_and_clear();
-        }
-        self.cells.set_position(index as u64 + 1);
-        self.say(&format!("{}: FAILED: {error:#}", cell.name));
-    }
-    fn run_observer(&mut self) -> &mut dyn Observer {
-        &mut self.run
-    }
 }

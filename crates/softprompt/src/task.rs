@@ -74,6 +74,26 @@ pub struct EncodedSet {
     pub truncated: usize,
 }
 
+/// Checks a verbaliser before any model is loaded: each word non-empty and no two labels with
+/// one word (the model could never tell them apart). `name` is how the user gave it, for the
+/// messages (`--verbalizer`, or a training configuration's option `verbalizer`). [`Task::new`]
+/// checks the words against the tokenizer later.
+pub fn check_verbalizer(verbalizer: &std::collections::BTreeMap<String, String>, name: &str) -> Result<()> {
+    let mut seen: std::collections::BTreeMap<&str, &str> = std::collections::BTreeMap::new();
+    for (label, word) in verbalizer {
+        if word.trim().is_empty() {
+            bail!("{name}: the word for label `{label}` is empty; give each label a word, e.g. `{label}= {label}`");
+        }
+        if let Some(other) = seen.insert(word.as_str(), label.as_str()) {
+            bail!(
+                "{name}: labels `{other}` and `{label}` both map to the word `{word}`; each label needs its \
+                 own word, or the model cannot tell them apart"
+            );
+        }
+    }
+    Ok(())
+}
+
 impl Task {
     /// Builds a task. `labels` come from the data (distinct target values, sorted) unless given;
     /// `verbalizer` maps label → word for Classify (default: the label itself).

@@ -15,7 +15,7 @@ use softprompt::backbone::{lm_logits, Backbone, BackboneInput, LoadedModel};
 use softprompt::batch::{make_batch, prompt_gradient, splice_embeddings};
 use softprompt::data::read_jsonl;
 use softprompt::infer::by_task::evaluate_by_task;
-use softprompt::infer::session::TaskOptions;
+use softprompt::infer::session::ScoreOptions;
 use softprompt::prompt::{SoftPrompt, TaskFactors};
 use softprompt::task::{assign_task, Example, TaskKind};
 use softprompt::template::Token;
@@ -366,11 +366,12 @@ fn training_two_tasks_lowers_the_loss_saves_peft_files_and_scores_per_task() {
     let file = scratch("train-mixed").join("mixed.jsonl");
     std::fs::write(&file, rows).unwrap();
     let ds = read_jsonl(&file).unwrap();
-    let opts = TaskOptions {
+    let opts = ScoreOptions {
         max_len: 256,
-        ..TaskOptions::default()
+        batch: 4,
+        ..ScoreOptions::default()
     };
-    let r = evaluate_by_task(&model, &cfg.output, &opts, &ds, 4, false, &mut |_| {}).unwrap();
+    let r = evaluate_by_task(&model, &cfg.output, &opts, &ds, &mut |_| {}).unwrap();
     for (a, b) in r.tasks.iter().zip(&test.tasks) {
         assert_eq!((a.task, a.n, a.accuracy), (b.task, b.n, b.accuracy));
     }
@@ -379,14 +380,14 @@ fn training_two_tasks_lowers_the_loss_saves_peft_files_and_scores_per_task() {
     let ds = read_jsonl(&file).unwrap();
     let e = format!(
         "{:#}",
-        evaluate_by_task(&model, &cfg.output, &opts, &ds, 4, false, &mut |_| {}).unwrap_err()
+        evaluate_by_task(&model, &cfg.output, &opts, &ds, &mut |_| {}).unwrap_err()
     );
     assert!(e.contains("mixed.jsonl:1") && e.contains("task_id"), "{e}");
     std::fs::write(&file, "{\"text\": \"x\", \"target\": \"Lima\", \"task_id\": 2}\n").unwrap();
     let ds = read_jsonl(&file).unwrap();
     let e = format!(
         "{:#}",
-        evaluate_by_task(&model, &cfg.output, &opts, &ds, 4, false, &mut |_| {}).unwrap_err()
+        evaluate_by_task(&model, &cfg.output, &opts, &ds, &mut |_| {}).unwrap_err()
     );
     assert!(e.contains("mixed.jsonl:1") && e.contains("0..2"), "{e}");
 }

@@ -3,7 +3,7 @@
 //! loads with a message in the user's terms, and outputs are honest. One test per defect class.
 
 mod common;
-use softprompt::infer::session::{self, TaskOptions};
+use softprompt::infer::session::{self, ScoreOptions};
 use softprompt::task::{Task, TaskKind};
 use softprompt::template::Template;
 use softprompt::train::optim::Schedule;
@@ -425,25 +425,25 @@ fn template_given_with_an_adapter_that_has_its_own_is_refused_unless_forced() {
     train::train(&cfg, &mut Quiet).unwrap();
     let model = common::load_model("smollm2-135m");
     let data = softprompt::data::read_jsonl(&common::data("facts-countries/capital/dev.jsonl")).unwrap();
-    let opts = TaskOptions {
+    let opts = ScoreOptions {
         template: Some("[soft:4]Q: {text} {target}".into()),
         target_field: Some("target".into()),
         max_len: 64,
-        ..TaskOptions::default()
+        ..ScoreOptions::default()
     };
     let e = session::open(&model, Some(&cfg.output), &opts, &[&data])
         .err()
         .map(|e| format!("{e:#}"))
         .expect("a second template is refused");
     assert!(e.contains("its own template") && e.contains("--force-template"), "{e}");
-    let forced = TaskOptions {
+    let forced = ScoreOptions {
         force_template: true,
         ..opts.clone()
     };
     let s = session::open(&model, Some(&cfg.output), &forced, &[&data]).unwrap();
     assert_eq!(s.task.template.source(), "[soft:4]Q: {text} {target}");
     // The same template as the adapter's is fine without forcing.
-    let same = TaskOptions {
+    let same = ScoreOptions {
         template: Some(cfg.template.clone()),
         ..opts
     };

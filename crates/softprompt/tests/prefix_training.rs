@@ -12,7 +12,7 @@ use softprompt::batch::{make_batch, splice_embeddings};
 use softprompt::data::read_jsonl;
 use softprompt::infer::evaluate::Scorer;
 use softprompt::infer::score::score_candidates_after;
-use softprompt::infer::session::{self, TaskOptions};
+use softprompt::infer::session::{self, ScoreOptions};
 use softprompt::io::read_safetensors;
 use softprompt::prompt::prefix::{flat_to_cache, layers_to_flat};
 use softprompt::task::TaskKind;
@@ -120,7 +120,7 @@ fn same_config_as_fixture(out: &Path, fixture: &str) {
 fn dev_scores(cfg: &TrainConfig, model: &softprompt::backbone::LoadedModel, prefix: &KvCache) -> Vec<Vec<f32>> {
     let mut data = read_jsonl(cfg.dev.as_ref().unwrap()).unwrap();
     data.records.truncate(4);
-    let s = session::open(model, Some(&cfg.output), &TaskOptions::default(), &[&data]).unwrap();
+    let s = session::open(model, Some(&cfg.output), &ScoreOptions::default(), &[&data]).unwrap();
     assert!(s.prompt.is_none());
     let examples = s.task.encode_set(&data, &model.tokenizer).unwrap().examples;
     let r = Scorer::new(model, &s.task, None, None)
@@ -261,9 +261,9 @@ fn peft_prefix_fixture_scores_in_batches_as_row_by_row() {
     let mut data = read_jsonl(&common::data("sentiment-movies/test.jsonl")).unwrap();
     data.records.truncate(5);
     for fixture in ["smollm2_prefix_tuning", "smollm2_cartridge"] {
-        let opts = TaskOptions {
+        let opts = ScoreOptions {
             template: Some("Review: {text}\\nSentiment: {label}".into()),
-            ..TaskOptions::default()
+            ..ScoreOptions::default()
         };
         let s = session::open(&model, Some(&common::fixture(fixture)), &opts, &[&data]).unwrap();
         let prefix = s.prefix.as_ref().expect("a prefix cache");
@@ -286,9 +286,9 @@ fn peft_prefix_fixture_scores_in_batches_as_row_by_row() {
         println!("{fixture}: max-abs batched vs alone {worst:.2e}");
         assert!(worst < 1e-3, "{fixture}: {worst}");
         // A template with soft tokens is refused for a prefix adapter.
-        let bad = TaskOptions {
+        let bad = ScoreOptions {
             template: Some("[soft:4]Review: {text}\\nSentiment: {label}".into()),
-            ..TaskOptions::default()
+            ..ScoreOptions::default()
         };
         let e = session::open(&model, Some(&common::fixture(fixture)), &bad, &[&data])
             .map(|_| ())

@@ -11,7 +11,7 @@ use softprompt::adapter::{load_peft, PeftType, TaskType};
 use softprompt::backbone::BackboneInput;
 use softprompt::data::read_jsonl;
 use softprompt::infer::evaluate::Scorer;
-use softprompt::infer::session::{self, TaskOptions};
+use softprompt::infer::session::{self, ScoreOptions};
 use softprompt::io::read_safetensors;
 use softprompt::loss::ClassifierHead;
 use softprompt::prompt::prefix::flat_to_cache;
@@ -143,7 +143,7 @@ fn ptv2_with_projection_lowers_the_loss() {
 fn session_logits(model: &softprompt::backbone::LoadedModel, dir: &Path) -> Vec<Vec<f32>> {
     let mut data = read_jsonl(&common::data("sentiment-movies/dev.jsonl")).unwrap();
     data.records.truncate(6);
-    let s = session::open(model, Some(dir), &TaskOptions::default(), &[&data]).unwrap();
+    let s = session::open(model, Some(dir), &ScoreOptions::default(), &[&data]).unwrap();
     assert!(s.prompt.is_none(), "a prefix adapter has no input prompt");
     assert_eq!(s.task.kind, TaskKind::SeqCls);
     let examples = s.task.encode_set(&data, &model.tokenizer).unwrap().examples;
@@ -198,7 +198,7 @@ fn saved_adapter_reloads(cfg: TrainConfig) {
     // Scoring one row at a time gives the batch's logits (padding does not leak).
     let mut data = read_jsonl(&common::data("sentiment-movies/dev.jsonl")).unwrap();
     data.records.truncate(6);
-    let s = session::open(&model, Some(&cfg.output), &TaskOptions::default(), &[&data]).unwrap();
+    let s = session::open(&model, Some(&cfg.output), &ScoreOptions::default(), &[&data]).unwrap();
     let examples = s.task.encode_set(&data, &model.tokenizer).unwrap().examples;
     let scorer = Scorer::new(&model, &s.task, None, s.head.as_ref())
         .unwrap()
@@ -281,9 +281,9 @@ fn what_cannot_work_on_an_encoder_is_refused() {
     // A prefix for another geometry (SmolLM2's) is refused when opening a session.
     let model = common::load_model("minilm-l6");
     let data = read_jsonl(&common::data("sentiment-movies/dev.jsonl")).unwrap();
-    let opts = TaskOptions {
+    let opts = ScoreOptions {
         template: Some("{text}".into()),
-        ..TaskOptions::default()
+        ..ScoreOptions::default()
     };
     let e = session::open(&model, Some(&common::fixture("smollm2_prefix_tuning")), &opts, &[&data])
         .map(|_| ())

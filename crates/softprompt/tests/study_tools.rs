@@ -6,7 +6,8 @@ mod common;
 use common::{data, fixture, load_model};
 use softprompt::adapter::load_peft;
 use softprompt::data::read_jsonl;
-use softprompt::infer::templates::{evaluate_templates, parse_templates, TemplateEvalOptions};
+use softprompt::infer::options::ScoreOptions;
+use softprompt::infer::templates::{evaluate_templates, parse_templates};
 use softprompt::inspect::{inspect_adapter, resolve_base_model};
 use softprompt::task::TaskKind;
 use std::path::Path;
@@ -19,7 +20,7 @@ fn templates_are_scored_one_by_one_with_their_spread() {
     let text =
         "# two good prompts and a bad one\nThe capital of {subject} is {target}\n\n{subject}. Capital: {target}\n";
     let templates = parse_templates(Path::new("capitals.txt"), text).unwrap();
-    let opts = TemplateEvalOptions {
+    let opts = ScoreOptions {
         target_field: Some("target".into()),
         task: Some(TaskKind::Generate),
         batch: 4,

@@ -38,7 +38,7 @@ use std::sync::{Arc, RwLock};
 #[derive(Args)]
 pub struct ServeArgs {
     #[command(flatten)]
-    model: crate::model_cmds::ModelArg,
+    model: crate::args::ModelArg,
     /// Folder whose sub-folders are PEFT adapters; each is served under its folder name.
     #[arg(long)]
     adapters: Option<PathBuf>,

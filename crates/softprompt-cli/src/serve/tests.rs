@@ -18,7 +18,7 @@ pub(super) fn model() -> Arc<LoadedModel> {
     MODEL
         .get_or_init(|| {
             Arc::new(
-                crate::model_cmds::load_with("smollm2-135m", Default::default())
+                crate::args::load_with("smollm2-135m", Default::default())
                     .expect("run `softprompt fetch` before the tests"),
             )
         })
@@ -333,7 +333,7 @@ fn bad_requests_get_json_errors_and_the_server_keeps_serving() {
         (r#"{"model": "nope", "prompt": "hi"}"#, 404),
         (r#"{"model": "../prompt_tuning", "prompt": "hi"}"#, 404),
         (r#"{"prompt": "hi", "#, 400),
-        (r#"[1, 2]"#, 400),
+        (r"[1, 2]", 400),
         (r#"{"model": "smollm2"}"#, 400),
         (r#"{"prompt": "hi", "temperature": -1}"#, 400),
         (r#"{"prompt": "hi", "max_tokens": 100000}"#, 400),
@@ -537,11 +537,11 @@ fn load_and_faults() {
     let mut report: Vec<String> = [1usize, 4, 16].into_iter().map(burst).collect();
     // Memory stays bounded: another 16-client burst after the first leaves the resident set
     // where it was, within a generous margin (allocator slack, other tests in this process).
-    let rss = || crate::model_cmds::memory_mib().expect("/proc/self/status").0;
+    let rss = || crate::memory::memory_mib().expect("/proc/self/status").0;
     let after_first = rss();
     report.push(burst(16));
     let after_second = rss();
-    let peak = crate::model_cmds::memory_mib().unwrap().1;
+    let peak = crate::memory::memory_mib().unwrap().1;
     report.push(format!(
         "resident set after a 16-client burst {after_first:.0} MiB, after another {after_second:.0} MiB; peak {peak:.0} MiB"
     ));
@@ -692,7 +692,7 @@ fn classify_errors_are_json_4xx() {
 /// adapter is refused at load, and the models list says nothing generates.
 #[test]
 fn an_encoder_serves_its_seq_cls_adapters() {
-    let m = Arc::new(crate::model_cmds::load_with("minilm-l6", Default::default()).expect("run `softprompt fetch`"));
+    let m = Arc::new(crate::args::load_with("minilm-l6", Default::default()).expect("run `softprompt fetch`"));
     let dir = std::env::temp_dir().join(format!("softprompt-serve-encoder-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let to = dir.join("sentiment");

@@ -2,7 +2,6 @@
 //! together, and the run's templates. Pure functions of the options: no file is read.
 
 use anyhow::{bail, Context, Result};
-use std::collections::BTreeMap;
 
 use super::{option, InitKind, Method, TaskKind, TrainConfig};
 use crate::template::Template;
@@ -167,26 +166,9 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// Verbaliser words must be non-empty and distinct (two labels with one word could never be
-    /// told apart).
+    /// Verbaliser words must be non-empty and distinct (the one check, shared with scoring).
     fn check_verbalizer(&self) -> Result<()> {
-        let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
-        for (label, word) in &self.verbalizer {
-            if word.trim().is_empty() {
-                bail!(
-                    "option `verbalizer` (--verbalizer): the word for label `{label}` is empty; \
-                     give each label a word, e.g. `{label}= {label}`"
-                );
-            }
-            if let Some(other) = seen.insert(word.as_str(), label.as_str()) {
-                bail!(
-                    "option `verbalizer` (--verbalizer): labels `{other}` and `{label}` both map to \
-                     the word `{word}`; each label needs its own word, or the model cannot tell \
-                     them apart"
-                );
-            }
-        }
-        Ok(())
+        crate::task::check_verbalizer(&self.verbalizer, &option("verbalizer"))
     }
 
 }

@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use std::path::Path;
 
 use super::evaluate::{EvalResult, Scorer};
-use super::session::{self, TaskOptions};
+use super::session::{self, ScoreOptions};
 use crate::backbone::LoadedModel;
 use crate::data::DataSet;
 
@@ -61,15 +61,13 @@ pub fn split_by_task(ds: &DataSet, ids: &[usize]) -> Vec<(usize, Vec<usize>, Dat
 }
 
 /// Scores `ds` with the multitask adapter in `adapter_dir`: the rows of each task with its
-/// prompt and labels ([`session::open`] with its task id), joined by [`EvalResult::by_task`].
-/// `done` hears the number of rows scored so far.
+/// prompt and labels ([`session::open`] with its task id; `opts.task_id`, when given, for every
+/// row), joined by [`EvalResult::by_task`]. `done` hears the number of rows scored so far.
 pub fn evaluate_by_task(
     model: &LoadedModel,
     adapter_dir: &Path,
-    opts: &TaskOptions,
+    opts: &ScoreOptions,
     ds: &DataSet,
-    batch_size: usize,
-    exact_match: bool,
     done: &mut dyn FnMut(usize),
 ) -> Result<EvalResult> {
     let num_tasks = crate::adapter::load_peft(adapter_dir)?.num_tasks();
@@ -77,7 +75,7 @@ pub fn evaluate_by_task(
     let mut parts = Vec::new();
     let mut scored = 0;
     for (task, positions, rows) in split_by_task(ds, &ids) {
-        let task_opts = TaskOptions {
+        let task_opts = ScoreOptions {
             task_id: Some(task),
             ..opts.clone()
         };
@@ -85,7 +83,7 @@ pub fn evaluate_by_task(
         let examples = s.task.encode_set(&rows, &model.tokenizer)?.examples;
         let r = Scorer::new(model, &s.task, s.prompt.as_ref(), s.head.as_ref())?
             .with_prefix(s.prefix.as_ref())
-            .evaluate_with_progress(&examples, batch_size, exact_match, &mut |n| done(scored + n))?;
+            .evaluate_with_progress(&examples, opts.batch, opts.exact_match, &mut |n| done(scored + n))?;
         scored += examples.len();
         parts.push((task, positions, r));
     }

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use super::evaluate::Scorer;
 use super::sampling::log_softmax_at;
-use super::session::{self, Session, TaskOptions};
+use super::session::{self, ScoreOptions, Session};
 use crate::adapter::run_files::{load_task_file, TASK_FILE};
 use crate::backbone::LoadedModel;
 use crate::data::Row;
@@ -33,7 +33,8 @@ pub struct Classification {
 }
 
 impl Classifier {
-    /// The classifier of the adapter in `dir`, or `None` when the adapter was not trained for
+    /// The classifier of the adapter in `dir` (its own task, with the default
+    /// [`ScoreOptions`]), or `None` when the adapter was not trained for
     /// classification (no `softprompt.json`, a `generate` task, or no labels). Broken files are
     /// errors naming them.
     pub fn from_adapter(model: &LoadedModel, dir: &Path) -> Result<Option<Self>> {
@@ -44,7 +45,7 @@ impl Classifier {
         if tf.task == TaskKind::Generate || tf.labels.is_empty() {
             return Ok(None);
         }
-        let session = session::open(model, Some(dir), &TaskOptions::default(), &[])
+        let session = session::open(model, Some(dir), &ScoreOptions::default(), &[])
             .with_context(|| format!("classification adapter {}", dir.display()))?;
         Ok(Some(Self { session }))
     }

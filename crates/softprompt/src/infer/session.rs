@@ -4,7 +4,6 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::adapter::run_files::{load_task_file, TASK_FILE};
@@ -15,25 +14,7 @@ use crate::loss::ClassifierHead;
 use crate::task::{Task, TaskKind};
 use crate::template::Template;
 
-/// Options that describe the task when the adapter does not (or to override it).
-#[derive(Debug, Clone, Default)]
-pub struct TaskOptions {
-    /// Template; for a plain PEFT adapter `[soft:N]` is prepended when it has no soft tokens.
-    pub template: Option<String>,
-    /// Target field (default `label`).
-    pub target_field: Option<String>,
-    /// Task kind (default: classify on causal models, seq-cls on encoders).
-    pub task: Option<TaskKind>,
-    /// Label → verbaliser word.
-    pub verbalizer: BTreeMap<String, String>,
-    /// Longest sequence.
-    pub max_len: usize,
-    /// Let `template` replace the template an adapter was trained with (`--force-template`).
-    pub force_template: bool,
-    /// The task id of a multitask adapter (`--task-id`): its prompt and, when the adapter's
-    /// `softprompt.json` has them, its labels. Refused for the other adapters.
-    pub task_id: Option<usize>,
-}
+pub use super::options::ScoreOptions;
 
 /// A task ready to score rows.
 pub struct Session {
@@ -48,9 +29,15 @@ pub struct Session {
     pub prefix: Option<KvCache>,
 }
 
-/// Builds a session from an adapter directory and/or options; labels not stored in the adapter
-/// are collected from `sets`.
-pub fn open(model: &LoadedModel, adapter_dir: Option<&Path>, opts: &TaskOptions, sets: &[&DataSet]) -> Result<Session> {
+/// Builds a session from an adapter directory and/or options (checked first:
+/// [`ScoreOptions::check`]); labels not stored in the adapter are collected from `sets`.
+pub fn open(
+    model: &LoadedModel,
+    adapter_dir: Option<&Path>,
+    opts: &ScoreOptions,
+    sets: &[&DataSet],
+) -> Result<Session> {
+    opts.check()?;
     let info = model.backbone.info();
     let mut opts = opts.clone();
     let mut labels: Vec<String> = Vec::new();
@@ -159,8 +146,7 @@ pub fn open(model: &LoadedModel, adapter_dir: Option<&Path>, opts: &TaskOptions,
     if labels.is_empty() {
         labels = Task::labels_from(sets, &target_field)?;
     }
-    let max_len = if opts.max_len == 0 { 512 } else { opts.max_len };
-    let task = Task::new(kind, template, labels, &opts.verbalizer, &model.tokenizer, max_len)?;
+    let task = Task::new(kind, template, labels, &opts.verbalizer, &model.tokenizer, opts.max_len)?;
     Ok(Session {
         task,
         prompt,

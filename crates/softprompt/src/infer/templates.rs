@@ -9,14 +9,12 @@
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::evaluate::Scorer;
-use super::session::{self, TaskOptions};
+use super::session::{self, ScoreOptions};
 use crate::backbone::LoadedModel;
 use crate::data::DataSet;
-use crate::task::TaskKind;
 use crate::template::Template;
 
 /// One template read from a file.
@@ -65,23 +63,6 @@ pub fn read_templates(path: &Path) -> Result<Vec<TemplateLine>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read the template file {}", path.display()))?;
     parse_templates(path, &text)
-}
-
-/// How the templates are scored (the `eval` options that apply without an adapter).
-#[derive(Debug, Clone, Default)]
-pub struct TemplateEvalOptions {
-    /// Target field (default `label`).
-    pub target_field: Option<String>,
-    /// Task kind (default: classify on causal models).
-    pub task: Option<TaskKind>,
-    /// Label → verbaliser word.
-    pub verbalizer: BTreeMap<String, String>,
-    /// Longest sequence (0: 512).
-    pub max_len: usize,
-    /// Rows per batch (0: 16).
-    pub batch: usize,
-    /// Also report greedy exact match.
-    pub exact_match: bool,
 }
 
 /// One template's result.
@@ -147,36 +128,36 @@ pub struct TemplatesReport {
     pub spread: Spread,
 }
 
-/// Scores each template on `data` with no adapter (zero-shot on the frozen model), calling
+/// Scores each template on `data` with no adapter (zero-shot on the frozen model), with `opts`
+/// (target field, task kind, verbaliser, longest sequence, batch, exact match; its `template`
+/// and `task_id` must be unset: the templates are the file's and there is no adapter), calling
 /// `progress(template index, rows done)` after each batch. An error (a template whose fields
 /// are not in the data, a target that is not last, …) names the template's `FILE:LINE`.
 pub fn evaluate_templates(
     model: &LoadedModel,
     data: &DataSet,
     templates: &[TemplateLine],
-    opts: &TemplateEvalOptions,
+    opts: &ScoreOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<TemplatesReport> {
     if templates.is_empty() {
         bail!("no templates to score");
     }
-    let batch = if opts.batch == 0 { 16 } else { opts.batch };
+    if opts.template.is_some() || opts.task_id.is_some() {
+        bail!("--templates scores hand-written templates one by one without an adapter: leave out --template and --task-id");
+    }
     let mut scores = Vec::with_capacity(templates.len());
     for (k, t) in templates.iter().enumerate() {
-        let task_opts = TaskOptions {
+        let task_opts = ScoreOptions {
             template: Some(t.template.clone()),
-            target_field: opts.target_field.clone(),
-            task: opts.task,
-            verbalizer: opts.verbalizer.clone(),
-            max_len: opts.max_len,
             force_template: false,
-            task_id: None,
+            ..opts.clone()
         };
         let mut one = || -> Result<TemplateScore> {
             let s = session::open(model, None, &task_opts, &[data])?;
             let examples = s.task.encode_set(data, &model.tokenizer)?;
             let scorer = Scorer::new(model, &s.task, None, None)?;
-            let r = scorer.evaluate_with_progress(&examples.examples, batch, opts.exact_match, &mut |done| {
+            let r = scorer.evaluate_with_progress(&examples.examples, opts.batch, opts.exact_match, &mut |done| {
                 progress(k, done)
             })?;
             Ok(TemplateScore {

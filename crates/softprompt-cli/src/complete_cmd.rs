@@ -1,62 +1,24 @@
-//! Model-level commands: fetch, info, tokenize, complete.
+//! `softprompt complete`: a text continued by a causal model (greedy or sampled, with an
+//! adapter, optionally through the model's chat template), streamed to stdout.
 
 use anyhow::{bail, Result};
-use candle_core::Device;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use softprompt::adapter;
-use softprompt::backbone::{self, LoadedModel, WeightStorage};
 use softprompt::infer::engine::{generate_with_progress, Event, GenRequest};
 use softprompt::infer::prompt_cache::PromptCache;
 use softprompt::infer::sampling::SamplingParams;
-use softprompt::model_source;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// MODEL argument shared by the commands.
-#[derive(Args)]
-pub struct ModelArg {
-    /// A GGUF file, a Hugging Face model directory, a fetched default model
-    /// (`smollm2-135m`, `minilm-l6`) or `hf:org/name` (with the `hub` feature, online).
-    pub model: String,
-    /// How to hold the frozen linear weights: `f32` (converted on load, fastest), `file` (as
-    /// the file stores them, e.g. GGUF Q4_1: the same numbers in less memory), or converted at
-    /// load to `f16`, `bf16` or `q8_0`.
-    #[arg(long, value_enum, default_value = "f32")]
-    pub weights: WeightStorage,
-}
-
-impl ModelArg {
-    /// Loads the model on the CPU.
-    pub fn load(&self) -> Result<LoadedModel> {
-        load_with(&self.model, self.weights)
-    }
-}
-
-/// Arguments of `info`.
-#[derive(Args)]
-pub struct InfoArgs {
-    #[command(flatten)]
-    model: ModelArg,
-}
-
-/// Arguments of `tokenize`.
-#[derive(Args)]
-pub struct TokenizeArgs {
-    #[command(flatten)]
-    model: ModelArg,
-    /// Text to tokenize.
-    text: String,
-    /// Add the tokenizer's special tokens (BOS, [CLS]/[SEP]).
-    #[arg(long)]
-    special: bool,
-}
+use crate::args::ModelArg;
+use crate::progress::prefill_bar;
 
 /// Arguments of `complete`.
 #[derive(Args)]
 pub struct CompleteArgs {
+    /// The causal model to generate with.
     #[command(flatten)]
     model: ModelArg,
     /// Text to continue (with --chat: the user's message).
@@ -98,6 +60,7 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
+    /// The sampling parameters of the flags.
     fn params(&self) -> SamplingParams {
         SamplingParams {
             temperature: self.temperature,
@@ -108,86 +71,11 @@ impl SamplingArgs {
     }
 }
 
-/// Loads MODEL on the CPU with its linear weights held as `weights` says.
-pub fn load_with(spec: &str, weights: WeightStorage) -> Result<LoadedModel> {
-    let location = model_source::resolve(spec)?;
-    backbone::load_with(&location, &Device::Cpu, weights)
-}
-
-pub fn fetch() -> Result<()> {
-    model_source::fetch_default_models(&mut |line| println!("{line}"))?;
-    println!("models are in {}", model_source::cache_dir().join("models").display());
-    Ok(())
-}
-
-/// Resident and peak resident memory in MiB, from /proc (Linux).
-pub fn memory_mib() -> Option<(f64, f64)> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let field = |name: &str| -> Option<f64> {
-        let line = status.lines().find(|l| l.starts_with(name))?;
-        let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kb / 1024.0)
-    };
-    Some((field("VmRSS:")?, field("VmHWM:")?))
-}
-
-pub fn info(args: InfoArgs) -> Result<()> {
-    let start = Instant::now();
-    let model = args.model.load()?;
-    let load_s = start.elapsed().as_secs_f64();
-    let i = model.backbone.info();
-    println!("model:          {}", i.source.display());
-    println!("architecture:   {:?} ({})", i.arch, i.model_type);
-    println!("layers:         {}", i.layers);
-    println!("hidden:         {}", i.hidden);
-    println!("heads:          {} (key/value heads {})", i.heads, i.kv_heads);
-    println!("intermediate:   {}", i.intermediate);
-    println!(
-        "vocab:          {} (tokenizer {})",
-        i.vocab,
-        model.tokenizer.vocab_size()
-    );
-    println!("max positions:  {}", i.max_positions);
-    println!("parameters:     {} ({:.1} M)", i.params, i.params as f64 / 1e6);
-    let dtypes: Vec<String> = i.dtypes_on_disk.iter().map(|(k, v)| format!("{k}×{v}")).collect();
-    println!("dtypes on disk: {}", dtypes.join(", "));
-    println!("computed in:    f32 on CPU");
-    println!("load time:      {load_s:.2} s");
-    if let Some((rss, peak)) = memory_mib() {
-        println!("memory:         {rss:.0} MiB resident, {peak:.0} MiB peak");
-    }
-    Ok(())
-}
-
-pub fn tokenize(args: TokenizeArgs) -> Result<()> {
-    let model = args.model.load()?;
-    let ids = model.tokenizer.encode(&args.text, args.special)?;
-    let pieces: Vec<String> = ids
-        .iter()
-        .map(|&id| model.tokenizer.id_to_token(id).unwrap_or_default())
-        .collect();
-    println!("{}", serde_json::json!({ "ids": ids, "tokens": pieces }));
-    Ok(())
-}
-
 /// Prompts longer than this are run through the model in chunks of this many tokens, with a
 /// progress bar on stderr.
 const PROMPT_CHUNK: usize = 512;
 
-/// The bar of a long prompt's prefill (`None` for prompts of at most [`PROMPT_CHUNK`] tokens).
-fn prefill_bar(tokens: usize) -> Option<ProgressBar> {
-    (tokens > PROMPT_CHUNK).then(|| {
-        let bar = ProgressBar::new(tokens as u64);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "reading the prompt {bar:30} {pos}/{len} tokens  [{elapsed_precise} < {eta_precise}]",
-            )
-            .expect("valid template"),
-        );
-        bar
-    })
-}
-
+/// Runs `complete`.
 pub fn complete(args: CompleteArgs) -> Result<()> {
     if args.text.is_empty() {
         bail!("nothing to complete: TEXT is empty (give the text to continue)");
@@ -229,7 +117,7 @@ pub fn complete(args: CompleteArgs) -> Result<()> {
         write!(out, "{text}")?;
         out.flush()?;
     }
-    let bar = prefill_bar(req.ids.len());
+    let bar = prefill_bar(req.ids.len(), PROMPT_CHUNK);
     let mut progress = |done: usize, _total: usize| {
         if let Some(b) = &bar {
             b.set_position(done as u64);

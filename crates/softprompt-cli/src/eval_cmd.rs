@@ -1,14 +1,44 @@
-//! `eval --templates FILE`: hand-written templates scored zero-shot, as a table or JSON.
+//! `softprompt eval`: a JSONL set scored with an adapter or a hand-written template (JSON), or
+//! with `--templates FILE` every hand-written template of FILE zero-shot (a table or JSON).
 
 use anyhow::{bail, Result};
-use softprompt::data::read_jsonl;
-use softprompt::infer::templates::{evaluate_templates, read_templates, TemplateEvalOptions, TemplatesReport};
-use std::path::Path;
+use clap::Args;
+use softprompt::infer::templates::{evaluate_templates, read_templates, TemplatesReport};
+use std::path::{Path, PathBuf};
 
-use crate::train_cmds::{rows_bar, ScoreArgs};
+use crate::args::ScoreArgs;
+use crate::progress::rows_bar;
+use crate::scoring::score;
+
+/// Arguments of `eval`.
+#[derive(Args)]
+pub struct EvalArgs {
+    /// What to score and how.
+    #[command(flatten)]
+    score: ScoreArgs,
+    /// Score each hand-written template of FILE zero-shot (no adapter) and report each one's
+    /// accuracy and their spread: one template per line; blank lines and lines starting with
+    /// `#` are skipped.
+    #[arg(long, value_name = "FILE")]
+    templates: Option<PathBuf>,
+    /// With --templates: print JSON instead of a table (a single `eval` always prints JSON).
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `eval`.
+pub fn eval_cmd(args: EvalArgs) -> Result<()> {
+    if let Some(file) = &args.templates {
+        return eval_templates(&args.score, file, args.json);
+    }
+    let (r, _) = score(&args.score)?;
+    println!("{}", serde_json::to_string_pretty(&r)?);
+    Ok(())
+}
 
 /// Scores every template of `file` on `args.data` with no adapter and prints the report.
-pub fn eval_templates(args: &ScoreArgs, file: &Path, json: bool) -> Result<()> {
+fn eval_templates(args: &ScoreArgs, file: &Path, json: bool) -> Result<()> {
+    args.check()?;
     if args.adapter.is_some() {
         bail!("--templates scores hand-written templates without an adapter (zero-shot); leave --adapter out");
     }
@@ -16,19 +46,9 @@ pub fn eval_templates(args: &ScoreArgs, file: &Path, json: bool) -> Result<()> {
         bail!("--templates and --template both give templates; use one");
     }
     let templates = read_templates(file)?;
-    let mut data = read_jsonl(&args.data)?;
-    if let Some(n) = args.rows {
-        data.records.truncate(n);
-    }
-    let model = crate::model_cmds::load_with(&args.model, args.weights)?;
-    let opts = TemplateEvalOptions {
-        target_field: args.target_field.clone(),
-        task: args.task,
-        verbalizer: args.verbalizer.iter().cloned().collect(),
-        max_len: args.max_len,
-        batch: args.batch,
-        exact_match: args.exact_match,
-    };
+    let data = args.read_data()?;
+    let model = args.model.load()?;
+    let opts = args.options();
     let rows = data.records.len();
     let bar = rows_bar(rows * templates.len());
     let report = evaluate_templates(&model, &data, &templates, &opts, &mut |k, done| {
@@ -43,7 +63,7 @@ pub fn eval_templates(args: &ScoreArgs, file: &Path, json: bool) -> Result<()> {
     }
     if json {
         let out = serde_json::json!({
-            "model": args.model,
+            "model": args.model.model,
             "data": args.data,
             "templates_file": file,
             "rows": rows,
