@@ -143,7 +143,7 @@ unsafe fn fma_chains(iters: usize) -> f32 {
     let a = _mm256_set1_ps(0.999_999);
     let b = _mm256_set1_ps(1e-7);
     for _ in 0..iters {
-        for c in acc.iter_mut() {
+        for c in &mut acc {
             *c = _mm256_fmadd_ps(a, *c, b);
         }
     }

@@ -78,11 +78,15 @@ const GROUP: usize = 4;
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn avx2_dots(w: *const f32, x: *const f32, rows: usize, d: usize, scores: *mut f32) {
-    match rows {
-        4 => avx2_group::<4>(w, x, d, scores),
-        3 => avx2_group::<3>(w, x, d, scores),
-        2 => avx2_group::<2>(w, x, d, scores),
-        _ => avx2_group::<1>(w, x, d, scores),
+    // SAFETY: the caller upholds this function's contract (`rows` picks a group of at most [`GROUP`]
+    // rows, each of `d` values), which is `avx2_group`'s.
+    unsafe {
+        match rows {
+            4 => avx2_group::<4>(w, x, d, scores),
+            3 => avx2_group::<3>(w, x, d, scores),
+            2 => avx2_group::<2>(w, x, d, scores),
+            _ => avx2_group::<1>(w, x, d, scores),
+        }
     }
 }
 
@@ -94,24 +98,28 @@ unsafe fn avx2_dots(w: *const f32, x: *const f32, rows: usize, d: usize, scores:
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn avx2_group<const R: usize>(w: *const f32, x: *const f32, d: usize, scores: *mut f32) {
-    use std::arch::x86_64::*;
-    let body = d - d % 16;
-    let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    for p in (0..body).step_by(16) {
-        let w0 = _mm256_loadu_ps(w.add(p));
-        let w1 = _mm256_loadu_ps(w.add(p + 8));
-        for (g, a) in acc.iter_mut().enumerate() {
-            let xr = x.add(g * d + p);
-            a[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), a[0]);
-            a[1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr.add(8)), a[1]);
+    // SAFETY: every pointer offset stays inside the `d` values of `w`, the `R·d` of `x` and the `R`
+    // of `scores` the caller provides, and the CPU has AVX2 and FMA (the caller's contract).
+    unsafe {
+        use std::arch::x86_64::*;
+        let body = d - d % 16;
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for p in (0..body).step_by(16) {
+            let w0 = _mm256_loadu_ps(w.add(p));
+            let w1 = _mm256_loadu_ps(w.add(p + 8));
+            for (g, a) in acc.iter_mut().enumerate() {
+                let xr = x.add(g * d + p);
+                a[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), a[0]);
+                a[1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr.add(8)), a[1]);
+            }
         }
-    }
-    for (g, a) in acc.iter().enumerate() {
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(a[0], a[1]));
-        let xr = x.add(g * d);
-        let tail: f32 = (body..d).map(|p| *w.add(p) * *xr.add(p)).sum();
-        *scores.add(g) = lanes.iter().sum::<f32>() + tail;
+        for (g, a) in acc.iter().enumerate() {
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(a[0], a[1]));
+            let xr = x.add(g * d);
+            let tail: f32 = (body..d).map(|p| *w.add(p) * *xr.add(p)).sum();
+            *scores.add(g) = lanes.iter().sum::<f32>() + tail;
+        }
     }
 }
 
@@ -120,18 +128,22 @@ unsafe fn avx2_group<const R: usize>(w: *const f32, x: *const f32, d: usize, sco
 /// # Safety
 /// `w` points to `d` readable values, `x` to `rows·d`, `scores` to `rows` writable.
 unsafe fn portable_dots(w: *const f32, x: *const f32, rows: usize, d: usize, scores: *mut f32) {
-    let w = std::slice::from_raw_parts(w, d);
-    for r in 0..rows {
-        let xr = std::slice::from_raw_parts(x.add(r * d), d);
-        let mut lanes = [0f32; 8];
-        let (wc, xc) = (w.chunks_exact(8), xr.chunks_exact(8));
-        let tail: f32 = wc.remainder().iter().zip(xc.remainder()).map(|(a, b)| a * b).sum();
-        for (a, b) in wc.zip(xc) {
-            for l in 0..8 {
-                lanes[l] += a[l] * b[l];
+    // SAFETY: the caller provides `d` readable values at `w`, `rows·d` at `x` and `rows` writable at
+    // `scores`: every slice and offset below lies inside them.
+    unsafe {
+        let w = std::slice::from_raw_parts(w, d);
+        for r in 0..rows {
+            let xr = std::slice::from_raw_parts(x.add(r * d), d);
+            let mut lanes = [0f32; 8];
+            let (wc, xc) = (w.chunks_exact(8), xr.chunks_exact(8));
+            let tail: f32 = wc.remainder().iter().zip(xc.remainder()).map(|(a, b)| a * b).sum();
+            for (a, b) in wc.zip(xc) {
+                for l in 0..8 {
+                    lanes[l] += a[l] * b[l];
+                }
             }
+            *scores.add(r) = lanes.iter().sum::<f32>() + tail;
         }
-        *scores.add(r) = lanes.iter().sum::<f32>() + tail;
     }
 }
 
@@ -173,7 +185,9 @@ mod tests {
         let (m, d) = (GROUP, 77);
         let (w, x) = (values(d, 0.5), values(m * d, 1.3));
         let (mut fast, mut portable) = (vec![0f32; m], vec![0f32; m]);
+        // SAFETY: `w` holds `d` values, `x` `m·d` and each output `m` (`m` is `GROUP`).
         unsafe { dots_kernel()(w.as_ptr(), x.as_ptr(), m, d, fast.as_mut_ptr()) };
+        // SAFETY: as above.
         unsafe { portable_dots(w.as_ptr(), x.as_ptr(), m, d, portable.as_mut_ptr()) };
         for (f, p) in fast.iter().zip(&portable) {
             assert!((f - p).abs() < 1e-5, "{f} vs {p}");

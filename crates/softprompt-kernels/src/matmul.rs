@@ -52,7 +52,7 @@ pub type RowSource<'a> = &'a (dyn Fn(usize, usize, &mut [f32]) + Sync);
 const TILE_ROWS: usize = 128;
 
 /// [`matmul_wt`] with the weight `[n, k]` read tile by tile from `rows` (dequantized on the fly:
-/// never more than [`TILE_ROWS`] rows as f32 at once).
+/// never more than `TILE_ROWS` (128) rows as f32 at once).
 pub fn matmul_wt_by_rows(x: &[f32], rows: RowSource, out: &mut [f32], m: usize, k: usize, n: usize, accumulate: bool) {
     assert_eq!(x.len(), m * k, "matmul: the left operand is not [m, k]");
     assert_eq!(out.len(), m * n, "matmul: out is not [m, n]");

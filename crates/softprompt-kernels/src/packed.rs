@@ -243,17 +243,21 @@ impl SharedOut {
         n: usize,
         add: bool,
     ) {
-        // SAFETY (all blocks below): the caller guarantees the tile; the panel holds 16·kc
-        // values and the activation tile 6·kc, as the kernel reads.
+        // The caller guarantees the tile; the panel holds 16·kc values and the activation tile
+        // 6·kc, as the kernel reads.
+        // SAFETY: the tile's first value lies inside the output (the caller's contract).
         let dst = unsafe { self.0.add(row0 * n + col0) };
         if rows == NR && cols == MR {
+            // SAFETY: a full tile: 6 rows of 16 at stride `n` inside the output, this thread's only.
             unsafe { kernel(kc, panel.as_ptr(), tile.as_ptr(), dst, n, add) };
             return;
         }
         let mut scratch = [0f32; NR * MR];
+        // SAFETY: `scratch` holds the 6 rows of 16 (stride 16) the kernel writes.
         unsafe { kernel(kc, panel.as_ptr(), tile.as_ptr(), scratch.as_mut_ptr(), MR, false) };
         for r in 0..rows {
             for c in 0..cols {
+                // SAFETY: `(r, c)` lies inside the tile, which no other thread touches.
                 let o = unsafe { &mut *dst.add(r * n + c) };
                 *o = if add {
                     *o + scratch[r * MR + c]
@@ -285,26 +289,30 @@ fn micro_kernel() -> MicroKernel {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn avx2_kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32, cs: usize, add: bool) {
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm256_setzero_ps(); 2]; NR];
-    for p in 0..kc {
-        let a0 = _mm256_loadu_ps(a.add(p * MR));
-        let a1 = _mm256_loadu_ps(a.add(p * MR + 8));
-        for (r, row) in acc.iter_mut().enumerate() {
-            let br = _mm256_broadcast_ss(&*b.add(p * NR + r));
-            row[0] = _mm256_fmadd_ps(a0, br, row[0]);
-            row[1] = _mm256_fmadd_ps(a1, br, row[1]);
+    // SAFETY: the caller provides `16·kc` values at `a`, `6·kc` at `b` and 6 rows of 16 (stride
+    // `cs`) at `c`, and the CPU has AVX2 and FMA; every offset below lies inside them.
+    unsafe {
+        use std::arch::x86_64::*;
+        let mut acc = [[_mm256_setzero_ps(); 2]; NR];
+        for p in 0..kc {
+            let a0 = _mm256_loadu_ps(a.add(p * MR));
+            let a1 = _mm256_loadu_ps(a.add(p * MR + 8));
+            for (r, row) in acc.iter_mut().enumerate() {
+                let br = _mm256_broadcast_ss(&*b.add(p * NR + r));
+                row[0] = _mm256_fmadd_ps(a0, br, row[0]);
+                row[1] = _mm256_fmadd_ps(a1, br, row[1]);
+            }
         }
-    }
-    for (r, row) in acc.iter().enumerate() {
-        let dst = c.add(r * cs);
-        for (h, &v) in row.iter().enumerate() {
-            let v = if add {
-                _mm256_add_ps(v, _mm256_loadu_ps(dst.add(8 * h)))
-            } else {
-                v
-            };
-            _mm256_storeu_ps(dst.add(8 * h), v);
+        for (r, row) in acc.iter().enumerate() {
+            let dst = c.add(r * cs);
+            for (h, &v) in row.iter().enumerate() {
+                let v = if add {
+                    _mm256_add_ps(v, _mm256_loadu_ps(dst.add(8 * h)))
+                } else {
+                    v
+                };
+                _mm256_storeu_ps(dst.add(8 * h), v);
+            }
         }
     }
 }
@@ -314,20 +322,24 @@ unsafe fn avx2_kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32, cs: 
 /// # Safety
 /// As for [`avx2_kernel`], without the CPU features.
 unsafe fn portable_kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32, cs: usize, add: bool) {
-    let mut acc = [[0f32; MR]; NR];
-    for p in 0..kc {
-        let col = std::slice::from_raw_parts(a.add(p * MR), MR);
-        for (r, row) in acc.iter_mut().enumerate() {
-            let br = *b.add(p * NR + r);
-            for (o, &w) in row.iter_mut().zip(col) {
-                *o += w * br;
+    // SAFETY: the caller provides `16·kc` values at `a`, `6·kc` at `b` and 6 rows of 16 (stride
+    // `cs`) at `c`; every slice and offset below lies inside them.
+    unsafe {
+        let mut acc = [[0f32; MR]; NR];
+        for p in 0..kc {
+            let col = std::slice::from_raw_parts(a.add(p * MR), MR);
+            for (r, row) in acc.iter_mut().enumerate() {
+                let br = *b.add(p * NR + r);
+                for (o, &w) in row.iter_mut().zip(col) {
+                    *o += w * br;
+                }
             }
         }
-    }
-    for (r, row) in acc.iter().enumerate() {
-        let dst = std::slice::from_raw_parts_mut(c.add(r * cs), MR);
-        for (o, v) in dst.iter_mut().zip(row) {
-            *o = if add { *o + v } else { *v };
+        for (r, row) in acc.iter().enumerate() {
+            let dst = std::slice::from_raw_parts_mut(c.add(r * cs), MR);
+            for (o, v) in dst.iter_mut().zip(row) {
+                *o = if add { *o + v } else { *v };
+            }
         }
     }
 }

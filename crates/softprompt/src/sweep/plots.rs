@@ -86,7 +86,7 @@ pub fn write_plots(dir: &Path, grid: &Grid, groups: &[Group]) -> Result<()> {
     Ok(())
 }
 
-/// A value as a label: itself when it has at most [`LABEL_CHARS`] characters, otherwise `vN`,
+/// A value as a label: itself when it has at most `LABEL_CHARS` (32) characters, otherwise `vN`,
 /// its position on its axis (results.md lists what each `vN` stands for).
 pub fn short(axis: &Axis, v: &Value) -> String {
     let text = show_value(v);

@@ -105,7 +105,7 @@ impl TextTokenizer {
         Ok(Self { inner, bos, eos, pad })
     }
 
-    /// Text → token ids; with `add_special`, also the BOS/EOS (or [CLS]/[SEP]) the tokenizer
+    /// Text → token ids; with `add_special`, also the BOS/EOS (or `[CLS]`/`[SEP]`) the tokenizer
     /// adds around a sequence. Special tokens written in the text (e.g. `<|im_start|>`) are
     /// always recognised as single ids.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
