@@ -9,13 +9,6 @@ use softprompt::model_source::{self, ModelLocation};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("softprompt-bad-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 fn load_err(location: ModelLocation) -> String {
     match backbone::load(&location, &Device::Cpu) {
         Ok(_) => panic!("loading {location:?} should fail"),
@@ -66,7 +59,8 @@ fn smollm2_path() -> PathBuf {
 
 #[test]
 fn truncated_gguf_names_file_and_problem() {
-    let dir = scratch("trunc");
+    let tmp = common::scratch("bad-trunc");
+    let dir = tmp.path();
     let path = dir.join("cut.gguf");
     let bytes = std::fs::read(smollm2_path()).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
@@ -80,7 +74,8 @@ fn truncated_gguf_names_file_and_problem() {
 
 #[test]
 fn corrupted_gguf_is_refused() {
-    let dir = scratch("corrupt");
+    let tmp = common::scratch("bad-corrupt");
+    let dir = tmp.path();
     let path = dir.join("bad.gguf");
     std::fs::write(&path, b"NOPE this is not a model").unwrap();
     let e = load_err(ModelLocation::Gguf(path.clone()));
@@ -98,7 +93,8 @@ fn corrupted_gguf_is_refused() {
 
 #[test]
 fn unknown_quant_type_names_the_tensor() {
-    let dir = scratch("quant");
+    let tmp = common::scratch("bad-quant");
+    let dir = tmp.path();
     let path = dir.join("q.gguf");
     write_gguf(
         &path,
@@ -114,7 +110,8 @@ fn unknown_quant_type_names_the_tensor() {
 
 #[test]
 fn unknown_architecture_is_named() {
-    let dir = scratch("arch");
+    let tmp = common::scratch("bad-arch");
+    let dir = tmp.path();
     let path = dir.join("a.gguf");
     write_gguf(&path, &[("general.architecture", "rwkv6")], &[("x", &[4], 0, 16)]);
     let e = load_err(ModelLocation::Gguf(path));
@@ -124,8 +121,8 @@ fn unknown_architecture_is_named() {
     );
 }
 
-fn tiny_bert_dir(name: &str, config: serde_json::Value) -> PathBuf {
-    let dir = scratch(name);
+/// A tiny BERT folder written into `dir`: `config`, zero weights and MiniLM's tokenizer.
+fn tiny_bert_dir(dir: &Path, config: serde_json::Value) -> PathBuf {
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config).unwrap()).unwrap();
     let mut t = HashMap::new();
     let z = |s: &[usize]| Tensor::zeros(s, DType::F32, &Device::Cpu).unwrap();
@@ -158,7 +155,7 @@ fn tiny_bert_dir(name: &str, config: serde_json::Value) -> PathBuf {
         other => panic!("{other:?}: run `cargo run -p softprompt-cli -- fetch` first"),
     };
     std::fs::copy(minilm.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
-    dir
+    dir.to_path_buf()
 }
 
 fn tiny_config() -> serde_json::Value {
@@ -168,7 +165,8 @@ fn tiny_config() -> serde_json::Value {
 
 #[test]
 fn tokenizer_larger_than_vocab_is_refused() {
-    let dir = tiny_bert_dir("vocab", tiny_config());
+    let tmp = common::scratch("bad-vocab");
+    let dir = tiny_bert_dir(tmp.path(), tiny_config());
     let e = load_err(ModelLocation::HfDir(dir));
     assert!(e.contains("30522 tokens") && e.contains("only 20 rows"), "{e}");
 }
@@ -177,14 +175,16 @@ fn tokenizer_larger_than_vocab_is_refused() {
 fn config_missing_field_is_named() {
     let mut c = tiny_config();
     c.as_object_mut().unwrap().remove("hidden_size");
-    let dir = tiny_bert_dir("config", c);
+    let tmp = common::scratch("bad-config");
+    let dir = tiny_bert_dir(tmp.path(), c);
     let e = load_err(ModelLocation::HfDir(dir));
     assert!(e.contains("config.json") && e.contains("`hidden_size`"), "{e}");
 }
 
 #[test]
 fn truncated_safetensors_names_file() {
-    let dir = tiny_bert_dir("st", tiny_config());
+    let tmp = common::scratch("bad-st");
+    let dir = tiny_bert_dir(tmp.path(), tiny_config());
     let f = dir.join("model.safetensors");
     let bytes = std::fs::read(&f).unwrap();
     std::fs::write(&f, &bytes[..bytes.len() - 100]).unwrap();
@@ -199,7 +199,8 @@ fn truncated_safetensors_names_file() {
 fn wrong_tensor_shape_is_named() {
     let mut c = tiny_config();
     c["intermediate_size"] = serde_json::json!(10);
-    let dir = tiny_bert_dir("shape", c);
+    let tmp = common::scratch("bad-shape");
+    let dir = tiny_bert_dir(tmp.path(), c);
     let e = load_err(ModelLocation::HfDir(dir));
     assert!(
         e.contains("intermediate.dense.weight") && e.contains("expected [10, 8]"),
@@ -211,7 +212,8 @@ fn wrong_tensor_shape_is_named() {
 fn missing_model_is_a_clear_error() {
     let e = format!("{:#}", model_source::resolve("no/such/model.gguf").unwrap_err());
     assert!(e.contains("no/such/model.gguf") && e.contains("does not exist"), "{e}");
-    let dir = scratch("noconfig");
+    let tmp = common::scratch("bad-noconfig");
+    let dir = tmp.path();
     let e = format!("{:#}", model_source::resolve(dir.to_str().unwrap()).unwrap_err());
     assert!(e.contains("no config.json"), "{e}");
 }

@@ -3,6 +3,7 @@
 //! ggml's reference kernels, written into a GGUF file, reads back equal to ggml's dequantization
 //! and close to the original values.
 
+mod common;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use softprompt::gguf::GgufFile;
@@ -60,9 +61,8 @@ fn every_supported_storage_type_reads_back() {
         entries.push((name.as_str(), &[3usize, 512][..], *code, q.data().unwrap().to_vec()));
         expected.push(q.dequantize(&Device::Cpu).unwrap());
     }
-    let dir = std::env::temp_dir().join(format!("softprompt-dtypes-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("all.gguf");
+    let dir = common::scratch("dtypes");
+    let path = dir.path().join("all.gguf");
     write_gguf(&path, &entries);
     let file = GgufFile::open(&path).unwrap();
     for (((dtype, _, tol), name), want) in types.iter().zip(&names).zip(&expected) {

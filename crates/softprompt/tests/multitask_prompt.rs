@@ -22,17 +22,9 @@ use softprompt::template::Token;
 use softprompt::train::optim::Schedule;
 use softprompt::train::{self, DataOrder, InitKind, Method, Quiet, TrainConfig};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 const FIXTURE: &str = "smollm2_multitask_prompt_tuning";
-
-/// A fresh empty folder under the system temp dir.
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("softprompt-mpt-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// The last-token logits of each row of `exp` (a fixture's `expected.safetensors`) with its
 /// task's prompt prepended (PEFT's layout: the prompt before every input token, ones in the mask).
@@ -110,15 +102,16 @@ fn task_ids_are_checked() {
 #[test]
 fn damaged_factor_tensors_are_refused_naming_the_file() {
     let src = load_peft(&fixture(FIXTURE)).unwrap();
-    let dir = scratch("damaged");
+    let tmp = common::scratch("mpt");
+    let dir = tmp.path();
     // Without the rows factor.
     let extra: Vec<(String, Tensor)> = src
         .extra()
         .into_iter()
         .filter(|(n, _)| n != "prefix_task_rows")
         .collect();
-    save_peft(&dir, &src.config, &src.prompt_embeddings, &extra).unwrap();
-    let e = format!("{:#}", load_peft(&dir).unwrap_err());
+    save_peft(dir, &src.config, &src.prompt_embeddings, &extra).unwrap();
+    let e = format!("{:#}", load_peft(dir).unwrap_err());
     assert!(
         e.contains(ADAPTER_WEIGHTS) && e.contains("`prefix_task_rows` is missing"),
         "{e}"
@@ -128,13 +121,12 @@ fn damaged_factor_tensors_are_refused_naming_the_file() {
     if let MethodConfig::MultitaskPromptTuning { num_ranks, .. } = &mut config.method {
         *num_ranks = 3;
     }
-    save_peft(&dir, &config, &src.prompt_embeddings, &src.extra()).unwrap();
-    let e = format!("{:#}", load_peft(&dir).unwrap_err());
+    save_peft(dir, &config, &src.prompt_embeddings, &src.extra()).unwrap();
+    let e = format!("{:#}", load_peft(dir).unwrap_err());
     assert!(
         e.contains("`prefix_task_cols` has shape [3, 6, 2]") && e.contains("num_ranks 3"),
         "{e}"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 fn example(prompt: Vec<Token>) -> Example {
@@ -253,28 +245,13 @@ fn every_batch_draws_from_every_task() {
     assert_eq!(one.rows(2, 0, 1, 9), plain.rows(2, 0, 1, 9));
 }
 
-/// The first `n` rows of `data/<file>`, copied into a folder of the test (kept across calls).
-fn scratch_rows(test: &str, file: &str, n: usize) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("softprompt-mpt-{}-data-{test}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let rows: Vec<String> = std::fs::read_to_string(data(file))
-        .unwrap()
-        .lines()
-        .take(n)
-        .map(String::from)
-        .collect();
-    let name = file.replace('/', "-");
-    let f = dir.join(name);
-    std::fs::write(&f, rows.join("\n")).unwrap();
-    f
-}
-
-/// Two tasks (capital, continent), four training rows each, dev and test rows of their own.
-fn two_tasks(name: &str) -> TrainConfig {
+/// Two tasks (capital, continent), four training rows each, dev and test rows of their own,
+/// copied into `dir`; the run's output is `dir/out`.
+fn two_tasks(dir: &Path) -> TrainConfig {
     let task = |rel: &str| TaskData {
-        train: scratch_rows(name, &format!("facts-countries/{rel}/train.jsonl"), 4),
-        dev: Some(scratch_rows(name, &format!("facts-countries/{rel}/dev.jsonl"), 3)),
-        test: Some(scratch_rows(name, &format!("facts-countries/{rel}/test.jsonl"), 3)),
+        train: first_rows(&format!("facts-countries/{rel}/train.jsonl"), 4, dir),
+        dev: Some(first_rows(&format!("facts-countries/{rel}/dev.jsonl"), 3, dir)),
+        test: Some(first_rows(&format!("facts-countries/{rel}/test.jsonl"), 3, dir)),
     };
     TrainConfig {
         model: "smollm2-135m".into(),
@@ -295,7 +272,7 @@ fn two_tasks(name: &str) -> TrainConfig {
         steps: Some(8),
         batch: 8,
         eval_every: 4,
-        output: scratch(name).join("out"),
+        output: dir.join("out"),
         ..TrainConfig::default()
     }
 }
@@ -304,7 +281,8 @@ use softprompt::config::TaskData;
 
 #[test]
 fn training_two_tasks_lowers_the_loss_saves_peft_files_and_scores_per_task() {
-    let cfg = two_tasks("train");
+    let tmp = common::scratch("mpt");
+    let cfg = two_tasks(&tmp.path().join("train"));
     let report = train::train(&cfg, &mut Quiet).unwrap();
     let l = losses(&cfg.output);
     println!("losses {l:?}");
@@ -363,7 +341,7 @@ fn training_two_tasks_lowers_the_loss_saves_peft_files_and_scores_per_task() {
             rows.push_str(&format!("{v}\n"));
         }
     }
-    let file = scratch("train-mixed").join("mixed.jsonl");
+    let file = tmp.path().join("mixed.jsonl");
     std::fs::write(&file, rows).unwrap();
     let ds = read_jsonl(&file).unwrap();
     let opts = ScoreOptions {
@@ -394,6 +372,7 @@ fn training_two_tasks_lowers_the_loss_saves_peft_files_and_scores_per_task() {
 
 #[test]
 fn source_inits_start_from_the_source_adapter() {
+    let tmp = common::scratch("mpt");
     let src = fixture(FIXTURE);
     let source = load_peft(&src).unwrap();
     let tensors = |learner: &train::Learner| -> std::collections::HashMap<String, Tensor> {
@@ -401,13 +380,13 @@ fn source_inits_start_from_the_source_adapter() {
     };
     let one_task = |init: InitKind, init_task: usize, name: &str| TrainConfig {
         tasks: Vec::new(),
-        train: scratch_rows(name, "facts-countries/capital/train.jsonl", 4),
+        train: first_rows("facts-countries/capital/train.jsonl", 4, &tmp.path().join(name)),
         num_virtual_tokens: 6,
         init,
         init_task,
         init_text: None,
         init_from: Some(src.clone()),
-        ..two_tasks(name)
+        ..two_tasks(&tmp.path().join(name))
     };
     let exact = one_task(InitKind::ExactSourceTask, 2, "exact");
     let p = train::prepare(&exact, &mut Quiet).unwrap();
@@ -417,7 +396,8 @@ fn source_inits_start_from_the_source_adapter() {
     assert_eq!(max_abs_diff(&t["prefix_task_cols"], &want), 0.0);
     // Its PEFT config names the init, the source file and the task, as PEFT writes them.
     let learner = train::new_learner(&p).unwrap();
-    let out = scratch("exact-saved");
+    let out = tmp.path().join("exact-saved");
+    std::fs::create_dir_all(&out).unwrap();
     train::save_adapter(&p, &learner, &out).unwrap();
     match load_peft(&out).unwrap().config.method {
         MethodConfig::MultitaskPromptTuning {
@@ -445,7 +425,7 @@ fn source_inits_start_from_the_source_adapter() {
         init_text: None,
         num_virtual_tokens: 6,
         init_from: Some(src.join(ADAPTER_WEIGHTS)),
-        ..two_tasks("shared")
+        ..two_tasks(&tmp.path().join("shared"))
     };
     let p = train::prepare(&shared, &mut Quiet).unwrap();
     let t = tensors(&train::new_learner(&p).unwrap());
@@ -481,7 +461,8 @@ fn source_inits_start_from_the_source_adapter() {
 
 #[test]
 fn bad_multitask_options_are_refused() {
-    let base = two_tasks("bad");
+    let tmp = common::scratch("mpt");
+    let base = two_tasks(&tmp.path().join("bad"));
     let check = |cfg: TrainConfig, want: &[&str]| {
         let e = format!("{:#}", cfg.validate().unwrap_err());
         for w in want {

@@ -2,6 +2,7 @@
 //! any input (arbitrary text, text made of the characters their syntax gives meaning to, and
 //! arbitrary bytes).
 
+mod common;
 use proptest::prelude::*;
 use softprompt::data::DataSet;
 use softprompt::template::Template;
@@ -34,9 +35,8 @@ fn parse_template(src: &str) {
 }
 
 fn read_rows(bytes: &[u8]) {
-    let dir = std::env::temp_dir().join(format!("softprompt-never-panics-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("{:?}.jsonl", std::thread::current().id()).replace(['(', ')'], ""));
+    let dir = common::scratch("never-panics");
+    let path = dir.path().join("rows.jsonl");
     std::fs::write(&path, bytes).unwrap();
     if let Ok(ds) = softprompt::data::read_jsonl(&path) {
         assert!(!ds.is_empty());

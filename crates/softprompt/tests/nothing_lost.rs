@@ -11,14 +11,8 @@ use softprompt::train::{self, InitKind, Quiet, TrainConfig};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("softprompt-lost-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
-/// A tiny real run: 2 steps of 2 rows, checkpointed at step 2.
-fn tiny(name: &str) -> TrainConfig {
+/// A tiny real run: 2 steps of 2 rows, checkpointed at step 2, into `dir/out`.
+fn tiny(dir: &Path) -> TrainConfig {
     TrainConfig {
         model: "smollm2-135m".into(),
         train: common::data("facts-countries/capital/train.jsonl"),
@@ -34,7 +28,7 @@ fn tiny(name: &str) -> TrainConfig {
         steps: Some(2),
         batch: 2,
         eval_every: 2,
-        output: scratch(name).join("out"),
+        output: dir.join("out"),
         ..TrainConfig::default()
     }
 }
@@ -78,7 +72,8 @@ fn fake_run(dir: &Path) {
 
 #[test]
 fn training_into_a_folder_with_an_adapter_is_refused_without_overwrite_or_resume() {
-    let cfg = tiny("refuse");
+    let tmp = common::scratch("lost");
+    let cfg = tiny(&tmp.path().join("refuse"));
     fake_run(&cfg.output);
     let before = snapshot(&cfg.output);
     let e = train_err(&cfg);
@@ -91,8 +86,9 @@ fn training_into_a_folder_with_an_adapter_is_refused_without_overwrite_or_resume
 
 #[test]
 fn a_failed_run_into_an_existing_adapter_leaves_it_byte_identical() {
+    let tmp = common::scratch("lost");
     // A real finished run, then replacement attempts that fail in every way a run can fail.
-    let cfg = tiny("identical");
+    let cfg = tiny(&tmp.path().join("identical"));
     train::train(&cfg, &mut Quiet).unwrap();
     std::fs::write(cfg.output.join("notes.txt"), "mine").unwrap();
     let before = snapshot(&cfg.output);
@@ -156,7 +152,8 @@ fn a_failed_run_into_an_existing_adapter_leaves_it_byte_identical() {
 
 #[test]
 fn a_failed_fresh_run_leaves_no_empty_folder() {
-    let cfg = tiny("fresh");
+    let tmp = common::scratch("lost");
+    let cfg = tiny(&tmp.path().join("fresh"));
     let parent = cfg.output.parent().unwrap().to_path_buf();
     std::fs::create_dir_all(&parent).unwrap();
     let bad_rows = parent.join("bad.jsonl");
@@ -184,9 +181,10 @@ fn a_failed_fresh_run_leaves_no_empty_folder() {
 
 #[test]
 fn batch_zero_is_an_error_naming_the_option() {
+    let tmp = common::scratch("lost");
     let cfg = TrainConfig {
         batch: 0,
-        ..tiny("batch0")
+        ..tiny(&tmp.path().join("batch0"))
     };
     let e = train_err(&cfg);
     assert_eq!(
@@ -198,7 +196,8 @@ fn batch_zero_is_an_error_naming_the_option() {
 
 #[test]
 fn counts_steps_accumulation_and_epochs_must_be_at_least_one() {
-    let base = tiny("counts");
+    let tmp = common::scratch("lost");
+    let base = tiny(&tmp.path().join("counts"));
     for (cfg, needle) in [
         (
             TrainConfig {
@@ -245,8 +244,12 @@ fn counts_steps_accumulation_and_epochs_must_be_at_least_one() {
 
 #[test]
 fn learning_rate_must_be_finite_and_positive() {
+    let tmp = common::scratch("lost");
     for (lr, shown) in [(f64::INFINITY, "inf"), (f64::NAN, "NaN"), (-0.1, "-0.1"), (0.0, "0")] {
-        let e = train_err(&TrainConfig { lr, ..tiny("lr") });
+        let e = train_err(&TrainConfig {
+            lr,
+            ..tiny(&tmp.path().join("lr"))
+        });
         assert_eq!(
             e,
             format!("option `lr` (--lr) is {shown}; it must be a finite number > 0 (the peak learning rate)")
@@ -256,13 +259,14 @@ fn learning_rate_must_be_finite_and_positive() {
 
 #[test]
 fn verbaliser_words_must_be_non_empty_and_distinct() {
+    let tmp = common::scratch("lost");
     let mut cfg = TrainConfig {
         train: common::data("sentiment-movies/dev.jsonl"),
         dev: None,
         template: "[soft:2]Review: {text}\nSentiment: {label}".into(),
         target_field: "label".into(),
         task: TaskKind::Classify,
-        ..tiny("verbaliser")
+        ..tiny(&tmp.path().join("verbaliser"))
     };
     cfg.verbalizer.insert("negative".into(), " good".into());
     cfg.verbalizer.insert("positive".into(), " good".into());
@@ -297,10 +301,9 @@ fn verbaliser_words_must_be_non_empty_and_distinct() {
 
 #[test]
 fn a_label_seen_only_in_dev_is_refused() {
-    let dir = scratch("dev-label");
-    std::fs::create_dir_all(&dir).unwrap();
-    let train_rows = dir.join("train.jsonl");
-    let dev_rows = dir.join("dev.jsonl");
+    let tmp = common::scratch("lost");
+    let train_rows = tmp.path().join("train.jsonl");
+    let dev_rows = tmp.path().join("dev.jsonl");
     std::fs::write(
         &train_rows,
         "{\"text\": \"fine\", \"label\": \"positive\"}\n{\"text\": \"bad\", \"label\": \"negative\"}\n",
@@ -313,7 +316,7 @@ fn a_label_seen_only_in_dev_is_refused() {
         template: "Review: {text}\nSentiment: {label}".into(),
         target_field: "label".into(),
         task: TaskKind::Classify,
-        ..tiny("dev-label-out")
+        ..tiny(&tmp.path().join("dev-label-out"))
     });
     assert!(
         e.contains("dev.jsonl:1: label `neutral` appears in the dev set but in no training row"),
@@ -323,9 +326,10 @@ fn a_label_seen_only_in_dev_is_refused() {
 
 #[test]
 fn a_template_that_reads_no_field_is_refused() {
+    let tmp = common::scratch("lost");
     let e = train_err(&TrainConfig {
         template: "[soft:8] Answer: {target}".into(),
-        ..tiny("no-field")
+        ..tiny(&tmp.path().join("no-field"))
     });
     assert!(
         e.contains("option `template` (--template)") && e.contains("reads no field"),
@@ -335,10 +339,11 @@ fn a_template_that_reads_no_field_is_refused() {
 
 #[test]
 fn zero_virtual_tokens_is_reported_as_the_option() {
+    let tmp = common::scratch("lost");
     let e = train_err(&TrainConfig {
         template: "{text} {target}".into(),
         num_virtual_tokens: 0,
-        ..tiny("nvt0")
+        ..tiny(&tmp.path().join("nvt0"))
     });
     assert!(
         e.starts_with("option `num_virtual_tokens` (--num-virtual-tokens) is 0; it must be at least 1"),
@@ -349,7 +354,8 @@ fn zero_virtual_tokens_is_reported_as_the_option() {
 
 #[test]
 fn resume_with_a_different_template_names_the_option() {
-    let cfg = tiny("resume-differs");
+    let tmp = common::scratch("lost");
+    let cfg = tiny(&tmp.path().join("resume-differs"));
     let last = cfg.output.join("checkpoint-last");
     std::fs::create_dir_all(&last).unwrap();
     let saved = TrainConfig {
@@ -377,14 +383,15 @@ fn resume_with_a_different_template_names_the_option() {
     // Resuming a folder without a checkpoint says so.
     let e = train_err(&TrainConfig {
         resume: true,
-        ..tiny("resume-nothing")
+        ..tiny(&tmp.path().join("resume-nothing"))
     });
     assert!(e.contains("cannot resume") && e.contains("does not exist"), "{e}");
 }
 
 #[test]
 fn resume_keeps_each_metrics_step_once_and_times_only_its_own_steps() {
-    let cfg = tiny("metrics");
+    let tmp = common::scratch("lost");
+    let cfg = tiny(&tmp.path().join("metrics"));
     train::train(&cfg, &mut Quiet).unwrap();
     // A run killed after step 3 was logged but before its checkpoint (written at step 4).
     let metrics = cfg.output.join("metrics.jsonl");
@@ -421,7 +428,8 @@ fn resume_keeps_each_metrics_step_once_and_times_only_its_own_steps() {
 
 #[test]
 fn template_given_with_an_adapter_that_has_its_own_is_refused_unless_forced() {
-    let cfg = tiny("force-template");
+    let tmp = common::scratch("lost");
+    let cfg = tiny(&tmp.path().join("force-template"));
     train::train(&cfg, &mut Quiet).unwrap();
     let model = common::load_model("smollm2-135m");
     let data = softprompt::data::read_jsonl(&common::data("facts-countries/capital/dev.jsonl")).unwrap();

@@ -25,14 +25,6 @@ const ALL_ADAPTERS: [&str; 10] = [
     "minilm_seqcls_p_tuning_mlp",
 ];
 
-/// A fresh empty folder under the system temp dir.
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("softprompt-peft-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// `[P; word embeddings of ids]` and the mask with ones for the virtual tokens.
 fn prepend(model: &LoadedModel, prompt: &Tensor, ids: &Tensor, mask: &Tensor) -> (Tensor, Tensor) {
     let (b, _) = ids.dims2().unwrap();
@@ -132,10 +124,11 @@ fn minilm_seqcls_adapters_give_peft_logits() {
 
 #[test]
 fn save_reproduces_peft_files_byte_for_byte() {
+    let tmp = common::scratch("peft");
     for folder in ALL_ADAPTERS {
         let src = fixture(folder);
         let adapter = load_peft(&src).unwrap();
-        let out = scratch(&format!("roundtrip-{folder}"));
+        let out = tmp.path().join(format!("roundtrip-{folder}"));
         save_peft(&out, &adapter.config, &adapter.prompt_embeddings, &adapter.extra()).unwrap();
         for file in [ADAPTER_CONFIG, ADAPTER_WEIGHTS] {
             let a = std::fs::read(src.join(file)).unwrap();
@@ -160,12 +153,12 @@ fn save_reproduces_peft_files_byte_for_byte() {
         // serde goes through the same JSON object.
         let via_serde: PeftConfig = serde_json::from_str(&serde_json::to_string(&adapter.config).unwrap()).unwrap();
         assert_eq!(via_serde, adapter.config);
-        std::fs::remove_dir_all(&out).unwrap();
     }
 }
 
 #[test]
 fn configs_we_build_equal_peft_configs() {
+    let tmp = common::scratch("peft");
     let model = load_model("smollm2-135m");
     let info = model.backbone.info();
     let d = info.hidden;
@@ -203,13 +196,12 @@ fn configs_we_build_equal_peft_configs() {
             config.to_json_string(),
             std::fs::read_to_string(fixture(folder).join(ADAPTER_CONFIG)).unwrap()
         );
-        let out = scratch(&format!("ours-{folder}"));
+        let out = tmp.path().join(format!("ours-{folder}"));
         let output = prompt.forward().unwrap();
         save_peft(&out, &config, &output, &[]).unwrap();
         let back = load_peft(&out).unwrap();
         assert_eq!(max_abs_diff(&back.prompt_embeddings, &output), 0.0);
         assert_eq!(back.config.encoder_spec().unwrap(), Some(spec));
-        std::fs::remove_dir_all(&out).unwrap();
     }
 
     // TEXT init: PEFT needs a tokenizer name next to the text.
@@ -323,8 +315,9 @@ fn smollm2_prefix_tuning_gives_peft_logits() {
     }
 }
 
-fn copy_fixture(folder: &str, name: &str) -> PathBuf {
-    let dir = scratch(name);
+/// A writable copy of fixture `folder`'s adapter files in the new folder `dir`.
+fn copy_fixture(folder: &str, dir: PathBuf) -> PathBuf {
+    std::fs::create_dir_all(&dir).unwrap();
     for f in [ADAPTER_CONFIG, ADAPTER_WEIGHTS] {
         std::fs::copy(fixture(folder).join(f), dir.join(f)).unwrap();
         let mut perm = std::fs::metadata(dir.join(f)).unwrap().permissions();
@@ -351,8 +344,9 @@ fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Map<String, serde_
 
 #[test]
 fn damaged_files_give_errors_naming_the_file() {
+    let tmp = common::scratch("peft");
     // Truncated weights.
-    let truncated = copy_fixture("smollm2_prompt_tuning_random", "truncated");
+    let truncated = copy_fixture("smollm2_prompt_tuning_random", tmp.path().join("truncated"));
     let dir = truncated.clone();
     let w = dir.join(ADAPTER_WEIGHTS);
     let bytes = std::fs::read(&w).unwrap();
@@ -368,7 +362,7 @@ fn damaged_files_give_errors_naming_the_file() {
     assert!(err.contains("adapter_model.safetensors"), "{err}");
 
     // Malformed JSON.
-    let malformed = copy_fixture("smollm2_prompt_tuning_random", "malformed");
+    let malformed = copy_fixture("smollm2_prompt_tuning_random", tmp.path().join("malformed"));
     let dir = malformed.clone();
     std::fs::write(
         dir.join(ADAPTER_CONFIG),
@@ -383,7 +377,7 @@ fn damaged_files_give_errors_naming_the_file() {
     );
 
     // Missing field, wrong type, unknown peft_type, unknown task type.
-    let dir = copy_fixture("smollm2_p_tuning_mlp", "fields");
+    let dir = copy_fixture("smollm2_p_tuning_mlp", tmp.path().join("fields"));
     let cases: Vec<(ConfigEdit, &str)> = vec![
         (
             Box::new(|m| {
@@ -448,10 +442,7 @@ fn damaged_files_give_errors_naming_the_file() {
     // Saving refuses a prompt that does not match the config.
     let adapter = load_peft(&fixture("smollm2_p_tuning_mlp")).unwrap();
     let wrong = Tensor::zeros((5, 576), DType::F32, &Device::Cpu).unwrap();
-    let out = scratch("wrong-shape");
+    let out = tmp.path().join("wrong-shape");
     assert!(save_peft(&out, &adapter.config, &wrong, &[]).is_err());
     assert!(!out.join(ADAPTER_CONFIG).exists());
-    for d in [truncated, malformed, dir, out] {
-        let _ = std::fs::remove_dir_all(d);
-    }
 }

@@ -1,15 +1,9 @@
 //! The charts: each kind renders a PNG of the documented size with something drawn on it,
 //! many series get distinct colours, empty input gives a "no data" chart, bad input an error.
 
+mod common;
 use softprompt::plot::{bar_chart, line_chart, training_chart, Bar, Point, Series, CHART_SIZE, TRAINING_SIZE};
-use std::path::{Path, PathBuf};
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("softprompt-plots-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use std::path::Path;
 
 /// Decodes an RGB PNG: (width, height, pixels).
 fn read_png(path: &Path) -> (u32, u32, Vec<[u8; 3]>) {
@@ -55,7 +49,8 @@ const TABLEAU: [[u8; 3]; 8] = [
 
 #[test]
 fn eight_series_line_chart_has_eight_colours_error_bars_and_text() {
-    let dir = temp_dir("line");
+    let tmp = common::scratch("plots-line");
+    let dir = tmp.path();
     let path = dir.join("lines.png");
     let series: Vec<Series> = (0..8)
         .map(|s| Series {
@@ -91,12 +86,13 @@ fn eight_series_line_chart_has_eight_colours_error_bars_and_text() {
         );
     }
     assert!(dark(&px) > 2000, "titles, ticks and legend text: {} dark px", dark(&px));
-    only_file(&dir, "lines.png");
+    only_file(dir, "lines.png");
 }
 
 #[test]
 fn more_series_than_the_palette_still_get_distinct_colours() {
-    let dir = temp_dir("many");
+    let tmp = common::scratch("plots-many");
+    let dir = tmp.path();
     let path = dir.join("many.png");
     let series: Vec<Series> = (0..14)
         .map(|s| Series {
@@ -130,7 +126,8 @@ fn more_series_than_the_palette_still_get_distinct_colours() {
 
 #[test]
 fn bar_chart_draws_each_label_in_its_colour() {
-    let dir = temp_dir("bar");
+    let tmp = common::scratch("plots-bar");
+    let dir = tmp.path();
     let path = dir.join("bars.png");
     let mut bars = vec![];
     for group in ["random", "vocab", "labels", "text"] {
@@ -150,12 +147,13 @@ fn bar_chart_draws_each_label_in_its_colour() {
     assert!(count(&px, TABLEAU[0]) > 5000, "{}", count(&px, TABLEAU[0]));
     assert!(count(&px, TABLEAU[1]) > 5000, "{}", count(&px, TABLEAU[1]));
     assert!(dark(&px) > 1000);
-    only_file(&dir, "bars.png");
+    only_file(dir, "bars.png");
 }
 
 #[test]
 fn empty_or_non_finite_input_gives_a_no_data_chart() {
-    let dir = temp_dir("empty");
+    let tmp = common::scratch("plots-empty");
+    let dir = tmp.path();
     line_chart(&dir.join("a.png"), "t", "x", "y", true, &[]).unwrap();
     let nan = Series {
         name: "nan".into(),
@@ -185,7 +183,8 @@ fn empty_or_non_finite_input_gives_a_no_data_chart() {
 
 #[test]
 fn bad_input_and_bad_paths_are_errors_naming_the_file() {
-    let dir = temp_dir("bad");
+    let tmp = common::scratch("plots-bad");
+    let dir = tmp.path();
     let s = Series {
         name: "zero".into(),
         points: vec![Point {
@@ -200,12 +199,13 @@ fn bad_input_and_bad_paths_are_errors_naming_the_file() {
     let missing = dir.join("no-such-folder").join("x.png");
     let e = format!("{:#}", bar_chart(&missing, "t", "y", &[]).unwrap_err());
     assert!(e.contains("x.png"), "{e}");
-    assert!(std::fs::read_dir(&dir).unwrap().next().is_none(), "nothing left behind");
+    assert!(std::fs::read_dir(dir).unwrap().next().is_none(), "nothing left behind");
 }
 
 #[test]
 fn training_chart_draws_raw_loss_its_average_and_dev_markers() {
-    let dir = temp_dir("training");
+    let tmp = common::scratch("plots-training");
+    let dir = tmp.path();
     let path = dir.join("training.png");
     let losses: Vec<(usize, f32)> = (1..=200)
         .map(|s| (s, 3.0 / (1.0 + s as f32 / 20.0) + 0.3 * ((s * 7) % 5) as f32 / 5.0))
@@ -224,7 +224,7 @@ fn training_chart_draws_raw_loss_its_average_and_dev_markers() {
     assert!(count(&top, smooth) > 500, "smoothed loss {}", count(&top, smooth));
     assert!(count(&bottom, red) > 5 * 60, "dev markers {}", count(&bottom, red));
     assert_eq!(count(&top, red), 0);
-    only_file(&dir, "training.png");
+    only_file(dir, "training.png");
 }
 
 #[test]

@@ -21,27 +21,18 @@ use softprompt::train::prefix::prefix_shape;
 use softprompt::train::{self, InitKind, Method, Quiet, TrainConfig};
 use std::path::{Path, PathBuf};
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("softprompt-prefix-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
 const CARTRIDGE_TEXT: &str = "Facts about countries and their capital cities:";
 
-/// Four capital-city rows in one batch: every step sees the same rows.
-fn four_rows(test: &str) -> PathBuf {
-    common::first_rows(
-        "facts-countries/capital/train.jsonl",
-        4,
-        &scratch(&format!("data-{test}")),
-    )
+/// Four capital-city rows in one batch (every step sees the same rows), copied into `dir`.
+fn four_rows(dir: &Path) -> PathBuf {
+    common::first_rows("facts-countries/capital/train.jsonl", 4, dir)
 }
 
-fn tiny(name: &str, method: Method) -> TrainConfig {
+/// A tiny run of `method` on four rows copied into `dir/data`, its output `dir/out`.
+fn tiny(dir: &Path, method: Method) -> TrainConfig {
     TrainConfig {
         model: "smollm2-135m".into(),
-        train: four_rows(name),
+        train: four_rows(&dir.join("data")),
         dev: Some(common::data("facts-countries/capital/dev.jsonl")),
         dev_rows: Some(4),
         template: "{text} {target}".into(),
@@ -56,7 +47,7 @@ fn tiny(name: &str, method: Method) -> TrainConfig {
         steps: Some(4),
         batch: 4,
         eval_every: 2,
-        output: scratch(name),
+        output: dir.join("out"),
         ..TrainConfig::default()
     }
 }
@@ -76,34 +67,37 @@ fn lowers_the_loss(cfg: TrainConfig) {
 
 #[test]
 fn prefix_tuning_lowers_the_loss() {
+    let tmp = common::scratch("prefix");
     lowers_the_loss(TrainConfig {
         init: InitKind::Zero,
         steps: Some(8),
         eval_every: 8,
-        ..tiny("lower-prefix", Method::PrefixTuning)
+        ..tiny(&tmp.path().join("lower-prefix"), Method::PrefixTuning)
     });
 }
 
 #[test]
 fn prefix_tuning_with_projection_lowers_the_loss() {
+    let tmp = common::scratch("prefix");
     lowers_the_loss(TrainConfig {
         prefix_projection: true,
         encoder_hidden: 32,
         lr: 0.01,
         steps: Some(8),
         eval_every: 8,
-        ..tiny("lower-projection", Method::PrefixTuning)
+        ..tiny(&tmp.path().join("lower-projection"), Method::PrefixTuning)
     });
 }
 
 #[test]
 fn cartridge_lowers_the_loss() {
+    let tmp = common::scratch("prefix");
     lowers_the_loss(TrainConfig {
         init: InitKind::Text,
         init_text: Some(CARTRIDGE_TEXT.into()),
         steps: Some(8),
         eval_every: 8,
-        ..tiny("lower-cartridge", Method::Cartridge)
+        ..tiny(&tmp.path().join("lower-cartridge"), Method::Cartridge)
     });
 }
 
@@ -142,7 +136,7 @@ fn saved_adapter_reloads(cfg: TrainConfig, fixture: &str, peft_type: PeftType) {
     let cache = a.prefix_cache(&info).unwrap().unwrap();
     // The same prefix rebuilt from softprompt's own raw parameters (the best checkpoint is the
     // last: one evaluation at the end).
-    let flat = common::raw_learned(&cfg, scratch(&format!("{fixture}-reprepare")));
+    let flat = common::raw_learned(&cfg, cfg.output.with_file_name("reprepare"));
     let d = common::max_abs_diff(&flat, &a.prompt_embeddings);
     assert!(
         d < 1e-6,
@@ -160,10 +154,11 @@ fn saved_adapter_reloads(cfg: TrainConfig, fixture: &str, peft_type: PeftType) {
 
 #[test]
 fn saved_prefix_adapter_reloads_and_scores_the_same() {
+    let tmp = common::scratch("prefix");
     saved_adapter_reloads(
         TrainConfig {
             steps: Some(2),
-            ..tiny("reload-prefix", Method::PrefixTuning)
+            ..tiny(&tmp.path().join("reload-prefix"), Method::PrefixTuning)
         },
         "smollm2_prefix_tuning",
         PeftType::PrefixTuning,
@@ -172,12 +167,13 @@ fn saved_prefix_adapter_reloads_and_scores_the_same() {
 
 #[test]
 fn saved_projected_prefix_adapter_reloads_and_scores_the_same() {
+    let tmp = common::scratch("prefix");
     saved_adapter_reloads(
         TrainConfig {
             prefix_projection: true,
             encoder_hidden: 64,
             steps: Some(2),
-            ..tiny("reload-projection", Method::PrefixTuning)
+            ..tiny(&tmp.path().join("reload-projection"), Method::PrefixTuning)
         },
         "smollm2_prefix_tuning_projection",
         PeftType::PrefixTuning,
@@ -186,13 +182,14 @@ fn saved_projected_prefix_adapter_reloads_and_scores_the_same() {
 
 #[test]
 fn saved_cartridge_reloads_and_scores_the_same() {
+    let tmp = common::scratch("prefix");
     saved_adapter_reloads(
         TrainConfig {
             num_virtual_tokens: 5,
             init: InitKind::Text,
             init_text: Some(CARTRIDGE_TEXT.into()),
             steps: Some(2),
-            ..tiny("reload-cartridge", Method::Cartridge)
+            ..tiny(&tmp.path().join("reload-cartridge"), Method::Cartridge)
         },
         "smollm2_cartridge",
         PeftType::Cartridge,
@@ -200,27 +197,29 @@ fn saved_cartridge_reloads_and_scores_the_same() {
 }
 
 fn resume_equals_uninterrupted(full: TrainConfig) {
-    let part = scratch(&format!("part-{:?}", full.method));
+    let part = full.output.with_file_name("part");
     common::resume_equals_uninterrupted(&full, part);
 }
 
 #[test]
 fn resumed_projected_prefix_tuning_equals_uninterrupted() {
+    let tmp = common::scratch("prefix");
     resume_equals_uninterrupted(TrainConfig {
         prefix_projection: true,
         encoder_hidden: 16,
-        ..tiny("resume-projection", Method::PrefixTuning)
+        ..tiny(&tmp.path().join("resume-projection"), Method::PrefixTuning)
     });
 }
 
 #[test]
 fn resumed_cartridge_equals_uninterrupted_and_frozen_tokens_stay() {
+    let tmp = common::scratch("prefix");
     let cfg = TrainConfig {
         num_frozen_tokens: 2,
         init: InitKind::Text,
         init_text: Some(CARTRIDGE_TEXT.into()),
         weight_decay: 0.1,
-        ..tiny("resume-cartridge", Method::Cartridge)
+        ..tiny(&tmp.path().join("resume-cartridge"), Method::Cartridge)
     };
     resume_equals_uninterrupted(cfg.clone());
     // The frozen tokens are the text prefill's first two positions, bit for bit, after training
@@ -299,33 +298,34 @@ fn peft_prefix_fixture_scores_in_batches_as_row_by_row() {
 
 #[test]
 fn bad_prefix_options_are_refused() {
+    let tmp = common::scratch("prefix");
     let err = |cfg: TrainConfig| format!("{:#}", train::train(&cfg, &mut Quiet).map(|_| ()).unwrap_err());
     let e = err(TrainConfig {
         template: "[soft:4]{text} {target}".into(),
-        ..tiny("bad-soft", Method::PrefixTuning)
+        ..tiny(&tmp.path().join("bad-soft"), Method::PrefixTuning)
     });
     assert!(e.contains("remove the [soft:..] tokens"), "{e}");
     let e = err(TrainConfig {
         init: InitKind::Vocab,
-        ..tiny("bad-init", Method::PrefixTuning)
+        ..tiny(&tmp.path().join("bad-init"), Method::PrefixTuning)
     });
     assert!(e.contains("does not apply to a key/value prefix"), "{e}");
     let e = err(TrainConfig {
         init: InitKind::Text,
         init_text: Some(CARTRIDGE_TEXT.into()),
         prefix_projection: true,
-        ..tiny("bad-text-projection", Method::PrefixTuning)
+        ..tiny(&tmp.path().join("bad-text-projection"), Method::PrefixTuning)
     });
     assert!(e.contains("projection cannot start from given keys"), "{e}");
     let e = err(TrainConfig {
         num_frozen_tokens: 4,
-        ..tiny("bad-frozen", Method::Cartridge)
+        ..tiny(&tmp.path().join("bad-frozen"), Method::Cartridge)
     });
     assert!(e.contains("num_frozen_tokens (4) must be below"), "{e}");
     let e = err(TrainConfig {
         init: InitKind::Text,
         init_text: Some("Hi".into()),
-        ..tiny("bad-short-text", Method::Cartridge)
+        ..tiny(&tmp.path().join("bad-short-text"), Method::Cartridge)
     });
     assert!(e.contains("the prefill needs at least"), "{e}");
 }

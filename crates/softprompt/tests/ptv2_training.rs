@@ -21,21 +21,17 @@ use softprompt::train::prefix::prefix_shape;
 use softprompt::train::{self, InitKind, Method, Quiet, TrainConfig};
 use std::path::{Path, PathBuf};
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("softprompt-ptv2-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
+/// The first eight training rows (both labels), copied into `dir`: every step of a batch-8 run
+/// sees them all.
+fn eight_rows(dir: &Path) -> PathBuf {
+    common::first_rows("sentiment-movies/train.jsonl", 8, dir)
 }
 
-/// The first eight training rows (both labels): every step of a batch-8 run sees them all.
-fn eight_rows(test: &str) -> PathBuf {
-    common::first_rows("sentiment-movies/train.jsonl", 8, &scratch(&format!("data-{test}")))
-}
-
-fn tiny(name: &str) -> TrainConfig {
+/// A tiny p-tuning v2 run on MiniLM on eight rows copied into `dir/data`, its output `dir/out`.
+fn tiny(dir: &Path) -> TrainConfig {
     TrainConfig {
         model: "minilm-l6".into(),
-        train: eight_rows(name),
+        train: eight_rows(&dir.join("data")),
         dev: Some(common::data("sentiment-movies/dev.jsonl")),
         dev_rows: Some(6),
         template: "{text}".into(),
@@ -50,7 +46,7 @@ fn tiny(name: &str) -> TrainConfig {
         steps: Some(4),
         batch: 8,
         eval_every: 2,
-        output: scratch(name),
+        output: dir.join("out"),
         ..TrainConfig::default()
     }
 }
@@ -105,7 +101,7 @@ fn lowers_the_loss_and_moves_the_prefix(cfg: TrainConfig) {
     assert!(l[n - 2] + l[n - 1] < 0.8 * (l[0] + l[1]), "loss did not fall: {l:?}");
     let p = train::prepare(
         &TrainConfig {
-            output: scratch("unused"),
+            output: cfg.output.with_file_name("unused"),
             ..cfg.clone()
         },
         &mut Quiet,
@@ -119,22 +115,24 @@ fn lowers_the_loss_and_moves_the_prefix(cfg: TrainConfig) {
 
 #[test]
 fn ptv2_lowers_the_loss() {
+    let tmp = common::scratch("ptv2");
     lowers_the_loss_and_moves_the_prefix(TrainConfig {
         steps: Some(8),
         eval_every: 8,
         lr: 0.05,
-        ..tiny("lower")
+        ..tiny(&tmp.path().join("lower"))
     });
 }
 
 #[test]
 fn ptv2_with_projection_lowers_the_loss() {
+    let tmp = common::scratch("ptv2");
     lowers_the_loss_and_moves_the_prefix(TrainConfig {
         prefix_projection: true,
         encoder_hidden: 32,
         steps: Some(8),
         eval_every: 8,
-        ..tiny("lower-projection")
+        ..tiny(&tmp.path().join("lower-projection"))
     });
 }
 
@@ -184,7 +182,7 @@ fn saved_adapter_reloads(cfg: TrainConfig) {
     let model = common::load_model("minilm-l6");
     let from_files = session_logits(&model, &cfg.output);
     // The same adapter rebuilt from the raw parameters (the best checkpoint is the last one).
-    let flat = common::raw_learned(&cfg, scratch("reprepare"));
+    let flat = common::raw_learned(&cfg, cfg.output.with_file_name("reprepare"));
     let d = common::max_abs_diff(&flat, &a.prompt_embeddings);
     assert!(
         d < 1e-6,
@@ -213,30 +211,33 @@ fn saved_adapter_reloads(cfg: TrainConfig) {
 
 #[test]
 fn saved_ptv2_adapter_reloads_and_scores_the_same() {
+    let tmp = common::scratch("ptv2");
     saved_adapter_reloads(TrainConfig {
         steps: Some(2),
-        ..tiny("reload")
+        ..tiny(&tmp.path().join("reload"))
     });
 }
 
 #[test]
 fn saved_projected_ptv2_adapter_reloads_and_scores_the_same() {
+    let tmp = common::scratch("ptv2");
     saved_adapter_reloads(TrainConfig {
         prefix_projection: true,
         encoder_hidden: 24,
         steps: Some(2),
-        ..tiny("reload-projection")
+        ..tiny(&tmp.path().join("reload-projection"))
     });
 }
 
 #[test]
 fn resumed_ptv2_equals_uninterrupted() {
+    let tmp = common::scratch("ptv2");
     let full = TrainConfig {
         prefix_projection: true,
         encoder_hidden: 16,
-        ..tiny("resume-full")
+        ..tiny(&tmp.path().join("resume-full"))
     };
-    common::resume_equals_uninterrupted(&full, scratch("resume-part"));
+    common::resume_equals_uninterrupted(&full, tmp.path().join("resume-part"));
     let state = read_safetensors(&full.output.join("checkpoint-last/state.safetensors")).unwrap();
     assert!(state.keys().any(|k| k.starts_with("adamw.m.prompt_encoder")));
     assert!(state.keys().any(|k| k.contains("classifier")));
@@ -244,16 +245,17 @@ fn resumed_ptv2_equals_uninterrupted() {
 
 #[test]
 fn what_cannot_work_on_an_encoder_is_refused() {
+    let tmp = common::scratch("ptv2");
     let err = |cfg: TrainConfig| format!("{:#}", train::train(&cfg, &mut Quiet).map(|_| ()).unwrap_err());
     let e = err(TrainConfig {
         method: Method::Cartridge,
-        ..tiny("bad-cartridge")
+        ..tiny(&tmp.path().join("bad-cartridge"))
     });
     assert!(e.contains("method `cartridge` runs on causal language models"), "{e}");
     let e = err(TrainConfig {
         init: InitKind::Text,
         init_text: Some("Classify the sentiment of the review.".into()),
-        ..tiny("bad-text")
+        ..tiny(&tmp.path().join("bad-text"))
     });
     assert!(
         e.contains("needs a causal language model") && e.contains("init = \"text\""),
@@ -262,7 +264,7 @@ fn what_cannot_work_on_an_encoder_is_refused() {
     let e = err(TrainConfig {
         num_virtual_tokens: 20,
         max_len: 500,
-        ..tiny("bad-positions")
+        ..tiny(&tmp.path().join("bad-positions"))
     });
     assert!(
         e.contains("option `num_virtual_tokens` (--num-virtual-tokens) (20) + option `max_len` (--max-len) (500) exceed the 512 positions"),
@@ -270,12 +272,12 @@ fn what_cannot_work_on_an_encoder_is_refused() {
     );
     let e = err(TrainConfig {
         template: "[soft:4]{text}".into(),
-        ..tiny("bad-soft")
+        ..tiny(&tmp.path().join("bad-soft"))
     });
     assert!(e.contains("remove the [soft:..] tokens"), "{e}");
     let e = err(TrainConfig {
         task: TaskKind::Classify,
-        ..tiny("bad-classify")
+        ..tiny(&tmp.path().join("bad-classify"))
     });
     assert!(e.contains("needs a causal language model"), "{e}");
     // A prefix for another geometry (SmolLM2's) is refused when opening a session.

@@ -7,13 +7,7 @@ use softprompt::sweep::{Axis, Cell, CellResult, CellStart, Grid, Sweep, SweepObs
 use softprompt::task::TaskKind;
 use softprompt::train::optim::Schedule;
 use softprompt::train::{self, InitKind, Observer, Quiet, TrainConfig};
-use std::path::{Path, PathBuf};
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("softprompt-sweep-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
+use std::path::Path;
 
 fn base() -> TrainConfig {
     TrainConfig {
@@ -67,7 +61,8 @@ fn run(output: &Path, lengths: &str) -> (Vec<CellResult>, Vec<(String, CellStart
 
 #[test]
 fn cells_run_resume_skip_and_rescore() {
-    let out = scratch("grid");
+    let tmp = common::scratch("sweep");
+    let out = tmp.path().join("grid");
     // Cell `num_virtual_tokens-2` was interrupted after its first step's checkpoint.
     let interrupted = TrainConfig {
         num_virtual_tokens: 2,
@@ -99,7 +94,7 @@ fn cells_run_resume_skip_and_rescore() {
     assert_eq!(table.matches('★').count(), 1, "{table}");
 
     // The resumed cell ends where an uninterrupted run of it ends.
-    let fresh = scratch("fresh");
+    let fresh = tmp.path().join("fresh");
     run(&fresh, "2");
     let adapter =
         |dir: &Path| std::fs::read(dir.join("num_virtual_tokens-2_seed-42/adapter_model.safetensors")).unwrap();
@@ -150,13 +145,12 @@ fn cells_run_resume_skip_and_rescore() {
         .run(&mut Record::default())
         .unwrap_err();
     assert!(format!("{e:#}").contains("option `lr`"), "{e:#}");
-    let _ = std::fs::remove_dir_all(&out);
-    let _ = std::fs::remove_dir_all(&fresh);
 }
 
 #[test]
 fn a_failed_cell_is_reported_and_the_others_still_run() {
-    let out = scratch("failed");
+    let tmp = common::scratch("sweep");
+    let out = tmp.path().join("failed");
     // `max_len` 4 cannot hold the prompt: that cell fails once the tokenizer is loaded.
     let grid = Grid::new(vec![Axis::parse("max_len=4,256").unwrap()], 1, &base()).unwrap();
     let sweep = Sweep::new(base(), grid, out.clone()).unwrap();
@@ -169,5 +163,4 @@ fn a_failed_cell_is_reported_and_the_others_still_run() {
     assert!(out.join("max_len-256_seed-42/result.json").is_file());
     let table = std::fs::read_to_string(out.join("results.md")).unwrap();
     assert!(table.contains("| 256 |") && table.contains("Failed cells"), "{table}");
-    let _ = std::fs::remove_dir_all(&out);
 }

@@ -16,10 +16,8 @@ fn minilm() -> TextTokenizer {
     common::minilm_tokenizer()
 }
 
-/// A scratch file with the given contents, unique to this process and name.
-fn scratch(name: &str, contents: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("softprompt-template-data-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+/// The file `dir/name` with the given contents.
+fn write_file(dir: &Path, name: &str, contents: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, contents).unwrap();
     path
@@ -562,37 +560,38 @@ fn reads_real_data_sets() {
 
 #[test]
 fn jsonl_errors_name_file_and_line() {
-    let path = scratch("bad.jsonl", "{\"text\": \"a\"}\n\n{\"text\": \"b\",}\n");
+    let tmp = common::scratch("template-data");
+    let path = write_file(tmp.path(), "bad.jsonl", "{\"text\": \"a\"}\n\n{\"text\": \"b\",}\n");
     let err = read_jsonl(&path).unwrap_err().to_string();
     assert!(
         err.starts_with(&format!("{}:3: invalid JSON: ", path.display())),
         "{err}"
     );
 
-    let path = scratch("array.jsonl", "{\"text\": \"a\"}\n[\"text\"]\n");
+    let path = write_file(tmp.path(), "array.jsonl", "{\"text\": \"a\"}\n[\"text\"]\n");
     let err = read_jsonl(&path).unwrap_err().to_string();
     assert_eq!(
         err,
         format!("{}:2: expected a JSON object, found an array", path.display())
     );
-    let path = scratch("string.jsonl", "\"text\"\n");
+    let path = write_file(tmp.path(), "string.jsonl", "\"text\"\n");
     let err = read_jsonl(&path).unwrap_err().to_string();
     assert!(
         err.starts_with(&format!("{}:1: expected a JSON object", path.display())),
         "{err}"
     );
 
-    let path = scratch("empty.jsonl", "");
+    let path = write_file(tmp.path(), "empty.jsonl", "");
     let err = read_jsonl(&path).unwrap_err().to_string();
     assert!(
         err.starts_with(&format!("{}: the data set is empty", path.display())),
         "{err}"
     );
-    let path = scratch("blank.jsonl", "\n  \n\r\n");
+    let path = write_file(tmp.path(), "blank.jsonl", "\n  \n\r\n");
     let err = read_jsonl(&path).unwrap_err().to_string();
     assert!(err.contains("empty"), "{err}");
 
-    let path = scratch("latin1.jsonl", "{\"a\": 1}\n");
+    let path = write_file(tmp.path(), "latin1.jsonl", "{\"a\": 1}\n");
     std::fs::write(&path, b"{\"a\": 1}\n{\"a\": \"caf\xe9\"}\n").unwrap();
     let err = read_jsonl(&path).unwrap_err().to_string();
     assert_eq!(err, format!("{}:2: not valid UTF-8", path.display()));
@@ -604,7 +603,9 @@ fn jsonl_errors_name_file_and_line() {
 
 #[test]
 fn jsonl_lines_and_values() {
-    let path = scratch(
+    let tmp = common::scratch("template-data");
+    let path = write_file(
+        tmp.path(),
         "ok.jsonl",
         "\n{\"text\": \"a\", \"n\": 3, \"x\": 0.5, \"b\": true}\r\n\n{\"text\": \"b\"}",
     );

@@ -180,12 +180,6 @@ fn minilm_special_tokens() {
     );
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("softprompt-tokenizer-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
-
 /// Metadata values for the hand-written GGUF files.
 enum Val<'a> {
     Str(&'a str),
@@ -241,15 +235,18 @@ fn gguf_bytes(kvs: &[(&str, Val)]) -> Vec<u8> {
     out
 }
 
-fn write_gguf(name: &str, kvs: &[(&str, Val)]) -> PathBuf {
-    let path = scratch(name);
+/// A GGUF file holding only the metadata `kvs`, written as `dir/name`.
+fn write_gguf(dir: &Path, name: &str, kvs: &[(&str, Val)]) -> PathBuf {
+    let path = dir.join(name);
     std::fs::write(&path, gguf_bytes(kvs)).unwrap();
     path
 }
 
 #[test]
 fn gguf_with_unknown_tokenizer_model_is_an_error() {
+    let tmp = common::scratch("tokenizer");
     let path = write_gguf(
+        tmp.path(),
         "unknown-model.gguf",
         &[
             ("general.architecture", Val::Str("llama")),
@@ -282,7 +279,8 @@ fn gguf_with_unknown_pre_tokenizer_or_bad_ids_is_an_error() {
             ("tokenizer.ggml.add_bos_token", Val::Bool(true)),
         ]
     }
-    let path = write_gguf("unknown-pre.gguf", &base("martian", 3));
+    let tmp = common::scratch("tokenizer");
+    let path = write_gguf(tmp.path(), "unknown-pre.gguf", &base("martian", 3));
     let err = format!(
         "{:#}",
         TextTokenizer::from_gguf(&GgufFile::open(&path).unwrap()).err().unwrap()
@@ -292,7 +290,7 @@ fn gguf_with_unknown_pre_tokenizer_or_bad_ids_is_an_error() {
         "{err}"
     );
 
-    let path = write_gguf("bad-bos.gguf", &base("", 99));
+    let path = write_gguf(tmp.path(), "bad-bos.gguf", &base("", 99));
     let err = format!(
         "{:#}",
         TextTokenizer::from_gguf(&GgufFile::open(&path).unwrap()).err().unwrap()
@@ -303,7 +301,7 @@ fn gguf_with_unknown_pre_tokenizer_or_bad_ids_is_an_error() {
     );
 
     // The same file with a valid BOS works: add_bos_token puts it first; "<|end|>" is one token.
-    let path = write_gguf("tiny-gpt2.gguf", &base("", 3));
+    let path = write_gguf(tmp.path(), "tiny-gpt2.gguf", &base("", 3));
     let tok = TextTokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
     assert_eq!(tok.encode("abab<|end|>", false).unwrap(), vec![2, 2, 3]);
     assert_eq!(tok.encode("ab", true).unwrap(), vec![3, 2]);
@@ -312,12 +310,13 @@ fn gguf_with_unknown_pre_tokenizer_or_bad_ids_is_an_error() {
 
 #[test]
 fn tokenizer_json_that_is_not_json_is_an_error_naming_the_file() {
-    let path = scratch("tokenizer.json");
+    let tmp = common::scratch("tokenizer");
+    let path = tmp.path().join("tokenizer.json");
     std::fs::write(&path, "this is { not json").unwrap();
     let err = format!("{:#}", TextTokenizer::from_json_file(&path).err().expect("must fail"));
     assert!(err.contains(&path.display().to_string()), "{err}");
 
-    let missing = scratch("no-such-dir/tokenizer.json");
+    let missing = tmp.path().join("no-such-dir/tokenizer.json");
     let err = format!(
         "{:#}",
         TextTokenizer::from_json_file(&missing).err().expect("must fail")

@@ -9,13 +9,8 @@ use softprompt::train::optim::Schedule;
 use softprompt::train::{self, EncoderKind, InitKind, Method, Quiet, TrainConfig};
 use std::path::PathBuf;
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("softprompt-train-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
-fn tiny(name: &str) -> TrainConfig {
+/// A tiny real run (4 steps of 2 rows, checkpointed every 2) into `output`.
+fn tiny(output: PathBuf) -> TrainConfig {
     TrainConfig {
         model: "smollm2-135m".into(),
         train: common::data("facts-countries/capital/train.jsonl"),
@@ -31,7 +26,7 @@ fn tiny(name: &str) -> TrainConfig {
         steps: Some(4),
         batch: 2,
         eval_every: 2,
-        output: scratch(name),
+        output,
         ..TrainConfig::default()
     }
 }
@@ -42,16 +37,17 @@ fn adapter_bytes(dir: &std::path::Path) -> Vec<u8> {
 
 #[test]
 fn same_seed_gives_bit_identical_runs() {
-    let a = tiny("same-a");
+    let tmp = common::scratch("train");
+    let a = tiny(tmp.path().join("same-a"));
     let b = TrainConfig {
-        output: scratch("same-b"),
+        output: tmp.path().join("same-b"),
         ..a.clone()
     };
     train::train(&a, &mut Quiet).unwrap();
     train::train(&b, &mut Quiet).unwrap();
     assert_eq!(adapter_bytes(&a.output), adapter_bytes(&b.output));
     let c = TrainConfig {
-        output: scratch("same-c"),
+        output: tmp.path().join("same-c"),
         seed: 7,
         ..a.clone()
     };
@@ -64,17 +60,18 @@ fn same_seed_gives_bit_identical_runs() {
 }
 
 fn resume_equals_uninterrupted(method: Method) {
+    let tmp = common::scratch("train");
     let full = TrainConfig {
         method,
         encoder: EncoderKind::Mlp,
         encoder_hidden: 16,
-        ..tiny(&format!("full-{method:?}"))
+        ..tiny(tmp.path().join(format!("full-{method:?}")))
     };
     train::train(&full, &mut Quiet).unwrap();
     // Interrupted after 2 steps (the checkpoint is written at each evaluation), then resumed.
     let part = TrainConfig {
         steps: Some(2),
-        output: scratch(&format!("part-{method:?}")),
+        output: tmp.path().join(format!("part-{method:?}")),
         ..full.clone()
     };
     train::train(&part, &mut Quiet).unwrap();
@@ -110,21 +107,18 @@ fn resumed_p_tuning_equals_uninterrupted() {
 #[test]
 fn training_lowers_the_loss_and_writes_every_file() {
     // Four rows in one batch: every step sees the same rows, so the loss must fall.
-    let f = common::first_rows("facts-countries/capital/train.jsonl", 4, &scratch("lower-data"));
+    let tmp = common::scratch("train");
+    let f = common::first_rows("facts-countries/capital/train.jsonl", 4, &tmp.path().join("lower-data"));
     let cfg = TrainConfig {
         train: f,
         batch: 4,
         steps: Some(20),
         lr: 0.1,
         eval_every: 10,
-        ..tiny("lower")
+        ..tiny(tmp.path().join("lower"))
     };
     let report = train::train(&cfg, &mut Quiet).unwrap();
-    let metrics = std::fs::read_to_string(cfg.output.join("metrics.jsonl")).unwrap();
-    let losses: Vec<f64> = metrics
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("loss")?.as_f64())
-        .collect();
+    let losses = common::losses(&cfg.output);
     assert_eq!(losses.len(), 20);
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     assert!(
@@ -157,9 +151,8 @@ fn train_err(cfg: &TrainConfig) -> String {
 
 #[test]
 fn row_missing_a_template_field_names_file_and_line() {
-    let dir = scratch("missing-field");
-    std::fs::create_dir_all(&dir).unwrap();
-    let f = dir.join("rows.jsonl");
+    let tmp = common::scratch("train");
+    let f = tmp.path().join("rows.jsonl");
     std::fs::write(
         &f,
         "{\"text\": \"a\", \"target\": \"b\"}\n{\"txt\": \"c\", \"target\": \"d\"}\n",
@@ -168,39 +161,39 @@ fn row_missing_a_template_field_names_file_and_line() {
     let e = train_err(&TrainConfig {
         train: f,
         dev: None,
-        ..tiny("missing-field-out")
+        ..tiny(tmp.path().join("out"))
     });
     assert!(e.contains("rows.jsonl:2") && e.contains("`text`"), "{e}");
 }
 
 #[test]
 fn empty_and_malformed_data_sets_are_refused() {
-    let dir = scratch("empty");
-    std::fs::create_dir_all(&dir).unwrap();
-    let f = dir.join("empty.jsonl");
+    let tmp = common::scratch("train");
+    let f = tmp.path().join("empty.jsonl");
     std::fs::write(&f, "\n\n").unwrap();
     let e = train_err(&TrainConfig {
         train: f.clone(),
-        ..tiny("empty-out")
+        ..tiny(tmp.path().join("empty-out"))
     });
     assert!(e.contains("empty.jsonl") && e.contains("empty"), "{e}");
     std::fs::write(&f, "{\"text\": \"a\", \"target\": \"b\"}\n{oops\n").unwrap();
     let e = train_err(&TrainConfig {
         train: f,
-        ..tiny("malformed-out")
+        ..tiny(tmp.path().join("malformed-out"))
     });
     assert!(e.contains("empty.jsonl:2") && e.contains("invalid JSON"), "{e}");
 }
 
 #[test]
 fn label_without_verbaliser_word_is_refused() {
+    let tmp = common::scratch("train");
     let mut cfg = TrainConfig {
         train: common::data("sentiment-movies/dev.jsonl"),
         dev: None,
         template: "[soft:2]Review: {text}\nSentiment: {label}".into(),
         target_field: "label".into(),
         task: TaskKind::Classify,
-        ..tiny("verbaliser")
+        ..tiny(tmp.path().join("out"))
     };
     cfg.verbalizer.insert("positive".into(), " good".into());
     let e = train_err(&cfg);
@@ -209,20 +202,20 @@ fn label_without_verbaliser_word_is_refused() {
 
 #[test]
 fn unwritable_output_dir_is_refused_before_training() {
-    let dir = scratch("readonly");
-    std::fs::create_dir_all(&dir).unwrap();
-    let blocker = dir.join("file");
+    let tmp = common::scratch("train");
+    let blocker = tmp.path().join("file");
     std::fs::write(&blocker, "x").unwrap();
     // A path below a regular file can never be created, even by root.
     let e = train_err(&TrainConfig {
         output: blocker.join("out"),
-        ..tiny("unused")
+        ..tiny(tmp.path().join("unused"))
     });
     assert!(e.contains("cannot be created"), "{e}");
 }
 
 #[test]
 fn long_inputs_are_truncated_and_counted() {
+    let tmp = common::scratch("train");
     let cfg = TrainConfig {
         train: common::data("sentiment-movies/dev.jsonl"),
         dev: None,
@@ -231,7 +224,7 @@ fn long_inputs_are_truncated_and_counted() {
         task: TaskKind::Classify,
         max_len: 24,
         steps: Some(1),
-        ..tiny("truncate")
+        ..tiny(tmp.path().join("out"))
     };
     let report = train::train(&cfg, &mut Quiet).unwrap();
     assert!(report.truncated_train_rows > 100, "{}", report.truncated_train_rows);
@@ -241,6 +234,7 @@ fn long_inputs_are_truncated_and_counted() {
 fn diverging_training_stops_and_keeps_the_last_good_checkpoint() {
     // Step 1 has learning rate 0 (warm-up) and is checkpointed; the huge rate with weight decay
     // then overflows the parameters to inf/NaN within two steps.
+    let tmp = common::scratch("train");
     let cfg = TrainConfig {
         lr: 1e38,
         weight_decay: 1.0,
@@ -249,7 +243,7 @@ fn diverging_training_stops_and_keeps_the_last_good_checkpoint() {
         steps: Some(6),
         eval_every: 1,
         dev_rows: Some(1),
-        ..tiny("nan")
+        ..tiny(tmp.path().join("out"))
     };
     let e = train_err(&cfg);
     assert!(e.contains("last good checkpoint") && e.contains("non-finite"), "{e}");
@@ -262,6 +256,7 @@ fn diverging_training_stops_and_keeps_the_last_good_checkpoint() {
 
 #[test]
 fn seq_cls_on_minilm_trains_a_peft_compatible_head() {
+    let tmp = common::scratch("train");
     let cfg = TrainConfig {
         model: "minilm-l6".into(),
         train: common::data("sentiment-movies/dev.jsonl"),
@@ -274,7 +269,7 @@ fn seq_cls_on_minilm_trains_a_peft_compatible_head() {
         steps: Some(3),
         batch: 4,
         eval_every: 3,
-        ..tiny("seqcls")
+        ..tiny(tmp.path().join("seqcls"))
     };
     train::train(&cfg, &mut Quiet).unwrap();
     let a = softprompt::adapter::load_peft(&cfg.output).unwrap();
@@ -289,7 +284,7 @@ fn seq_cls_on_minilm_trains_a_peft_compatible_head() {
     // A seq-cls run on a causal model is refused.
     let e = train_err(&TrainConfig {
         model: "smollm2-135m".into(),
-        output: scratch("seqcls-causal"),
+        output: tmp.path().join("seqcls-causal"),
         ..cfg
     });
     assert!(e.contains("needs an encoder model"), "{e}");

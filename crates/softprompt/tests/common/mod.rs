@@ -9,6 +9,17 @@ use softprompt::model_source;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+/// A fresh, empty folder for one test (`softprompt-<label>-XXXXXX` in the system's temporary
+/// folder: tests run in parallel, and several runs of the suite may too), removed with all it
+/// holds when the returned guard is dropped. Paths that must not exist yet (a run's output) are
+/// `dir.path().join(name)`.
+pub fn scratch(label: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("softprompt-{label}-"))
+        .tempdir()
+        .unwrap_or_else(|e| panic!("cannot make a temporary folder: {e}"))
+}
+
 /// `fixtures/peft/<name>` at the repository root.
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -76,8 +87,8 @@ pub fn minilm_tokenizer() -> softprompt::tokenizer::TextTokenizer {
     softprompt::tokenizer::TextTokenizer::from_json_file(&model_file("minilm-l6/tokenizer.json")).unwrap()
 }
 
-/// The first `n` rows of data file `rel` (under `data/`), written to `dir/rows.jsonl` (each
-/// test its own folder: tests run in parallel).
+/// The first `n` rows of data file `rel` (under `data/`), written into `dir` (made if missing)
+/// as `rel` with its slashes turned into dashes (`facts-countries-capital-train.jsonl`).
 pub fn first_rows(rel: &str, n: usize, dir: &std::path::Path) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     let rows: Vec<String> = std::fs::read_to_string(data(rel))
@@ -86,7 +97,7 @@ pub fn first_rows(rel: &str, n: usize, dir: &std::path::Path) -> PathBuf {
         .take(n)
         .map(String::from)
         .collect();
-    let f = dir.join("rows.jsonl");
+    let f = dir.join(rel.replace('/', "-"));
     std::fs::write(&f, rows.join("\n")).unwrap();
     f
 }
