@@ -12,9 +12,10 @@
 //! training state (the encoder included) is [`crate::prompt::SoftPrompt::tensors`]' job.
 //!
 //! The folder's files: [`peft_types`] (PEFT's enums), [`peft_config`] (the typed
-//! `adapter_config.json`), [`python_json`] (Python's `json.dumps` spelling), [`compat`] (does an
+//! `adapter_config.json`), `python_json` (Python's `json.dumps` spelling), [`compat`] (does an
 //! adapter fit a model), [`run_files`] (softprompt's own files beside the adapter:
-//! `softprompt.json`, the raw prompt parameters, `checkpoint-last/`).
+//! `softprompt.json`, the raw prompt parameters). The resumable training state is
+//! [`crate::train::checkpoint`]'s.
 
 pub mod compat;
 pub mod peft_config;

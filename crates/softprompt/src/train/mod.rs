@@ -2,9 +2,9 @@
 //! evaluation every N steps, early stopping, the best checkpoint kept as a PEFT adapter, a
 //! resumable training state, `metrics.jsonl` and a loss/accuracy plot.
 //!
-//! [`train`] runs named steps, each usable on its own: [`prepare`] (model and data),
+//! [`train`] runs named steps, each usable on its own: [`prepare()`] (model and data),
 //! [`new_learner`] (initial parameters), [`step()`] (one optimiser step), [`evaluate_dev`]
-//! (dev accuracy and the best-so-far bookkeeping), [`checkpoint`] (best adapter, resumable
+//! (dev accuracy and the best-so-far bookkeeping), [`checkpoint()`] (best adapter, resumable
 //! state, plot) and [`evaluate_test`] (the best adapter on the test set).
 //!
 //! Reproducibility: the initialisation and the data order are functions of the seed and the

@@ -1,7 +1,7 @@
 //! Training a multitask prompt (PEFT's MULTITASK_PROMPT_TUNING): its start (fresh factors, or
 //! from a source multitask adapter as PEFT's source-task inits define it) and its PEFT config.
 //! The data side (one set per task, each batch drawing from every task) is
-//! [`super::prepare`]'s and [`super::DataOrder`]'s; the gradient is the prompt-tuning path with
+//! [`super::prepare()`]'s and [`super::DataOrder`]'s; the gradient is the prompt-tuning path with
 //! the stacked prompt table (see [`crate::prompt::multitask`]).
 
 use anyhow::{Context, Result};
