@@ -13,6 +13,7 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// The default causal model, loaded once for all the server tests.
 pub(super) fn model() -> Arc<LoadedModel> {
     static MODEL: OnceLock<Arc<LoadedModel>> = OnceLock::new();
     MODEL
@@ -42,18 +43,23 @@ fn write_task_file(
     labels: &[&str],
     verbalizer: &[(&str, &str)],
 ) {
-    use softprompt::adapter::run_files::{TaskFile, TASK_FILE};
-    let tf = TaskFile {
+    use softprompt::adapter::run_files::{AdapterTask, TASK_FORMAT_VERSION};
+    let tf = AdapterTask {
+        format_version: TASK_FORMAT_VERSION,
+        critical: vec![],
         template: template.into(),
         target_field: "label".into(),
         task,
         labels: labels.iter().map(|l| l.to_string()).collect(),
-        verbalizer: verbalizer.iter().map(|(l, w)| (l.to_string(), w.to_string())).collect(),
-        model: model.into(),
-        config: Default::default(),
         task_labels: vec![],
+        verbalizer: verbalizer.iter().map(|(l, w)| (l.to_string(), w.to_string())).collect(),
+        method: softprompt::prompt::Method::PromptTuning,
+        num_virtual_tokens: softprompt::template::Template::parse(template).unwrap().num_virtual_tokens(),
+        model: model.into(),
+        training: serde_json::Value::Null,
+        warnings: vec![],
     };
-    std::fs::write(dir.join(TASK_FILE), serde_json::to_string_pretty(&tf).unwrap()).unwrap();
+    tf.write(dir).unwrap();
 }
 
 /// The prompt-tuning fixture (8 virtual tokens) with a classification task: one input field and
@@ -157,6 +163,7 @@ fn shared() -> &'static (String, PathBuf) {
     SERVER.get_or_init(|| start_in(None, 64))
 }
 
+/// The address of the server shared by the tests (started on first use).
 pub(super) fn server() -> &'static str {
     &shared().0
 }
