@@ -23,6 +23,7 @@ pub struct InspectArgs {
     json: bool,
 }
 
+/// Runs `inspect`.
 pub fn inspect_cmd(args: InspectArgs) -> Result<()> {
     if args.top == 0 {
         bail!("--top 0: list at least one nearest token");

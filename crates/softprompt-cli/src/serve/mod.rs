@@ -277,6 +277,7 @@ pub fn state(
     })
 }
 
+/// Runs `serve`: loads the model and the adapters, then answers HTTP until interrupted.
 pub fn serve_cmd(args: ServeArgs) -> Result<()> {
     let model = args.model.load()?;
     let adapters = match &args.adapters {
