@@ -95,7 +95,10 @@ fn an_adapter_from_before_format_versions_is_read_with_its_method_and_shape() {
     assert_eq!(task.num_virtual_tokens, 8);
     assert_eq!(task.task, TaskKind::Classify);
     assert_eq!(task.verbalizer["positive"], "good");
-    assert_eq!(task.training["steps"], 4, "the old options are kept as the training record");
+    assert_eq!(
+        task.training["steps"], 4,
+        "the old options are kept as the training record"
+    );
     assert!(task.warnings.is_empty(), "{:?}", task.warnings);
 }
 
