@@ -95,11 +95,9 @@ fn random_model(spec: &str) -> Result<Box<dyn Backbone>> {
         rope_theta: 10_000.0,
         max_positions: 4096,
     };
-    Ok(Box::new(softprompt::backbone::random::random_llama(
-        cfg,
-        7,
-        &Device::Cpu,
-    )?))
+    let weights = softprompt::backbone::random::random_llama(cfg, 7, &Device::Cpu)?;
+    let path = softprompt::backbone::KernelPath::default_for(&Device::Cpu, weights.dtype());
+    Ok(softprompt::backbone::llama::build(weights, path)?)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -7,19 +7,29 @@
 mod common;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::tiny::{rand, tiny_llama, tiny_llama_in};
-use softprompt::backbone::bert::Bert;
-use softprompt::backbone::llama::Llama;
+use softprompt::backbone::bert::{self, BertWeights, ComposedBert};
 use softprompt::backbone::weights::MemoryWeights;
-use softprompt::backbone::{lm_logits, Backbone, BackboneInput, CausalLm, Encoder, KvCache};
+use softprompt::backbone::{lm_logits, Backbone, BackboneInput, CausalLm, Encoder, KernelPath, KvCache};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-fn tiny_bert() -> Bert {
-    tiny_bert_in(DType::F64)
+fn tiny_bert() -> ComposedBert {
+    ComposedBert::new(tiny_bert_weights(DType::F64)).unwrap()
 }
 
-/// The tiny BERT with its weights in `dtype` (f32: the fused CPU kernels).
-fn tiny_bert_in(dtype: DType) -> Bert {
+/// The tiny BERT with its weights in `dtype`: f32 on the fused CPU kernels, f64 on the composed
+/// candle path.
+fn tiny_bert_in(dtype: DType) -> Box<dyn Encoder> {
+    let path = if dtype == DType::F32 {
+        KernelPath::Fused
+    } else {
+        KernelPath::Composed
+    };
+    bert::build(tiny_bert_weights(dtype), path).unwrap()
+}
+
+/// The tiny BERT's weights in `dtype`.
+fn tiny_bert_weights(dtype: DType) -> BertWeights {
     let config = serde_json::json!({
         "model_type": "bert", "hidden_size": 16, "num_attention_heads": 2, "num_hidden_layers": 2,
         "intermediate_size": 24, "vocab_size": 20, "max_position_embeddings": 16, "type_vocab_size": 2,
@@ -33,7 +43,7 @@ fn tiny_bert_in(dtype: DType) -> Bert {
         tensors: t,
         origin: PathBuf::from("tiny-bert"),
     };
-    Bert::from_hf(&PathBuf::from("tiny-bert"), &config, &w, &Device::Cpu).unwrap()
+    BertWeights::from_hf(&PathBuf::from("tiny-bert"), &config, &w, &Device::Cpu).unwrap()
 }
 
 /// The tiny BERT's weights (f64): 2 layers, hidden 16, 2 heads, 16 positions.
@@ -167,7 +177,7 @@ fn fused_llama_equals_composed_forward_backward_and_cache() {
     )
     .unwrap();
     let r = rand(&[b, t, d], 1.0, &mut s);
-    let run = |m: &Llama, dtype: DType| {
+    let run = |m: &dyn CausalLm, dtype: DType| {
         let e = embeds.to_dtype(dtype).unwrap();
         let input = BackboneInput {
             embeds: &e,
@@ -204,8 +214,8 @@ fn fused_llama_equals_composed_forward_backward_and_cache() {
             .unwrap();
         (h, g, plain, Tensor::cat(&[h1, h2], 1).unwrap())
     };
-    let (h64, g64, p64, c64) = run(&composed, DType::F64);
-    let (h32, g32, p32, c32) = run(&fused, DType::F32);
+    let (h64, g64, p64, c64) = run(&*composed, DType::F64);
+    let (h32, g32, p32, c32) = run(&*fused, DType::F32);
     let keep = mask.to_dtype(DType::F64).unwrap().unsqueeze(2).unwrap();
     let real = |x: &Tensor| x.to_dtype(DType::F64).unwrap().broadcast_mul(&keep).unwrap();
     let errs = [
@@ -241,7 +251,7 @@ fn fused_llama_shares_a_common_prefix_exactly() {
     )
     .unwrap();
     let r = rand(&[b, t, d], 1.0, &mut s);
-    let run = |m: &Llama, dtype: DType| {
+    let run = |m: &dyn CausalLm, dtype: DType| {
         let e = embeds.to_dtype(dtype).unwrap();
         let input = BackboneInput {
             embeds: &e,
@@ -253,8 +263,8 @@ fn fused_llama_shares_a_common_prefix_exactly() {
         let g_prefix = g.narrow(1, 0, shared).unwrap().sum_keepdim(0).unwrap();
         (h, g_prefix, g.narrow(1, shared, t - shared).unwrap())
     };
-    let (h64, p64, r64) = run(&composed, DType::F64);
-    let (h32, p32, r32) = run(&fused, DType::F32);
+    let (h64, p64, r64) = run(&*composed, DType::F64);
+    let (h32, p32, r32) = run(&*fused, DType::F32);
     let errs = [max_diff(&h64, &h32), max_diff(&p64, &p32), max_diff(&r64, &r32)];
     println!("shared prefix, fused vs composed: hidden {:.1e}, prefix gradient (sum over rows) {:.1e}, other gradients {:.1e}", errs[0], errs[1], errs[2]);
     for e in errs {
@@ -276,7 +286,7 @@ fn fused_bert_equals_composed() {
     let real = |x: &Tensor| x.to_dtype(DType::F64).unwrap().broadcast_mul(&keep).unwrap();
     let r = real(&rand(&[b, t, d], 1.0, &mut s));
     for token_types in [None, Some(&types)] {
-        let run = |m: &Bert, dtype: DType| {
+        let run = |m: &dyn Encoder, dtype: DType| {
             let e = embeds.to_dtype(dtype).unwrap();
             let input = BackboneInput {
                 embeds: &e,
@@ -288,8 +298,8 @@ fn fused_bert_equals_composed() {
             let pooled = m.pool(&h).unwrap();
             (real(&h), g, pooled)
         };
-        let (h64, g64, p64) = run(&composed, DType::F64);
-        let (h32, g32, p32) = run(&fused, DType::F32);
+        let (h64, g64, p64) = run(&*composed, DType::F64);
+        let (h32, g32, p32) = run(&*fused, DType::F32);
         let errs = [max_diff(&h64, &h32), max_diff(&g64, &g32), max_diff(&p64, &p32)];
         println!(
             "fused vs composed BERT: hidden {:.1e}, gradient {:.1e}, pooled {:.1e}",
@@ -504,7 +514,7 @@ fn fused_llama_prefix_gradient_equals_composed() {
     let embeds = rand(&[b, t, d], 1.0, &mut s);
     let mask = Tensor::new(&[[1u32, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], &Device::Cpu).unwrap();
     let r = rand(&[b, t, d], 1.0, &mut s);
-    let run = |m: &Llama, dtype: DType| {
+    let run = |m: &dyn CausalLm, dtype: DType| {
         let e = embeds.to_dtype(dtype).unwrap();
         let prefix = tiny_prefix(v, 9, dtype);
         let (h, tape) = m
@@ -514,8 +524,8 @@ fn fused_llama_prefix_gradient_equals_composed() {
         let dp: Vec<Tensor> = dp.into_iter().flat_map(|(k, v)| [k, v]).collect();
         (h, g, Tensor::cat(&dp, 0).unwrap())
     };
-    let (h64, g64, p64) = run(&composed, DType::F64);
-    let (h32, g32, p32) = run(&fused, DType::F32);
+    let (h64, g64, p64) = run(&*composed, DType::F64);
+    let (h32, g32, p32) = run(&*fused, DType::F32);
     let keep = mask.to_dtype(DType::F64).unwrap().unsqueeze(2).unwrap();
     let real = |x: &Tensor| x.to_dtype(DType::F64).unwrap().broadcast_mul(&keep).unwrap();
     let errs = [
@@ -544,7 +554,7 @@ fn fused_bert_prefix_gradient_equals_composed() {
     let keep = mask.to_dtype(DType::F64).unwrap().unsqueeze(2).unwrap();
     let real = |x: &Tensor| x.to_dtype(DType::F64).unwrap().broadcast_mul(&keep).unwrap();
     let r = real(&rand(&[b, t, d], 1.0, &mut s));
-    let run = |m: &Bert, dtype: DType| {
+    let run = |m: &dyn Encoder, dtype: DType| {
         let e = embeds.to_dtype(dtype).unwrap();
         let prefix = tiny_prefix_of(v, 8, 9, dtype);
         let (h, tape) = m
@@ -561,8 +571,8 @@ fn fused_bert_prefix_gradient_equals_composed() {
             m.pool(&h).unwrap(),
         )
     };
-    let (h64, g64, p64, i64_, c64) = run(&composed, DType::F64);
-    let (h32, g32, p32, i32_, c32) = run(&fused, DType::F32);
+    let (h64, g64, p64, i64_, c64) = run(&*composed, DType::F64);
+    let (h32, g32, p32, i32_, c32) = run(&*fused, DType::F32);
     let errs = [
         max_diff(&h64, &h32),
         max_diff(&g64, &g32),
@@ -670,7 +680,7 @@ fn fused_llama_runs_rows_with_their_own_positions() {
     let lens = [3usize, 5, 2];
     let prompts: Vec<Tensor> = lens.iter().map(|&t| rand(&[1, t, d], 1.0, &mut s)).collect();
     let next = rand(&[3, 1, d], 1.0, &mut s);
-    let prefill = |m: &Llama, dtype: DType| -> Vec<KvCache> {
+    let prefill = |m: &dyn CausalLm, dtype: DType| -> Vec<KvCache> {
         prompts
             .iter()
             .map(|p| {
@@ -685,7 +695,7 @@ fn fused_llama_runs_rows_with_their_own_positions() {
     let one = Tensor::ones((1, 1), DType::U32, &Device::Cpu).unwrap();
     let ones = Tensor::ones((3, 1), DType::U32, &Device::Cpu).unwrap();
     // reference: each row alone on the composed path
-    let alone: Vec<Tensor> = prefill(&composed, DType::F64)
+    let alone: Vec<Tensor> = prefill(&*composed, DType::F64)
         .into_iter()
         .enumerate()
         .map(|(r, mut c)| {
@@ -693,7 +703,7 @@ fn fused_llama_runs_rows_with_their_own_positions() {
             composed.forward_cached(&BackboneInput::new(&e, &one), &mut c).unwrap()
         })
         .collect();
-    let caches = prefill(&fused, DType::F32);
+    let caches = prefill(&*fused, DType::F32);
     let mut batch = KvCache::stack(&caches.iter().collect::<Vec<_>>()).unwrap();
     assert_eq!(batch.positions(), lens);
     let e = next.to_dtype(DType::F32).unwrap();
@@ -708,7 +718,7 @@ fn fused_llama_runs_rows_with_their_own_positions() {
     let rows = batch.unstack().unwrap();
     assert_eq!(rows.iter().map(KvCache::len).collect::<Vec<_>>(), [4, 6, 3]);
     // the composed path refuses rows whose positions differ from their key slots
-    let caches64 = prefill(&composed, DType::F64);
+    let caches64 = prefill(&*composed, DType::F64);
     let mut batch64 = KvCache::stack(&caches64.iter().collect::<Vec<_>>()).unwrap();
     let e = next.to_dtype(DType::F64).unwrap();
     let err = composed

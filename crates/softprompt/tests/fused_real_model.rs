@@ -2,12 +2,12 @@
 //! hidden states and input gradients (the composed path is the one checked against finite
 //! differences and transformers): a batch with a shared prefix (a soft prompt), padding and
 //! rows of different lengths. SmolLM2 with its weights kept in the file's Q4_1 blocks gives the
-//! numbers of the f32 copy; converted to f16, bf16 or Q8_0 at load, numbers close to them. Its own test binary: it switches paths with an environment
-//! variable read at load time.
+//! numbers of the f32 copy; converted to f16, bf16 or Q8_0 at load, numbers close to them. Each
+//! path is asked for explicitly at load ([`KernelPath`]).
 
 mod common;
 use candle_core::{DType, Device, Tensor};
-use softprompt::backbone::{BackboneInput, LoadedModel, WeightStorage};
+use softprompt::backbone::{BackboneInput, KernelPath, LoadOptions, LoadedModel, WeightStorage};
 
 fn relative(a: &Tensor, b: &Tensor) -> f32 {
     let diff = (a - b)
@@ -37,11 +37,15 @@ fn fixed_uniform(n: usize, seed: u64) -> Tensor {
     Tensor::from_vec(values, n, &Device::Cpu).unwrap()
 }
 
+/// The model `name` loaded twice: on the composed path, and on the fused path.
 fn both(name: &str) -> (LoadedModel, LoadedModel) {
-    std::env::set_var("SOFTPROMPT_COMPOSED", "1");
-    let composed = common::load_model(name);
-    std::env::remove_var("SOFTPROMPT_COMPOSED");
-    (composed, common::load_model(name))
+    let location = softprompt::model_source::resolve(name).unwrap();
+    let load = |path: KernelPath| {
+        let model = softprompt::backbone::load_with(&location, &Device::Cpu, path).unwrap();
+        assert_eq!(model.backbone.kernel_path(), path);
+        model
+    };
+    (load(KernelPath::Composed), load(KernelPath::Fused))
 }
 
 fn compare(
@@ -91,8 +95,6 @@ fn compare(
     }
 }
 
-/// One test (not two): the path is chosen by an environment variable, which parallel tests
-/// would race on.
 #[test]
 fn fused_equals_composed_on_smollm2_and_minilm() {
     let ids = [
@@ -137,6 +139,15 @@ fn fused_equals_composed_on_smollm2_and_minilm() {
         let name = format!("smollm2 converted to {} vs f32 weights", storage.name());
         compare(&name, (&fused, &converted), &ids, [9, 8, 5], 4, tolerance);
     }
+    // Weights kept in another storage than f32 only run on the fused path.
+    let options = LoadOptions {
+        storage: WeightStorage::File,
+        path: Some(KernelPath::Composed),
+    };
+    let err = softprompt::backbone::load_with(&location, &Device::Cpu, options)
+        .err()
+        .expect("stored weights refuse the composed path");
+    assert!(format!("{err:#}").contains("needs the fused path"), "{err:#}");
     drop(fused);
     let ids = [
         [101u32, 2023, 3185, 2001, 2307, 102, 0, 0, 0],

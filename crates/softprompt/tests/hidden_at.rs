@@ -3,11 +3,11 @@
 //! gives at those positions, and refuses padding.
 
 use candle_core::{Device, IndexOp, Tensor};
-use softprompt::backbone::llama::LlamaConfig;
+use softprompt::backbone::llama::{FusedLlama, LlamaConfig};
 use softprompt::backbone::random::random_llama;
 use softprompt::backbone::{Backbone, BackboneInput, CausalLm, KvCache};
 
-fn model() -> softprompt::backbone::llama::Llama {
+fn model() -> FusedLlama {
     let cfg = LlamaConfig {
         layers: 3,
         hidden: 32,
@@ -19,7 +19,7 @@ fn model() -> softprompt::backbone::llama::Llama {
         rope_theta: 10_000.0,
         max_positions: 64,
     };
-    random_llama(cfg, 7, &Device::Cpu).unwrap()
+    FusedLlama::new(random_llama(cfg, 7, &Device::Cpu).unwrap()).unwrap()
 }
 
 #[test]

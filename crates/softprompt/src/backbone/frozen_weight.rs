@@ -59,6 +59,28 @@ impl WeightStorage {
     }
 }
 
+/// A linear weight `[out, in]` as loaded: a tensor (f32, or any dtype on any device for the
+/// composed path), or rows in a file's storage (which only the fused kernels read).
+pub enum Linear {
+    /// A candle tensor.
+    Tensor(candle_core::Tensor),
+    /// Rows in GGML storage types, parts stacked by rows (see [`FrozenWeight::Stored`]).
+    Stored(Vec<StoredRows>),
+}
+
+impl Linear {
+    /// The weight as a tensor; an error for rows kept in a file's storage.
+    pub fn into_tensor(self) -> Result<candle_core::Tensor> {
+        match self {
+            Linear::Tensor(t) => Ok(t),
+            Linear::Stored(parts) => bail!(
+                "a weight kept in the file's storage ({:?}) runs only on the fused CPU kernels",
+                parts.first().map(StoredRows::dtype)
+            ),
+        }
+    }
+}
+
 /// A frozen `[rows, cols]` weight.
 pub enum FrozenWeight {
     /// f32, packed into panels once (see `softprompt_kernels::packed`).
@@ -74,6 +96,15 @@ impl FrozenWeight {
         let (rows, cols) = w.dims2()?;
         let values = super::fused::to_vec(w)?;
         Ok(FrozenWeight::F32(PackedWeight::pack(&values, rows, cols)))
+    }
+
+    /// A loaded weight for the fused kernels: a tensor converted to f32 and packed, stored rows
+    /// kept as they are.
+    pub fn from_linear(w: Linear) -> Result<Self> {
+        match w {
+            Linear::Tensor(t) => Self::f32(&t),
+            Linear::Stored(parts) => Ok(FrozenWeight::Stored(parts)),
+        }
     }
 
     /// `out (+)= x · Wᵀ` with `x: [m, k]`, `W: [n, k]`, `out: [m, n]`.

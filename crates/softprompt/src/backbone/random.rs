@@ -5,12 +5,12 @@ use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use super::llama::{Llama, LlamaConfig};
+use super::llama::{LlamaConfig, LlamaWeights};
 use super::weights::MemoryWeights;
 
-/// A Llama of shape `cfg` with uniform random weights in ±`0.02·√3` (std 0.02, as Llama's
-/// initialiser) and unit norm gains, from a fixed seed.
-pub fn random_llama(cfg: LlamaConfig, seed: u64, device: &Device) -> Result<Llama> {
+/// The weights of a Llama of shape `cfg`, uniform random in ±`0.02·√3` (std 0.02, as Llama's
+/// initialiser) with unit norm gains, from a fixed seed (f32); [`super::llama::build`] runs them.
+pub fn random_llama(cfg: LlamaConfig, seed: u64, device: &Device) -> Result<LlamaWeights> {
     let mut state = seed;
     let mut rand = |shape: &[usize]| -> Result<Tensor> {
         let n: usize = shape.iter().product();
@@ -49,5 +49,5 @@ pub fn random_llama(cfg: LlamaConfig, seed: u64, device: &Device) -> Result<Llam
         tensors: t,
         origin: PathBuf::from("random-llama"),
     };
-    Llama::from_weights(cfg, &w, device)
+    LlamaWeights::from_source(cfg, &w, device)
 }

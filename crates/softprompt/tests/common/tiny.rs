@@ -2,8 +2,9 @@
 //! finite-difference tests, and the seeded uniform numbers it is built from.
 
 use candle_core::{DType, Device, Tensor};
-use softprompt::backbone::llama::{Llama, LlamaConfig};
+use softprompt::backbone::llama::{self, ComposedLlama, LlamaConfig, LlamaWeights};
 use softprompt::backbone::weights::MemoryWeights;
+use softprompt::backbone::{CausalLm, KernelPath};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -20,13 +21,23 @@ pub fn rand(shape: &[usize], scale: f64, seed: &mut u64) -> Tensor {
 }
 
 /// The tiny Llama in f64 (the composed candle path).
-pub fn tiny_llama() -> Llama {
-    tiny_llama_in(DType::F64)
+pub fn tiny_llama() -> ComposedLlama {
+    ComposedLlama::new(tiny_llama_weights(DType::F64)).unwrap()
 }
 
-/// The tiny Llama with its weights in `dtype`: f64 runs the composed candle path, f32 the fused
-/// CPU kernels.
-pub fn tiny_llama_in(dtype: DType) -> Llama {
+/// The tiny Llama with its weights in `dtype`: f32 on the fused CPU kernels, f64 on the composed
+/// candle path.
+pub fn tiny_llama_in(dtype: DType) -> Box<dyn CausalLm> {
+    let path = if dtype == DType::F32 {
+        KernelPath::Fused
+    } else {
+        KernelPath::Composed
+    };
+    llama::build(tiny_llama_weights(dtype), path).unwrap()
+}
+
+/// The tiny Llama's weights in `dtype`.
+pub fn tiny_llama_weights(dtype: DType) -> LlamaWeights {
     let cfg = LlamaConfig {
         layers: 2,
         hidden: 16,
@@ -71,5 +82,5 @@ pub fn tiny_llama_in(dtype: DType) -> Llama {
         tensors: t,
         origin: PathBuf::from("tiny-llama"),
     };
-    Llama::from_weights(cfg, &w, &Device::Cpu).unwrap()
+    LlamaWeights::from_source(cfg, &w, &Device::Cpu).unwrap()
 }

@@ -1,6 +1,6 @@
-//! The BERT encoder on fused, multi-threaded f32 CPU kernels: the same math as the composed
-//! version in `bert.rs`, over the packed real positions only (padding costs nothing; the hidden
-//! states of padded positions are zero).
+//! The BERT stack on fused, multi-threaded f32 CPU kernels (the hot path): the math of
+//! `bert.rs`'s module documentation over the packed real positions only (padding costs nothing;
+//! the hidden states of padded positions are zero).
 //!
 //! ```text
 //! x0 = LN(e + pos + type)
@@ -8,13 +8,14 @@
 //!            z = x1·W_inᵀ + b_in;  r2 = x1 + gelu(z)·W_outᵀ + b_out;  out = LN(r2)
 //! ```
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{ensure, Context, Result};
 use candle_core::Tensor;
 use softprompt_kernels::{activation, attention, matmul, norm, AttentionLayout};
 
-use super::fused::{fill_past_slots, sum_past_slots, to_vec, Packed};
-use super::profile::{span, Direction};
-use super::KvCache;
+use super::{BertConfig, BertLayer, Dense, Embeddings, Norm, Stack};
+use crate::backbone::fused::{fill_past_slots, sum_past_slots, to_vec, Packed};
+use crate::backbone::profile::{span, Direction};
+use crate::backbone::{BackboneInput, KernelPath, KvCache, Tape};
 
 /// A dense layer `[out, in]` with its bias.
 pub struct FusedDense {
@@ -25,6 +26,14 @@ pub struct FusedDense {
 }
 
 impl FusedDense {
+    /// The f32 rows of a loaded dense layer.
+    fn new(d: Dense) -> Result<Self> {
+        Ok(Self {
+            w: to_vec(&d.w)?,
+            b: to_vec(&d.b)?,
+        })
+    }
+
     fn forward(&self, x: &[f32], out: &mut [f32], rows: usize, accumulate: bool) {
         let (o, i) = (self.b.len(), self.w.len() / self.b.len());
         matmul::matmul_wt(x, &self.w, out, rows, i, o, accumulate);
@@ -44,40 +53,62 @@ pub struct FusedNorm {
     pub b: Vec<f32>,
 }
 
-/// One encoder layer's frozen weights.
-pub struct FusedBertLayer {
-    /// q, k, v stacked: `[3·D, D]`.
-    pub qkv: FusedDense,
-    /// Attention output projection.
-    pub o: FusedDense,
-    /// LayerNorm after attention.
-    pub attn_norm: FusedNorm,
-    /// MLP up projection `[I, D]`.
-    pub inner: FusedDense,
-    /// MLP down projection `[D, I]`.
-    pub out: FusedDense,
-    /// LayerNorm after the MLP.
-    pub out_norm: FusedNorm,
+impl FusedNorm {
+    /// The f32 rows of a loaded LayerNorm.
+    fn new(n: Norm) -> Result<Self> {
+        Ok(Self {
+            g: to_vec(&n.g)?,
+            b: to_vec(&n.b)?,
+        })
+    }
 }
 
-/// The BERT stack on fused kernels.
-pub struct FusedBert {
-    /// Encoder layers.
-    pub layers: Vec<FusedBertLayer>,
+/// One encoder layer's frozen weights as f32 rows.
+type Layer = BertLayer<FusedDense, FusedNorm>;
+
+/// The embedding tables and the encoder layers as plain f32 rows.
+pub struct FusedStack {
+    cfg: BertConfig,
+    layers: Vec<Layer>,
     /// Position embeddings `[max_positions, D]`.
-    pub position: Vec<f32>,
+    position: Vec<f32>,
     /// Token-type embeddings `[types, D]`.
-    pub token_type: Vec<f32>,
+    token_type: Vec<f32>,
     /// Embedding LayerNorm.
-    pub emb_norm: FusedNorm,
-    /// Hidden size.
-    pub hidden: usize,
-    /// Attention heads.
-    pub heads: usize,
-    /// MLP inner size.
-    pub intermediate: usize,
-    /// LayerNorm epsilon.
-    pub eps: f32,
+    emb_norm: FusedNorm,
+}
+
+impl Stack for FusedStack {
+    const PATH: KernelPath = KernelPath::Fused;
+
+    /// Moves the weights into the plain rows the fused kernels read.
+    fn new(cfg: BertConfig, emb: Embeddings, layers: Vec<BertLayer>) -> Result<Self> {
+        KernelPath::check_fused(emb.position.device(), emb.position.dtype())?;
+        let layers = layers
+            .into_iter()
+            .map(|l| l.convert(FusedDense::new, FusedNorm::new))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            cfg,
+            layers,
+            position: to_vec(&emb.position)?,
+            token_type: to_vec(&emb.token_type)?,
+            emb_norm: FusedNorm::new(emb.norm)?,
+        })
+    }
+
+    fn forward(&self, input: &BackboneInput, prefix: Option<&KvCache>, keep: bool) -> Result<(Tensor, Option<Tape>)> {
+        let (hidden, tape) = self.run(input.embeds, input.mask, input.token_types, prefix, keep)?;
+        Ok((hidden, tape.map(|t| Tape(Box::new(t)))))
+    }
+
+    fn backward(&self, tape: &Tape, d_hidden: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+        let tape = tape
+            .0
+            .downcast_ref::<FusedBertTape>()
+            .context("tape was not made by a fused BERT model")?;
+        self.run_backward(tape, d_hidden)
+    }
 }
 
 struct LayerTape {
@@ -127,11 +158,11 @@ impl KeySlots {
         packed.row[i] * self.keys + self.query_key[i]
     }
 
-    fn layout<'a>(&'a self, m: &FusedBert, packed: &'a Packed) -> AttentionLayout<'a> {
+    fn layout<'a>(&'a self, m: &FusedStack, packed: &'a Packed) -> AttentionLayout<'a> {
         AttentionLayout {
-            heads: m.heads,
-            kv_heads: m.heads,
-            head_dim: m.hidden / m.heads,
+            heads: m.cfg.heads,
+            kv_heads: m.cfg.heads,
+            head_dim: m.cfg.hidden / m.cfg.heads,
             keys: self.keys,
             key_mask: &self.key_mask,
             query_row: &packed.row,
@@ -142,7 +173,7 @@ impl KeySlots {
 }
 
 /// The tape of a fused BERT forward.
-pub struct FusedBertTape {
+struct FusedBertTape {
     packed: Packed,
     slots: KeySlots,
     e: Vec<f32>,
@@ -150,11 +181,15 @@ pub struct FusedBertTape {
     layers: Vec<LayerTape>,
 }
 
-impl FusedBert {
+impl FusedStack {
+    fn eps(&self) -> f32 {
+        self.cfg.eps as f32
+    }
+
     /// Forward over the real positions; hidden states `[B, T, D]` (zeros at padding). With a
     /// `prefix` (one row, per layer `[1, H, V, hd]`) every layer's attention sees its `V` keys
     /// and values before the input's, and the input's positions start at `V`.
-    pub fn forward(
+    fn run(
         &self,
         embeds: &Tensor,
         mask: &Tensor,
@@ -162,23 +197,18 @@ impl FusedBert {
         prefix: Option<&KvCache>,
         keep: bool,
     ) -> Result<(Tensor, Option<FusedBertTape>)> {
-        let d = self.hidden;
+        let d = self.cfg.hidden;
         let packed = Packed::new(mask, None)?;
         let prefix_mask = match prefix {
-            Some(p) => {
-                check_prefix(p, self.layers.len(), self.heads, d / self.heads)?;
-                to_vec(p.mask.as_ref().expect("a non-empty cache has a mask"))?
-                    .iter()
-                    .map(|&m| m != 0.0)
-                    .collect()
-            }
+            Some(p) => to_vec(p.mask.as_ref().context("a key/value prefix has a mask")?)?
+                .iter()
+                .map(|&m| m != 0.0)
+                .collect(),
             None => Vec::new(),
         };
         let slots = KeySlots::new(&packed, &prefix_mask);
         let past = slots.past;
         let types = token_types.map(to_vec).transpose()?;
-        let max_pos = self.position.len() / d;
-        check_positions(past, packed.cols, max_pos)?;
         let mut e = packed.pack(embeds)?;
         for (i, row) in e.chunks_mut(d).enumerate() {
             let (r, c) = (packed.row[i], packed.col[i]);
@@ -194,7 +224,7 @@ impl FusedBert {
         }
         let n = packed.len();
         let (mut x, mut rstd0) = (vec![0f32; n * d], vec![0f32; n]);
-        norm::layer_norm(&e, &self.emb_norm.g, &self.emb_norm.b, self.eps, &mut x, &mut rstd0);
+        norm::layer_norm(&e, &self.emb_norm.g, &self.emb_norm.b, self.eps(), &mut x, &mut rstd0);
         let mut tapes = Vec::new();
         for (l, layer) in self.layers.iter().enumerate() {
             let size = packed.rows * slots.keys * d;
@@ -220,18 +250,18 @@ impl FusedBert {
 
     /// d(loss)/d(input embeddings) from d(loss)/d(hidden), and, after a prefix, its gradient
     /// per layer `(dK, dV)`, each `[1, H, V, hd]`, summed over the rows.
-    pub fn backward(&self, tape: &FusedBertTape, d_hidden: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+    fn run_backward(&self, tape: &FusedBertTape, d_hidden: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
         let (packed, slots) = (&tape.packed, &tape.slots);
         let device = d_hidden.device();
-        let hd = self.hidden / self.heads;
+        let hd = self.cfg.hidden / self.cfg.heads;
         let mut dx = packed.pack_sum(d_hidden)?;
         let mut d_past = Vec::new();
         for (layer, lt) in self.layers.iter().zip(&tape.layers).rev() {
             let (d, (dk, dv)) = self.layer_backward(layer, lt, slots, packed, dx);
             dx = d;
             if slots.past > 0 {
-                let shape = (1, self.heads, slots.past, hd);
-                let sum = |g: &[f32]| sum_past_slots(g, packed.rows, slots.keys, slots.past, self.heads, hd);
+                let shape = (1, self.cfg.heads, slots.past, hd);
+                let sum = |g: &[f32]| sum_past_slots(g, packed.rows, slots.keys, slots.past, self.cfg.heads, hd);
                 d_past.push((
                     Tensor::from_vec(sum(&dk), shape, device)?,
                     Tensor::from_vec(sum(&dv), shape, device)?,
@@ -246,7 +276,7 @@ impl FusedBert {
 
     fn layer_forward(
         &self,
-        l: &FusedBertLayer,
+        l: &Layer,
         x: Vec<f32>,
         slots: &KeySlots,
         packed: &Packed,
@@ -254,7 +284,7 @@ impl FusedBert {
         keep: bool,
     ) -> (Vec<f32>, Option<LayerTape>) {
         use Direction::Forward as F;
-        let (d, inter) = (self.hidden, self.intermediate);
+        let (d, inter) = (self.cfg.hidden, self.cfg.intermediate);
         let n = x.len() / d;
         let mut qkv = vec![0f32; n * 3 * d];
         span("qkv", F, || l.qkv.forward(&x, &mut qkv, n, false));
@@ -276,7 +306,7 @@ impl FusedBert {
         span("o-proj", F, || l.o.forward(&a, &mut r1, n, true));
         let (mut x1, mut rstd1) = (a, vec![0f32; n]);
         span("norm", F, || {
-            norm::layer_norm(&r1, &l.attn_norm.g, &l.attn_norm.b, self.eps, &mut x1, &mut rstd1)
+            norm::layer_norm(&r1, &l.attn_norm.g, &l.attn_norm.b, self.eps(), &mut x1, &mut rstd1)
         });
         let mut z = vec![0f32; n * inter];
         let mut r2 = x1.clone();
@@ -288,7 +318,7 @@ impl FusedBert {
         });
         let (mut out, mut rstd2) = (x1, vec![0f32; n]);
         span("norm", F, || {
-            norm::layer_norm(&r2, &l.out_norm.g, &l.out_norm.b, self.eps, &mut out, &mut rstd2)
+            norm::layer_norm(&r2, &l.out_norm.g, &l.out_norm.b, self.eps(), &mut out, &mut rstd2)
         });
         let tape = keep.then_some(LayerTape {
             q,
@@ -305,14 +335,14 @@ impl FusedBert {
 
     fn layer_backward(
         &self,
-        l: &FusedBertLayer,
+        l: &Layer,
         t: &LayerTape,
         slots: &KeySlots,
         packed: &Packed,
         dy: Vec<f32>,
     ) -> (Vec<f32>, (Vec<f32>, Vec<f32>)) {
         use Direction::Backward as B;
-        let (d, inter) = (self.hidden, self.intermediate);
+        let (d, inter) = (self.cfg.hidden, self.cfg.intermediate);
         let n = dy.len() / d;
         let mut dr2 = vec![0f32; n * d];
         span("norm", B, || {
@@ -350,44 +380,4 @@ impl FusedBert {
         span("qkv", B, || l.qkv.backward(&dqkv, &mut dx, n, true));
         (dx, (dk, dv))
     }
-}
-
-/// Refuses a key/value prefix that is not one row with a key mask and, for each of the model's
-/// `layers`, keys and values of shape `[1, heads, V, head_dim]`.
-pub fn check_prefix(prefix: &KvCache, layers: usize, heads: usize, head_dim: usize) -> Result<()> {
-    ensure!(
-        prefix.mask.is_some() && prefix.rows() == 1 && prefix.layers.len() == layers,
-        "a key/value prefix must be one row with a mask and keys/values for each of the model's {layers} layers; \
-         got {} rows, {} layers",
-        prefix.rows(),
-        prefix.layers.len()
-    );
-    let want = [1, heads, prefix.len(), head_dim];
-    for (l, (k, v)) in prefix.layers.iter().enumerate() {
-        for t in [k, v] {
-            ensure!(
-                t.dims() == want,
-                "layer {l} of the key/value prefix has shape {:?}, expected {want:?}",
-                t.dims()
-            );
-        }
-    }
-    Ok(())
-}
-
-/// Refuses inputs whose positions, after a prefix of `past` positions, run past the model's
-/// `max_positions` (absolute position embeddings: Hugging Face BERT offsets the input's
-/// positions by the prefix length).
-pub fn check_positions(past: usize, cols: usize, max_positions: usize) -> Result<()> {
-    if past + cols > max_positions {
-        if past > 0 {
-            bail!(
-                "the key/value prefix's {past} positions and the input's {cols} positions exceed the model's \
-                 {max_positions} positions (max_position_embeddings): the input's positions start after the \
-                 prefix; lower num_virtual_tokens or max_len"
-            );
-        }
-        bail!("sequence of {cols} positions exceeds the model's {max_positions} positions");
-    }
-    Ok(())
 }

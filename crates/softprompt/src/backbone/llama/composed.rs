@@ -1,92 +1,23 @@
-//! Llama-family decoder (Llama 2/3, SmolLM/SmolLM2, Mistral, Qwen2): RMSNorm, rotary position
-//! encoding (`rope_theta`), grouped-query attention with optional q/k/v bias, SwiGLU MLP, tied or
-//! untied vocabulary head. Forward and input-gradient passes are written out layer by layer.
-//!
-//! Per layer, with `x` the residual stream:
-//! ```text
-//! n1 = rms(x)·g1;  q,k,v = n1·Wq,k,vᵀ (+b);  q,k = rope(q,k);  a = softmax(q·kᵀ/√d + mask)·v
-//! x2 = x + a·Woᵀ;  n2 = rms(x2)·g2;  y = (silu(n2·Wgᵀ) ⊙ n2·Wuᵀ)·Wdᵀ;  out = x2 + y
-//! ```
-
-mod load;
+//! The Llama stack on composed candle ops (f64 for the finite-difference tests, other devices
+//! and dtypes): forward and input-gradient passes written out layer by layer over the packed
+//! real positions, the math of `llama.rs`'s module documentation.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
-use std::path::Path;
+use candle_core::Tensor;
 
-use super::llama_fused::{FusedLlama, FusedTape};
-use super::ops::{self, AttentionSaved};
-use super::{Backbone, BackboneInput, KvCache, ModelInfo, Tape};
+use super::{rope_tables, LlamaConfig, LlamaLayer, Stack};
+use crate::backbone::frozen_weight::Linear;
+use crate::backbone::ops::{self, AttentionSaved};
+use crate::backbone::{KernelPath, KvCache, Tape};
 
-/// Hyper-parameters of a Llama-family model.
-#[derive(Debug, Clone)]
-pub struct LlamaConfig {
-    /// Transformer layers.
-    pub layers: usize,
-    /// Hidden size.
-    pub hidden: usize,
-    /// Query heads.
-    pub heads: usize,
-    /// Key/value heads.
-    pub kv_heads: usize,
-    /// MLP inner size.
-    pub intermediate: usize,
-    /// Vocabulary rows.
-    pub vocab: usize,
-    /// RMSNorm epsilon.
-    pub eps: f64,
-    /// RoPE base frequency.
-    pub rope_theta: f64,
-    /// Longest supported sequence.
-    pub max_positions: usize,
-}
+/// A layer's weights as candle tensors.
+type Layer = LlamaLayer<Tensor>;
 
-impl LlamaConfig {
-    fn head_dim(&self) -> usize {
-        self.hidden / self.heads
-    }
-    fn validate(&self, source: &Path) -> Result<()> {
-        if self.heads == 0
-            || self.kv_heads == 0
-            || !self.hidden.is_multiple_of(self.heads)
-            || !self.heads.is_multiple_of(self.kv_heads)
-        {
-            bail!(
-                "{}: inconsistent attention shape (hidden {}, heads {}, kv heads {})",
-                source.display(),
-                self.hidden,
-                self.heads,
-                self.kv_heads
-            );
-        }
-        Ok(())
-    }
-}
-
-struct Layer {
-    attn_norm: Tensor,
-    /// q, k and v projections stacked: `[d + 2·kv_dim, d]` (one matrix multiply for all three).
-    w_qkv: Tensor,
-    /// Their biases (Qwen2), stacked likewise.
-    b_qkv: Option<Tensor>,
-    wo: Tensor,
-    ffn_norm: Tensor,
-    /// Gate and up projections stacked: `[2·intermediate, d]`.
-    w_gate_up: Tensor,
-    w_down: Tensor,
-}
-
-/// A frozen Llama-family model.
-pub struct Llama {
-    info: ModelInfo,
+/// The decoder layers, the final norm and the RoPE tables as candle tensors.
+pub struct ComposedStack {
     cfg: LlamaConfig,
-    embed: Tensor,
-    /// The layers as candle tensors (composed path); empty when `fused` holds them.
     layers: Vec<Layer>,
-    /// The layers as plain f32 rows for the fused CPU kernels (f32 on the CPU).
-    fused: Option<FusedLlama>,
     norm: Tensor,
-    lm_head: Tensor,
     cos: Tensor,
     sin: Tensor,
 }
@@ -110,23 +41,57 @@ struct LlamaTape {
     sin: Tensor,
 }
 
-impl Llama {
-    fn check_width(&self, input: &BackboneInput) -> Result<()> {
-        let d = input.embeds.dim(2)?;
-        if d != self.cfg.hidden {
-            bail!(
-                "input embeddings have width {d}, the model's hidden size is {}",
-                self.cfg.hidden
-            );
+impl Stack for ComposedStack {
+    const PATH: KernelPath = KernelPath::Composed;
+
+    fn new(cfg: LlamaConfig, layers: Vec<LlamaLayer>, norm: Tensor) -> Result<Self> {
+        let layers = layers
+            .into_iter()
+            .map(|l| l.convert(Linear::into_tensor, Ok))
+            .collect::<Result<_>>()?;
+        let (cos, sin) = rope_tables(&cfg, norm.dtype(), norm.device())?;
+        Ok(Self {
+            cfg,
+            layers,
+            norm,
+            cos,
+            sin,
+        })
+    }
+
+    fn forward(
+        &self,
+        embeds: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut KvCache>,
+        keep: bool,
+    ) -> Result<(Tensor, Option<Tape>)> {
+        let (hidden, tape) = self.run(embeds, mask, keep, cache)?;
+        Ok((hidden, tape.map(|t| Tape(Box::new(t)))))
+    }
+
+    /// The input gradient and the prefix's gradient (empty without a prefix).
+    fn backward(&self, tape: &Tape, d_hidden: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+        let tape = tape
+            .0
+            .downcast_ref::<LlamaTape>()
+            .context("tape was not made by a Llama model")?;
+        let d_packed = tape.packing.pack(d_hidden)?;
+        let mut dx = ops::rms_norm_backward(&tape.last, &self.norm, self.cfg.eps, &d_packed)?;
+        let mut d_past = Vec::new();
+        for (layer, lt) in self.layers.iter().zip(&tape.layers).rev() {
+            let (d, dkv) = self.layer_backward(layer, lt, &dx, &tape.packing, &tape.cos, &tape.sin, tape.past)?;
+            dx = d;
+            if tape.past > 0 {
+                d_past.push(dkv);
+            }
         }
-        Ok(())
+        d_past.reverse();
+        Ok((tape.packing.unpack(&dx)?, d_past))
     }
+}
 
-    /// Hyper-parameters.
-    pub fn config(&self) -> &LlamaConfig {
-        &self.cfg
-    }
-
+impl ComposedStack {
     fn rope_slice(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
         if start + len > self.cfg.max_positions {
             bail!(
@@ -241,32 +206,32 @@ impl Llama {
 
     fn run(
         &self,
-        input: &BackboneInput,
+        embeds: &Tensor,
+        mask: &Tensor,
         keep: bool,
         cache: Option<&mut KvCache>,
     ) -> Result<(Tensor, Option<LlamaTape>)> {
-        self.check_width(input)?;
-        let t = input.embeds.dim(1)?;
-        let mask = input.mask.to_dtype(candle_core::DType::F32)?;
+        let t = embeds.dim(1)?;
+        let new_mask = mask.to_dtype(candle_core::DType::F32)?;
         let past_len = cache.as_ref().map_or(0, |c| c.len());
         if let Some(c) = cache.as_ref() {
             if c.positions().iter().any(|&p| p != past_len) {
                 bail!(
                     "rows with their own positions after a padded key/value cache (mixed-request \
                      batches) run only on the fused f32 CPU path, not on {:?} {:?}",
-                    self.embed.device(),
-                    self.embed.dtype()
+                    self.norm.device(),
+                    self.norm.dtype()
                 );
             }
         }
         let key_mask = match cache.as_ref().and_then(|c| c.mask.as_ref()) {
-            Some(m) => Tensor::cat(&[m, &mask], 1)?,
-            None => mask.clone(),
+            Some(m) => Tensor::cat(&[m, &new_mask], 1)?,
+            None => new_mask,
         };
-        let bias = ops::attention_bias(&key_mask, t, true, input.embeds.dtype())?;
+        let bias = ops::attention_bias(&key_mask, t, true, embeds.dtype())?;
         let (cos, sin) = self.rope_slice(past_len, t)?;
-        let packing = ops::Packing::new(input.mask)?;
-        let mut x = packing.pack(input.embeds)?;
+        let packing = ops::Packing::new(mask)?;
+        let mut x = packing.pack(embeds)?;
         let mut tapes = Vec::new();
         let mut new_kv = Vec::new();
         for (l, layer) in self.layers.iter().enumerate() {
@@ -291,114 +256,5 @@ impl Llama {
             packing,
         });
         Ok((hidden, tape))
-    }
-}
-
-/// RoPE tables `cos`, `sin` of shape `[max_positions, head_dim/2]`.
-fn rope_tables(cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
-    let hd = cfg.head_dim();
-    let inv: Vec<f32> = (0..hd / 2)
-        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64) as f32)
-        .collect();
-    let n = cfg.max_positions;
-    let mut angles = Vec::with_capacity(n * hd / 2);
-    for p in 0..n {
-        angles.extend(inv.iter().map(|f| p as f32 * f));
-    }
-    let a = Tensor::from_vec(angles, (n, hd / 2), device)?.to_dtype(dtype)?;
-    Ok((a.cos()?, a.sin()?))
-}
-
-impl Backbone for Llama {
-    fn info(&self) -> &ModelInfo {
-        &self.info
-    }
-    fn embedding_table(&self) -> &Tensor {
-        &self.embed
-    }
-    fn forward(&self, input: &BackboneInput) -> Result<Tensor> {
-        if let Some(f) = &self.fused {
-            self.check_width(input)?;
-            return Ok(f.forward(input.embeds, input.mask, None, false)?.0);
-        }
-        Ok(self.run(input, false, None)?.0)
-    }
-    fn forward_train(&self, input: &BackboneInput) -> Result<(Tensor, Tape)> {
-        self.train_forward(input, None)
-    }
-    fn backward(&self, tape: &Tape, d_hidden: &Tensor) -> Result<Tensor> {
-        Ok(self.train_backward(tape, d_hidden)?.0)
-    }
-    fn forward_prefixed(&self, input: &BackboneInput, prefix: &KvCache) -> Result<Tensor> {
-        let mut cache = prefix.repeat(input.embeds.dim(0)?)?;
-        super::CausalLm::forward_cached(self, input, &mut cache)
-    }
-    fn forward_train_prefixed(&self, input: &BackboneInput, prefix: &KvCache) -> Result<(Tensor, Tape)> {
-        self.train_forward(input, Some(prefix))
-    }
-    fn backward_prefixed(&self, tape: &Tape, d_hidden: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
-        self.train_backward(tape, d_hidden)
-    }
-}
-
-impl Llama {
-    /// The training forward, after a key/value prefix (one row) when given.
-    fn train_forward(&self, input: &BackboneInput, prefix: Option<&KvCache>) -> Result<(Tensor, Tape)> {
-        let mut cache = match prefix {
-            Some(p) => Some(p.repeat(input.embeds.dim(0)?)?),
-            None => None,
-        };
-        if let Some(f) = &self.fused {
-            self.check_width(input)?;
-            let (h, tape) = f.forward(input.embeds, input.mask, cache.as_mut(), true)?;
-            return Ok((h, Tape(Box::new(tape.expect("keep=true yields a tape")))));
-        }
-        let (h, tape) = self.run(input, true, cache.as_mut())?;
-        Ok((h, Tape(Box::new(tape.expect("keep=true yields a tape")))))
-    }
-
-    /// The input gradient and the prefix's gradient (empty without a prefix).
-    fn train_backward(&self, tape: &Tape, d_hidden: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
-        if let (Some(f), Some(t)) = (&self.fused, tape.0.downcast_ref::<FusedTape>()) {
-            return f.backward(t, d_hidden);
-        }
-        let tape = tape
-            .0
-            .downcast_ref::<LlamaTape>()
-            .context("tape was not made by a Llama model")?;
-        let d_packed = tape.packing.pack(d_hidden)?;
-        let mut dx = ops::rms_norm_backward(&tape.last, &self.norm, self.cfg.eps, &d_packed)?;
-        let mut d_past = Vec::new();
-        for (layer, lt) in self.layers.iter().zip(&tape.layers).rev() {
-            let (d, dkv) = self.layer_backward(layer, lt, &dx, &tape.packing, &tape.cos, &tape.sin, tape.past)?;
-            dx = d;
-            if tape.past > 0 {
-                d_past.push(dkv);
-            }
-        }
-        d_past.reverse();
-        Ok((tape.packing.unpack(&dx)?, d_past))
-    }
-}
-
-impl super::CausalLm for Llama {
-    fn forward_cached(&self, input: &BackboneInput, cache: &mut KvCache) -> Result<Tensor> {
-        if let Some(f) = &self.fused {
-            self.check_width(input)?;
-            return Ok(f.forward(input.embeds, input.mask, Some(cache), false)?.0);
-        }
-        Ok(self.run(input, false, Some(cache))?.0)
-    }
-    fn lm_head(&self) -> &Tensor {
-        &self.lm_head
-    }
-    fn hidden_at(&self, input: &BackboneInput, prefix: Option<&KvCache>, at: &[(usize, usize)]) -> Result<Tensor> {
-        match &self.fused {
-            Some(f) => {
-                self.check_width(input)?;
-                f.hidden_at(input.embeds, input.mask, prefix, at)
-            }
-            None => super::hidden_at_by_forward(self, input, prefix, at),
-        }
     }
 }

@@ -1,6 +1,6 @@
-//! The Llama decoder on fused, multi-threaded f32 CPU kernels: the same math as the composed
-//! version in `llama.rs`, one pass per step over the packed real positions, with only the
-//! activations the input-gradient pass needs kept on the tape.
+//! The Llama stack on fused, multi-threaded f32 CPU kernels (the hot path): the math of
+//! `llama.rs`'s module documentation, one pass per step over the packed real positions, with
+//! only the activations the input-gradient pass (`fused/backward.rs`) needs kept on the tape.
 //!
 //! Per layer (x: `[N, D]` packed real positions; K/V in padded key slots `[B·S, kv_dim]`):
 //! ```text
@@ -9,85 +9,114 @@
 //! n2 = rms(x2)·g2           gu = n2·W_guᵀ               out = x2 + (silu(g) ⊙ u)·W_downᵀ
 //! ```
 
+mod backward;
+
 use anyhow::{ensure, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use softprompt_kernels::{activation, attention, matmul, norm, rope, AttentionLayout};
 
-use super::frozen_weight::FrozenWeight;
-use super::fused::{fill_past_slots, sum_past_slots, to_vec, Packed};
-use super::profile::{span, Direction};
-use super::KvCache;
+use self::backward::{FusedTape, LayerTape};
+use super::{rope_tables, LlamaConfig, LlamaLayer, Stack};
+use crate::backbone::frozen_weight::FrozenWeight;
+use crate::backbone::fused::{fill_past_slots, to_vec, Packed};
+use crate::backbone::profile::{span, Direction};
+use crate::backbone::{KernelPath, KvCache, Tape};
 
-/// One decoder layer's frozen weights as plain f32 rows.
-pub struct FusedLayer {
-    /// Attention RMSNorm gain `[D]`.
-    pub attn_norm: Vec<f32>,
-    /// q, k, v stacked `[D + 2·kv_dim, D]`.
-    pub w_qkv: FrozenWeight,
-    /// Their biases `[D + 2·kv_dim]` (Qwen2).
-    pub b_qkv: Option<Vec<f32>>,
-    /// Output projection `[D, D]`.
-    pub wo: FrozenWeight,
-    /// MLP RMSNorm gain `[D]`.
-    pub ffn_norm: Vec<f32>,
-    /// Gate and up stacked `[2·I, D]`.
-    pub w_gate_up: FrozenWeight,
-    /// Down projection `[D, I]`.
-    pub w_down: FrozenWeight,
-}
+/// A layer's weights for the fused kernels: linear weights packed (or in their file's storage),
+/// gains and biases as f32 rows.
+type Layer = LlamaLayer<FrozenWeight, Vec<f32>>;
 
-/// The Llama stack on fused kernels.
-pub struct FusedLlama {
-    /// Decoder layers.
-    pub layers: Vec<FusedLayer>,
-    /// Final RMSNorm gain.
-    pub norm: Vec<f32>,
+/// The decoder layers, the final norm and the RoPE tables as plain f32 rows.
+pub struct FusedStack {
+    cfg: LlamaConfig,
+    layers: Vec<Layer>,
+    /// Final RMSNorm gain `[D]`.
+    norm: Vec<f32>,
     /// RoPE tables `[max_positions, head_dim/2]`.
-    pub cos: Vec<f32>,
-    /// RoPE tables `[max_positions, head_dim/2]`.
-    pub sin: Vec<f32>,
-    /// Hidden size.
-    pub hidden: usize,
-    /// Query heads.
-    pub heads: usize,
-    /// Key/value heads.
-    pub kv_heads: usize,
-    /// MLP inner size.
-    pub intermediate: usize,
-    /// RMSNorm epsilon.
-    pub eps: f32,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
 }
 
-/// What one layer keeps for the backward pass.
-struct LayerTape {
-    x: Vec<f32>,
-    rstd1: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    x2: Vec<f32>,
-    rstd2: Vec<f32>,
-    gate_up: Vec<f32>,
+impl Stack for FusedStack {
+    const PATH: KernelPath = KernelPath::Fused;
+
+    /// Moves the layers' weights into the layouts the fused kernels read (f32 linear weights
+    /// packed into panels; stored rows kept as they are).
+    fn new(cfg: LlamaConfig, layers: Vec<LlamaLayer>, norm: Tensor) -> Result<Self> {
+        KernelPath::check_fused(norm.device(), norm.dtype())?;
+        let vector = |v: Tensor| to_vec(&v);
+        let layers = layers
+            .into_iter()
+            .map(|l| l.convert(FrozenWeight::from_linear, vector))
+            .collect::<Result<_>>()?;
+        let (cos, sin) = rope_tables(&cfg, DType::F32, &Device::Cpu)?;
+        Ok(Self {
+            layers,
+            norm: to_vec(&norm)?,
+            cos: to_vec(&cos)?,
+            sin: to_vec(&sin)?,
+            cfg,
+        })
+    }
+
+    fn forward(
+        &self,
+        embeds: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut KvCache>,
+        keep: bool,
+    ) -> Result<(Tensor, Option<Tape>)> {
+        let (hidden, tape) = self.run(embeds, mask, cache, keep)?;
+        Ok((hidden, tape.map(|t| Tape(Box::new(t)))))
+    }
+
+    fn backward(&self, tape: &Tape, d_hidden: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+        let tape = tape
+            .0
+            .downcast_ref::<FusedTape>()
+            .context("tape was not made by a fused Llama model")?;
+        self.run_backward(tape, d_hidden)
+    }
+
+    fn hidden_at(
+        &self,
+        embeds: &Tensor,
+        mask: &Tensor,
+        prefix: Option<&KvCache>,
+        at: &[(usize, usize)],
+    ) -> Result<Tensor> {
+        self.run_at(embeds, mask, prefix, at)
+    }
+
+    /// The head read once for a few rows ([`softprompt_kernels::head::logits`]) instead of being
+    /// packed for a general product.
+    fn head_logits(&self, head: &Tensor, rows: &Tensor) -> Result<Tensor> {
+        let plain = || Ok(rows.matmul(&head.t()?)?);
+        if !KernelPath::fused_runs(rows.device(), rows.dtype()) {
+            return plain();
+        }
+        let ((m, d), (vocab, width)) = (rows.dims2()?, head.dims2()?);
+        ensure!(d == width, "hidden rows of width {d} for a head of width {width}");
+        let x = to_vec(rows)?;
+        let mut out = vec![0f32; m * vocab];
+        let (storage, layout) = head.storage_and_layout();
+        match (&*storage, layout.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(all)), Some((start, end))) => {
+                softprompt_kernels::head::logits(&x, &all[start..end], &mut out, m, d, vocab)
+            }
+            _ => return plain(),
+        }
+        Ok(Tensor::from_vec(out, (m, vocab), rows.device())?)
+    }
 }
 
-/// What [`FusedLlama::attention_and_mlp`] computes: the layer's output and what the backward
+/// What [`FusedStack::attention_and_mlp`] computes: the layer's output and what the backward
 /// pass keeps of the MLP block.
 struct LayerOutputs {
     out: Vec<f32>,
     x2: Vec<f32>,
     rstd2: Vec<f32>,
     gate_up: Vec<f32>,
-}
-
-/// The tape of a fused forward pass.
-pub struct FusedTape {
-    /// Cached (prefix) positions before the input.
-    past: usize,
-    packed: Packed,
-    geometry: Geometry,
-    layers: Vec<LayerTape>,
-    last: Vec<f32>,
-    last_rstd: Vec<f32>,
 }
 
 /// Where the queries and key slots of one call sit.
@@ -111,11 +140,11 @@ struct Geometry {
 }
 
 impl Geometry {
-    fn layout(&self, m: &FusedLlama) -> AttentionLayout<'_> {
+    fn layout(&self, m: &FusedStack) -> AttentionLayout<'_> {
         AttentionLayout {
-            heads: m.heads,
-            kv_heads: m.kv_heads,
-            head_dim: m.head_dim(),
+            heads: m.cfg.heads,
+            kv_heads: m.cfg.kv_heads,
+            head_dim: m.cfg.head_dim(),
             keys: self.keys,
             key_mask: &self.key_mask,
             query_row: &self.query_row,
@@ -134,19 +163,16 @@ impl Geometry {
     }
 }
 
-impl FusedLlama {
-    fn head_dim(&self) -> usize {
-        self.hidden / self.heads
-    }
-    fn kv_dim(&self) -> usize {
-        self.kv_heads * self.head_dim()
+impl FusedStack {
+    fn eps(&self) -> f32 {
+        self.cfg.eps as f32
     }
 
     /// Forward over the real positions of `embeds` (`[B, T, D]`, `mask` `[B, T]`), after the
     /// positions in `cache` (whose keys and values are then replaced by the extended ones).
     /// Returns the final-normed hidden states `[B, T, D]` (zeros at padding) and, with `keep`,
-    /// the tape for [`FusedLlama::backward`].
-    pub fn forward(
+    /// the tape for [`FusedStack::run_backward`].
+    fn run(
         &self,
         embeds: &Tensor,
         mask: &Tensor,
@@ -169,7 +195,7 @@ impl FusedLlama {
         }
         let n = packed.len();
         let (mut h, mut rstd) = (vec![0f32; x.len()], vec![0f32; n]);
-        norm::rms_norm(&x, &self.norm, self.eps, &mut h, &mut rstd);
+        norm::rms_norm(&x, &self.norm, self.eps(), &mut h, &mut rstd);
         let hidden = packed.unpack(&h, true, &device)?;
         if let Some(c) = cache {
             self.store_cache(c, &packed, &geometry, kv, &device)?;
@@ -189,7 +215,7 @@ impl FusedLlama {
     /// batch `embeds` `[B, T, D]`, `mask` `[B, T]`; in row, then column order) after the
     /// positions in `prefix` (one row every row continues from, or one per row), which is left
     /// as it is. The last layer runs only at `at`: nothing after it reads the other positions.
-    pub fn hidden_at(
+    fn run_at(
         &self,
         embeds: &Tensor,
         mask: &Tensor,
@@ -222,7 +248,7 @@ impl FusedLlama {
             x = self.layer_forward(layer, x, &geometry, kv, false).0;
         }
         let (q, _) = self.attention_inputs(last, &x, &geometry, last_kv);
-        let d = self.hidden;
+        let d = self.cfg.hidden;
         let rows_of =
             |v: &[f32]| -> Vec<f32> { selected.iter().flat_map(|&i| v[i * d..(i + 1) * d].to_vec()).collect() };
         // The asked-for row, not the packed one: a shared position's keys sit in every row's slots.
@@ -237,39 +263,8 @@ impl FusedLlama {
             .attention_and_mlp(last, &rows_of(&x), &rows_of(&q), &lay, last_kv)
             .out;
         let (mut h, mut rstd) = (vec![0f32; out.len()], vec![0f32; selected.len()]);
-        norm::rms_norm(&out, &self.norm, self.eps, &mut h, &mut rstd);
+        norm::rms_norm(&out, &self.norm, self.eps(), &mut h, &mut rstd);
         Ok(Tensor::from_vec(h, (selected.len(), d), embeds.device())?)
-    }
-
-    /// d(loss)/d(input embeddings) `[B, T, D]` from d(loss)/d(hidden) `[B, T, D]`, and, when
-    /// the forward ran after cached positions (a key/value prefix), their gradient per layer:
-    /// `(dK, dV)`, each `[1, Hkv, past, hd]`, summed over the rows.
-    pub fn backward(&self, tape: &FusedTape, d_hidden: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
-        let device = d_hidden.device();
-        let dh = tape.packed.pack_sum(d_hidden)?;
-        let mut dx = vec![0f32; dh.len()];
-        norm::rms_norm_backward(&tape.last, &self.norm, &tape.last_rstd, &dh, &mut dx);
-        let mut d_past = Vec::new();
-        for (layer, lt) in self.layers.iter().zip(&tape.layers).rev() {
-            let (d, (dk, dv)) = self.layer_backward(layer, lt, &tape.geometry, dx);
-            dx = d;
-            if tape.past > 0 {
-                let shape = (1, self.kv_heads, tape.past, self.head_dim());
-                let (dk, dv) = (self.sum_past(&dk, tape), self.sum_past(&dv, tape));
-                d_past.push((
-                    Tensor::from_vec(dk, shape, device)?,
-                    Tensor::from_vec(dv, shape, device)?,
-                ));
-            }
-        }
-        d_past.reverse();
-        Ok((tape.packed.unpack(&dx, false, device)?, d_past))
-    }
-
-    /// The gradient of the cached slots `[B·S, kv_dim]` → `[Hkv, past, hd]`, summed over rows.
-    fn sum_past(&self, slots: &[f32], tape: &FusedTape) -> Vec<f32> {
-        let g = &tape.geometry;
-        sum_past_slots(slots, g.rows, g.keys, tape.past, self.kv_heads, self.head_dim())
     }
 
     fn geometry(
@@ -302,7 +297,7 @@ impl FusedLlama {
             key_mask[(i / packed.cols) * keys + past + i % packed.cols] = r;
         }
         // A shared position appears in every row; its slot in rows other than 0 is real too.
-        let max = self.cos.len() / (self.head_dim() / 2);
+        let max = self.cfg.max_positions;
         if let Some(b) = &base {
             ensure!(
                 b.len() == packed.rows,
@@ -340,7 +335,7 @@ impl FusedLlama {
 
     /// Per layer, the key and value slots `[B·S, kv_dim]` with the cached positions filled in.
     fn past_slots(&self, packed: &Packed, g: &Geometry, cache: Option<&KvCache>) -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
-        let size = packed.rows * g.keys * self.kv_dim();
+        let size = packed.rows * g.keys * self.cfg.kv_dim();
         let mut slots = Vec::with_capacity(self.layers.len());
         for l in 0..self.layers.len() {
             let (mut k, mut v) = (vec![0f32; size], vec![0f32; size]);
@@ -361,7 +356,7 @@ impl FusedLlama {
         kv: Vec<(Vec<f32>, Vec<f32>)>,
         device: &Device,
     ) -> Result<()> {
-        let shape = (packed.rows, g.keys, self.kv_heads, self.head_dim());
+        let shape = (packed.rows, g.keys, self.cfg.kv_heads, self.cfg.head_dim());
         let as_cache = |slots: Vec<f32>| -> Result<Tensor> {
             Ok(Tensor::from_vec(slots, shape, device)?.transpose(1, 2)?.contiguous()?)
         };
@@ -377,7 +372,7 @@ impl FusedLlama {
 
     fn layer_forward(
         &self,
-        l: &FusedLayer,
+        l: &Layer,
         x: Vec<f32>,
         g: &Geometry,
         kv: &mut (Vec<f32>, Vec<f32>),
@@ -402,18 +397,18 @@ impl FusedLlama {
     /// reciprocal RMS `[N]`; the keys and values of the positions are written into their slots.
     fn attention_inputs(
         &self,
-        l: &FusedLayer,
+        l: &Layer,
         x: &[f32],
         g: &Geometry,
         (k_slots, v_slots): &mut (Vec<f32>, Vec<f32>),
     ) -> (Vec<f32>, Vec<f32>) {
         use Direction::Forward as F;
-        let (d, hd, kvd) = (self.hidden, self.head_dim(), self.kv_dim());
+        let (d, hd, kvd) = (self.cfg.hidden, self.cfg.head_dim(), self.cfg.kv_dim());
         let n = x.len() / d;
         let positions = &g.query_pos;
         let (mut n1, mut rstd1) = (vec![0f32; n * d], vec![0f32; n]);
         span("norm", F, || {
-            norm::rms_norm(x, &l.attn_norm, self.eps, &mut n1, &mut rstd1)
+            norm::rms_norm(x, &l.attn_norm, self.eps(), &mut n1, &mut rstd1)
         });
         let width = d + 2 * kvd;
         let mut qkv = vec![0f32; n * width];
@@ -451,14 +446,14 @@ impl FusedLlama {
     /// `lay`): attention over the filled slots, the output projection and the MLP.
     fn attention_and_mlp(
         &self,
-        l: &FusedLayer,
+        l: &Layer,
         x: &[f32],
         q: &[f32],
         lay: &AttentionLayout,
         (k_slots, v_slots): &(Vec<f32>, Vec<f32>),
     ) -> LayerOutputs {
         use Direction::Forward as F;
-        let (d, inter) = (self.hidden, self.intermediate);
+        let (d, inter) = (self.cfg.hidden, self.cfg.intermediate);
         let n = x.len() / d;
         let mut a = vec![0f32; n * d];
         span("attention", F, || {
@@ -468,7 +463,7 @@ impl FusedLlama {
         span("o-proj", F, || l.wo.matmul_wt(&a, &mut x2, n, d, d, true));
         let (mut n2, mut rstd2) = (a, vec![0f32; n]); // a's buffer takes the normed rows
         span("norm", F, || {
-            norm::rms_norm(&x2, &l.ffn_norm, self.eps, &mut n2, &mut rstd2)
+            norm::rms_norm(&x2, &l.ffn_norm, self.eps(), &mut n2, &mut rstd2)
         });
         let mut gate_up = vec![0f32; n * 2 * inter];
         let mut out = x2.clone();
@@ -484,75 +479,5 @@ impl FusedLlama {
             rstd2,
             gate_up,
         }
-    }
-
-    /// One layer's input gradient, and the gradient of every key/value slot (for a prefix).
-    fn layer_backward(
-        &self,
-        l: &FusedLayer,
-        t: &LayerTape,
-        g: &Geometry,
-        dy: Vec<f32>,
-    ) -> (Vec<f32>, (Vec<f32>, Vec<f32>)) {
-        use Direction::Backward as B;
-        let (d, hd, kvd, inter) = (self.hidden, self.head_dim(), self.kv_dim(), self.intermediate);
-        let n = dy.len() / d;
-        let positions = &g.query_pos;
-        // MLP block
-        let mut dn2 = vec![0f32; n * d];
-        span("mlp", B, || {
-            let mut dm = vec![0f32; n * inter];
-            l.w_down.matmul(&dy, &mut dm, n, d, inter, false);
-            let mut dgu = vec![0f32; n * 2 * inter];
-            activation::silu_mul_backward(&t.gate_up, &dm, &mut dgu, inter);
-            l.w_gate_up.matmul(&dgu, &mut dn2, n, 2 * inter, d, false);
-        });
-        let mut dx2 = dy;
-        span("norm", B, || {
-            norm::rms_norm_backward(&t.x2, &l.ffn_norm, &t.rstd2, &dn2, &mut dx2)
-        });
-        // attention block
-        let mut da = dn2; // reuse
-        span("o-proj", B, || l.wo.matmul(&dx2, &mut da, n, d, d, false));
-        let mut dq = vec![0f32; n * d];
-        let (mut dk, mut dv) = (vec![0f32; t.k.len()], vec![0f32; t.v.len()]);
-        span("attention", B, || {
-            let lay = g.layout(self);
-            attention::attention_backward(&lay, &t.q, &t.k, &t.v, &da, &mut dq, &mut dk, &mut dv)
-        });
-        let mut dk_new = vec![0f32; n * kvd];
-        span("copies", B, || {
-            for (i, row) in dk_new.chunks_mut(kvd).enumerate() {
-                for s in g.slots(i) {
-                    for (r, d) in row.iter_mut().zip(&dk[s * kvd..(s + 1) * kvd]) {
-                        *r += d;
-                    }
-                }
-            }
-        });
-        span("rope", B, || {
-            rope::rope(&mut dq, positions, hd, &self.cos, &self.sin, true);
-            rope::rope(&mut dk_new, positions, hd, &self.cos, &self.sin, true);
-        });
-        let width = d + 2 * kvd;
-        let mut dqkv = vec![0f32; n * width];
-        span("copies", B, || {
-            for (i, row) in dqkv.chunks_mut(width).enumerate() {
-                row[..d].copy_from_slice(&dq[i * d..(i + 1) * d]);
-                row[d..d + kvd].copy_from_slice(&dk_new[i * kvd..(i + 1) * kvd]);
-                for s in g.slots(i) {
-                    for (r, v) in row[d + kvd..].iter_mut().zip(&dv[s * kvd..(s + 1) * kvd]) {
-                        *r += v;
-                    }
-                }
-            }
-        });
-        let mut dn1 = da;
-        span("qkv", B, || l.w_qkv.matmul(&dqkv, &mut dn1, n, width, d, false));
-        let mut dx = dx2;
-        span("norm", B, || {
-            norm::rms_norm_backward(&t.x, &l.attn_norm, &t.rstd1, &dn1, &mut dx)
-        });
-        (dx, (dk, dv))
     }
 }

@@ -1,16 +1,15 @@
-//! Loading a Llama-family model: GGUF files (llama.cpp's names and q/k row order) and Hugging
-//! Face directories (config.json + safetensors), into the composed tensors or the fused rows.
+//! Loading a Llama-family model into [`LlamaWeights`]: GGUF files (llama.cpp's names and q/k
+//! row order) and Hugging Face directories (config.json + safetensors), the linear weights as
+//! tensors or, as [`WeightStorage`] asks, rows in the file's (or a converted) storage.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use std::borrow::Cow;
 use std::path::Path;
 
-use super::{rope_tables, Layer, Llama, LlamaConfig};
-use crate::backbone::frozen_weight::{reorder_rows, FrozenWeight, StoredRows, WeightStorage};
-use crate::backbone::llama_fused::{FusedLayer, FusedLlama};
+use super::{LlamaConfig, LlamaLayer, LlamaWeights};
+use crate::backbone::frozen_weight::{reorder_rows, Linear, StoredRows, WeightStorage};
 use crate::backbone::weights::WeightSource;
-use crate::backbone::{Arch, ModelInfo};
 use crate::gguf::GgufFile;
 
 /// Parameter roles, mapped to file-specific tensor names.
@@ -99,7 +98,7 @@ fn unpermuted_order(rows: usize, heads: usize) -> Vec<usize> {
         .collect()
 }
 
-impl Llama {
+impl LlamaWeights {
     /// Loads a GGUF file whose `general.architecture` is llama, mistral or qwen2.
     pub fn from_gguf(file: &GgufFile, device: &Device, storage: WeightStorage) -> Result<Self> {
         let arch = file.get_str("general.architecture")?.to_string();
@@ -123,7 +122,7 @@ impl Llama {
         };
         // llama.cpp permutes q/k rows for the llama architecture only (qwen2 keeps HF's layout).
         let unpermute = arch == "llama" || arch == "mistral";
-        Self::build(cfg, file, (gguf_name, unpermute), arch, device, storage)
+        Self::read(cfg, file, (gguf_name, unpermute), arch, device, storage)
     }
 
     /// Loads a Hugging Face directory (`config.json` + safetensors).
@@ -148,12 +147,13 @@ impl Llama {
             max_positions: f.opt_usize("max_position_embeddings")?.unwrap_or(4096),
         };
         let model_type = f.opt_str("model_type")?.unwrap_or_else(|| "llama".to_string());
-        Self::build(cfg, weights, (hf_name, false), model_type, device, storage)
+        Self::read(cfg, weights, (hf_name, false), model_type, device, storage)
     }
 
-    /// Builds a model from Hugging Face-named weights and an explicit configuration.
-    pub fn from_weights(cfg: LlamaConfig, weights: &dyn WeightSource, device: &Device) -> Result<Self> {
-        Self::build(
+    /// Hugging Face-named weights of shape `cfg` (tests, random models), as tensors in the
+    /// type they are held in.
+    pub fn from_source(cfg: LlamaConfig, weights: &dyn WeightSource, device: &Device) -> Result<Self> {
+        Self::read(
             cfg,
             weights,
             (hf_name, false),
@@ -163,7 +163,7 @@ impl Llama {
         )
     }
 
-    fn build(
+    fn read(
         cfg: LlamaConfig,
         w: &dyn WeightSource,
         (name, unpermute): (fn(P, usize) -> String, bool),
@@ -172,8 +172,7 @@ impl Llama {
         storage: WeightStorage,
     ) -> Result<Self> {
         cfg.validate(w.location())?;
-        let (d, hd, i) = (cfg.hidden, cfg.head_dim(), cfg.intermediate);
-        let kvd = cfg.kv_heads * hd;
+        let (d, i, kvd) = (cfg.hidden, cfg.intermediate, cfg.kv_dim());
         let get = |p: P, l: usize, shape: &[usize]| w.tensor_shaped(&name(p, l), shape, device);
         let opt = |p: P, l: usize, shape: &[usize]| -> Result<Option<Tensor>> {
             if w.contains(&name(p, l)) {
@@ -183,36 +182,35 @@ impl Llama {
             }
         };
         let embed = get(P::Embed, 0, &[cfg.vocab, d])?;
-        let keep_stored = storage != WeightStorage::F32;
-        let fused_path = crate::backbone::fused::applies(device, embed.dtype());
-        if keep_stored && !fused_path {
-            bail!(
-                "weights = \"{}\" keeps the weights in less memory for the fused CPU kernels; \
-                 it needs device cpu (and SOFTPROMPT_COMPOSED unset)",
-                storage.name()
-            );
-        }
-        // A linear weight as the file stores it or converted as asked, rows reordered where
-        // llama.cpp permuted them.
-        let stored = |p: P, l: usize, shape: [usize; 2], heads: Option<usize>| -> Result<StoredRows> {
-            if let Some(to) = storage.converted_to() {
+        // A linear weight, rows reordered where llama.cpp permuted them: a tensor, or (any
+        // storage but f32) rows as the file stores them or converted as asked.
+        let linear = |p: P, l: usize, shape: [usize; 2], heads: Option<usize>| -> Result<Linear> {
+            let rows = |dtype, bytes: &[u8]| {
+                StoredRows::from_bytes(dtype, shape[0], shape[1], bytes)
+                    .with_context(|| format!("{}: tensor `{}`", w.location().display(), name(p, l)))
+            };
+            if storage == WeightStorage::F32 || storage.converted_to().is_some() {
                 let mut t = get(p, l, &shape)?;
                 if let (Some(h), true) = (heads, unpermute) {
                     t = unpermute_rows(&t, h)?;
                 }
-                return StoredRows::convert(&t.to_dtype(candle_core::DType::F32)?, to)
-                    .with_context(|| format!("{}: tensor `{}`", w.location().display(), name(p, l)));
+                return match storage.converted_to() {
+                    None => Ok(Linear::Tensor(t)),
+                    Some(to) => Ok(Linear::Stored(vec![StoredRows::convert(
+                        &t.to_dtype(candle_core::DType::F32)?,
+                        to,
+                    )
+                    .with_context(|| format!("{}: tensor `{}`", w.location().display(), name(p, l)))?])),
+                };
             }
             let (dtype, bytes) = w.stored(&name(p, l), &shape)?;
             let bytes = match heads {
                 Some(h) if unpermute => Cow::Owned(reorder_rows(&bytes, &unpermuted_order(shape[0], h))),
                 _ => bytes,
             };
-            StoredRows::from_bytes(dtype, shape[0], shape[1], &bytes)
-                .with_context(|| format!("{}: tensor `{}`", w.location().display(), name(p, l)))
+            Ok(Linear::Stored(vec![rows(dtype, &bytes)?]))
         };
         let mut layers = Vec::with_capacity(cfg.layers);
-        let mut stored_layers = Vec::with_capacity(cfg.layers);
         let mut biases = 0;
         for l in 0..cfg.layers {
             let parts = [
@@ -231,43 +229,18 @@ impl Llama {
             } else {
                 None
             };
-            if keep_stored {
-                use crate::backbone::fused::to_vec;
-                stored_layers.push(FusedLayer {
-                    attn_norm: to_vec(&get(P::AttnNorm, l, &[d])?)?,
-                    w_qkv: FrozenWeight::Stored(vec![
-                        stored(P::Q, l, [d, d], Some(cfg.heads))?,
-                        stored(P::K, l, [kvd, d], Some(cfg.kv_heads))?,
-                        stored(P::V, l, [kvd, d], None)?,
-                    ]),
-                    b_qkv: b_qkv.as_ref().map(to_vec).transpose()?,
-                    wo: FrozenWeight::Stored(vec![stored(P::O, l, [d, d], None)?]),
-                    ffn_norm: to_vec(&get(P::FfnNorm, l, &[d])?)?,
-                    w_gate_up: FrozenWeight::Stored(vec![
-                        stored(P::Gate, l, [i, d], None)?,
-                        stored(P::Up, l, [i, d], None)?,
-                    ]),
-                    w_down: FrozenWeight::Stored(vec![stored(P::Down, l, [d, i], None)?]),
-                });
-                continue;
-            }
-            let mut wq = get(P::Q, l, &[d, d])?;
-            let mut wk = get(P::K, l, &[kvd, d])?;
-            if unpermute {
-                wq = unpermute_rows(&wq, cfg.heads)?;
-                wk = unpermute_rows(&wk, cfg.kv_heads)?;
-            }
-            let wv = get(P::V, l, &[kvd, d])?;
-            let gate = get(P::Gate, l, &[i, d])?;
-            let up = get(P::Up, l, &[i, d])?;
-            layers.push(Layer {
+            layers.push(LlamaLayer {
                 attn_norm: get(P::AttnNorm, l, &[d])?,
-                w_qkv: Tensor::cat(&[&wq, &wk, &wv], 0)?,
+                w_qkv: stack(vec![
+                    linear(P::Q, l, [d, d], Some(cfg.heads))?,
+                    linear(P::K, l, [kvd, d], Some(cfg.kv_heads))?,
+                    linear(P::V, l, [kvd, d], None)?,
+                ])?,
                 b_qkv,
-                wo: get(P::O, l, &[d, d])?,
+                wo: linear(P::O, l, [d, d], None)?,
                 ffn_norm: get(P::FfnNorm, l, &[d])?,
-                w_gate_up: Tensor::cat(&[&gate, &up], 0)?,
-                w_down: get(P::Down, l, &[d, i])?,
+                w_gate_up: stack(vec![linear(P::Gate, l, [i, d], None)?, linear(P::Up, l, [i, d], None)?])?,
+                w_down: linear(P::Down, l, [d, i], None)?,
             });
         }
         let norm = get(P::Norm, 0, &[d])?;
@@ -276,79 +249,31 @@ impl Llama {
         let lm_head = lm_head.unwrap_or_else(|| embed.clone());
         let per_layer = 2 * d + 2 * d * d + 2 * kvd * d + 3 * d * i;
         let params = cfg.vocab * d * if tied { 1 } else { 2 } + d + cfg.layers * per_layer + biases;
-        let (cos, sin) = rope_tables(&cfg, embed.dtype(), device)?;
-        let fused = match (keep_stored, fused_path) {
-            (true, _) => Some(Self::fused_stack(&cfg, stored_layers, &norm, &cos, &sin)?),
-            (false, true) => {
-                let layers = std::mem::take(&mut layers)
-                    .into_iter()
-                    .map(Self::fuse_layer)
-                    .collect::<Result<_>>()?;
-                Some(Self::fused_stack(&cfg, layers, &norm, &cos, &sin)?)
-            }
-            (false, false) => None,
-        };
-        let info = ModelInfo {
-            arch: Arch::Llama,
-            model_type,
-            source: w.location().to_path_buf(),
-            layers: cfg.layers,
-            hidden: d,
-            heads: cfg.heads,
-            kv_heads: cfg.kv_heads,
-            intermediate: i,
-            vocab: cfg.vocab,
-            max_positions: cfg.max_positions,
-            params,
-            dtypes_on_disk: w.dtype_counts(),
-        };
         Ok(Self {
-            info,
+            info: cfg.model_info(model_type, params, w),
             cfg,
             embed,
             layers,
-            fused,
             norm,
             lm_head,
-            cos,
-            sin,
         })
     }
+}
 
-    /// Moves a layer's weights into the f32 layouts the fused CPU kernels read (the linear
-    /// weights packed into panels).
-    fn fuse_layer(l: Layer) -> Result<FusedLayer> {
-        use crate::backbone::fused::to_vec;
-        Ok(FusedLayer {
-            attn_norm: to_vec(&l.attn_norm)?,
-            w_qkv: FrozenWeight::f32(&l.w_qkv)?,
-            b_qkv: l.b_qkv.as_ref().map(to_vec).transpose()?,
-            wo: FrozenWeight::f32(&l.wo)?,
-            ffn_norm: to_vec(&l.ffn_norm)?,
-            w_gate_up: FrozenWeight::f32(&l.w_gate_up)?,
-            w_down: FrozenWeight::f32(&l.w_down)?,
-        })
+/// Weights stacked by rows (q, k and v; gate and up): tensors concatenated, stored rows kept
+/// as parts (each in the type its file gives it).
+fn stack(parts: Vec<Linear>) -> Result<Linear> {
+    let mut tensors = Vec::new();
+    let mut stored = Vec::new();
+    for part in parts {
+        match part {
+            Linear::Tensor(t) => tensors.push(t),
+            Linear::Stored(rows) => stored.extend(rows),
+        }
     }
-
-    /// The fused stack of `layers`, the final norm and the RoPE tables.
-    fn fused_stack(
-        cfg: &LlamaConfig,
-        layers: Vec<FusedLayer>,
-        norm: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-    ) -> Result<FusedLlama> {
-        use crate::backbone::fused::to_vec;
-        Ok(FusedLlama {
-            layers,
-            norm: to_vec(norm)?,
-            cos: to_vec(cos)?,
-            sin: to_vec(sin)?,
-            hidden: cfg.hidden,
-            heads: cfg.heads,
-            kv_heads: cfg.kv_heads,
-            intermediate: cfg.intermediate,
-            eps: cfg.eps as f32,
-        })
+    match (tensors.is_empty(), stored.is_empty()) {
+        (false, true) => Ok(Linear::Tensor(Tensor::cat(&tensors, 0)?)),
+        (true, false) => Ok(Linear::Stored(stored)),
+        _ => anyhow::bail!("a stacked weight mixes tensors and stored rows"),
     }
 }

@@ -1,0 +1,326 @@
+//! Llama-family decoder (Llama 2/3, SmolLM/SmolLM2, Mistral, Qwen2): RMSNorm, rotary position
+//! encoding (`rope_theta`), grouped-query attention with optional q/k/v bias, SwiGLU MLP, tied or
+//! untied vocabulary head.
+//!
+//! Per layer, with `x` the residual stream:
+//! ```text
+//! n1 = rms(x)·g1;  q,k,v = n1·Wq,k,vᵀ (+b);  q,k = rope(q,k);  a = softmax(q·kᵀ/√d + mask)·v
+//! x2 = x + a·Woᵀ;  n2 = rms(x2)·g2;  y = (silu(n2·Wgᵀ) ⊙ n2·Wuᵀ)·Wdᵀ;  out = x2 + y
+//! ```
+//!
+//! A file loads into one [`LlamaWeights`] (`llama/load.rs`); [`build`] turns it into a
+//! [`Llama`] on the [`Stack`] the load chose: [`ComposedStack`] (candle ops written out layer
+//! by layer, `llama/composed.rs`) or [`FusedStack`] (fused f32 CPU kernels, `llama/fused.rs`).
+//! The embedding table, the head and the [`Backbone`] plumbing are the same for both.
+
+mod composed;
+mod fused;
+mod load;
+
+pub use composed::ComposedStack;
+pub use fused::FusedStack;
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+use std::path::Path;
+
+use super::frozen_weight::Linear;
+use super::weights::WeightSource;
+use super::{pick_positions, Arch, Backbone, BackboneInput, CausalLm, KernelPath, KvCache, ModelInfo, Tape};
+
+/// Hyper-parameters of a Llama-family model: the one place its shape is held ([`ModelInfo`] is
+/// derived from it at load).
+#[derive(Debug, Clone)]
+pub struct LlamaConfig {
+    /// Transformer layers.
+    pub layers: usize,
+    /// Hidden size.
+    pub hidden: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// MLP inner size.
+    pub intermediate: usize,
+    /// Vocabulary rows.
+    pub vocab: usize,
+    /// RMSNorm epsilon.
+    pub eps: f64,
+    /// RoPE base frequency.
+    pub rope_theta: f64,
+    /// Longest supported sequence.
+    pub max_positions: usize,
+}
+
+impl LlamaConfig {
+    /// Size of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden / self.heads
+    }
+
+    /// Width of the keys (and of the values) of one position: `kv_heads · head_dim`.
+    pub fn kv_dim(&self) -> usize {
+        self.kv_heads * self.head_dim()
+    }
+
+    fn validate(&self, source: &Path) -> Result<()> {
+        if self.heads == 0
+            || self.kv_heads == 0
+            || !self.hidden.is_multiple_of(self.heads)
+            || !self.heads.is_multiple_of(self.kv_heads)
+        {
+            bail!(
+                "{}: inconsistent attention shape (hidden {}, heads {}, kv heads {})",
+                source.display(),
+                self.hidden,
+                self.heads,
+                self.kv_heads
+            );
+        }
+        Ok(())
+    }
+
+    /// The [`ModelInfo`] of a model of this shape.
+    fn model_info(&self, model_type: String, params: usize, weights: &dyn WeightSource) -> ModelInfo {
+        ModelInfo {
+            arch: Arch::Llama,
+            model_type,
+            source: weights.location().to_path_buf(),
+            layers: self.layers,
+            hidden: self.hidden,
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            intermediate: self.intermediate,
+            vocab: self.vocab,
+            max_positions: self.max_positions,
+            params,
+            dtypes_on_disk: weights.dtype_counts(),
+        }
+    }
+}
+
+/// One decoder layer's frozen weights. `W` holds a linear weight (as loaded: [`Linear`]; the
+/// composed stack: a `Tensor`; the fused stack: a [`super::frozen_weight::FrozenWeight`]), `V` a
+/// gain or bias vector (a `Tensor`, or f32 rows for the fused kernels).
+pub struct LlamaLayer<W = Linear, V = Tensor> {
+    /// Attention RMSNorm gain `[D]`.
+    pub attn_norm: V,
+    /// q, k and v projections stacked: `[D + 2·kv_dim, D]` (one product for all three).
+    pub w_qkv: W,
+    /// Their biases (Qwen2), stacked likewise.
+    pub b_qkv: Option<V>,
+    /// Output projection `[D, D]`.
+    pub wo: W,
+    /// MLP RMSNorm gain `[D]`.
+    pub ffn_norm: V,
+    /// Gate and up projections stacked: `[2·I, D]`.
+    pub w_gate_up: W,
+    /// Down projection `[D, I]`.
+    pub w_down: W,
+}
+
+impl<W, V> LlamaLayer<W, V> {
+    /// The same layer with every linear weight converted by `w` and every vector by `v`.
+    pub fn convert<W2, V2>(
+        self,
+        mut w: impl FnMut(W) -> Result<W2>,
+        mut v: impl FnMut(V) -> Result<V2>,
+    ) -> Result<LlamaLayer<W2, V2>> {
+        Ok(LlamaLayer {
+            attn_norm: v(self.attn_norm)?,
+            w_qkv: w(self.w_qkv)?,
+            b_qkv: self.b_qkv.map(&mut v).transpose()?,
+            wo: w(self.wo)?,
+            ffn_norm: v(self.ffn_norm)?,
+            w_gate_up: w(self.w_gate_up)?,
+            w_down: w(self.w_down)?,
+        })
+    }
+}
+
+/// A Llama-family model's weights as loaded, before either implementation takes them.
+pub struct LlamaWeights {
+    /// The shape.
+    pub cfg: LlamaConfig,
+    /// Shape (from `cfg`) and provenance.
+    pub info: ModelInfo,
+    /// Word embeddings `[vocab, D]`.
+    pub embed: Tensor,
+    /// Decoder layers.
+    pub layers: Vec<LlamaLayer>,
+    /// Final RMSNorm gain `[D]`.
+    pub norm: Tensor,
+    /// Vocabulary head `[vocab, D]` (the embedding table when tied).
+    pub lm_head: Tensor,
+}
+
+impl LlamaWeights {
+    /// The type the tensors were loaded in (f32 from model files).
+    pub fn dtype(&self) -> DType {
+        self.embed.dtype()
+    }
+}
+
+/// A Llama's layers and final norm on one implementation.
+pub trait Stack: Sized + Send + Sync + 'static {
+    /// Which implementation this is.
+    const PATH: KernelPath;
+    /// Takes the loaded layers and final norm (an error where this implementation cannot run
+    /// them).
+    fn new(cfg: LlamaConfig, layers: Vec<LlamaLayer>, norm: Tensor) -> Result<Self>;
+    /// Final-normed hidden states `[B, T, D]` of `embeds` (`mask` `[B, T]`) after the positions
+    /// in `cache`, whose keys and values are then replaced by the extended ones; with `keep`,
+    /// the tape for [`Stack::backward`].
+    fn forward(
+        &self,
+        embeds: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut KvCache>,
+        keep: bool,
+    ) -> Result<(Tensor, Option<Tape>)>;
+    /// d(loss)/d(input embeddings) and, after cached positions (a key/value prefix), their
+    /// gradient per layer `(dK, dV)`, each `[1, Hkv, past, hd]`, summed over the rows.
+    fn backward(&self, tape: &Tape, d_hidden: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)>;
+    /// [`CausalLm::hidden_at`]: by default a full forward, then the positions picked out.
+    fn hidden_at(
+        &self,
+        embeds: &Tensor,
+        mask: &Tensor,
+        prefix: Option<&KvCache>,
+        at: &[(usize, usize)],
+    ) -> Result<Tensor> {
+        let mut cache = match prefix {
+            Some(p) => Some(p.repeat(embeds.dim(0)?)?),
+            None => None,
+        };
+        let hidden = self.forward(embeds, mask, cache.as_mut(), false)?.0;
+        pick_positions(&hidden, at)
+    }
+    /// [`CausalLm::inference_logits`] with the vocabulary head `head` `[vocab, D]`.
+    fn head_logits(&self, head: &Tensor, rows: &Tensor) -> Result<Tensor> {
+        Ok(rows.matmul(&head.t()?)?)
+    }
+}
+
+/// A frozen Llama-family model run by the stack `S`.
+pub struct Llama<S> {
+    info: ModelInfo,
+    embed: Tensor,
+    lm_head: Tensor,
+    stack: S,
+}
+
+/// A Llama on the composed candle ops.
+pub type ComposedLlama = Llama<ComposedStack>;
+/// A Llama on the fused f32 CPU kernels.
+pub type FusedLlama = Llama<FusedStack>;
+
+impl<S: Stack> Llama<S> {
+    /// The model on stack `S`, built from (and consuming) the loaded weights.
+    pub fn new(w: LlamaWeights) -> Result<Self> {
+        Ok(Self {
+            stack: S::new(w.cfg, w.layers, w.norm)?,
+            info: w.info,
+            embed: w.embed,
+            lm_head: w.lm_head,
+        })
+    }
+
+    fn check_width(&self, input: &BackboneInput) -> Result<()> {
+        let d = input.embeds.dim(2)?;
+        if d != self.info.hidden {
+            bail!(
+                "input embeddings have width {d}, the model's hidden size is {}",
+                self.info.hidden
+            );
+        }
+        Ok(())
+    }
+
+    /// The forward pass after the positions in `cache` (extended in place), with the tape when
+    /// `keep`.
+    fn run(&self, input: &BackboneInput, cache: Option<&mut KvCache>, keep: bool) -> Result<(Tensor, Option<Tape>)> {
+        self.check_width(input)?;
+        self.stack.forward(input.embeds, input.mask, cache, keep)
+    }
+
+    /// The training forward, after a key/value prefix (one row) when given.
+    fn train(&self, input: &BackboneInput, prefix: Option<&KvCache>) -> Result<(Tensor, Tape)> {
+        let mut cache = match prefix {
+            Some(p) => Some(p.repeat(input.embeds.dim(0)?)?),
+            None => None,
+        };
+        let (h, tape) = self.run(input, cache.as_mut(), true)?;
+        Ok((h, tape.expect("keep=true yields a tape")))
+    }
+}
+
+/// The model `weights` hold on the implementation `path`.
+pub fn build(weights: LlamaWeights, path: KernelPath) -> Result<Box<dyn CausalLm>> {
+    Ok(match path {
+        KernelPath::Fused => Box::new(FusedLlama::new(weights)?),
+        KernelPath::Composed => Box::new(ComposedLlama::new(weights)?),
+    })
+}
+
+impl<S: Stack> Backbone for Llama<S> {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+    fn embedding_table(&self) -> &Tensor {
+        &self.embed
+    }
+    fn forward(&self, input: &BackboneInput) -> Result<Tensor> {
+        Ok(self.run(input, None, false)?.0)
+    }
+    fn forward_train(&self, input: &BackboneInput) -> Result<(Tensor, Tape)> {
+        self.train(input, None)
+    }
+    fn backward(&self, tape: &Tape, d_hidden: &Tensor) -> Result<Tensor> {
+        Ok(self.stack.backward(tape, d_hidden)?.0)
+    }
+    fn forward_prefixed(&self, input: &BackboneInput, prefix: &KvCache) -> Result<Tensor> {
+        let mut cache = prefix.repeat(input.embeds.dim(0)?)?;
+        Ok(self.run(input, Some(&mut cache), false)?.0)
+    }
+    fn forward_train_prefixed(&self, input: &BackboneInput, prefix: &KvCache) -> Result<(Tensor, Tape)> {
+        self.train(input, Some(prefix))
+    }
+    fn backward_prefixed(&self, tape: &Tape, d_hidden: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+        self.stack.backward(tape, d_hidden)
+    }
+    fn kernel_path(&self) -> KernelPath {
+        S::PATH
+    }
+}
+
+impl<S: Stack> CausalLm for Llama<S> {
+    fn forward_cached(&self, input: &BackboneInput, cache: &mut KvCache) -> Result<Tensor> {
+        Ok(self.run(input, Some(cache), false)?.0)
+    }
+    fn lm_head(&self) -> &Tensor {
+        &self.lm_head
+    }
+    fn hidden_at(&self, input: &BackboneInput, prefix: Option<&KvCache>, at: &[(usize, usize)]) -> Result<Tensor> {
+        self.check_width(input)?;
+        self.stack.hidden_at(input.embeds, input.mask, prefix, at)
+    }
+    fn inference_logits(&self, rows: &Tensor) -> Result<Tensor> {
+        self.stack.head_logits(&self.lm_head, rows)
+    }
+}
+
+/// RoPE tables `cos`, `sin` of shape `[max_positions, head_dim/2]`.
+fn rope_tables(cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+    let hd = cfg.head_dim();
+    let inv: Vec<f32> = (0..hd / 2)
+        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64) as f32)
+        .collect();
+    let n = cfg.max_positions;
+    let mut angles = Vec::with_capacity(n * hd / 2);
+    for p in 0..n {
+        angles.extend(inv.iter().map(|f| p as f32 * f));
+    }
+    let a = Tensor::from_vec(angles, (n, hd / 2), device)?.to_dtype(dtype)?;
+    Ok((a.cos()?, a.sin()?))
+}
