@@ -168,32 +168,21 @@ pub trait Stack: Sized + Send + Sync + 'static {
     /// Takes the loaded layers and final norm (an error where this implementation cannot run
     /// them).
     fn new(cfg: LlamaConfig, layers: Vec<LlamaLayer>, norm: Tensor) -> Result<Self>;
-    /// Final-normed hidden states `[B, T, D]` of `embeds` (`mask` `[B, T]`) after the positions
-    /// in `cache`, whose keys and values are then replaced by the extended ones; with `keep`,
+    /// Final-normed hidden states `[B, T, D]` of `input` (its embeddings and mask) after the
+    /// positions in `cache`, whose keys and values are then replaced by the extended ones; with `keep`,
     /// the tape for [`Stack::backward`].
-    fn forward(
-        &self,
-        embeds: &Tensor,
-        mask: &Tensor,
-        cache: Option<&mut KvCache>,
-        keep: bool,
-    ) -> Result<(Tensor, Option<Tape>)>;
+    fn forward(&self, input: &BackboneInput, cache: Option<&mut KvCache>, keep: bool)
+        -> Result<(Tensor, Option<Tape>)>;
     /// d(loss)/d(input embeddings) and, after cached positions (a key/value prefix), their
     /// gradient per layer `(dK, dV)`, each `[1, Hkv, past, hd]`, summed over the rows.
     fn backward(&self, tape: &Tape, d_hidden: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)>;
     /// [`CausalLm::hidden_at`]: by default a full forward, then the positions picked out.
-    fn hidden_at(
-        &self,
-        embeds: &Tensor,
-        mask: &Tensor,
-        prefix: Option<&KvCache>,
-        at: &[(usize, usize)],
-    ) -> Result<Tensor> {
+    fn hidden_at(&self, input: &BackboneInput, prefix: Option<&KvCache>, at: &[(usize, usize)]) -> Result<Tensor> {
         let mut cache = match prefix {
-            Some(p) => Some(p.repeat(embeds.dim(0)?)?),
+            Some(p) => Some(p.repeat(input.embeds.dim(0)?)?),
             None => None,
         };
-        let hidden = self.forward(embeds, mask, cache.as_mut(), false)?.0;
+        let hidden = self.forward(input, cache.as_mut(), false)?.0;
         pick_positions(&hidden, at)
     }
     /// [`CausalLm::inference_logits`] with the vocabulary head `head` `[vocab, D]`.
@@ -241,7 +230,7 @@ impl<S: Stack> Llama<S> {
     /// `keep`.
     fn run(&self, input: &BackboneInput, cache: Option<&mut KvCache>, keep: bool) -> Result<(Tensor, Option<Tape>)> {
         self.check_width(input)?;
-        self.stack.forward(input.embeds, input.mask, cache, keep)
+        self.stack.forward(input, cache, keep)
     }
 
     /// The training forward, after a key/value prefix (one row) when given.
@@ -303,7 +292,7 @@ impl<S: Stack> CausalLm for Llama<S> {
     }
     fn hidden_at(&self, input: &BackboneInput, prefix: Option<&KvCache>, at: &[(usize, usize)]) -> Result<Tensor> {
         self.check_width(input)?;
-        self.stack.hidden_at(input.embeds, input.mask, prefix, at)
+        self.stack.hidden_at(input, prefix, at)
     }
     fn inference_logits(&self, rows: &Tensor) -> Result<Tensor> {
         self.stack.head_logits(&self.lm_head, rows)

@@ -108,6 +108,21 @@ impl<'a> BackboneInput<'a> {
 /// Activations a forward pass kept for its backward pass (architecture-specific).
 pub struct Tape(pub(crate) Box<dyn Any + Send + Sync>);
 
+impl Tape {
+    /// A tape holding `kept`.
+    pub(crate) fn new<T: Any + Send + Sync>(kept: T) -> Tape {
+        Tape(Box::new(kept))
+    }
+
+    /// What the tape holds, as the `T` its maker keeps; an error naming `maker` when another
+    /// kind of model made it.
+    pub(crate) fn get<T: Any>(&self, maker: &str) -> Result<&T> {
+        self.0
+            .downcast_ref::<T>()
+            .with_context(|| format!("tape was not made by {maker}"))
+    }
+}
+
 /// A frozen transformer that runs from input embeddings: what every model can do. What only
 /// some models can do is a separate trait: [`CausalLm`] (key/value cache, vocabulary head) and
 /// [`Encoder`] (pooler); [`Model`] holds a loaded model as one or the other.

@@ -37,17 +37,57 @@ impl Stack for ComposedStack {
         Ok(Self { cfg, emb, layers })
     }
 
+    /// The forward pass, after a one-row key/value `prefix` when given (its keys and values
+    /// before the input's in every layer, the input's positions starting after it).
     fn forward(&self, input: &BackboneInput, prefix: Option<&KvCache>, keep: bool) -> Result<(Tensor, Option<Tape>)> {
-        let (hidden, tape) = self.run(input, keep, prefix)?;
-        Ok((hidden, tape.map(|t| Tape(Box::new(t)))))
+        let (b, t, d) = input.embeds.dims3()?;
+        let dtype = input.embeds.dtype();
+        let past = prefix.map_or(0, KvCache::len);
+        let types = match input.token_types {
+            Some(tt) => self
+                .emb
+                .token_type
+                .index_select(&tt.flatten_all()?, 0)?
+                .reshape((b, t, d))?,
+            None => self
+                .emb
+                .token_type
+                .get(0)?
+                .reshape((1, 1, d))?
+                .broadcast_as((b, t, d))?
+                .contiguous()?,
+        };
+        let pos = self.emb.position.narrow(0, past, t)?.unsqueeze(0)?;
+        let e = input.embeds.broadcast_add(&pos)?.add(&types)?;
+        let mut x = ops::layer_norm(&e, &self.emb.norm.g, &self.emb.norm.b, self.cfg.eps)?;
+        let mask = input.mask.to_dtype(DType::F32)?;
+        // Every row sees the prefix: its K/V and key mask repeated for each row.
+        let (key_mask, past_kv) = match prefix {
+            Some(p) => {
+                let rows = p.repeat(b)?;
+                let layers = rows
+                    .layers
+                    .iter()
+                    .map(|(k, v)| Ok((k.to_dtype(dtype)?, v.to_dtype(dtype)?)))
+                    .collect::<Result<Vec<_>>>()?;
+                let prefix_mask = rows.mask.as_ref().context("a non-empty cache has a mask")?;
+                (Tensor::cat(&[&prefix_mask.to_dtype(DType::F32)?, &mask], 1)?, layers)
+            }
+            None => (mask, Vec::new()),
+        };
+        let bias = ops::attention_bias(&key_mask, t, false, dtype)?;
+        let mut tapes = Vec::new();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let (y, tape) = self.layer_forward(layer, &x, &bias, past_kv.get(l), keep)?;
+            tapes.extend(tape);
+            x = y;
+        }
+        Ok((x, keep.then(|| Tape::new(BertTape { e, layers: tapes, past }))))
     }
 
     /// The input gradient and, after a prefix, the prefix's gradient per layer.
     fn backward(&self, tape: &Tape, d_hidden: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
-        let tape = tape
-            .0
-            .downcast_ref::<BertTape>()
-            .context("tape was not made by a BERT model")?;
+        let tape: &BertTape = tape.get("a composed BERT model")?;
         let mut dx = d_hidden.clone();
         let mut d_past = Vec::new();
         for (layer, lt) in self.layers.iter().zip(&tape.layers).rev() {
@@ -127,54 +167,6 @@ impl ComposedStack {
         let (wq, wk, wv) = qkv(layer, d)?;
         let dx = ((wq.backward(&flat(dq)?)? + wk.backward(&flat(dk)?)?)? + wv.backward(&flat(dv)?)?)?;
         Ok(((dr1 + dx)?, d_past))
-    }
-
-    /// The forward pass, after a one-row key/value `prefix` when given (its keys and values
-    /// before the input's in every layer, the input's positions starting after it).
-    fn run(&self, input: &BackboneInput, keep: bool, prefix: Option<&KvCache>) -> Result<(Tensor, Option<BertTape>)> {
-        let (b, t, d) = input.embeds.dims3()?;
-        let dtype = input.embeds.dtype();
-        let past = prefix.map_or(0, KvCache::len);
-        let types = match input.token_types {
-            Some(tt) => self
-                .emb
-                .token_type
-                .index_select(&tt.flatten_all()?, 0)?
-                .reshape((b, t, d))?,
-            None => self
-                .emb
-                .token_type
-                .get(0)?
-                .reshape((1, 1, d))?
-                .broadcast_as((b, t, d))?
-                .contiguous()?,
-        };
-        let pos = self.emb.position.narrow(0, past, t)?.unsqueeze(0)?;
-        let e = input.embeds.broadcast_add(&pos)?.add(&types)?;
-        let mut x = ops::layer_norm(&e, &self.emb.norm.g, &self.emb.norm.b, self.cfg.eps)?;
-        let mask = input.mask.to_dtype(DType::F32)?;
-        // Every row sees the prefix: its K/V and key mask repeated for each row.
-        let (key_mask, past_kv) = match prefix {
-            Some(p) => {
-                let rows = p.repeat(b)?;
-                let layers = rows
-                    .layers
-                    .iter()
-                    .map(|(k, v)| Ok((k.to_dtype(dtype)?, v.to_dtype(dtype)?)))
-                    .collect::<Result<Vec<_>>>()?;
-                let prefix_mask = rows.mask.as_ref().context("a non-empty cache has a mask")?;
-                (Tensor::cat(&[&prefix_mask.to_dtype(DType::F32)?, &mask], 1)?, layers)
-            }
-            None => (mask, Vec::new()),
-        };
-        let bias = ops::attention_bias(&key_mask, t, false, dtype)?;
-        let mut tapes = Vec::new();
-        for (l, layer) in self.layers.iter().enumerate() {
-            let (y, tape) = self.layer_forward(layer, &x, &bias, past_kv.get(l), keep)?;
-            tapes.extend(tape);
-            x = y;
-        }
-        Ok((x, keep.then_some(BertTape { e, layers: tapes, past })))
     }
 }
 

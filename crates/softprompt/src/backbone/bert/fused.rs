@@ -97,17 +97,63 @@ impl Stack for FusedStack {
         })
     }
 
+    /// Forward over the real positions; hidden states `[B, T, D]` (zeros at padding). With a
+    /// `prefix` (one row, per layer `[1, H, V, hd]`) every layer's attention sees its `V` keys
+    /// and values before the input's, and the input's positions start at `V`.
     fn forward(&self, input: &BackboneInput, prefix: Option<&KvCache>, keep: bool) -> Result<(Tensor, Option<Tape>)> {
-        let (hidden, tape) = self.run(input.embeds, input.mask, input.token_types, prefix, keep)?;
-        Ok((hidden, tape.map(|t| Tape(Box::new(t)))))
+        let (d, embeds) = (self.cfg.hidden, input.embeds);
+        let packed = Packed::new(input.mask, None)?;
+        let prefix_mask = match prefix {
+            Some(p) => to_vec(p.mask.as_ref().context("a key/value prefix has a mask")?)?
+                .iter()
+                .map(|&m| m != 0.0)
+                .collect(),
+            None => Vec::new(),
+        };
+        let slots = KeySlots::new(&packed, &prefix_mask);
+        let past = slots.past;
+        let types = input.token_types.map(to_vec).transpose()?;
+        let mut e = packed.pack(embeds)?;
+        for (i, row) in e.chunks_mut(d).enumerate() {
+            let (r, c) = (packed.row[i], packed.col[i]);
+            let ty = types.as_ref().map_or(0, |t| t[r * packed.cols + c] as usize);
+            ensure!((ty + 1) * d <= self.token_type.len(), "token type {ty} is out of range");
+            let (pos, tt) = (
+                &self.position[(past + c) * d..(past + c + 1) * d],
+                &self.token_type[ty * d..(ty + 1) * d],
+            );
+            for ((x, p), t) in row.iter_mut().zip(pos).zip(tt) {
+                *x += p + t;
+            }
+        }
+        let n = packed.len();
+        let (mut x, mut rstd0) = (vec![0f32; n * d], vec![0f32; n]);
+        norm::layer_norm(&e, &self.emb_norm.g, &self.emb_norm.b, self.eps(), &mut x, &mut rstd0);
+        let mut tapes = Vec::new();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let size = packed.rows * slots.keys * d;
+            let (mut k, mut v) = (vec![0f32; size], vec![0f32; size]);
+            if let Some((pk, pv)) = prefix.map(|p| &p.layers[l]) {
+                fill_past_slots(pk, &mut k, packed.rows, slots.keys)?;
+                fill_past_slots(pv, &mut v, packed.rows, slots.keys)?;
+            }
+            let (y, tape) = self.layer_forward(layer, x, &slots, &packed, (k, v), keep);
+            tapes.extend(tape);
+            x = y;
+        }
+        let hidden = packed.unpack(&x, true, embeds.device())?;
+        let tape = keep.then_some(FusedBertTape {
+            packed,
+            slots,
+            e,
+            rstd0,
+            layers: tapes,
+        });
+        Ok((hidden, tape.map(Tape::new)))
     }
 
     fn backward(&self, tape: &Tape, d_hidden: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
-        let tape = tape
-            .0
-            .downcast_ref::<FusedBertTape>()
-            .context("tape was not made by a fused BERT model")?;
-        self.run_backward(tape, d_hidden)
+        self.run_backward(tape.get("a fused BERT model")?, d_hidden)
     }
 }
 
@@ -184,68 +230,6 @@ struct FusedBertTape {
 impl FusedStack {
     fn eps(&self) -> f32 {
         self.cfg.eps as f32
-    }
-
-    /// Forward over the real positions; hidden states `[B, T, D]` (zeros at padding). With a
-    /// `prefix` (one row, per layer `[1, H, V, hd]`) every layer's attention sees its `V` keys
-    /// and values before the input's, and the input's positions start at `V`.
-    fn run(
-        &self,
-        embeds: &Tensor,
-        mask: &Tensor,
-        token_types: Option<&Tensor>,
-        prefix: Option<&KvCache>,
-        keep: bool,
-    ) -> Result<(Tensor, Option<FusedBertTape>)> {
-        let d = self.cfg.hidden;
-        let packed = Packed::new(mask, None)?;
-        let prefix_mask = match prefix {
-            Some(p) => to_vec(p.mask.as_ref().context("a key/value prefix has a mask")?)?
-                .iter()
-                .map(|&m| m != 0.0)
-                .collect(),
-            None => Vec::new(),
-        };
-        let slots = KeySlots::new(&packed, &prefix_mask);
-        let past = slots.past;
-        let types = token_types.map(to_vec).transpose()?;
-        let mut e = packed.pack(embeds)?;
-        for (i, row) in e.chunks_mut(d).enumerate() {
-            let (r, c) = (packed.row[i], packed.col[i]);
-            let ty = types.as_ref().map_or(0, |t| t[r * packed.cols + c] as usize);
-            ensure!((ty + 1) * d <= self.token_type.len(), "token type {ty} is out of range");
-            let (pos, tt) = (
-                &self.position[(past + c) * d..(past + c + 1) * d],
-                &self.token_type[ty * d..(ty + 1) * d],
-            );
-            for ((x, p), t) in row.iter_mut().zip(pos).zip(tt) {
-                *x += p + t;
-            }
-        }
-        let n = packed.len();
-        let (mut x, mut rstd0) = (vec![0f32; n * d], vec![0f32; n]);
-        norm::layer_norm(&e, &self.emb_norm.g, &self.emb_norm.b, self.eps(), &mut x, &mut rstd0);
-        let mut tapes = Vec::new();
-        for (l, layer) in self.layers.iter().enumerate() {
-            let size = packed.rows * slots.keys * d;
-            let (mut k, mut v) = (vec![0f32; size], vec![0f32; size]);
-            if let Some((pk, pv)) = prefix.map(|p| &p.layers[l]) {
-                fill_past_slots(pk, &mut k, packed.rows, slots.keys)?;
-                fill_past_slots(pv, &mut v, packed.rows, slots.keys)?;
-            }
-            let (y, tape) = self.layer_forward(layer, x, &slots, &packed, (k, v), keep);
-            tapes.extend(tape);
-            x = y;
-        }
-        let hidden = packed.unpack(&x, true, embeds.device())?;
-        let tape = keep.then_some(FusedBertTape {
-            packed,
-            slots,
-            e,
-            rstd0,
-            layers: tapes,
-        });
-        Ok((hidden, tape))
     }
 
     /// d(loss)/d(input embeddings) from d(loss)/d(hidden), and, after a prefix, its gradient

@@ -2,13 +2,13 @@
 //! and dtypes): forward and input-gradient passes written out layer by layer over the packed
 //! real positions, the math of `llama.rs`'s module documentation.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::Tensor;
 
 use super::{rope_tables, LlamaConfig, LlamaLayer, Stack};
 use crate::backbone::frozen_weight::Linear;
 use crate::backbone::ops::{self, AttentionSaved};
-use crate::backbone::{KernelPath, KvCache, Tape};
+use crate::backbone::{BackboneInput, KernelPath, KvCache, Tape};
 
 /// A layer's weights as candle tensors.
 type Layer = LlamaLayer<Tensor>;
@@ -61,21 +61,61 @@ impl Stack for ComposedStack {
 
     fn forward(
         &self,
-        embeds: &Tensor,
-        mask: &Tensor,
+        input: &BackboneInput,
         cache: Option<&mut KvCache>,
         keep: bool,
     ) -> Result<(Tensor, Option<Tape>)> {
-        let (hidden, tape) = self.run(embeds, mask, keep, cache)?;
-        Ok((hidden, tape.map(|t| Tape(Box::new(t)))))
+        let (embeds, mask) = (input.embeds, input.mask);
+        let t = embeds.dim(1)?;
+        let new_mask = mask.to_dtype(candle_core::DType::F32)?;
+        let past_len = cache.as_ref().map_or(0, |c| c.len());
+        if let Some(c) = cache.as_ref() {
+            if c.positions().iter().any(|&p| p != past_len) {
+                bail!(
+                    "rows with their own positions after a padded key/value cache (mixed-request \
+                     batches) run only on the fused f32 CPU path, not on {:?} {:?}",
+                    self.norm.device(),
+                    self.norm.dtype()
+                );
+            }
+        }
+        let key_mask = match cache.as_ref().and_then(|c| c.mask.as_ref()) {
+            Some(m) => Tensor::cat(&[m, &new_mask], 1)?,
+            None => new_mask,
+        };
+        let bias = ops::attention_bias(&key_mask, t, true, embeds.dtype())?;
+        let (cos, sin) = self.rope_slice(past_len, t)?;
+        let packing = ops::Packing::new(mask)?;
+        let mut x = packing.pack(embeds)?;
+        let mut tapes = Vec::new();
+        let mut new_kv = Vec::new();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let past = cache.as_ref().and_then(|c| c.layers.get(l));
+            let (y, tape, kv) = self.layer_forward(layer, &x, &packing, &bias, &cos, &sin, past, keep)?;
+            tapes.extend(tape);
+            new_kv.push(kv);
+            x = y;
+        }
+        let hidden = packing.unpack(&ops::rms_norm(&x, &self.norm, self.cfg.eps)?)?;
+        if let Some(c) = cache {
+            c.layers = new_kv;
+            c.mask = Some(key_mask);
+            c.next_pos = None;
+        }
+        let tape = keep.then_some(LlamaTape {
+            past: past_len,
+            layers: tapes,
+            last: x,
+            cos,
+            sin,
+            packing,
+        });
+        Ok((hidden, tape.map(Tape::new)))
     }
 
     /// The input gradient and the prefix's gradient (empty without a prefix).
     fn backward(&self, tape: &Tape, d_hidden: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
-        let tape = tape
-            .0
-            .downcast_ref::<LlamaTape>()
-            .context("tape was not made by a Llama model")?;
+        let tape: &LlamaTape = tape.get("a composed Llama model")?;
         let d_packed = tape.packing.pack(d_hidden)?;
         let mut dx = ops::rms_norm_backward(&tape.last, &self.norm, self.cfg.eps, &d_packed)?;
         let mut d_past = Vec::new();
@@ -202,59 +242,5 @@ impl ComposedStack {
             (dx2 + ops::rms_norm_backward(&tape.x, &layer.attn_norm, eps, &dn1)?)?,
             d_past,
         ))
-    }
-
-    fn run(
-        &self,
-        embeds: &Tensor,
-        mask: &Tensor,
-        keep: bool,
-        cache: Option<&mut KvCache>,
-    ) -> Result<(Tensor, Option<LlamaTape>)> {
-        let t = embeds.dim(1)?;
-        let new_mask = mask.to_dtype(candle_core::DType::F32)?;
-        let past_len = cache.as_ref().map_or(0, |c| c.len());
-        if let Some(c) = cache.as_ref() {
-            if c.positions().iter().any(|&p| p != past_len) {
-                bail!(
-                    "rows with their own positions after a padded key/value cache (mixed-request \
-                     batches) run only on the fused f32 CPU path, not on {:?} {:?}",
-                    self.norm.device(),
-                    self.norm.dtype()
-                );
-            }
-        }
-        let key_mask = match cache.as_ref().and_then(|c| c.mask.as_ref()) {
-            Some(m) => Tensor::cat(&[m, &new_mask], 1)?,
-            None => new_mask,
-        };
-        let bias = ops::attention_bias(&key_mask, t, true, embeds.dtype())?;
-        let (cos, sin) = self.rope_slice(past_len, t)?;
-        let packing = ops::Packing::new(mask)?;
-        let mut x = packing.pack(embeds)?;
-        let mut tapes = Vec::new();
-        let mut new_kv = Vec::new();
-        for (l, layer) in self.layers.iter().enumerate() {
-            let past = cache.as_ref().and_then(|c| c.layers.get(l));
-            let (y, tape, kv) = self.layer_forward(layer, &x, &packing, &bias, &cos, &sin, past, keep)?;
-            tapes.extend(tape);
-            new_kv.push(kv);
-            x = y;
-        }
-        let hidden = packing.unpack(&ops::rms_norm(&x, &self.norm, self.cfg.eps)?)?;
-        if let Some(c) = cache {
-            c.layers = new_kv;
-            c.mask = Some(key_mask);
-            c.next_pos = None;
-        }
-        let tape = keep.then_some(LlamaTape {
-            past: past_len,
-            layers: tapes,
-            last: x,
-            cos,
-            sin,
-            packing,
-        });
-        Ok((hidden, tape))
     }
 }

@@ -20,7 +20,7 @@ use super::{rope_tables, LlamaConfig, LlamaLayer, Stack};
 use crate::backbone::frozen_weight::FrozenWeight;
 use crate::backbone::fused::{fill_past_slots, to_vec, Packed};
 use crate::backbone::profile::{span, Direction};
-use crate::backbone::{KernelPath, KvCache, Tape};
+use crate::backbone::{BackboneInput, KernelPath, KvCache, Tape};
 
 /// A layer's weights for the fused kernels: linear weights packed (or in their file's storage),
 /// gains and biases as f32 rows.
@@ -59,33 +59,102 @@ impl Stack for FusedStack {
         })
     }
 
+    /// Forward over the real positions of `embeds` (`[B, T, D]`, `mask` `[B, T]`), after the
+    /// positions in `cache` (whose keys and values are then replaced by the extended ones).
+    /// Returns the final-normed hidden states `[B, T, D]` (zeros at padding) and, with `keep`,
+    /// the tape for the backward pass.
     fn forward(
         &self,
-        embeds: &Tensor,
-        mask: &Tensor,
+        input: &BackboneInput,
         cache: Option<&mut KvCache>,
         keep: bool,
     ) -> Result<(Tensor, Option<Tape>)> {
-        let (hidden, tape) = self.run(embeds, mask, cache, keep)?;
-        Ok((hidden, tape.map(|t| Tape(Box::new(t)))))
+        let (embeds, mask) = (input.embeds, input.mask);
+        let device = embeds.device().clone();
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        // A prefix shared by every row is computed once (not after a cache: rows may differ there).
+        let positions = cache.as_ref().and_then(|c| c.next_pos.clone());
+        let packed = Packed::new(mask, (past == 0 && positions.is_none()).then_some(embeds))?;
+        let geometry = self.geometry(&packed, past, cache.as_deref(), positions)?;
+        let mut kv = self.past_slots(&packed, &geometry, cache.as_deref())?;
+        let mut x = packed.pack(embeds)?;
+        let mut tapes = Vec::new();
+        for (layer, kv) in self.layers.iter().zip(kv.iter_mut()) {
+            let (y, tape) = self.layer_forward(layer, x, &geometry, kv, keep);
+            tapes.extend(tape);
+            x = y;
+        }
+        let n = packed.len();
+        let (mut h, mut rstd) = (vec![0f32; x.len()], vec![0f32; n]);
+        norm::rms_norm(&x, &self.norm, self.eps(), &mut h, &mut rstd);
+        let hidden = packed.unpack(&h, true, &device)?;
+        if let Some(c) = cache {
+            self.store_cache(c, &packed, &geometry, kv, &device)?;
+        }
+        let tape = keep.then_some(FusedTape {
+            past,
+            packed,
+            geometry,
+            layers: tapes,
+            last: x,
+            last_rstd: rstd,
+        });
+        Ok((hidden, tape.map(Tape::new)))
     }
 
     fn backward(&self, tape: &Tape, d_hidden: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
-        let tape = tape
-            .0
-            .downcast_ref::<FusedTape>()
-            .context("tape was not made by a fused Llama model")?;
-        self.run_backward(tape, d_hidden)
+        self.run_backward(tape.get("a fused Llama model")?, d_hidden)
     }
 
-    fn hidden_at(
-        &self,
-        embeds: &Tensor,
-        mask: &Tensor,
-        prefix: Option<&KvCache>,
-        at: &[(usize, usize)],
-    ) -> Result<Tensor> {
-        self.run_at(embeds, mask, prefix, at)
+    /// The final-normed hidden states `[R, D]` of the positions `at` (`(row, column)` of the
+    /// batch `embeds` `[B, T, D]`, `mask` `[B, T]`; in row, then column order) after the
+    /// positions in `prefix` (one row every row continues from, or one per row), which is left
+    /// as it is. The last layer runs only at `at`: nothing after it reads the other positions.
+    fn hidden_at(&self, input: &BackboneInput, prefix: Option<&KvCache>, at: &[(usize, usize)]) -> Result<Tensor> {
+        let (embeds, mask) = (input.embeds, input.mask);
+        ensure!(
+            at.windows(2).all(|w| w[0] < w[1]),
+            "the positions to compute are not in row order, then column order"
+        );
+        let past = prefix.map_or(0, |c| c.len());
+        let positions = prefix.and_then(|c| c.next_pos.clone());
+        let packed = Packed::new(mask, (past == 0 && positions.is_none()).then_some(embeds))?;
+        let positions = positions.map(|p| match p.as_slice() {
+            [one] => vec![*one; packed.rows],
+            _ => p,
+        });
+        let geometry = self.geometry(&packed, past, prefix, positions)?;
+        let selected = at
+            .iter()
+            .map(|&(r, c)| packed.index_of(r, c))
+            .collect::<Result<Vec<_>>>()?;
+        let mut kv = self.past_slots(&packed, &geometry, prefix)?;
+        let ((last, body), (last_kv, body_kv)) = (
+            self.layers.split_last().context("the model has no layers")?,
+            kv.split_last_mut().context("the model has no layers")?,
+        );
+        let mut x = packed.pack(embeds)?;
+        for (layer, kv) in body.iter().zip(body_kv) {
+            x = self.layer_forward(layer, x, &geometry, kv, false).0;
+        }
+        let (q, _) = self.attention_inputs(last, &x, &geometry, last_kv);
+        let d = self.cfg.hidden;
+        let rows_of =
+            |v: &[f32]| -> Vec<f32> { selected.iter().flat_map(|&i| v[i * d..(i + 1) * d].to_vec()).collect() };
+        // The asked-for row, not the packed one: a shared position's keys sit in every row's slots.
+        let query_row: Vec<usize> = at.iter().map(|&(r, _)| r).collect();
+        let query_key: Vec<usize> = selected.iter().map(|&i| geometry.query_key[i]).collect();
+        let lay = AttentionLayout {
+            query_row: &query_row,
+            query_key: &query_key,
+            ..geometry.layout(self)
+        };
+        let out = self
+            .attention_and_mlp(last, &rows_of(&x), &rows_of(&q), &lay, last_kv)
+            .out;
+        let (mut h, mut rstd) = (vec![0f32; out.len()], vec![0f32; selected.len()]);
+        norm::rms_norm(&out, &self.norm, self.eps(), &mut h, &mut rstd);
+        Ok(Tensor::from_vec(h, (selected.len(), d), embeds.device())?)
     }
 
     /// The head read once for a few rows ([`softprompt_kernels::head::logits`]) instead of being
@@ -166,105 +235,6 @@ impl Geometry {
 impl FusedStack {
     fn eps(&self) -> f32 {
         self.cfg.eps as f32
-    }
-
-    /// Forward over the real positions of `embeds` (`[B, T, D]`, `mask` `[B, T]`), after the
-    /// positions in `cache` (whose keys and values are then replaced by the extended ones).
-    /// Returns the final-normed hidden states `[B, T, D]` (zeros at padding) and, with `keep`,
-    /// the tape for [`FusedStack::run_backward`].
-    fn run(
-        &self,
-        embeds: &Tensor,
-        mask: &Tensor,
-        cache: Option<&mut KvCache>,
-        keep: bool,
-    ) -> Result<(Tensor, Option<FusedTape>)> {
-        let device = embeds.device().clone();
-        let past = cache.as_ref().map_or(0, |c| c.len());
-        // A prefix shared by every row is computed once (not after a cache: rows may differ there).
-        let positions = cache.as_ref().and_then(|c| c.next_pos.clone());
-        let packed = Packed::new(mask, (past == 0 && positions.is_none()).then_some(embeds))?;
-        let geometry = self.geometry(&packed, past, cache.as_deref(), positions)?;
-        let mut kv = self.past_slots(&packed, &geometry, cache.as_deref())?;
-        let mut x = packed.pack(embeds)?;
-        let mut tapes = Vec::new();
-        for (layer, kv) in self.layers.iter().zip(kv.iter_mut()) {
-            let (y, tape) = self.layer_forward(layer, x, &geometry, kv, keep);
-            tapes.extend(tape);
-            x = y;
-        }
-        let n = packed.len();
-        let (mut h, mut rstd) = (vec![0f32; x.len()], vec![0f32; n]);
-        norm::rms_norm(&x, &self.norm, self.eps(), &mut h, &mut rstd);
-        let hidden = packed.unpack(&h, true, &device)?;
-        if let Some(c) = cache {
-            self.store_cache(c, &packed, &geometry, kv, &device)?;
-        }
-        let tape = keep.then_some(FusedTape {
-            past,
-            packed,
-            geometry,
-            layers: tapes,
-            last: x,
-            last_rstd: rstd,
-        });
-        Ok((hidden, tape))
-    }
-
-    /// The final-normed hidden states `[R, D]` of the positions `at` (`(row, column)` of the
-    /// batch `embeds` `[B, T, D]`, `mask` `[B, T]`; in row, then column order) after the
-    /// positions in `prefix` (one row every row continues from, or one per row), which is left
-    /// as it is. The last layer runs only at `at`: nothing after it reads the other positions.
-    fn run_at(
-        &self,
-        embeds: &Tensor,
-        mask: &Tensor,
-        prefix: Option<&KvCache>,
-        at: &[(usize, usize)],
-    ) -> Result<Tensor> {
-        ensure!(
-            at.windows(2).all(|w| w[0] < w[1]),
-            "the positions to compute are not in row order, then column order"
-        );
-        let past = prefix.map_or(0, |c| c.len());
-        let positions = prefix.and_then(|c| c.next_pos.clone());
-        let packed = Packed::new(mask, (past == 0 && positions.is_none()).then_some(embeds))?;
-        let positions = positions.map(|p| match p.as_slice() {
-            [one] => vec![*one; packed.rows],
-            _ => p,
-        });
-        let geometry = self.geometry(&packed, past, prefix, positions)?;
-        let selected = at
-            .iter()
-            .map(|&(r, c)| packed.index_of(r, c))
-            .collect::<Result<Vec<_>>>()?;
-        let mut kv = self.past_slots(&packed, &geometry, prefix)?;
-        let ((last, body), (last_kv, body_kv)) = (
-            self.layers.split_last().context("the model has no layers")?,
-            kv.split_last_mut().context("the model has no layers")?,
-        );
-        let mut x = packed.pack(embeds)?;
-        for (layer, kv) in body.iter().zip(body_kv) {
-            x = self.layer_forward(layer, x, &geometry, kv, false).0;
-        }
-        let (q, _) = self.attention_inputs(last, &x, &geometry, last_kv);
-        let d = self.cfg.hidden;
-        let rows_of =
-            |v: &[f32]| -> Vec<f32> { selected.iter().flat_map(|&i| v[i * d..(i + 1) * d].to_vec()).collect() };
-        // The asked-for row, not the packed one: a shared position's keys sit in every row's slots.
-        let query_row: Vec<usize> = at.iter().map(|&(r, _)| r).collect();
-        let query_key: Vec<usize> = selected.iter().map(|&i| geometry.query_key[i]).collect();
-        let lay = AttentionLayout {
-            query_row: &query_row,
-            query_key: &query_key,
-            ..geometry.layout(self)
-        };
-        let out = self
-            .attention_and_mlp(last, &rows_of(&x), &rows_of(&q), &lay, last_kv)
-            .out;
-        let (mut h, mut rstd) = (vec![0f32; out.len()], vec![0f32; selected.len()]);
-        norm::rms_norm(&out, &self.norm, self.eps(), &mut h, &mut rstd);
-        Ok(Tensor::from_vec(h, (selected.len(), d), embeds.device())?)
     }
 
     fn geometry(
