@@ -169,8 +169,8 @@ pub trait Stack: Sized + Send + Sync + 'static {
     /// them).
     fn new(cfg: LlamaConfig, layers: Vec<LlamaLayer>, norm: Tensor) -> Result<Self>;
     /// Final-normed hidden states `[B, T, D]` of `input` (its embeddings and mask) after the
-    /// positions in `cache`, whose keys and values are then replaced by the extended ones; with `keep`,
-    /// the tape for [`Stack::backward`].
+    /// positions in `cache`, whose keys and values are then replaced by the extended ones; with
+    /// `keep`, the tape for [`Stack::backward`].
     fn forward(&self, input: &BackboneInput, cache: Option<&mut KvCache>, keep: bool)
         -> Result<(Tensor, Option<Tape>)>;
     /// d(loss)/d(input embeddings) and, after cached positions (a key/value prefix), their

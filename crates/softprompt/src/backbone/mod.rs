@@ -48,7 +48,8 @@ impl Arch {
     }
 }
 
-/// Shape and provenance of a loaded model.
+/// Shape and provenance of a loaded model; the shape is derived at load from the family's
+/// configuration ([`llama::LlamaConfig`], [`bert::BertConfig`]), which holds it.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
     /// Architecture family.
