@@ -85,15 +85,17 @@ fn random_model(spec: &str) -> Result<Box<dyn Backbone>> {
         anyhow::bail!("--random-llama {spec}: expected five numbers HIDDENxLAYERSxHEADSxKV_HEADSxINTERMEDIATE");
     };
     let cfg = softprompt::backbone::llama::LlamaConfig {
-        layers,
-        hidden,
-        heads,
-        kv_heads,
-        intermediate,
-        vocab: 32_000,
+        shape: softprompt::backbone::Shape {
+            layers,
+            hidden,
+            heads,
+            kv_heads,
+            intermediate,
+            vocab: 32_000,
+            max_positions: 4096,
+        },
         eps: 1e-5,
         rope_theta: 10_000.0,
-        max_positions: 4096,
     };
     let weights = softprompt::backbone::random::random_llama(cfg, 7, &Device::Cpu)?;
     let path = softprompt::backbone::KernelPath::default_for(&Device::Cpu, weights.dtype());

@@ -9,15 +9,17 @@ use softprompt::backbone::{Backbone, BackboneInput, CausalLm, KvCache};
 
 fn model() -> FusedLlama {
     let cfg = LlamaConfig {
-        layers: 3,
-        hidden: 32,
-        heads: 4,
-        kv_heads: 2,
-        intermediate: 48,
-        vocab: 50,
+        shape: softprompt::backbone::Shape {
+            layers: 3,
+            hidden: 32,
+            heads: 4,
+            kv_heads: 2,
+            intermediate: 48,
+            vocab: 50,
+            max_positions: 64,
+        },
         eps: 1e-5,
         rope_theta: 10_000.0,
-        max_positions: 64,
     };
     FusedLlama::new(random_llama(cfg, 7, &Device::Cpu).unwrap()).unwrap()
 }

@@ -54,7 +54,9 @@ fn write_task_file(
         task_labels: vec![],
         verbalizer: verbalizer.iter().map(|(l, w)| (l.to_string(), w.to_string())).collect(),
         method: softprompt::prompt::Method::PromptTuning,
-        num_virtual_tokens: softprompt::template::Template::parse(template).unwrap().num_virtual_tokens(),
+        num_virtual_tokens: softprompt::template::Template::parse(template)
+            .unwrap()
+            .num_virtual_tokens(),
         model: model.into(),
         training: serde_json::Value::Null,
         warnings: vec![],

@@ -28,49 +28,35 @@ use candle_core::Tensor;
 
 use super::ops;
 use super::weights::WeightSource;
-use super::{Arch, Backbone, BackboneInput, Encoder, KernelPath, KvCache, ModelInfo, Tape};
+use super::{Arch, Backbone, BackboneInput, Encoder, KernelPath, KvCache, ModelInfo, Shape, Tape};
 
 /// Hyper-parameters of a BERT-family encoder: the one place its shape is held ([`ModelInfo`] is
 /// derived from it at load).
 #[derive(Debug, Clone)]
 pub struct BertConfig {
-    /// Encoder layers.
-    pub layers: usize,
-    /// Hidden size.
-    pub hidden: usize,
-    /// Attention heads.
-    pub heads: usize,
-    /// MLP inner size.
-    pub intermediate: usize,
-    /// Vocabulary rows.
-    pub vocab: usize,
-    /// Rows of the position table (`max_position_embeddings`).
-    pub max_positions: usize,
+    /// The sizes (`kv_heads` = `heads`; read through `Deref`: `cfg.hidden`).
+    pub shape: Shape,
     /// Rows of the token-type table.
     pub types: usize,
     /// LayerNorm epsilon.
     pub eps: f64,
 }
 
-impl BertConfig {
-    /// Size of one attention head.
-    pub fn head_dim(&self) -> usize {
-        self.hidden / self.heads
+impl std::ops::Deref for BertConfig {
+    type Target = Shape;
+    fn deref(&self) -> &Shape {
+        &self.shape
     }
+}
 
+impl BertConfig {
     /// The [`ModelInfo`] of an encoder of this shape.
     fn model_info(&self, params: usize, weights: &dyn WeightSource) -> ModelInfo {
         ModelInfo {
             arch: Arch::Bert,
             model_type: "bert".into(),
             source: weights.location().to_path_buf(),
-            layers: self.layers,
-            hidden: self.hidden,
-            heads: self.heads,
-            kv_heads: self.heads,
-            intermediate: self.intermediate,
-            vocab: self.vocab,
-            max_positions: self.max_positions,
+            shape: self.shape,
             params,
             dtypes_on_disk: weights.dtype_counts(),
         }

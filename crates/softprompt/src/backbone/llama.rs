@@ -26,43 +26,28 @@ use std::path::Path;
 
 use super::frozen_weight::Linear;
 use super::weights::WeightSource;
-use super::{pick_positions, Arch, Backbone, BackboneInput, CausalLm, KernelPath, KvCache, ModelInfo, Tape};
+use super::{pick_positions, Arch, Backbone, BackboneInput, CausalLm, KernelPath, KvCache, ModelInfo, Shape, Tape};
 
 /// Hyper-parameters of a Llama-family model: the one place its shape is held ([`ModelInfo`] is
 /// derived from it at load).
 #[derive(Debug, Clone)]
 pub struct LlamaConfig {
-    /// Transformer layers.
-    pub layers: usize,
-    /// Hidden size.
-    pub hidden: usize,
-    /// Query heads.
-    pub heads: usize,
-    /// Key/value heads.
-    pub kv_heads: usize,
-    /// MLP inner size.
-    pub intermediate: usize,
-    /// Vocabulary rows.
-    pub vocab: usize,
+    /// The sizes (read through `Deref`: `cfg.hidden`).
+    pub shape: Shape,
     /// RMSNorm epsilon.
     pub eps: f64,
     /// RoPE base frequency.
     pub rope_theta: f64,
-    /// Longest supported sequence.
-    pub max_positions: usize,
+}
+
+impl std::ops::Deref for LlamaConfig {
+    type Target = Shape;
+    fn deref(&self) -> &Shape {
+        &self.shape
+    }
 }
 
 impl LlamaConfig {
-    /// Size of one attention head.
-    pub fn head_dim(&self) -> usize {
-        self.hidden / self.heads
-    }
-
-    /// Width of the keys (and of the values) of one position: `kv_heads · head_dim`.
-    pub fn kv_dim(&self) -> usize {
-        self.kv_heads * self.head_dim()
-    }
-
     fn validate(&self, source: &Path) -> Result<()> {
         if self.heads == 0
             || self.kv_heads == 0
@@ -86,13 +71,7 @@ impl LlamaConfig {
             arch: Arch::Llama,
             model_type,
             source: weights.location().to_path_buf(),
-            layers: self.layers,
-            hidden: self.hidden,
-            heads: self.heads,
-            kv_heads: self.kv_heads,
-            intermediate: self.intermediate,
-            vocab: self.vocab,
-            max_positions: self.max_positions,
+            shape: self.shape,
             params,
             dtypes_on_disk: weights.dtype_counts(),
         }

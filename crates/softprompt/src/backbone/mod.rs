@@ -58,6 +58,27 @@ pub struct ModelInfo {
     pub model_type: String,
     /// File or directory the weights came from.
     pub source: PathBuf,
+    /// The sizes (layers, widths, heads, vocabulary, positions); also read through `Deref`
+    /// (`info.hidden`).
+    pub shape: Shape,
+    /// Total parameter count.
+    pub params: usize,
+    /// Number of tensors per storage type on disk (e.g. `Q4_1 → 210`).
+    pub dtypes_on_disk: BTreeMap<String, usize>,
+}
+
+impl std::ops::Deref for ModelInfo {
+    type Target = Shape;
+    fn deref(&self) -> &Shape {
+        &self.shape
+    }
+}
+
+/// The sizes of a transformer: the one place they are held. A family's config
+/// ([`llama::LlamaConfig`], [`bert::BertConfig`]) adds its own constants around it, and
+/// [`ModelInfo`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
     /// Number of transformer layers.
     pub layers: usize,
     /// Hidden size (embedding dimension).
@@ -72,16 +93,17 @@ pub struct ModelInfo {
     pub vocab: usize,
     /// Longest sequence the position encoding supports.
     pub max_positions: usize,
-    /// Total parameter count.
-    pub params: usize,
-    /// Number of tensors per storage type on disk (e.g. `Q4_1 → 210`).
-    pub dtypes_on_disk: BTreeMap<String, usize>,
 }
 
-impl ModelInfo {
+impl Shape {
     /// Size of one attention head.
     pub fn head_dim(&self) -> usize {
         self.hidden / self.heads
+    }
+
+    /// Width of the keys (and of the values) of one position: `kv_heads · head_dim`.
+    pub fn kv_dim(&self) -> usize {
+        self.kv_heads * self.head_dim()
     }
 }
 

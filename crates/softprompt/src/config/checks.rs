@@ -170,7 +170,6 @@ impl TrainConfig {
     fn check_verbalizer(&self) -> Result<()> {
         crate::task::check_verbalizer(&self.verbalizer, &option("verbalizer"))
     }
-
 }
 
 /// The template of a run: without any virtual token, `[soft:N]` is prepended (prompt tuning).

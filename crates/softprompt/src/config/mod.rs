@@ -18,12 +18,11 @@ mod kinds;
 
 pub use crate::backbone::WeightStorage;
 pub use crate::prompt::encoder::EncoderKind;
+pub use crate::prompt::Method;
 use crate::prompt::{EncoderSpec, PrefixSpec};
 pub use crate::task::TaskKind;
 pub use checks::{check_baseline_template, run_template};
-pub use crate::prompt::Method;
 pub use kinds::{InitKind, Schedule, TaskData};
-
 
 /// A training run's configuration. Every field has a default, so a TOML file or the flags need
 /// only name what differs.
@@ -259,7 +258,6 @@ impl TrainConfig {
     pub fn num_tasks(&self) -> usize {
         self.tasks.len().max(1)
     }
-
 
     /// The key/value prefix this configuration asks for (`None` for the input-prompt methods).
     pub fn prefix_spec(&self) -> Option<PrefixSpec> {

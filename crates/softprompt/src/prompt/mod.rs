@@ -25,11 +25,11 @@ use rand::rngs::StdRng;
 use std::collections::HashMap;
 
 pub use encoder::{EncoderKind, EncoderSpec, PromptEncoder};
-pub use method::Method;
 pub use init::{
     common_token_ids, initial_prompt, sample_vocab_ids, seeded_rng, text_init_ids, InitSource, PromptInit,
     VOCAB_SAMPLE_POOL,
 };
+pub use method::Method;
 pub use multitask::{SourceInit, TaskFactors, PREFIX_TASK_COLS, PREFIX_TASK_ROWS};
 pub use prefix::{KvPrefix, PrefixShape, PrefixSpec};
 

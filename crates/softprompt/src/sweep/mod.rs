@@ -14,9 +14,9 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-use crate::train::checkpoint;
 use crate::config::TrainConfig;
 use crate::template::Template;
+use crate::train::checkpoint;
 use crate::train::{self, output, Observer};
 pub use grid::{Axis, Cell, Grid};
 pub use report::CellResult;

@@ -124,7 +124,10 @@ impl LearnedPrompt for KvPrefix {
         flat_gradient(&d_layers, self.num_virtual_tokens())
     }
     fn eval_parts(&self) -> Result<(Option<Tensor>, Option<KvCache>)> {
-        Ok((None, Some(flat_to_cache(&KvPrefix::forward(self)?.detach(), self.shape())?)))
+        Ok((
+            None,
+            Some(flat_to_cache(&KvPrefix::forward(self)?.detach(), self.shape())?),
+        ))
     }
     fn peft_config(&self, p: &Prepared, _init: &PromptInit, task_type: TaskType) -> Result<PeftConfig> {
         Ok(super::prefix::peft_config(self, task_type, p.model.backbone.info()))

@@ -6,10 +6,10 @@ use candle_core::{DType, Tensor, Var};
 use rand::SeedableRng;
 use std::path::Path;
 
-use super::optim::{AdamW, AdamWConfig};
-pub use super::learned::{Learned, LearnedPrompt};
-use super::{multitask, Prepared, TaskSplit};
 use super::checkpoint::{self, Checkpoint, Progress};
+pub use super::learned::{Learned, LearnedPrompt};
+use super::optim::{AdamW, AdamWConfig};
+use super::{multitask, Prepared, TaskSplit};
 use crate::adapter::run_files::{self, AdapterTask, TASK_FORMAT_VERSION};
 use crate::adapter::{self, MethodConfig, TaskType};
 use crate::config::{InitKind, Method, TrainConfig};

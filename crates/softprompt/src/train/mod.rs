@@ -30,15 +30,15 @@ use std::time::Instant;
 
 use crate::adapter;
 use crate::backbone::KvCache;
+pub use crate::config::{check_baseline_template, run_template};
 pub use crate::config::{EncoderKind, InitKind, Method, TrainConfig};
 use crate::infer::evaluate::{EvalResult, Scorer};
 use crate::loss::ClassifierHead;
 use crate::task::{Example, Task};
+pub use checkpoint::Progress;
 pub use learner::{new_learner, save_adapter, Learned, LearnedPrompt, Learner, HEAD_BIAS, HEAD_WEIGHT};
 pub use output::OutputDir;
-pub use crate::config::{check_baseline_template, run_template};
 pub use prepare::{prepare, Prepared, TaskSplit};
-pub use checkpoint::Progress;
 pub use step::{step, total_steps, DataOrder, StepResult};
 
 /// Receives progress; the CLI draws a progress bar, tests ignore it.

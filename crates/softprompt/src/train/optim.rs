@@ -1,10 +1,10 @@
 //! AdamW (decoupled weight decay, as `torch.optim.AdamW`) and learning-rate schedules, with
 //! state that can be saved and restored exactly.
 
+pub use crate::config::Schedule;
 use anyhow::{bail, Result};
 use candle_core::{Tensor, Var};
 use std::collections::BTreeMap;
-pub use crate::config::Schedule;
 
 /// AdamW hyper-parameters.
 #[derive(Debug, Clone, Copy)]

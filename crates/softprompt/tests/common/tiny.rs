@@ -39,15 +39,17 @@ pub fn tiny_llama_in(dtype: DType) -> Box<dyn CausalLm> {
 /// The tiny Llama's weights in `dtype`.
 pub fn tiny_llama_weights(dtype: DType) -> LlamaWeights {
     let cfg = LlamaConfig {
-        layers: 2,
-        hidden: 16,
-        heads: 4,
-        kv_heads: 2,
-        intermediate: 24,
-        vocab: 20,
+        shape: softprompt::backbone::Shape {
+            layers: 2,
+            hidden: 16,
+            heads: 4,
+            kv_heads: 2,
+            intermediate: 24,
+            vocab: 20,
+            max_positions: 32,
+        },
         eps: 1e-5,
         rope_theta: 10_000.0,
-        max_positions: 32,
     };
     let mut s = 7u64;
     let mut t = HashMap::new();

@@ -7,18 +7,23 @@ use std::path::Path;
 
 use super::{BertConfig, BertLayer, BertWeights, Dense, Embeddings, Norm};
 use crate::backbone::weights::WeightSource;
+use crate::backbone::Shape;
 
 impl BertConfig {
     /// The shape a model directory's `config.json` declares; only `hidden_act = gelu` runs.
     pub fn from_hf(dir: &Path, config: &serde_json::Value) -> Result<Self> {
         let f = crate::backbone::config_fields(dir, config)?;
+        let heads = f.req_usize("num_attention_heads")?;
         let cfg = BertConfig {
-            hidden: f.req_usize("hidden_size")?,
-            heads: f.req_usize("num_attention_heads")?,
-            layers: f.req_usize("num_hidden_layers")?,
-            intermediate: f.req_usize("intermediate_size")?,
-            vocab: f.req_usize("vocab_size")?,
-            max_positions: f.opt_usize("max_position_embeddings")?.unwrap_or(512),
+            shape: Shape {
+                hidden: f.req_usize("hidden_size")?,
+                heads,
+                kv_heads: heads,
+                layers: f.req_usize("num_hidden_layers")?,
+                intermediate: f.req_usize("intermediate_size")?,
+                vocab: f.req_usize("vocab_size")?,
+                max_positions: f.opt_usize("max_position_embeddings")?.unwrap_or(512),
+            },
             types: f.opt_usize("type_vocab_size")?.unwrap_or(2),
             eps: f.opt_f64("layer_norm_eps")?.unwrap_or(1e-12),
         };

@@ -10,6 +10,7 @@ use std::path::Path;
 use super::{LlamaConfig, LlamaLayer, LlamaWeights};
 use crate::backbone::frozen_weight::{reorder_rows, Linear, StoredRows, WeightStorage};
 use crate::backbone::weights::WeightSource;
+use crate::backbone::Shape;
 use crate::gguf::GgufFile;
 
 /// Parameter roles, mapped to file-specific tensor names.
@@ -110,15 +111,17 @@ impl LlamaWeights {
             .map(|e| e.shape[0])
             .with_context(|| format!("{}: tensor `token_embd.weight` is missing", file.path().display()))?;
         let cfg = LlamaConfig {
-            layers: file.get_usize(&key("block_count"))?,
-            hidden: file.get_usize(&key("embedding_length"))?,
-            heads,
-            kv_heads: file.get_usize(&key("attention.head_count_kv")).unwrap_or(heads),
-            intermediate: file.get_usize(&key("feed_forward_length"))?,
-            vocab: file.get_usize(&key("vocab_size")).unwrap_or(embed_rows),
+            shape: Shape {
+                layers: file.get_usize(&key("block_count"))?,
+                hidden: file.get_usize(&key("embedding_length"))?,
+                heads,
+                kv_heads: file.get_usize(&key("attention.head_count_kv")).unwrap_or(heads),
+                intermediate: file.get_usize(&key("feed_forward_length"))?,
+                vocab: file.get_usize(&key("vocab_size")).unwrap_or(embed_rows),
+                max_positions: file.get_usize(&key("context_length"))?,
+            },
             eps: file.get_f64(&key("attention.layer_norm_rms_epsilon"))?,
             rope_theta: file.get_f64(&key("rope.freq_base")).unwrap_or(10_000.0),
-            max_positions: file.get_usize(&key("context_length"))?,
         };
         // llama.cpp permutes q/k rows for the llama architecture only (qwen2 keeps HF's layout).
         let unpermute = arch == "llama" || arch == "mistral";
@@ -136,15 +139,17 @@ impl LlamaWeights {
         let f = crate::backbone::config_fields(dir, config)?;
         let heads = f.req_usize("num_attention_heads")?;
         let cfg = LlamaConfig {
-            layers: f.req_usize("num_hidden_layers")?,
-            hidden: f.req_usize("hidden_size")?,
-            heads,
-            kv_heads: f.opt_usize("num_key_value_heads")?.unwrap_or(heads),
-            intermediate: f.req_usize("intermediate_size")?,
-            vocab: f.req_usize("vocab_size")?,
+            shape: Shape {
+                layers: f.req_usize("num_hidden_layers")?,
+                hidden: f.req_usize("hidden_size")?,
+                heads,
+                kv_heads: f.opt_usize("num_key_value_heads")?.unwrap_or(heads),
+                intermediate: f.req_usize("intermediate_size")?,
+                vocab: f.req_usize("vocab_size")?,
+                max_positions: f.opt_usize("max_position_embeddings")?.unwrap_or(4096),
+            },
             eps: f.opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
             rope_theta: f.opt_f64("rope_theta")?.unwrap_or(10_000.0),
-            max_positions: f.opt_usize("max_position_embeddings")?.unwrap_or(4096),
         };
         let model_type = f.opt_str("model_type")?.unwrap_or_else(|| "llama".to_string());
         Self::read(cfg, weights, (hf_name, false), model_type, device, storage)
