@@ -15,7 +15,7 @@
 //! `adapter_config.json`), `python_json` (Python's `json.dumps` spelling), [`compat`] (does an
 //! adapter fit a model), [`run_files`] (softprompt's own files beside the adapter:
 //! `softprompt.json`, the raw prompt parameters). The resumable training state is
-//! [`crate::train::checkpoint`]'s.
+//! [`crate::train::checkpoint`](mod@crate::train::checkpoint)'s.
 
 pub mod compat;
 pub mod peft_config;
