@@ -17,6 +17,7 @@
 mod api;
 #[cfg(test)]
 mod browser_tests;
+mod generation;
 mod metrics;
 mod routes;
 #[cfg(test)]

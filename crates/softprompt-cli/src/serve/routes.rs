@@ -6,22 +6,17 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
-use softprompt::infer::engine::{Completion, Event, GenRequest};
-use softprompt::infer::prompt_cache::PromptCache;
-use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::api::{self, ApiError, ChatBody, CompletionBody, Params};
-use super::worker::{ClassifyJob, GenJob, Job, Reply};
-use super::{AppState, Served};
+use super::api::{self, ApiError};
+use super::worker::{ClassifyJob, Job};
+use super::{generation, AppState, Served};
 
 /// Largest request body.
 pub const BODY_LIMIT: usize = 1 << 20;
@@ -33,8 +28,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
-        .route("/v1/completions", post(completions))
-        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(generation::completions))
+        .route("/v1/chat/completions", post(generation::chat_completions))
         .route("/v1/classify", post(classify))
         .route("/v1/adapters", post(load_adapter))
         .route("/v1/adapters/{name}", delete(unload_adapter))
@@ -146,7 +141,7 @@ async fn not_found() -> ApiError {
     ApiError::new(404, "invalid_request_error", "not_found", "no such route")
 }
 
-fn authorize(s: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(super) fn authorize(s: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(key) = &s.api_key else { return Ok(()) };
     let given = headers
         .get("authorization")
@@ -184,7 +179,7 @@ async fn models(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Result<Js
     Ok(Json(json!({"object": "list", "data": data})))
 }
 
-fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+pub(super) fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|e| {
         let status = e.status().as_u16();
         let code = if status == 413 { "body_too_large" } else { "bad_body" };
@@ -193,7 +188,7 @@ fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
 }
 
 /// 404 for a name that is neither the base model nor a loaded adapter.
-fn unknown_model(name: &str) -> ApiError {
+pub(super) fn unknown_model(name: &str) -> ApiError {
     ApiError::new(
         404,
         "invalid_request_error",
@@ -203,7 +198,7 @@ fn unknown_model(name: &str) -> ApiError {
 }
 
 /// 503 when the worker's queue is full (with Retry-After) or the worker is gone.
-fn unavailable(full: bool, max_queue: usize) -> ApiError {
+pub(super) fn unavailable(full: bool, max_queue: usize) -> ApiError {
     if full {
         let mut e = ApiError::new(
             503,
@@ -290,7 +285,7 @@ async fn classify(
 }
 
 /// 400 unless the served model generates (an encoder only classifies).
-fn require_generating(s: &AppState) -> Result<(), ApiError> {
+pub(super) fn require_generating(s: &AppState) -> Result<(), ApiError> {
     if s.model.backbone.causal().is_some() {
         return Ok(());
     }
@@ -306,276 +301,6 @@ fn require_generating(s: &AppState) -> Result<(), ApiError> {
     ))
 }
 
-async fn completions(
-    State(s): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    authorize(&s, &headers)?;
-    require_generating(&s)?;
-    let body: CompletionBody = api::parse(&body_bytes(body)?)?;
-    if body.echo {
-        return Err(ApiError::bad("echo is not supported"));
-    }
-    let text = match body.prompt {
-        api::Prompt::One(t) => t,
-        api::Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
-        api::Prompt::Many(v) => return Err(ApiError::bad(format!("one prompt per request, got {}", v.len()))),
-    };
-    let params = body.common.check(&s.limits, s.limits.default_max_tokens)?;
-    let ids = s
-        .model
-        .tokenizer
-        .encode(&text, true)
-        .map_err(|e| ApiError::bad(format!("{e:#}")))?;
-    run(s, params, ids, Kind::Completion).await
-}
-
-async fn chat_completions(
-    State(s): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    authorize(&s, &headers)?;
-    require_generating(&s)?;
-    let body: ChatBody = api::parse(&body_bytes(body)?)?;
-    let params = body.common.check(&s.limits, s.limits.max_tokens)?;
-    let text = crate::chat::render(&s.model, &body.messages).map_err(|e| ApiError::bad(format!("{e:#}")))?;
-    let ids = s
-        .model
-        .tokenizer
-        .encode(&text, false)
-        .map_err(|e| ApiError::bad(format!("{e:#}")))?;
-    run(s, params, ids, Kind::Chat).await
-}
-
-#[derive(Clone, Copy, PartialEq)]
-enum Kind {
-    Completion,
-    Chat,
-}
-
-static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-/// Resolves the adapter, checks the lengths, hands the request to the worker and answers.
-async fn run(s: Arc<AppState>, params: Params, ids: Vec<u32>, kind: Kind) -> Result<Response, ApiError> {
-    let name = params.model.clone().unwrap_or_else(|| s.base_name.clone());
-    let prompt = if name == s.base_name {
-        if let Some(t) = params.task_id {
-            return Err(ApiError::bad(format!(
-                "task_id {t} was given for the base model (task ids are for multitask adapters)"
-            )));
-        }
-        Arc::new(PromptCache::none())
-    } else {
-        let found = s.adapters.read().unwrap().get(&name).map(|a| a.prompt(params.task_id));
-        found.ok_or_else(|| unknown_model(&name))?.map_err(ApiError::bad)?
-    };
-    if ids.is_empty() {
-        return Err(ApiError::bad("the prompt is empty"));
-    }
-    let context = s.model.backbone.info().max_positions;
-    if prompt.len() + ids.len() >= context {
-        return Err(ApiError::new(
-            400,
-            "invalid_request_error",
-            "context_length_exceeded",
-            format!(
-                "the prompt has {} tokens (+{} adapter positions); the model's context is {context}",
-                ids.len(),
-                prompt.len()
-            ),
-        ));
-    }
-    let req = GenRequest {
-        ids,
-        prompt,
-        max_tokens: params.max_tokens,
-        sampling: params.sampling,
-        stop: params.stop.clone(),
-        stop_ids: s.model.tokenizer.eos_id().into_iter().collect(),
-    };
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let job = Job::Generate(GenJob {
-        req,
-        tx,
-        submitted: Instant::now(),
-    });
-    s.worker
-        .submit(job, s.max_queue)
-        .map_err(|full| unavailable(full, s.max_queue))?;
-    let id = format!(
-        "{}-{}",
-        if kind == Kind::Chat { "chatcmpl" } else { "cmpl" },
-        NEXT_ID.fetch_add(1, Ordering::SeqCst)
-    );
-    let meta = Meta {
-        id,
-        created: now(),
-        model: name,
-        kind,
-        logprobs: params.logprobs,
-        state: s,
-    };
-    if params.stream {
-        Ok(stream(meta, rx).into_response())
-    } else {
-        whole(meta, rx).await
-    }
-}
-
-struct Meta {
-    id: String,
-    created: u64,
-    model: String,
-    kind: Kind,
-    logprobs: bool,
-    state: Arc<AppState>,
-}
-
-impl Meta {
-    fn token_text(&self, id: u32) -> String {
-        self.state.model.tokenizer.decode(&[id], false).unwrap_or_default()
-    }
-
-    fn logprobs_json(&self, ids: &[u32], lps: &[f32]) -> Value {
-        if !self.logprobs {
-            return Value::Null;
-        }
-        let tokens: Vec<String> = ids.iter().map(|&i| self.token_text(i)).collect();
-        match self.kind {
-            Kind::Completion => {
-                json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": Value::Null, "text_offset": Value::Null})
-            }
-            Kind::Chat => {
-                json!({"content": tokens.iter().zip(lps).map(|(t, l)| json!({"token": t, "logprob": l, "bytes": t.as_bytes(), "top_logprobs": []})).collect::<Vec<_>>()})
-            }
-        }
-    }
-
-    fn usage(prompt: usize, completion: usize) -> Value {
-        json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
-    }
-
-    /// One streamed chunk.
-    fn chunk(&self, text: &str, ids: &[u32], lps: &[f32], finish: Option<&str>, first: bool) -> Value {
-        let logprobs = self.logprobs_json(ids, lps);
-        match self.kind {
-            Kind::Completion => json!({
-                "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
-            }),
-            Kind::Chat => {
-                let mut delta = serde_json::Map::new();
-                if first {
-                    delta.insert("role".into(), json!("assistant"));
-                }
-                if !text.is_empty() || finish.is_none() {
-                    delta.insert("content".into(), json!(text));
-                }
-                json!({
-                    "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
-                })
-            }
-        }
-    }
-}
-
-fn server_error(message: String) -> ApiError {
+pub(super) fn server_error(message: String) -> ApiError {
     ApiError::new(500, "server_error", "generation_failed", message)
-}
-
-/// Waits for the whole completion and answers with one JSON object.
-async fn whole(meta: Meta, mut rx: UnboundedReceiver<Reply>) -> Result<Response, ApiError> {
-    let mut out = Completion::default();
-    let mut usage = Value::Null;
-    while let Some(reply) = rx.recv().await {
-        let event = reply.map_err(server_error)?;
-        out.push(&event);
-        if let Event::Done {
-            prompt_tokens,
-            completion_tokens,
-            ..
-        } = event
-        {
-            usage = Meta::usage(prompt_tokens, completion_tokens);
-            break;
-        }
-    }
-    let finish = out
-        .finish
-        .ok_or_else(|| server_error("the model thread stopped".into()))?
-        .as_str();
-    let logprobs = meta.logprobs_json(&out.ids, &out.logprobs);
-    let body = match meta.kind {
-        Kind::Completion => json!({
-            "id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
-            "choices": [{"index": 0, "text": out.text, "logprobs": logprobs, "finish_reason": finish}],
-            "usage": usage,
-        }),
-        Kind::Chat => json!({
-            "id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": logprobs, "finish_reason": finish}],
-            "usage": usage,
-        }),
-    };
-    Ok(Json(body).into_response())
-}
-
-enum Phase {
-    Running { first: bool },
-    SendDone,
-    End,
-}
-
-/// Answers with server-sent events: one chunk per token (text made final), a last chunk with
-/// `finish_reason`, then `[DONE]`. Dropping the stream (client gone) drops the receiver, and
-/// the worker cancels the sequence.
-fn stream(meta: Meta, rx: UnboundedReceiver<Reply>) -> impl IntoResponse {
-    let meta = Arc::new(meta);
-    let events = futures_util::stream::unfold((rx, Phase::Running { first: true }), move |(mut rx, phase)| {
-        let meta = meta.clone();
-        async move {
-            let first = match phase {
-                Phase::End => return None,
-                Phase::SendDone => {
-                    return Some((
-                        Ok::<_, Infallible>(SseEvent::default().data("[DONE]")),
-                        (rx, Phase::End),
-                    ))
-                }
-                Phase::Running { first } => first,
-            };
-            let data = match rx.recv().await {
-                None => return None,
-                Some(Err(message)) => {
-                    let err = server_error(message).body();
-                    return Some((Ok(SseEvent::default().data(err.to_string())), (rx, Phase::SendDone)));
-                }
-                Some(Ok(Event::Token { id, logprob, text })) => meta.chunk(&text, &[id], &[logprob], None, first),
-                Some(Ok(Event::Done {
-                    reason,
-                    text,
-                    prompt_tokens,
-                    completion_tokens,
-                })) => {
-                    let mut last = meta.chunk(&text, &[], &[], Some(reason.as_str()), first);
-                    last["usage"] = Meta::usage(prompt_tokens, completion_tokens);
-                    return Some((Ok(SseEvent::default().data(last.to_string())), (rx, Phase::SendDone)));
-                }
-            };
-            Some((
-                Ok(SseEvent::default().data(data.to_string())),
-                (rx, Phase::Running { first: false }),
-            ))
-        }
-    });
-    Sse::new(events)
 }
