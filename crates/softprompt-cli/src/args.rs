@@ -4,7 +4,7 @@
 use anyhow::{bail, Result};
 use candle_core::Device;
 use clap::Args;
-use softprompt::backbone::{self, LoadedModel, WeightStorage};
+use softprompt::backbone::{self, KernelPath, LoadOptions, LoadedModel, WeightStorage};
 use softprompt::infer::options::{ScoreOptions, SCORE_BATCH, SCORE_MAX_LEN};
 use softprompt::model_source;
 use softprompt::task::TaskKind;
@@ -28,19 +28,28 @@ pub struct ModelArg {
     /// load to `f16`, `bf16` or `q8_0`.
     #[arg(long, value_enum, default_value = "f32")]
     pub weights: WeightStorage,
+    /// Which implementation runs the model: `fused` (the hand-written f32 CPU kernels) or
+    /// `composed` (candle ops); the same numbers to rounding. Default: fused (composed when
+    /// SOFTPROMPT_COMPOSED is set).
+    #[arg(long, value_enum)]
+    pub kernels: Option<KernelPath>,
 }
 
 impl ModelArg {
     /// Loads the model on the CPU.
     pub fn load(&self) -> Result<LoadedModel> {
-        load_with(&self.model, self.weights)
+        let options = LoadOptions {
+            storage: self.weights,
+            path: self.kernels,
+        };
+        load_with(&self.model, options)
     }
 }
 
-/// Loads MODEL on the CPU with its linear weights held as `weights` says.
-pub fn load_with(spec: &str, weights: WeightStorage) -> Result<LoadedModel> {
+/// Loads MODEL on the CPU with `options` (how the weights are held, which kernels run them).
+pub fn load_with(spec: &str, options: impl Into<LoadOptions>) -> Result<LoadedModel> {
     let location = model_source::resolve(spec)?;
-    backbone::load_with(&location, &Device::Cpu, weights)
+    backbone::load_with(&location, &Device::Cpu, options)
 }
 
 /// Arguments shared by `eval` and `predict`.

@@ -109,7 +109,7 @@ pub fn run(model_spec: &str, b: &GenerateBench, json_out: bool) -> Result<()> {
     if b.max_tokens == 0 || b.virtual_tokens == 0 || b.clients == 0 || b.adapters == 0 {
         bail!("--max-tokens, --virtual, --clients and --adapters must be at least 1");
     }
-    let model = crate::args::load_with(model_spec, Default::default())?;
+    let model = crate::args::load_with(model_spec, softprompt::backbone::WeightStorage::F32)?;
     let lm = model.backbone.require_causal("bench --generate")?;
     let adapters: Vec<Arc<PromptCache>> = (0..b.adapters)
         .map(|i| {

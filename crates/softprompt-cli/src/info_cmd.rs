@@ -2,6 +2,7 @@
 
 use anyhow::Result;
 use clap::Args;
+use softprompt::backbone::KernelPath;
 use std::time::Instant;
 
 use crate::args::ModelArg;
@@ -36,7 +37,11 @@ pub fn info(args: InfoArgs) -> Result<()> {
     println!("parameters:     {} ({:.1} M)", i.params, i.params as f64 / 1e6);
     let dtypes: Vec<String> = i.dtypes_on_disk.iter().map(|(k, v)| format!("{k}×{v}")).collect();
     println!("dtypes on disk: {}", dtypes.join(", "));
-    println!("computed in:    f32 on CPU");
+    let kernels = match model.backbone.kernel_path() {
+        KernelPath::Fused => "fused f32 CPU kernels",
+        KernelPath::Composed => "composed candle ops",
+    };
+    println!("computed in:    f32 on CPU, {kernels}");
     println!("load time:      {load_s:.2} s");
     if let Some((rss, peak)) = memory_mib() {
         println!("memory:         {rss:.0} MiB resident, {peak:.0} MiB peak");

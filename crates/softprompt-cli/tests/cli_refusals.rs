@@ -166,3 +166,27 @@ fn complete_with_a_multitask_adapter_needs_a_task_id_in_range() {
     let (code, err) = complete(&["--adapter", &mpt, "--task-id", "1"]);
     assert_eq!(code, 0, "{err}");
 }
+
+/// `softprompt info MODEL FLAGS...`: exit status and stdout followed by stderr.
+fn info(flags: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_softprompt"))
+        .args(["info", "smollm2-135m"])
+        .args(flags)
+        .output()
+        .expect("the softprompt binary runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn the_kernels_are_chosen_by_flag_and_refused_where_they_cannot_run() {
+    let (code, out) = info(&["--kernels", "composed"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("composed candle ops"), "{out}");
+    let (code, out) = info(&[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("fused f32 CPU kernels"), "{out}");
+    let (code, out) = info(&["--kernels", "composed", "--weights", "file"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("fused"), "{out}");
+}

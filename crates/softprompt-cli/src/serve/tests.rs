@@ -19,7 +19,7 @@ pub(super) fn model() -> Arc<LoadedModel> {
     MODEL
         .get_or_init(|| {
             Arc::new(
-                crate::args::load_with("smollm2-135m", Default::default())
+                crate::args::load_with("smollm2-135m", softprompt::backbone::WeightStorage::F32)
                     .expect("run `softprompt fetch` before the tests"),
             )
         })
@@ -701,7 +701,9 @@ fn classify_errors_are_json_4xx() {
 /// adapter is refused at load, and the models list says nothing generates.
 #[test]
 fn an_encoder_serves_its_seq_cls_adapters() {
-    let m = Arc::new(crate::args::load_with("minilm-l6", Default::default()).expect("run `softprompt fetch`"));
+    let m = Arc::new(
+        crate::args::load_with("minilm-l6", softprompt::backbone::WeightStorage::F32).expect("run `softprompt fetch`"),
+    );
     let dir = std::env::temp_dir().join(format!("softprompt-serve-encoder-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let to = dir.join("sentiment");

@@ -10,8 +10,10 @@ use super::WeightStorage;
 /// The environment variable that makes [`KernelPath::Composed`] the default (for comparisons).
 pub const COMPOSED_ENV: &str = "SOFTPROMPT_COMPOSED";
 
-/// The two implementations of every architecture family.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The two implementations of every architecture family (option `kernels`, `--kernels`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
 pub enum KernelPath {
     /// Fused multi-threaded f32 kernels on the CPU over the packed real positions
     /// (`llama/fused.rs`, `bert/fused.rs`).

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 mod checks;
 mod kinds;
 
-pub use crate::backbone::WeightStorage;
+pub use crate::backbone::{KernelPath, WeightStorage};
 pub use crate::prompt::encoder::EncoderKind;
 pub use crate::prompt::Method;
 use crate::prompt::{EncoderSpec, PrefixSpec};
@@ -183,6 +183,12 @@ pub struct TrainConfig {
     /// `bf16` or `q8_0` (Llama family).
     #[cfg_attr(feature = "cli", arg(long))]
     pub weights: WeightStorage,
+    /// Which implementation runs the frozen model: `fused` (the hand-written f32 CPU kernels)
+    /// or `composed` (candle ops, any device); the same numbers to rounding. Left out: fused
+    /// where it runs (f32 on the CPU), else composed; `SOFTPROMPT_COMPOSED=1` makes composed
+    /// the default.
+    #[cfg_attr(feature = "cli", arg(long, value_enum))]
+    pub kernels: Option<KernelPath>,
 }
 
 impl Default for TrainConfig {
@@ -236,6 +242,7 @@ impl Default for TrainConfig {
             overwrite: false,
             device: "cpu".into(),
             weights: WeightStorage::F32,
+            kernels: None,
         }
     }
 }

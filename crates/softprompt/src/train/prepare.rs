@@ -182,7 +182,11 @@ pub fn prepare(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<Prepared> {
     let files = read_tasks(cfg)?;
     let labels: Vec<Vec<String>> = files.iter().map(|f| task_labels(cfg, f)).collect::<Result<_>>()?;
     let location = model_source::resolve(&cfg.model)?;
-    let model = backbone::load_with(&location, &device, cfg.weights)?;
+    let options = backbone::LoadOptions {
+        storage: cfg.weights,
+        path: cfg.kernels,
+    };
+    let model = backbone::load_with(&location, &device, options)?;
     check_task(cfg, &model.backbone)?;
     let multitask = cfg.method == Method::MultitaskPromptTuning;
     let mut tasks = Vec::with_capacity(files.len());
