@@ -3,7 +3,7 @@
 //! classification, and reads the results out of the DOM.
 //!
 //! Chromium is found as `$SOFTPROMPT_CHROMIUM` or `chromium`, `chromium-browser`,
-//! `google-chrome` on the PATH (`.ci/run` installs Debian's `chromium` when missing). Without
+//! `google-chrome` on the PATH (`scripts/test.sh` installs Debian's `chromium` when missing). Without
 //! one the test fails and says how to install it: it never skips silently.
 //!
 //! The protocol runs over `--remote-debugging-pipe` (JSON messages ending in a NUL byte on file
@@ -38,7 +38,7 @@ fn chromium() -> PathBuf {
     }
     panic!(
         "no Chromium found (looked for {} on the PATH and $SOFTPROMPT_CHROMIUM): the playground \
-         test needs a real browser. Install it (Debian: `apt-get install -y chromium`; `.ci/run` \
+         test needs a real browser. Install it (Debian: `apt-get install -y chromium`; `scripts/test.sh` \
          does this) or set SOFTPROMPT_CHROMIUM",
         names.join(", ")
     );
