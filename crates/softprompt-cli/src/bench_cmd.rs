@@ -56,7 +56,7 @@ pub struct BenchArgs {
     #[arg(long, value_enum)]
     weights: Option<softprompt::backbone::WeightStorage>,
     /// Time generation instead: single-stream greedy tokens/s with a prompt-tuning adapter (the
-    /// workload of ../shared/bench/peft_generate_speed.py), then --clients requests over
+    /// workload of scripts/reference/peft_generate_speed.py), then --clients requests over
     /// --adapters adapters batched together against the same requests one at a time.
     #[arg(long)]
     generate: bool,

@@ -1,5 +1,5 @@
 //! `softprompt bench --generate`: generation throughput with prompt-tuning adapters, the
-//! workload of `../shared/bench/peft_generate_speed.py` (same three prompts, greedy, exactly
+//! workload of `scripts/reference/peft_generate_speed.py` (same three prompts, greedy, exactly
 //! `--max-tokens` new tokens, a `--virtual`-token prompt initialised from the embeddings of
 //! "Answer briefly and in English:"), then continuous batching: `--clients` requests over
 //! `--adapters` different prompts in one engine, against the same requests one at a time.
