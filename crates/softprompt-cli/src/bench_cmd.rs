@@ -96,6 +96,7 @@ fn random_model(spec: &str) -> Result<Box<dyn Backbone>> {
         },
         eps: 1e-5,
         rope_theta: 10_000.0,
+        rope_scaling: Default::default(),
     };
     let weights = softprompt::backbone::random::random_llama(cfg, 7, &Device::Cpu)?;
     let path = softprompt::backbone::KernelPath::default_for(&Device::Cpu, weights.dtype());

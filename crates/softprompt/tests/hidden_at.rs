@@ -20,6 +20,7 @@ fn model() -> FusedLlama {
         },
         eps: 1e-5,
         rope_theta: 10_000.0,
+        rope_scaling: Default::default(),
     };
     FusedLlama::new(random_llama(cfg, 7, &Device::Cpu).unwrap()).unwrap()
 }

@@ -1,5 +1,5 @@
 //! Llama-family decoder (Llama 2/3, SmolLM/SmolLM2, Mistral, Qwen2): RMSNorm, rotary position
-//! encoding (`rope_theta`), grouped-query attention with optional q/k/v bias, SwiGLU MLP, tied or
+//! encoding (`rope_theta`, scaled as `rope_scaling` says: `rope.rs`), grouped-query attention with optional q/k/v bias, SwiGLU MLP, tied or
 //! untied vocabulary head.
 //!
 //! Per layer, with `x` the residual stream:
@@ -16,9 +16,11 @@
 mod composed;
 mod fused;
 mod load;
+mod rope;
 
 pub use composed::ComposedStack;
 pub use fused::FusedStack;
+pub use rope::RopeScaling;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -38,6 +40,9 @@ pub struct LlamaConfig {
     pub eps: f64,
     /// RoPE base frequency.
     pub rope_theta: f64,
+    /// How the rotary frequencies are scaled (Llama 3's `llama3`, `linear`, a GGUF's
+    /// `rope_freqs`).
+    pub rope_scaling: RopeScaling,
 }
 
 impl std::ops::Deref for LlamaConfig {
@@ -278,12 +283,11 @@ impl<S: Stack> CausalLm for Llama<S> {
     }
 }
 
-/// RoPE tables `cos`, `sin` of shape `[max_positions, head_dim/2]`.
+/// RoPE tables `cos`, `sin` of shape `[max_positions, head_dim/2]`, the frequencies scaled as
+/// the model asks ([`RopeScaling`]).
 fn rope_tables(cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
     let hd = cfg.head_dim();
-    let inv: Vec<f32> = (0..hd / 2)
-        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64) as f32)
-        .collect();
+    let inv = cfg.rope_scaling.frequencies(cfg.rope_theta, hd)?;
     let n = cfg.max_positions;
     let mut angles = Vec::with_capacity(n * hd / 2);
     for p in 0..n {

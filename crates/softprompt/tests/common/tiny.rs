@@ -50,6 +50,7 @@ pub fn tiny_llama_weights(dtype: DType) -> LlamaWeights {
         },
         eps: 1e-5,
         rope_theta: 10_000.0,
+        rope_scaling: Default::default(),
     };
     let mut s = 7u64;
     let mut t = HashMap::new();

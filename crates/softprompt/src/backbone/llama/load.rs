@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor};
 use std::borrow::Cow;
 use std::path::Path;
 
-use super::{LlamaConfig, LlamaLayer, LlamaWeights};
+use super::{LlamaConfig, LlamaLayer, LlamaWeights, RopeScaling};
 use crate::backbone::frozen_weight::{reorder_rows, Linear, StoredRows, WeightStorage};
 use crate::backbone::weights::WeightSource;
 use crate::backbone::Shape;
@@ -99,6 +99,20 @@ fn unpermuted_order(rows: usize, heads: usize) -> Vec<usize> {
         .collect()
 }
 
+/// The rotary scaling a GGUF file declares: `{arch}.rope.scaling.type` / `.factor`, and the
+/// per-frequency divisors llama.cpp writes as `rope_freqs.weight` for Llama 3 models.
+fn gguf_rope_scaling(file: &GgufFile, key: &dyn Fn(&str) -> String) -> Result<RopeScaling> {
+    let kind = file.get_str(&key("rope.scaling.type")).ok();
+    let factor = file.get_f64(&key("rope.scaling.factor")).ok();
+    let divisors = if file.tensors.contains_key("rope_freqs.weight") {
+        let t = file.tensor_f32("rope_freqs.weight", &Device::Cpu)?;
+        Some(t.flatten_all()?.to_vec1::<f32>()?)
+    } else {
+        None
+    };
+    RopeScaling::from_gguf(kind, factor, divisors, file.path())
+}
+
 impl LlamaWeights {
     /// Loads a GGUF file whose `general.architecture` is llama, mistral or qwen2.
     pub fn from_gguf(file: &GgufFile, device: &Device, storage: WeightStorage) -> Result<Self> {
@@ -122,6 +136,7 @@ impl LlamaWeights {
             },
             eps: file.get_f64(&key("attention.layer_norm_rms_epsilon"))?,
             rope_theta: file.get_f64(&key("rope.freq_base")).unwrap_or(10_000.0),
+            rope_scaling: gguf_rope_scaling(file, &key)?,
         };
         // llama.cpp permutes q/k rows for the llama architecture only (qwen2 keeps HF's layout).
         let unpermute = arch == "llama" || arch == "mistral";
@@ -149,7 +164,15 @@ impl LlamaWeights {
                 max_positions: f.opt_usize("max_position_embeddings")?.unwrap_or(4096),
             },
             eps: f.opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
-            rope_theta: f.opt_f64("rope_theta")?.unwrap_or(10_000.0),
+            rope_theta: match f.opt_f64("rope_theta")? {
+                Some(theta) => theta,
+                // transformers 5 keeps it beside the scaling.
+                None => config
+                    .pointer("/rope_parameters/rope_theta")
+                    .and_then(serde_json::Value::as_f64)
+                    .unwrap_or(10_000.0),
+            },
+            rope_scaling: RopeScaling::from_hf_config(config, &dir.join("config.json"))?,
         };
         let model_type = f.opt_str("model_type")?.unwrap_or_else(|| "llama".to_string());
         Self::read(cfg, weights, (hf_name, false), model_type, device, storage)
