@@ -15,11 +15,12 @@ fn softprompt(args: &[&str]) -> (i32, String) {
     )
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("softprompt-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh folder for one test, removed with what it holds when the guard is dropped.
+fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("softprompt-cli-{name}-"))
+        .tempdir()
+        .expect("a temporary folder")
 }
 
 fn rows(dir: &std::path::Path) -> String {
@@ -34,8 +35,9 @@ fn rows(dir: &std::path::Path) -> String {
 
 #[test]
 fn train_batch_zero_is_an_error_naming_the_flag() {
-    let dir = scratch("batch0");
-    let data = rows(&dir);
+    let tmp = scratch("batch0");
+    let dir = tmp.path();
+    let data = rows(dir);
     let out = dir.join("out");
     let (code, err) = softprompt(&[
         "train",
@@ -56,8 +58,9 @@ fn train_batch_zero_is_an_error_naming_the_flag() {
 
 #[test]
 fn train_steps_zero_and_infinite_learning_rate_are_errors() {
-    let dir = scratch("steps0");
-    let data = rows(&dir);
+    let tmp = scratch("steps0");
+    let dir = tmp.path();
+    let data = rows(dir);
     let (code, err) = softprompt(&["train", "--train", &data, "--steps", "0"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("option `steps` (--steps) is 0"), "{err}");
@@ -74,8 +77,9 @@ fn train_steps_zero_and_infinite_learning_rate_are_errors() {
 
 #[test]
 fn eval_rows_zero_is_an_error() {
-    let dir = scratch("rows0");
-    let data = rows(&dir);
+    let tmp = scratch("rows0");
+    let dir = tmp.path();
+    let data = rows(dir);
     let (code, err) = softprompt(&[
         "eval",
         "smollm2-135m",
@@ -99,8 +103,9 @@ fn complete_of_an_empty_text_is_an_error() {
 
 #[test]
 fn sweep_refuses_resume_flags_missing_output_and_unknown_keys() {
-    let dir = scratch("sweep");
-    let data = rows(&dir);
+    let tmp = scratch("sweep");
+    let dir = tmp.path();
+    let data = rows(dir);
     let out = dir.join("out");
     let out = out.to_str().unwrap();
     let base = ["sweep", "--train", &data, "--test", &data, "--steps", "1"];

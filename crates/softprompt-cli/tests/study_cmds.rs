@@ -1,7 +1,7 @@
 //! `eval --templates` and `inspect` from the command line: refusals in the user's terms, and
 //! the real model on a few rows.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 /// Runs the binary from the repository root: (exit status, stdout, stderr).
@@ -19,18 +19,20 @@ fn softprompt(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("softprompt-study-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh folder for one test, removed with what it holds when the guard is dropped.
+fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("softprompt-study-{name}-"))
+        .tempdir()
+        .expect("a temporary folder")
 }
 
 const DATA: &str = "data/facts-countries/capital/test.jsonl";
 
 #[test]
 fn a_bad_template_is_an_error_naming_file_and_line() {
-    let dir = scratch("bad");
+    let tmp = scratch("bad");
+    let dir = tmp.path();
     let file = dir.join("t.txt");
     std::fs::write(
         &file,
