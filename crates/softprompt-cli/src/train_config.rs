@@ -429,6 +429,8 @@ mod tests {
             "--overwrite",
             "--device",
             "cuda:1",
+            "--kernels",
+            "composed",
         ];
         let cfg = config(&parse(&argv)).unwrap();
         let set = serde_json::to_value(&cfg).unwrap();
