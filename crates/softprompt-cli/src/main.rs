@@ -7,6 +7,7 @@ mod allocator;
 mod args;
 mod bench_cmd;
 mod bench_generate;
+mod broken_pipe;
 mod chat;
 mod complete_cmd;
 mod eval_cmd;
@@ -72,6 +73,9 @@ enum Command {
 fn main() {
     allocator::keep_freed_memory();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        broken_pipe::end_quietly_on_closed_stdout();
+    }
     let result: Result<()> = match cli.command {
         Command::Fetch => fetch_cmd::fetch(),
         Command::Info(a) => info_cmd::info(a),

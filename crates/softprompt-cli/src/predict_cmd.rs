@@ -1,9 +1,9 @@
 //! `softprompt predict`: every row of a JSONL set with its prediction and scores, as JSONL.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Args;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::args::ScoreArgs;
 use crate::scoring::score;
@@ -21,6 +21,9 @@ pub struct PredictArgs {
 
 /// Runs `predict`: each row gets `prediction`, `scores` and (with --exact-match) `generated`.
 pub fn predict_cmd(args: PredictArgs) -> Result<()> {
+    if let Some(out) = &args.output {
+        refuse_overwriting_the_data(out, &args.score.data)?;
+    }
     let (r, data) = score(&args.score)?;
     let mut out = Vec::new();
     for (rec, p) in data.records.iter().zip(&r.predictions) {
@@ -35,6 +38,23 @@ pub fn predict_cmd(args: PredictArgs) -> Result<()> {
     match &args.output {
         Some(path) => softprompt::io::write_bytes(path, &out)?,
         None => std::io::stdout().write_all(&out)?,
+    }
+    Ok(())
+}
+
+/// Refuses `--output` naming the `--data` file: the predictions would replace the rows they are
+/// made from.
+fn refuse_overwriting_the_data(output: &Path, data: &Path) -> Result<()> {
+    let same = match (output.canonicalize(), data.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => output == data,
+    };
+    if same {
+        bail!(
+            "--output {} is the --data file; the predictions would replace the rows they are made \
+             from. Write them to another file",
+            output.display()
+        );
     }
     Ok(())
 }

@@ -195,3 +195,39 @@ fn the_kernels_are_chosen_by_flag_and_refused_where_they_cannot_run() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("fused"), "{out}");
 }
+
+#[test]
+fn predict_refuses_to_write_over_its_data_and_leaves_it_whole() {
+    let tmp = scratch("predict-same");
+    let data = rows(tmp.path());
+    let before = std::fs::read(&data).unwrap();
+    let (code, err) = softprompt(&[
+        "predict",
+        "smollm2-135m",
+        "--data",
+        &data,
+        "--template",
+        "Review: {text}\nSentiment: {label}",
+        "--output",
+        &data,
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("is the --data file"), "{err}");
+    assert_eq!(std::fs::read(&data).unwrap(), before);
+}
+
+#[test]
+fn tokenize_into_a_closed_pipe_ends_without_a_panic() {
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_softprompt"))
+        .args(["tokenize", "smollm2-135m", &"a long text to tokenize ".repeat(2_000)])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the softprompt binary runs");
+    drop(child.stdout.take()); // the reader goes away before anything is written
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_ne!(out.status.code(), Some(101), "{err}");
+}

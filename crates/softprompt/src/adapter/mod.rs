@@ -144,9 +144,26 @@ impl PeftAdapter {
     }
 }
 
+/// Refuses a tensor holding NaN or an infinity (a prompt that overflowed in training): it would
+/// score every row alike, silently.
+fn check_finite(t: &Tensor, name: &str, path: &Path) -> Result<()> {
+    let values = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    if let Some(i) = values.iter().position(|x| !x.is_finite()) {
+        bail!(
+            "{}: tensor `{name}` holds {} at flat index {i} (of {}); the adapter is broken \
+             (did its training diverge?)",
+            path.display(),
+            values[i],
+            values.len()
+        );
+    }
+    Ok(())
+}
+
 /// Reads `dir/adapter_config.json` and `dir/adapter_model.safetensors`. Errors name the file
 /// and what is wrong: a missing file, bad JSON, a missing field, an unknown `peft_type`, a
-/// missing `prompt_embeddings` or one whose shape disagrees with the config.
+/// missing `prompt_embeddings` or one whose shape disagrees with the config, a
+/// tensor that is not finite.
 pub fn load_peft(dir: &Path) -> Result<PeftAdapter> {
     let cfg_path = dir.join(ADAPTER_CONFIG);
     let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("cannot read {}", cfg_path.display()))?;
@@ -187,6 +204,10 @@ pub fn load_peft(dir: &Path) -> Result<PeftAdapter> {
         );
     }
     let prompt_embeddings = pe.to_dtype(DType::F32)?;
+    check_finite(&prompt_embeddings, PROMPT_EMBEDDINGS, &w_path)?;
+    for (name, t) in &tensors {
+        check_finite(t, name, &w_path)?;
+    }
     if let Some((tasks, ranks)) = config.multitask_shape() {
         let (p, d) = (config.total_virtual_tokens(), config.token_dim);
         for (name, want) in [

@@ -31,6 +31,14 @@ impl TrainConfig {
         }
         if let Some(n) = self.patience {
             at_least_1("patience", n, "evaluations without improvement before stopping")?;
+            if self.dev.is_none() && self.tasks.iter().all(|t| t.dev.is_none()) {
+                bail!(
+                    "{} is {n}, but no dev set is given ({}): early stopping counts dev \
+                     evaluations without improvement",
+                    option("patience"),
+                    option("dev")
+                );
+            }
         }
         if let Some(e) = self.epochs {
             if !(e.is_finite() && e > 0.0) {

@@ -117,6 +117,14 @@ fn read_set(path: &Path, limit: Option<usize>) -> Result<DataSet> {
 /// the dev or test set would be a class without a single training row.
 fn class_labels(cfg: &TrainConfig, train: &DataSet, others: &[(&str, Option<&DataSet>)]) -> Result<Vec<String>> {
     let labels = Task::labels_from(&[train], &cfg.target_field)?;
+    if let [only] = &labels[..] {
+        bail!(
+            "every training row of {} has the label `{only}`: a classifier needs rows of at least \
+             two labels (field `{}`)",
+            train.source.display(),
+            cfg.target_field
+        );
+    }
     for (name, set) in others {
         let Some(set) = set else { continue };
         for (origin, row) in set.rows() {
@@ -174,12 +182,29 @@ fn check_prefix_positions(cfg: &TrainConfig, info: &ModelInfo) -> Result<()> {
     Ok(())
 }
 
+/// The options with `batch` at most the number of training rows (a larger micro-batch would
+/// hold some rows several times, and a huge one cannot be allocated): said, not silent.
+fn batch_within_data(cfg: &TrainConfig, files: &[TaskFiles], obs: &mut dyn Observer) -> TrainConfig {
+    let rows: usize = files.iter().map(|f| f.train.records.len()).sum();
+    let mut cfg = cfg.clone();
+    if rows > 0 && cfg.batch > rows {
+        obs.message(&format!(
+            "warning: {} is {} but the training data has {rows} rows; each micro-batch takes all {rows}",
+            option("batch"),
+            cfg.batch
+        ));
+        cfg.batch = rows;
+    }
+    cfg
+}
+
 /// Checks the options and reads the data, then loads the model (on the device of option
 /// `device`) and encodes every row. Writes nothing.
 pub fn prepare(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<Prepared> {
     cfg.validate()?;
     let device = cfg.device()?;
     let files = read_tasks(cfg)?;
+    let cfg = &batch_within_data(cfg, &files, obs);
     let labels: Vec<Vec<String>> = files.iter().map(|f| task_labels(cfg, f)).collect::<Result<_>>()?;
     let location = model_source::resolve(&cfg.model)?;
     let options = backbone::LoadOptions {
