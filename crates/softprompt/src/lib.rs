@@ -13,6 +13,7 @@ pub mod infer;
 pub mod inspect;
 pub mod io;
 pub mod json_fields;
+pub mod lock;
 pub mod loss;
 pub mod model_source;
 pub mod plot;

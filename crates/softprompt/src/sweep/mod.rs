@@ -15,6 +15,7 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 use crate::config::TrainConfig;
+use crate::lock::ProcessLock;
 use crate::template::Template;
 use crate::train::checkpoint;
 use crate::train::{self, output, Observer};
@@ -122,7 +123,8 @@ impl Sweep {
     /// Returns every cell's result, in grid order.
     pub fn run(&self, obs: &mut dyn SweepObserver) -> Result<Vec<CellResult>> {
         std::fs::create_dir_all(&self.output).with_context(|| format!("cannot create {}", self.output.display()))?;
-        let _lock = SweepLock::take(&self.output)?;
+        // `sweep.lock`: two sweeps in one folder would train the same cells at once.
+        let _lock = ProcessLock::take(&self.output.join("sweep.lock"), "another sweep", &self.output)?;
         let cells = self.cells();
         let mut results = vec![];
         let mut failed: Vec<(String, String)> = vec![];
@@ -186,37 +188,6 @@ impl Sweep {
         let result = result.with_cell(cell);
         result.write(&result_path)?;
         Ok(result)
-    }
-}
-
-/// `sweep.lock` in a sweep's folder while a sweep runs there, holding its process id: two
-/// sweeps in one folder would train the same cells at once. A lock whose process is gone (a
-/// killed sweep) is taken over.
-struct SweepLock(PathBuf);
-
-impl SweepLock {
-    fn take(dir: &Path) -> Result<SweepLock> {
-        let path = dir.join("sweep.lock");
-        if let Ok(text) = std::fs::read_to_string(&path) {
-            let pid = text.trim();
-            let alive = !pid.is_empty() && Path::new("/proc").join(pid).exists();
-            if alive && pid != std::process::id().to_string() {
-                bail!(
-                    "another sweep (process {pid}) is running in {}; wait for it to end, or stop it \
-                     (if it is gone, remove {})",
-                    dir.display(),
-                    path.display()
-                );
-            }
-        }
-        crate::io::write_bytes(&path, std::process::id().to_string().as_bytes())?;
-        Ok(SweepLock(path))
-    }
-}
-
-impl Drop for SweepLock {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
     }
 }
 

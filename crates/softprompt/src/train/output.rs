@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use crate::adapter::run_files;
 use crate::config::{option, TrainConfig};
+use crate::lock::ProcessLock;
 
 /// The files and folders a run writes into its output folder.
 pub const RUN_FILES: &[&str] = &[
@@ -40,6 +41,9 @@ enum Mode {
 pub struct OutputDir {
     target: PathBuf,
     mode: Mode,
+    /// `.NAME.softprompt-lock` beside the folder (the folder itself may be swapped): one run
+    /// writes it at a time.
+    _lock: ProcessLock,
 }
 
 /// The run files present in `dir`.
@@ -138,6 +142,35 @@ impl OutputDir {
                 target.display()
             );
         }
+        // The lock lives beside the folder, so its parent must exist first; a parent created
+        // here is removed again with the rest if the run fails (`created`).
+        let parent = target
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        if parent.exists() && !parent.is_dir() {
+            bail!(
+                "output directory {} cannot be created: {} is a file",
+                target.display(),
+                parent.display()
+            );
+        }
+        let created_parent = if parent.exists() { None } else { create_dirs(&parent)? };
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "output".into());
+        let lock = ProcessLock::take(
+            &parent.join(format!(".{name}.softprompt-lock")),
+            "another training run",
+            &target,
+        )
+        .inspect_err(|_| {
+            if let Some(c) = &created_parent {
+                let _ = std::fs::remove_dir_all(c);
+            }
+        })?;
         let existing = run_files_in(&target);
         let mode = if cfg.resume {
             let state = target.join(CHECKPOINT_DIR).join("state.json");
@@ -165,14 +198,6 @@ impl OutputDir {
                     existing.join(", ")
                 );
             }
-            let name = target
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "output".into());
-            let parent = target
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
             let staging = parent.join(format!(".{name}.softprompt-new-{}", std::process::id()));
             if staging.exists() {
                 std::fs::remove_dir_all(&staging)
@@ -186,7 +211,7 @@ impl OutputDir {
             })?;
             Mode::Overwrite { staging }
         } else {
-            let created = create_dirs(&target)?;
+            let created = created_parent.or(create_dirs(&target)?);
             if let Err(e) = check_writable(&target) {
                 if let Some(c) = &created {
                     let _ = std::fs::remove_dir_all(c);
@@ -195,7 +220,11 @@ impl OutputDir {
             }
             Mode::Fresh { created }
         };
-        Ok(OutputDir { target, mode })
+        Ok(OutputDir {
+            target,
+            mode,
+            _lock: lock,
+        })
     }
 
     /// The folder the run writes into.
