@@ -137,7 +137,9 @@ fn cells_run_resume_skip_and_rescore() {
     run(&out, "1,2");
     assert!(!out.join("sweep.lock").exists());
 
-    // A sweep with other base options refuses the finished cells rather than mixing them in.
+    // A sweep with other base options refuses the finished cells rather than mixing them in,
+    // and leaves the summaries of the earlier runs as they were.
+    let summaries = ["results.jsonl", "results.md"].map(|f| std::fs::read(out.join(f)).unwrap());
     let grid = Grid::new(vec![Axis::parse("num_virtual_tokens=1").unwrap()], 1, &base()).unwrap();
     let other = TrainConfig { lr: 0.1, ..base() };
     let e = Sweep::new(other, grid, out.clone())
@@ -145,6 +147,8 @@ fn cells_run_resume_skip_and_rescore() {
         .run(&mut Record::default())
         .unwrap_err();
     assert!(format!("{e:#}").contains("option `lr`"), "{e:#}");
+    let after = ["results.jsonl", "results.md"].map(|f| std::fs::read(out.join(f)).unwrap());
+    assert_eq!(after, summaries, "a refused rerun rewrote the summaries");
 }
 
 #[test]

@@ -118,8 +118,9 @@ impl Sweep {
     }
 
     /// Runs every cell not yet finished, writing `results.jsonl` and `results.md` (and the
-    /// plots) after each. A cell that fails is reported and the sweep goes on with the others;
-    /// the sweep then ends with an error naming every failed cell (run it again to retry them).
+    /// plots) after each that has a result (a run where none has leaves them unchanged). A cell
+    /// that fails is reported and the sweep goes on with the others; the sweep then ends with an
+    /// error naming every failed cell (run it again to retry them).
     /// Returns every cell's result, in grid order.
     pub fn run(&self, obs: &mut dyn SweepObserver) -> Result<Vec<CellResult>> {
         std::fs::create_dir_all(&self.output).with_context(|| format!("cannot create {}", self.output.display()))?;
@@ -133,12 +134,18 @@ impl Sweep {
                 Ok(result) => {
                     obs.cell_done(i, cells.len(), cell, &result);
                     results.push(result);
+                    report::write_summaries(&self.output, &self.grid, &results, &failed)?;
                 }
                 Err(e) => {
                     obs.cell_failed(i, cells.len(), cell, &e);
                     failed.push((cell.name.clone(), format!("{e:#}")));
                 }
             }
+        }
+        // The failures join the summaries, but a run in which no cell got a result (every
+        // cell refused, e.g. a rerun with other base options) leaves the summaries of the
+        // earlier runs as they were.
+        if !results.is_empty() {
             report::write_summaries(&self.output, &self.grid, &results, &failed)?;
         }
         if !failed.is_empty() {
