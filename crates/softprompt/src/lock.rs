@@ -67,24 +67,23 @@ mod tests {
 
     #[test]
     fn a_live_holder_is_refused_a_dead_one_taken_over() {
-        let dir = std::env::temp_dir().join(format!("softprompt-lock-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let path = dir.join("x.lock");
-        let _ = std::fs::remove_file(&path);
         {
-            let _held = ProcessLock::take(&path, "another run", &dir).unwrap();
-            assert!(ProcessLock::take(&path, "another run", &dir).is_err(), "held by us");
+            let _held = ProcessLock::take(&path, "another run", dir).unwrap();
+            assert!(ProcessLock::take(&path, "another run", dir).is_err(), "held by us");
         }
         assert!(!path.exists(), "dropping removes the file");
         // PID 1 runs on every Linux system: a live holder.
         std::fs::write(&path, "1").unwrap();
-        let e = format!("{:#}", ProcessLock::take(&path, "another run", &dir).unwrap_err());
+        let e = format!("{:#}", ProcessLock::take(&path, "another run", dir).unwrap_err());
         assert!(e.contains("another run (process 1)"), "{e}");
         // A process id that does not exist: taken over.
         std::fs::write(&path, "4194305").unwrap();
-        let held = ProcessLock::take(&path, "another run", &dir).unwrap();
+        let held = ProcessLock::take(&path, "another run", dir).unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), std::process::id().to_string());
         drop(held);
-        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(!path.exists());
     }
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 use super::evaluate::Scorer;
 use super::sampling::log_softmax_at;
 use super::session::{self, ScoreOptions, Session};
-use crate::adapter::run_files::{load_task_file, TASK_FILE};
+use crate::adapter::run_files::{AdapterTask, TASK_FILE};
 use crate::backbone::LoadedModel;
 use crate::data::Row;
 use crate::task::{Example, TaskKind};
@@ -41,7 +41,8 @@ impl Classifier {
         if !dir.join(TASK_FILE).is_file() {
             return Ok(None);
         }
-        let tf = load_task_file(dir)?;
+        // Read without its warnings: `session::open` reads it again and says them once.
+        let tf = AdapterTask::read(dir)?;
         if tf.task == TaskKind::Generate || tf.labels.is_empty() {
             return Ok(None);
         }
