@@ -1,8 +1,11 @@
 //! The OpenAI-compatible request bodies, their checks, and the JSON the server answers with.
 
+use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+pub use super::json_body::{parse, JsonBody};
+use super::json_body::{typed, TextOrList, Texts};
 use crate::chat::ChatMessage;
 
 /// An error answered as OpenAI does: `{"error": {"message", "type", "param", "code"}}`.
@@ -47,9 +50,8 @@ impl ApiError {
     }
 }
 
-/// `stop`: one string or a list.
-#[derive(Debug, Deserialize, Default)]
-#[serde(untagged)]
+/// `stop`: one string or a list (`null` or absent: none).
+#[derive(Debug, Default)]
 pub enum Stop {
     /// No stop strings.
     #[default]
@@ -70,14 +72,36 @@ impl Stop {
     }
 }
 
+impl<'de> Deserialize<'de> for Stop {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(match d.deserialize_any(TextOrList { nullable: true })? {
+            Texts::Null => Stop::None,
+            Texts::One(s) => Stop::One(s),
+            Texts::Many(v) => Stop::Many(v),
+        })
+    }
+}
+
 /// `prompt`: one string or a list of one.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 pub enum Prompt {
     /// A text.
     One(String),
     /// Texts (only one is served per request).
     Many(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for Prompt {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match d.deserialize_any(TextOrList { nullable: false })? {
+            Texts::One(s) => Ok(Prompt::One(s)),
+            Texts::Many(v) => Ok(Prompt::Many(v)),
+            Texts::Null => Err(de::Error::invalid_type(
+                de::Unexpected::Unit,
+                &TextOrList { nullable: false },
+            )),
+        }
+    }
 }
 
 /// Fields shared by both endpoints.
@@ -134,26 +158,87 @@ pub struct CommonFields {
 }
 
 /// `POST /v1/completions`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug)]
 pub struct CompletionBody {
     /// The text to continue.
     pub prompt: Prompt,
     /// Include the prompt in the text (`echo`): refused unless false.
-    #[serde(default)]
     pub echo: bool,
     /// The rest.
-    #[serde(flatten)]
     pub common: CommonFields,
 }
 
+/// The fields of [`CompletionBody`] that are its own. Read from the same object as
+/// [`CommonFields`] rather than through `#[serde(flatten)]`, which buffers the fields and so
+/// loses the name of the one at fault.
+#[derive(Deserialize)]
+struct CompletionOwn {
+    prompt: Prompt,
+    #[serde(default)]
+    echo: bool,
+}
+
+impl JsonBody for CompletionBody {
+    fn from_object(object: &Value) -> Result<Self, ApiError> {
+        let CompletionOwn { prompt, echo } = typed(object)?;
+        Ok(Self {
+            prompt,
+            echo,
+            common: typed(object)?,
+        })
+    }
+}
+
+impl CompletionBody {
+    /// Checks the request: the one prompt's text and the generation parameters (`max_tokens`
+    /// defaults to `limits.default_max_tokens`, 16 as OpenAI's).
+    pub fn check(self, limits: &Limits) -> Result<(String, Params), ApiError> {
+        if self.echo {
+            return Err(ApiError::bad("echo is not supported"));
+        }
+        let text = match self.prompt {
+            Prompt::One(t) => t,
+            Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
+            Prompt::Many(v) => return Err(ApiError::bad(format!("one prompt per request, got {}", v.len()))),
+        };
+        Ok((text, self.common.check(limits, limits.default_max_tokens)?))
+    }
+}
+
 /// `POST /v1/chat/completions`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug)]
 pub struct ChatBody {
     /// The conversation.
     pub messages: Vec<ChatMessage>,
     /// The rest.
-    #[serde(flatten)]
     pub common: CommonFields,
+}
+
+/// The field of [`ChatBody`] that is its own (see [`CompletionOwn`]).
+#[derive(Deserialize)]
+struct ChatOwn {
+    messages: Vec<ChatMessage>,
+}
+
+impl JsonBody for ChatBody {
+    fn from_object(object: &Value) -> Result<Self, ApiError> {
+        let ChatOwn { messages } = typed(object)?;
+        Ok(Self {
+            messages,
+            common: typed(object)?,
+        })
+    }
+}
+
+impl ChatBody {
+    /// Checks the request: at least one message, and the generation parameters (`max_tokens`
+    /// defaults to the server's limit).
+    pub fn check(self, limits: &Limits) -> Result<(Vec<ChatMessage>, Params), ApiError> {
+        if self.messages.is_empty() {
+            return Err(ApiError::bad("`messages` is empty"));
+        }
+        Ok((self.messages, self.common.check(limits, limits.max_tokens)?))
+    }
 }
 
 /// Checked generation parameters.
@@ -199,6 +284,25 @@ pub struct ClassifyBody {
     pub model: String,
     /// What to classify.
     pub input: Value,
+}
+
+impl JsonBody for ClassifyBody {
+    fn from_object(object: &Value) -> Result<Self, ApiError> {
+        typed(object)
+    }
+}
+
+/// `POST /v1/adapters`: the adapter folder to load (checked to be a plain name when loaded).
+#[derive(Debug, Deserialize)]
+pub struct AdapterBody {
+    /// The folder's name in the adapters folder.
+    pub name: String,
+}
+
+impl JsonBody for AdapterBody {
+    fn from_object(object: &Value) -> Result<Self, ApiError> {
+        typed(object)
+    }
 }
 
 impl ClassifyBody {
@@ -302,14 +406,4 @@ impl CommonFields {
             task_id: self.task_id,
         })
     }
-}
-
-/// Parses a JSON body into `T`, answering 400 with serde's message when it does not fit.
-pub fn parse<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ApiError> {
-    let value: Value =
-        serde_json::from_slice(bytes).map_err(|e| ApiError::bad(format!("the body is not valid JSON: {e}")))?;
-    if !value.is_object() {
-        return Err(ApiError::bad("the body must be a JSON object"));
-    }
-    serde_json::from_value(value).map_err(|e| ApiError::bad(format!("invalid request: {e}")))
 }

@@ -31,16 +31,7 @@ pub(super) async fn completions(
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
     require_generating(&s)?;
-    let body: CompletionBody = api::parse(&body_bytes(body)?)?;
-    if body.echo {
-        return Err(ApiError::bad("echo is not supported"));
-    }
-    let text = match body.prompt {
-        api::Prompt::One(t) => t,
-        api::Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
-        api::Prompt::Many(v) => return Err(ApiError::bad(format!("one prompt per request, got {}", v.len()))),
-    };
-    let params = body.common.check(&s.limits, s.limits.default_max_tokens)?;
+    let (text, params) = api::parse::<CompletionBody>(&body_bytes(body)?)?.check(&s.limits)?;
     let ids = s
         .model
         .tokenizer
@@ -58,9 +49,8 @@ pub(super) async fn chat_completions(
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
     require_generating(&s)?;
-    let body: ChatBody = api::parse(&body_bytes(body)?)?;
-    let params = body.common.check(&s.limits, s.limits.max_tokens)?;
-    let text = crate::chat::render(&s.model, &body.messages).map_err(|e| ApiError::bad(format!("{e:#}")))?;
+    let (messages, params) = api::parse::<ChatBody>(&body_bytes(body)?)?.check(&s.limits)?;
+    let text = crate::chat::render(&s.model, &messages).map_err(|e| ApiError::bad(format!("{e:#}")))?;
     let ids = s
         .model
         .tokenizer

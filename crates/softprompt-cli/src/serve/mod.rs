@@ -16,8 +16,11 @@
 
 mod api;
 #[cfg(test)]
+mod body_tests;
+#[cfg(test)]
 mod browser_tests;
 mod generation;
+mod json_body;
 mod metrics;
 mod routes;
 #[cfg(test)]
@@ -216,7 +219,8 @@ pub fn load_adapters(model: &LoadedModel, dir: &Path) -> Result<BTreeMap<String,
             eprintln!("skipping adapter folder {}: not a plain name", path.display());
             continue;
         }
-        out.insert(name, Served::load(model, &path)?);
+        let served = Served::load(model, &path).with_context(|| format!("adapter `{name}`"))?;
+        out.insert(name, served);
     }
     Ok(out)
 }

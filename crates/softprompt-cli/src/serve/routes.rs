@@ -92,11 +92,7 @@ async fn load_adapter(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&s, &headers)?;
-    #[derive(serde::Deserialize)]
-    struct Body {
-        name: String,
-    }
-    let Body { name } = api::parse(&body_bytes(body)?)?;
+    let api::AdapterBody { name } = api::parse(&body_bytes(body)?)?;
     let dir = s
         .adapters_dir
         .clone()
@@ -141,13 +137,15 @@ async fn not_found() -> ApiError {
     ApiError::new(404, "invalid_request_error", "not_found", "no such route")
 }
 
+/// 401 unless the request carries the server's key (when it has one) as
+/// `Authorization: Bearer KEY`; the scheme's case does not matter (RFC 7235).
 pub(super) fn authorize(s: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(key) = &s.api_key else { return Ok(()) };
     let given = headers
-        .get("authorization")
+        .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if given == Some(key.as_str()) {
+        .and_then(bearer_token);
+    if given.is_some_and(|g| same_secret(g, key)) {
         Ok(())
     } else {
         Err(ApiError::new(
@@ -157,6 +155,22 @@ pub(super) fn authorize(s: &AppState, headers: &HeaderMap) -> Result<(), ApiErro
             "missing or wrong API key (Authorization: Bearer KEY)",
         ))
     }
+}
+
+/// The token of an `Authorization` value with the `Bearer` scheme, in any case (`bearer`,
+/// `BEARER`), with any spaces or tabs between the scheme and the token; `None` for another
+/// scheme or no token.
+pub(super) fn bearer_token(value: &str) -> Option<&str> {
+    let value = value.trim_matches([' ', '\t']);
+    let (scheme, token) = value.split_once([' ', '\t'])?;
+    let token = token.trim_start_matches([' ', '\t']);
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// Whether `given` equals `key`, in a time that does not depend on where they differ.
+fn same_secret(given: &str, key: &str) -> bool {
+    let (a, b) = (given.as_bytes(), key.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn models(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {

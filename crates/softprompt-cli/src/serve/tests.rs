@@ -176,9 +176,14 @@ pub(super) fn post(url: &str, body: &str) -> (u16, Value) {
 }
 
 fn post_with(url: &str, body: &str, key: Option<&str>) -> (u16, Value) {
+    post_authorized(url, body, key.map(|k| format!("Bearer {k}")).as_deref())
+}
+
+/// `(status, JSON body)` of a POST with `authorization` as its `Authorization` header.
+fn post_authorized(url: &str, body: &str, authorization: Option<&str>) -> (u16, Value) {
     let mut req = ureq::post(url).set("Content-Type", "application/json");
-    if let Some(k) = key {
-        req = req.set("Authorization", &format!("Bearer {k}"));
+    if let Some(a) = authorization {
+        req = req.set("Authorization", a);
     }
     let resp = match req.send_string(body) {
         Ok(r) => r,
@@ -376,6 +381,92 @@ fn api_key_is_required_when_set() {
     assert_eq!(post_with(&url, body, Some("wrong")).0, 401);
     assert_eq!(post_with(&url, body, Some("sekrit")).0, 200);
     assert_eq!(get(&format!("{base}/health")).0, 200);
+    // the scheme's case does not matter (RFC 7235), nor the spaces after it; the key's does
+    for ok in ["bearer sekrit", "BEARER sekrit", "Bearer   sekrit"] {
+        assert_eq!(post_authorized(&url, body, Some(ok)).0, 200, "{ok}");
+    }
+    let (_, refused) = post_with(&url, body, Some("wrong"));
+    for bad in ["bearer wrong", "BEARER SEKRIT", "Basic sekrit", "sekrit", "Bearer"] {
+        let (status, err) = post_authorized(&url, body, Some(bad));
+        assert_eq!(status, 401, "{bad}");
+        assert_eq!(err, refused, "{bad}");
+    }
+}
+
+/// One malformed body per POST route over HTTP: a 400 naming the field at fault, and the
+/// server keeps serving.
+#[test]
+fn type_errors_name_the_field_over_http() {
+    let base = server();
+    let cases = [
+        (
+            "/v1/completions",
+            r#"{"prompt": "hi", "max_tokens": "ten"}"#,
+            "field `max_tokens`: invalid type: string \"ten\", expected u64",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": [1]}]}"#,
+            "field `messages[1].content`: invalid type: sequence, expected a string",
+        ),
+        ("/v1/classify", r#"{"model": 7, "input": "x"}"#, "field `model`"),
+        ("/v1/adapters", r#"{"name": {"a": 1}}"#, "field `name`"),
+    ];
+    for (route, body, want) in cases {
+        let (status, err) = post(&format!("{base}{route}"), body);
+        assert_eq!(status, 400, "{route} {body}: {err}");
+        let message = err["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(want), "{route} {body}: `{message}` lacks `{want}`");
+    }
+    let (status, body) = post(
+        &format!("{base}/v1/completions"),
+        r#"{"prompt": "Hello", "max_tokens": 1, "temperature": 0}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+}
+
+/// Writes NaN into the first value of `dir`'s `prompt_embeddings`.
+fn poison(dir: &std::path::Path) {
+    use candle_core::{Device, Tensor};
+    let path = dir.join(softprompt::adapter::ADAPTER_WEIGHTS);
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let pe = &tensors["prompt_embeddings"];
+    let mut values = pe.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    values[0] = f32::NAN;
+    let poisoned = Tensor::from_vec(values, pe.dims(), &Device::Cpu).unwrap();
+    tensors.insert("prompt_embeddings".into(), poisoned);
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+}
+
+/// An adapter holding NaN is refused, naming the tensor, both when loaded at run time (400,
+/// and the server keeps its other adapters) and at start-up.
+#[test]
+fn an_adapter_holding_nan_is_refused() {
+    let (base, dir) = shared();
+    let broken = dir.join("diverged");
+    copy_adapter("smollm2_generate_prompt_tuning", &broken);
+    poison(&broken);
+    let (status, err) = post(&format!("{base}/v1/adapters"), r#"{"name": "diverged"}"#);
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(err["error"]["code"], "adapter_not_loaded");
+    let message = err["error"]["message"].as_str().unwrap();
+    for needle in [
+        "adapter `diverged`",
+        "tensor `prompt_embeddings` holds NaN",
+        "did its training diverge",
+    ] {
+        assert!(message.contains(needle), "`{message}` lacks `{needle}`");
+    }
+    let (_, models) = get(&format!("{base}/v1/models"));
+    assert!(!models.to_string().contains("diverged"), "{models}");
+    // at start-up: `serve` stops with the same reason
+    let alone = tempfile::tempdir().unwrap();
+    copy_adapter("smollm2_generate_prompt_tuning", &alone.path().join("diverged"));
+    poison(&alone.path().join("diverged"));
+    let err = format!("{:#}", load_adapters(&model(), alone.path()).err().expect("refused"));
+    for needle in ["adapter `diverged`", "tensor `prompt_embeddings` holds NaN"] {
+        assert!(err.contains(needle), "`{err}` lacks `{needle}`");
+    }
 }
 
 #[test]
