@@ -18,6 +18,7 @@ fn config(rope_scaling: RopeScaling) -> LlamaConfig {
             hidden: 16,
             heads: 2,
             kv_heads: 1,
+            head_dim: 8,
             intermediate: 24,
             vocab: 30,
             max_positions: 64,

@@ -57,6 +57,7 @@ impl BertConfig {
             model_type: "bert".into(),
             source: weights.location().to_path_buf(),
             shape: self.shape,
+            qk_norm: false,
             params,
             dtypes_on_disk: weights.dtype_counts(),
         }

@@ -1,12 +1,19 @@
-//! Llama-family decoder (Llama 2/3, SmolLM/SmolLM2, Mistral, Qwen2): RMSNorm, rotary position
-//! encoding (`rope_theta`, scaled as `rope_scaling` says: `rope.rs`), grouped-query attention with optional q/k/v bias, SwiGLU MLP, tied or
-//! untied vocabulary head.
+//! Llama-family decoder (Llama 2/3, SmolLM/SmolLM2, Mistral, Qwen2, Qwen3): RMSNorm, rotary
+//! position encoding (`rope_theta`, scaled as `rope_scaling` says: `rope.rs`), grouped-query
+//! attention with optional q/k/v bias (Qwen2) and optional per-head q/k RMSNorm (Qwen3), SwiGLU
+//! MLP, tied or untied vocabulary head.
 //!
-//! Per layer, with `x` the residual stream:
+//! Per layer, with `x` the residual stream (`[N, D]`), `H` query heads and `Hkv` key/value heads
+//! of width `d` = [`Shape::head_dim`] (`D / H` unless the model sets it: Qwen3's 128 with
+//! `D / H` = 64, 80 or 160), so that q is `H·d` wide and k, v are `Hkv·d`:
 //! ```text
-//! n1 = rms(x)·g1;  q,k,v = n1·Wq,k,vᵀ (+b);  q,k = rope(q,k);  a = softmax(q·kᵀ/√d + mask)·v
-//! x2 = x + a·Woᵀ;  n2 = rms(x2)·g2;  y = (silu(n2·Wgᵀ) ⊙ n2·Wuᵀ)·Wdᵀ;  out = x2 + y
+//! n1 = rms(x)·g1;  q,k,v = n1·Wq,k,vᵀ (+b)
+//! q_h = rms(q_h)·gq,  k_h = rms(k_h)·gk   for every head h (Qwen3 only: q_norm, k_norm [d])
+//! q,k = rope(q,k);  a = softmax(q·kᵀ/√d + mask)·v
+//! x2 = x + a·Woᵀ (Wo: [D, H·d]);  n2 = rms(x2)·g2;  y = (silu(n2·Wgᵀ) ⊙ n2·Wuᵀ)·Wdᵀ;  out = x2 + y
 //! ```
+//! Qwen3 is this family with two options, not a file of its own: an explicit head width and the
+//! per-head q/k norms (present in a layer or not: [`LlamaLayer::q_norm`]).
 //!
 //! A file loads into one [`LlamaWeights`] (`llama/load.rs`); [`build`] turns it into a
 //! [`Llama`] on the [`Stack`] the load chose: [`ComposedStack`] (candle ops written out layer
@@ -56,27 +63,31 @@ impl LlamaConfig {
     fn validate(&self, source: &Path) -> Result<()> {
         if self.heads == 0
             || self.kv_heads == 0
-            || !self.hidden.is_multiple_of(self.heads)
             || !self.heads.is_multiple_of(self.kv_heads)
+            || self.head_dim == 0
+            || !self.head_dim.is_multiple_of(2)
         {
             bail!(
-                "{}: inconsistent attention shape (hidden {}, heads {}, kv heads {})",
+                "{}: inconsistent attention shape (hidden {}, heads {}, kv heads {}, head_dim {}: \
+                 kv heads must divide heads, head_dim must be even and positive)",
                 source.display(),
                 self.hidden,
                 self.heads,
-                self.kv_heads
+                self.kv_heads,
+                self.head_dim
             );
         }
         Ok(())
     }
 
     /// The [`ModelInfo`] of a model of this shape.
-    fn model_info(&self, model_type: String, params: usize, weights: &dyn WeightSource) -> ModelInfo {
+    fn model_info(&self, model_type: String, qk_norm: bool, params: usize, weights: &dyn WeightSource) -> ModelInfo {
         ModelInfo {
             arch: Arch::Llama,
             model_type,
             source: weights.location().to_path_buf(),
             shape: self.shape,
+            qk_norm,
             params,
             dtypes_on_disk: weights.dtype_counts(),
         }
@@ -89,11 +100,18 @@ impl LlamaConfig {
 pub struct LlamaLayer<W = Linear, V = Tensor> {
     /// Attention RMSNorm gain `[D]`.
     pub attn_norm: V,
-    /// q, k and v projections stacked: `[D + 2·kv_dim, D]` (one product for all three).
+    /// q, k and v projections stacked: `[q_dim + 2·kv_dim, D]` (one product for all three;
+    /// `q_dim = heads·head_dim`, `kv_dim = kv_heads·head_dim`).
     pub w_qkv: W,
     /// Their biases (Qwen2), stacked likewise.
     pub b_qkv: Option<V>,
-    /// Output projection `[D, D]`.
+    /// Per-head RMSNorm gain of the queries `[head_dim]`, applied to every head before the
+    /// rotation (Qwen3's `q_norm`); `None` for the other models.
+    pub q_norm: Option<V>,
+    /// Per-head RMSNorm gain of the keys `[head_dim]` (Qwen3's `k_norm`); present exactly when
+    /// [`LlamaLayer::q_norm`] is.
+    pub k_norm: Option<V>,
+    /// Output projection `[D, q_dim]`.
     pub wo: W,
     /// MLP RMSNorm gain `[D]`.
     pub ffn_norm: V,
@@ -114,6 +132,8 @@ impl<W, V> LlamaLayer<W, V> {
             attn_norm: v(self.attn_norm)?,
             w_qkv: w(self.w_qkv)?,
             b_qkv: self.b_qkv.map(&mut v).transpose()?,
+            q_norm: self.q_norm.map(&mut v).transpose()?,
+            k_norm: self.k_norm.map(&mut v).transpose()?,
             wo: w(self.wo)?,
             ffn_norm: v(self.ffn_norm)?,
             w_gate_up: w(self.w_gate_up)?,

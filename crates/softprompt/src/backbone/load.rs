@@ -68,12 +68,12 @@ pub fn load_with(location: &ModelLocation, device: &Device, options: impl Into<L
             let file = GgufFile::open(path)?;
             let arch = file.get_str("general.architecture")?.to_string();
             let backbone = match arch.as_str() {
-                "llama" | "qwen2" | "mistral" | "smollm" => {
+                "llama" | "qwen2" | "qwen3" | "mistral" | "smollm" => {
                     let kernels = choose(storage)?;
                     Model::Causal(llama::build(LlamaWeights::from_gguf(&file, device, storage)?, kernels)?)
                 }
                 other => bail!(
-                    "{}: architecture `{other}` is not supported (supported in GGUF: llama, qwen2, mistral)",
+                    "{}: architecture `{other}` is not supported (supported in GGUF: llama, qwen2, qwen3, mistral)",
                     path.display()
                 ),
             };
@@ -90,7 +90,7 @@ pub fn load_with(location: &ModelLocation, device: &Device, options: impl Into<L
                 .to_string();
             let weights = SafetensorsWeights::open(dir)?;
             let backbone = match model_type.as_str() {
-                "llama" | "mistral" | "qwen2" => {
+                "llama" | "mistral" | "qwen2" | "qwen3" => {
                     let kernels = choose(storage)?;
                     let w = LlamaWeights::from_hf(dir, &config, &weights, device, storage)?;
                     Model::Causal(llama::build(w, kernels)?)
@@ -108,7 +108,7 @@ pub fn load_with(location: &ModelLocation, device: &Device, options: impl Into<L
                     Model::Encoder(bert::build(w, kernels)?)
                 }
                 other => bail!(
-                    "{}: model_type `{other}` is not supported (supported: llama, mistral, qwen2, bert)",
+                    "{}: model_type `{other}` is not supported (supported: llama, mistral, qwen2, qwen3, bert)",
                     dir.join("config.json").display()
                 ),
             };

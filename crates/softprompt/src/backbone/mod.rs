@@ -35,7 +35,7 @@ use std::path::PathBuf;
 /// The architecture families softprompt runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
-    /// Llama family: Llama 2/3, SmolLM/SmolLM2, Mistral, Qwen2 (causal decoder).
+    /// Llama family: Llama 2/3, SmolLM/SmolLM2, Mistral, Qwen2, Qwen3 (causal decoder).
     Llama,
     /// BERT family: BERT, MiniLM (bidirectional encoder).
     Bert,
@@ -61,6 +61,9 @@ pub struct ModelInfo {
     /// The sizes (layers, widths, heads, vocabulary, positions); also read through `Deref`
     /// (`info.hidden`).
     pub shape: Shape,
+    /// Whether each attention head's queries and keys are RMS-normed before the rotation
+    /// (Qwen3's `q_norm`/`k_norm`).
+    pub qk_norm: bool,
     /// Total parameter count.
     pub params: usize,
     /// Number of tensors per storage type on disk (e.g. `Q4_1 → 210`).
@@ -87,6 +90,10 @@ pub struct Shape {
     pub heads: usize,
     /// Key/value heads (fewer than `heads` with grouped-query attention).
     pub kv_heads: usize,
+    /// Width of one attention head: `hidden / heads` unless the model says otherwise (Qwen3's
+    /// and Mistral Nemo's `head_dim`). Queries are `heads · head_dim` wide, keys and values
+    /// `kv_heads · head_dim`, whatever `hidden` is.
+    pub head_dim: usize,
     /// Feed-forward inner size.
     pub intermediate: usize,
     /// Rows of the embedding table.
@@ -96,14 +103,20 @@ pub struct Shape {
 }
 
 impl Shape {
-    /// Size of one attention head.
+    /// Size of one attention head (the field [`Shape::head_dim`]).
     pub fn head_dim(&self) -> usize {
-        self.hidden / self.heads
+        self.head_dim
+    }
+
+    /// Width of the queries (and of the attention's output) of one position: `heads · head_dim`
+    /// (the hidden size unless the model sets `head_dim`).
+    pub fn q_dim(&self) -> usize {
+        self.heads * self.head_dim
     }
 
     /// Width of the keys (and of the values) of one position: `kv_heads · head_dim`.
     pub fn kv_dim(&self) -> usize {
-        self.kv_heads * self.head_dim()
+        self.kv_heads * self.head_dim
     }
 }
 

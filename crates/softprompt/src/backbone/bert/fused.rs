@@ -208,7 +208,7 @@ impl KeySlots {
         AttentionLayout {
             heads: m.cfg.heads,
             kv_heads: m.cfg.heads,
-            head_dim: m.cfg.hidden / m.cfg.heads,
+            head_dim: m.cfg.head_dim(),
             keys: self.keys,
             key_mask: &self.key_mask,
             query_row: &packed.row,
@@ -237,7 +237,7 @@ impl FusedStack {
     fn run_backward(&self, tape: &FusedBertTape, d_hidden: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
         let (packed, slots) = (&tape.packed, &tape.slots);
         let device = d_hidden.device();
-        let hd = self.cfg.hidden / self.cfg.heads;
+        let hd = self.cfg.head_dim();
         let mut dx = packed.pack_sum(d_hidden)?;
         let mut d_past = Vec::new();
         for (layer, lt) in self.layers.iter().zip(&tape.layers).rev() {

@@ -14,11 +14,14 @@ impl BertConfig {
     pub fn from_hf(dir: &Path, config: &serde_json::Value) -> Result<Self> {
         let f = crate::backbone::config_fields(dir, config)?;
         let heads = f.req_usize("num_attention_heads")?;
+        let hidden = f.req_usize("hidden_size")?;
         let cfg = BertConfig {
             shape: Shape {
-                hidden: f.req_usize("hidden_size")?,
+                hidden,
                 heads,
                 kv_heads: heads,
+                // Checked below: `heads` divides `hidden`.
+                head_dim: hidden.checked_div(heads).unwrap_or(0),
                 layers: f.req_usize("num_hidden_layers")?,
                 intermediate: f.req_usize("intermediate_size")?,
                 vocab: f.req_usize("vocab_size")?,

@@ -25,6 +25,8 @@ pub struct ComposedStack {
 /// What the training forward keeps per layer.
 struct LayerTape {
     x: Tensor,
+    /// Queries and keys `[N, H·hd]`, `[N, Hkv·hd]` before their per-head norms (Qwen3).
+    qk_pre: Option<(Tensor, Tensor)>,
     x2: Tensor,
     gate: Tensor,
     up: Tensor,
@@ -143,6 +145,21 @@ impl ComposedStack {
         Ok((self.cos.narrow(0, start, len)?, self.sin.narrow(0, start, len)?))
     }
 
+    /// Each of the `n` heads of the rows `x` (`[N, n·hd]`) RMS-normed with the gain `g` `[hd]`.
+    fn head_norm(&self, x: &Tensor, g: &Tensor, n: usize) -> Result<Tensor> {
+        let (rows, width) = x.dims2()?;
+        let per_head = x.reshape((rows * n, width / n))?;
+        Ok(ops::rms_norm(&per_head, g, self.cfg.eps)?.reshape((rows, width))?)
+    }
+
+    /// Input gradient of [`ComposedStack::head_norm`] at `x` for the output gradient `dy`.
+    fn head_norm_backward(&self, x: &Tensor, g: &Tensor, n: usize, dy: &Tensor) -> Result<Tensor> {
+        let (rows, width) = x.dims2()?;
+        let shape = (rows * n, width / n);
+        let dx = ops::rms_norm_backward(&x.reshape(shape)?, g, self.cfg.eps, &dy.reshape(shape)?)?;
+        Ok(dx.reshape((rows, width))?)
+    }
+
     /// One decoder layer on the packed real positions `x` `[N, D]`. `past` holds earlier
     /// keys/values (already rotated).
     #[allow(clippy::too_many_arguments)]
@@ -165,10 +182,23 @@ impl ComposedStack {
             Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
         let qkv = ops::linear(&n1, &layer.w_qkv, layer.b_qkv.as_ref())?;
-        let kvd = hkv * hd;
-        let q = heads(qkv.narrow(1, 0, h * hd)?, h)?;
-        let k = heads(qkv.narrow(1, h * hd, kvd)?, hkv)?;
-        let v = heads(qkv.narrow(1, h * hd + kvd, kvd)?, hkv)?;
+        let (qd, kvd) = (h * hd, hkv * hd);
+        let (q_pre, k_pre) = (
+            qkv.narrow(1, 0, qd)?.contiguous()?,
+            qkv.narrow(1, qd, kvd)?.contiguous()?,
+        );
+        // Qwen3: every head's query and key RMS-normed (gain [hd]) before the rotation.
+        let (q, k, qk_pre) = match (&layer.q_norm, &layer.k_norm) {
+            (Some(gq), Some(gk)) => (
+                self.head_norm(&q_pre, gq, h)?,
+                self.head_norm(&k_pre, gk, hkv)?,
+                Some((q_pre, k_pre)),
+            ),
+            _ => (q_pre, k_pre, None),
+        };
+        let q = heads(q, h)?;
+        let k = heads(k, hkv)?;
+        let v = heads(qkv.narrow(1, qd + kvd, kvd)?, hkv)?;
         let (b, _, t, _) = q.dims4()?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
@@ -189,6 +219,7 @@ impl ComposedStack {
         let out = (&x2 + ops::linear(&m, &layer.w_down, None)?)?;
         let tape = saved.map(|attn| LayerTape {
             x: x.clone(),
+            qk_pre,
             x2,
             gate,
             up,
@@ -236,7 +267,12 @@ impl ComposedStack {
         let dk = candle_nn::rotary_emb::rope(&dk.contiguous()?, cos, &neg_sin)?;
         let flat =
             |y: Tensor, n: usize| -> Result<Tensor> { Ok(packing.pack(&y.transpose(1, 2)?.reshape((b, t, n * hd))?)?) };
-        let d_qkv = Tensor::cat(&[flat(dq, h)?, flat(dk, hkv)?, flat(dv, hkv)?], 1)?;
+        let (mut dq, mut dk) = (flat(dq, h)?, flat(dk, hkv)?);
+        if let (Some(gq), Some(gk), Some((q_pre, k_pre))) = (&layer.q_norm, &layer.k_norm, &tape.qk_pre) {
+            dq = self.head_norm_backward(q_pre, gq, h, &dq)?;
+            dk = self.head_norm_backward(k_pre, gk, hkv, &dk)?;
+        }
+        let d_qkv = Tensor::cat(&[dq, dk, flat(dv, hkv)?], 1)?;
         let dn1 = ops::linear_backward(&d_qkv, &layer.w_qkv)?;
         Ok((
             (dx2 + ops::rms_norm_backward(&tape.x, &layer.attn_norm, eps, &dn1)?)?,

@@ -2,10 +2,11 @@
 //! `llama.rs`'s module documentation, one pass per step over the packed real positions, with
 //! only the activations the input-gradient pass (`fused/backward.rs`) needs kept on the tape.
 //!
-//! Per layer (x: `[N, D]` packed real positions; K/V in padded key slots `[B·S, kv_dim]`):
+//! Per layer (x: `[N, D]` packed real positions; q `[N, q_dim]`; K/V in padded key slots
+//! `[B·S, kv_dim]`):
 //! ```text
-//! n1 = rms(x)·g1            qkv = n1·W_qkvᵀ (+b)        q, k = rope(q, k)
-//! a = attention(q, K, V)    x2 = x + a·W_oᵀ
+//! n1 = rms(x)·g1            qkv = n1·W_qkvᵀ (+b)        q_h, k_h = rms(q_h)·gq, rms(k_h)·gk (Qwen3)
+//! q, k = rope(q, k)         a = attention(q, K, V)      x2 = x + a·W_oᵀ
 //! n2 = rms(x2)·g2           gu = n2·W_guᵀ               out = x2 + (silu(g) ⊙ u)·W_downᵀ
 //! ```
 
@@ -15,7 +16,7 @@ use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use softprompt_kernels::{activation, attention, matmul, norm, rope, AttentionLayout};
 
-use self::backward::{FusedTape, LayerTape};
+use self::backward::{FusedTape, HeadNorms, LayerTape};
 use super::{rope_tables, LlamaConfig, LlamaLayer, Stack};
 use crate::backbone::frozen_weight::FrozenWeight;
 use crate::backbone::fused::{fill_past_slots, to_vec, Packed};
@@ -137,10 +138,11 @@ impl Stack for FusedStack {
         for (layer, kv) in body.iter().zip(body_kv) {
             x = self.layer_forward(layer, x, &geometry, kv, false).0;
         }
-        let (q, _) = self.attention_inputs(last, &x, &geometry, last_kv);
-        let d = self.cfg.hidden;
-        let rows_of =
-            |v: &[f32]| -> Vec<f32> { selected.iter().flat_map(|&i| v[i * d..(i + 1) * d].to_vec()).collect() };
+        let q = self.attention_inputs(last, &x, &geometry, last_kv, false).q;
+        let (d, qd) = (self.cfg.hidden, self.cfg.q_dim());
+        let rows_of = |v: &[f32], w: usize| -> Vec<f32> {
+            selected.iter().flat_map(|&i| v[i * w..(i + 1) * w].to_vec()).collect()
+        };
         // The asked-for row, not the packed one: a shared position's keys sit in every row's slots.
         let query_row: Vec<usize> = at.iter().map(|&(r, _)| r).collect();
         let query_key: Vec<usize> = selected.iter().map(|&i| geometry.query_key[i]).collect();
@@ -150,7 +152,7 @@ impl Stack for FusedStack {
             ..geometry.layout(self)
         };
         let out = self
-            .attention_and_mlp(last, &rows_of(&x), &rows_of(&q), &lay, last_kv)
+            .attention_and_mlp(last, &rows_of(&x, d), &rows_of(&q, qd), &lay, last_kv)
             .out;
         let (mut h, mut rstd) = (vec![0f32; out.len()], vec![0f32; selected.len()]);
         norm::rms_norm(&out, &self.norm, self.eps(), &mut h, &mut rstd);
@@ -186,6 +188,14 @@ struct LayerOutputs {
     x2: Vec<f32>,
     rstd2: Vec<f32>,
     gate_up: Vec<f32>,
+}
+
+/// What [`FusedStack::attention_inputs`] computes: the rotated queries, the attention norm's
+/// reciprocal RMS, and (Qwen3, when a tape is kept) what the per-head q/k norms' backward needs.
+struct AttentionInputs {
+    q: Vec<f32>,
+    rstd1: Vec<f32>,
+    head_norms: Option<HeadNorms>,
 }
 
 /// Where the queries and key slots of one call sit.
@@ -348,11 +358,12 @@ impl FusedStack {
         kv: &mut (Vec<f32>, Vec<f32>),
         keep: bool,
     ) -> (Vec<f32>, Option<LayerTape>) {
-        let (q, rstd1) = self.attention_inputs(l, &x, g, kv);
+        let AttentionInputs { q, rstd1, head_norms } = self.attention_inputs(l, &x, g, kv, keep);
         let rest = self.attention_and_mlp(l, &x, &q, &g.layout(self), kv);
         let tape = keep.then(|| LayerTape {
             x,
             rstd1,
+            head_norms,
             q,
             k: kv.0.clone(),
             v: kv.1.clone(),
@@ -363,24 +374,31 @@ impl FusedStack {
         (rest.out, tape)
     }
 
-    /// One layer's queries `[N, D]` (normed, projected, rotated) and its attention norm's
-    /// reciprocal RMS `[N]`; the keys and values of the positions are written into their slots.
+    /// One layer's queries `[N, q_dim]` (normed, projected, head-normed for Qwen3, rotated) and
+    /// its attention norm's reciprocal RMS `[N]` (with `keep`, what the q/k norms' backward
+    /// needs); the keys and values of the positions are written into their slots.
     fn attention_inputs(
         &self,
         l: &Layer,
         x: &[f32],
         g: &Geometry,
         (k_slots, v_slots): &mut (Vec<f32>, Vec<f32>),
-    ) -> (Vec<f32>, Vec<f32>) {
+        keep: bool,
+    ) -> AttentionInputs {
         use Direction::Forward as F;
-        let (d, hd, kvd) = (self.cfg.hidden, self.cfg.head_dim(), self.cfg.kv_dim());
+        let (d, hd, qd, kvd) = (
+            self.cfg.hidden,
+            self.cfg.head_dim(),
+            self.cfg.q_dim(),
+            self.cfg.kv_dim(),
+        );
         let n = x.len() / d;
         let positions = &g.query_pos;
         let (mut n1, mut rstd1) = (vec![0f32; n * d], vec![0f32; n]);
         span("norm", F, || {
             norm::rms_norm(x, &l.attn_norm, self.eps(), &mut n1, &mut rstd1)
         });
-        let width = d + 2 * kvd;
+        let width = qd + 2 * kvd;
         let mut qkv = vec![0f32; n * width];
         span("qkv", F, || {
             l.w_qkv.matmul_wt(&n1, &mut qkv, n, d, width, false);
@@ -389,15 +407,34 @@ impl FusedStack {
             }
         });
         let (mut q, mut k_new) = (n1, vec![0f32; n * kvd]); // n1's buffer takes the queries
+        q.resize(n * qd, 0.0);
         span("copies", F, || {
             for (i, row) in qkv.chunks(width).enumerate() {
-                q[i * d..(i + 1) * d].copy_from_slice(&row[..d]);
-                k_new[i * kvd..(i + 1) * kvd].copy_from_slice(&row[d..d + kvd]);
+                q[i * qd..(i + 1) * qd].copy_from_slice(&row[..qd]);
+                k_new[i * kvd..(i + 1) * kvd].copy_from_slice(&row[qd..qd + kvd]);
                 for s in g.slots(i) {
-                    v_slots[s * kvd..(s + 1) * kvd].copy_from_slice(&row[d + kvd..]);
+                    v_slots[s * kvd..(s + 1) * kvd].copy_from_slice(&row[qd + kvd..]);
                 }
             }
         });
+        // Qwen3: every head's query and key RMS-normed before the rotation (rows of `hd`).
+        let head_norms = match (&l.q_norm, &l.k_norm) {
+            (Some(gq), Some(gk)) => span("norm", F, || {
+                let (mut rstd_q, mut rstd_k) = (vec![0f32; n * self.cfg.heads], vec![0f32; n * self.cfg.kv_heads]);
+                let (q_pre, k_pre) = (std::mem::take(&mut q), std::mem::take(&mut k_new));
+                q = vec![0f32; q_pre.len()];
+                k_new = vec![0f32; k_pre.len()];
+                norm::rms_norm(&q_pre, gq, self.eps(), &mut q, &mut rstd_q);
+                norm::rms_norm(&k_pre, gk, self.eps(), &mut k_new, &mut rstd_k);
+                keep.then_some(HeadNorms {
+                    q_pre,
+                    k_pre,
+                    rstd_q,
+                    rstd_k,
+                })
+            }),
+            _ => None,
+        };
         span("rope", F, || {
             rope::rope(&mut q, positions, hd, &self.cos, &self.sin, false);
             rope::rope(&mut k_new, positions, hd, &self.cos, &self.sin, false);
@@ -409,11 +446,11 @@ impl FusedStack {
                 }
             }
         });
-        (q, rstd1)
+        AttentionInputs { q, rstd1, head_norms }
     }
 
-    /// The rest of one layer for the queries `q` (`[n, D]`, their residual rows `x`, placed by
-    /// `lay`): attention over the filled slots, the output projection and the MLP.
+    /// The rest of one layer for the queries `q` (`[n, q_dim]`, their residual rows `x` `[n, D]`,
+    /// placed by `lay`): attention over the filled slots, the output projection and the MLP.
     fn attention_and_mlp(
         &self,
         l: &Layer,
@@ -423,15 +460,16 @@ impl FusedStack {
         (k_slots, v_slots): &(Vec<f32>, Vec<f32>),
     ) -> LayerOutputs {
         use Direction::Forward as F;
-        let (d, inter) = (self.cfg.hidden, self.cfg.intermediate);
+        let (d, qd, inter) = (self.cfg.hidden, self.cfg.q_dim(), self.cfg.intermediate);
         let n = x.len() / d;
-        let mut a = vec![0f32; n * d];
+        let mut a = vec![0f32; n * qd];
         span("attention", F, || {
             attention::attention(lay, q, k_slots, v_slots, &mut a)
         });
         let mut x2 = x.to_vec();
-        span("o-proj", F, || l.wo.matmul_wt(&a, &mut x2, n, d, d, true));
+        span("o-proj", F, || l.wo.matmul_wt(&a, &mut x2, n, qd, d, true));
         let (mut n2, mut rstd2) = (a, vec![0f32; n]); // a's buffer takes the normed rows
+        n2.resize(n * d, 0.0);
         span("norm", F, || {
             norm::rms_norm(&x2, &l.ffn_norm, self.eps(), &mut n2, &mut rstd2)
         });

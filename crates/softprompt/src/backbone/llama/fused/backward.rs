@@ -6,6 +6,7 @@
 //! ```text
 //! dm = dy·W_down;  dgu = silu_mul'(gu, dm);  dn2 = dgu·W_gu;   dx2 = dy + rms'(x2, dn2)
 //! da = dx2·W_o;    dq, dK, dV = attention'(q, K, V, da);     dq, dk = rope⁻¹(dq, dk)
+//! dq_h, dk_h = rms'(q_h, dq_h), rms'(k_h, dk_h)   (per head, Qwen3's q/k norms)
 //! dn1 = [dq, dk, dv]·W_qkv;  dx = dx2 + rms'(x, dn1)
 //! ```
 
@@ -17,10 +18,25 @@ use super::{FusedStack, Geometry, Layer};
 use crate::backbone::fused::{sum_past_slots, Packed};
 use crate::backbone::profile::{span, Direction};
 
+/// What the per-head q/k norms (Qwen3) keep for the backward pass: their inputs and
+/// reciprocal RMS per (position, head).
+pub(super) struct HeadNorms {
+    /// Queries `[N, q_dim]` before their norm.
+    pub(super) q_pre: Vec<f32>,
+    /// New keys `[N, kv_dim]` before their norm.
+    pub(super) k_pre: Vec<f32>,
+    /// `[N·heads]`.
+    pub(super) rstd_q: Vec<f32>,
+    /// `[N·kv_heads]`.
+    pub(super) rstd_k: Vec<f32>,
+}
+
 /// What one layer keeps for the backward pass.
 pub(super) struct LayerTape {
     pub(super) x: Vec<f32>,
     pub(super) rstd1: Vec<f32>,
+    /// The q/k norms' inputs (Qwen3), `None` for the other models.
+    pub(super) head_norms: Option<HeadNorms>,
     pub(super) q: Vec<f32>,
     pub(super) k: Vec<f32>,
     pub(super) v: Vec<f32>,
@@ -75,9 +91,10 @@ impl FusedStack {
     /// One layer's input gradient, and the gradient of every key/value slot (for a prefix).
     fn layer_backward(&self, l: &Layer, t: &LayerTape, g: &Geometry, dy: Vec<f32>) -> (Vec<f32>, (Vec<f32>, Vec<f32>)) {
         use Direction::Backward as B;
-        let (d, hd, kvd, inter) = (
+        let (d, hd, qd, kvd, inter) = (
             self.cfg.hidden,
             self.cfg.head_dim(),
+            self.cfg.q_dim(),
             self.cfg.kv_dim(),
             self.cfg.intermediate,
         );
@@ -97,9 +114,9 @@ impl FusedStack {
             norm::rms_norm_backward(&t.x2, &l.ffn_norm, &t.rstd2, &dn2, &mut dx2)
         });
         // attention block
-        let mut da = dn2; // reuse
-        span("o-proj", B, || l.wo.matmul(&dx2, &mut da, n, d, d, false));
-        let mut dq = vec![0f32; n * d];
+        let mut da = vec![0f32; n * qd];
+        span("o-proj", B, || l.wo.matmul(&dx2, &mut da, n, d, qd, false));
+        let mut dq = vec![0f32; n * qd];
         let (mut dk, mut dv) = (vec![0f32; t.k.len()], vec![0f32; t.v.len()]);
         span("attention", B, || {
             let lay = g.layout(self);
@@ -119,20 +136,28 @@ impl FusedStack {
             rope::rope(&mut dq, positions, hd, &self.cos, &self.sin, true);
             rope::rope(&mut dk_new, positions, hd, &self.cos, &self.sin, true);
         });
-        let width = d + 2 * kvd;
+        if let (Some(gq), Some(gk), Some(hn)) = (&l.q_norm, &l.k_norm, &t.head_norms) {
+            span("norm", B, || {
+                let (mut dq_pre, mut dk_pre) = (vec![0f32; dq.len()], vec![0f32; dk_new.len()]);
+                norm::rms_norm_backward(&hn.q_pre, gq, &hn.rstd_q, &dq, &mut dq_pre);
+                norm::rms_norm_backward(&hn.k_pre, gk, &hn.rstd_k, &dk_new, &mut dk_pre);
+                (dq, dk_new) = (dq_pre, dk_pre);
+            });
+        }
+        let width = qd + 2 * kvd;
         let mut dqkv = vec![0f32; n * width];
         span("copies", B, || {
             for (i, row) in dqkv.chunks_mut(width).enumerate() {
-                row[..d].copy_from_slice(&dq[i * d..(i + 1) * d]);
-                row[d..d + kvd].copy_from_slice(&dk_new[i * kvd..(i + 1) * kvd]);
+                row[..qd].copy_from_slice(&dq[i * qd..(i + 1) * qd]);
+                row[qd..qd + kvd].copy_from_slice(&dk_new[i * kvd..(i + 1) * kvd]);
                 for s in g.slots(i) {
-                    for (r, v) in row[d + kvd..].iter_mut().zip(&dv[s * kvd..(s + 1) * kvd]) {
+                    for (r, v) in row[qd + kvd..].iter_mut().zip(&dv[s * kvd..(s + 1) * kvd]) {
                         *r += v;
                     }
                 }
             }
         });
-        let mut dn1 = da;
+        let mut dn1 = dn2; // reuse: [n, D]
         span("qkv", B, || l.w_qkv.matmul(&dqkv, &mut dn1, n, width, d, false));
         let mut dx = dx2;
         span("norm", B, || {
