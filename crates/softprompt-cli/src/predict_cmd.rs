@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::args::ScoreArgs;
 use crate::scoring::score;
+use softprompt::lock::ProcessLock;
 
 /// Arguments of `predict`.
 #[derive(Args)]
@@ -21,9 +22,14 @@ pub struct PredictArgs {
 
 /// Runs `predict`: each row gets `prediction`, `scores` and (with --exact-match) `generated`.
 pub fn predict_cmd(args: PredictArgs) -> Result<()> {
-    if let Some(out) = &args.output {
-        refuse_overwriting_the_data(out, &args.score.data)?;
-    }
+    // One predict writes a file at a time; held until the file is in place.
+    let _lock = match &args.output {
+        Some(out) => {
+            refuse_overwriting_an_input(out, &args.score)?;
+            Some(lock_output(out)?)
+        }
+        None => None,
+    };
     let (r, data) = score(&args.score)?;
     let mut out = Vec::new();
     for (rec, p) in data.records.iter().zip(&r.predictions) {
@@ -42,19 +48,53 @@ pub fn predict_cmd(args: PredictArgs) -> Result<()> {
     Ok(())
 }
 
-/// Refuses `--output` naming the `--data` file: the predictions would replace the rows they are
-/// made from.
-fn refuse_overwriting_the_data(output: &Path, data: &Path) -> Result<()> {
-    let same = match (output.canonicalize(), data.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => output == data,
+/// Refuses `--output` naming one of the command's inputs (the `--data` file, the model file or a
+/// file inside the model or adapter folder): the predictions would replace what they are made
+/// from.
+fn refuse_overwriting_an_input(output: &Path, score: &ScoreArgs) -> Result<()> {
+    let resolved = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+    // The output file may not exist yet: resolve its folder.
+    let out = match (output.parent(), output.file_name()) {
+        (Some(dir), Some(name)) if !dir.as_os_str().is_empty() => resolved(dir).join(name),
+        _ => resolved(output),
     };
-    if same {
-        bail!(
-            "--output {} is the --data file; the predictions would replace the rows they are made \
-             from. Write them to another file",
-            output.display()
-        );
+    let model = Path::new(&score.model.model);
+    let inputs = [
+        ("--data file", Some(score.data.as_path()), false),
+        ("model", model.exists().then_some(model), model.is_dir()),
+        ("--adapter folder", score.adapter.as_deref(), true),
+    ];
+    for (what, input, is_folder) in inputs {
+        let Some(input) = input else { continue };
+        let input = resolved(input);
+        if out == input || (is_folder && out.starts_with(&input)) {
+            bail!(
+                "--output {} is {}the {what}; the predictions would replace what they are made \
+                 from. Write them to another file",
+                output.display(),
+                if is_folder { "inside " } else { "" }
+            );
+        }
     }
     Ok(())
+}
+
+/// Takes the lock of the output file (`.NAME.softprompt-lock` beside it).
+fn lock_output(output: &Path) -> Result<ProcessLock> {
+    let dir = output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        bail!(
+            "--output {}: the folder {} does not exist",
+            output.display(),
+            dir.display()
+        );
+    }
+    let name = output
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    ProcessLock::take(&dir.join(format!(".{name}.softprompt-lock")), "another predict", output)
 }

@@ -14,6 +14,7 @@ fn model() -> FusedLlama {
             hidden: 32,
             heads: 4,
             kv_heads: 2,
+            head_dim: 32 / 4,
             intermediate: 48,
             vocab: 50,
             max_positions: 64,

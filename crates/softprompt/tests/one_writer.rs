@@ -1,9 +1,11 @@
 //! One training run writes an output folder at a time: a second run into a folder another run
 //! holds is refused (naming the holder) before anything is written, the lock lives beside the
-//! folder (an `--overwrite` swaps the folder itself) and is gone when the run ends.
+//! folder (an `--overwrite` swaps the folder itself), is an OS lock (a lock file no process holds
+//! is free, whatever it says) and is gone when the run ends.
 
 mod common;
 use softprompt::train::{OutputDir, TrainConfig};
+use std::process::{Command, Stdio};
 
 #[test]
 fn a_second_run_into_a_held_folder_is_refused_and_the_lock_goes_with_the_run() {
@@ -16,19 +18,39 @@ fn a_second_run_into_a_held_folder_is_refused_and_the_lock_goes_with_the_run() {
     let first = OutputDir::claim(&cfg).unwrap();
     assert_eq!(std::fs::read_to_string(&lock).unwrap(), std::process::id().to_string());
     let e = format!("{:#}", OutputDir::claim(&cfg).unwrap_err());
-    assert!(e.contains("already locked") && e.contains(".a.softprompt-lock"), "{e}");
+    assert!(
+        e.contains(&format!(
+            "another training run (process {}, this process)",
+            std::process::id()
+        )),
+        "{e}"
+    );
     first.commit().unwrap();
     assert!(!lock.exists(), "the lock is removed when the run ends");
 
-    // A lock left by a killed run (its process is gone) is taken over.
-    std::fs::write(&lock, "4194305").unwrap();
+    // A lock file left by a killed run names a process, but no process holds it: it is free.
+    std::fs::write(&lock, "1").unwrap();
     let again = OutputDir::claim(&cfg).unwrap();
     drop(again);
     assert!(!lock.exists());
 
-    // A live holder (PID 1 runs on every Linux system) is named.
-    std::fs::write(&lock, "1").unwrap();
+    // Another process holding it (util-linux's flock(1), the same lock) is refused.
+    let mut holder = Command::new("flock")
+        // -o: the lock is held by flock itself (not passed on to the command it runs).
+        .arg("-o")
+        .arg(&lock)
+        .args(["sh", "-c", "echo locked; exec sleep 20"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("flock(1) runs");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(holder.stdout.take().unwrap()), &mut line).unwrap();
     let e = format!("{:#}", OutputDir::claim(&cfg).unwrap_err());
-    assert!(e.contains("another training run (process 1)"), "{e}");
-    std::fs::remove_file(&lock).unwrap();
+    assert!(
+        e.contains("another training run (process") && e.contains("runs/a"),
+        "{e}"
+    );
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    drop(OutputDir::claim(&cfg).expect("a killed holder's lock is released by the kernel"));
 }

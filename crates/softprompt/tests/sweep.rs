@@ -115,24 +115,25 @@ fn cells_run_resume_skip_and_rescore() {
     assert_eq!(starts[0].1, CellStart::ScoreOnly);
     assert_eq!(rescored[0].value, results[0].value);
 
-    // A second sweep in a folder where one is running (here: this process's parent, alive) is
-    // refused; a lock left by a process that is gone is taken over.
-    let parent = std::fs::read_to_string("/proc/self/stat")
-        .unwrap()
-        .split_whitespace()
-        .nth(3)
-        .unwrap()
-        .to_string();
-    std::fs::write(out.join("sweep.lock"), &parent).unwrap();
+    // A second sweep in a folder where one is running (here: util-linux's flock(1) holds the
+    // same OS lock) is refused; a lock file no process holds (left by a killed sweep) is free.
+    let mut holder = std::process::Command::new("flock")
+        .arg("-o")
+        .arg(out.join("sweep.lock"))
+        .args(["sh", "-c", "echo locked; exec sleep 20"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("flock(1) runs");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(holder.stdout.take().unwrap()), &mut line).unwrap();
     let grid = Grid::new(vec![Axis::parse("num_virtual_tokens=1").unwrap()], 1, &base()).unwrap();
     let e = Sweep::new(base(), grid, out.clone())
         .unwrap()
         .run(&mut Record::default())
         .unwrap_err();
-    assert!(
-        format!("{e:#}").contains(&format!("another sweep (process {parent})")),
-        "{e:#}"
-    );
+    assert!(format!("{e:#}").contains("another sweep (process"), "{e:#}");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
     std::fs::write(out.join("sweep.lock"), "999999999").unwrap();
     run(&out, "1,2");
     assert!(!out.join("sweep.lock").exists());

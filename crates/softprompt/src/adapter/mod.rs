@@ -22,6 +22,7 @@ pub mod peft_config;
 pub mod peft_types;
 mod python_json;
 pub mod run_files;
+pub mod run_folder;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
@@ -163,8 +164,10 @@ fn check_finite(t: &Tensor, name: &str, path: &Path) -> Result<()> {
 /// Reads `dir/adapter_config.json` and `dir/adapter_model.safetensors`. Errors name the file
 /// and what is wrong: a missing file, bad JSON, a missing field, an unknown `peft_type`, a
 /// missing `prompt_embeddings` or one whose shape disagrees with the config, a
-/// tensor that is not finite.
+/// tensor that is not finite. First completes or removes what an interrupted replacement of
+/// `dir` left beside it ([`run_folder::recover_run_folder`]).
 pub fn load_peft(dir: &Path) -> Result<PeftAdapter> {
+    run_folder::recover_run_folder(dir)?;
     let cfg_path = dir.join(ADAPTER_CONFIG);
     let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("cannot read {}", cfg_path.display()))?;
     let value: Value =

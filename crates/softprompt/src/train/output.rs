@@ -6,20 +6,10 @@
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::{Path, PathBuf};
 
-use crate::adapter::run_files;
+use crate::adapter::run_folder::{self, RUN_FILES};
+
 use crate::config::{option, TrainConfig};
 use crate::lock::ProcessLock;
-
-/// The files and folders a run writes into its output folder.
-pub const RUN_FILES: &[&str] = &[
-    "adapter_config.json",
-    "adapter_model.safetensors",
-    run_files::TASK_FILE,
-    run_files::PROMPT_FILE,
-    "checkpoint-last",
-    "metrics.jsonl",
-    "training.png",
-];
 
 /// The name of the checkpoint folder in an output folder.
 pub const CHECKPOINT_DIR: &str = "checkpoint-last";
@@ -144,11 +134,7 @@ impl OutputDir {
         }
         // The lock lives beside the folder, so its parent must exist first; a parent created
         // here is removed again with the rest if the run fails (`created`).
-        let parent = target
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."))
-            .to_path_buf();
+        let parent = run_folder::parent_of(&target).to_path_buf();
         if parent.exists() && !parent.is_dir() {
             bail!(
                 "output directory {} cannot be created: {} is a file",
@@ -157,20 +143,15 @@ impl OutputDir {
             );
         }
         let created_parent = if parent.exists() { None } else { create_dirs(&parent)? };
-        let name = target
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "output".into());
-        let lock = ProcessLock::take(
-            &parent.join(format!(".{name}.softprompt-lock")),
-            "another training run",
-            &target,
-        )
-        .inspect_err(|_| {
+        let name = run_folder::folder_name(&target);
+        let lock = run_folder::lock_run_folder(&target, "another training run").inspect_err(|_| {
             if let Some(c) = &created_parent {
                 let _ = std::fs::remove_dir_all(c);
             }
         })?;
+        for note in run_folder::recover(&target)? {
+            eprintln!("note: {note}");
+        }
         let existing = run_files_in(&target);
         let mode = if cfg.resume {
             let state = target.join(CHECKPOINT_DIR).join("state.json");
@@ -198,7 +179,7 @@ impl OutputDir {
                     existing.join(", ")
                 );
             }
-            let staging = parent.join(format!(".{name}.softprompt-new-{}", std::process::id()));
+            let staging = run_folder::staging_dir(&parent, &name, std::process::id());
             if staging.exists() {
                 std::fs::remove_dir_all(&staging)
                     .with_context(|| format!("cannot remove the stale staging folder {}", staging.display()))?;
@@ -241,62 +222,20 @@ impl OutputDir {
     }
 
     /// The run succeeded: a replacement takes the old run's place, file by file (files of the
-    /// old run the new one did not write are removed; other files in the folder stay).
+    /// old run the new one did not write are removed; other files in the folder stay), so that a
+    /// crash at any instant leaves a folder [`run_folder::recover`] completes.
     pub fn commit(self) -> Result<()> {
         let Mode::Overwrite { staging } = &self.mode else {
             return Ok(());
         };
-        let target = &self.target;
-        let parent = staging.parent().unwrap_or(Path::new("."));
-        let trash = parent.join(format!(
-            ".{}.softprompt-old-{}",
-            target.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&trash).with_context(|| format!("cannot create {}", trash.display()))?;
-        // First move the old run aside, then the new one in; on failure put the old one back.
-        let mut moved_old = Vec::new();
-        let mut result = Ok(());
-        for f in RUN_FILES {
-            let old = target.join(f);
-            if old.exists() {
-                if let Err(e) = std::fs::rename(&old, trash.join(f)) {
-                    result = Err(anyhow!(e).context(format!("cannot move {} aside", old.display())));
-                    break;
-                }
-                moved_old.push(*f);
-            }
-        }
-        let mut moved_new = Vec::new();
-        if result.is_ok() {
-            for f in RUN_FILES {
-                let new = staging.join(f);
-                if new.exists() {
-                    if let Err(e) = std::fs::rename(&new, target.join(f)) {
-                        result = Err(anyhow!(e).context(format!("cannot move {} into place", new.display())));
-                        break;
-                    }
-                    moved_new.push(*f);
-                }
-            }
-        }
-        if let Err(e) = result {
-            for f in moved_new {
-                let _ = std::fs::rename(target.join(f), staging.join(f));
-            }
-            for f in moved_old {
-                let _ = std::fs::rename(trash.join(f), target.join(f));
-            }
-            let _ = std::fs::remove_dir_all(&trash);
-            let _ = std::fs::remove_dir_all(staging);
-            return Err(e.context(format!(
-                "the new run could not replace the old one; {} still holds the old run",
-                target.display()
-            )));
-        }
-        let _ = std::fs::remove_dir_all(&trash);
-        let _ = std::fs::remove_dir_all(staging);
-        Ok(())
+        run_folder::replace(&self.target, staging).map_err(|e| {
+            anyhow!(
+                "{e:#}; the new run is complete in {}: the next softprompt command that uses {} \
+                 completes the replacement",
+                staging.display(),
+                self.target.display()
+            )
+        })
     }
 
     /// The run failed with `err`: removes what this run created where nothing worth keeping was

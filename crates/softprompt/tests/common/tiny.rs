@@ -44,6 +44,7 @@ pub fn tiny_llama_weights(dtype: DType) -> LlamaWeights {
             hidden: 16,
             heads: 4,
             kv_heads: 2,
+            head_dim: 4,
             intermediate: 24,
             vocab: 20,
             max_positions: 32,
