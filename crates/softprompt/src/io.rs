@@ -50,6 +50,14 @@ pub fn write_safetensors(
     write_bytes(path, &bytes)
 }
 
+/// The string metadata of a safetensors file (its `__metadata__`; empty when it has none).
+pub fn read_safetensors_metadata(path: &Path) -> Result<std::collections::HashMap<String, String>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: corrupted or truncated safetensors file: {e}", path.display()))?;
+    Ok(header.metadata().clone().unwrap_or_default())
+}
+
 /// Reads every tensor of a safetensors file; errors name the file.
 pub fn read_safetensors(path: &Path) -> Result<std::collections::BTreeMap<String, candle_core::Tensor>> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;

@@ -101,3 +101,26 @@ fn a_batch_larger_than_the_data_takes_all_rows_and_says_so() {
         said.0
     );
 }
+
+/// `--lr 1e30` used to blow the prompt up to 1e30 and then train on with a zero gradient, exit 0:
+/// now the run stops at the first runaway update, and the checkpoint of the step before stays.
+#[test]
+fn a_learning_rate_that_overflows_the_prompt_stops_training_keeping_the_last_checkpoint() {
+    let tmp = common::scratch("runaway");
+    let rows = "{\"text\": \"great\", \"label\": \"positive\"}\n{\"text\": \"awful\", \"label\": \"negative\"}\n";
+    let mut cfg = classify_config(tmp.path(), rows);
+    cfg.steps = Some(3);
+    cfg.batch = 2;
+    cfg.lr = 1e30;
+    cfg.warmup = 0;
+    let e = format!(
+        "{:#}",
+        train::train(&cfg, &mut Messages::default()).map(|_| ()).unwrap_err()
+    );
+    assert!(
+        e.contains("ran away at step 1") && e.contains("lower the learning rate"),
+        "{e}"
+    );
+    assert!(e.contains("before its first checkpoint"), "{e}");
+    assert!(!cfg.output.exists(), "nothing half-trained is left");
+}

@@ -54,7 +54,11 @@ pub fn save_checkpoint(
         tensors.push((format!("adamw.m.{name}"), m.clone()));
         tensors.push((format!("adamw.v.{name}"), v.clone()));
     }
-    write_safetensors(&dir.join("state.safetensors"), &tensors, None)?;
+    // The counters go into the tensors' own file too: it is replaced in one rename, so a run
+    // killed between writing it and `state.json` still resumes with counters that match.
+    let counters = serde_json::json!({"progress": progress, "optimizer_step": optimizer_step});
+    let metadata = HashMap::from([(COUNTERS_KEY.to_string(), counters.to_string())]);
+    write_safetensors(&dir.join("state.safetensors"), &tensors, Some(metadata))?;
     let json = serde_json::json!({
         "progress": progress,
         "optimizer_step": optimizer_step,
@@ -62,6 +66,10 @@ pub fn save_checkpoint(
     });
     write_bytes(&dir.join("state.json"), serde_json::to_string_pretty(&json)?.as_bytes())
 }
+
+/// The metadata key of `state.safetensors` holding the counters (`progress`, `optimizer_step`)
+/// that go with its tensors.
+const COUNTERS_KEY: &str = "softprompt.counters";
 
 /// Reads the checkpoint in `dir`.
 pub fn load_checkpoint(dir: &Path) -> Result<Checkpoint> {
@@ -80,7 +88,26 @@ pub fn load_checkpoint(dir: &Path) -> Result<Checkpoint> {
         .as_u64()
         .with_context(|| format!("{}: field `optimizer_step` is missing", json_path.display()))?
         as usize;
-    let tensors = read_safetensors(&dir.join("state.safetensors"))?;
+    let tensors_path = dir.join("state.safetensors");
+    let tensors = read_safetensors(&tensors_path)?;
+    // The counters saved with the tensors win over `state.json`'s (see `save_checkpoint`);
+    // checkpoints written before they were saved there have only the latter.
+    let (progress, optimizer_step) = match crate::io::read_safetensors_metadata(&tensors_path)?.get(COUNTERS_KEY) {
+        Some(text) => {
+            let v: serde_json::Value = serde_json::from_str(text)
+                .with_context(|| format!("{}: metadata `{COUNTERS_KEY}` is not JSON", tensors_path.display()))?;
+            let progress: Progress = serde_json::from_value(v["progress"].clone())
+                .with_context(|| format!("{}: metadata `{COUNTERS_KEY}`: `progress`", tensors_path.display()))?;
+            let step = v["optimizer_step"].as_u64().with_context(|| {
+                format!(
+                    "{}: metadata `{COUNTERS_KEY}`: `optimizer_step` is missing",
+                    tensors_path.display()
+                )
+            })? as usize;
+            (progress, step)
+        }
+        None => (progress, optimizer_step),
+    };
     let params = tensors
         .iter()
         .filter(|(k, _)| !k.starts_with("adamw."))

@@ -144,20 +144,23 @@ pub fn compute_gradients(
     Ok((loss_sum, grads))
 }
 
-fn all_finite(params: &[(String, Var)]) -> Result<bool> {
+/// The largest magnitude among the learned values (NaN when one is not finite).
+fn largest_magnitude(params: &[(String, Var)]) -> Result<f64> {
+    let mut largest = 0f64;
     for (_, v) in params {
-        let s = v
-            .as_tensor()
-            .abs()?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
-        if !s.is_finite() {
-            return Ok(false);
+        let a = v.as_tensor().abs()?;
+        let sum = a.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !sum.is_finite() {
+            return Ok(f64::NAN);
         }
+        largest = largest.max(a.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?);
     }
-    Ok(true)
+    Ok(largest)
 }
+
+/// Learned values larger than this have run away: an embedding-scale prompt holds values of
+/// order 0.01–10, and f32 squares (in every RMS/LayerNorm) overflow from about 1.8e19 on.
+pub const RUNAWAY_MAGNITUDE: f64 = 1e8;
 
 /// What one optimiser step did.
 #[derive(Debug, Clone, Copy)]
@@ -186,12 +189,28 @@ pub fn step(
         bail!("loss became {loss} at step {step}");
     }
     let grad_norm = clip_grad_norm(&mut grads, cfg.clip).with_context(|| format!("step {step}"))?;
+    if grad_norm == 0.0 && loss > 0.0 {
+        bail!(
+            "the gradient vanished at step {step}: it is exactly 0 while the loss is {loss}, so \
+             nothing more can be learned (the learned values are at most {:e} in magnitude; a \
+             learning rate too large for the prompt, here {}, does this)",
+            largest_magnitude(&learner.params())?,
+            cfg.lr
+        );
+    }
     let lr = learning_rate(cfg.lr, cfg.schedule, step, cfg.warmup, total);
     span("optimiser", Direction::Backward, || {
         learner.optimizer.update(&learner.params(), &grads, lr)
     })?;
-    if !all_finite(&learner.params())? {
+    let largest = largest_magnitude(&learner.params())?;
+    if !largest.is_finite() {
         bail!("parameters became non-finite at step {step} (learning rate {lr:e})");
+    }
+    if largest > RUNAWAY_MAGNITUDE {
+        bail!(
+            "the learned values ran away at step {step}: one reached {largest:e} in magnitude \
+             (more than {RUNAWAY_MAGNITUDE:e}) with learning rate {lr:e}; lower the learning rate"
+        );
     }
     Ok(StepResult { loss, grad_norm, lr })
 }
