@@ -1,36 +1,93 @@
 //! The checks of a configuration on its own: every option's range, the options that belong
-//! together, and the run's templates. Pure functions of the options: no file is read.
+//! together, and the run's templates. Pure functions of the options, but for one small file:
+//! with `init = "from"`, the `adapter_config.json` of `init_from` (its kind of prompt and its
+//! length must be this run's). Neither the data nor the model is read.
 
 use anyhow::{bail, Context, Result};
 
 use super::{option, InitKind, Method, TaskKind, TrainConfig};
+use crate::adapter::{PeftConfig, ADAPTER_CONFIG};
 use crate::template::Template;
 
+/// Every whole-number option: its name, its least value and what it counts. The one table
+/// behind the range checks of [`TrainConfig::validate`] and the messages of the flags' parser
+/// (`--steps -1` is refused naming the same range as `steps = 0` in a file).
+pub const WHOLE_NUMBER_OPTIONS: &[(&str, u64, &str)] = &[
+    (
+        "num_virtual_tokens",
+        0,
+        "virtual tokens prepended when the template has none; the prefix length of a key/value prefix",
+    ),
+    (
+        "encoder_hidden",
+        1,
+        "the hidden size of the p-tuning encoder and of the prefix projection",
+    ),
+    (
+        "num_frozen_tokens",
+        0,
+        "leading virtual tokens of a Cartridge kept frozen",
+    ),
+    ("encoder_layers", 1, "the p-tuning encoder's layers"),
+    ("init_task", 0, "the source task of init \"exact-source-task\""),
+    ("num_ranks", 1, "the rank of each task's factors"),
+    ("warmup", 0, "linear warm-up steps"),
+    ("steps", 1, "optimiser steps"),
+    ("batch", 1, "rows per micro-batch"),
+    ("accumulation", 1, "micro-batches per optimiser step"),
+    ("eval_every", 0, "steps between dev evaluations; 0 = only at the end"),
+    ("dev_rows", 1, "dev rows to score; leave it out to use them all"),
+    ("test_rows", 1, "test rows to score; leave it out to use them all"),
+    ("patience", 1, "evaluations without improvement before stopping"),
+    ("seed", 0, "the seed of initialisation and data order"),
+    ("max_len", 1, "the longest sequence, in tokens"),
+    ("eval_batch", 1, "rows per evaluation batch"),
+];
+
+/// The least value of whole-number option `name` and what it counts (`(0, "")` for a name
+/// the table does not hold).
+pub fn whole_number_range(name: &str) -> (u64, &'static str) {
+    WHOLE_NUMBER_OPTIONS
+        .iter()
+        .find(|(n, _, _)| *n == name)
+        .map_or((0, ""), |&(_, least, what)| (least, what))
+}
+
+/// The message for whole-number option `name` given `shown` (a number below its least value,
+/// e.g. `0` or `-1`): ``option `steps` (--steps) is -1; it must be at least 1 (optimiser steps)``.
+pub fn below_least(name: &str, shown: &str) -> String {
+    let (least, what) = whole_number_range(name);
+    format!("{} is {shown}; it must be at least {least} ({what})", option(name))
+}
+
+/// Refuses whole-number option `name` holding `v` below its least value.
+fn check_least(name: &str, v: usize) -> Result<()> {
+    if (v as u64) < whole_number_range(name).0 {
+        bail!("{}", below_least(name, &v.to_string()));
+    }
+    Ok(())
+}
+
 impl TrainConfig {
-    /// Checks every option on its own (before any file is read or the model is loaded). Each
-    /// message names the option as in the TOML file and as a flag, the value and what is allowed.
+    /// Checks every option on its own (before the data is read or the model is loaded; with
+    /// `init = "from"` the adapter config of `init_from` is read). Each message names the option
+    /// as in the TOML file and as a flag, the value and what is allowed.
     pub fn validate(&self) -> Result<()> {
-        let at_least_1 = |name: &str, v: usize, what: &str| -> Result<()> {
-            if v == 0 {
-                bail!("{} is 0; it must be at least 1 ({what})", option(name));
+        for (name, v) in [
+            ("batch", Some(self.batch)),
+            ("accumulation", Some(self.accumulation)),
+            ("eval_batch", Some(self.eval_batch)),
+            ("max_len", Some(self.max_len)),
+            ("steps", self.steps),
+            ("dev_rows", self.dev_rows),
+            ("test_rows", self.test_rows),
+            ("patience", self.patience),
+        ] {
+            if let Some(v) = v {
+                check_least(name, v)?;
             }
-            Ok(())
-        };
-        at_least_1("batch", self.batch, "rows per micro-batch")?;
-        at_least_1("accumulation", self.accumulation, "micro-batches per optimiser step")?;
-        at_least_1("eval_batch", self.eval_batch, "rows per evaluation batch")?;
-        at_least_1("max_len", self.max_len, "the longest sequence, in tokens")?;
-        if let Some(s) = self.steps {
-            at_least_1("steps", s, "optimiser steps")?;
-        }
-        if let Some(n) = self.dev_rows {
-            at_least_1("dev_rows", n, "dev rows to score; leave it out to use them all")?;
-        }
-        if let Some(n) = self.test_rows {
-            at_least_1("test_rows", n, "test rows to score; leave it out to use them all")?;
         }
         if let Some(n) = self.patience {
-            at_least_1("patience", n, "evaluations without improvement before stopping")?;
             if self.dev.is_none() && self.tasks.iter().all(|t| t.dev.is_none()) {
                 bail!(
                     "{} is {n}, but no dev set is given ({}): early stopping counts dev \
@@ -72,13 +129,11 @@ impl TrainConfig {
             clip.is_finite() && clip >= 0.0,
             "a finite number ≥ 0 (0 = off)",
         )?;
+        if self.method == Method::PTuning || (self.method == Method::PrefixTuning && self.prefix_projection) {
+            check_least("encoder_hidden", self.encoder_hidden)?;
+        }
         if self.method == Method::PTuning {
-            at_least_1(
-                "encoder_hidden",
-                self.encoder_hidden,
-                "the p-tuning encoder's hidden size",
-            )?;
-            at_least_1("encoder_layers", self.encoder_layers, "the p-tuning encoder's layers")?;
+            check_least("encoder_layers", self.encoder_layers)?;
             let p = self.encoder_dropout;
             in_range("encoder_dropout", p, (0.0..1.0).contains(&p), "in [0, 1)")?;
         }
@@ -102,9 +157,11 @@ impl TrainConfig {
             ),
             _ => {}
         }
+        self.check_prefix_init()?;
         self.check_multitask()?;
         self.check_verbalizer()?;
         run_template(self)?;
+        self.check_init_from()?;
         if let Some(src) = &self.baseline_template {
             check_baseline_template(src, &self.target_field)?;
         }
@@ -134,12 +191,7 @@ impl TrainConfig {
         if !mpt {
             return Ok(());
         }
-        if self.num_ranks == 0 {
-            bail!(
-                "{} is 0; it must be at least 1 (the rank of each task's factors)",
-                option("num_ranks")
-            );
-        }
+        check_least("num_ranks", self.num_ranks)?;
         if self.task == TaskKind::SeqCls {
             bail!(
                 "method \"multitask-prompt-tuning\" runs on causal models here (task \"generate\" or \
@@ -169,6 +221,108 @@ impl TrainConfig {
                 serde_json::to_value(self.init)?.as_str().unwrap_or_default(),
                 option("tasks"),
                 self.tasks.len()
+            );
+        }
+        Ok(())
+    }
+
+    /// The inits of a key/value prefix: not the ones that fill input-embedding rows (vocab,
+    /// labels), nor given keys and values (text, from) through PEFT's projection.
+    fn check_prefix_init(&self) -> Result<()> {
+        if !self.method.is_kv_prefix() {
+            return Ok(());
+        }
+        let method = serde_json::to_value(self.method)?
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        if !self.init.applies_to_kv_prefix() {
+            bail!(
+                "option `init` is \"{}\", which does not apply to a key/value prefix: it fills \
+                 input-embedding rows, and method `{method}` learns keys and values in every layer; \
+                 use \"random-normal\" (the default of a key/value prefix when `init` is not given), \
+                 \"random\", \"zero\", \"text\" (the keys and values of a prefill of `init_text`) \
+                 or \"from\"",
+                self.init.name()
+            );
+        }
+        if self.method == Method::PrefixTuning
+            && self.prefix_projection
+            && matches!(self.init, InitKind::Text | InitKind::From)
+        {
+            bail!(
+                "option `init` is \"{}\", but with {} the prefix passes through PEFT's projection \
+                 MLP, and a projection cannot start from given keys and values (PEFT's cannot \
+                 either); use init \"random-normal\" or \"zero\"",
+                self.init.name(),
+                option("prefix_projection")
+            );
+        }
+        Ok(())
+    }
+
+    /// With `init = "from"`: the adapter of `init_from` must hold the kind of prompt this run
+    /// learns (an input prompt, or a key/value prefix), with as many virtual tokens. Reads its
+    /// `adapter_config.json`; the width is the model's, checked when the model is loaded.
+    fn check_init_from(&self) -> Result<()> {
+        let (InitKind::From, Some(dir)) = (self.init, &self.init_from) else {
+            return Ok(());
+        };
+        let named = || format!("{} is {}", option("init_from"), dir.display());
+        let path = dir.join(ADAPTER_CONFIG);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "{}: cannot read {} (init \"from\" starts from the prompt of an adapter folder, \
+                 written by `softprompt train` or HF PEFT)",
+                named(),
+                path.display()
+            )
+        })?;
+        let adapter = PeftConfig::from_json_str(&text)
+            .with_context(|| format!("{}: {} is not a valid adapter config", named(), path.display()))?;
+        let kind = adapter.peft_type().as_str();
+        let method = serde_json::to_value(self.method)?
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let holds = |prefix: bool| {
+            if prefix {
+                "keys and values for every layer"
+            } else {
+                "an input prompt"
+            }
+        };
+        if adapter.peft_type().is_kv_prefix() != self.method.is_kv_prefix() {
+            bail!(
+                "{}: it holds a {kind} adapter ({}), but method `{method}` learns {}; start from an \
+                 adapter of the same kind, or use another init",
+                named(),
+                holds(adapter.peft_type().is_kv_prefix()),
+                holds(self.method.is_kv_prefix())
+            );
+        }
+        let [rows, _] = adapter
+            .prompt_embeddings_shape()
+            .with_context(|| format!("{}: {}", named(), path.display()))?;
+        let (want, from) = if self.method.is_kv_prefix() {
+            (self.num_virtual_tokens, option("num_virtual_tokens"))
+        } else {
+            let t = run_template(self)?;
+            let from = if Template::parse(&self.template)?.num_virtual_tokens() > 0 {
+                "the template's [soft:N] tokens".to_string()
+            } else {
+                option("num_virtual_tokens")
+            };
+            (t.num_virtual_tokens(), from)
+        };
+        if rows != want {
+            bail!(
+                "{}: its {kind} prompt has {rows} virtual tokens (num_virtual_tokens {} in {}), but \
+                 this run's has {want} ({from}); give the run {rows} virtual tokens, or start from \
+                 an adapter with {want}",
+                named(),
+                adapter.num_virtual_tokens,
+                path.display()
             );
         }
         Ok(())

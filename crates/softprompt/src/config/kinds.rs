@@ -3,6 +3,8 @@
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
+use crate::prompt::Method;
+
 /// How the prompt starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
@@ -15,7 +17,8 @@ pub enum InitKind {
     /// Zeros (PEFT's `init_weights = "zero"` of prefix tuning; with `prefix_projection`, the
     /// projection's last layer).
     Zero,
-    /// Embeddings of tokens sampled from the 5,000 most common.
+    /// Embeddings of tokens sampled from the 5,000 most common (the default of an input
+    /// prompt).
     Vocab,
     /// Class-label word embeddings, the rest sampled vocabulary.
     Labels,
@@ -35,6 +38,34 @@ pub enum InitKind {
 }
 
 impl InitKind {
+    /// The init a run of `method` starts from when option `init` is not given: `random-normal`
+    /// for a key/value prefix (prefix tuning, Cartridges: PEFT's default, since a prefix has no
+    /// vocabulary to sample), `vocab` for an input prompt.
+    pub fn default_for(method: Method) -> Self {
+        if method.is_kv_prefix() {
+            InitKind::RandomNormal
+        } else {
+            InitKind::Vocab
+        }
+    }
+
+    /// Whether the init applies to a key/value prefix (the vocabulary and label inits fill
+    /// input-embedding rows, which a prefix does not have).
+    pub fn applies_to_kv_prefix(self) -> bool {
+        matches!(
+            self,
+            InitKind::Random | InitKind::RandomNormal | InitKind::Zero | InitKind::Text | InitKind::From
+        )
+    }
+
+    /// The name as in the TOML file and on the command line (`random-normal`).
+    pub fn name(self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
+
     /// Whether the init reads a multitask source adapter (the three PEFT source-task inits).
     pub fn is_source_task(self) -> bool {
         matches!(

@@ -4,8 +4,11 @@
 //! beside an adapter all use these names and types.
 //!
 //! - `kinds`: the typed choices (`Method`, `InitKind`, `Schedule`, `TaskData`);
-//! - `checks`: the checks of the options on their own and of the run's templates, before any
-//!   file is read or the model is loaded.
+//! - `checks`: the checks of the options on their own and of the run's templates, before the
+//!   data is read or the model is loaded (with `init = "from"`, `init_from`'s adapter config is
+//!   read), and the table of the whole-number options' ranges;
+//! - `flags` (with the `cli` feature): the parser of whole-number flags, whose messages name the
+//!   option and its range (`--steps -1`).
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
@@ -14,14 +17,19 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 mod checks;
+#[cfg(feature = "cli")]
+pub mod flags;
 mod kinds;
+
+#[cfg(feature = "cli")]
+use flags::WholeNumber;
 
 pub use crate::backbone::{KernelPath, WeightStorage};
 pub use crate::prompt::encoder::EncoderKind;
 pub use crate::prompt::Method;
 use crate::prompt::{EncoderSpec, PrefixSpec};
 pub use crate::task::TaskKind;
-pub use checks::{check_baseline_template, run_template};
+pub use checks::{below_least, check_baseline_template, run_template, whole_number_range, WHOLE_NUMBER_OPTIONS};
 pub use kinds::{InitKind, Schedule, TaskData};
 
 /// A training run's configuration. Every field has a default, so a TOML file or the flags need
@@ -39,7 +47,8 @@ pub struct TrainConfig {
     /// Development JSONL (evaluation during training, best checkpoint).
     #[cfg_attr(feature = "cli", arg(long))]
     pub dev: Option<PathBuf>,
-    /// Test JSONL, scored before (zero-shot) and after training.
+    /// Test JSONL, scored after training with the best adapter (and before it, zero-shot, with
+    /// `baseline_template`).
     #[cfg_attr(feature = "cli", arg(long))]
     pub test: Option<PathBuf>,
     /// Template with soft tokens (see `template`); without any, `[soft:N]` is prepended.
@@ -60,29 +69,31 @@ pub struct TrainConfig {
     /// Prompt tuning, p-tuning, prefix tuning or Cartridge.
     #[cfg_attr(feature = "cli", arg(long))]
     pub method: Method,
-    /// Virtual tokens to prepend when the template has none.
-    #[cfg_attr(feature = "cli", arg(long))]
+    /// Virtual tokens to prepend when the template has none; for a key/value prefix
+    /// (prefix-tuning, cartridge), the prefix length.
+    #[cfg_attr(feature = "cli", arg(long, value_parser = WholeNumber::<usize>::option("num_virtual_tokens")))]
     pub num_virtual_tokens: usize,
     /// P-tuning encoder.
     #[cfg_attr(feature = "cli", arg(long))]
     pub encoder: EncoderKind,
     /// P-tuning encoder hidden size (also the hidden size of prefix tuning's projection).
-    #[cfg_attr(feature = "cli", arg(long))]
+    #[cfg_attr(feature = "cli", arg(long, value_parser = WholeNumber::<usize>::option("encoder_hidden")))]
     pub encoder_hidden: usize,
     /// Prefix tuning: pass the prefix through PEFT's projection MLP
     /// (`Linear(kv_dim, encoder_hidden) → tanh → Linear(encoder_hidden, layers·2·kv_dim)`).
     #[cfg_attr(feature = "cli", arg(long))]
     pub prefix_projection: bool,
     /// Cartridge: leading virtual tokens kept frozen (an attention sink).
-    #[cfg_attr(feature = "cli", arg(long))]
+    #[cfg_attr(feature = "cli", arg(long, value_parser = WholeNumber::<usize>::option("num_frozen_tokens")))]
     pub num_frozen_tokens: usize,
-    /// LSTM layers.
-    #[cfg_attr(feature = "cli", arg(long))]
+    /// LSTM layers (p-tuning with the `lstm` encoder; PEFT's MLP always has two).
+    #[cfg_attr(feature = "cli", arg(long, value_parser = WholeNumber::<usize>::option("encoder_layers")))]
     pub encoder_layers: usize,
-    /// LSTM dropout between layers.
+    /// LSTM dropout between layers (p-tuning with the `lstm` encoder).
     #[cfg_attr(feature = "cli", arg(long))]
     pub encoder_dropout: f64,
-    /// Initialisation.
+    /// Initialisation. Default: `vocab` for an input prompt (prompt tuning, p-tuning, multitask),
+    /// `random-normal` for a key/value prefix (prefix-tuning, cartridge), as in PEFT.
     #[cfg_attr(feature = "cli", arg(long))]
     pub init: InitKind,
     /// Text for `init = "text"` (for a key/value prefix: the keys and values of its first
@@ -94,7 +105,7 @@ pub struct TrainConfig {
     #[cfg_attr(feature = "cli", arg(long))]
     pub init_from: Option<PathBuf>,
     /// Source task for `init = "exact-source-task"` (PEFT's `prompt_tuning_init_task`).
-    #[cfg_attr(feature = "cli", arg(long))]
+    #[cfg_attr(feature = "cli", arg(long, value_parser = WholeNumber::<usize>::option("init_task")))]
     pub init_task: usize,
     /// Multitask prompt tuning: one entry per task, in task-id order (`[[tasks]]` tables with
     /// `train` and optional `dev`, `test`; replaces `train`/`dev`/`test`). Repeatable flag:
@@ -102,7 +113,7 @@ pub struct TrainConfig {
     #[cfg_attr(feature = "cli", arg(long))]
     pub tasks: Vec<TaskData>,
     /// Multitask prompt tuning: the rank of each task's factors (PEFT's `num_ranks`).
-    #[cfg_attr(feature = "cli", arg(long))]
+    #[cfg_attr(feature = "cli", arg(long, value_parser = WholeNumber::<usize>::option("num_ranks")))]
     pub num_ranks: usize,
     /// Peak learning rate.
     #[cfg_attr(feature = "cli", arg(long))]
@@ -120,52 +131,53 @@ pub struct TrainConfig {
     #[cfg_attr(feature = "cli", arg(long))]
     pub adam_eps: f64,
     /// Linear warm-up steps.
-    #[cfg_attr(feature = "cli", arg(long))]
+    #[cfg_attr(feature = "cli", arg(long, value_parser = WholeNumber::<usize>::option("warmup")))]
     pub warmup: usize,
     /// Schedule after warm-up.
     #[cfg_attr(feature = "cli", arg(long))]
     pub schedule: Schedule,
-    /// Optimiser steps (overrides `epochs`).
-    #[cfg_attr(feature = "cli", arg(long))]
+    /// Optimiser steps (overrides `epochs`). Default: as many as `epochs` passes take.
+    #[cfg_attr(feature = "cli", arg(long, value_parser = WholeNumber::<usize>::option("steps")))]
     pub steps: Option<usize>,
-    /// Passes over the training set (when `steps` is not given).
+    /// Passes over the training set when `steps` is not given (default 1): that many times the
+    /// rows, over `batch` × `accumulation` rows per step, rounded up.
     #[cfg_attr(feature = "cli", arg(long))]
     pub epochs: Option<f64>,
     /// Rows per micro-batch.
-    #[cfg_attr(feature = "cli", arg(long))]
+    #[cfg_attr(feature = "cli", arg(long, value_parser = WholeNumber::<usize>::option("batch")))]
     pub batch: usize,
     /// Micro-batches per optimiser step.
-    #[cfg_attr(feature = "cli", arg(long))]
+    #[cfg_attr(feature = "cli", arg(long, value_parser = WholeNumber::<usize>::option("accumulation")))]
     pub accumulation: usize,
     /// Gradient-norm clipping (0 = off).
     #[cfg_attr(feature = "cli", arg(long))]
     pub clip: f64,
     /// Evaluate on dev every N steps (0 = only at the end).
-    #[cfg_attr(feature = "cli", arg(long))]
+    #[cfg_attr(feature = "cli", arg(long, value_parser = WholeNumber::<usize>::option("eval_every")))]
     pub eval_every: usize,
     /// Use only the first N dev rows.
-    #[cfg_attr(feature = "cli", arg(long))]
+    #[cfg_attr(feature = "cli", arg(long, value_parser = WholeNumber::<usize>::option("dev_rows")))]
     pub dev_rows: Option<usize>,
     /// Use only the first N test rows.
-    #[cfg_attr(feature = "cli", arg(long))]
+    #[cfg_attr(feature = "cli", arg(long, value_parser = WholeNumber::<usize>::option("test_rows")))]
     pub test_rows: Option<usize>,
     /// Stop after this many evaluations without improvement.
-    #[cfg_attr(feature = "cli", arg(long))]
+    #[cfg_attr(feature = "cli", arg(long, value_parser = WholeNumber::<usize>::option("patience")))]
     pub patience: Option<usize>,
     /// Seed of initialisation and data order.
-    #[cfg_attr(feature = "cli", arg(long))]
+    #[cfg_attr(feature = "cli", arg(long, value_parser = WholeNumber::<u64>::option("seed")))]
     pub seed: u64,
     /// Output directory.
     #[cfg_attr(feature = "cli", arg(long))]
     pub output: PathBuf,
     /// Longest sequence (prompt + target); longer rows have their fields truncated.
-    #[cfg_attr(feature = "cli", arg(long))]
+    #[cfg_attr(feature = "cli", arg(long, value_parser = WholeNumber::<usize>::option("max_len")))]
     pub max_len: usize,
     /// Also report greedy exact match (Generate).
     #[cfg_attr(feature = "cli", arg(long))]
     pub exact_match: bool,
     /// Rows per evaluation batch.
-    #[cfg_attr(feature = "cli", arg(long))]
+    #[cfg_attr(feature = "cli", arg(long, value_parser = WholeNumber::<usize>::option("eval_batch")))]
     pub eval_batch: usize,
     /// Continue from `output/checkpoint-last`.
     #[cfg_attr(feature = "cli", arg(long))]

@@ -159,7 +159,18 @@ pub fn initial_prompt(
         PromptInit::FromTensor(t) => {
             let dims = t.dims();
             if dims != [p, token_dim] {
-                bail!("the initial prompt tensor has shape {dims:?}, expected [{p}, {token_dim}] (num_virtual_tokens × token_dim)");
+                let width = match dims {
+                    [_, w] if *w != token_dim => format!(
+                        "; its width {w} is another model's (this one's hidden size is {token_dim}): \
+                         start from an adapter of this model"
+                    ),
+                    _ => String::new(),
+                };
+                bail!(
+                    "the prompt to start from (an adapter's, option `init_from` (--init-from)) has \
+                     shape {dims:?}, expected [{p}, {token_dim}] (this run's virtual tokens × the \
+                     model's hidden size){width}"
+                );
             }
             Ok(t.clone())
         }

@@ -127,14 +127,26 @@ impl KvPrefix {
                 }
                 if t.dims() != [v, width] {
                     bail!(
-                        "the initial key/value prefix has shape {:?}, expected [{v}, {width}] (num_virtual_tokens × layers·2·kv_dim)",
-                        t.dims()
+                        "the key/value prefix to start from (an adapter's, option `init_from` \
+                         (--init-from)) has shape {:?}, expected [{v}, {width}] \
+                         (num_virtual_tokens × layers·2·kv_dim of this model){}",
+                        t.dims(),
+                        if t.dims().get(1) != Some(&width) {
+                            ": its width is another model's; start from an adapter of this model"
+                        } else {
+                            ""
+                        }
                     );
                 }
                 t.to_dtype(DType::F32)?.to_device(device)?
             }
-            other => bail!(
-                "initialisation {other:?} does not apply to a key/value prefix: use `random-normal` (PEFT's default), `random`, `zero`, `text` (the keys and values of a prefill of `init_text`) or `from`"
+            PromptInit::Text(_) => bail!(
+                "a key/value prefix starts from a text as the keys and values of the text's prefill \
+                 through the model: run the prefill and give them as `FromTensor`"
+            ),
+            PromptInit::Vocab | PromptInit::Labels(_) => bail!(
+                "initialisation `{}` does not apply to a key/value prefix: use `random-normal` (PEFT's default), `random`, `zero`, `text` (the keys and values of a prefill of `init_text`) or `from`",
+                if matches!(init, PromptInit::Vocab) { "vocab" } else { "labels" }
             ),
         };
         let transform = match spec {

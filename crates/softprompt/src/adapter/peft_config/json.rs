@@ -212,7 +212,7 @@ impl PeftConfig {
             .filter(|(k, _)| !known.contains(&k.as_str()))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        Ok(PeftConfig {
+        let config = PeftConfig {
             method,
             task_type,
             num_virtual_tokens,
@@ -227,7 +227,13 @@ impl PeftConfig {
             auto_mapping: fields.opt_value("auto_mapping"),
             peft_version: fields.opt_str("peft_version")?,
             extra,
-        })
+        };
+        // Sizes whose products do not fit are refused here, not met as an overflow later (a
+        // key/value prefix without `num_layers` is refused where its shape is needed).
+        if config.num_layers.is_some() || !peft_type.is_kv_prefix() {
+            config.prompt_embeddings_shape()?;
+        }
+        Ok(config)
     }
 
     /// PEFT's exact text: `json.dumps(config, indent=2, sort_keys=True)` (ASCII, Python's float

@@ -255,23 +255,45 @@ impl PeftConfig {
         Ok(self.method.encoder_spec(self.token_dim))
     }
 
-    /// Rows of the saved `prompt_embeddings`: `num_virtual_tokens × num_transformer_submodules`.
+    /// Rows of the saved `prompt_embeddings`: `num_virtual_tokens × num_transformer_submodules`
+    /// (`usize::MAX` when the product does not fit, which
+    /// [`PeftConfig::prompt_embeddings_shape`] refuses).
     pub fn total_virtual_tokens(&self) -> usize {
-        self.num_virtual_tokens * self.num_transformer_submodules.unwrap_or(1)
+        self.num_virtual_tokens
+            .saturating_mul(self.num_transformer_submodules.unwrap_or(1))
     }
 
     /// Shape PEFT saves `prompt_embeddings` in: `[total, token_dim]`, or for prefix tuning
-    /// `[total, num_layers·2·token_dim]`.
+    /// `[total, num_layers·2·token_dim]`. An error names the fields whose product is too large.
     pub fn prompt_embeddings_shape(&self) -> Result<[usize; 2]> {
+        let rows = self
+            .num_virtual_tokens
+            .checked_mul(self.num_transformer_submodules.unwrap_or(1))
+            .with_context(|| {
+                format!(
+                    "fields `num_virtual_tokens` ({}) × `num_transformer_submodules` ({}) are too large \
+                     a number of rows",
+                    self.num_virtual_tokens,
+                    self.num_transformer_submodules.unwrap_or(1)
+                )
+            })?;
         let cols = if self.peft_type().is_kv_prefix() {
             let layers = self
                 .num_layers
                 .context("field `num_layers` is needed by a key/value prefix but is null")?;
-            layers * 2 * self.token_dim
+            layers
+                .checked_mul(2)
+                .and_then(|n| n.checked_mul(self.token_dim))
+                .with_context(|| {
+                    format!(
+                        "fields `num_layers` ({layers}) × 2 × `token_dim` ({}) are too large a width",
+                        self.token_dim
+                    )
+                })?
         } else {
             self.token_dim
         };
-        Ok([self.total_virtual_tokens(), cols])
+        Ok([rows, cols])
     }
 }
 
