@@ -1,10 +1,13 @@
 //! Argument types shared by the commands: the MODEL argument ([`ModelArg`]), the scoring
-//! options of `eval` and `predict` ([`ScoreArgs`]) and the `LABEL=WORD` parser.
+//! options of `eval` and `predict` ([`ScoreArgs`]), the `LABEL=WORD` parser, the value parsers
+//! of number flags ([`whole`], [`real`]: a value out of range is refused naming the flag and
+//! its range) and [`allow_negative_numbers`] (`--steps -1` is a value, not an unknown flag).
 
 use anyhow::{bail, Result};
 use candle_core::Device;
 use clap::Args;
 use softprompt::backbone::{self, KernelPath, LoadOptions, LoadedModel, WeightStorage};
+use softprompt::config::flags::WholeNumber;
 use softprompt::infer::options::{ScoreOptions, SCORE_BATCH, SCORE_MAX_LEN};
 use softprompt::model_source;
 use softprompt::task::TaskKind;
@@ -15,6 +18,71 @@ pub fn parse_pair(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .ok_or_else(|| format!("expected LABEL=WORD, got `{s}`"))
+}
+
+/// Lets every option of `cmd` and of its subcommands that takes a value take a negative number
+/// (`--steps -1`, `--temperature -1`): the option's own parser or check then refuses it naming
+/// the option and its range, where clap would say "unexpected argument '-1' found".
+pub fn allow_negative_numbers(cmd: clap::Command) -> clap::Command {
+    cmd.mut_args(|a| {
+        if a.get_action().takes_values() {
+            a.allow_negative_numbers(true)
+        } else {
+            a
+        }
+    })
+    .mut_subcommands(allow_negative_numbers)
+}
+
+/// The value parser of whole-number flag `flag` (as written, `--max-tokens`): at least
+/// `least`; `what` (what it counts) ends the message, e.g. "--max-tokens is -5; it must be at
+/// least 1 (the most tokens to generate)".
+pub fn whole(flag: &'static str, least: u64, what: &'static str) -> WholeNumber<usize> {
+    WholeNumber::flag(flag, least, what)
+}
+
+/// The value parser of real-number flag `flag`: a number for which `ok` holds, `range` saying
+/// which (e.g. "a finite number ≥ 0 (0: greedy)"); otherwise "--temperature is -1; it must be
+/// a finite number ≥ 0 (0: greedy)".
+pub fn real(flag: &'static str, ok: fn(f32) -> bool, range: &'static str) -> RealNumber {
+    RealNumber { flag, ok, range }
+}
+
+/// See [`real`].
+#[derive(Clone)]
+pub struct RealNumber {
+    /// The flag as written (`--temperature`).
+    flag: &'static str,
+    /// Whether a value is in range.
+    ok: fn(f32) -> bool,
+    /// The range in words.
+    range: &'static str,
+}
+
+impl RealNumber {
+    /// Parses `text`; the error is the message.
+    fn parse_text(&self, text: &str) -> Result<f32, String> {
+        let (flag, range) = (self.flag, self.range);
+        match text.trim().parse::<f32>() {
+            Ok(v) if (self.ok)(v) => Ok(v),
+            Ok(v) => Err(format!("{flag} is {v}; it must be {range}")),
+            Err(_) => Err(format!("{flag} is `{text}`; it must be {range}")),
+        }
+    }
+}
+
+impl clap::builder::TypedValueParser for RealNumber {
+    type Value = f32;
+
+    fn parse_ref(
+        &self,
+        _cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<f32, clap::Error> {
+        self.parse_text(&value.to_string_lossy())
+            .map_err(|m| clap::Error::raw(clap::error::ErrorKind::ValueValidation, format!("{m}\n")))
+    }
 }
 
 /// MODEL argument shared by the commands.
@@ -64,36 +132,39 @@ pub struct ScoreArgs {
     /// Adapter directory (written by `softprompt train` or HF PEFT).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
-    /// Template (hand-written for a zero-shot baseline, or for a plain PEFT adapter).
+    /// Template (hand-written for a zero-shot baseline, or for a plain PEFT adapter; default:
+    /// the adapter's).
     #[arg(long)]
     pub template: Option<String>,
-    /// Field holding the target.
+    /// Field holding the target (default: the adapter's, else `label`).
     #[arg(long)]
     pub target_field: Option<String>,
-    /// Task kind (default: classify on causal models, seq-cls on encoders).
+    /// Task kind (default: the adapter's; without an adapter, classify on causal models and
+    /// seq-cls on encoders).
     #[arg(long, value_enum)]
     pub task: Option<TaskKind>,
-    /// LABEL=WORD verbaliser entries (repeatable).
+    /// LABEL=WORD verbaliser entries (repeatable; default: the adapter's, else each label is its
+    /// own word).
     #[arg(long, value_parser = parse_pair)]
     pub verbalizer: Vec<(String, String)>,
-    /// Score only the first N rows.
-    #[arg(long)]
+    /// Score only the first N rows (default: all).
+    #[arg(long, value_parser = whole("--rows", 1, "rows to score; leave it out to score every row"))]
     pub rows: Option<usize>,
     /// Also report greedy exact match.
     #[arg(long)]
     pub exact_match: bool,
     /// Rows per batch.
-    #[arg(long, default_value_t = SCORE_BATCH)]
+    #[arg(long, default_value_t = SCORE_BATCH, value_parser = whole("--batch", 1, "rows per batch"))]
     pub batch: usize,
     /// Longest sequence, in tokens (longer than training's default: scoring keeps no
     /// activations for a backward pass, and a truncated row is scored as a different text).
-    #[arg(long, default_value_t = SCORE_MAX_LEN)]
+    #[arg(long, default_value_t = SCORE_MAX_LEN, value_parser = whole("--max-len", 1, "the longest sequence, in tokens"))]
     pub max_len: usize,
     /// Let --template replace the template the adapter was trained with.
     #[arg(long)]
     pub force_template: bool,
     /// Task id of every row for a multitask adapter (otherwise each row's `task_id` field).
-    #[arg(long)]
+    #[arg(long, value_parser = whole("--task-id", 0, "a task id of the multitask adapter"))]
     pub task_id: Option<usize>,
 }
 
@@ -101,7 +172,7 @@ impl ScoreArgs {
     /// Checks the options before the model loads.
     pub fn check(&self) -> Result<()> {
         if self.rows == Some(0) {
-            bail!("--rows 0 leaves no rows to score; give --rows N with N ≥ 1, or leave it out to score every row");
+            bail!("--rows is 0; it must be at least 1 (rows to score; leave it out to score every row)");
         }
         self.options().check()
     }

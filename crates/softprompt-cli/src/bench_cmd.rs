@@ -11,6 +11,8 @@ use softprompt::backbone::profile::{self, Direction};
 use softprompt::backbone::{Backbone, BackboneInput, ModelInfo};
 use std::time::Instant;
 
+use crate::args::whole;
+
 /// Arguments of `bench`.
 #[derive(Args)]
 pub struct BenchArgs {
@@ -18,20 +20,20 @@ pub struct BenchArgs {
     #[arg(default_value = "smollm2-135m")]
     model: String,
     /// Rows per batch.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = whole("--batch", 1, "rows per batch"))]
     batch: usize,
     /// Positions per row.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = whole("--len", 1, "positions per row"))]
     len: usize,
     /// Give rows random lengths between half and all of --len (right-padded, as in training).
     #[arg(long)]
     ragged: bool,
     /// The first N positions are the same in every row (a prepended soft prompt), as in prompt
-    /// tuning: the backbone computes them once per batch.
-    #[arg(long, default_value_t = 0)]
+    /// tuning: the backbone computes them once per batch. At most --len.
+    #[arg(long, default_value_t = 0, value_parser = whole("--shared-prefix", 0, "positions shared by every row"))]
     shared_prefix: usize,
     /// Repetitions (the median is reported).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = whole("--reps", 1, "repetitions"))]
     reps: usize,
     /// Print JSON lines instead of text.
     #[arg(long)]
@@ -41,36 +43,37 @@ pub struct BenchArgs {
     #[arg(long)]
     recipe: Option<std::path::PathBuf>,
     /// Training steps timed with --recipe (after 2 warm-up steps; the median is reported).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = whole("--steps", 1, "training steps timed"))]
     steps: usize,
     /// Dev rows scored for the evaluation throughput with --recipe.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = whole("--eval-rows", 1, "dev rows scored"))]
     eval_rows: usize,
     /// Instead of MODEL, a random-weight Llama of shape HIDDENxLAYERSxHEADSxKV_HEADSxINTERMEDIATE
     /// (e.g. 2048x16x32x8x8192, about Llama-3.2-1B without its vocabulary), to see how cost
     /// grows with width.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["recipe", "generate"])]
     random_llama: Option<String>,
     /// How to hold the frozen linear weights: `f32`, `file` (the file's storage, e.g. GGUF
     /// Q4_1, converted tile by tile), `f16`, `bf16` or `q8_0`; overrides the recipe's `weights`.
+    /// Default: the recipe's, else f32. Not with --random-llama (its weights are f32).
     #[arg(long, value_enum)]
     weights: Option<softprompt::backbone::WeightStorage>,
     /// Time generation instead: single-stream greedy tokens/s with a prompt-tuning adapter (the
     /// workload of scripts/reference/peft_generate_speed.py), then --clients requests over
     /// --adapters adapters batched together against the same requests one at a time.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "recipe")]
     generate: bool,
     /// New tokens per request (--generate).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = whole("--max-tokens", 1, "new tokens per request"))]
     max_tokens: usize,
     /// Virtual tokens of each adapter (--generate).
-    #[arg(long = "virtual", default_value_t = 20)]
+    #[arg(long = "virtual", default_value_t = 20, value_parser = whole("--virtual", 1, "virtual tokens of each adapter"))]
     virtual_tokens: usize,
     /// Concurrent requests (--generate).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = whole("--clients", 1, "concurrent requests"))]
     clients: usize,
     /// Distinct adapters among the concurrent requests (--generate).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = whole("--adapters", 1, "distinct adapters"))]
     adapters: usize,
 }
 
@@ -90,6 +93,7 @@ fn random_model(spec: &str) -> Result<Box<dyn Backbone>> {
             hidden,
             heads,
             kv_heads,
+            head_dim: hidden / heads.max(1),
             intermediate,
             vocab: 32_000,
             max_positions: 4096,
@@ -193,7 +197,8 @@ fn print_profile(kinds: &std::collections::BTreeMap<(&'static str, Direction), f
 fn bench_recipe(args: &BenchArgs, path: &std::path::Path) -> Result<()> {
     use softprompt::train;
     // Paths in the recipe are relative to its folder, as for `train --config`.
-    let mut cfg: softprompt::config::TrainConfig = crate::train_config::read_config_table(path)?.try_into()?;
+    let table = crate::train_config::read_config_table(path)?;
+    let mut cfg = crate::train_config::config_from_table(table, &path.display().to_string())?;
     cfg.baseline_template = None;
     cfg.weights = args.weights.unwrap_or(cfg.weights);
     cfg.output = std::env::temp_dir().join(format!("softprompt-bench-{}", std::process::id()));
@@ -249,6 +254,22 @@ fn bench_recipe(args: &BenchArgs, path: &std::path::Path) -> Result<()> {
 
 /// Runs `bench`.
 pub fn bench(args: BenchArgs) -> Result<()> {
+    if args.shared_prefix > args.len {
+        anyhow::bail!(
+            "--shared-prefix is {}, longer than the rows (--len {}); it must be at most --len",
+            args.shared_prefix,
+            args.len
+        );
+    }
+    if let (Some(spec), Some(w)) = (&args.random_llama, args.weights) {
+        if w != softprompt::backbone::WeightStorage::F32 {
+            anyhow::bail!(
+                "--weights {} holds a model file's weights another way; --random-llama {spec} builds \
+                 f32 weights (leave --weights out)",
+                w.name()
+            );
+        }
+    }
     if args.generate {
         let b = crate::bench_generate::GenerateBench {
             max_tokens: args.max_tokens,
@@ -257,7 +278,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             adapters: args.adapters,
             reps: args.reps,
         };
-        return crate::bench_generate::run(&args.model, &b, args.json);
+        return crate::bench_generate::run(&args.model, args.weights.unwrap_or_default(), &b, args.json);
     }
     if let Some(path) = args.recipe.clone() {
         return bench_recipe(&args, &path);
@@ -282,7 +303,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         token_types: None,
     };
     let (mut fwd, mut fwd_train, mut bwd) = (Vec::new(), Vec::new(), Vec::new());
-    let reps = args.reps.max(1);
+    let reps = args.reps;
     for rep in 0..reps {
         // the last repetition is profiled (timing spans cost a little)
         profile::set_enabled(rep + 1 == reps);
@@ -303,7 +324,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     profile::set_enabled(false);
     let (f, ft, bw) = (median(fwd), median(fwd_train), median(bwd));
     let real: usize = lens.iter().sum();
-    let shared = args.shared_prefix.min(args.len);
+    let shared = args.shared_prefix;
     let computed = real - shared * (args.batch.saturating_sub(1));
     let tokens = real as f64;
     let keys = lens.iter().map(|&l| (l * (l + 1) / 2) as f64).sum::<f64>() / tokens;

@@ -7,7 +7,7 @@
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use serde_json::json;
-use softprompt::backbone::{CausalLm, LoadedModel};
+use softprompt::backbone::{CausalLm, LoadedModel, WeightStorage};
 use softprompt::infer::engine::{generate, Engine, GenRequest};
 use softprompt::infer::prompt_cache::PromptCache;
 use softprompt::infer::sampling::SamplingParams;
@@ -104,12 +104,13 @@ fn batched(lm: &dyn CausalLm, model: &LoadedModel, reqs: &[GenRequest]) -> Resul
     Ok((tokens, start.elapsed().as_secs_f64()))
 }
 
-/// Runs the workload; prints JSON lines (`json`) or text.
-pub fn run(model_spec: &str, b: &GenerateBench, json_out: bool) -> Result<()> {
-    if b.max_tokens == 0 || b.virtual_tokens == 0 || b.clients == 0 || b.adapters == 0 {
-        bail!("--max-tokens, --virtual, --clients and --adapters must be at least 1");
+/// Runs the workload on `model_spec` with its weights held as `weights`; prints JSON lines
+/// (`json`) or text.
+pub fn run(model_spec: &str, weights: WeightStorage, b: &GenerateBench, json_out: bool) -> Result<()> {
+    if b.max_tokens == 0 || b.virtual_tokens == 0 || b.clients == 0 || b.adapters == 0 || b.reps == 0 {
+        bail!("--max-tokens, --virtual, --clients, --adapters and --reps must be at least 1");
     }
-    let model = crate::args::load_with(model_spec, softprompt::backbone::WeightStorage::F32)?;
+    let model = crate::args::load_with(model_spec, weights)?;
     let lm = model.backbone.require_causal("bench --generate")?;
     let adapters: Vec<Arc<PromptCache>> = (0..b.adapters)
         .map(|i| {
@@ -126,7 +127,7 @@ pub fn run(model_spec: &str, b: &GenerateBench, json_out: bool) -> Result<()> {
         .collect::<Result<_>>()?;
     one_at_a_time(lm, &model, &single[..1])?; // warm-up
     let mut rates = Vec::new();
-    for _ in 0..b.reps.max(1) {
+    for _ in 0..b.reps {
         let (n, secs) = one_at_a_time(lm, &model, &single)?;
         rates.push(n as f64 / secs);
     }

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::args::ModelArg;
+use crate::args::{real, whole, ModelArg};
 use crate::progress::prefill_bar;
 
 /// Arguments of `complete`.
@@ -27,10 +27,10 @@ pub struct CompleteArgs {
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// The task whose prompt a multitask adapter uses (0-based).
-    #[arg(long)]
+    #[arg(long, value_parser = whole("--task-id", 0, "a task id of the multitask adapter"))]
     task_id: Option<usize>,
-    /// Most tokens to generate.
-    #[arg(long, default_value_t = 32)]
+    /// Most tokens to generate (at most what the model's context leaves after the prompt).
+    #[arg(long, default_value_t = 32, value_parser = whole("--max-tokens", 1, "the most tokens to generate"))]
     max_tokens: usize,
     #[command(flatten)]
     sampling: SamplingArgs,
@@ -46,16 +46,16 @@ pub struct CompleteArgs {
 #[derive(Args)]
 pub struct SamplingArgs {
     /// Softmax temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = real("--temperature", |t| t.is_finite() && t >= 0.0, "a finite number ≥ 0 (0: greedy)"))]
     temperature: f32,
-    /// Nucleus sampling: keep the most likely tokens up to this total probability.
-    #[arg(long, default_value_t = 1.0)]
+    /// Nucleus sampling: keep the most likely tokens up to this total probability (1: all).
+    #[arg(long, default_value_t = 1.0, value_parser = real("--top-p", |p| p > 0.0 && p <= 1.0, "in (0, 1] (1: all tokens)"))]
     top_p: f32,
     /// Keep only the K most likely tokens (0: all).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = whole("--top-k", 0, "the most likely tokens kept; 0: all"))]
     top_k: usize,
     /// Random seed (default: from the operating system).
-    #[arg(long)]
+    #[arg(long, value_parser = softprompt::config::flags::WholeNumber::<u64>::flag("--seed", 0, "the random seed"))]
     seed: Option<u64>,
 }
 
@@ -71,6 +71,23 @@ impl SamplingArgs {
     }
 }
 
+/// Refuses `--max-tokens` beyond what the model's context of `context` positions leaves after
+/// the prompt (`adapter` positions of the adapter, `text` of the text), as the server refuses
+/// such a `max_tokens` with 400, before any token is generated. A prompt that fills the context
+/// is left to the engine, which says so.
+fn check_max_tokens(max_tokens: usize, context: usize, adapter: usize, text: usize) -> Result<()> {
+    let prompt = adapter + text;
+    let room = context.saturating_sub(prompt);
+    if prompt < context && max_tokens > room {
+        bail!(
+            "--max-tokens is {max_tokens}, more than the model's context leaves: the context is \
+             {context} positions and the prompt takes {prompt} (adapter {adapter} + text {text}), so \
+             at most {room} tokens can be generated; give --max-tokens {room} or less"
+        );
+    }
+    Ok(())
+}
+
 /// Prompts longer than this are run through the model in chunks of this many tokens, with a
 /// progress bar on stderr.
 const PROMPT_CHUNK: usize = 512;
@@ -79,9 +96,6 @@ const PROMPT_CHUNK: usize = 512;
 pub fn complete(args: CompleteArgs) -> Result<()> {
     if args.text.is_empty() {
         bail!("nothing to complete: TEXT is empty (give the text to continue)");
-    }
-    if args.max_tokens == 0 {
-        bail!("--max-tokens is 0; it must be at least 1 (the most tokens to generate)");
     }
     let model = args.model.load()?;
     let lm = model.backbone.require_causal("completion")?;
@@ -103,6 +117,7 @@ pub fn complete(args: CompleteArgs) -> Result<()> {
     } else {
         (args.text.clone(), model.tokenizer.encode(&args.text, true)?)
     };
+    check_max_tokens(args.max_tokens, lm.info().max_positions, prompt.len(), ids.len())?;
     let req = GenRequest {
         ids,
         prompt: Arc::new(prompt),
@@ -143,4 +158,19 @@ pub fn complete(args: CompleteArgs) -> Result<()> {
         done.finish.map_or("?", |f| f.as_str())
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_max_tokens;
+
+    #[test]
+    fn max_tokens_beyond_the_context_left_is_refused_naming_the_limit() {
+        check_max_tokens(32, 8192, 20, 10).unwrap();
+        check_max_tokens(8162, 8192, 20, 10).unwrap();
+        let e = check_max_tokens(8163, 8192, 20, 10).unwrap_err().to_string();
+        assert!(e.contains("--max-tokens is 8163") && e.contains("at most 8162"), "{e}");
+        // A prompt that fills the context is the engine's to refuse.
+        check_max_tokens(1, 8192, 8000, 192).unwrap();
+    }
 }

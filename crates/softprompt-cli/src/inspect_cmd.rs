@@ -16,7 +16,11 @@ pub struct InspectArgs {
     #[arg(long)]
     model: Option<String>,
     /// Nearest vocabulary tokens to list per virtual token.
-    #[arg(long, default_value_t = 5)]
+    #[arg(
+        long,
+        default_value_t = 5,
+        value_parser = crate::args::whole("--top", 1, "nearest tokens to list per virtual token").least_checked_later()
+    )]
     top: usize,
     /// Print one JSON object per virtual token (JSON lines) instead of a table.
     #[arg(long)]
@@ -26,7 +30,7 @@ pub struct InspectArgs {
 /// Runs `inspect`.
 pub fn inspect_cmd(args: InspectArgs) -> Result<()> {
     if args.top == 0 {
-        bail!("--top 0: list at least one nearest token");
+        bail!("--top 0: list at least one nearest token (--top N with N ≥ 1)");
     }
     let adapter = softprompt::adapter::load_peft(&args.adapter)?;
     let location = match &args.model {

@@ -25,7 +25,7 @@ mod train_cmd;
 mod train_config;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Train, evaluate, save and serve soft prompts for frozen pretrained transformers.
 #[derive(Parser)]
@@ -52,7 +52,8 @@ enum Command {
     /// Serve the model and the adapters of a folder over an OpenAI-compatible HTTP API, with
     /// mixed-adapter continuous batching.
     Serve(serve::ServeArgs),
-    /// Train a soft prompt (prompt tuning or p-tuning) and save a PEFT-compatible adapter.
+    /// Train a soft prompt (prompt tuning, p-tuning, prefix tuning, a Cartridge or multitask
+    /// prompt tuning) and save a PEFT-compatible adapter.
     Train(Box<train_config::TrainArgs>),
     /// Score a JSONL set with an adapter, or with a hand-written template (zero-shot); prints
     /// JSON. With --templates FILE: every template of FILE zero-shot, each one's accuracy and
@@ -64,7 +65,8 @@ enum Command {
     /// Each virtual token of a prompt-tuning or p-tuning adapter: its norm and nearest
     /// vocabulary tokens by cosine similarity (table, or JSON lines with --json).
     Inspect(inspect_cmd::InspectArgs),
-    /// Time the backbone's forward and input-gradient backward (prints one run's figures).
+    /// Time the backbone's forward and input-gradient backward, or a recipe's training steps
+    /// (--recipe), or generation (--generate); prints one run's figures.
     Bench(bench_cmd::BenchArgs),
     /// Predict every row of a JSONL set; writes JSONL.
     Predict(predict_cmd::PredictArgs),
@@ -72,7 +74,10 @@ enum Command {
 
 fn main() {
     allocator::keep_freed_memory();
-    let cli = Cli::parse();
+    // Every option takes a negative number as its value, for its parser to refuse by name.
+    let mut cmd = args::allow_negative_numbers(Cli::command());
+    let matches = cmd.get_matches_mut();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut cmd).exit());
     if !matches!(cli.command, Command::Serve(_)) {
         broken_pipe::end_quietly_on_closed_stdout();
     }
@@ -92,5 +97,97 @@ fn main() {
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value each positional argument gets, so that only the option under test can fail.
+    fn positionals(sub: &clap::Command) -> Vec<String> {
+        sub.get_positionals().map(|_| "x".to_string()).collect()
+    }
+
+    /// Every option of every command that takes a value takes `-1` as its value: a number
+    /// option refuses it naming itself and its range (never clap's "unexpected argument '-1'",
+    /// and for whole numbers never "invalid digit found in string"); other options take it.
+    #[test]
+    fn every_option_takes_a_negative_number_and_names_itself_refusing_it() {
+        let cmd = args::allow_negative_numbers(Cli::command());
+        let mut checked = 0;
+        for sub in cmd.get_subcommands() {
+            let name = sub.get_name().to_string();
+            for arg in sub.get_arguments() {
+                let Some(long) = arg.get_long() else { continue };
+                if !arg.get_action().takes_values() {
+                    continue;
+                }
+                let argv: Vec<String> = ["softprompt".to_string(), name.clone()]
+                    .into_iter()
+                    .chain(positionals(sub))
+                    .chain([format!("--{long}"), "-1".to_string()])
+                    .collect();
+                let Err(e) = cmd.clone().try_get_matches_from(&argv) else {
+                    continue;
+                };
+                let text = e.to_string();
+                if e.kind() == clap::error::ErrorKind::MissingRequiredArgument {
+                    continue;
+                }
+                checked += 1;
+                assert!(!text.contains("unexpected argument"), "{argv:?}: {text}");
+                assert!(text.contains(&format!("--{long}")), "{argv:?}: {text}");
+                if name != "serve" {
+                    assert!(!text.contains("invalid digit"), "{argv:?}: {text}");
+                }
+            }
+        }
+        assert!(checked >= 30, "only {checked} options refused -1");
+    }
+
+    /// The examples of issue 21, each with the option's range.
+    #[test]
+    fn negative_values_get_the_option_s_own_range() {
+        let cmd = args::allow_negative_numbers(Cli::command());
+        let err = |argv: &[&str]| {
+            let argv: Vec<&str> = std::iter::once("softprompt").chain(argv.iter().copied()).collect();
+            match cmd.clone().try_get_matches_from(argv) {
+                Ok(_) => String::new(),
+                Err(e) => e.to_string(),
+            }
+        };
+        let cases: [(&[&str], &str); 6] = [
+            (
+                &["train", "--steps", "-1"],
+                "option `steps` (--steps) is -1; it must be at least 1 (optimiser steps)",
+            ),
+            (
+                &["complete", "m", "t", "--max-tokens", "-5"],
+                "--max-tokens is -5; it must be at least 1",
+            ),
+            (
+                &["complete", "m", "t", "--temperature", "-1"],
+                "--temperature is -1; it must be a finite number ≥ 0",
+            ),
+            (
+                &["complete", "m", "t", "--top-k", "-1"],
+                "--top-k is -1; it must be at least 0",
+            ),
+            (
+                &["complete", "m", "t", "--top-p", "0"],
+                "--top-p is 0; it must be in (0, 1]",
+            ),
+            (
+                &["eval", "m", "--data", "d", "--rows", "-3"],
+                "--rows is -3; it must be at least 1",
+            ),
+        ];
+        for (argv, want) in cases {
+            let e = err(argv);
+            assert!(e.contains(want), "{argv:?}: {e}");
+        }
+        // A negative real number of `train` is a value: its check says the range.
+        assert_eq!(err(&["train", "--lr", "-0.1"]), "");
     }
 }

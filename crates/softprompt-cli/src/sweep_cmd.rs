@@ -16,7 +16,7 @@ pub struct SweepArgs {
     #[arg(long = "grid", required = true, value_name = "KEY=V1,V2,…")]
     grid: Vec<String>,
     /// Runs per cell, with seeds `seed`, `seed + 1`, … (mean ± standard deviation in results.md).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = crate::args::whole("--seeds", 1, "runs per cell"))]
     seeds: usize,
     /// The base options of every cell (`--config BASE.toml` and any `train` flag; `--output` is
     /// the sweep's folder and must be given).

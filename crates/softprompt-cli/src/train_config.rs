@@ -1,9 +1,11 @@
 //! `train`'s options as flags and a TOML file: [`TrainArgs`] (one flag per [`TrainConfig`]
 //! field, with `--config FILE.toml` and the repeatable `--verbalizer`) and the merge of the
 //! file with the flags ([`config`]; flags win, the file's relative paths resolve from its
-//! folder). Shared by `train`, `sweep` and `bench --recipe`.
+//! folder; `init` left out of both is the method's default, [`config_from_table`]). Shared by
+//! `train`, `sweep` and `bench --recipe`.
 
 use anyhow::{Context, Result};
+use softprompt::config::{InitKind, Method};
 use softprompt::train::TrainConfig;
 use std::path::{Path, PathBuf};
 
@@ -54,20 +56,9 @@ impl clap::Args for TrainArgs {
                     .help("LABEL=WORD verbaliser entry (repeatable); default: each label is its own word"),
             );
         // Every field of TrainConfig is a flag; the defaults shown (and used) are Default's.
-        let mut cmd = TrainConfig::augment_args(cmd);
-        // `--lr -0.1` is a value (refused by the option checks with its reason), not a flag.
-        for name in [
-            "lr",
-            "weight_decay",
-            "beta1",
-            "beta2",
-            "adam_eps",
-            "clip",
-            "encoder_dropout",
-            "epochs",
-        ] {
-            cmd = cmd.mut_arg(name, |a| a.allow_negative_numbers(true));
-        }
+        // `--lr -0.1` and `--steps -1` are values (refused by the option's parser or check with
+        // its range), not unknown flags.
+        let mut cmd = crate::args::allow_negative_numbers(TrainConfig::augment_args(cmd));
         for (name, value) in default_values() {
             let Some(text) = flag_text(&value) else { continue };
             // clap keeps &'static str defaults; the few default strings live as long as the process.
@@ -76,7 +67,8 @@ impl clap::Args for TrainArgs {
                 cmd = cmd.mut_arg(name.as_str(), |a| a.required(false).default_value(text));
             }
         }
-        cmd
+        // The default of `init` depends on the method; its help says which.
+        cmd.mut_arg("init", |a| a.hide_default_value(true))
     }
     fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
         Self::augment_args(cmd)
@@ -171,6 +163,21 @@ pub fn config(args: &TrainArgs) -> Result<TrainConfig> {
         .config
         .as_ref()
         .map_or("the flags".to_string(), |p| format!("{} and the flags", p.display()));
+    config_from_table(table, &origin)
+}
+
+/// The configuration of a table of options (a TOML file's, merged with the flags); `origin`
+/// names where they come from in errors. Option `init`, when neither gives it, is the method's
+/// default ([`InitKind::default_for`]: `random-normal` for a key/value prefix, `vocab` for an
+/// input prompt), as `--help` says.
+pub fn config_from_table(mut table: toml::Table, origin: &str) -> Result<TrainConfig> {
+    if !table.contains_key("init") {
+        let method = table
+            .get("method")
+            .and_then(|m| m.clone().try_into::<Method>().ok())
+            .unwrap_or(TrainConfig::default().method);
+        table.insert("init".into(), toml::Value::String(InitKind::default_for(method).name()));
+    }
     toml::Value::Table(table)
         .try_into()
         .with_context(|| format!("invalid training options in {origin}"))
@@ -325,6 +332,12 @@ mod tests {
             assert!(help.contains(&flag), "{flag} missing from --help");
             if let Some(text) = default_values().get(name).and_then(flag_text) {
                 assert_eq!(arg.get_default_values(), [text.as_str()], "{flag}");
+                if name == "init" {
+                    // Its default depends on the method: the help says both, clap's none.
+                    assert!(help.contains("Default: `vocab` for an input prompt"), "{help}");
+                    assert!(!help.contains("[default: vocab]"), "{help}");
+                    continue;
+                }
                 // clap quotes a default with spaces (and may wrap it): look for its start.
                 let shown = match text.split_once(' ') {
                     Some((first, _)) => format!("[default: \"{first}"),
@@ -437,6 +450,224 @@ mod tests {
         let default = serde_json::to_value(TrainConfig::default()).unwrap();
         for name in &names {
             assert_ne!(set[name], default[name], "flag for `{name}` did not set it");
+        }
+    }
+
+    /// A key/value prefix without `init` starts from random-normal (as `--help` says), from the
+    /// flags and from a file; an input prompt from vocab; a given init is kept.
+    #[test]
+    fn init_left_out_is_the_method_s_default() {
+        use softprompt::config::InitKind;
+        let cfg = config(&parse(&["--method", "prefix-tuning"])).unwrap();
+        assert_eq!(cfg.init, InitKind::RandomNormal);
+        cfg.validate().unwrap();
+        assert_eq!(config(&parse(&[])).unwrap().init, InitKind::Vocab);
+        assert_eq!(config(&parse(&["--method", "p-tuning"])).unwrap().init, InitKind::Vocab);
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("run.toml");
+        std::fs::write(&path, "method = \"cartridge\"\n").unwrap();
+        let file = path.to_str().unwrap();
+        assert_eq!(
+            config(&parse(&["--config", file])).unwrap().init,
+            InitKind::RandomNormal
+        );
+        let cfg = config(&parse(&["--config", file, "--init", "zero"])).unwrap();
+        assert_eq!(cfg.init, InitKind::Zero);
+        // The file's method with the flag's init, or the flag's method with the file's init.
+        std::fs::write(&path, "init = \"vocab\"\n").unwrap();
+        let cfg = config(&parse(&["--config", file, "--method", "prefix-tuning"])).unwrap();
+        assert_eq!(cfg.init, InitKind::Vocab);
+        let e = format!("{:#}", cfg.validate().unwrap_err());
+        assert!(
+            e.contains("does not apply to a key/value prefix") && e.contains("random-normal"),
+            "{e}"
+        );
+    }
+
+    mod never_panics {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// The option names of the file, and a few that are not.
+        fn keys() -> Vec<String> {
+            let mut keys: Vec<String> = default_values().keys().cloned().collect();
+            for k in [
+                "dev",
+                "test",
+                "baseline_template",
+                "verbalizer",
+                "init_text",
+                "init_from",
+                "tasks",
+                "steps",
+                "epochs",
+                "dev_rows",
+                "test_rows",
+                "patience",
+                "kernels",
+                "learning_rate",
+                "",
+            ] {
+                keys.push(k.to_string());
+            }
+            keys
+        }
+
+        /// Strings the options hold: every choice of the typed options, paths, templates.
+        const WORDS: &[&str] = &[
+            "prompt-tuning",
+            "p-tuning",
+            "prefix-tuning",
+            "cartridge",
+            "multitask-prompt-tuning",
+            "random",
+            "random-normal",
+            "zero",
+            "vocab",
+            "labels",
+            "text",
+            "from",
+            "exact-source-task",
+            "mlp",
+            "lstm",
+            "classify",
+            "generate",
+            "seq-cls",
+            "cosine",
+            "cpu",
+            "cuda:7",
+            "f32",
+            "q8_0",
+            "fused",
+            "{text} {label}",
+            "[soft:3]{text} {label}",
+            "[soft:99999999999999]{text}",
+            "{label}",
+            "",
+            "/",
+            "..",
+            "a.jsonl,b.jsonl",
+        ];
+
+        fn toml_value() -> impl Strategy<Value = toml::Value> {
+            let leaf = prop_oneof![
+                any::<i64>().prop_map(toml::Value::Integer),
+                (-3i64..40).prop_map(toml::Value::Integer),
+                any::<f64>().prop_map(toml::Value::Float),
+                any::<bool>().prop_map(toml::Value::Boolean),
+                prop::sample::select(WORDS).prop_map(|w| toml::Value::String(w.to_string())),
+                ".{0,8}".prop_map(toml::Value::String),
+            ];
+            leaf.prop_recursive(2, 12, 4, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(toml::Value::Array),
+                    prop::collection::btree_map(prop::sample::select(vec!["train", "dev", "test", "x"]), inner, 0..3)
+                        .prop_map(|m| toml::Value::Table(m.into_iter().map(|(k, v)| (k.to_string(), v)).collect())),
+                ]
+            })
+        }
+
+        /// A table of real option names (and a few others) holding values of any type.
+        fn option_table() -> impl Strategy<Value = toml::Table> {
+            prop::collection::btree_map(prop::sample::select(keys()), toml_value(), 0..8)
+                .prop_map(|m| m.into_iter().collect())
+        }
+
+        /// A value of the type of `default` (numbers of any size and sign, strings among the
+        /// choices of the typed options).
+        fn typed_value(default: Option<&toml::Value>) -> BoxedStrategy<toml::Value> {
+            match default {
+                Some(toml::Value::Integer(_)) => prop_oneof![
+                    4 => (0i64..30).prop_map(toml::Value::Integer),
+                    1 => (-2i64..0).prop_map(toml::Value::Integer),
+                    1 => any::<i64>().prop_map(toml::Value::Integer),
+                ]
+                .boxed(),
+                Some(toml::Value::Float(_)) => prop_oneof![
+                    4 => (0.0f64..1.0).prop_map(toml::Value::Float),
+                    1 => any::<f64>().prop_map(toml::Value::Float),
+                ]
+                .boxed(),
+                Some(toml::Value::Boolean(_)) => any::<bool>().prop_map(toml::Value::Boolean).boxed(),
+                Some(v) => prop_oneof![
+                    2 => Just(v.clone()),
+                    1 => prop::sample::select(WORDS).prop_map(|w| toml::Value::String(w.to_string())),
+                ]
+                .boxed(),
+                None => prop::sample::select(WORDS)
+                    .prop_map(|w| toml::Value::String(w.to_string()))
+                    .boxed(),
+            }
+        }
+
+        /// A table of real option names, each holding a value of its own type: most reach the
+        /// checks.
+        fn typed_table() -> impl Strategy<Value = toml::Table> {
+            let names: Vec<String> = default_values().keys().cloned().collect();
+            let n = names.len();
+            prop::sample::subsequence(names, 0..=n.min(8))
+                .prop_flat_map(|chosen| {
+                    let defaults = default_values();
+                    chosen
+                        .into_iter()
+                        .map(|name| {
+                            let value = typed_value(defaults.get(&name));
+                            (Just(name), value)
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .prop_map(|pairs| pairs.into_iter().collect())
+        }
+
+        /// Text drawn from the characters TOML gives meaning to, and some option names.
+        fn toml_like() -> impl Strategy<Value = String> {
+            let pieces = vec![
+                "=", "\"", "'", "[", "]", "[[", "]]", "{", "}", ",", ".", "#", "\\", "\n", " ", "-", "+", "0", "1e9",
+                "inf", "nan", "true", "lr", "steps", "method", "tasks", "init", "train", "\"\"\"", "é", "\u{feff}",
+                "\r",
+            ];
+            prop::collection::vec(prop::sample::select(pieces), 0..40).prop_map(|p| p.concat())
+        }
+
+        /// `train --config FILE` of a file holding `text`: the configuration or an error, and
+        /// the checks of the configuration, without a panic.
+        fn read(text: &str) {
+            let tmp = tempfile::tempdir().unwrap();
+            let path = tmp.path().join("run.toml");
+            std::fs::write(&path, text).unwrap();
+            let args = parse(&["--config", path.to_str().unwrap()]);
+            if let Ok(cfg) = config(&args) {
+                let _ = cfg.validate();
+            }
+            let _ = read_config_table(&path);
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn the_config_file_reader_never_panics_on_toml_like_text(text in toml_like()) {
+                read(&text);
+            }
+
+            #[test]
+            fn the_config_file_reader_never_panics_on_options_of_any_type(table in option_table()) {
+                if let Ok(text) = toml::to_string(&table) {
+                    read(&text);
+                }
+            }
+
+            #[test]
+            fn the_config_file_reader_never_panics_on_options_of_their_own_type(table in typed_table()) {
+                if let Ok(text) = toml::to_string(&table) {
+                    read(&text);
+                }
+            }
+
+            #[test]
+            fn the_config_file_reader_never_panics_on_any_bytes(bytes in prop::collection::vec(any::<u8>(), 0..128)) {
+                read(&String::from_utf8_lossy(&bytes));
+            }
         }
     }
 }

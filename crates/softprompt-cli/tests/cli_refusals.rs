@@ -76,7 +76,7 @@ fn train_steps_zero_and_infinite_learning_rate_are_errors() {
 }
 
 #[test]
-fn eval_rows_zero_is_an_error() {
+fn eval_rows_zero_or_negative_is_an_error_naming_the_flag() {
     let tmp = scratch("rows0");
     let dir = tmp.path();
     let data = rows(dir);
@@ -90,8 +90,192 @@ fn eval_rows_zero_is_an_error() {
         "--rows",
         "0",
     ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--rows is 0; it must be at least 1 (rows to score; leave it out to score every row)"),
+        "{err}"
+    );
+    let (code, err) = softprompt(&["eval", "smollm2-135m", "--data", &data, "--rows", "-1"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--rows is -1; it must be at least 1"), "{err}");
+}
+
+/// A negative number is the value of the option it follows (not an unknown argument), and is
+/// refused naming the option and its range, before any model is loaded (issue 21).
+#[test]
+fn negative_numbers_are_refused_naming_the_option_and_its_range() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["train", "--steps", "-1"],
+            "option `steps` (--steps) is -1; it must be at least 1 (optimiser steps)",
+        ),
+        (
+            &["train", "--warmup", "-2"],
+            "option `warmup` (--warmup) is -2; it must be at least 0",
+        ),
+        (
+            &["train", "--batch", "2.5"],
+            "option `batch` (--batch) is `2.5`; it must be a whole number, at least 1",
+        ),
+        (
+            &["complete", "smollm2-135m", "Hi", "--max-tokens", "-5"],
+            "--max-tokens is -5; it must be at least 1 (the most tokens to generate)",
+        ),
+        (
+            &["complete", "smollm2-135m", "Hi", "--temperature", "-1"],
+            "--temperature is -1; it must be a finite number ≥ 0",
+        ),
+        (
+            &["complete", "smollm2-135m", "Hi", "--top-k", "-1"],
+            "--top-k is -1; it must be at least 0",
+        ),
+        (
+            &["complete", "smollm2-135m", "Hi", "--top-p", "-0.5"],
+            "--top-p is -0.5; it must be in (0, 1]",
+        ),
+        (
+            &["inspect", "adapter", "--top", "-1"],
+            "--top is -1; it must be at least 1",
+        ),
+        (
+            &["sweep", "--grid", "lr=0.1", "--seeds", "-1"],
+            "--seeds is -1; it must be at least 1",
+        ),
+        (&["bench", "--reps", "-3"], "--reps is -3; it must be at least 1"),
+        (
+            &["predict", "smollm2-135m", "--data", "d.jsonl", "--batch", "-8"],
+            "--batch is -8; it must be at least 1",
+        ),
+    ];
+    for (args, want) in cases {
+        let (code, err) = softprompt(args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("unexpected argument"), "{args:?}: {err}");
+    }
+}
+
+/// `complete --max-tokens` beyond what the context leaves is refused before anything is
+/// generated, naming the limit, as the server refuses such a `max_tokens` (issue 21).
+#[test]
+fn complete_max_tokens_beyond_the_context_is_refused_naming_the_limit() {
+    let (code, err) = softprompt(&["complete", "smollm2-135m", "Hello", "--max-tokens", "1000000000"]);
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("--rows 0 leaves no rows to score"), "{err}");
+    assert!(
+        err.contains("--max-tokens is 1000000000, more than the model's context leaves")
+            && err.contains("tokens can be generated; give --max-tokens"),
+        "{err}"
+    );
+}
+
+/// A key/value prefix without `--init` starts from random-normal, as `--help` says; an input
+/// prompt's init (vocab) given for a prefix is refused naming what applies (issue 21).
+#[test]
+fn a_prefix_without_init_trains_from_random_normal_as_the_help_says() {
+    let (code, help) = {
+        let out = Command::new(env!("CARGO_BIN_EXE_softprompt"))
+            .args(["train", "--help"])
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    assert_eq!(code, Some(0));
+    assert!(
+        help.contains("`random-normal` for a key/value prefix (prefix-tuning, cartridge)"),
+        "{help}"
+    );
+    let tmp = scratch("prefix-init");
+    let data = rows(tmp.path());
+    let out = tmp.path().join("out");
+    let (code, err) = softprompt(&[
+        "train",
+        "--train",
+        &data,
+        "--method",
+        "prefix-tuning",
+        "--num-virtual-tokens",
+        "2",
+        "--steps",
+        "1",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let task: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("softprompt.json")).unwrap()).unwrap();
+    assert_eq!(task["training"]["init"], "random-normal", "{task}");
+    let (code, err) = softprompt(&["train", "--train", &data, "--method", "cartridge", "--init", "vocab"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("option `init` is \"vocab\", which does not apply to a key/value prefix"),
+        "{err}"
+    );
+}
+
+/// `--init from` with an adapter that does not fit the run names option `init_from` and the
+/// folder (another prompt length, another kind of prompt: before the model loads); an adapter
+/// of another model's width names `init_from` (issue 21).
+#[test]
+fn init_from_an_adapter_that_does_not_fit_names_the_option_and_the_folder() {
+    let tmp = scratch("init-from");
+    let data = rows(tmp.path());
+    let out = tmp.path().join("out");
+    let fixture = |name: &str| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures/peft")
+            .join(name)
+            .to_string_lossy()
+            .into_owned()
+    };
+    let train = |from: &str, extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--train",
+            &data,
+            "--init",
+            "from",
+            "--init-from",
+            from,
+            "--steps",
+            "1",
+            "--output",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        softprompt(&args)
+    };
+    // 5 virtual tokens in the adapter, 7 in the run.
+    let smollm = fixture("smollm2_prompt_tuning_random");
+    let (code, err) = train(&smollm, &["--num-virtual-tokens", "7"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!("option `init_from` (--init-from) is {smollm}"))
+            && err.contains("5 virtual tokens")
+            && err.contains("this run's has 7"),
+        "{err}"
+    );
+    // An input prompt for a key/value prefix.
+    let (code, err) = train(&smollm, &["--method", "prefix-tuning", "--num-virtual-tokens", "5"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!("option `init_from` (--init-from) is {smollm}")) && err.contains("PROMPT_TUNING"),
+        "{err}"
+    );
+    // Not an adapter folder.
+    let (code, err) = train(tmp.path().to_str().unwrap(), &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("option `init_from` (--init-from) is") && err.contains("adapter_config.json"),
+        "{err}"
+    );
+    // A MiniLM adapter (hidden size 384) for SmolLM2 (576).
+    let (code, err) = train(&fixture("minilm_seqcls_prompt_tuning"), &["--num-virtual-tokens", "6"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("option `init_from` (--init-from)") && err.contains("its width 384 is another model's"),
+        "{err}"
+    );
+    assert!(!out.exists(), "a refused run left {}", out.display());
 }
 
 #[test]
