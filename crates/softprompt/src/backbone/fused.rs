@@ -1,8 +1,12 @@
 //! What the fused CPU paths of every architecture share: reading f32 tensors into plain
-//! vectors, and the packed-batch bookkeeping (which padded position each real token came from).
+//! vectors, the packed-batch bookkeeping (which padded position each real token came from), and
+//! for causal models the [`Geometry`] of queries and key slots (K/V prefixes and caches included).
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use softprompt_kernels::AttentionLayout;
+
+use super::{KvCache, Shape};
 
 /// Whether a model on `device` with weights of `dtype` runs the fused f32 CPU kernels
 /// (otherwise it runs the composed candle version: CUDA, f64 in the gradient tests).
@@ -203,4 +207,181 @@ pub fn sum_past_slots(slots: &[f32], rows: usize, keys: usize, past: usize, head
         }
     }
     out
+}
+
+/// Where the queries and key slots of one fused call sit: every packed position's batch row,
+/// key slot and rotary position, and which key slots are real. Shared by the fused stacks of
+/// every causal family.
+pub struct Geometry {
+    /// Cached key slots per row before the new ones (a generation cache or a K/V prefix).
+    pub past: usize,
+    /// Key slots per row (cached + new).
+    pub keys: usize,
+    /// Packed positions whose keys and values every row sees (the shared prefix).
+    pub shared: usize,
+    /// Batch rows.
+    pub rows: usize,
+    /// `[rows·keys]` whether each key slot holds a real position.
+    pub key_mask: Vec<bool>,
+    /// `[N]` batch row of each query.
+    pub query_row: Vec<usize>,
+    /// `[N]` key slot of each query (its causal limit).
+    pub query_key: Vec<usize>,
+    /// `[N]` rotary position of each query: its key slot, unless the cache gives its row its
+    /// own position (rows of different lengths padded to one number of slots).
+    pub query_pos: Vec<usize>,
+    /// `[B]` rotary position of each row's first new column.
+    pub base: Option<Vec<usize>>,
+}
+
+impl Geometry {
+    /// The geometry of the packed batch `packed` after `past` cached slots (their key mask in
+    /// `cache`), each row's first new position in `base` when the cache gives rows their own;
+    /// refuses a sequence longer than `max_positions`.
+    pub fn new(
+        packed: &Packed,
+        past: usize,
+        cache: Option<&KvCache>,
+        base: Option<Vec<usize>>,
+        max_positions: usize,
+    ) -> Result<Self> {
+        let keys = past + packed.cols;
+        let mut key_mask = vec![false; packed.rows * keys];
+        if let Some(m) = cache.and_then(|c| c.mask.as_ref()) {
+            // One cached row is every row's (a shared prefix).
+            let (cached_rows, slots) = m.dims2()?;
+            if slots != past || (cached_rows != packed.rows && cached_rows != 1) {
+                bail!(
+                    "the key/value cache holds {:?} rows, the batch {}",
+                    m.dims(),
+                    packed.rows
+                );
+            }
+            let cached = to_vec(m)?;
+            for b in 0..packed.rows {
+                let from = if cached_rows == 1 { 0 } else { b };
+                for j in 0..past {
+                    key_mask[b * keys + j] = cached[from * past + j] != 0.0;
+                }
+            }
+        }
+        // A shared position appears in every row; its slot in rows other than 0 is real too.
+        for (i, &r) in packed.real.iter().enumerate() {
+            key_mask[(i / packed.cols) * keys + past + i % packed.cols] = r;
+        }
+        if let Some(b) = &base {
+            if b.len() != packed.rows {
+                bail!(
+                    "the key/value cache gives positions for {} rows, the batch has {}",
+                    b.len(),
+                    packed.rows
+                );
+            }
+            if packed.shared != 0 {
+                bail!("rows with their own positions cannot share a prefix");
+            }
+        }
+        let longest = base.as_ref().map_or(past, |b| b.iter().copied().max().unwrap_or(0)) + packed.cols;
+        if keys > max_positions || longest > max_positions {
+            bail!(
+                "sequence of {} positions exceeds the model's context of {max_positions}",
+                keys.max(longest)
+            );
+        }
+        let query_key: Vec<usize> = packed.col.iter().map(|c| past + c).collect();
+        let query_pos = match &base {
+            Some(b) => packed.row.iter().zip(&packed.col).map(|(&r, c)| b[r] + c).collect(),
+            None => query_key.clone(),
+        };
+        Ok(Geometry {
+            past,
+            keys,
+            shared: packed.shared,
+            rows: packed.rows,
+            key_mask,
+            query_row: packed.row.clone(),
+            query_key,
+            query_pos,
+            base,
+        })
+    }
+
+    /// The attention layout of these queries for heads of `shape` (causal).
+    pub fn layout(&self, shape: &Shape) -> AttentionLayout<'_> {
+        AttentionLayout {
+            heads: shape.heads,
+            kv_heads: shape.kv_heads,
+            head_dim: shape.head_dim,
+            keys: self.keys,
+            key_mask: &self.key_mask,
+            query_row: &self.query_row,
+            query_key: &self.query_key,
+            causal: true,
+        }
+    }
+
+    /// The key slots that hold packed position `i`'s key and value (one per row when shared).
+    pub fn slots(&self, i: usize) -> impl Iterator<Item = usize> + '_ {
+        let rows = if i < self.shared {
+            0..self.rows
+        } else {
+            self.query_row[i]..self.query_row[i] + 1
+        };
+        rows.map(move |r| r * self.keys + self.query_key[i])
+    }
+
+    /// The rotary position of key slot `j` of batch row `row`: a cached slot's index, a new
+    /// slot's row base plus its column.
+    pub fn key_pos(&self, row: usize, j: usize) -> usize {
+        if j < self.past {
+            j
+        } else {
+            self.base.as_ref().map_or(self.past, |b| b[row]) + (j - self.past)
+        }
+    }
+
+    /// Per layer (`layers` of them), the key and value slots `[B·S, kv_dim]` with the cached
+    /// positions of `cache` filled in.
+    pub fn past_slots(
+        &self,
+        layers: usize,
+        kv_dim: usize,
+        cache: Option<&KvCache>,
+    ) -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
+        let size = self.rows * self.keys * kv_dim;
+        let mut slots = Vec::with_capacity(layers);
+        for l in 0..layers {
+            let (mut k, mut v) = (vec![0f32; size], vec![0f32; size]);
+            if let Some((pk, pv)) = cache.and_then(|c| c.layers.get(l)) {
+                fill_past_slots(pk, &mut k, self.rows, self.keys)?;
+                fill_past_slots(pv, &mut v, self.rows, self.keys)?;
+            }
+            slots.push((k, v));
+        }
+        Ok(slots)
+    }
+
+    /// Replaces the keys and values of `cache` by the slots `kv` (per layer `[B·S, kv_dim]`,
+    /// heads of `shape`), with their key mask and each row's next position.
+    pub fn store_cache(
+        &self,
+        cache: &mut KvCache,
+        shape: &Shape,
+        kv: Vec<(Vec<f32>, Vec<f32>)>,
+        device: &Device,
+    ) -> Result<()> {
+        let dims = (self.rows, self.keys, shape.kv_heads, shape.head_dim);
+        let as_cache = |slots: Vec<f32>| -> Result<Tensor> {
+            Ok(Tensor::from_vec(slots, dims, device)?.transpose(1, 2)?.contiguous()?)
+        };
+        cache.layers = kv
+            .into_iter()
+            .map(|(k, v)| Ok((as_cache(k)?, as_cache(v)?)))
+            .collect::<Result<_>>()?;
+        let mask: Vec<f32> = self.key_mask.iter().map(|&m| f32::from(u8::from(m))).collect();
+        cache.mask = Some(Tensor::from_vec(mask, (self.rows, self.keys), device)?);
+        let cols = self.keys - self.past;
+        cache.next_pos = self.base.as_ref().map(|b| b.iter().map(|p| p + cols).collect());
+        Ok(())
+    }
 }

@@ -6,6 +6,7 @@ use candle_core::{DType, Device};
 use std::path::Path;
 
 use super::bert::{self, BertWeights};
+use super::gemma3::{self, Gemma3Weights};
 use super::llama::{self, LlamaWeights};
 use super::weights::SafetensorsWeights;
 use super::{KernelPath, Model, ModelInfo, WeightStorage};
@@ -72,8 +73,12 @@ pub fn load_with(location: &ModelLocation, device: &Device, options: impl Into<L
                     let kernels = choose(storage)?;
                     Model::Causal(llama::build(LlamaWeights::from_gguf(&file, device, storage)?, kernels)?)
                 }
+                "gemma3" => {
+                    let kernels = choose(storage)?;
+                    Model::Causal(gemma3::build(Gemma3Weights::from_gguf(&file, device, storage)?, kernels)?)
+                }
                 other => bail!(
-                    "{}: architecture `{other}` is not supported (supported in GGUF: llama, qwen2, qwen3, mistral)",
+                    "{}: architecture `{other}` is not supported (supported in GGUF: llama, qwen2, qwen3, mistral, gemma3)",
                     path.display()
                 ),
             };
@@ -95,6 +100,17 @@ pub fn load_with(location: &ModelLocation, device: &Device, options: impl Into<L
                     let w = LlamaWeights::from_hf(dir, &config, &weights, device, storage)?;
                     Model::Causal(llama::build(w, kernels)?)
                 }
+                "gemma3_text" => {
+                    let kernels = choose(storage)?;
+                    let w = Gemma3Weights::from_hf(dir, &config, &weights, device, storage)?;
+                    Model::Causal(gemma3::build(w, kernels)?)
+                }
+                "gemma3" => bail!(
+                    "{}: model_type `gemma3` is the multimodal Gemma 3 (text_config inside, weights \
+                     under `language_model.`); softprompt runs the text model: model_type \
+                     `gemma3_text` (Gemma3ForCausalLM, e.g. gemma-3-270m and gemma-3-1b)",
+                    dir.join("config.json").display()
+                ),
                 "bert" if storage.converted_to().is_some() => bail!(
                     "{}: weights = {} converts the linear weights of Llama-family models; BERT \
                      encoders hold f32 (use weights = f32 or file)",
@@ -108,7 +124,7 @@ pub fn load_with(location: &ModelLocation, device: &Device, options: impl Into<L
                     Model::Encoder(bert::build(w, kernels)?)
                 }
                 other => bail!(
-                    "{}: model_type `{other}` is not supported (supported: llama, mistral, qwen2, qwen3, bert)",
+                    "{}: model_type `{other}` is not supported (supported: llama, mistral, qwen2, qwen3, gemma3_text, bert)",
                     dir.join("config.json").display()
                 ),
             };

@@ -6,7 +6,7 @@
 //! [`Backbone::forward_train`] keeps what the backward pass needs in a [`Tape`] and
 //! [`Backbone::backward`] turns d(loss)/d(hidden) into d(loss)/d(embeddings).
 //!
-//! Each family (`llama`, `bert`) loads into one weights struct and has two implementations
+//! Each family (`llama`, `gemma3`, `bert`) loads into one weights struct and has two implementations
 //! built from it: the fused f32 CPU kernels and the composed candle ops. Which one runs a model
 //! is chosen once, at load ([`KernelPath`], [`LoadOptions`]).
 
@@ -14,6 +14,7 @@ pub mod bert;
 pub mod frozen_weight;
 pub use frozen_weight::WeightStorage;
 pub mod fused;
+pub mod gemma3;
 mod kv_cache;
 pub use kv_cache::KvCache;
 pub mod llama;
@@ -37,6 +38,8 @@ use std::path::PathBuf;
 pub enum Arch {
     /// Llama family: Llama 2/3, SmolLM/SmolLM2, Mistral, Qwen2, Qwen3 (causal decoder).
     Llama,
+    /// Gemma 3 text models (causal decoder with sliding-window layers).
+    Gemma3,
     /// BERT family: BERT, MiniLM (bidirectional encoder).
     Bert,
 }
@@ -44,12 +47,13 @@ pub enum Arch {
 impl Arch {
     /// Whether the model is a causal language model.
     pub fn is_causal(self) -> bool {
-        matches!(self, Arch::Llama)
+        matches!(self, Arch::Llama | Arch::Gemma3)
     }
 }
 
 /// Shape and provenance of a loaded model; the shape is derived at load from the family's
-/// configuration ([`llama::LlamaConfig`], [`bert::BertConfig`]), which holds it.
+/// configuration ([`llama::LlamaConfig`], [`gemma3::Gemma3Config`], [`bert::BertConfig`]),
+/// which holds it.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
     /// Architecture family.
@@ -62,7 +66,7 @@ pub struct ModelInfo {
     /// (`info.hidden`).
     pub shape: Shape,
     /// Whether each attention head's queries and keys are RMS-normed before the rotation
-    /// (Qwen3's `q_norm`/`k_norm`).
+    /// (Qwen3's and Gemma 3's `q_norm`/`k_norm`).
     pub qk_norm: bool,
     /// Total parameter count.
     pub params: usize,
@@ -272,7 +276,7 @@ pub fn inference_logits(backbone: &dyn CausalLm, rows: &Tensor) -> Result<Tensor
 
 /// A loaded frozen model with its capabilities in its type.
 pub enum Model {
-    /// A causal language model (Llama family).
+    /// A causal language model (Llama family, Gemma 3).
     Causal(Box<dyn CausalLm>),
     /// An encoder (BERT family).
     Encoder(Box<dyn Encoder>),

@@ -19,7 +19,7 @@ use softprompt_kernels::{activation, attention, matmul, norm, rope, AttentionLay
 use self::backward::{FusedTape, HeadNorms, LayerTape};
 use super::{rope_tables, LlamaConfig, LlamaLayer, Stack};
 use crate::backbone::frozen_weight::FrozenWeight;
-use crate::backbone::fused::{fill_past_slots, to_vec, Packed};
+use crate::backbone::fused::{to_vec, Geometry, Packed};
 use crate::backbone::profile::{span, Direction};
 use crate::backbone::{BackboneInput, KernelPath, KvCache, Tape};
 
@@ -76,8 +76,8 @@ impl Stack for FusedStack {
         // A prefix shared by every row is computed once (not after a cache: rows may differ there).
         let positions = cache.as_ref().and_then(|c| c.next_pos.clone());
         let packed = Packed::new(mask, (past == 0 && positions.is_none()).then_some(embeds))?;
-        let geometry = self.geometry(&packed, past, cache.as_deref(), positions)?;
-        let mut kv = self.past_slots(&packed, &geometry, cache.as_deref())?;
+        let geometry = Geometry::new(&packed, past, cache.as_deref(), positions, self.cfg.max_positions)?;
+        let mut kv = geometry.past_slots(self.layers.len(), self.cfg.kv_dim(), cache.as_deref())?;
         let mut x = packed.pack(embeds)?;
         let mut tapes = Vec::new();
         for (layer, kv) in self.layers.iter().zip(kv.iter_mut()) {
@@ -90,7 +90,7 @@ impl Stack for FusedStack {
         norm::rms_norm(&x, &self.norm, self.eps(), &mut h, &mut rstd);
         let hidden = packed.unpack(&h, true, &device)?;
         if let Some(c) = cache {
-            self.store_cache(c, &packed, &geometry, kv, &device)?;
+            geometry.store_cache(c, &self.cfg.shape, kv, &device)?;
         }
         let tape = keep.then_some(FusedTape {
             past,
@@ -124,12 +124,12 @@ impl Stack for FusedStack {
             [one] => vec![*one; packed.rows],
             _ => p,
         });
-        let geometry = self.geometry(&packed, past, prefix, positions)?;
+        let geometry = Geometry::new(&packed, past, prefix, positions, self.cfg.max_positions)?;
         let selected = at
             .iter()
             .map(|&(r, c)| packed.index_of(r, c))
             .collect::<Result<Vec<_>>>()?;
-        let mut kv = self.past_slots(&packed, &geometry, prefix)?;
+        let mut kv = geometry.past_slots(self.layers.len(), self.cfg.kv_dim(), prefix)?;
         let ((last, body), (last_kv, body_kv)) = (
             self.layers.split_last().context("the model has no layers")?,
             kv.split_last_mut().context("the model has no layers")?,
@@ -149,7 +149,7 @@ impl Stack for FusedStack {
         let lay = AttentionLayout {
             query_row: &query_row,
             query_key: &query_key,
-            ..geometry.layout(self)
+            ..geometry.layout(&self.cfg.shape)
         };
         let out = self
             .attention_and_mlp(last, &rows_of(&x, d), &rows_of(&q, qd), &lay, last_kv)
@@ -198,156 +198,9 @@ struct AttentionInputs {
     head_norms: Option<HeadNorms>,
 }
 
-/// Where the queries and key slots of one call sit.
-struct Geometry {
-    /// Key slots per row (cached + new).
-    keys: usize,
-    /// Packed positions whose keys and values every row sees (the shared prefix).
-    shared: usize,
-    /// Batch rows.
-    rows: usize,
-    key_mask: Vec<bool>,
-    /// `[N]` batch row of each query.
-    query_row: Vec<usize>,
-    /// `[N]` key slot of each query (its causal limit).
-    query_key: Vec<usize>,
-    /// `[N]` rotary position of each query: its key slot, unless the cache gives its row its
-    /// own position (rows of different lengths padded to one number of slots).
-    query_pos: Vec<usize>,
-    /// `[B]` rotary position of each row's first new column.
-    base: Option<Vec<usize>>,
-}
-
-impl Geometry {
-    fn layout(&self, m: &FusedStack) -> AttentionLayout<'_> {
-        AttentionLayout {
-            heads: m.cfg.heads,
-            kv_heads: m.cfg.kv_heads,
-            head_dim: m.cfg.head_dim(),
-            keys: self.keys,
-            key_mask: &self.key_mask,
-            query_row: &self.query_row,
-            query_key: &self.query_key,
-            causal: true,
-        }
-    }
-    /// The key slots that hold packed position `i`'s key and value (one per row when shared).
-    fn slots(&self, i: usize) -> impl Iterator<Item = usize> + '_ {
-        let rows = if i < self.shared {
-            0..self.rows
-        } else {
-            self.query_row[i]..self.query_row[i] + 1
-        };
-        rows.map(move |r| r * self.keys + self.query_key[i])
-    }
-}
-
 impl FusedStack {
     fn eps(&self) -> f32 {
         self.cfg.eps as f32
-    }
-
-    fn geometry(
-        &self,
-        packed: &Packed,
-        past: usize,
-        cache: Option<&KvCache>,
-        base: Option<Vec<usize>>,
-    ) -> Result<Geometry> {
-        let keys = past + packed.cols;
-        let mut key_mask = vec![false; packed.rows * keys];
-        if let Some(m) = cache.and_then(|c| c.mask.as_ref()) {
-            // One cached row is every row's (a shared prefix).
-            let (cached_rows, slots) = m.dims2()?;
-            ensure!(
-                slots == past && (cached_rows == packed.rows || cached_rows == 1),
-                "the key/value cache holds {:?} rows, the batch {}",
-                m.dims(),
-                packed.rows
-            );
-            let cached = to_vec(m)?;
-            for b in 0..packed.rows {
-                let from = if cached_rows == 1 { 0 } else { b };
-                for j in 0..past {
-                    key_mask[b * keys + j] = cached[from * past + j] != 0.0;
-                }
-            }
-        }
-        for (i, &r) in packed.real.iter().enumerate() {
-            key_mask[(i / packed.cols) * keys + past + i % packed.cols] = r;
-        }
-        // A shared position appears in every row; its slot in rows other than 0 is real too.
-        let max = self.cfg.max_positions;
-        if let Some(b) = &base {
-            ensure!(
-                b.len() == packed.rows,
-                "the key/value cache gives positions for {} rows, the batch has {}",
-                b.len(),
-                packed.rows
-            );
-            ensure!(
-                packed.shared == 0,
-                "rows with their own positions cannot share a prefix"
-            );
-        }
-        let longest = base.as_ref().map_or(past, |b| b.iter().copied().max().unwrap_or(0)) + packed.cols;
-        ensure!(
-            keys <= max && longest <= max,
-            "sequence of {} positions exceeds the model's context of {max}",
-            keys.max(longest)
-        );
-        let query_key: Vec<usize> = packed.col.iter().map(|c| past + c).collect();
-        let query_pos = match &base {
-            Some(b) => packed.row.iter().zip(&packed.col).map(|(&r, c)| b[r] + c).collect(),
-            None => query_key.clone(),
-        };
-        Ok(Geometry {
-            keys,
-            shared: packed.shared,
-            rows: packed.rows,
-            key_mask,
-            query_row: packed.row.clone(),
-            query_key,
-            query_pos,
-            base,
-        })
-    }
-
-    /// Per layer, the key and value slots `[B·S, kv_dim]` with the cached positions filled in.
-    fn past_slots(&self, packed: &Packed, g: &Geometry, cache: Option<&KvCache>) -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
-        let size = packed.rows * g.keys * self.cfg.kv_dim();
-        let mut slots = Vec::with_capacity(self.layers.len());
-        for l in 0..self.layers.len() {
-            let (mut k, mut v) = (vec![0f32; size], vec![0f32; size]);
-            if let Some((pk, pv)) = cache.and_then(|c| c.layers.get(l)) {
-                fill_past_slots(pk, &mut k, packed.rows, g.keys)?;
-                fill_past_slots(pv, &mut v, packed.rows, g.keys)?;
-            }
-            slots.push((k, v));
-        }
-        Ok(slots)
-    }
-
-    fn store_cache(
-        &self,
-        cache: &mut KvCache,
-        packed: &Packed,
-        g: &Geometry,
-        kv: Vec<(Vec<f32>, Vec<f32>)>,
-        device: &Device,
-    ) -> Result<()> {
-        let shape = (packed.rows, g.keys, self.cfg.kv_heads, self.cfg.head_dim());
-        let as_cache = |slots: Vec<f32>| -> Result<Tensor> {
-            Ok(Tensor::from_vec(slots, shape, device)?.transpose(1, 2)?.contiguous()?)
-        };
-        cache.layers = kv
-            .into_iter()
-            .map(|(k, v)| Ok((as_cache(k)?, as_cache(v)?)))
-            .collect::<Result<_>>()?;
-        let mask: Vec<f32> = g.key_mask.iter().map(|&m| f32::from(u8::from(m))).collect();
-        cache.mask = Some(Tensor::from_vec(mask, (packed.rows, g.keys), device)?);
-        cache.next_pos = g.base.as_ref().map(|b| b.iter().map(|p| p + packed.cols).collect());
-        Ok(())
     }
 
     fn layer_forward(
@@ -359,7 +212,7 @@ impl FusedStack {
         keep: bool,
     ) -> (Vec<f32>, Option<LayerTape>) {
         let AttentionInputs { q, rstd1, head_norms } = self.attention_inputs(l, &x, g, kv, keep);
-        let rest = self.attention_and_mlp(l, &x, &q, &g.layout(self), kv);
+        let rest = self.attention_and_mlp(l, &x, &q, &g.layout(&self.cfg.shape), kv);
         let tape = keep.then(|| LayerTape {
             x,
             rstd1,

@@ -14,8 +14,8 @@ use anyhow::Result;
 use candle_core::Tensor;
 use softprompt_kernels::{activation, attention, norm, rope};
 
-use super::{FusedStack, Geometry, Layer};
-use crate::backbone::fused::{sum_past_slots, Packed};
+use super::{FusedStack, Layer};
+use crate::backbone::fused::{sum_past_slots, Geometry, Packed};
 use crate::backbone::profile::{span, Direction};
 
 /// What the per-head q/k norms (Qwen3) keep for the backward pass: their inputs and
@@ -119,7 +119,7 @@ impl FusedStack {
         let mut dq = vec![0f32; n * qd];
         let (mut dk, mut dv) = (vec![0f32; t.k.len()], vec![0f32; t.v.len()]);
         span("attention", B, || {
-            let lay = g.layout(self);
+            let lay = g.layout(&self.cfg.shape);
             attention::attention_backward(&lay, &t.q, &t.k, &t.v, &da, &mut dq, &mut dk, &mut dv)
         });
         let mut dk_new = vec![0f32; n * kvd];
