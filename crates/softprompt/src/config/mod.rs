@@ -20,6 +20,7 @@ mod checks;
 #[cfg(feature = "cli")]
 pub mod flags;
 mod kinds;
+mod no_effect;
 
 #[cfg(feature = "cli")]
 use flags::WholeNumber;

@@ -239,6 +239,9 @@ fn per_task(r: &EvalResult) -> String {
 /// [`OutputDir`]).
 pub fn train(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<TrainReport> {
     cfg.validate()?;
+    for w in cfg.options_without_effect() {
+        obs.message(&format!("warning: {w}"));
+    }
     let out = OutputDir::claim(cfg)?;
     let mut training = false;
     match run(cfg, out.work(), obs, &mut training) {
