@@ -14,6 +14,7 @@ mod eval_cmd;
 mod fetch_cmd;
 mod info_cmd;
 mod inspect_cmd;
+mod similar_cmd;
 mod memory;
 mod predict_cmd;
 mod progress;
@@ -65,6 +66,9 @@ enum Command {
     /// Each virtual token of a prompt-tuning or p-tuning adapter: its norm and nearest
     /// vocabulary tokens by cosine similarity (table, or JSON lines with --json).
     Inspect(inspect_cmd::InspectArgs),
+    /// How alike learned prompts are (SPoT: cosine of the average tokens, and of each token's
+    /// best match), to choose a source prompt for `train --init from`.
+    Similar(similar_cmd::SimilarArgs),
     /// Time the backbone's forward and input-gradient backward, or a recipe's training steps
     /// (--recipe), or generation (--generate); prints one run's figures.
     Bench(bench_cmd::BenchArgs),
@@ -90,6 +94,7 @@ fn main() {
         Command::Train(a) => train_cmd::train_cmd(*a),
         Command::Sweep(a) => sweep_cmd::sweep_cmd(*a),
         Command::Inspect(a) => inspect_cmd::inspect_cmd(a),
+        Command::Similar(a) => similar_cmd::similar_cmd(a),
         Command::Bench(a) => bench_cmd::bench(a),
         Command::Eval(a) => eval_cmd::eval_cmd(a),
         Command::Predict(a) => predict_cmd::predict_cmd(a),

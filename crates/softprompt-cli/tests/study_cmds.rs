@@ -114,3 +114,28 @@ fn inspect_lists_nearest_tokens_and_refuses_key_value_prefixes() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("--top 0"), "{err}");
 }
+
+#[test]
+fn similar_ranks_sources_and_refuses_prompts_of_another_model() {
+    let (code, out, err) = softprompt(&[
+        "similar",
+        "fixtures/peft/smollm2_prompt_tuning_text",
+        "fixtures/peft/smollm2_p_tuning_mlp",
+        "fixtures/adapters/sentiment-format1",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let pairs: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(pairs.len(), 3);
+    // Both text-initialised prompts start from the same sentence's tokens: alike; the p-tuning
+    // encoder's output is not.
+    let avg = |i: usize| pairs[i]["average_tokens"].as_f64().unwrap();
+    assert!(avg(1) > 0.3 && avg(0).abs() < 0.1, "{out}");
+    let (code, _, err) = softprompt(&[
+        "similar",
+        "fixtures/peft/smollm2_prompt_tuning_text",
+        "fixtures/peft/minilm_seqcls_prompt_tuning",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("different widths (576 and 384)"), "{err}");
+}

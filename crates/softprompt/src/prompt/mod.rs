@@ -18,6 +18,7 @@ pub mod init;
 pub mod method;
 pub mod multitask;
 pub mod prefix;
+pub mod similarity;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, Var};

@@ -1,0 +1,68 @@
+//! `softprompt similar ADAPTER...`: how alike learned prompts are (SPoT's two similarities), to
+//! choose the source prompt that starts a new task's (`train --init from --init-from DIR`).
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use softprompt::prompt::similarity::{prompt_similarity, PromptSimilarity};
+use std::path::PathBuf;
+
+/// Arguments of `similar`.
+#[derive(Args)]
+pub struct SimilarArgs {
+    /// Adapter folders (two or more, of the same model and kind of prompt); the first is the
+    /// target the others are ranked for.
+    #[arg(required = true, num_args = 2..)]
+    adapters: Vec<PathBuf>,
+    /// Print one JSON object per pair (JSON lines) instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `similar`: every pair's similarities, then the others ranked for the first.
+pub fn similar_cmd(args: SimilarArgs) -> Result<()> {
+    if args.adapters.len() < 2 {
+        bail!("give two or more adapter folders to compare");
+    }
+    let prompts: Vec<_> = args
+        .adapters
+        .iter()
+        .map(|dir| Ok(softprompt::adapter::load_peft(dir)?.prompt_embeddings))
+        .collect::<Result<_>>()?;
+    let name = |i: usize| args.adapters[i].display().to_string();
+    let mut pairs: Vec<(usize, usize, PromptSimilarity)> = Vec::new();
+    for i in 0..prompts.len() {
+        for j in i + 1..prompts.len() {
+            let s = prompt_similarity(&prompts[i], &prompts[j])
+                .with_context(|| format!("comparing {} with {}", name(i), name(j)))?;
+            pairs.push((i, j, s));
+        }
+    }
+    if args.json {
+        for (i, j, s) in &pairs {
+            let line = serde_json::json!({"a": name(*i), "b": name(*j), "average_tokens": s.average_tokens,
+                "best_matched_tokens": s.best_matched_tokens});
+            println!("{line}");
+        }
+        return Ok(());
+    }
+    println!("{:>8}  {:>8}  pair", "average", "matched");
+    for (i, j, s) in &pairs {
+        println!(
+            "{:>8.4}  {:>8.4}  {} ~ {}",
+            s.average_tokens,
+            s.best_matched_tokens,
+            name(*i),
+            name(*j)
+        );
+    }
+    let mut ranked: Vec<_> = pairs.iter().filter(|(i, _, _)| *i == 0).collect();
+    ranked.sort_by(|a, b| b.2.average_tokens.total_cmp(&a.2.average_tokens));
+    println!(
+        "\nsources for {}, most similar first (cosine of the average tokens):",
+        name(0)
+    );
+    for (_, j, s) in ranked {
+        println!("  {:.4}  {}", s.average_tokens, name(*j));
+    }
+    Ok(())
+}
