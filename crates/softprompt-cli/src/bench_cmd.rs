@@ -221,10 +221,12 @@ fn bench_recipe(args: &BenchArgs, path: &std::path::Path) -> Result<()> {
     let step_s = median(times.clone());
     let mean = times.iter().sum::<f64>() / times.len() as f64;
     let (prompt, prefix) = learner.prompt.eval_parts()?;
+    let update = learner.prompt.input_update()?;
     let dev = &p.tasks[0].dev;
     let rows = &dev[..args.eval_rows.min(dev.len())];
     let scorer = softprompt::infer::evaluate::Scorer::new(&p.model, p.task(), prompt.as_ref(), learner.head.as_ref())?
-        .with_prefix(prefix.as_ref());
+        .with_prefix(prefix.as_ref())
+        .with_input_update(update.as_ref());
     let s = Instant::now();
     scorer.evaluate(rows, cfg.eval_batch, false)?;
     let eval_s = s.elapsed().as_secs_f64();

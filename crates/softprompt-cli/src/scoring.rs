@@ -35,7 +35,9 @@ pub fn score(args: &ScoreArgs) -> Result<(EvalResult, DataSet)> {
             examples.truncated, opts.max_len
         );
     }
-    let scorer = Scorer::new(&model, &s.task, s.prompt.as_ref(), s.head.as_ref())?.with_prefix(s.prefix.as_ref());
+    let scorer = Scorer::new(&model, &s.task, s.prompt.as_ref(), s.head.as_ref())?
+        .with_prefix(s.prefix.as_ref())
+        .with_input_update(s.input_update.as_ref());
     let bar = rows_bar(examples.examples.len());
     let r = scorer.evaluate_with_progress(&examples.examples, opts.batch, opts.exact_match, &mut |done| {
         bar.set_position(done as u64)

@@ -19,6 +19,11 @@ pub struct Batch {
     pub soft_positions: Vec<u32>,
     /// Virtual-token index at each of `soft_positions`.
     pub soft_index: Vec<u32>,
+    /// Flat positions of the prompt's real (not virtual) tokens, the input a DePT update reads.
+    pub input_positions: Vec<u32>,
+    /// At each of `input_positions`: the token's index among its row's real prompt tokens
+    /// (the row of DePT's `A·B` added to it).
+    pub input_index: Vec<u32>,
     /// Flat positions whose output predicts a target token, and that token.
     pub loss_positions: Vec<u32>,
     /// Target token at each loss position.
@@ -45,17 +50,25 @@ pub fn make_batch(examples: &[&Example], with_targets: bool, device: &Device) ->
         mask: Tensor::zeros((1, 1), DType::U32, device)?,
         soft_positions: Vec::new(),
         soft_index: Vec::new(),
+        input_positions: Vec::new(),
+        input_index: Vec::new(),
         loss_positions: Vec::new(),
         loss_targets: Vec::new(),
         last_prompt: Vec::with_capacity(b),
         shape: (b, t),
     };
     for (r, e) in examples.iter().enumerate() {
+        let mut real = 0u32;
         for (i, tok) in e.prompt.iter().enumerate() {
             let flat = r * t + i;
             mask[flat] = 1;
             match *tok {
-                Token::Id(id) => ids[flat] = id,
+                Token::Id(id) => {
+                    ids[flat] = id;
+                    batch.input_positions.push(flat as u32);
+                    batch.input_index.push(real);
+                    real += 1;
+                }
                 Token::Soft(v) => {
                     batch.soft_positions.push(flat as u32);
                     batch.soft_index.push(v as u32);
@@ -98,6 +111,52 @@ pub fn splice_embeddings(backbone: &dyn Backbone, batch: &Batch, prompt: Option<
     let table = Tensor::cat(&[&words.reshape((n, d))?, prompt], 0)?;
     let index = Tensor::from_vec(index, n, words.device())?;
     Ok(table.index_select(&index, 0)?.reshape((b, t, d))?)
+}
+
+/// The input positions a position-wise update of `rows` rows reaches: `(flat position, row)`
+/// for each real prompt token whose index is below `rows` (later tokens get no update).
+fn update_positions(batch: &Batch, rows: usize) -> (Vec<u32>, Vec<u32>) {
+    batch
+        .input_positions
+        .iter()
+        .zip(&batch.input_index)
+        .filter(|(_, &j)| (j as usize) < rows)
+        .map(|(&p, &j)| (p, j))
+        .unzip()
+}
+
+/// DePT: `embeds [B, T, d]` plus row `j` of `update [rows, d]` at the `j`-th real prompt token
+/// of every row (virtual tokens, targets and padding unchanged).
+pub fn add_input_update(batch: &Batch, embeds: &Tensor, update: &Tensor) -> Result<Tensor> {
+    let (b, t, d) = embeds.dims3()?;
+    let rows = update.dim(0)?;
+    let n = b * t;
+    let (positions, index) = update_positions(batch, rows);
+    let mut gather = vec![0u32; n];
+    for (&p, &j) in positions.iter().zip(&index) {
+        gather[p as usize] = j + 1;
+    }
+    let zero = Tensor::zeros((1, d), update.dtype(), update.device())?;
+    let table = Tensor::cat(&[&zero, update], 0)?;
+    let gather = Tensor::from_vec(gather, n, embeds.device())?;
+    let delta = table.index_select(&gather, 0)?.reshape((b, t, d))?;
+    Ok((embeds + delta.to_dtype(embeds.dtype())?)?)
+}
+
+/// d(loss)/d(update) `[rows, d]` of [`add_input_update`] from d(loss)/d(input embeddings): the
+/// sum over the rows of the batch of each input position's gradient.
+pub fn input_update_gradient(batch: &Batch, d_embeds: &Tensor, rows: usize) -> Result<Tensor> {
+    let (b, t, d) = d_embeds.dims3()?;
+    let device = d_embeds.device();
+    let zeros = Tensor::zeros((rows, d), d_embeds.dtype(), device)?;
+    let (positions, index) = update_positions(batch, rows);
+    if positions.is_empty() {
+        return Ok(zeros);
+    }
+    let pos = Tensor::new(positions.as_slice(), device)?;
+    let grads = d_embeds.reshape((b * t, d))?.index_select(&pos, 0)?;
+    let idx = Tensor::new(index.as_slice(), device)?;
+    Ok(zeros.index_add(&idx, &grads, 0)?)
 }
 
 /// d(loss)/d(prompt) `[p, hidden]` from d(loss)/d(input embeddings): the sum over every position

@@ -41,6 +41,11 @@ pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 /// The PEFT release whose file format this module reads and writes (written as `peft_version`).
 pub const PEFT_FORMAT_VERSION: &str = "0.21.2";
+/// DePT's `A [max_len, r]` in `adapter_model.safetensors` (see [`DEPT_B`]).
+pub const DEPT_A: &str = "dept_update_a";
+/// DePT's `B [r, d]` in `adapter_model.safetensors` (softprompt's name; PEFT has no DePT): the
+/// update of the input embeddings is `A·B`, row `j` added to the `j`-th real prompt token.
+pub const DEPT_B: &str = "dept_update_b";
 /// Tensor names of a sequence-classification head as PEFT saves it (`modules_to_save`).
 pub const CLASSIFIER_WEIGHT: &str = "base_model.classifier.weight";
 /// See [`CLASSIFIER_WEIGHT`].
@@ -60,6 +65,27 @@ pub struct PeftAdapter {
 }
 
 impl PeftAdapter {
+    /// DePT's position-wise update of the input embeddings, `A·B` `[max_len, d]` (row `j` is
+    /// added to the `j`-th real prompt token); `None` when the adapter holds no DePT pair.
+    /// Both tensors or neither: one alone is refused.
+    pub fn input_update(&self) -> Result<Option<Tensor>> {
+        match (self.tensors.get(DEPT_A), self.tensors.get(DEPT_B)) {
+            (None, None) => Ok(None),
+            (Some(a), Some(b)) => Ok(Some(a.matmul(b).with_context(|| {
+                format!(
+                    "{}: DePT's `{DEPT_A}` {:?} and `{DEPT_B}` {:?} do not multiply",
+                    self.dir.display(),
+                    a.dims(),
+                    b.dims()
+                )
+            })?)),
+            _ => bail!(
+                "{}: {ADAPTER_WEIGHTS} holds only one of DePT's `{DEPT_A}` and `{DEPT_B}`",
+                self.dir.display()
+            ),
+        }
+    }
+
     /// The prompt matrix `[p, d]` to prepend to the input embeddings (prompt tuning and
     /// p-tuning); an error for prefix tuning, whose prompt enters every attention layer, and for
     /// multitask prompt tuning, whose prompt depends on the task ([`PeftAdapter::input_prompt_for`]).

@@ -29,6 +29,12 @@ pub const WHOLE_NUMBER_OPTIONS: &[(&str, u64, &str)] = &[
         "leading virtual tokens of a Cartridge kept frozen",
     ),
     ("encoder_layers", 1, "the p-tuning encoder's layers"),
+    (
+        "residual_bottleneck",
+        1,
+        "the width of residual prompt tuning's bottleneck MLP",
+    ),
+    ("dept_rank", 1, "the rank of DePT's update of the input embeddings"),
     ("init_task", 0, "the source task of init \"exact-source-task\""),
     ("num_ranks", 1, "the rank of each task's factors"),
     ("warmup", 0, "linear warm-up steps"),
@@ -136,6 +142,19 @@ impl TrainConfig {
             check_least("encoder_layers", self.encoder_layers)?;
             let p = self.encoder_dropout;
             in_range("encoder_dropout", p, (0.0..1.0).contains(&p), "in [0, 1)")?;
+        }
+        if self.method == Method::ResidualPromptTuning {
+            check_least("residual_bottleneck", self.residual_bottleneck)?;
+        }
+        if self.method == Method::Dept {
+            check_least("dept_rank", self.dept_rank)?;
+            let dlr = self.dept_lr;
+            in_range(
+                "dept_lr",
+                dlr,
+                dlr.is_finite() && dlr > 0.0,
+                "a finite number > 0 (the peak learning rate of DePT's A and B)",
+            )?;
         }
         if self.resume && self.overwrite {
             bail!(

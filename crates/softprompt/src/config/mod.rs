@@ -67,7 +67,8 @@ pub struct TrainConfig {
     /// Label → verbaliser word (Classify); default: the label itself.
     #[cfg_attr(feature = "cli", arg(skip))]
     pub verbalizer: BTreeMap<String, String>,
-    /// Prompt tuning, p-tuning, prefix tuning or Cartridge.
+    /// Prompt tuning, p-tuning, prefix tuning, Cartridge, multitask prompt tuning, residual
+    /// prompt tuning or DePT.
     #[cfg_attr(feature = "cli", arg(long))]
     pub method: Method,
     /// Virtual tokens to prepend when the template has none; for a key/value prefix
@@ -80,6 +81,18 @@ pub struct TrainConfig {
     /// P-tuning encoder hidden size (also the hidden size of prefix tuning's projection).
     #[cfg_attr(feature = "cli", arg(long, value_parser = WholeNumber::<usize>::option("encoder_hidden")))]
     pub encoder_hidden: usize,
+    /// Residual prompt tuning: the width of the shared bottleneck MLP (`W_down: d → width`,
+    /// `W_up: width → d`). Default 300: the paper's 400 for T5-base (d = 768) is about d/2, and
+    /// SmolLM2-135M's d = 576 gives about 300.
+    #[cfg_attr(feature = "cli", arg(long, value_parser = WholeNumber::<usize>::option("residual_bottleneck")))]
+    pub residual_bottleneck: usize,
+    /// DePT: the rank `r` of the position-wise update `A·B` of the input embeddings
+    /// (`A [max_len, r]`, `B [r, d]`).
+    #[cfg_attr(feature = "cli", arg(long, value_parser = WholeNumber::<usize>::option("dept_rank")))]
+    pub dept_rank: usize,
+    /// DePT: the peak learning rate of `A` and `B` (`lr` is the prompt's; same schedule).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub dept_lr: f64,
     /// Prefix tuning: pass the prefix through PEFT's projection MLP
     /// (`Linear(kv_dim, encoder_hidden) → tanh → Linear(encoder_hidden, layers·2·kv_dim)`).
     #[cfg_attr(feature = "cli", arg(long))]
@@ -221,6 +234,9 @@ impl Default for TrainConfig {
             encoder: EncoderKind::Mlp,
             encoder_hidden: 128,
             prefix_projection: false,
+            residual_bottleneck: 300,
+            dept_rank: 4,
+            dept_lr: 1e-4,
             num_frozen_tokens: 1,
             encoder_layers: 2,
             encoder_dropout: 0.0,
@@ -264,7 +280,12 @@ impl TrainConfig {
     /// The p-tuning encoder this configuration asks for (`None` for the other methods).
     pub fn encoder_spec(&self) -> Option<EncoderSpec> {
         match self.method {
-            Method::PromptTuning | Method::PrefixTuning | Method::Cartridge | Method::MultitaskPromptTuning => None,
+            Method::PromptTuning
+            | Method::PrefixTuning
+            | Method::Cartridge
+            | Method::MultitaskPromptTuning
+            | Method::ResidualPromptTuning
+            | Method::Dept => None,
             Method::PTuning => Some(EncoderSpec::new(
                 self.encoder,
                 self.encoder_hidden,
@@ -288,7 +309,11 @@ impl TrainConfig {
             Method::Cartridge => Some(PrefixSpec::Cartridge {
                 num_frozen_tokens: self.num_frozen_tokens,
             }),
-            Method::PromptTuning | Method::PTuning | Method::MultitaskPromptTuning => None,
+            Method::PromptTuning
+            | Method::PTuning
+            | Method::MultitaskPromptTuning
+            | Method::ResidualPromptTuning
+            | Method::Dept => None,
         }
     }
 

@@ -22,7 +22,7 @@ impl TrainConfig {
         let lstm = p_tuning && self.encoder == EncoderKind::Lstm;
         let has_dev = self.dev.is_some() || self.tasks.iter().any(|t| t.dev.is_some());
         let has_test = self.test.is_some() || self.tasks.iter().any(|t| t.test.is_some());
-        let checks: [(bool, &str, String); 12] = [
+        let checks: [(bool, &str, String); 15] = [
             (
                 self.encoder != d.encoder && !p_tuning,
                 "encoder",
@@ -60,6 +60,21 @@ impl TrainConfig {
                 self.num_ranks != d.num_ranks && self.method != Method::MultitaskPromptTuning,
                 "num_ranks",
                 format!("it belongs to method \"multitask-prompt-tuning\", and method is \"{method}\""),
+            ),
+            (
+                self.residual_bottleneck != d.residual_bottleneck && self.method != Method::ResidualPromptTuning,
+                "residual_bottleneck",
+                format!("it belongs to method \"residual-prompt-tuning\", and method is \"{method}\""),
+            ),
+            (
+                self.dept_rank != d.dept_rank && self.method != Method::Dept,
+                "dept_rank",
+                format!("it belongs to method \"dept\", and method is \"{method}\""),
+            ),
+            (
+                self.dept_lr != d.dept_lr && self.method != Method::Dept,
+                "dept_lr",
+                format!("it belongs to method \"dept\", and method is \"{method}\""),
             ),
             (
                 self.init_text.is_some() && self.init != InitKind::Text,
@@ -112,9 +127,15 @@ mod tests {
         let said = cfg.options_without_effect();
         assert_eq!(said.len(), 4, "{said:#?}");
         assert!(said[0].starts_with("option `encoder_hidden` (--encoder-hidden) is set but has no effect"));
-        assert!(said.iter().any(|s| s.contains("`init_text`") && s.contains("init is \"vocab\"")));
-        assert!(said.iter().any(|s| s.contains("`test_rows`") && s.contains("no test set")));
-        assert!(said.iter().any(|s| s.contains("`num_frozen_tokens`") && s.contains("\"cartridge\"")));
+        assert!(said
+            .iter()
+            .any(|s| s.contains("`init_text`") && s.contains("init is \"vocab\"")));
+        assert!(said
+            .iter()
+            .any(|s| s.contains("`test_rows`") && s.contains("no test set")));
+        assert!(said
+            .iter()
+            .any(|s| s.contains("`num_frozen_tokens`") && s.contains("\"cartridge\"")));
         let used = TrainConfig {
             method: Method::PTuning,
             encoder_hidden: 64,

@@ -83,6 +83,7 @@ pub fn evaluate_by_task(
         let examples = s.task.encode_set(&rows, &model.tokenizer)?.examples;
         let r = Scorer::new(model, &s.task, s.prompt.as_ref(), s.head.as_ref())?
             .with_prefix(s.prefix.as_ref())
+            .with_input_update(s.input_update.as_ref())
             .evaluate_with_progress(&examples, opts.batch, opts.exact_match, &mut |n| done(scored + n))?;
         scored += examples.len();
         parts.push((task, positions, r));

@@ -103,6 +103,7 @@ impl Classifier {
         let s = &self.session;
         let scorer = Scorer::new(model, &s.task, s.prompt.as_ref(), s.head.as_ref())?
             .with_prefix(s.prefix.as_ref())
+            .with_input_update(s.input_update.as_ref())
             .exhaustive();
         let scores = scorer.scores(examples, BATCH)?;
         Ok(scores

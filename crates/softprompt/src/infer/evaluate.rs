@@ -6,7 +6,7 @@ use candle_core::{DType, Tensor, D};
 
 use super::score::{argmax, score_all_candidates_after, score_candidates_after};
 use crate::backbone::{inference_logits, BackboneInput, CausalLm, Encoder, KvCache, LoadedModel, Model};
-use crate::batch::{make_batch, splice_embeddings};
+use crate::batch::{add_input_update, make_batch, splice_embeddings, Batch};
 use crate::loss::ClassifierHead;
 use crate::task::{Example, Task, TaskKind};
 use crate::tokenizer::TextTokenizer;
@@ -125,6 +125,7 @@ pub struct Scorer<'a> {
     task: &'a Task,
     prompt: Option<&'a Tensor>,
     prefix: Option<&'a KvCache>,
+    update: Option<&'a Tensor>,
     exhaustive: bool,
 }
 
@@ -161,6 +162,7 @@ impl<'a> Scorer<'a> {
             task,
             prompt,
             prefix: None,
+            update: None,
             exhaustive: false,
         })
     }
@@ -170,6 +172,22 @@ impl<'a> Scorer<'a> {
     pub fn with_prefix(mut self, prefix: Option<&'a KvCache>) -> Self {
         self.prefix = prefix;
         self
+    }
+
+    /// The same scorer with DePT's position-wise update `[rows, hidden]` added to each row's
+    /// real prompt tokens (see [`add_input_update`]; `None`: no update).
+    pub fn with_input_update(mut self, update: Option<&'a Tensor>) -> Self {
+        self.update = update;
+        self
+    }
+
+    /// The input embeddings of a batch: the prompt spliced in, DePT's update added.
+    fn embeds(&self, batch: &Batch) -> Result<Tensor> {
+        let embeds = splice_embeddings(&**self.model, batch, self.prompt)?;
+        match self.update {
+            Some(u) => add_input_update(batch, &embeds, u),
+            None => Ok(embeds),
+        }
     }
 
     /// The same scorer scoring every label in full: multi-token label words are not cut short
@@ -323,7 +341,7 @@ impl<'a> Scorer<'a> {
     /// Hidden states `[B, T, D]` of a batch of rows (after the adapter's key/value prefix, if any).
     fn hidden(&self, refs: &[&Example]) -> Result<Tensor> {
         let batch = make_batch(refs, false, self.model.device())?;
-        let embeds = splice_embeddings(&**self.model, &batch, self.prompt)?;
+        let embeds = self.embeds(&batch)?;
         let input = BackboneInput::new(&embeds, &batch.mask);
         match self.prefix {
             Some(prefix) => self.model.forward_prefixed(&input, prefix),
@@ -342,7 +360,7 @@ impl<'a> Scorer<'a> {
         shared: Option<&SharedPrefix>,
     ) -> Result<Vec<Vec<f32>>> {
         let batch = make_batch(refs, false, self.model.device())?;
-        let embeds = splice_embeddings(&**self.model, &batch, self.prompt)?;
+        let embeds = self.embeds(&batch)?;
         let (skip, prefix) = match shared {
             Some(s) => (s.len, Some(&s.cache)),
             None => (0, self.prefix),
@@ -360,7 +378,7 @@ impl<'a> Scorer<'a> {
 
     fn prompt_embeds(&self, e: &Example) -> Result<Tensor> {
         let batch = make_batch(&[e], false, self.model.device())?;
-        splice_embeddings(&**self.model, &batch, self.prompt)
+        self.embeds(&batch)
     }
 
     fn generate(

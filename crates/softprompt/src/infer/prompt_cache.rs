@@ -66,6 +66,17 @@ impl PromptCache {
     /// prepended); a task id is refused for the other adapters.
     pub fn from_adapter_task(lm: &dyn CausalLm, adapter: &PeftAdapter, task: Option<usize>) -> Result<Self> {
         crate::adapter::check_compatible(&adapter.config, lm.info())?;
+        if adapter.input_update()?.is_some() {
+            bail!(
+                "{} is a DePT adapter: its update of the input embeddings (`{}`, `{}`) is added to \
+                 each input token by position, which generation (complete, the server's \
+                 completions and chat) does not apply yet; it is used by eval, predict and \
+                 /v1/classify",
+                adapter.dir.display(),
+                crate::adapter::DEPT_A,
+                crate::adapter::DEPT_B
+            );
+        }
         match adapter.prefix_cache(lm.info())? {
             Some(_) if task.is_some() => bail!(
                 "a task id was given, but {} is a {} adapter (task ids are for MULTITASK_PROMPT_TUNING adapters)",

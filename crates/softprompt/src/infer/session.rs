@@ -27,6 +27,9 @@ pub struct Session {
     /// The one-row key/value prefix of a prefix-tuning or Cartridge adapter (give it to
     /// `Scorer::with_prefix`).
     pub prefix: Option<KvCache>,
+    /// DePT's update of the input embeddings `[max_len, hidden]` (give it to
+    /// `Scorer::with_input_update`).
+    pub input_update: Option<Tensor>,
 }
 
 /// Builds a session from an adapter directory and/or options (checked first:
@@ -42,6 +45,7 @@ pub fn open(
     let mut opts = opts.clone();
     let mut labels: Vec<String> = Vec::new();
     let mut prefix = None;
+    let mut input_update = None;
     let (prompt, head) = match adapter_dir {
         Some(dir) => {
             let a = adapter::load_peft(dir)?;
@@ -108,6 +112,10 @@ pub fn open(
                 (None, head)
             } else {
                 let prompt = a.input_prompt_for(opts.task_id)?.to_device(model.backbone.device())?;
+                input_update = a
+                    .input_update()?
+                    .map(|u| u.to_device(model.backbone.device()))
+                    .transpose()?;
                 if t.num_virtual_tokens() == 0 {
                     opts.template = Some(format!("[soft:{}]{src}", prompt.dim(0)?));
                 }
@@ -152,5 +160,6 @@ pub fn open(
         prompt,
         head,
         prefix,
+        input_update,
     })
 }

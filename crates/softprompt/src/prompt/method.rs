@@ -23,6 +23,14 @@ pub enum Method {
     /// Wang et al. 2023 (PEFT's MULTITASK_PROMPT_TUNING): a shared prompt times a rank-`num_ranks`
     /// product per task, trained on every set of `tasks` at once (one task id per set).
     MultitaskPromptTuning,
+    /// Razdaibiedina et al. 2023: the prompt through a shared bottleneck MLP with LayerNorm and
+    /// a skip connection (`residual_bottleneck` wide); saved as a prompt-tuning adapter holding
+    /// the reparameterised prompt.
+    ResidualPromptTuning,
+    /// Shi & Lipani 2024 (DePT): a shorter prompt plus a rank-`dept_rank` update `A·B`
+    /// (`A [max_len, r]`, `B [r, d]`) added to the input tokens' embeddings by position,
+    /// `A` and `B` trained with their own learning rate `dept_lr`.
+    Dept,
 }
 
 impl Method {

@@ -7,6 +7,7 @@
 //! | prompt tuning | `prompt_embeddings` `[p, d]` | the embedding itself |
 //! | p-tuning, MLP | `prompt_encoder.default.embedding.weight` `[p, d]`, `prompt_encoder.default.mlp_head.{0,2,4}.{weight,bias}` | `mlp_head(embedding)` |
 //! | p-tuning, LSTM | `prompt_encoder.default.embedding.weight`, `prompt_encoder.default.lstm_head.{weight_ih,weight_hh,bias_ih,bias_hh}_l{k}[_reverse]`, `prompt_encoder.default.mlp_head.{0,2}.{weight,bias}` | `mlp_head(lstm_head(embedding))` |
+//! | residual prompt tuning | `residual_prompt.embedding` `[p, d]`, `residual_prompt.{down,up,layer_norm}.{weight,bias}` (softprompt's names; PEFT has no such method) | `embedding + LN(up(relu(down(embedding))))`, saved as a prompt-tuning `prompt_embeddings` |
 //! | multitask prompt tuning | `prompt_embeddings` `[p, d]`, `prefix_task_cols` `[T, p, r]`, `prefix_task_rows` `[T, r, d]` | every task's `embedding ⊙ (cols[t]·rows[t])`, stacked `[T·p, d]` |
 //!
 //! [`SoftPrompt::forward`] builds `P` as a candle graph over the parameters' [`Var`]s, so the
@@ -18,6 +19,7 @@ pub mod init;
 pub mod method;
 pub mod multitask;
 pub mod prefix;
+pub mod residual;
 pub mod similarity;
 
 use anyhow::{bail, Context, Result};
@@ -33,6 +35,7 @@ pub use init::{
 pub use method::Method;
 pub use multitask::{SourceInit, TaskFactors, PREFIX_TASK_COLS, PREFIX_TASK_ROWS};
 pub use prefix::{KvPrefix, PrefixShape, PrefixSpec};
+pub use residual::{ResidualMlp, RESIDUAL_EMBEDDING};
 
 /// PEFT's name of the prompt-tuning embedding (and of the saved prompt of every method).
 pub const PROMPT_EMBEDDINGS: &str = "prompt_embeddings";
@@ -48,6 +51,7 @@ pub struct SoftPrompt {
     embedding: Var,
     encoder: Option<PromptEncoder>,
     tasks: Option<TaskFactors>,
+    residual: Option<ResidualMlp>,
 }
 
 impl SoftPrompt {
@@ -60,6 +64,7 @@ impl SoftPrompt {
             embedding: Var::from_tensor(&init.contiguous()?)?,
             encoder: None,
             tasks: None,
+            residual: None,
         })
     }
 
@@ -73,6 +78,7 @@ impl SoftPrompt {
             embedding: Var::from_tensor(&init.contiguous()?)?,
             encoder: None,
             tasks: Some(factors),
+            residual: None,
         };
         prompt
             .forward()
@@ -91,7 +97,29 @@ impl SoftPrompt {
             embedding: Var::from_tensor(&init.contiguous()?)?,
             encoder: Some(encoder),
             tasks: None,
+            residual: None,
         })
+    }
+
+    /// Residual prompt tuning: the raw prompt starts at `init [p, d]` and passes through a new
+    /// shared bottleneck MLP of width `bottleneck` with LayerNorm and a skip connection
+    /// (see [`residual`]; torch's default initialisation drawn from `rng`).
+    pub fn residual(init: &Tensor, bottleneck: usize, rng: &mut StdRng) -> Result<Self> {
+        let (p, d) = dims_of(init)?;
+        let mlp = ResidualMlp::new(d, bottleneck, init.dtype(), init.device(), rng)?;
+        Ok(Self {
+            num_virtual_tokens: p,
+            token_dim: d,
+            embedding: Var::from_tensor(&init.contiguous()?)?,
+            encoder: None,
+            tasks: None,
+            residual: Some(mlp),
+        })
+    }
+
+    /// The residual reparameterisation, if any.
+    pub fn residual_mlp(&self) -> Option<&ResidualMlp> {
+        self.residual.as_ref()
     }
 
     /// Prompt tuning without an encoder, p-tuning with one.
@@ -146,10 +174,11 @@ impl SoftPrompt {
     /// `[p, d]`, or for a multitask prompt every task's prompt stacked, `[tasks·p, d]`.
     pub fn forward(&self) -> Result<Tensor> {
         let e = self.embedding.as_tensor();
-        match (&self.encoder, &self.tasks) {
-            (Some(enc), _) => enc.forward(e),
-            (None, Some(tasks)) => tasks.apply(e),
-            (None, None) => Ok(e.clone()),
+        match (&self.encoder, &self.tasks, &self.residual) {
+            (Some(enc), _, _) => enc.forward(e),
+            (None, Some(tasks), _) => tasks.apply(e),
+            (None, None, Some(mlp)) => mlp.forward(e),
+            (None, None, None) => Ok(e.clone()),
         }
     }
 
@@ -177,8 +206,8 @@ impl SoftPrompt {
     }
 
     /// What PEFT saves: `prompt_embeddings` (the prompt `[p, d]`; for p-tuning the encoder's
-    /// output, for a multitask prompt the shared prompt) and the other tensors of the file
-    /// (a multitask prompt's factors), detached copies.
+    /// output, for residual prompt tuning `P'`, for a multitask prompt the shared prompt) and
+    /// the other tensors of the file (a multitask prompt's factors), detached copies.
     pub fn peft_tensors(&self) -> Result<(Tensor, Vec<(String, Tensor)>)> {
         match &self.tasks {
             None => Ok((self.forward()?.detach(), Vec::new())),
@@ -203,8 +232,13 @@ impl SoftPrompt {
                 out
             }
             (None, tasks) => {
-                let mut out = vec![(PROMPT_EMBEDDINGS.to_string(), self.embedding.clone())];
+                let name = match &self.residual {
+                    Some(_) => RESIDUAL_EMBEDDING,
+                    None => PROMPT_EMBEDDINGS,
+                };
+                let mut out = vec![(name.to_string(), self.embedding.clone())];
                 out.extend(tasks.iter().flat_map(TaskFactors::vars));
+                out.extend(self.residual.iter().flat_map(ResidualMlp::vars));
                 out
             }
         }

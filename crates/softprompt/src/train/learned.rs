@@ -47,6 +47,18 @@ pub trait LearnedPrompt: std::fmt::Debug + Send + Sync {
     /// What evaluation needs: the input prompt `[p, hidden]` or the prefix as a one-row cache.
     fn eval_parts(&self) -> Result<(Option<Tensor>, Option<KvCache>)>;
 
+    /// DePT's position-wise update of the input embeddings `[rows, hidden]` (see
+    /// [`crate::batch::add_input_update`]); `None` for the other kinds.
+    fn input_update(&self) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    /// The factor on the learning rate of parameter `name` (DePT's `A` and `B` train at
+    /// `dept_lr`, so theirs is `dept_lr / lr`); 1 for the others.
+    fn lr_scale(&self, _name: &str, _cfg: &crate::config::TrainConfig) -> f64 {
+        1.0
+    }
+
     /// The PEFT `adapter_config.json` of this learned part (`init`: how it started).
     fn peft_config(&self, p: &Prepared, init: &PromptInit, task_type: TaskType) -> Result<PeftConfig>;
 

@@ -7,6 +7,7 @@ use rand::SeedableRng;
 use std::path::Path;
 
 use super::checkpoint::{self, Checkpoint, Progress};
+use super::dept::DeptPrompt;
 pub use super::learned::{Learned, LearnedPrompt};
 use super::optim::{AdamW, AdamWConfig};
 use super::{multitask, Prepared, TaskSplit};
@@ -138,10 +139,18 @@ pub fn new_learner(p: &Prepared) -> Result<Learner> {
                 &mut rng,
             )?
             .to_device(device)?;
-            Box::new(match cfg.method {
-                Method::MultitaskPromptTuning => multitask::new_prompt(p, &start, &mut rng)?,
-                _ => SoftPrompt::new(&start, cfg.encoder_spec().as_ref(), &mut rng)?,
-            })
+            let mut prompt: Learned = match cfg.method {
+                Method::MultitaskPromptTuning => Box::new(multitask::new_prompt(p, &start, &mut rng)?),
+                Method::ResidualPromptTuning => {
+                    Box::new(SoftPrompt::residual(&start, cfg.residual_bottleneck, &mut rng)?)
+                }
+                Method::Dept => Box::new(DeptPrompt::new(&start, cfg.max_len, cfg.dept_rank, &mut rng)?),
+                _ => Box::new(SoftPrompt::new(&start, cfg.encoder_spec().as_ref(), &mut rng)?),
+            };
+            if cfg.init == InitKind::From {
+                continue_from_raw(cfg, &mut prompt)?;
+            }
+            prompt
         }
     };
     let head = if cfg.task == TaskKind::SeqCls {
@@ -167,6 +176,31 @@ pub fn new_learner(p: &Prepared) -> Result<Learner> {
         optimizer,
         init,
     })
+}
+
+/// With `init = "from"`: when `init_from` keeps the raw parameters of this run's kind
+/// (`softprompt_prompt.safetensors` of a residual prompt or a DePT run, every name this prompt
+/// has), training continues from them rather than from the saved prompt alone (a residual
+/// prompt's `P'` would otherwise become its raw `P` under a new MLP; DePT's `A·B` would be
+/// lost). Other adapters start the prompt from their `prompt_embeddings`, as before.
+fn continue_from_raw(cfg: &TrainConfig, prompt: &mut Learned) -> Result<()> {
+    if !matches!(cfg.method, Method::ResidualPromptTuning | Method::Dept) {
+        return Ok(());
+    }
+    let Some(dir) = cfg.init_from.as_deref() else {
+        return Ok(());
+    };
+    let file = dir.join(run_files::PROMPT_FILE);
+    if !file.is_file() {
+        return Ok(());
+    }
+    let saved: std::collections::HashMap<String, Tensor> = crate::io::read_safetensors(&file)?.into_iter().collect();
+    if prompt.vars().iter().all(|(name, _)| saved.contains_key(name)) {
+        prompt
+            .set_from(&saved)
+            .with_context(|| format!("option `init_from`: {}", file.display()))?;
+    }
+    Ok(())
 }
 
 /// Writes the learner as a PEFT adapter into `dir`, with softprompt's own files beside it.

@@ -13,6 +13,7 @@
 //! where an uninterrupted one would be.
 
 pub mod checkpoint;
+pub mod dept;
 pub mod learned;
 pub mod learner;
 pub mod multitask;
@@ -85,6 +86,14 @@ pub struct TrainReport {
     pub adapter_dir: PathBuf,
 }
 
+/// What enters the model besides the input prompt: a key/value prefix (prefix tuning,
+/// Cartridges) or DePT's update of the input embeddings.
+#[derive(Default, Clone, Copy)]
+struct Entry<'a> {
+    prefix: Option<&'a KvCache>,
+    update: Option<&'a Tensor>,
+}
+
 /// Scores every task's `rows` (one list per task id), each task with its own labels and its rows of `prompt`
 /// (`[p, d]`, or a multitask prompt's stacked `[tasks·p, d]`); several tasks are joined by
 /// [`EvalResult::by_task`]. `task_of` may replace a task's definition (the baseline template).
@@ -93,7 +102,7 @@ fn evaluate_split(
     p: &Prepared,
     prompt: Option<&Tensor>,
     head: Option<&ClassifierHead>,
-    prefix: Option<&KvCache>,
+    entry: Entry<'_>,
     rows: &[&[Example]],
     exact_match: bool,
     task_of: &dyn Fn(&TaskSplit) -> Result<Option<Task>>,
@@ -114,7 +123,8 @@ fn evaluate_split(
             other => other.cloned(),
         };
         let r = Scorer::new(&p.model, task, task_prompt.as_ref(), head)?
-            .with_prefix(prefix)
+            .with_prefix(entry.prefix)
+            .with_input_update(entry.update)
             .evaluate(rows, p.cfg.eval_batch, exact_match)?;
         parts.push((id, (position..position + rows.len()).collect(), r));
         position += rows.len();
@@ -149,7 +159,7 @@ pub fn evaluate_baseline(p: &Prepared, template: &str) -> Result<Option<EvalResu
         test.push(rows);
     }
     let rows: Vec<&[Example]> = test.iter().map(Vec::as_slice).collect();
-    evaluate_split(p, None, None, None, &rows, p.cfg.exact_match, &baseline)
+    evaluate_split(p, None, None, Entry::default(), &rows, p.cfg.exact_match, &baseline)
 }
 
 /// Scores the learner on the dev set(s) and updates the best-so-far bookkeeping of `progress`.
@@ -158,11 +168,16 @@ pub fn evaluate_baseline(p: &Prepared, template: &str) -> Result<Option<EvalResu
 pub fn evaluate_dev(p: &Prepared, learner: &Learner, progress: &mut Progress) -> Result<(bool, Option<EvalResult>)> {
     let step = progress.step;
     let (prompt, prefix) = learner.prompt.eval_parts()?;
+    let update = learner.prompt.input_update()?;
+    let entry = Entry {
+        prefix: prefix.as_ref(),
+        update: update.as_ref(),
+    };
     let Some(r) = evaluate_split(
         p,
         prompt.as_ref(),
         learner.head.as_ref(),
-        prefix.as_ref(),
+        entry,
         &p.tasks.iter().map(|t| t.dev.as_slice()).collect::<Vec<_>>(),
         false,
         &|_| Ok(None),
@@ -207,11 +222,16 @@ pub fn evaluate_test(p: &Prepared) -> Result<Option<EvalResult>> {
         (None, false) => Some(best.input_prompt()?.to_device(device)?),
     };
     let head = ClassifierHead::from_adapter(&best)?;
+    let update = best.input_update()?.map(|u| u.to_device(device)).transpose()?;
+    let entry = Entry {
+        prefix: prefix.as_ref(),
+        update: update.as_ref(),
+    };
     evaluate_split(
         p,
         prompt.as_ref(),
         head.as_ref(),
-        prefix.as_ref(),
+        entry,
         &p.tasks.iter().map(|t| t.test.as_slice()).collect::<Vec<_>>(),
         p.cfg.exact_match,
         &|_| Ok(None),

@@ -40,6 +40,18 @@ impl AdamW {
 
     /// One update of every parameter that has a gradient in `grads`.
     pub fn update(&mut self, params: &[(String, Var)], grads: &BTreeMap<String, Tensor>, lr: f64) -> Result<()> {
+        self.update_scaled(params, grads, lr, &|_| 1.0)
+    }
+
+    /// [`AdamW::update`] with each parameter's learning rate `lr · scale(name)` (DePT's `A` and
+    /// `B` train at their own rate; the weight decay is scaled alike, as torch's per-group `lr`).
+    pub fn update_scaled(
+        &mut self,
+        params: &[(String, Var)],
+        grads: &BTreeMap<String, Tensor>,
+        base_lr: f64,
+        scale: &dyn Fn(&str) -> f64,
+    ) -> Result<()> {
         self.step += 1;
         let t = self.step as i32;
         let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
@@ -47,6 +59,7 @@ impl AdamW {
         let bc2 = 1.0 - b2.powi(t);
         for (name, var) in params {
             let Some(g) = grads.get(name) else { continue };
+            let lr = base_lr * scale(name);
             let (m, v) = match self.moments.get(name) {
                 Some((m, v)) => (m.clone(), v.clone()),
                 None => (g.zeros_like()?, g.zeros_like()?),

@@ -80,6 +80,17 @@ fn check_resume_options(cfg: &TrainConfig, state_json: &Path) -> Result<()> {
         pairs.push(("encoder_hidden", json(&saved.encoder_hidden), json(&cfg.encoder_hidden)));
         pairs.push(("encoder_layers", json(&saved.encoder_layers), json(&cfg.encoder_layers)));
     }
+    if cfg.method == crate::config::Method::ResidualPromptTuning {
+        pairs.push((
+            "residual_bottleneck",
+            json(&saved.residual_bottleneck),
+            json(&cfg.residual_bottleneck),
+        ));
+    }
+    if cfg.method == crate::config::Method::Dept {
+        pairs.push(("dept_rank", json(&saved.dept_rank), json(&cfg.dept_rank)));
+        pairs.push(("max_len", json(&saved.max_len), json(&cfg.max_len)));
+    }
     for (name, then, now) in pairs {
         if then != now {
             bail!(

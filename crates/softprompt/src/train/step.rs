@@ -200,7 +200,8 @@ pub fn step(
     }
     let lr = learning_rate(cfg.lr, cfg.schedule, step, cfg.warmup, total);
     span("optimiser", Direction::Backward, || {
-        learner.optimizer.update(&learner.params(), &grads, lr)
+        let scale = |name: &str| learner.prompt.lr_scale(name, cfg);
+        learner.optimizer.update_scaled(&learner.params(), &grads, lr, &scale)
     })?;
     let largest = largest_magnitude(&learner.params())?;
     if !largest.is_finite() {
