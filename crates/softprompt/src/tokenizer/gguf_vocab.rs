@@ -36,6 +36,8 @@ const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p
 /// The `tokenizer.ggml.*` metadata of a GGUF file, read into plain values.
 #[derive(Debug, Clone, Default)]
 pub(super) struct GgufVocab {
+    /// `general.architecture`, if present (Gemma files need their own builder).
+    arch: Option<String>,
     /// `tokenizer.ggml.model`.
     model: String,
     /// `tokenizer.ggml.pre`, if present.
@@ -148,7 +150,12 @@ impl GgufVocab {
                 Ok(None)
             }
         };
+        let arch = match gguf.metadata.get("general.architecture") {
+            None => None,
+            Some(_) => Some(gguf.get_str("general.architecture")?.to_string()),
+        };
         Ok(Self {
+            arch,
             model,
             pre,
             tokens,
@@ -200,6 +207,7 @@ impl GgufVocab {
     pub(super) fn build(&self, file: &str) -> Result<TextTokenizer> {
         match self.model.as_str() {
             "gpt2" => self.build_byte_level(file),
+            "llama" if gemma::is_gemma(self.arch.as_deref()) => self.build_gemma(file),
             "llama" => self.build_sentencepiece(file),
             other => bail!(
                 "{file}: tokenizer model `{other}` (metadata `tokenizer.ggml.model`) is not supported; softprompt supports `gpt2` (byte-level BPE) and `llama` (SentencePiece BPE)"
@@ -421,5 +429,6 @@ fn spm_merges_from_scores(tokens: &[String], scores: &[f64]) -> Vec<(String, Str
         .collect()
 }
 
+mod gemma;
 #[cfg(test)]
 mod tests;
