@@ -106,8 +106,8 @@ pub struct TrainConfig {
     /// LSTM dropout between layers (p-tuning with the `lstm` encoder).
     #[cfg_attr(feature = "cli", arg(long))]
     pub encoder_dropout: f64,
-    /// Initialisation. Default: `vocab` for an input prompt (prompt tuning, p-tuning, multitask),
-    /// `random-normal` for a key/value prefix (prefix-tuning, cartridge), as in PEFT.
+    /// Initialisation. Default: `vocab` for an input prompt, `random-normal` for a key/value
+    /// prefix (prefix-tuning, cartridge), as in PEFT.
     #[cfg_attr(feature = "cli", arg(long))]
     pub init: InitKind,
     /// Text for `init = "text"` (for a key/value prefix: the keys and values of its first
