@@ -34,6 +34,9 @@ pub fn info(args: InfoArgs) -> Result<()> {
         model.tokenizer.vocab_size()
     );
     println!("max positions:  {}", i.max_positions);
+    for (n, f) in i.features.iter().enumerate() {
+        println!("{}{f}", if n == 0 { "features:       " } else { "                " });
+    }
     println!("parameters:     {} ({:.1} M)", i.params, i.params as f64 / 1e6);
     let dtypes: Vec<String> = i.dtypes_on_disk.iter().map(|(k, v)| format!("{k}×{v}")).collect();
     println!("dtypes on disk: {}", dtypes.join(", "));

@@ -139,3 +139,20 @@ fn similar_ranks_sources_and_refuses_prompts_of_another_model() {
     assert_eq!(code, 1);
     assert!(err.contains("different widths (576 and 384)"), "{err}");
 }
+
+#[test]
+fn info_names_the_features_that_apply() {
+    let (code, out, err) = softprompt(&["info", "fixtures/transformers/qwen3"]);
+    assert_eq!(code, 0, "{err}");
+    for feature in [
+        "architecture:   Llama (qwen3)",
+        "head_dim 32 (queries 128 wide, hidden 64)",
+        "per-head RMSNorm on queries and keys",
+        "untied head",
+    ] {
+        assert!(out.contains(feature), "{feature} missing from:\n{out}");
+    }
+    let (code, out, err) = softprompt(&["info", "fixtures/transformers/llama_rope_llama3"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("rotary scaling llama3 (factor"), "{out}");
+}

@@ -195,6 +195,7 @@ mod tests {
                 },
                 qk_norm: false,
                 params: 0,
+                features: Vec::new(),
                 dtypes_on_disk: Default::default(),
             },
             head: Tensor::new(&[[1f32, 0.0], [0.0, 1.0]], &Device::Cpu).unwrap(),

@@ -53,6 +53,11 @@ impl BertConfig {
     /// The [`ModelInfo`] of an encoder of this shape.
     fn model_info(&self, params: usize, weights: &dyn WeightSource) -> ModelInfo {
         ModelInfo {
+            features: vec![
+                "bidirectional encoder".into(),
+                "learned absolute and token-type positions".into(),
+                "post-LayerNorm, GELU MLP, q/k/v/o biases".into(),
+            ],
             arch: Arch::Bert,
             model_type: "bert".into(),
             source: weights.location().to_path_buf(),

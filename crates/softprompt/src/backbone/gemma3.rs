@@ -393,8 +393,56 @@ fn rope_tables(cfg: &Gemma3Config, rope: &Rotary, dtype: DType, device: &Device)
 }
 
 /// The [`ModelInfo`] of a model of this shape.
-fn model_info(cfg: &Gemma3Config, model_type: String, params: usize, weights: &dyn WeightSource) -> ModelInfo {
+fn model_info(
+    cfg: &Gemma3Config,
+    model_type: String,
+    tied: bool,
+    params: usize,
+    weights: &dyn WeightSource,
+) -> ModelInfo {
+    let sliding = cfg
+        .layer_kinds
+        .iter()
+        .filter(|k| matches!(k, AttentionKind::Sliding))
+        .count();
+    let mut features = vec![
+        format!(
+            "sliding window {} on {sliding} of {} layers (rotary base {}), global layers rotary base {}",
+            cfg.sliding_window,
+            cfg.layer_kinds.len(),
+            cfg.local_rope.theta,
+            cfg.global_rope.theta
+        ),
+        format!(
+            "head_dim {} (queries {} wide, hidden {})",
+            cfg.head_dim,
+            cfg.q_dim(),
+            cfg.hidden
+        ),
+        "embeddings scaled by √hidden".into(),
+        "(1 + w) RMSNorms before and after attention and MLP; per-head RMSNorm on queries and keys".into(),
+        "GELU-tanh gated MLP".into(),
+        format!(
+            "attention scale query_pre_attn_scalar^-1/2 = {:.4}",
+            cfg.query_pre_attn_scalar.powf(-0.5)
+        ),
+    ];
+    features.extend(
+        cfg.global_rope
+            .scaling
+            .describe()
+            .map(|d| format!("global layers: {d}")),
+    );
+    features.push(
+        if tied {
+            "tied head (the embedding table)"
+        } else {
+            "untied head"
+        }
+        .into(),
+    );
     ModelInfo {
+        features,
         arch: Arch::Gemma3,
         model_type,
         source: weights.location().to_path_buf(),

@@ -33,7 +33,7 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 
-use super::frozen_weight::Linear;
+use super::frozen_weight::{rounding_scope, FrozenWeight, Linear, Rounding, QUANT_ROWS};
 use super::weights::WeightSource;
 use super::{pick_positions, Arch, Backbone, BackboneInput, CausalLm, KernelPath, KvCache, ModelInfo, Shape, Tape};
 
@@ -81,8 +81,48 @@ impl LlamaConfig {
     }
 
     /// The [`ModelInfo`] of a model of this shape.
-    fn model_info(&self, model_type: String, qk_norm: bool, params: usize, weights: &dyn WeightSource) -> ModelInfo {
+    /// The [`ModelInfo`] of a model of this configuration; `qk_norm`, `tied` (head = embedding
+    /// table) and `biases` (q/k/v) as its weights have them.
+    fn model_info(
+        &self,
+        model_type: String,
+        layout: (bool, bool, bool),
+        params: usize,
+        weights: &dyn WeightSource,
+    ) -> ModelInfo {
+        let (qk_norm, tied, biases) = layout;
+        let mut features = vec![format!("rotary base {}", self.rope_theta)];
+        features.extend(self.rope_scaling.describe());
+        if self.head_dim != self.hidden / self.heads.max(1) {
+            features.push(format!(
+                "head_dim {} (queries {} wide, hidden {})",
+                self.head_dim,
+                self.q_dim(),
+                self.hidden
+            ));
+        }
+        if self.kv_heads < self.heads {
+            features.push(format!(
+                "grouped-query attention ({} query heads per key/value head)",
+                self.heads / self.kv_heads.max(1)
+            ));
+        }
+        if qk_norm {
+            features.push("per-head RMSNorm on queries and keys".into());
+        }
+        if biases {
+            features.push("q/k/v biases".into());
+        }
+        features.push(
+            if tied {
+                "tied head (the embedding table)"
+            } else {
+                "untied head"
+            }
+            .into(),
+        );
         ModelInfo {
+            features,
             arch: Arch::Llama,
             model_type,
             source: weights.location().to_path_buf(),
@@ -200,6 +240,8 @@ pub struct Llama<S> {
     info: ModelInfo,
     embed: Tensor,
     lm_head: Tensor,
+    /// The head as Q8_0 for decode's logits, when the fused layers are held in quantized blocks.
+    quant_head: Option<FrozenWeight>,
     stack: S,
 }
 
@@ -211,7 +253,11 @@ pub type FusedLlama = Llama<FusedStack>;
 impl<S: Stack> Llama<S> {
     /// The model on stack `S`, built from (and consuming) the loaded weights.
     pub fn new(w: LlamaWeights) -> Result<Self> {
+        let quantized = S::PATH == KernelPath::Fused && w.layers.iter().all(|l| l.w_qkv.quantized());
         Ok(Self {
+            quant_head: quantized
+                .then(|| FrozenWeight::quantized_head(&w.lm_head))
+                .transpose()?,
             stack: S::new(w.cfg, w.layers, w.norm)?,
             info: w.info,
             embed: w.embed,
@@ -231,10 +277,10 @@ impl<S: Stack> Llama<S> {
     }
 
     /// The forward pass after the positions in `cache` (extended in place), with the tape when
-    /// `keep`.
+    /// `keep`; without, as inference ([`Rounding`]).
     fn run(&self, input: &BackboneInput, cache: Option<&mut KvCache>, keep: bool) -> Result<(Tensor, Option<Tape>)> {
         self.check_width(input)?;
-        self.stack.forward(input, cache, keep)
+        rounding_scope(Rounding::for_tape(keep), || self.stack.forward(input, cache, keep))
     }
 
     /// The training forward, after a key/value prefix (one row) when given.
@@ -296,10 +342,13 @@ impl<S: Stack> CausalLm for Llama<S> {
     }
     fn hidden_at(&self, input: &BackboneInput, prefix: Option<&KvCache>, at: &[(usize, usize)]) -> Result<Tensor> {
         self.check_width(input)?;
-        self.stack.hidden_at(input, prefix, at)
+        rounding_scope(Rounding::Inference, || self.stack.hidden_at(input, prefix, at))
     }
     fn inference_logits(&self, rows: &Tensor) -> Result<Tensor> {
-        self.stack.head_logits(&self.lm_head, rows)
+        match &self.quant_head {
+            Some(head) if rows.dim(0)? <= QUANT_ROWS => head.logits(rows),
+            _ => self.stack.head_logits(&self.lm_head, rows),
+        }
     }
 }
 

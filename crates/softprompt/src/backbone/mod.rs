@@ -70,6 +70,9 @@ pub struct ModelInfo {
     pub qk_norm: bool,
     /// Total parameter count.
     pub params: usize,
+    /// What of the architecture applies to this model, in words (rotary scaling, sliding
+    /// windows, q/k norms, a tied head, biases, ...), for `softprompt info`.
+    pub features: Vec<String>,
     /// Number of tensors per storage type on disk (e.g. `Q4_1 → 210`).
     pub dtypes_on_disk: BTreeMap<String, usize>,
 }

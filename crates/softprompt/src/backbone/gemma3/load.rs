@@ -327,7 +327,7 @@ impl Gemma3Weights {
         let per_layer = 4 * d + qd * d + 2 * kvd * d + d * qd + 2 * hd + 3 * d * i;
         let params = cfg.vocab * d * if tied { 1 } else { 2 } + d + cfg.layers * per_layer;
         Ok(Self {
-            info: model_info(&cfg, model_type, params, w),
+            info: model_info(&cfg, model_type, tied, params, w),
             cfg,
             embed,
             layers,

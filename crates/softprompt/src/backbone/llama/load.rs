@@ -428,7 +428,12 @@ impl LlamaWeights {
         let per_layer = 2 * d + qd * d + 2 * kvd * d + d * qd + 3 * d * i;
         let params = cfg.vocab * d * if tied { 1 } else { 2 } + d + cfg.layers * per_layer + extra;
         Ok(Self {
-            info: cfg.model_info(model_type, qk_norm, params, w),
+            info: cfg.model_info(
+                model_type,
+                (qk_norm, tied, layers.iter().any(|l| l.b_qkv.is_some())),
+                params,
+                w,
+            ),
             cfg,
             embed,
             layers,

@@ -43,6 +43,27 @@ pub enum RopeScaling {
 }
 
 impl RopeScaling {
+    /// In words, for `softprompt info` (`None` for the plain frequencies).
+    pub fn describe(&self) -> Option<String> {
+        match self {
+            RopeScaling::None => None,
+            RopeScaling::Linear { factor } => Some(format!("rotary scaling linear (factor {factor})")),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_positions,
+            } => Some(format!(
+                "rotary scaling llama3 (factor {factor}, low_freq_factor {low_freq_factor}, \
+                 high_freq_factor {high_freq_factor}, original context {original_max_positions})"
+            )),
+            RopeScaling::Divisors(d) => Some(format!(
+                "rotary scaling by the file's {} per-frequency divisors",
+                d.len()
+            )),
+        }
+    }
+
     /// The scaling a Hugging Face `config.json` declares: its `rope_scaling` object (or
     /// transformers 5's `rope_parameters`), with the type under `rope_type` or `type`. `path`
     /// names the file in errors.
