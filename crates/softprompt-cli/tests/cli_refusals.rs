@@ -269,10 +269,12 @@ fn init_from_an_adapter_that_does_not_fit_names_the_option_and_the_folder() {
         "{err}"
     );
     // A MiniLM adapter (hidden size 384) for SmolLM2 (576).
-    let (code, err) = train(&fixture("minilm_seqcls_prompt_tuning"), &["--num-virtual-tokens", "6"]);
+    let minilm = fixture("minilm_seqcls_prompt_tuning");
+    let (code, err) = train(&minilm, &["--num-virtual-tokens", "6"]);
     assert_eq!(code, 1, "{err}");
     assert!(
-        err.contains("option `init_from` (--init-from)") && err.contains("its width 384 is another model's"),
+        err.contains(&format!("option `init_from` (--init-from) is {minilm}"))
+            && err.contains("its width 384 is another model's"),
         "{err}"
     );
     assert!(!out.exists(), "a refused run left {}", out.display());

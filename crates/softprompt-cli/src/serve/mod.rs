@@ -56,10 +56,10 @@ pub struct ServeArgs {
     #[arg(long)]
     api_key: Option<String>,
     /// Largest `max_tokens` a request may ask for.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = crate::args::whole("--max-tokens-limit", 1, "the largest max_tokens a request may ask for"))]
     max_tokens_limit: usize,
     /// Most requests queued or generating at once; more are answered 503 with Retry-After.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = crate::args::whole("--max-queue", 1, "requests queued or generating at once"))]
     max_queue: usize,
 }
 

@@ -127,8 +127,15 @@ pub fn new_learner(p: &Prepared) -> Result<Learner> {
     let device = bb.device();
     let init = prompt_init(cfg, &p.tasks)?;
     let d = bb.info().hidden;
+    // A start that does not fit this model is named by the folder it came from.
+    let name_the_folder = |e: anyhow::Error| match (cfg.init, &cfg.init_from) {
+        (InitKind::From, Some(dir)) => {
+            e.context(format!("{} is {}", crate::config::option("init_from"), dir.display()))
+        }
+        _ => e,
+    };
     let prompt: Learned = match cfg.prefix_spec() {
-        Some(spec) => Box::new(super::prefix::new_prefix(p, spec, &init, &mut rng)?),
+        Some(spec) => Box::new(super::prefix::new_prefix(p, spec, &init, &mut rng).map_err(name_the_folder)?),
         None => {
             let n = p.task().template.num_virtual_tokens();
             let start = initial_prompt(
@@ -137,7 +144,8 @@ pub fn new_learner(p: &Prepared) -> Result<Learner> {
                 d,
                 InitSource::model(bb.embedding_table(), &p.model.tokenizer),
                 &mut rng,
-            )?
+            )
+            .map_err(name_the_folder)?
             .to_device(device)?;
             let mut prompt: Learned = match cfg.method {
                 Method::MultitaskPromptTuning => Box::new(multitask::new_prompt(p, &start, &mut rng)?),
