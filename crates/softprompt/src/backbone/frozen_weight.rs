@@ -1,7 +1,15 @@
 //! A frozen linear weight `[out, in]` for the fused kernels: f32 packed into panels at load
 //! (the fastest products), or the rows as the model file stores them (GGUF quantized blocks,
-//! f16, bf16), converted to f32 tile by tile inside each product. Only the two products a frozen layer needs exist: the forward
-//! `x · Wᵀ` and the input gradient `dy · W`.
+//! f16, bf16), converted to f32 tile by tile inside each product. Only the two products a
+//! frozen layer needs exist: the forward `x · Wᵀ` and the input gradient `dy · W`.
+//!
+//! Inference on quantized blocks (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K) over at most
+//! [`QUANT_ROWS`] positions at a time (a decode step, a short prompt) multiplies them as
+//! llama.cpp does instead: the activations quantized to 8 bits per block, integer dot products
+//! (`softprompt_kernels::quant`), reading 4.5–8.5 bits per weight once per step. A forward runs
+//! as inference inside [`rounding_scope`]`(`[`Rounding::Inference`]`, …)` (the model's code
+//! opens it for every forward that keeps no tape); training's forward and every input gradient
+//! read the weights' exact values.
 
 use anyhow::{bail, Result};
 use candle_core::quantized::k_quants::{
@@ -13,6 +21,70 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use softprompt_kernels::matmul;
 use softprompt_kernels::packed::PackedWeight;
+use softprompt_kernels::quant::{self, QuantRows, QuantType};
+use std::cell::Cell;
+
+/// Inference products over at most this many rows (positions) use the quantized kernels;
+/// longer ones (prompt processing) convert the blocks to f32 tiles for the blocked product.
+pub const QUANT_ROWS: usize = 16;
+
+/// How a forward product on stored weights may round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rounding {
+    /// The product of the weights' own values (training: its tape feeds the exact backward).
+    Exact,
+    /// Inference: quantized weights multiply 8-bit activations in integers over at most
+    /// [`QUANT_ROWS`] rows, as llama.cpp does.
+    Inference,
+}
+
+impl Rounding {
+    /// [`Rounding::Exact`] for a forward that keeps its tape, else [`Rounding::Inference`].
+    pub fn for_tape(keep: bool) -> Rounding {
+        if keep {
+            Rounding::Exact
+        } else {
+            Rounding::Inference
+        }
+    }
+}
+
+thread_local! {
+    /// The rounding of the forward running on this thread (its layers run here; only the
+    /// products inside them fan out).
+    static ROUNDING: Cell<Rounding> = const { Cell::new(Rounding::Exact) };
+}
+
+/// Runs `f` (a forward) on a thread of rayon's pool with the forward products rounding as
+/// `rounding` says (restored afterwards, also when `f` panics; outside any scope products are
+/// exact). On the pool, the kernels' parallel steps are shared with the other workers by
+/// work stealing; from any other thread each of them (a norm of one row, a product) would be
+/// handed over to the pool and waited for, two thread switches per step of a decode.
+pub fn rounding_scope<R: Send>(rounding: Rounding, f: impl FnOnce() -> R + Send) -> R {
+    struct Restore(Rounding);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ROUNDING.set(self.0);
+        }
+    }
+    rayon::scope(|_| {
+        let _restore = Restore(ROUNDING.replace(rounding));
+        f()
+    })
+}
+
+/// The kernels' name of a GGML type they multiply directly.
+fn quant_type(dtype: GgmlDType) -> Option<QuantType> {
+    Some(match dtype {
+        GgmlDType::Q4_0 => QuantType::Q4_0,
+        GgmlDType::Q4_1 => QuantType::Q4_1,
+        GgmlDType::Q8_0 => QuantType::Q8_0,
+        GgmlDType::Q4K => QuantType::Q4K,
+        GgmlDType::Q5K => QuantType::Q5K,
+        GgmlDType::Q6K => QuantType::Q6K,
+        _ => return None,
+    })
+}
 
 /// How the fused CPU path keeps the frozen weights of the linear layers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,14 +95,18 @@ pub enum WeightStorage {
     #[default]
     F32,
     /// As the file stores them (GGUF Q4_0/Q4_1/Q5_x/Q8_0/K-quants, f16, bf16), converted to f32
-    /// tile by tile inside each product: the same numbers as `f32` in a fraction of the memory,
-    /// for some speed. The embedding table, norms and biases stay f32.
+    /// tile by tile inside each product: the same numbers as `f32` in a fraction of the memory.
+    /// Inference over a few positions at a time (decode) on Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K
+    /// blocks runs llama.cpp's integer kernels instead (activations quantized to 8 bits per
+    /// block; the vocabulary head too, as Q8_0): its numbers, several times faster. The
+    /// embedding table, norms and biases stay f32.
     File,
     /// Converted to f16 at load (2 bytes per weight), whatever the file stores.
     F16,
     /// Converted to bf16 at load (2 bytes per weight), whatever the file stores.
     Bf16,
-    /// Quantized to GGML Q8_0 at load (34 bytes per 32 weights), whatever the file stores.
+    /// Quantized to GGML Q8_0 at load (34 bytes per 32 weights), whatever the file stores;
+    /// decode runs the integer kernels as with `file`.
     #[serde(rename = "q8_0")]
     #[cfg_attr(feature = "cli", value(name = "q8_0"))]
     Q8_0,
@@ -69,6 +145,14 @@ pub enum Linear {
 }
 
 impl Linear {
+    /// Whether every part is held in quantized blocks that the integer kernels multiply.
+    pub fn quantized(&self) -> bool {
+        match self {
+            Linear::Tensor(_) => false,
+            Linear::Stored(parts) => parts.iter().all(|p| quant_type(p.dtype).is_some()),
+        }
+    }
+
     /// The weight as a tensor; an error for rows kept in a file's storage.
     pub fn into_tensor(self) -> Result<candle_core::Tensor> {
         match self {
@@ -107,8 +191,52 @@ impl FrozenWeight {
         }
     }
 
-    /// `out (+)= x · Wᵀ` with `x: [m, k]`, `W: [n, k]`, `out: [m, n]`.
+    /// A vocabulary head `[vocab, D]` (f32) quantized to Q8_0 for decode's logits.
+    pub fn quantized_head(head: &candle_core::Tensor) -> Result<Self> {
+        Ok(FrozenWeight::Stored(vec![StoredRows::convert(head, GgmlDType::Q8_0)?]))
+    }
+
+    /// Logits `[m, vocab]` of hidden rows `[m, D]` through this head (`[vocab, D]`), as an
+    /// inference product (the integer kernels for `m ≤ QUANT_ROWS` on quantized blocks).
+    pub fn logits(&self, rows: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+        let (m, d) = rows.dims2()?;
+        let vocab = match self {
+            FrozenWeight::F32(w) => w.rows(),
+            FrozenWeight::Stored(parts) => parts.iter().map(|p| p.rows).sum(),
+        };
+        let x = super::fused::to_vec(rows)?;
+        let mut out = vec![0f32; m * vocab];
+        rounding_scope(Rounding::Inference, || self.matmul_wt(&x, &mut out, m, d, vocab, false));
+        Ok(candle_core::Tensor::from_vec(out, (m, vocab), rows.device())?)
+    }
+
+    /// The parts as the integer kernels read them, if every part has such kernels.
+    fn quant_parts(&self) -> Option<Vec<QuantRows<'_>>> {
+        match self {
+            FrozenWeight::F32(_) => None,
+            FrozenWeight::Stored(parts) => parts.iter().map(StoredRows::quant_rows).collect(),
+        }
+    }
+
+    /// Whether inference products may use the integer kernels (see [`QUANT_ROWS`]).
+    pub fn quantized(&self) -> bool {
+        self.quant_parts().is_some()
+    }
+
+    /// `out (+)= x · Wᵀ` with `x: [m, k]`, `W: [n, k]`, `out: [m, n]`; inside a
+    /// [`Rounding::Inference`] scope with quantized blocks and `m ≤ QUANT_ROWS`, by the integer
+    /// kernels.
     pub fn matmul_wt(&self, x: &[f32], out: &mut [f32], m: usize, k: usize, n: usize, accumulate: bool) {
+        if m <= QUANT_ROWS && ROUNDING.get() == Rounding::Inference {
+            if let Some(parts) = self.quant_parts() {
+                assert_eq!(
+                    (parts.iter().map(|p| p.rows).sum::<usize>(), parts[0].cols),
+                    (n, k),
+                    "matmul_wt: the weight is not [n, k]"
+                );
+                return quant::matmul_wt(&parts, x, out, m, accumulate);
+            }
+        }
         match self {
             FrozenWeight::F32(w) => {
                 assert_eq!((w.rows(), w.cols()), (n, k), "matmul_wt: the weight is not [n, k]");
@@ -182,6 +310,7 @@ fn stack_rows_f32(parts: &[StoredRows], r0: usize, r1: usize, out: &mut [f32]) {
 pub struct StoredRows {
     dtype: GgmlDType,
     rows: usize,
+    cols: usize,
     blocks: Box<dyn BlockRows>,
 }
 
@@ -217,20 +346,46 @@ impl StoredRows {
             GgmlDType::Q8K => typed::<BlockQ8K>(bytes, per_row),
             GgmlDType::Q8_1 => bail!("Q8_1 is an activation format, not a weight storage"),
         };
-        Ok(StoredRows { dtype, rows, blocks })
+        Ok(StoredRows {
+            dtype,
+            rows,
+            cols,
+            blocks,
+        })
     }
 
     /// The f32 matrix `w: [rows, cols]` converted to `dtype` (GGML's own quantization).
+    /// Q8_0, f16 and bf16 (the conversions [`WeightStorage`] offers) run on every thread.
     pub fn convert(w: &candle_core::Tensor, dtype: GgmlDType) -> Result<StoredRows> {
         let (rows, cols) = w.dims2()?;
         check_blocks(dtype, cols)?;
-        let q = candle_core::quantized::QTensor::quantize(w, dtype)?;
-        Self::from_bytes(dtype, rows, cols, &q.data()?)
+        let per_row = cols / dtype.block_size();
+        let values = || super::fused::to_vec(&w.to_dtype(candle_core::DType::F32)?);
+        let blocks: Box<dyn BlockRows> = match dtype {
+            GgmlDType::Q8_0 => quantized::<BlockQ8_0>(&values()?, per_row),
+            GgmlDType::F16 => quantized::<half::f16>(&values()?, per_row),
+            GgmlDType::BF16 => quantized::<half::bf16>(&values()?, per_row),
+            _ => {
+                let q = candle_core::quantized::QTensor::quantize(w, dtype)?;
+                return Self::from_bytes(dtype, rows, cols, &q.data()?);
+            }
+        };
+        Ok(StoredRows {
+            dtype,
+            rows,
+            cols,
+            blocks,
+        })
     }
 
     /// The storage type.
     pub fn dtype(&self) -> GgmlDType {
         self.dtype
+    }
+
+    /// The blocks as the integer kernels read them (`None` for types they do not multiply).
+    fn quant_rows(&self) -> Option<QuantRows<'_>> {
+        quant_type(self.dtype).map(|t| QuantRows::new(t, self.rows, self.cols, self.blocks.raw()))
     }
 }
 
@@ -261,6 +416,8 @@ trait BlockRows: Send + Sync {
     fn rows_f32(&self, r0: usize, r1: usize, out: &mut [f32]);
     /// Bytes held.
     fn bytes(&self) -> usize;
+    /// The blocks' bytes as the file stores them.
+    fn raw(&self) -> &[u8];
 }
 
 /// Blocks of type `T`, `per_row` to a row.
@@ -276,6 +433,28 @@ impl<T: GgmlType> BlockRows for Typed<T> {
     fn bytes(&self) -> usize {
         self.blocks.len() * std::mem::size_of::<T>()
     }
+    fn raw(&self) -> &[u8] {
+        // SAFETY: GGML block types are plain `repr(C)` structs of integers and f16 without
+        // padding (their size is GGML's `type_size`), so their memory is exactly the bytes
+        // they were copied from; the slice covers the vector's `len` blocks.
+        unsafe { std::slice::from_raw_parts(self.blocks.as_ptr().cast::<u8>(), self.bytes()) }
+    }
+}
+
+/// Row-major f32 `values` quantized to blocks of type `T` (`per_row` to a row) by GGML's own
+/// quantization, rows spread over the threads.
+fn quantized<T: GgmlType + 'static>(values: &[f32], per_row: usize) -> Box<dyn BlockRows> {
+    const ROWS_PER_TASK: usize = 64;
+    let mut blocks = vec![T::zeros(); values.len() / T::BLCK_SIZE];
+    let (block_chunk, value_chunk) = (
+        (ROWS_PER_TASK * per_row).max(1),
+        (ROWS_PER_TASK * per_row * T::BLCK_SIZE).max(1),
+    );
+    blocks
+        .par_chunks_mut(block_chunk)
+        .zip(values.par_chunks(value_chunk))
+        .for_each(|(b, v)| T::from_float(v, b));
+    Box::new(Typed { blocks, per_row })
 }
 
 /// Copies raw bytes into a vector of blocks (the bytes need not be aligned for `T`).
@@ -296,65 +475,4 @@ fn typed<T: GgmlType + 'static>(bytes: &[u8], per_row: usize) -> Box<dyn BlockRo
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::quantized::QTensor;
-    use candle_core::{Device, Tensor};
-
-    /// A stored weight converts to exactly what candle's whole-tensor dequantization gives,
-    /// and its products equal the f32 products of those values.
-    #[test]
-    fn stored_rows_dequantize_like_candle_and_multiply_like_f32() {
-        let (rows, cols, m) = (300, 64, 3);
-        let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap();
-        for dtype in [
-            GgmlDType::Q4_1,
-            GgmlDType::Q8_0,
-            GgmlDType::F16,
-            GgmlDType::BF16,
-            GgmlDType::Q4_0,
-        ] {
-            let q = QTensor::quantize(&w, dtype).unwrap();
-            let want: Vec<f32> = q
-                .dequantize(&Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            // Stacked from two parts (of different types: the second is f32).
-            let bytes = q.data().unwrap();
-            let split = 100 * cols / dtype.block_size() * dtype.type_size();
-            let top = StoredRows::from_bytes(dtype, 100, cols, &bytes[..split]).unwrap();
-            let rest: Vec<u8> = want[100 * cols..].iter().flat_map(|v| v.to_le_bytes()).collect();
-            let bottom = StoredRows::from_bytes(GgmlDType::F32, rows - 100, cols, &rest).unwrap();
-            let parts = vec![top, bottom];
-            let mut got = vec![0.0; rows * cols];
-            stack_rows_f32(&parts, 0, rows, &mut got);
-            assert_eq!(got, want, "{dtype:?}");
-            let mut some = vec![0.0; 11 * cols];
-            stack_rows_f32(&parts, 95, 106, &mut some);
-            assert_eq!(some, want[95 * cols..106 * cols], "{dtype:?}");
-            let plain = FrozenWeight::F32(PackedWeight::pack(&want, rows, cols));
-            let stored = FrozenWeight::Stored(parts);
-            assert!(stored.bytes() <= plain.bytes());
-            let x: Vec<f32> = (0..m * cols).map(|i| (i as f32 * 0.3).sin()).collect();
-            let (mut a, mut b) = (vec![0.0; m * rows], vec![0.0; m * rows]);
-            plain.matmul_wt(&x, &mut a, m, cols, rows, false);
-            stored.matmul_wt(&x, &mut b, m, cols, rows, false);
-            assert!(a.iter().zip(&b).all(|(p, q)| (p - q).abs() < 1e-4), "{dtype:?}");
-            let dy: Vec<f32> = (0..m * rows).map(|i| (i as f32 * 0.7).cos()).collect();
-            let (mut a, mut b) = (vec![0.0; m * cols], vec![0.0; m * cols]);
-            plain.matmul(&dy, &mut a, m, rows, cols, false);
-            stored.matmul(&dy, &mut b, m, rows, cols, false);
-            assert!(a.iter().zip(&b).all(|(p, q)| (p - q).abs() < 1e-3), "{dtype:?}");
-        }
-    }
-
-    #[test]
-    fn wrong_sizes_are_refused() {
-        assert!(StoredRows::from_bytes(GgmlDType::Q8_0, 2, 48, &[0; 68]).is_err());
-        assert!(StoredRows::from_bytes(GgmlDType::Q8_0, 2, 32, &[0; 67]).is_err());
-        assert!(StoredRows::from_bytes(GgmlDType::Q8_0, 2, 32, &[0; 68]).is_ok());
-    }
-}
+mod tests;
