@@ -3,7 +3,7 @@
 //! lowers the training loss; the saved adapter (a plain PROMPT_TUNING adapter, with DePT's `A`
 //! and `B` beside the prompt) reloads and scores as the learner's raw parameters do, through the
 //! readers' session and the run's own test evaluation; resuming equals an uninterrupted run;
-//! `init = "from"` continues from the raw parameters; generation refuses a DePT adapter by name;
+//! `init = "from"` continues from the raw parameters; generation applies DePT's update;
 //! the new options are checked by name.
 
 mod common;
@@ -15,6 +15,7 @@ use softprompt::backbone::{Backbone, BackboneInput};
 use softprompt::batch::make_batch;
 use softprompt::data::read_jsonl;
 use softprompt::infer::evaluate::Scorer;
+use softprompt::infer::generate::prefill;
 use softprompt::infer::prompt_cache::PromptCache;
 use softprompt::infer::session::{self, ScoreOptions};
 use softprompt::prompt::{initial_prompt, seeded_rng, InitSource, PromptInit, SoftPrompt, RESIDUAL_EMBEDDING};
@@ -346,15 +347,34 @@ fn dept_trains_saves_and_reloads() {
         max_diff_rows(&s_without, &s_reader) > 1e-5,
         "the update changed no score"
     );
-    // Generation does not apply the update yet: it refuses, naming what is missing.
+    // Generation applies it too: the prompt cache plus the request's embeddings with A·B's
+    // first rows added give the same last hidden state as the whole sequence run at once.
     let Some(lm) = model.backbone.causal() else {
         panic!("SmolLM2 is causal")
     };
-    let e = format!("{:#}", PromptCache::from_adapter(lm, &a).err().unwrap());
-    assert!(
-        e.contains("DePT") && e.contains(DEPT_A) && e.contains("generation"),
-        "{e}"
+    let pc = PromptCache::from_adapter(lm, &a).unwrap();
+    assert!(pc.input_update.is_some());
+    let ids = model.tokenizer.encode("The capital of France is", false).unwrap();
+    let n = ids.len();
+    let mut cache = pc.cache.clone();
+    let embeds = pc.input_embeds(lm, &ids).unwrap();
+    let cached = prefill(lm, &embeds, &mut cache, usize::MAX, &mut |_, _| {}).unwrap();
+    let words = lm
+        .embed(&Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap())
+        .unwrap();
+    let shifted = (words + update.narrow(0, 0, n).unwrap().unsqueeze(0).unwrap()).unwrap();
+    let whole = Tensor::cat(&[&a.prompt_embeddings.unsqueeze(0).unwrap(), &shifted], 1).unwrap();
+    let mask = Tensor::ones((1, 4 + n), DType::U32, &Device::Cpu).unwrap();
+    let full = lm.forward(&BackboneInput::new(&whole, &mask)).unwrap();
+    let d = max_abs_diff(
+        &cached.narrow(1, n - 1, 1).unwrap(),
+        &full.narrow(1, 4 + n - 1, 1).unwrap(),
     );
+    assert!(d < 1e-3, "cached generation differs from the whole sequence by {d}");
+    let plain = lm
+        .embed(&Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap())
+        .unwrap();
+    assert!(max_abs_diff(&embeds, &plain) > 0.0, "generation dropped the update");
 }
 
 #[test]

@@ -158,10 +158,8 @@ impl<'a, K: Clone + PartialEq> Engine<'a, K> {
                 req.ids.len()
             );
         }
-        let device = self.lm.embedding_table().device();
         let mut cache = req.prompt.cache.clone();
-        let ids = Tensor::new(req.ids.as_slice(), device)?.unsqueeze(0)?;
-        let embeds = self.lm.embed(&ids)?;
+        let embeds = req.prompt.input_embeds(self.lm, &req.ids)?;
         let hidden = prefill(self.lm, &embeds, &mut cache, chunk, progress)?;
         let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?.squeeze(1)?;
         let logits: Vec<f32> = inference_logits(self.lm, &last)?

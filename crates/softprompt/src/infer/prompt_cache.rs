@@ -17,6 +17,9 @@ use crate::backbone::{BackboneInput, CausalLm, KvCache};
 pub struct PromptCache {
     /// The cache (empty for the plain model).
     pub cache: KvCache,
+    /// A DePT adapter's update of the input embeddings `[rows, hidden]`: row `j` is added to
+    /// the request's `j`-th token ([`PromptCache::input_embeds`]); `None` for the others.
+    pub input_update: Option<Tensor>,
 }
 
 impl PromptCache {
@@ -33,6 +36,28 @@ impl PromptCache {
     /// Whether this is the plain model.
     pub fn is_empty(&self) -> bool {
         self.cache.is_empty()
+    }
+
+    /// The input embeddings `[1, n, hidden]` of a request's tokens `ids` after this prompt: the
+    /// frozen word embeddings, plus a DePT adapter's update by position (row `j` to token `j`,
+    /// as in training, where it reaches the real tokens after the prepended prompt; tokens past
+    /// its rows get none).
+    pub fn input_embeds(&self, lm: &dyn CausalLm, ids: &[u32]) -> Result<Tensor> {
+        let device = lm.embedding_table().device();
+        let embeds = lm.embed(&Tensor::new(ids, device)?.unsqueeze(0)?)?;
+        let Some(update) = &self.input_update else {
+            return Ok(embeds);
+        };
+        let n = ids.len().min(update.dim(0)?);
+        if n == 0 {
+            return Ok(embeds);
+        }
+        let rows = update.narrow(0, 0, n)?.to_dtype(embeds.dtype())?.unsqueeze(0)?;
+        let head = (embeds.narrow(1, 0, n)? + rows)?;
+        if n == ids.len() {
+            return Ok(head);
+        }
+        Ok(Tensor::cat(&[&head, &embeds.narrow(1, n, ids.len() - n)?], 1)?)
     }
 
     /// A prompt `[p, hidden]` prepended to the input embeddings, run through the model once.
@@ -52,7 +77,10 @@ impl PromptCache {
         let mask = Tensor::ones((1, p), DType::U32, device)?;
         let mut cache = KvCache::default();
         lm.forward_cached(&BackboneInput::new(&embeds, &mask), &mut cache)?;
-        Ok(Self { cache })
+        Ok(Self {
+            cache,
+            input_update: None,
+        })
     }
 
     /// The cache of a PEFT adapter: prompt tuning and p-tuning (the prompt prepended), prefix
@@ -66,17 +94,6 @@ impl PromptCache {
     /// prepended); a task id is refused for the other adapters.
     pub fn from_adapter_task(lm: &dyn CausalLm, adapter: &PeftAdapter, task: Option<usize>) -> Result<Self> {
         crate::adapter::check_compatible(&adapter.config, lm.info())?;
-        if adapter.input_update()?.is_some() {
-            bail!(
-                "{} is a DePT adapter: its update of the input embeddings (`{}`, `{}`) is added to \
-                 each input token by position, which generation (complete, the server's \
-                 completions and chat) does not apply yet; it is used by eval, predict and \
-                 /v1/classify",
-                adapter.dir.display(),
-                crate::adapter::DEPT_A,
-                crate::adapter::DEPT_B
-            );
-        }
         match adapter.prefix_cache(lm.info())? {
             Some(_) if task.is_some() => bail!(
                 "a task id was given, but {} is a {} adapter (task ids are for MULTITASK_PROMPT_TUNING adapters)",
@@ -103,9 +120,18 @@ impl PromptCache {
                         mask,
                         next_pos: None,
                     },
+                    input_update: None,
                 })
             }
-            None => Self::from_prompt(lm, &adapter.input_prompt_for(task)?),
+            None => {
+                let mut cache = Self::from_prompt(lm, &adapter.input_prompt_for(task)?)?;
+                let table = lm.embedding_table();
+                cache.input_update = adapter
+                    .input_update()?
+                    .map(|u| u.to_device(table.device())?.to_dtype(table.dtype()))
+                    .transpose()?;
+                Ok(cache)
+            }
         }
     }
 }
