@@ -3,7 +3,8 @@
 //! rows by the quantized kernels (`softprompt_kernels::quant`), each kernel family this CPU
 //! runs. Every layer has its own buffers, so the weights stream from memory as in decode.
 //!
-//! `cargo run --release -p softprompt-kernels --example quant_matvec [M...]` (default 1 4 16)
+//! `cargo run --release -p softprompt-kernels --example quant_matvec [TYPE] [M...]` (default
+//! Q4_1 layers; 1 4 16 rows)
 //! prints milliseconds per step and the weight bytes read per second, best of 7 (the kernel
 //! families alternating; the portable kernels only up to 4 rows).
 
@@ -43,24 +44,44 @@ fn weight(t: QuantType, rows: usize, cols: usize, seed: &mut u64) -> Weight {
 }
 
 fn main() {
-    let ms: Vec<usize> = std::env::args()
-        .skip(1)
-        .map(|a| a.parse().expect("M is a number of rows"))
-        .collect();
+    // an optional first argument: the layers' type instead of Q4_1 (q4_0, q8_0, q4_k, q5_k, q6_k)
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let layer_type = match args.first().map(|a| a.to_lowercase()) {
+        Some(t) if t.parse::<usize>().is_err() => {
+            args.remove(0);
+            match t.as_str() {
+                "q4_0" => QuantType::Q4_0,
+                "q4_1" => QuantType::Q4_1,
+                "q8_0" => QuantType::Q8_0,
+                "q4_k" => QuantType::Q4K,
+                "q5_k" => QuantType::Q5K,
+                "q6_k" => QuantType::Q6K,
+                other => panic!("unknown type {other}"),
+            }
+        }
+        _ => QuantType::Q4_1,
+    };
+    let ms: Vec<usize> = args.iter().map(|a| a.parse().expect("M is a number of rows")).collect();
     let ms = if ms.is_empty() { vec![1, 4, 16] } else { ms };
-    let (d, inter, kv) = (576, 1536, 192);
+    // SmolLM2-135M's shape; its rows (576) are no whole K-quant super-blocks, so those run on a
+    // shape of their own (1024 wide, 2816 inner, 16 layers)
+    let (d, inter, kv, layers) = if layer_type.is_k() {
+        (1024, 2816, 256, 16)
+    } else {
+        (576, 1536, 192, 30)
+    };
     let mut seed = 0x9E37_79B9_7F4A_7C15u64;
     let mut weights = Vec::new();
-    for _ in 0..30 {
-        weights.push(weight(QuantType::Q4_1, d + 2 * kv, d, &mut seed));
-        weights.push(weight(QuantType::Q4_1, d, d, &mut seed));
-        weights.push(weight(QuantType::Q4_1, 2 * inter, d, &mut seed));
-        weights.push(weight(QuantType::Q4_1, d, inter, &mut seed));
+    for _ in 0..layers {
+        weights.push(weight(layer_type, d + 2 * kv, d, &mut seed));
+        weights.push(weight(layer_type, d, d, &mut seed));
+        weights.push(weight(layer_type, 2 * inter, d, &mut seed));
+        weights.push(weight(layer_type, d, inter, &mut seed));
     }
     weights.push(weight(QuantType::Q8_0, 49152, d, &mut seed));
     let bytes: usize = weights.iter().map(|w| w.bytes.len()).sum();
     println!(
-        "{} threads; one step reads {:.1} MB of weights (SmolLM2-135M Q4_1 layers, Q8_0 head)",
+        "{} threads; one step reads {:.1} MB of weights ({layers} layers of {layer_type:?} [{d}, {inter}], a Q8_0 head)",
         rayon::current_num_threads(),
         bytes as f64 / 1e6
     );

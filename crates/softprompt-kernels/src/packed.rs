@@ -130,12 +130,17 @@ fn product(source: &PanelSource, a: &[f32], out: &mut [f32], (m, k, n): (usize, 
         }
         return;
     }
-    TILES.with_borrow_mut(|packed_a| blocked_product(source, a, packed_a, out, (m, k, n), accumulate));
+    // Taken out for the product, not borrowed: while this thread waits for the product's
+    // parallel parts, rayon may run another job here, which may be another product.
+    let mut packed_a = TILES.take();
+    blocked_product(source, a, &mut packed_a, out, (m, k, n), accumulate);
+    TILES.set(packed_a);
 }
 
 thread_local! {
     /// The activation tiles of a product, kept for the next product on this thread (no
-    /// allocation or zeroing per call).
+    /// allocation or zeroing per call; a product started while another waits on this thread
+    /// allocates its own).
     static TILES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 

@@ -19,13 +19,50 @@ fn through_f16(v: f32) -> f32 {
     half::f16::from_f32(v).to_f32()
 }
 
+/// One cache line of codes.
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([i8; 64]);
+
+/// Activation codes in memory aligned to 64 bytes: the kernels' 512-bit loads of a row's block
+/// pairs (and super-blocks) then never straddle two cache lines when a row is whole lines.
+#[derive(Debug, Clone, Default)]
+pub struct Codes {
+    lines: Vec<Line>,
+    len: usize,
+}
+
+impl Codes {
+    /// Makes room for `len` codes (new ones zero).
+    fn resize(&mut self, len: usize) {
+        self.lines.resize(len.div_ceil(64), Line([0; 64]));
+        self.len = len;
+    }
+}
+
+impl std::ops::Deref for Codes {
+    type Target = [i8];
+    fn deref(&self) -> &[i8] {
+        // SAFETY: `lines` holds at least `len` bytes (`resize`), contiguous (`Line` is 64 bytes
+        // of `i8` without padding), every bit pattern a valid `i8`.
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast::<i8>(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for Codes {
+    fn deref_mut(&mut self) -> &mut [i8] {
+        // SAFETY: as for `deref`, borrowed mutably through `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast::<i8>(), self.len) }
+    }
+}
+
 /// Rows quantized in blocks of 32 (GGML's Q8_1, whose codes and `d` are Q8_0's).
 #[derive(Debug, Clone, Default)]
 pub struct Q8Rows {
     /// Values per row (a multiple of 32).
     pub k: usize,
     /// Codes, `[m, k]`, each in −127..=127.
-    pub qs: Vec<i8>,
+    pub qs: Codes,
     /// Per block: the scale `d = amax / 127`, rounded to f16 as GGML stores it.
     pub d: Vec<f32>,
     /// Per block: `d · Σ codes` before `d` was rounded, rounded to f16 (Q8_1's `s`).
@@ -48,7 +85,7 @@ impl Q8Rows {
         );
         let blocks = x.len() / QK;
         self.k = k;
-        self.qs.resize(x.len(), 0);
+        self.qs.resize(x.len());
         for v in [&mut self.d, &mut self.s] {
             v.resize(blocks, 0.0);
         }
@@ -81,7 +118,7 @@ pub struct Q8KRows {
     /// Values per row (a multiple of 256).
     pub k: usize,
     /// Codes, `[m, k]`, each in −127..=127.
-    pub qs: Vec<i8>,
+    pub qs: Codes,
     /// Per super-block: the scale (`1 / iscale`, f32).
     pub d: Vec<f32>,
     /// Per group of 16 codes: their sum.
@@ -104,7 +141,7 @@ impl Q8KRows {
         );
         let blocks = x.len() / QK_K;
         self.k = k;
-        self.qs.resize(x.len(), 0);
+        self.qs.resize(x.len());
         self.d.resize(blocks, 0.0);
         self.bsums.resize(blocks * QK_K / 16, 0);
         crate::simd::wide(|| {

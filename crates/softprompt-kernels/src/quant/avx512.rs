@@ -15,26 +15,6 @@ use super::{Q8KRow, Q8Row};
 /// How far ahead of the block being read the weight stream is prefetched (bytes).
 const PREFETCH: usize = 1024;
 
-/// Eight lanes of `lo`, then eight of `hi`.
-///
-/// # Safety
-/// The CPU has AVX-512 F.
-#[inline(always)]
-unsafe fn halves_ps(lo: f32, hi: f32) -> __m512 {
-    // SAFETY: register-only AVX-512 F operations.
-    unsafe { _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(lo), _mm512_set1_ps(hi)) }
-}
-
-/// Eight lanes of `lo`, then eight of `hi`.
-///
-/// # Safety
-/// The CPU has AVX-512 F.
-#[inline(always)]
-unsafe fn halves_epi32(lo: i32, hi: i32) -> __m512i {
-    // SAFETY: register-only AVX-512 F operations.
-    unsafe { _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(lo), _mm512_set1_epi32(hi)) }
-}
-
 /// Two 256-bit halves as one 512-bit vector (`lo` in the low half).
 ///
 /// # Safety
@@ -54,13 +34,11 @@ unsafe fn join(lo: __m256i, hi: __m256i) -> __m512i {
 unsafe fn nibbles2(p0: *const u8, p1: *const u8) -> __m512i {
     // SAFETY: the caller guarantees the bytes and the features.
     unsafe {
-        let both = _mm256_set_m128i(_mm_loadu_si128(p1.cast()), _mm_loadu_si128(p0.cast()));
-        let low4 = _mm256_set1_epi8(0xF);
-        let lo = _mm256_and_si256(both, low4);
-        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(both), low4);
-        // [lo0 lo1 hi0 hi1] (128-bit lanes) → [lo0 hi0 lo1 hi1]
-        let z = join(lo, hi);
-        _mm512_shuffle_i64x2::<0b11_01_10_00>(z, z)
+        let both = _mm256_loadu2_m128i(p1.cast(), p0.cast());
+        // 128-bit lanes [q0 q0 q1 q1], the second of each pair shifted down a nibble
+        let z = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 0, 1, 2, 3, 2, 3), _mm512_castsi256_si512(both));
+        let z = _mm512_mask_srli_epi16::<4>(z, 0xFF00_FF00, z);
+        _mm512_and_si512(z, _mm512_set1_epi8(0xF))
     }
 }
 
@@ -165,7 +143,8 @@ unsafe fn blocks32<B: Block32, const R: usize>(w: &[u8], a: &[Q8Row<'_>], out: &
     // SAFETY: the caller's `check` asserted that `w` and every row hold `nb` blocks; every pointer
     // addresses block `b` or `b + 1 < nb`; the features are the caller's guarantee.
     unsafe {
-        let (mut acc, mut offsets) = ([_mm512_setzero_ps(); R], [0f32; R]);
+        let (mut acc, mut offsets) = ([_mm512_setzero_ps(); R], [_mm_setzero_ps(); R]);
+        let halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
         let mut b = 0;
         while b + 2 <= nb {
             let p0 = w.as_ptr().add(b * bytes);
@@ -177,26 +156,36 @@ unsafe fn blocks32<B: Block32, const R: usize>(w: &[u8], a: &[Q8Row<'_>], out: &
             } else {
                 (x, 0)
             };
-            let (d0, d1) = (f16_at(p0), f16_at(p1));
+            // [d0, m0, d1, m1] (Q4_0/Q8_0: no m; those lanes unused), then [d0, d1] and [m0, m1]
+            let dm = _mm_cvtph_ps(_mm_insert_epi32::<1>(
+                _mm_cvtsi32_si128(p0.cast::<i32>().read_unaligned()),
+                p1.cast::<i32>().read_unaligned(),
+            ));
+            let dw = _mm_shuffle_ps::<0b10_00_10_00>(dm, dm);
             for r in 0..R {
                 let mut y = _mm512_loadu_si512(a[r].qs.as_ptr().add(b * QK).cast());
                 if B::SIGNED {
                     y = _mm512_mask_sub_epi8(y, negative, _mm512_setzero_si512(), y);
                 }
                 let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, y);
-                let d = halves_ps(d0 * a[r].d[b], d1 * a[r].d[b + 1]);
+                // [d0·d8₀ ×8, d1·d8₁ ×8]
+                let d8 = _mm_castpd_ps(_mm_load_sd(a[r].d.as_ptr().add(b).cast()));
+                let d = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_mul_ps(dw, d8)));
                 acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), d, acc[r]);
             }
             if B::T == QuantType::Q4_1 {
-                let (m0, m1) = (B::m(p0), B::m(p1));
+                let m = _mm_shuffle_ps::<0b11_01_11_01>(dm, dm);
                 for r in 0..R {
-                    offsets[r] += m0 * a[r].s[b] + m1 * a[r].s[b + 1];
+                    let s8 = _mm_castpd_ps(_mm_load_sd(a[r].s.as_ptr().add(b).cast()));
+                    offsets[r] = _mm_fmadd_ps(m, s8, offsets[r]);
                 }
             }
             b += 2;
         }
         for r in 0..R {
-            out[r] = _mm512_reduce_add_ps(acc[r]) + offsets[r];
+            // lanes 2 and 3 of the offsets are zero (the loads fill two lanes)
+            let o = _mm_add_ps(offsets[r], _mm_movehdup_ps(offsets[r]));
+            out[r] = _mm512_reduce_add_ps(acc[r]) + _mm_cvtss_f32(o);
         }
         if b < nb {
             let p = w.as_ptr().add(b * bytes);
@@ -261,7 +250,9 @@ pub(super) unsafe fn q8_0(w: &[u8], a: &[Q8Row<'_>], out: &mut [f32], stride: us
 }
 
 /// Q4_K and Q5_K × Q8_K (`HIGH`: Q5_K's fifth bit) for `R` activation rows: 64 codes (two
-/// sub-blocks) per instruction, each sub-block's eight lanes multiplied by its scale.
+/// sub-blocks) at a time, byte pairs summed into i16 (`_mm512_maddubs_epi16`), then multiplied
+/// by their sub-block's scale and summed into i32 in one VNNI instruction
+/// (`_mm512_dpwssd_epi32`).
 ///
 /// # Safety
 /// AVX-512 F/BW/VL/VNNI, FMA and F16C are present.
@@ -299,11 +290,15 @@ unsafe fn q45_k<const HIGH: bool, const R: usize>(w: &[u8], a: &[Q8KRow<'_>], ou
                     h = _mm256_srli_epi16::<2>(h);
                 }
                 let u = join(lo, hi);
-                let scale = halves_epi32(i32::from(sc.scales[2 * c]), i32::from(sc.scales[2 * c + 1]));
+                // 16 i16 lanes per sub-block after the byte pairs are summed
+                let scale = _mm512_mask_blend_epi16(
+                    0xFFFF_0000,
+                    _mm512_set1_epi16(sc.scales[2 * c]),
+                    _mm512_set1_epi16(sc.scales[2 * c + 1]),
+                );
                 for r in 0..R {
                     let y = _mm512_loadu_si512(a[r].qs.as_ptr().add(b * QK_K + 64 * c).cast());
-                    let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, y);
-                    sum[r] = _mm512_add_epi32(sum[r], _mm512_mullo_epi32(dot, scale));
+                    sum[r] = _mm512_dpwssd_epi32(sum[r], _mm512_maddubs_epi16(u, y), scale);
                 }
             }
             let (d, dmin) = (f16_at(p), f16_at(p.add(2)));
@@ -347,8 +342,8 @@ pub(super) unsafe fn q5_k(w: &[u8], a: &[Q8KRow<'_>], out: &mut [f32], stride: u
     unsafe { by_rows!(super::check_rows_k, QuantType::Q5K, rows, w, a, out, stride) }
 }
 
-/// Q6_K × Q8_K for `R` activation rows: 64 unsigned codes (four groups of 16) per
-/// instruction, each group's four lanes multiplied by its scale; `32·Σ sc·Σ y` subtracted per
+/// Q6_K × Q8_K for `R` activation rows: 64 unsigned codes (four groups of 16) at a time, as
+/// Q4_K's (each group's eight i16 lanes with its scale); `32·Σ sc·Σ y` subtracted per
 /// super-block.
 ///
 /// # Safety
@@ -361,7 +356,11 @@ unsafe fn q6_k_rows<const R: usize>(w: &[u8], a: &[Q8KRow<'_>], out: &mut [f32])
     unsafe {
         let mut acc = [0f32; R];
         // byte i of the scale shuffle: group base + i / 4
-        let spread = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+        // bytes of the scale shuffles: group base + 0 (×8), + 1 (×8); + 2, + 3
+        let (spread0, spread1) = (
+            _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+            _mm_setr_epi8(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3),
+        );
         for b in 0..nb {
             let p = w.as_ptr().add(b * 210);
             let scales = std::slice::from_raw_parts(p.add(192), 16);
@@ -371,12 +370,15 @@ unsafe fn q6_k_rows<const R: usize>(w: &[u8], a: &[Q8KRow<'_>], out: &mut [f32])
                 let q = q6_codes(p.add(64 * n), p.add(128 + 32 * n));
                 for half in 0..2 {
                     let codes = join(q[2 * half], q[2 * half + 1]);
+                    // each of the four groups' scale on its eight i16 lanes
                     let base = _mm_set1_epi8((8 * n + 4 * half) as i8);
-                    let scale = _mm512_cvtepi8_epi32(_mm_shuffle_epi8(sc, _mm_add_epi8(spread, base)));
+                    let scale = _mm512_cvtepi8_epi16(_mm256_set_m128i(
+                        _mm_shuffle_epi8(sc, _mm_add_epi8(spread1, base)),
+                        _mm_shuffle_epi8(sc, _mm_add_epi8(spread0, base)),
+                    ));
                     for r in 0..R {
                         let y = _mm512_loadu_si512(a[r].qs.as_ptr().add(b * QK_K + 128 * n + 64 * half).cast());
-                        let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, y);
-                        sum[r] = _mm512_add_epi32(sum[r], _mm512_mullo_epi32(dot, scale));
+                        sum[r] = _mm512_dpwssd_epi32(sum[r], _mm512_maddubs_epi16(codes, y), scale);
                     }
                 }
             }
