@@ -11,11 +11,14 @@
 //!   quantization change the argmax; after it the texts may part);
 //! - the server's batched decode (all 21 requests in one engine) gives each request exactly the
 //!   tokens it gets alone.
+//!
+//! Outside generation (scoring) the file's blocks give the f32 weights' numbers.
 
 mod common;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::*;
 use softprompt::adapter::load_peft;
+use softprompt::backbone::frozen_weight::{rounding_scope, Rounding};
 use softprompt::backbone::{inference_logits, BackboneInput, CausalLm, LoadedModel, WeightStorage};
 use softprompt::infer::engine::{generate, Completion, Engine, GenRequest};
 use softprompt::infer::prompt_cache::PromptCache;
@@ -61,9 +64,19 @@ fn prompt_cache(lm: &dyn CausalLm, (name, task): (&str, Option<usize>)) -> Arc<P
     Arc::new(PromptCache::from_adapter_task(lm, &adapter, task).unwrap())
 }
 
-/// Greedy decode step by step: the logits of every step, and the tokens (the argmax, or
-/// `forced`'s tokens when given).
+/// Greedy decode step by step, as generation (quantized weights multiply 8-bit activations):
+/// the logits of every step, and the tokens (the argmax, or `forced`'s tokens when given).
 fn decode(lm: &dyn CausalLm, prompt: &PromptCache, ids: &[u32], forced: Option<&[u32]>) -> (Vec<u32>, Vec<Vec<f32>>) {
+    rounding_scope(Rounding::Inference, || decode_steps(lm, prompt, ids, forced))
+}
+
+/// [`decode`]'s steps.
+fn decode_steps(
+    lm: &dyn CausalLm,
+    prompt: &PromptCache,
+    ids: &[u32],
+    forced: Option<&[u32]>,
+) -> (Vec<u32>, Vec<Vec<f32>>) {
     let mut cache = prompt.cache.clone();
     let step = |ids: &[u32], cache: &mut _| -> Tensor {
         let x = lm
@@ -220,4 +233,31 @@ fn quantized_decode_follows_the_f32_weights_within_the_quantization_error() {
         assert!(mean <= MEAN_LOGPROB_ERROR, "{storage:?}: mean error {mean}");
     }
     eprintln!("{}", report.join("\n"));
+}
+
+/// Outside generation (scoring, evaluation, an adapter's prompt run once) the weights held as
+/// the file stores them give the f32 weights' numbers: the blocks are the file's, converted
+/// exactly, and the activations are not quantized.
+#[test]
+fn scoring_on_the_file_s_blocks_stays_exact() {
+    let (exact, stored) = (load(WeightStorage::F32), load(WeightStorage::File));
+    let ids = exact.tokenizer.encode("The capital of Italy is", true).unwrap();
+    let ids = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let ones = Tensor::ones(ids.dims(), DType::U32, &Device::Cpu).unwrap();
+    let run = |m: &LoadedModel| {
+        let lm = m.backbone.causal().unwrap();
+        let x = lm.embed(&ids).unwrap();
+        let h = lm.forward(&BackboneInput::new(&x, &ones)).unwrap();
+        let last = h.i((0, ids.dim(1).unwrap() - 1)).unwrap().unsqueeze(0).unwrap();
+        let logits: Vec<f32> = inference_logits(lm, &last)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        logits
+    };
+    let (a, b) = (run(&exact), run(&stored));
+    let err = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(err < 1e-3, "scoring logits differ by {err}");
 }

@@ -3,13 +3,14 @@
 //! f16, bf16), converted to f32 tile by tile inside each product. Only the two products a
 //! frozen layer needs exist: the forward `x · Wᵀ` and the input gradient `dy · W`.
 //!
-//! Inference on quantized blocks (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K) over at most
-//! [`QUANT_ROWS`] positions at a time (decode steps, batched or not; prompts up to that length)
-//! multiplies them as llama.cpp does instead: the activations quantized to 8 bits per block, integer dot products
-//! (`softprompt_kernels::quant`), reading 4.5–8.5 bits per weight once per step. A forward runs
-//! as inference inside [`rounding_scope`]`(`[`Rounding::Inference`]`, …)` (the model's code
-//! opens it for every forward that keeps no tape); training's forward and every input gradient
-//! read the weights' exact values.
+//! Generation on quantized blocks (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K) multiplies them as
+//! llama.cpp does instead, over at most [`QUANT_ROWS`] positions at a time (decode steps,
+//! batched or not; prompt chunks up to that length): the activations quantized to 8 bits per
+//! block, integer dot products (`softprompt_kernels::quant`), reading 4.5–8.5 bits per weight
+//! once per step. Generation runs inside [`rounding_scope`]`(`[`Rounding::Inference`]`, …)`
+//! (opened by `infer::engine` and `infer::generate`; [`forward_on_pool`] carries it to the
+//! thread that runs the forward); training, scoring and every input gradient read the weights'
+//! exact values.
 
 use anyhow::{bail, Result};
 use candle_core::quantized::k_quants::{
@@ -24,7 +25,7 @@ use softprompt_kernels::packed::PackedWeight;
 use softprompt_kernels::quant::{self, QuantRows, QuantType};
 use std::cell::Cell;
 
-/// Inference products over at most this many rows (positions) use the quantized kernels;
+/// Generation's products over at most this many rows (positions) use the quantized kernels;
 /// longer ones (long prompts) convert the blocks to f32 tiles for the blocked product, which
 /// is faster from about here on: SmolLM2-135M Q4_1 on 2 cores, a forward over 96 positions
 /// 272 tokens/s quantized vs 232 by tiles, over 192 positions 251 vs 331.
@@ -33,46 +34,46 @@ pub const QUANT_ROWS: usize = 128;
 /// How a forward product on stored weights may round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rounding {
-    /// The product of the weights' own values (training: its tape feeds the exact backward).
+    /// The product of the weights' own values (training, scoring).
     Exact,
-    /// Inference: quantized weights multiply 8-bit activations in integers over at most
+    /// Generation: quantized weights multiply 8-bit activations in integers over at most
     /// [`QUANT_ROWS`] rows, as llama.cpp does.
     Inference,
 }
 
-impl Rounding {
-    /// [`Rounding::Exact`] for a forward that keeps its tape, else [`Rounding::Inference`].
-    pub fn for_tape(keep: bool) -> Rounding {
-        if keep {
-            Rounding::Exact
-        } else {
-            Rounding::Inference
-        }
-    }
-}
-
 thread_local! {
-    /// The rounding of the forward running on this thread (its layers run here; only the
-    /// products inside them fan out).
+    /// The rounding of the products on this thread.
     static ROUNDING: Cell<Rounding> = const { Cell::new(Rounding::Exact) };
 }
 
-/// Runs `f` (a forward) on a thread of rayon's pool with the forward products rounding as
-/// `rounding` says (restored afterwards, also when `f` panics; outside any scope products are
-/// exact). On the pool, the kernels' parallel steps are shared with the other workers by
-/// work stealing; from any other thread each of them (a norm of one row, a product) would be
-/// handed over to the pool and waited for, two thread switches per step of a decode.
-pub fn rounding_scope<R: Send>(rounding: Rounding, f: impl FnOnce() -> R + Send) -> R {
+/// The rounding of the products on this thread ([`Rounding::Exact`] outside any
+/// [`rounding_scope`]).
+pub fn rounding() -> Rounding {
+    ROUNDING.get()
+}
+
+/// Runs `f` with the products on this thread rounding as `rounding` says (restored afterwards,
+/// also when `f` panics). Generation (`infer::engine`, `infer::generate`) runs its forwards and
+/// logits inside [`Rounding::Inference`]; everything else is exact.
+pub fn rounding_scope<R>(rounding: Rounding, f: impl FnOnce() -> R) -> R {
     struct Restore(Rounding);
     impl Drop for Restore {
         fn drop(&mut self) {
             ROUNDING.set(self.0);
         }
     }
-    rayon::scope(|_| {
-        let _restore = Restore(ROUNDING.replace(rounding));
-        f()
-    })
+    let _restore = Restore(ROUNDING.replace(rounding));
+    f()
+}
+
+/// Runs a model's forward `f` on a thread of rayon's pool, with this thread's rounding (exact
+/// when `keep`: its tape feeds the exact input gradient). On the pool, the kernels' parallel
+/// steps are shared with the other workers by work stealing; from any other thread each of
+/// them (a norm of one row, a product) would be handed over to the pool and waited for, two
+/// thread switches per step of a decode.
+pub fn forward_on_pool<R: Send>(keep: bool, f: impl FnOnce() -> R + Send) -> R {
+    let rounding = if keep { Rounding::Exact } else { rounding() };
+    rayon::scope(|_| rounding_scope(rounding, f))
 }
 
 /// The kernels' name of a GGML type they multiply directly.
@@ -98,17 +99,17 @@ pub enum WeightStorage {
     F32,
     /// As the file stores them (GGUF Q4_0/Q4_1/Q5_x/Q8_0/K-quants, f16, bf16), converted to f32
     /// tile by tile inside each product: the same numbers as `f32` in a fraction of the memory.
-    /// Inference over a few positions at a time (decode) on Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K
-    /// blocks runs llama.cpp's integer kernels instead (activations quantized to 8 bits per
-    /// block; the vocabulary head too, as Q8_0): its numbers, several times faster. The
-    /// embedding table, norms and biases stay f32.
+    /// Generation (decode steps, prompts up to 128 positions at a time) on Q4_0/Q4_1/Q8_0/
+    /// Q4_K/Q5_K/Q6_K blocks runs llama.cpp's integer kernels instead (activations quantized to
+    /// 8 bits per block; the vocabulary head too, as Q8_0): its numbers, several times faster.
+    /// The embedding table, norms and biases stay f32.
     File,
     /// Converted to f16 at load (2 bytes per weight), whatever the file stores.
     F16,
     /// Converted to bf16 at load (2 bytes per weight), whatever the file stores.
     Bf16,
     /// Quantized to GGML Q8_0 at load (34 bytes per 32 weights), whatever the file stores;
-    /// decode runs the integer kernels as with `file`.
+    /// generation runs the integer kernels as with `file`.
     #[serde(rename = "q8_0")]
     #[cfg_attr(feature = "cli", value(name = "q8_0"))]
     Q8_0,
@@ -198,8 +199,8 @@ impl FrozenWeight {
         Ok(FrozenWeight::Stored(vec![StoredRows::convert(head, GgmlDType::Q8_0)?]))
     }
 
-    /// Logits `[m, vocab]` of hidden rows `[m, D]` through this head (`[vocab, D]`), as an
-    /// inference product (the integer kernels for `m ≤ QUANT_ROWS` on quantized blocks).
+    /// Logits `[m, vocab]` of hidden rows `[m, D]` through this head (`[vocab, D]`), rounding as
+    /// this thread's products do.
     pub fn logits(&self, rows: &candle_core::Tensor) -> Result<candle_core::Tensor> {
         let (m, d) = rows.dims2()?;
         let vocab = match self {
@@ -208,7 +209,7 @@ impl FrozenWeight {
         };
         let x = super::fused::to_vec(rows)?;
         let mut out = vec![0f32; m * vocab];
-        rounding_scope(Rounding::Inference, || self.matmul_wt(&x, &mut out, m, d, vocab, false));
+        self.matmul_wt(&x, &mut out, m, d, vocab, false);
         Ok(candle_core::Tensor::from_vec(out, (m, vocab), rows.device())?)
     }
 

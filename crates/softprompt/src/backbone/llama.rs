@@ -33,7 +33,7 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 
-use super::frozen_weight::{rounding_scope, FrozenWeight, Linear, Rounding, QUANT_ROWS};
+use super::frozen_weight::{forward_on_pool, rounding, FrozenWeight, Linear, Rounding, QUANT_ROWS};
 use super::weights::WeightSource;
 use super::{pick_positions, Arch, Backbone, BackboneInput, CausalLm, KernelPath, KvCache, ModelInfo, Shape, Tape};
 
@@ -240,7 +240,8 @@ pub struct Llama<S> {
     info: ModelInfo,
     embed: Tensor,
     lm_head: Tensor,
-    /// The head as Q8_0 for decode's logits, when the fused layers are held in quantized blocks.
+    /// The head as Q8_0 for generation's logits, when the fused layers are held in quantized
+    /// blocks.
     quant_head: Option<FrozenWeight>,
     stack: S,
 }
@@ -277,10 +278,10 @@ impl<S: Stack> Llama<S> {
     }
 
     /// The forward pass after the positions in `cache` (extended in place), with the tape when
-    /// `keep`; without, as inference ([`Rounding`]).
+    /// `keep`, on rayon's pool ([`forward_on_pool`]: generation's rounding, exact with a tape).
     fn run(&self, input: &BackboneInput, cache: Option<&mut KvCache>, keep: bool) -> Result<(Tensor, Option<Tape>)> {
         self.check_width(input)?;
-        rounding_scope(Rounding::for_tape(keep), || self.stack.forward(input, cache, keep))
+        forward_on_pool(keep, || self.stack.forward(input, cache, keep))
     }
 
     /// The training forward, after a key/value prefix (one row) when given.
@@ -342,11 +343,11 @@ impl<S: Stack> CausalLm for Llama<S> {
     }
     fn hidden_at(&self, input: &BackboneInput, prefix: Option<&KvCache>, at: &[(usize, usize)]) -> Result<Tensor> {
         self.check_width(input)?;
-        rounding_scope(Rounding::Inference, || self.stack.hidden_at(input, prefix, at))
+        forward_on_pool(false, || self.stack.hidden_at(input, prefix, at))
     }
     fn inference_logits(&self, rows: &Tensor) -> Result<Tensor> {
         match &self.quant_head {
-            Some(head) if rows.dim(0)? <= QUANT_ROWS => head.logits(rows),
+            Some(head) if rounding() == Rounding::Inference && rows.dim(0)? <= QUANT_ROWS => head.logits(rows),
             _ => self.stack.head_logits(&self.lm_head, rows),
         }
     }

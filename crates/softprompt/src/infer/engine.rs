@@ -17,6 +17,7 @@ use super::generate::prefill;
 use super::prompt_cache::PromptCache;
 use super::sampling::{Sampler, SamplingParams};
 use super::text_stream::TextStream;
+use crate::backbone::frozen_weight::{rounding_scope, Rounding};
 use crate::backbone::{inference_logits, BackboneInput, CausalLm, KvCache};
 use crate::tokenizer::TextTokenizer;
 
@@ -160,12 +161,15 @@ impl<'a, K: Clone + PartialEq> Engine<'a, K> {
         }
         let mut cache = req.prompt.cache.clone();
         let embeds = req.prompt.input_embeds(self.lm, &req.ids)?;
-        let hidden = prefill(self.lm, &embeds, &mut cache, chunk, progress)?;
-        let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?.squeeze(1)?;
-        let logits: Vec<f32> = inference_logits(self.lm, &last)?
-            .squeeze(0)?
-            .to_dtype(DType::F32)?
-            .to_vec1()?;
+        // generation: quantized weights multiply 8-bit activations, as llama.cpp does
+        let logits: Vec<f32> = rounding_scope(Rounding::Inference, || -> Result<Vec<f32>> {
+            let hidden = prefill(self.lm, &embeds, &mut cache, chunk, progress)?;
+            let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?.squeeze(1)?;
+            Ok(inference_logits(self.lm, &last)?
+                .squeeze(0)?
+                .to_dtype(DType::F32)?
+                .to_vec1()?)
+        })?;
         let seq = Sequence {
             key,
             cache,
@@ -206,13 +210,15 @@ impl<'a, K: Clone + PartialEq> Engine<'a, K> {
         let ids = Tensor::from_vec(pending, (n, 1), device)?;
         let embeds = self.lm.embed(&ids)?;
         let mask = Tensor::ones((n, 1), DType::U32, device)?;
-        let hidden = self
-            .lm
-            .forward_cached(&BackboneInput::new(&embeds, &mask), &mut batch)?;
-        let d = hidden.dim(2)?;
-        let logits: Vec<Vec<f32>> = inference_logits(self.lm, &hidden.reshape((n, d))?)?
-            .to_dtype(DType::F32)?
-            .to_vec2()?;
+        let logits: Vec<Vec<f32>> = rounding_scope(Rounding::Inference, || -> Result<Vec<Vec<f32>>> {
+            let hidden = self
+                .lm
+                .forward_cached(&BackboneInput::new(&embeds, &mask), &mut batch)?;
+            let d = hidden.dim(2)?;
+            Ok(inference_logits(self.lm, &hidden.reshape((n, d))?)?
+                .to_dtype(DType::F32)?
+                .to_vec2()?)
+        })?;
         let caches = if n == 1 { vec![batch] } else { batch.unstack()? };
         let mut events = Vec::new();
         let mut keep = Vec::with_capacity(n);

@@ -4,6 +4,7 @@
 use anyhow::{bail, Result};
 use candle_core::{IndexOp, Tensor};
 
+use crate::backbone::frozen_weight::{rounding_scope, Rounding};
 use crate::backbone::{inference_logits, BackboneInput, CausalLm, KvCache};
 
 /// Greedily extends the input embeddings `[1, T, hidden]` by up to `max_new` tokens, stopping
@@ -64,8 +65,24 @@ pub fn prefill(
     Ok(hidden.expect("t > 0"))
 }
 
-/// The greedy loop: the prompt (after `prefix`, if any) in chunks, then one token at a time.
+/// The greedy loop: the prompt (after `prefix`, if any) in chunks, then one token at a time;
+/// quantized weights multiply 8-bit activations, as llama.cpp does (generation).
 fn generate_greedy(
+    backbone: &dyn CausalLm,
+    prefix: Option<&KvCache>,
+    embeds: &Tensor,
+    max_new: usize,
+    stop: &[u32],
+    chunk: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<u32>> {
+    rounding_scope(Rounding::Inference, || {
+        greedy_loop(backbone, prefix, embeds, max_new, stop, chunk, progress)
+    })
+}
+
+/// [`generate_greedy`]'s loop.
+fn greedy_loop(
     backbone: &dyn CausalLm,
     prefix: Option<&KvCache>,
     embeds: &Tensor,

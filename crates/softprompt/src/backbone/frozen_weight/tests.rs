@@ -118,12 +118,16 @@ fn inference_scopes_use_the_integer_kernels_for_few_rows() {
             }
         }
     }
-    // the scope ends, also on a panic: every thread of the pool is back to exact products
+    // the scope ends, also on a panic; a forward on the pool takes the caller's rounding, or
+    // exact products when it keeps a tape
     let caught = std::panic::catch_unwind(|| rounding_scope(Rounding::Inference, || panic!("inside")));
     assert!(caught.is_err());
-    assert!(rayon::broadcast(|_| ROUNDING.get())
-        .iter()
-        .all(|&r| r == Rounding::Exact));
+    assert_eq!(rounding(), Rounding::Exact);
+    assert_eq!(forward_on_pool(false, rounding), Rounding::Exact);
+    rounding_scope(Rounding::Inference, || {
+        assert_eq!(forward_on_pool(false, rounding), Rounding::Inference);
+        assert_eq!(forward_on_pool(true, rounding), Rounding::Exact);
+    });
 }
 
 #[test]
