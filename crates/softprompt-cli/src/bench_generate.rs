@@ -1,7 +1,8 @@
 //! `softprompt bench --generate`: generation throughput with prompt-tuning adapters, the
 //! workload of `scripts/reference/peft_generate_speed.py` (same three prompts, greedy, exactly
 //! `--max-tokens` new tokens, a `--virtual`-token prompt initialised from the embeddings of
-//! "Answer briefly and in English:"), then continuous batching: `--clients` requests over
+//! "Answer briefly and in English:"), prompt processing (52 and 512 tokens, up to the first
+//! token), then continuous batching: `--clients` requests over
 //! `--adapters` different prompts in one engine, against the same requests one at a time.
 
 use anyhow::{bail, Result};
@@ -104,6 +105,31 @@ fn batched(lm: &dyn CausalLm, model: &LoadedModel, reqs: &[GenRequest]) -> Resul
     Ok((tokens, start.elapsed().as_secs_f64()))
 }
 
+/// Prompt lengths whose processing is timed (llama-bench's pp52 and pp512).
+const PREFILL_TOKENS: [usize; 2] = [52, 512];
+
+/// Tokens per second of a generation's prompt processing: a `tokens`-long prompt (the first
+/// prompt's tokens repeated, no adapter) run through an engine up to its first token's
+/// logits, median of `reps`.
+fn prefill_rate(lm: &dyn CausalLm, model: &LoadedModel, tokens: usize, reps: usize) -> Result<f64> {
+    let ids: Vec<u32> = model
+        .tokenizer
+        .encode(PROMPTS[0], true)?
+        .into_iter()
+        .cycle()
+        .take(tokens)
+        .collect();
+    let mut req = request(model, &Arc::new(PromptCache::none()), PROMPTS[0], 1)?;
+    req.ids = ids;
+    let mut rates = Vec::new();
+    for _ in 0..reps {
+        let start = Instant::now();
+        Engine::<()>::new(lm, &model.tokenizer).add((), req.clone())?;
+        rates.push(tokens as f64 / start.elapsed().as_secs_f64());
+    }
+    Ok(median(rates))
+}
+
 /// Runs the workload on `model_spec` with its weights held as `weights`; prints JSON lines
 /// (`json`) or text.
 pub fn run(model_spec: &str, weights: WeightStorage, b: &GenerateBench, json_out: bool) -> Result<()> {
@@ -144,6 +170,23 @@ pub fn run(model_spec: &str, weights: WeightStorage, b: &GenerateBench, json_out
             "single stream: {single_rate:.1} tokens/s (median of {}; {} prompts × {} new tokens, {}-token prompt-tuning adapter, {threads} threads)",
             rates.len(), PROMPTS.len(), b.max_tokens, b.virtual_tokens
         );
+    }
+
+    // prompt processing, as generation runs it
+    for tokens in PREFILL_TOKENS {
+        let rate = prefill_rate(lm, &model, tokens, b.reps)?;
+        let line = json!({
+            "workload": "generate_prefill", "model": model_spec, "prompt_tokens": tokens,
+            "reps": b.reps, "tokens_per_s": rate, "threads": threads,
+        });
+        if json_out {
+            println!("{line}");
+        } else {
+            println!(
+                "prompt processing, {tokens} tokens: {rate:.1} tokens/s (median of {})",
+                b.reps
+            );
+        }
     }
 
     // concurrent clients over several adapters, against the same requests one at a time
