@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::args::ScoreArgs;
 use crate::scoring::score;
+use softprompt::adapter::run_folder;
 use softprompt::lock::ProcessLock;
 
 /// Arguments of `predict`.
@@ -79,12 +80,9 @@ fn refuse_overwriting_an_input(output: &Path, score: &ScoreArgs) -> Result<()> {
     Ok(())
 }
 
-/// Takes the lock of the output file (`.NAME.softprompt-lock` beside it).
+/// Takes the lock of the output file (`.NAME.softprompt-lock` beside it, as a run folder's).
 fn lock_output(output: &Path) -> Result<ProcessLock> {
-    let dir = output
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = run_folder::parent_of(output);
     if !dir.is_dir() {
         bail!(
             "--output {}: the folder {} does not exist",
@@ -92,9 +90,5 @@ fn lock_output(output: &Path) -> Result<ProcessLock> {
             dir.display()
         );
     }
-    let name = output
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    ProcessLock::take(&dir.join(format!(".{name}.softprompt-lock")), "another predict", output)
+    run_folder::lock_run_folder(output, "another predict")
 }

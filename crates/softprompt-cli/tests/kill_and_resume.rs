@@ -48,31 +48,16 @@ fn finish(child: Child) -> (Option<i32>, String) {
     (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
-/// The tensors of a run's checkpoint, as raw bytes by name (order-independent).
-fn checkpoint(out: &Path) -> Vec<(String, Vec<u8>)> {
-    let bytes = std::fs::read(out.join("checkpoint-last/state.safetensors")).unwrap();
-    safetensors_view(&bytes)
-}
-
-/// Name → raw data of every tensor of a safetensors file (header parsed by hand: the format is
-/// an 8-byte little-endian header length, a JSON header, then the data).
-fn safetensors_view(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    let data = &bytes[8 + n..];
-    let mut out: Vec<(String, Vec<u8>)> = header
-        .as_object()
+/// The tensors of a run's checkpoint (parameters and AdamW moments) as f32 bit patterns by name.
+fn checkpoint(out: &Path) -> Vec<(String, Vec<u32>)> {
+    softprompt::io::read_safetensors(&out.join("checkpoint-last/state.safetensors"))
         .unwrap()
-        .iter()
-        .filter(|(k, _)| *k != "__metadata__")
-        .map(|(k, v)| {
-            let o = v["data_offsets"].as_array().unwrap();
-            let (a, b) = (o[0].as_u64().unwrap() as usize, o[1].as_u64().unwrap() as usize);
-            (k.clone(), data[a..b].to_vec())
+        .into_iter()
+        .map(|(name, t)| {
+            let values: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            (name, values.into_iter().map(f32::to_bits).collect())
         })
-        .collect();
-    out.sort();
-    out
+        .collect()
 }
 
 #[test]

@@ -5,7 +5,6 @@
 
 mod common;
 use softprompt::train::{OutputDir, TrainConfig};
-use std::process::{Command, Stdio};
 
 #[test]
 fn a_second_run_into_a_held_folder_is_refused_and_the_lock_goes_with_the_run() {
@@ -35,16 +34,7 @@ fn a_second_run_into_a_held_folder_is_refused_and_the_lock_goes_with_the_run() {
     assert!(!lock.exists());
 
     // Another process holding it (util-linux's flock(1), the same lock) is refused.
-    let mut holder = Command::new("flock")
-        // -o: the lock is held by flock itself (not passed on to the command it runs).
-        .arg("-o")
-        .arg(&lock)
-        .args(["sh", "-c", "echo locked; exec sleep 20"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("flock(1) runs");
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(holder.stdout.take().unwrap()), &mut line).unwrap();
+    let mut holder = common::flock_holder(&lock);
     let e = format!("{:#}", OutputDir::claim(&cfg).unwrap_err());
     assert!(
         e.contains("another training run (process") && e.contains("runs/a"),

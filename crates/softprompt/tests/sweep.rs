@@ -117,15 +117,7 @@ fn cells_run_resume_skip_and_rescore() {
 
     // A second sweep in a folder where one is running (here: util-linux's flock(1) holds the
     // same OS lock) is refused; a lock file no process holds (left by a killed sweep) is free.
-    let mut holder = std::process::Command::new("flock")
-        .arg("-o")
-        .arg(out.join("sweep.lock"))
-        .args(["sh", "-c", "echo locked; exec sleep 20"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("flock(1) runs");
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(holder.stdout.take().unwrap()), &mut line).unwrap();
+    let mut holder = common::flock_holder(&out.join("sweep.lock"));
     let grid = Grid::new(vec![Axis::parse("num_virtual_tokens=1").unwrap()], 1, &base()).unwrap();
     let e = Sweep::new(base(), grid, out.clone())
         .unwrap()

@@ -79,8 +79,13 @@ fn rename(from: &Path, to: &Path) -> Result<()> {
     std::fs::rename(from, to).with_context(|| format!("cannot move {} to {}", from.display(), to.display()))
 }
 
+/// The run files present in `dir`.
+pub fn run_files_in(dir: &Path) -> Vec<&'static str> {
+    RUN_FILES.iter().copied().filter(|f| dir.join(f).exists()).collect()
+}
+
 /// Removes a file or a folder.
-fn remove(path: &Path) -> std::io::Result<()> {
+pub fn remove(path: &Path) -> std::io::Result<()> {
     if path.is_dir() {
         std::fs::remove_dir_all(path)
     } else {
@@ -91,7 +96,7 @@ fn remove(path: &Path) -> std::io::Result<()> {
 /// Replaces the run in `target` by the complete run in `staging` (see the [module
 /// documentation](self)). Other files in `target` stay.
 pub fn replace(target: &Path, staging: &Path) -> Result<()> {
-    let manifest: Vec<&str> = RUN_FILES.iter().copied().filter(|f| staging.join(f).exists()).collect();
+    let manifest = run_files_in(staging);
     let text: String = manifest.iter().map(|f| format!("{f}\n")).collect();
     let mut steps = Steps::new();
     steps.done();
@@ -231,7 +236,8 @@ pub fn recover(target: &Path) -> Result<Vec<String>> {
 }
 
 /// Takes the lock of the run folder `target` (`.NAME.softprompt-lock` beside it: the folder
-/// itself may be swapped), naming `holder` if another process has it.
+/// itself may be swapped), naming `holder` if another process has it. `predict` takes its
+/// output file's lock the same way.
 pub fn lock_run_folder(target: &Path, holder: &str) -> Result<ProcessLock> {
     let lock = parent_of(target).join(format!(".{}.softprompt-lock", folder_name(target)));
     ProcessLock::take(&lock, holder, target)

@@ -5,7 +5,7 @@
 
 use anyhow::{bail, Context, Result};
 
-use super::{option, InitKind, Method, TaskKind, TrainConfig};
+use super::{option, spelling, InitKind, Method, TaskKind, TrainConfig};
 use crate::adapter::{PeftConfig, ADAPTER_CONFIG};
 use crate::template::Template;
 
@@ -197,14 +197,14 @@ impl TrainConfig {
                  \"multitask-prompt-tuning\" (--method multitask-prompt-tuning)",
                 option("tasks"),
                 self.tasks.len(),
-                serde_json::to_value(self.method)?.as_str().unwrap_or_default()
+                spelling(&self.method)
             );
         }
         if !mpt && self.init.is_source_task() {
             bail!(
                 "option `init` is \"{}\", a multitask source init; it needs method \
                  \"multitask-prompt-tuning\"",
-                serde_json::to_value(self.init)?.as_str().unwrap_or_default()
+                spelling(&self.init)
             );
         }
         if !mpt {
@@ -229,7 +229,7 @@ impl TrainConfig {
             bail!(
                 "option `init` is \"{}\" but {} is not given: give the source multitask adapter \
                  (its directory or its adapter_model.safetensors)",
-                serde_json::to_value(self.init)?.as_str().unwrap_or_default(),
+                spelling(&self.init),
                 option("init_from")
             );
         }
@@ -237,7 +237,7 @@ impl TrainConfig {
             bail!(
                 "option `init` is \"{}\", which starts one target task (as in PEFT), but {} \
                  lists {} tasks; train one task, or use init \"only-source-shared\"",
-                serde_json::to_value(self.init)?.as_str().unwrap_or_default(),
+                spelling(&self.init),
                 option("tasks"),
                 self.tasks.len()
             );
@@ -251,10 +251,7 @@ impl TrainConfig {
         if !self.method.is_kv_prefix() {
             return Ok(());
         }
-        let method = serde_json::to_value(self.method)?
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let method = spelling(&self.method);
         if !self.init.applies_to_kv_prefix() {
             bail!(
                 "option `init` is \"{}\", which does not apply to a key/value prefix: it fills \
@@ -300,10 +297,7 @@ impl TrainConfig {
         let adapter = PeftConfig::from_json_str(&text)
             .with_context(|| format!("{}: {} is not a valid adapter config", named(), path.display()))?;
         let kind = adapter.peft_type().as_str();
-        let method = serde_json::to_value(self.method)?
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let method = spelling(&self.method);
         let holds = |prefix: bool| {
             if prefix {
                 "keys and values for every layer"
@@ -363,7 +357,7 @@ pub fn run_template(cfg: &TrainConfig) -> Result<Template> {
     if cfg.method.is_kv_prefix() && t.num_virtual_tokens() > 0 {
         bail!(
             "option `template`: method `{}` learns keys and values before the input in every layer; remove the [soft:..] tokens (`num_virtual_tokens` sets the prefix length)",
-            serde_json::to_value(cfg.method)?.as_str().unwrap_or_default()
+            spelling(&cfg.method)
         );
     }
     if cfg.num_virtual_tokens == 0 && t.num_virtual_tokens() == 0 {

@@ -60,10 +60,7 @@ impl InitKind {
 
     /// The name as in the TOML file and on the command line (`random-normal`).
     pub fn name(self) -> String {
-        serde_json::to_value(self)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default()
+        super::spelling(&self)
     }
 
     /// Whether the init reads a multitask source adapter (the three PEFT source-task inits).

@@ -328,6 +328,15 @@ pub fn option(name: &str) -> String {
     format!("option `{name}` (--{})", name.replace('_', "-"))
 }
 
+/// How a TOML file spells an option's value (`"prefix-tuning"`, `"random-normal"`): its serde
+/// name, for messages.
+pub fn spelling<T: Serialize>(value: &T) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
 /// Parses a device name: `cpu`, `cuda` (GPU 0) or `cuda:N`. A CUDA device is refused with a
 /// clear message when candle was built without CUDA support.
 pub fn parse_device(name: &str) -> Result<Device> {

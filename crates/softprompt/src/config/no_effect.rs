@@ -3,21 +3,15 @@
 //! a warning before the run starts, so that no one believes a setting took effect when it did
 //! not. Values equal to the default are not mentioned (they may only have been left alone).
 
-use super::{EncoderKind, InitKind, Method, TrainConfig};
+use super::{spelling, EncoderKind, InitKind, Method, TrainConfig};
 use crate::task::TaskKind;
 
 impl TrainConfig {
     /// One sentence per option that has a non-default value but no effect on this run.
     pub fn options_without_effect(&self) -> Vec<String> {
         let d = TrainConfig::default();
-        let method = serde_json::to_value(self.method)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default();
-        let init = serde_json::to_value(self.init)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default();
+        let method = spelling(&self.method);
+        let init = spelling(&self.init);
         let p_tuning = self.method == Method::PTuning;
         let lstm = p_tuning && self.encoder == EncoderKind::Lstm;
         let has_dev = self.dev.is_some() || self.tasks.iter().any(|t| t.dev.is_some());

@@ -6,7 +6,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::{Path, PathBuf};
 
-use crate::adapter::run_folder::{self, RUN_FILES};
+use crate::adapter::run_folder;
 
 use crate::config::{option, TrainConfig};
 use crate::lock::ProcessLock;
@@ -34,11 +34,6 @@ pub struct OutputDir {
     /// `.NAME.softprompt-lock` beside the folder (the folder itself may be swapped): one run
     /// writes it at a time.
     _lock: ProcessLock,
-}
-
-/// The run files present in `dir`.
-fn run_files_in(dir: &Path) -> Vec<&'static str> {
-    RUN_FILES.iter().copied().filter(|f| dir.join(f).exists()).collect()
 }
 
 /// The step of the checkpoint in `dir/checkpoint-last`, if there is one.
@@ -163,7 +158,7 @@ impl OutputDir {
         for note in run_folder::recover(&target)? {
             eprintln!("note: {note}");
         }
-        let existing = run_files_in(&target);
+        let existing = run_folder::run_files_in(&target);
         let mode = if cfg.resume {
             let state = target.join(CHECKPOINT_DIR).join("state.json");
             if !state.is_file() {
@@ -268,13 +263,8 @@ impl OutputDir {
                         let _ = std::fs::remove_dir_all(dir);
                     }
                     None => {
-                        for f in RUN_FILES {
-                            let p = self.target.join(f);
-                            let _ = if p.is_dir() {
-                                std::fs::remove_dir_all(&p)
-                            } else {
-                                std::fs::remove_file(&p)
-                            };
+                        for f in run_folder::run_files_in(&self.target) {
+                            let _ = run_folder::remove(&self.target.join(f));
                         }
                     }
                 }

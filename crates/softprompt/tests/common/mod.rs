@@ -20,6 +20,23 @@ pub fn scratch(label: &str) -> tempfile::TempDir {
         .unwrap_or_else(|e| panic!("cannot make a temporary folder: {e}"))
 }
 
+/// Another process holding the OS lock (`flock`) on `path`: util-linux's `flock -o` (the lock
+/// held by flock itself, not passed on to the command it runs), returned once it holds it. Kill
+/// it (SIGKILL) to see the kernel release the lock.
+pub fn flock_holder(path: &std::path::Path) -> std::process::Child {
+    let mut holder = std::process::Command::new("flock")
+        .arg("-o")
+        .arg(path)
+        .args(["sh", "-c", "echo locked; exec sleep 20"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("util-linux's flock(1) runs");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(holder.stdout.take().unwrap()), &mut line).unwrap();
+    assert_eq!(line.trim(), "locked");
+    holder
+}
+
 /// `fixtures/peft/<name>` at the repository root.
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
