@@ -312,6 +312,15 @@ fn sweep_refuses_resume_flags_missing_output_and_unknown_keys() {
         !std::path::Path::new(out).exists(),
         "nothing written for a refused sweep"
     );
+    let (code, err) = run(&["--grid", "init=text,vocab", "--output", out, "--shard", "3/2"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("I must be between 1 and N"), "{err}");
+    let (code, err) = softprompt(&["sweep", "--report", out, "--steps", "2"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--report DIR takes no other option (--steps)"), "{err}");
+    let (code, err) = softprompt(&["sweep", "--report", out]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("sweep.json") && err.contains("a sweep's folder"), "{err}");
 }
 
 /// A multitask adapter needs a task id in range; other adapters refuse one.

@@ -1,9 +1,10 @@
 //! `sweep` on the real SmolLM2 with a tiny grid and a few steps per cell: every cell runs, an
 //! cell killed before its first checkpoint starts over, an interrupted cell resumes from its checkpoint (ending bit-identical to an uninterrupted run), a
-//! rerun skips finished cells, and a cell trained but not yet scored is only scored.
+//! rerun skips finished cells, and a cell trained but not yet scored is only scored; shards of
+//! one sweep share its folder and the last one writes the summaries.
 
 mod common;
-use softprompt::sweep::{Axis, Cell, CellResult, CellStart, Grid, Sweep, SweepObserver};
+use softprompt::sweep::{spec, Axis, Cell, CellResult, CellStart, Grid, Merge, Shard, Sweep, SweepObserver};
 use softprompt::task::TaskKind;
 use softprompt::train::optim::Schedule;
 use softprompt::train::{self, InitKind, Observer, Quiet, TrainConfig};
@@ -160,4 +161,63 @@ fn a_failed_cell_is_reported_and_the_others_still_run() {
     assert!(out.join("max_len-256_seed-42/result.json").is_file());
     let table = std::fs::read_to_string(out.join("results.md")).unwrap();
     assert!(table.contains("| 256 |") && table.contains("Failed cells"), "{table}");
+}
+
+#[test]
+fn shards_share_a_folder_and_the_last_one_writes_the_summaries() {
+    let tmp = common::scratch("sweep");
+    let out = tmp.path().join("sharded");
+    let whole = tmp.path().join("whole");
+    let grid = || Grid::new(vec![Axis::parse("num_virtual_tokens=1,2,3").unwrap()], 1, &base()).unwrap();
+    let shard = |i: usize| {
+        Sweep::new(base(), grid(), out.clone())
+            .unwrap()
+            .with_shard(Shard { index: i, count: 2 })
+    };
+
+    // Shard 2/2 takes the second cell only; the others have no result yet, so no summaries.
+    let mut record = Record::default();
+    let second = shard(1).run(&mut record).unwrap();
+    assert_eq!(record.starts.len(), 1);
+    assert_eq!(second[0].cell, "num_virtual_tokens-2_seed-42");
+    let missing = vec![
+        "num_virtual_tokens-1_seed-42".to_string(),
+        "num_virtual_tokens-3_seed-42".to_string(),
+    ];
+    assert_eq!(shard(1).merge().unwrap(), Merge::Unfinished(missing.clone()));
+    assert!(!out.join("results.md").exists());
+    // `sweep --report` reads the sweep from its folder and names the cells still missing,
+    // writing the summaries of those done with the others listed.
+    let e = format!("{:#}", spec::read(&out).unwrap().report().unwrap_err());
+    assert!(
+        e.contains("2 of 3 cells have no result yet") && e.contains(&missing[0]),
+        "{e}"
+    );
+    let table = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert!(table.contains("| 2 |") && table.contains("no result yet"), "{table}");
+
+    // Shard 1/2 runs the first and third; it finishes last, so it merges every cell.
+    let first = shard(0).run(&mut Record::default()).unwrap();
+    assert_eq!(first.len(), 2);
+    let Merge::Written(all) = shard(0).merge().unwrap() else {
+        panic!("every cell has a result")
+    };
+    assert_eq!(
+        all.iter().map(|r| r.cell.as_str()).collect::<Vec<_>>(),
+        [
+            "num_virtual_tokens-1_seed-42",
+            "num_virtual_tokens-2_seed-42",
+            "num_virtual_tokens-3_seed-42"
+        ]
+    );
+    // The same as the sweep run whole in one process, and the report agrees.
+    let together = Sweep::new(base(), grid(), whole.clone())
+        .unwrap()
+        .run(&mut Record::default())
+        .unwrap();
+    let values = |r: &[CellResult]| r.iter().map(|r| (r.cell.clone(), r.value)).collect::<Vec<_>>();
+    assert_eq!(values(&all), values(&together));
+    let table = |dir: &Path| std::fs::read_to_string(dir.join("results.md")).unwrap();
+    assert_eq!(table(&out), table(&whole));
+    assert_eq!(values(&spec::read(&out).unwrap().report().unwrap()), values(&together));
 }

@@ -5,10 +5,16 @@
 //! was run with the same options). A cell that was interrupted continues from its
 //! `checkpoint-last` (and a cell whose training had finished but whose test score was not yet
 //! written is only scored). So an interrupted sweep is resumed by running the same command again.
+//!
+//! Several processes can share one sweep ([`Shard`]: `--shard I/N`, a Slurm job array, MPI
+//! ranks), each training its own cells in the same folder; the summaries are written once every
+//! cell has a result, by the shard that finishes last or by `sweep --report DIR` ([`Sweep::merge`]).
 
 pub mod grid;
 pub mod plots;
 pub mod report;
+pub mod shard;
+pub mod spec;
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
@@ -21,9 +27,14 @@ use crate::train::checkpoint;
 use crate::train::{self, output, Observer};
 pub use grid::{Axis, Cell, Grid};
 pub use report::CellResult;
+pub use shard::Shard;
 
 /// The file that marks a cell as finished and holds its result.
 pub const RESULT_FILE: &str = "result.json";
+
+/// The lock of a whole sweep's folder: held by an unsharded sweep while it runs, and by whoever
+/// writes the summaries.
+const SWEEP_LOCK: &str = "sweep.lock";
 
 /// Receives a sweep's progress; the CLI draws it, tests ignore it.
 pub trait SweepObserver {
@@ -72,6 +83,17 @@ pub struct Sweep {
     pub grid: Grid,
     /// The sweep's folder (one subfolder per cell, plus the summaries).
     pub output: PathBuf,
+    /// The cells this process runs ([`Shard::WHOLE`] unless [`Sweep::with_shard`] says otherwise).
+    pub shard: Shard,
+}
+
+/// What [`Sweep::merge`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Merge {
+    /// Every cell has a result: the summaries are written; the results in grid order.
+    Written(Vec<CellResult>),
+    /// These cells (folder names) have no result yet; nothing was written.
+    Unfinished(Vec<String>),
 }
 
 impl Sweep {
@@ -84,7 +106,12 @@ impl Sweep {
                  accuracy): give option `test` or `dev` in the base configuration"
             );
         }
-        let sweep = Sweep { base, grid, output };
+        let sweep = Sweep {
+            base,
+            grid,
+            output,
+            shard: Shard::WHOLE,
+        };
         let varies_length = sweep.grid.axes.iter().any(|a| a.key == "num_virtual_tokens");
         for cell in sweep.cells() {
             let cfg = sweep.cell_config(&cell, false)?;
@@ -103,7 +130,12 @@ impl Sweep {
         Ok(sweep)
     }
 
-    /// Every cell, in the order they run.
+    /// The same sweep, running only `shard`'s cells.
+    pub fn with_shard(self, shard: Shard) -> Sweep {
+        Sweep { shard, ..self }
+    }
+
+    /// Every cell of the whole grid, in order (a shard runs those [`Shard::takes`] picks).
     pub fn cells(&self) -> Vec<Cell> {
         self.grid.cells(self.base.seed)
     }
@@ -121,12 +153,29 @@ impl Sweep {
     /// plots) after each that has a result (a run where none has leaves them unchanged). A cell
     /// that fails is reported and the sweep goes on with the others; the sweep then ends with an
     /// error naming every failed cell (run it again to retry them).
-    /// Returns every cell's result, in grid order.
+    /// Returns every cell's result, in grid order. The observer is told each cell's place among
+    /// this process's cells.
+    ///
+    /// A shard ([`Sweep::with_shard`]) runs only its cells and writes no summaries: call
+    /// [`Sweep::merge`] after it. Its results are its own cells'.
     pub fn run(&self, obs: &mut dyn SweepObserver) -> Result<Vec<CellResult>> {
         std::fs::create_dir_all(&self.output).with_context(|| format!("cannot create {}", self.output.display()))?;
-        // `sweep.lock`: two sweeps in one folder would train the same cells at once.
-        let _lock = ProcessLock::take(&self.output.join("sweep.lock"), "another sweep", &self.output)?;
-        let cells = self.cells();
+        // `sweep.lock`: two sweeps in one folder would train the same cells at once. Shards of
+        // one sweep run side by side, each under its own lock (a cell's folder is also locked
+        // by its training run).
+        let _lock = if self.shard.is_part() {
+            let name = format!("sweep-shard-{}-of-{}.lock", self.shard.index + 1, self.shard.count);
+            let holder = format!("another process running shard {}", self.shard);
+            ProcessLock::take(&self.output.join(name), &holder, &self.output)?
+        } else {
+            ProcessLock::take(&self.output.join(SWEEP_LOCK), "another sweep", &self.output)?
+        };
+        spec::write(self)?;
+        // This process's cells; the observer counts among them.
+        let cells: Vec<Cell> = (self.cells().into_iter().enumerate())
+            .filter(|(i, _)| self.shard.takes(*i))
+            .map(|(_, cell)| cell)
+            .collect();
         let mut results = vec![];
         let mut failed: Vec<(String, String)> = vec![];
         for (i, cell) in cells.iter().enumerate() {
@@ -134,7 +183,9 @@ impl Sweep {
                 Ok(result) => {
                     obs.cell_done(i, cells.len(), cell, &result);
                     results.push(result);
-                    report::write_summaries(&self.output, &self.grid, &results, &failed)?;
+                    if !self.shard.is_part() {
+                        report::write_summaries(&self.output, &self.grid, &results, &failed)?;
+                    }
                 }
                 Err(e) => {
                     obs.cell_failed(i, cells.len(), cell, &e);
@@ -145,7 +196,7 @@ impl Sweep {
         // The failures join the summaries, but a run in which no cell got a result (every
         // cell refused, e.g. a rerun with other base options) leaves the summaries of the
         // earlier runs as they were.
-        if !results.is_empty() {
+        if !results.is_empty() && !self.shard.is_part() {
             report::write_summaries(&self.output, &self.grid, &results, &failed)?;
         }
         if !failed.is_empty() {
@@ -160,6 +211,65 @@ impl Sweep {
             );
         }
         Ok(results)
+    }
+
+    /// Writes the summaries over every cell of the grid once each has a result (whichever
+    /// process trained it), under the sweep's lock (waiting a few seconds for another process
+    /// merging at the same moment). A cell whose `result.json` was written with other options
+    /// is refused by name.
+    pub fn merge(&self) -> Result<Merge> {
+        let _lock = take_patiently(&self.output.join(SWEEP_LOCK), &self.output)?;
+        let (results, missing) = self.finished_cells()?;
+        if !missing.is_empty() {
+            return Ok(Merge::Unfinished(missing));
+        }
+        report::write_summaries(&self.output, &self.grid, &results, &[])?;
+        Ok(Merge::Written(results))
+    }
+
+    /// `sweep --report`: writes the summaries over the cells that have a result, listing the
+    /// others as without one; an error names those when there are any.
+    pub fn report(&self) -> Result<Vec<CellResult>> {
+        let _lock = take_patiently(&self.output.join(SWEEP_LOCK), &self.output)?;
+        let (results, missing) = self.finished_cells()?;
+        let unfinished: Vec<(String, String)> = missing
+            .iter()
+            .map(|name| {
+                (
+                    name.clone(),
+                    "no result yet (its shard has not finished it)".to_string(),
+                )
+            })
+            .collect();
+        if !results.is_empty() {
+            report::write_summaries(&self.output, &self.grid, &results, &unfinished)?;
+        }
+        if !missing.is_empty() {
+            bail!(
+                "{} of {} cells have no result yet ({}): run or finish their shards, then                  `softprompt sweep --report {}` again",
+                missing.len(),
+                self.cells().len(),
+                missing.join(", "),
+                self.output.display()
+            );
+        }
+        Ok(results)
+    }
+
+    /// The results of the cells that have one, in grid order, and the names of the others.
+    fn finished_cells(&self) -> Result<(Vec<CellResult>, Vec<String>)> {
+        let (mut results, mut missing) = (vec![], vec![]);
+        for cell in self.cells() {
+            let path = self.output.join(&cell.name).join(RESULT_FILE);
+            if !path.exists() {
+                missing.push(cell.name);
+                continue;
+            }
+            let result = CellResult::read(&path)?;
+            result.check_options(&self.cell_config(&cell, false)?, &path)?;
+            results.push(result);
+        }
+        Ok((results, missing))
     }
 
     /// Takes one cell to its result: read, resumed, scored or trained.
@@ -195,6 +305,22 @@ impl Sweep {
         let result = result.with_cell(cell);
         result.write(&result_path)?;
         Ok(result)
+    }
+}
+
+/// Takes `path` (a sweep's lock), retrying for a few seconds while another process holds it
+/// only to write the summaries.
+fn take_patiently(path: &Path, folder: &Path) -> Result<ProcessLock> {
+    let mut tries = 0;
+    loop {
+        match ProcessLock::take(path, "another sweep", folder) {
+            Ok(lock) => return Ok(lock),
+            Err(_) if tries < 20 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 
