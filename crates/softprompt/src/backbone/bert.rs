@@ -296,7 +296,7 @@ impl<S: Stack> Encoder for Bert<S> {
 
 /// Refuses a key/value prefix that is not one row with a key mask and, for each of the model's
 /// `layers`, keys and values of shape `[1, heads, V, head_dim]`.
-fn check_prefix(prefix: &KvCache, layers: usize, heads: usize, head_dim: usize) -> Result<()> {
+pub(super) fn check_prefix(prefix: &KvCache, layers: usize, heads: usize, head_dim: usize) -> Result<()> {
     ensure!(
         prefix.mask.is_some() && prefix.rows() == 1 && prefix.layers.len() == layers,
         "a key/value prefix must be one row with a mask and keys/values for each of the model's {layers} layers; \

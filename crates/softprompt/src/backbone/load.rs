@@ -7,6 +7,7 @@ use std::path::Path;
 
 use super::bert::{self, BertWeights};
 use super::gemma3::{self, Gemma3Weights};
+use super::gpt2::{self, Gpt2Weights};
 use super::llama::{self, LlamaWeights};
 use super::weights::SafetensorsWeights;
 use super::{KernelPath, Model, ModelInfo, WeightStorage};
@@ -77,8 +78,12 @@ pub fn load_with(location: &ModelLocation, device: &Device, options: impl Into<L
                     let kernels = choose(storage)?;
                     Model::Causal(gemma3::build(Gemma3Weights::from_gguf(&file, device, storage)?, kernels)?)
                 }
+                "gpt2" => {
+                    let kernels = gpt2::kernel_path(asked, storage)?;
+                    Model::Causal(gpt2::build(Gpt2Weights::from_gguf(&file, device)?, kernels)?)
+                }
                 other => bail!(
-                    "{}: architecture `{other}` is not supported (supported in GGUF: llama, qwen2, qwen3, mistral, gemma3)",
+                    "{}: architecture `{other}` is not supported (supported in GGUF: llama, qwen2, qwen3, mistral, gemma3, gpt2)",
                     path.display()
                 ),
             };
@@ -123,8 +128,12 @@ pub fn load_with(location: &ModelLocation, device: &Device, options: impl Into<L
                     let w = BertWeights::from_hf(dir, &config, &weights, device)?;
                     Model::Encoder(bert::build(w, kernels)?)
                 }
+                "gpt2" => {
+                    let kernels = gpt2::kernel_path(asked, storage)?;
+                    Model::Causal(gpt2::build(Gpt2Weights::from_hf(dir, &config, &weights, device)?, kernels)?)
+                }
                 other => bail!(
-                    "{}: model_type `{other}` is not supported (supported: llama, mistral, qwen2, qwen3, gemma3_text, bert)",
+                    "{}: model_type `{other}` is not supported (supported: llama, mistral, qwen2, qwen3, gemma3_text, gpt2, bert)",
                     dir.join("config.json").display()
                 ),
             };

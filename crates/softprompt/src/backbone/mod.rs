@@ -8,13 +8,15 @@
 //!
 //! Each family (`llama`, `gemma3`, `bert`) loads into one weights struct and has two implementations
 //! built from it: the fused f32 CPU kernels and the composed candle ops. Which one runs a model
-//! is chosen once, at load ([`KernelPath`], [`LoadOptions`]).
+//! is chosen once, at load ([`KernelPath`], [`LoadOptions`]). GPT-2 (`gpt2`) runs on the
+//! composed ops only.
 
 pub mod bert;
 pub mod frozen_weight;
 pub use frozen_weight::WeightStorage;
 pub mod fused;
 pub mod gemma3;
+pub mod gpt2;
 mod kv_cache;
 pub use kv_cache::KvCache;
 pub mod llama;
@@ -40,6 +42,8 @@ pub enum Arch {
     Llama,
     /// Gemma 3 text models (causal decoder with sliding-window layers).
     Gemma3,
+    /// GPT-2 (causal decoder with learned absolute positions and LayerNorm).
+    Gpt2,
     /// BERT family: BERT, MiniLM (bidirectional encoder).
     Bert,
 }
@@ -47,7 +51,7 @@ pub enum Arch {
 impl Arch {
     /// Whether the model is a causal language model.
     pub fn is_causal(self) -> bool {
-        matches!(self, Arch::Llama | Arch::Gemma3)
+        matches!(self, Arch::Llama | Arch::Gemma3 | Arch::Gpt2)
     }
 }
 

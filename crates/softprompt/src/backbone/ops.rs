@@ -92,6 +92,27 @@ pub fn gelu_erf_backward(z: &Tensor, dy: &Tensor) -> Result<Tensor> {
     dy * d
 }
 
+/// `sqrt(2/π)`, the GELU tanh approximation's constant.
+const GELU_K: f64 = 0.797_884_560_802_865_4;
+/// The cubic coefficient of the GELU tanh approximation.
+const GELU_C: f64 = 0.044_715;
+
+/// GELU's tanh approximation (transformers' `gelu_pytorch_tanh`, GPT-2's `gelu_new`):
+/// `0.5·z·(1 + tanh(sqrt(2/π)·(z + 0.044715·z³)))`.
+pub fn gelu_tanh(z: &Tensor) -> Result<Tensor> {
+    let inner = ((z + ((z.sqr()? * z)? * GELU_C)?)? * GELU_K)?;
+    (z * 0.5)? * (inner.tanh()? + 1.0)?
+}
+
+/// Input gradient of [`gelu_tanh`] times `dy`: with `t = tanh(k·(z + c·z³))`,
+/// `0.5·(1 + t) + 0.5·z·(1 − t²)·k·(1 + 3c·z²)`.
+pub fn gelu_tanh_backward(z: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let t = ((z + ((z.sqr()? * z)? * GELU_C)?)? * GELU_K)?.tanh()?;
+    let slope = ((z.sqr()? * (3.0 * GELU_C))? + 1.0)? * GELU_K;
+    let d = (((&t + 1.0)? * 0.5)? + ((z * 0.5)? * (t.sqr()?.affine(-1.0, 1.0)? * slope?)?)?)?;
+    dy * d
+}
+
 /// What attention keeps for its backward pass.
 pub struct AttentionSaved {
     q: Tensor,

@@ -343,7 +343,7 @@ fn byte_level_pre_tokenizer(pre: Option<&str>, file: &str) -> Result<PreTokenize
         Ok(PreSequence::new(vec![s.into(), byte_level(false)]).into())
     };
     Ok(match pre {
-        None | Some("gpt2") | Some("default") => byte_level(true),
+        None | Some("gpt2") | Some("gpt-2") | Some("default") => byte_level(true),
         // GPT-2's split with every digit on its own (SmolLM's HF tokenizer.json does the same).
         Some("smollm") | Some("starcoder") | Some("refact") => {
             PreSequence::new(vec![Digits::new(true).into(), byte_level(true)]).into()
@@ -351,7 +351,7 @@ fn byte_level_pre_tokenizer(pre: Option<&str>, file: &str) -> Result<PreTokenize
         Some("qwen2") => split(QWEN2_PATTERN)?,
         Some("llama-bpe") | Some("llama3") | Some("llama-v3") => split(LLAMA3_PATTERN)?,
         Some(other) => bail!(
-            "{file}: pre-tokenizer `{other}` (metadata `tokenizer.ggml.pre`) is not supported; supported: gpt2, default, smollm, starcoder, refact, qwen2, llama-bpe"
+            "{file}: pre-tokenizer `{other}` (metadata `tokenizer.ggml.pre`) is not supported; supported: gpt2, gpt-2, default, smollm, starcoder, refact, qwen2, llama-bpe"
         ),
     })
 }

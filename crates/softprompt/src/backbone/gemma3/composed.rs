@@ -8,16 +8,11 @@ use candle_core::{DType, Tensor};
 
 use super::{rope_tables, AttentionKind, Gemma3Config, Gemma3Layer, Gemma3Stack};
 use crate::backbone::frozen_weight::Linear;
-use crate::backbone::ops::{self, AttentionSaved};
+use crate::backbone::ops::{self, gelu_tanh, gelu_tanh_backward, AttentionSaved};
 use crate::backbone::{BackboneInput, KernelPath, KvCache, Tape};
 
 /// A layer's weights as candle tensors (gains in the norms' dtype).
 type Layer = Gemma3Layer<Tensor>;
-
-/// `sqrt(2/π)`, the GELU tanh approximation's constant.
-const GELU_K: f64 = 0.797_884_560_802_865_4;
-/// The cubic coefficient of the GELU tanh approximation.
-const GELU_C: f64 = 0.044_715;
 
 /// The decoder layers, the final norm and each layer kind's RoPE tables as candle tensors.
 pub struct ComposedStack {
@@ -339,19 +334,4 @@ impl ComposedStack {
         let dn1 = ops::linear_backward(&d_qkv, &layer.w_qkv)?;
         Ok(((dx2 + self.norm_backward(&tape.x, &layer.attn_norm, &dn1)?)?, d_past))
     }
-}
-
-/// transformers' `gelu_pytorch_tanh`: `0.5·z·(1 + tanh(sqrt(2/π)·(z + 0.044715·z³)))`.
-fn gelu_tanh(z: &Tensor) -> Result<Tensor> {
-    let inner = ((z + ((z.sqr()? * z)? * GELU_C)?)? * GELU_K)?;
-    Ok(((z * 0.5)? * (inner.tanh()? + 1.0)?)?)
-}
-
-/// Input gradient of [`gelu_tanh`] times `dy`: with `t = tanh(k·(z + c·z³))`,
-/// `0.5·(1 + t) + 0.5·z·(1 − t²)·k·(1 + 3c·z²)`.
-fn gelu_tanh_backward(z: &Tensor, dy: &Tensor) -> Result<Tensor> {
-    let t = ((z + ((z.sqr()? * z)? * GELU_C)?)? * GELU_K)?.tanh()?;
-    let slope = ((z.sqr()? * (3.0 * GELU_C))? + 1.0)? * GELU_K;
-    let d = (((&t + 1.0)? * 0.5)? + ((z * 0.5)? * (t.sqr()?.affine(-1.0, 1.0)? * slope?)?)?)?;
-    Ok((dy * d)?)
 }
