@@ -220,10 +220,15 @@ fn bench_recipe(args: &BenchArgs, path: &std::path::Path) -> Result<()> {
     profile::reset();
     let step_s = median(times.clone());
     let mean = times.iter().sum::<f64>() / times.len() as f64;
-    let (prompt, prefix) = learner.prompt.eval_parts()?;
+    let (prompt, prefix) = learner.prompt.eval_parts(&*p.model.backbone)?;
     let update = learner.prompt.input_update()?;
     let dev = &p.tasks[0].dev;
-    let rows = &dev[..args.eval_rows.min(dev.len())];
+    let mut rows = dev[..args.eval_rows.min(dev.len())].to_vec();
+    if prompt.is_none() && prefix.is_some() {
+        // Late prompt tuning: the prefix stands for the rows' virtual tokens.
+        rows = softprompt::train::late_prompt::without_virtual_tokens(&rows);
+    }
+    let rows = rows.as_slice();
     let scorer = softprompt::infer::evaluate::Scorer::new(&p.model, p.task(), prompt.as_ref(), learner.head.as_ref())?
         .with_prefix(prefix.as_ref())
         .with_input_update(update.as_ref());

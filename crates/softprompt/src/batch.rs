@@ -94,8 +94,6 @@ pub fn make_batch(examples: &[&Example], with_targets: bool, device: &Device) ->
 /// Word embeddings of the batch with the prompt rows `prompt` (`[p, hidden]`) spliced in at
 /// the virtual-token positions.
 pub fn splice_embeddings(backbone: &dyn Backbone, batch: &Batch, prompt: Option<&Tensor>) -> Result<Tensor> {
-    let (b, t) = batch.shape;
-    let d = backbone.info().hidden;
     let words = backbone.embed(&batch.ids)?;
     if batch.soft_positions.is_empty() {
         return Ok(words);
@@ -103,13 +101,20 @@ pub fn splice_embeddings(backbone: &dyn Backbone, batch: &Batch, prompt: Option<
     let Some(prompt) = prompt else {
         bail!("the template has virtual tokens but no prompt was given")
     };
+    splice_rows(batch, &words, prompt)
+}
+
+/// `base` (`[B, T, d]`: word embeddings, or late prompt tuning's hidden states at its layer)
+/// with the prompt rows `prompt` (`[p, d]`) written at the batch's virtual-token positions.
+pub fn splice_rows(batch: &Batch, base: &Tensor, prompt: &Tensor) -> Result<Tensor> {
+    let (b, t, d) = base.dims3()?;
     let n = b * t;
     let mut index: Vec<u32> = (0..n as u32).collect();
     for (&pos, &v) in batch.soft_positions.iter().zip(&batch.soft_index) {
         index[pos as usize] = n as u32 + v;
     }
-    let table = Tensor::cat(&[&words.reshape((n, d))?, prompt], 0)?;
-    let index = Tensor::from_vec(index, n, words.device())?;
+    let table = Tensor::cat(&[&base.reshape((n, d))?, &prompt.to_dtype(base.dtype())?], 0)?;
+    let index = Tensor::from_vec(index, n, base.device())?;
     Ok(table.index_select(&index, 0)?.reshape((b, t, d))?)
 }
 

@@ -46,6 +46,11 @@ pub const DEPT_A: &str = "dept_update_a";
 /// DePT's `B [r, d]` in `adapter_model.safetensors` (softprompt's name; PEFT has no DePT): the
 /// update of the input embeddings is `A·B`, row `j` added to the `j`-th real prompt token.
 pub const DEPT_B: &str = "dept_update_b";
+/// Late prompt tuning's layer in `adapter_model.safetensors` (softprompt's name; PEFT has no
+/// LPT): a one-element f32 tensor holding the decoder layer whose input the prompt
+/// (`prompt_embeddings`) replaces. An adapter holding it is read by
+/// [`crate::infer::late_prompt`], never as an input prompt.
+pub const LATE_PROMPT_LAYER: &str = "late_prompt_insert_layer";
 /// Tensor names of a sequence-classification head as PEFT saves it (`modules_to_save`).
 pub const CLASSIFIER_WEIGHT: &str = "base_model.classifier.weight";
 /// See [`CLASSIFIER_WEIGHT`].
@@ -86,10 +91,35 @@ impl PeftAdapter {
         }
     }
 
+    /// Late prompt tuning's layer: the decoder layer whose input the prompt replaces; `None` for
+    /// an adapter without [`LATE_PROMPT_LAYER`]. A value that is not one whole number is refused.
+    pub fn late_prompt_layer(&self) -> Result<Option<usize>> {
+        let Some(t) = self.tensors.get(LATE_PROMPT_LAYER) else {
+            return Ok(None);
+        };
+        let values = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        match values.as_slice() {
+            [v] if *v >= 0.0 && v.fract() == 0.0 && *v < 1e6 => Ok(Some(*v as usize)),
+            _ => bail!(
+                "{}: tensor `{LATE_PROMPT_LAYER}` must hold one whole number (the layer), not {values:?}",
+                self.dir.display()
+            ),
+        }
+    }
+
     /// The prompt matrix `[p, d]` to prepend to the input embeddings (prompt tuning and
-    /// p-tuning); an error for prefix tuning, whose prompt enters every attention layer, and for
-    /// multitask prompt tuning, whose prompt depends on the task ([`PeftAdapter::input_prompt_for`]).
+    /// p-tuning); an error for prefix tuning, whose prompt enters every attention layer, for
+    /// late prompt tuning, whose prompt enters at a later layer ([`crate::infer::late_prompt`]),
+    /// and for multitask prompt tuning, whose prompt depends on the task
+    /// ([`PeftAdapter::input_prompt_for`]).
     pub fn input_prompt(&self) -> Result<&Tensor> {
+        if let Some(layer) = self.late_prompt_layer()? {
+            bail!(
+                "{}: a late-prompt-tuning adapter's prompt replaces the hidden states at layer {layer}, \
+                 not input embeddings (it is read as per-layer keys and values)",
+                self.dir.display()
+            );
+        }
         match self.config.peft_type() {
             t if t.is_kv_prefix() => bail!(
                 "{}: a {} adapter holds per-layer key/value prefixes, not an input prompt (use its prefix cache)",

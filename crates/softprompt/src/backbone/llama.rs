@@ -31,6 +31,7 @@ pub use rope::RopeScaling;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
+use std::ops::Range;
 use std::path::Path;
 
 use super::frozen_weight::{forward_on_pool, rounding, FrozenWeight, Linear, Rounding, QUANT_ROWS};
@@ -212,11 +213,32 @@ pub trait Stack: Sized + Send + Sync + 'static {
     /// Takes the loaded layers and final norm (an error where this implementation cannot run
     /// them).
     fn new(cfg: LlamaConfig, layers: Vec<LlamaLayer>, norm: Tensor) -> Result<Self>;
+    /// Number of decoder layers.
+    fn layer_count(&self) -> usize;
+    /// The decoder layers `layers` (a range of `0..layer_count()`) run on `input`, whose
+    /// "embeddings" are the residual stream entering layer `layers.start`, after the positions
+    /// in `cache` (one entry per layer of the range), whose keys and values are then replaced by
+    /// the extended ones. Returns the residual stream leaving the range `[B, T, D]`, final-normed
+    /// when the range ends at the last layer; with `keep` (only for such a range), the tape for
+    /// [`Stack::backward`], which then stops at layer `layers.start`.
+    fn forward_layers(
+        &self,
+        input: &BackboneInput,
+        cache: Option<&mut KvCache>,
+        keep: bool,
+        layers: Range<usize>,
+    ) -> Result<(Tensor, Option<Tape>)>;
     /// Final-normed hidden states `[B, T, D]` of `input` (its embeddings and mask) after the
     /// positions in `cache`, whose keys and values are then replaced by the extended ones; with
-    /// `keep`, the tape for [`Stack::backward`].
-    fn forward(&self, input: &BackboneInput, cache: Option<&mut KvCache>, keep: bool)
-        -> Result<(Tensor, Option<Tape>)>;
+    /// `keep`, the tape for [`Stack::backward`]: every layer ([`Stack::forward_layers`]).
+    fn forward(
+        &self,
+        input: &BackboneInput,
+        cache: Option<&mut KvCache>,
+        keep: bool,
+    ) -> Result<(Tensor, Option<Tape>)> {
+        self.forward_layers(input, cache, keep, 0..self.layer_count())
+    }
     /// d(loss)/d(input embeddings) and, after cached positions (a key/value prefix), their
     /// gradient per layer `(dK, dV)`, each `[1, Hkv, past, hd]`, summed over the rows.
     fn backward(&self, tape: &Tape, d_hidden: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)>;
@@ -328,6 +350,24 @@ impl<S: Stack> Backbone for Llama<S> {
     }
     fn backward_prefixed(&self, tape: &Tape, d_hidden: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
         self.stack.backward(tape, d_hidden)
+    }
+    fn forward_layers(
+        &self,
+        input: &BackboneInput,
+        layers: Range<usize>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        self.check_width(input)?;
+        Ok(forward_on_pool(false, || self.stack.forward_layers(input, cache, false, layers))?.0)
+    }
+    fn forward_train_from(&self, input: &BackboneInput, first: usize) -> Result<(Tensor, Tape)> {
+        self.check_width(input)?;
+        let all = self.stack.layer_count();
+        if first >= all {
+            bail!("layer {first} is not a layer of this model (it has {all}: 0..{all})");
+        }
+        let (h, tape) = forward_on_pool(true, || self.stack.forward_layers(input, None, true, first..all))?;
+        Ok((h, tape.expect("keep=true yields a tape")))
     }
     fn kernel_path(&self) -> KernelPath {
         S::PATH

@@ -33,6 +33,7 @@ use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use std::any::Any;
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::PathBuf;
 
 /// The architecture families softprompt runs.
@@ -208,11 +209,44 @@ pub trait Backbone: Send + Sync {
     /// From a [`Backbone::forward_train_prefixed`] tape: d(loss)/d(input embeddings) and the
     /// prefix's gradient per layer, `(dK, dV)` each `[1, Hkv, V, head_dim]`, summed over rows.
     fn backward_prefixed(&self, tape: &Tape, d_hidden: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)>;
+    /// Late prompt tuning: the decoder layers `layers` run on `input`, whose embeddings are the
+    /// residual stream `[B, T, hidden]` entering layer `layers.start` (the input embeddings for
+    /// 0), after the positions in `cache` (one entry per layer of the range; extended in place).
+    /// Returns the residual stream leaving the range, final-normed (as [`Backbone::forward`])
+    /// when it ends at the last layer. Families that do not run a range of layers refuse by name.
+    fn forward_layers(
+        &self,
+        input: &BackboneInput,
+        layers: Range<usize>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let _ = (input, layers, cache);
+        Err(no_layer_ranges(self.info()))
+    }
+    /// Late prompt tuning's training forward: the layers from `first` on and the final norm,
+    /// run on the residual stream entering layer `first` (`input.embeds`), with the tape whose
+    /// [`Backbone::backward`] gives d(loss)/d(that residual stream) and runs no layer below
+    /// `first`.
+    fn forward_train_from(&self, input: &BackboneInput, first: usize) -> Result<(Tensor, Tape)> {
+        let _ = (input, first);
+        Err(no_layer_ranges(self.info()))
+    }
     /// Which implementation runs this model (chosen when it loaded). Backbones outside this
     /// module compose tensor ops: the default.
     fn kernel_path(&self) -> KernelPath {
         KernelPath::Composed
     }
+}
+
+/// The refusal of a family that cannot run a range of its layers (late prompt tuning).
+fn no_layer_ranges(info: &ModelInfo) -> anyhow::Error {
+    anyhow::anyhow!(
+        "late prompt tuning runs on Llama-family models (Llama, SmolLM2, Mistral, Qwen2, Qwen3); \
+         {} is a {:?} model (`{}`)",
+        info.source.display(),
+        info.arch,
+        info.model_type
+    )
 }
 
 /// A causal language model: a key/value cache and a vocabulary head.

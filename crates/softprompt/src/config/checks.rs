@@ -35,6 +35,11 @@ pub const WHOLE_NUMBER_OPTIONS: &[(&str, u64, &str)] = &[
         "the width of residual prompt tuning's bottleneck MLP",
     ),
     ("dept_rank", 1, "the rank of DePT's update of the input embeddings"),
+    (
+        "insert_layer",
+        0,
+        "the decoder layer whose input late prompt tuning's prompt replaces",
+    ),
     ("init_task", 0, "the source task of init \"exact-source-task\""),
     ("num_ranks", 1, "the rank of each task's factors"),
     ("warmup", 0, "linear warm-up steps"),
@@ -369,6 +374,14 @@ pub fn run_template(cfg: &TrainConfig) -> Result<Template> {
     }
     let t = if t.num_virtual_tokens() == 0 && !cfg.method.is_kv_prefix() {
         Template::parse(&format!("[soft:{}]{}", cfg.num_virtual_tokens, cfg.template)).with_context(what)?
+    if cfg.method == Method::LatePromptTuning && !virtual_tokens_lead(&t) {
+        bail!(
+            "option `template`: method `late-prompt-tuning` puts its prompt in front of the input \
+             (its keys and values are computed once per adapter); write the virtual tokens as one \
+             `[soft:N]` at the template's start and nowhere else, or leave them out \
+             (`num_virtual_tokens` are then prepended)"
+        );
+    }
     } else {
         t
     };
@@ -379,6 +392,19 @@ pub fn run_template(cfg: &TrainConfig) -> Result<Template> {
 
 /// Refuses a template without any input field (only soft tokens and text).
 fn check_reads_a_field(t: &Template, name: &str, target_field: &str) -> Result<()> {
+/// Whether the template's virtual tokens, if any, are one `[soft:N]` at its very start (the
+/// layout late prompt tuning's readers rebuild: [`crate::template::Template::without_leading_soft`]).
+fn virtual_tokens_lead(t: &Template) -> bool {
+    let soft: Vec<usize> = t
+        .segments()
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| matches!(s, crate::template::Segment::Soft { .. }))
+        .map(|(i, _)| i)
+        .collect();
+    soft.is_empty() || (soft == [0] && t.without_leading_soft().is_some())
+}
+
     if t.fields().is_empty() {
         bail!(
             "{} `{}` reads no field of the rows (only the target `{target_field}`), so every row \

@@ -68,7 +68,7 @@ pub struct TrainConfig {
     #[cfg_attr(feature = "cli", arg(skip))]
     pub verbalizer: BTreeMap<String, String>,
     /// Prompt tuning, p-tuning, prefix tuning, Cartridge, multitask prompt tuning, residual
-    /// prompt tuning or DePT.
+    /// prompt tuning, DePT or late prompt tuning.
     #[cfg_attr(feature = "cli", arg(long))]
     pub method: Method,
     /// Virtual tokens to prepend when the template has none; for a key/value prefix
@@ -93,6 +93,15 @@ pub struct TrainConfig {
     /// DePT: the peak learning rate of `A` and `B` (`lr` is the prompt's; same schedule).
     #[cfg_attr(feature = "cli", arg(long))]
     pub dept_lr: f64,
+    /// Late prompt tuning: the decoder layer whose input the prompt replaces (0 = the input
+    /// embeddings, as prompt tuning). Default: half the model's layers.
+    #[cfg_attr(feature = "cli", arg(long, value_parser = WholeNumber::<usize>::option("insert_layer")))]
+    pub insert_layer: Option<usize>,
+    /// Late prompt tuning: keep the frozen lower layers' output of every training row in memory
+    /// after its first step, so later epochs run only the layers from `insert_layer` on. Default:
+    /// on when the training rows' hidden states fit in 1 GiB.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub cache_lower_layers: Option<bool>,
     /// Prefix tuning: pass the prefix through PEFT's projection MLP
     /// (`Linear(kv_dim, encoder_hidden) → tanh → Linear(encoder_hidden, layers·2·kv_dim)`).
     #[cfg_attr(feature = "cli", arg(long))]
@@ -237,6 +246,8 @@ impl Default for TrainConfig {
             residual_bottleneck: 300,
             dept_rank: 4,
             dept_lr: 1e-4,
+            insert_layer: None,
+            cache_lower_layers: None,
             num_frozen_tokens: 1,
             encoder_layers: 2,
             encoder_dropout: 0.0,
@@ -285,7 +296,8 @@ impl TrainConfig {
             | Method::Cartridge
             | Method::MultitaskPromptTuning
             | Method::ResidualPromptTuning
-            | Method::Dept => None,
+            | Method::Dept
+            | Method::LatePromptTuning => None,
             Method::PTuning => Some(EncoderSpec::new(
                 self.encoder,
                 self.encoder_hidden,
@@ -313,7 +325,8 @@ impl TrainConfig {
             | Method::PTuning
             | Method::MultitaskPromptTuning
             | Method::ResidualPromptTuning
-            | Method::Dept => None,
+            | Method::Dept
+            | Method::LatePromptTuning => None,
         }
     }
 

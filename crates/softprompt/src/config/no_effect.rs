@@ -16,7 +16,7 @@ impl TrainConfig {
         let lstm = p_tuning && self.encoder == EncoderKind::Lstm;
         let has_dev = self.dev.is_some() || self.tasks.iter().any(|t| t.dev.is_some());
         let has_test = self.test.is_some() || self.tasks.iter().any(|t| t.test.is_some());
-        let checks: [(bool, &str, String); 15] = [
+        let checks: [(bool, &str, String); 17] = [
             (
                 self.encoder != d.encoder && !p_tuning,
                 "encoder",
@@ -69,6 +69,16 @@ impl TrainConfig {
                 self.dept_lr != d.dept_lr && self.method != Method::Dept,
                 "dept_lr",
                 format!("it belongs to method \"dept\", and method is \"{method}\""),
+            ),
+            (
+                self.insert_layer.is_some() && self.method != Method::LatePromptTuning,
+                "insert_layer",
+                format!("it belongs to method \"late-prompt-tuning\", and method is \"{method}\""),
+            ),
+            (
+                self.cache_lower_layers.is_some() && self.method != Method::LatePromptTuning,
+                "cache_lower_layers",
+                format!("it belongs to method \"late-prompt-tuning\", and method is \"{method}\""),
             ),
             (
                 self.init_text.is_some() && self.init != InitKind::Text,

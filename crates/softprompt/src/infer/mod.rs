@@ -10,6 +10,7 @@ pub mod engine;
 pub mod evaluate;
 pub mod generate;
 pub mod options;
+pub mod late_prompt;
 pub mod prompt_cache;
 pub mod sampling;
 pub mod score;

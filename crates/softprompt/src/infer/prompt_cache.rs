@@ -84,7 +84,8 @@ impl PromptCache {
     }
 
     /// The cache of a PEFT adapter: prompt tuning and p-tuning (the prompt prepended), prefix
-    /// tuning and Cartridges (the per-layer prefix, [`PeftAdapter::prefix_cache`]). A multitask
+    /// tuning, Cartridges and late prompt tuning (the per-layer prefix,
+    /// [`super::late_prompt::adapter_prefix`]). A multitask
     /// adapter needs a task id: see [`PromptCache::from_adapter_task`].
     pub fn from_adapter(lm: &dyn CausalLm, adapter: &PeftAdapter) -> Result<Self> {
         Self::from_adapter_task(lm, adapter, None)
@@ -94,7 +95,7 @@ impl PromptCache {
     /// prepended); a task id is refused for the other adapters.
     pub fn from_adapter_task(lm: &dyn CausalLm, adapter: &PeftAdapter, task: Option<usize>) -> Result<Self> {
         crate::adapter::check_compatible(&adapter.config, lm.info())?;
-        match adapter.prefix_cache(lm.info())? {
+        match super::late_prompt::adapter_prefix(lm, adapter)? {
             Some(_) if task.is_some() => bail!(
                 "a task id was given, but {} is a {} adapter (task ids are for MULTITASK_PROMPT_TUNING adapters)",
                 adapter.dir.display(),

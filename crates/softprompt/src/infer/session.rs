@@ -93,8 +93,28 @@ pub fn open(
                 .template
                 .clone()
                 .context("this adapter has no softprompt.json; give the template with --template")?;
-            let t = Template::parse(&src).context("template")?;
-            if let Some(cache) = a.prefix_cache(info)? {
+            let mut t = Template::parse(&src).context("template")?;
+            let prefix_cache = super::late_prompt::adapter_prefix(&*model.backbone, &a)?;
+            if let (Some(layer), Some(cache)) = (a.late_prompt_layer()?, &prefix_cache) {
+                // The adapter's keys and values stand for the template's leading `[soft:p]`.
+                if t.num_virtual_tokens() > 0 {
+                    let rest = t
+                        .without_leading_soft()
+                        .filter(|_| t.num_virtual_tokens() == cache.len())
+                        .with_context(|| {
+                            format!(
+                                "{} is a late-prompt-tuning adapter (its {} virtual tokens enter at layer {layer}); \
+                                 the template `{src}` must start with `[soft:{}]` and have no other virtual tokens",
+                                dir.display(),
+                                cache.len(),
+                                cache.len()
+                            )
+                        })?;
+                    t = Template::parse(&rest).context("template")?;
+                    opts.template = Some(rest);
+                }
+            }
+            if let Some(cache) = prefix_cache {
                 if let Some(t) = opts.task_id {
                     bail!(
                         "task id {t} was given, but {} is a {} adapter (task ids are for MULTITASK_PROMPT_TUNING adapters)",

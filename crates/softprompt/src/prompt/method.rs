@@ -31,6 +31,14 @@ pub enum Method {
     /// (`A [max_len, r]`, `B [r, d]`) added to the input tokens' embeddings by position,
     /// `A` and `B` trained with their own learning rate `dept_lr`.
     Dept,
+    /// Liu et al. 2022 (LPT, "Late Prompt Tuning"): the prompt enters at decoder layer
+    /// `insert_layer` (default: the middle) instead of the input: `p` reserved positions in front
+    /// of the input run the layers below on a zero placeholder, and their hidden states at
+    /// `insert_layer` are replaced by the learned prompt. Nothing below that layer is
+    /// differentiated; its outputs are cached per training row (`cache_lower_layers`). Saved
+    /// as a prompt-tuning-shaped adapter plus the layer (`late_prompt_insert_layer`); readers
+    /// turn it into per-layer keys and values. Llama family only.
+    LatePromptTuning,
 }
 
 impl Method {

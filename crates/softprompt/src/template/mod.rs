@@ -229,6 +229,18 @@ impl Template {
         &self.segments
     }
 
+    /// The template's source without its leading `[soft:N]` (written so, unnamed), when its only
+    /// virtual tokens are those `N` at its very start; `None` otherwise. Late prompt tuning's
+    /// readers score with this template after the adapter's keys and values of the `N` positions.
+    pub fn without_leading_soft(&self) -> Option<String> {
+        let n = self.num_virtual_tokens;
+        let lead = format!("[soft:{n}]");
+        let only_lead = self.num_soft_positions() == n
+            && matches!(self.segments.first(), Some(Segment::Soft { tokens, name: None, shared: false, .. }) if *tokens == (0..n));
+        let rest = self.source.strip_prefix(&lead)?;
+        (n > 0 && only_lead).then(|| rest.to_string())
+    }
+
     /// Number of distinct virtual tokens (learnable vectors) the template uses.
     pub fn num_virtual_tokens(&self) -> usize {
         self.num_virtual_tokens

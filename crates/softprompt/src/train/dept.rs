@@ -119,7 +119,7 @@ impl LearnedPrompt for DeptPrompt {
         let d_update = input_update_gradient(batch, &d_embeds, self.rows())?;
         Ok(Tensor::cat(&[&d_prompt, &d_update], 0)?)
     }
-    fn eval_parts(&self) -> Result<(Option<Tensor>, Option<KvCache>)> {
+    fn eval_parts(&self, _model: &dyn Backbone) -> Result<(Option<Tensor>, Option<KvCache>)> {
         Ok((Some(self.prompt.forward()?.detach()), None))
     }
     fn input_update(&self) -> Result<Option<Tensor>> {

@@ -44,8 +44,9 @@ pub trait LearnedPrompt: std::fmt::Debug + Send + Sync {
     /// d(loss)/d(learned) from d(loss)/d(hidden states), through the frozen model.
     fn gradient(&self, model: &dyn Backbone, batch: &Batch, tape: &Tape, d_hidden: &Tensor) -> Result<Tensor>;
 
-    /// What evaluation needs: the input prompt `[p, hidden]` or the prefix as a one-row cache.
-    fn eval_parts(&self) -> Result<(Option<Tensor>, Option<KvCache>)>;
+    /// What evaluation on `model` needs: the input prompt `[p, hidden]` or the prefix as a
+    /// one-row cache (late prompt tuning's computed by the model).
+    fn eval_parts(&self, model: &dyn Backbone) -> Result<(Option<Tensor>, Option<KvCache>)>;
 
     /// DePT's position-wise update of the input embeddings `[rows, hidden]` (see
     /// [`crate::batch::add_input_update`]); `None` for the other kinds.
@@ -93,7 +94,7 @@ impl LearnedPrompt for SoftPrompt {
         let d_embeds = model.backward(tape, d_hidden)?;
         prompt_gradient(batch, &d_embeds, self.num_prompt_rows())
     }
-    fn eval_parts(&self) -> Result<(Option<Tensor>, Option<KvCache>)> {
+    fn eval_parts(&self, _model: &dyn Backbone) -> Result<(Option<Tensor>, Option<KvCache>)> {
         Ok((Some(SoftPrompt::forward(self)?.detach()), None))
     }
     fn peft_config(&self, p: &Prepared, init: &PromptInit, task_type: TaskType) -> Result<PeftConfig> {
@@ -135,7 +136,7 @@ impl LearnedPrompt for KvPrefix {
         let (_, d_layers) = model.backward_prefixed(tape, d_hidden)?;
         flat_gradient(&d_layers, self.num_virtual_tokens())
     }
-    fn eval_parts(&self) -> Result<(Option<Tensor>, Option<KvCache>)> {
+    fn eval_parts(&self, _model: &dyn Backbone) -> Result<(Option<Tensor>, Option<KvCache>)> {
         Ok((
             None,
             Some(flat_to_cache(&KvPrefix::forward(self)?.detach(), self.shape())?),

@@ -159,6 +159,7 @@ pub fn new_learner(p: &Prepared) -> Result<Learner> {
                 continue_from_raw(cfg, &mut prompt)?;
             }
             prompt
+                Method::LatePromptTuning => Box::new(super::late_prompt::LatePrompt::new(p, &start)?),
         }
     };
     let head = if cfg.task == TaskKind::SeqCls {

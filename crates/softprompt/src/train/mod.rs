@@ -14,6 +14,7 @@
 
 pub mod checkpoint;
 pub mod dept;
+pub mod late_prompt;
 pub mod learned;
 pub mod learner;
 pub mod multitask;
@@ -113,6 +114,9 @@ fn evaluate_split(
         if rows.is_empty() {
             continue;
         }
+        // Late prompt tuning: the key/value prefix stands for the rows' leading virtual tokens.
+        let stripped = (prompt.is_none() && entry.prefix.is_some()).then(|| late_prompt::without_virtual_tokens(rows));
+        let rows = stripped.as_deref().unwrap_or(rows);
         let own = task_of(t)?;
         let task = own.as_ref().unwrap_or(&t.task);
         let task_prompt = match prompt {
@@ -167,7 +171,7 @@ pub fn evaluate_baseline(p: &Prepared, template: &str) -> Result<Option<EvalResu
 /// result (None without a dev set; for several tasks the mean of the tasks' accuracies).
 pub fn evaluate_dev(p: &Prepared, learner: &Learner, progress: &mut Progress) -> Result<(bool, Option<EvalResult>)> {
     let step = progress.step;
-    let (prompt, prefix) = learner.prompt.eval_parts()?;
+    let (prompt, prefix) = learner.prompt.eval_parts(&*p.model.backbone)?;
     let update = learner.prompt.input_update()?;
     let entry = Entry {
         prefix: prefix.as_ref(),
@@ -214,7 +218,7 @@ pub fn evaluate_test(p: &Prepared) -> Result<Option<EvalResult>> {
     }
     let best = adapter::load_peft(&p.out_dir)?;
     let device = p.model.backbone.device();
-    let prefix = best.prefix_cache(p.model.backbone.info())?;
+    let prefix = crate::infer::late_prompt::adapter_prefix(&*p.model.backbone, &best)?;
     let prefix = prefix.map(|c| c.to_device(device)).transpose()?;
     let prompt = match (&prefix, best.is_multitask()) {
         (Some(_), _) => None,

@@ -4,6 +4,7 @@
 
 use anyhow::{bail, Result};
 use candle_core::Tensor;
+use std::ops::Range;
 
 use super::{rope_tables, LlamaConfig, LlamaLayer, Stack};
 use crate::backbone::frozen_weight::Linear;
@@ -34,6 +35,8 @@ struct LayerTape {
 }
 
 struct LlamaTape {
+    /// The first layer the forward ran (the backward stops there).
+    first: usize,
     /// Cached (prefix) positions before the input.
     past: usize,
     layers: Vec<LayerTape>,
@@ -61,12 +64,24 @@ impl Stack for ComposedStack {
         })
     }
 
-    fn forward(
+    fn layer_count(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn forward_layers(
         &self,
         input: &BackboneInput,
         cache: Option<&mut KvCache>,
         keep: bool,
+        range: Range<usize>,
     ) -> Result<(Tensor, Option<Tape>)> {
+        let last = range.end == self.layers.len();
+        if range.start > range.end || range.end > self.layers.len() || (keep && !last) {
+            bail!(
+                "layers {range:?} of a model of {} layers (a kept tape needs the range to end at the last)",
+                self.layers.len()
+            );
+        }
         let (embeds, mask) = (input.embeds, input.mask);
         let t = embeds.dim(1)?;
         let new_mask = mask.to_dtype(candle_core::DType::F32)?;
@@ -91,20 +106,24 @@ impl Stack for ComposedStack {
         let mut x = packing.pack(embeds)?;
         let mut tapes = Vec::new();
         let mut new_kv = Vec::new();
-        for (l, layer) in self.layers.iter().enumerate() {
+        for (l, layer) in self.layers[range.clone()].iter().enumerate() {
             let past = cache.as_ref().and_then(|c| c.layers.get(l));
             let (y, tape, kv) = self.layer_forward(layer, &x, &packing, &bias, &cos, &sin, past, keep)?;
             tapes.extend(tape);
             new_kv.push(kv);
             x = y;
         }
-        let hidden = packing.unpack(&ops::rms_norm(&x, &self.norm, self.cfg.eps)?)?;
+        let hidden = match last {
+            true => packing.unpack(&ops::rms_norm(&x, &self.norm, self.cfg.eps)?)?,
+            false => packing.unpack(&x)?,
+        };
         if let Some(c) = cache {
             c.layers = new_kv;
             c.mask = Some(key_mask);
             c.next_pos = None;
         }
         let tape = keep.then_some(LlamaTape {
+            first: range.start,
             past: past_len,
             layers: tapes,
             last: x,
@@ -121,7 +140,7 @@ impl Stack for ComposedStack {
         let d_packed = tape.packing.pack(d_hidden)?;
         let mut dx = ops::rms_norm_backward(&tape.last, &self.norm, self.cfg.eps, &d_packed)?;
         let mut d_past = Vec::new();
-        for (layer, lt) in self.layers.iter().zip(&tape.layers).rev() {
+        for (layer, lt) in self.layers[tape.first..].iter().zip(&tape.layers).rev() {
             let (d, dkv) = self.layer_backward(layer, lt, &dx, &tape.packing, &tape.cos, &tape.sin, tape.past)?;
             dx = d;
             if tape.past > 0 {

@@ -15,6 +15,7 @@ mod backward;
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use softprompt_kernels::{activation, attention, matmul, norm, rope, AttentionLayout};
+use std::ops::Range;
 
 use self::backward::{FusedTape, HeadNorms, LayerTape};
 use super::{rope_tables, LlamaConfig, LlamaLayer, Stack};
@@ -60,16 +61,28 @@ impl Stack for FusedStack {
         })
     }
 
-    /// Forward over the real positions of `embeds` (`[B, T, D]`, `mask` `[B, T]`), after the
-    /// positions in `cache` (whose keys and values are then replaced by the extended ones).
-    /// Returns the final-normed hidden states `[B, T, D]` (zeros at padding) and, with `keep`,
-    /// the tape for the backward pass.
-    fn forward(
+    fn layer_count(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Forward over the real positions of `embeds` (`[B, T, D]`, `mask` `[B, T]`) through the
+    /// layers `range`, after the positions in `cache` (whose keys and values are then replaced by
+    /// the extended ones). Returns the residual stream leaving the range `[B, T, D]` (zeros at
+    /// padding), final-normed when the range ends at the last layer, and, with `keep`, the tape
+    /// for the backward pass.
+    fn forward_layers(
         &self,
         input: &BackboneInput,
         cache: Option<&mut KvCache>,
         keep: bool,
+        range: Range<usize>,
     ) -> Result<(Tensor, Option<Tape>)> {
+        let last = range.end == self.layers.len();
+        ensure!(
+            range.start <= range.end && range.end <= self.layers.len() && (last || !keep),
+            "layers {range:?} of a model of {} layers (a kept tape needs the range to end at the last)",
+            self.layers.len()
+        );
         let (embeds, mask) = (input.embeds, input.mask);
         let device = embeds.device().clone();
         let past = cache.as_ref().map_or(0, |c| c.len());
@@ -77,22 +90,27 @@ impl Stack for FusedStack {
         let positions = cache.as_ref().and_then(|c| c.next_pos.clone());
         let packed = Packed::new(mask, (past == 0 && positions.is_none()).then_some(embeds))?;
         let geometry = Geometry::new(&packed, past, cache.as_deref(), positions, self.cfg.max_positions)?;
-        let mut kv = geometry.past_slots(self.layers.len(), self.cfg.kv_dim(), cache.as_deref())?;
+        let mut kv = geometry.past_slots(range.len(), self.cfg.kv_dim(), cache.as_deref())?;
         let mut x = packed.pack(embeds)?;
         let mut tapes = Vec::new();
-        for (layer, kv) in self.layers.iter().zip(kv.iter_mut()) {
+        for (layer, kv) in self.layers[range.clone()].iter().zip(kv.iter_mut()) {
             let (y, tape) = self.layer_forward(layer, x, &geometry, kv, keep);
             tapes.extend(tape);
             x = y;
         }
         let n = packed.len();
         let (mut h, mut rstd) = (vec![0f32; x.len()], vec![0f32; n]);
-        norm::rms_norm(&x, &self.norm, self.eps(), &mut h, &mut rstd);
+        if last {
+            norm::rms_norm(&x, &self.norm, self.eps(), &mut h, &mut rstd);
+        } else {
+            h.copy_from_slice(&x);
+        }
         let hidden = packed.unpack(&h, true, &device)?;
         if let Some(c) = cache {
             geometry.store_cache(c, &self.cfg.shape, kv, &device)?;
         }
         let tape = keep.then_some(FusedTape {
+            first: range.start,
             past,
             packed,
             geometry,

@@ -47,6 +47,8 @@ pub(super) struct LayerTape {
 
 /// The tape of a fused forward pass.
 pub(super) struct FusedTape {
+    /// The first layer the forward ran (the backward stops there).
+    pub(super) first: usize,
     /// Cached (prefix) positions before the input.
     pub(super) past: usize,
     pub(super) packed: Packed,
@@ -57,7 +59,8 @@ pub(super) struct FusedTape {
 }
 
 impl FusedStack {
-    /// d(loss)/d(input embeddings) `[B, T, D]` from d(loss)/d(hidden) `[B, T, D]`, and, when
+    /// d(loss)/d(input embeddings) `[B, T, D]` (of the residual stream entering the first layer
+    /// the forward ran) from d(loss)/d(hidden) `[B, T, D]`, and, when
     /// the forward ran after cached positions (a key/value prefix), their gradient per layer:
     /// `(dK, dV)`, each `[1, Hkv, past, hd]`, summed over the rows.
     pub(super) fn run_backward(&self, tape: &FusedTape, d_hidden: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
@@ -66,7 +69,7 @@ impl FusedStack {
         let mut dx = vec![0f32; dh.len()];
         norm::rms_norm_backward(&tape.last, &self.norm, &tape.last_rstd, &dh, &mut dx);
         let mut d_past = Vec::new();
-        for (layer, lt) in self.layers.iter().zip(&tape.layers).rev() {
+        for (layer, lt) in self.layers[tape.first..].iter().zip(&tape.layers).rev() {
             let (d, (dk, dv)) = self.layer_backward(layer, lt, &tape.geometry, dx);
             dx = d;
             if tape.past > 0 {
