@@ -15,8 +15,11 @@ mod fetch_cmd;
 mod info_cmd;
 mod inspect_cmd;
 mod memory;
+#[cfg(feature = "mpi")]
+mod mpi_collective;
 mod predict_cmd;
 mod progress;
+mod ranks;
 mod scoring;
 mod serve;
 mod similar_cmd;

@@ -1,17 +1,25 @@
 //! `softprompt train`: one training run with a progress bar; prints the run's summary as JSON.
+//! Under `mpirun`/`srun` (feature `mpi`) every rank trains its share of each batch; rank 0 alone
+//! shows the progress, writes the run and prints the summary.
 
 use anyhow::Result;
-use softprompt::train;
+use softprompt::train::{self, Quiet};
 
 use crate::progress::Bar;
+use crate::ranks::Ranks;
 use crate::train_config::{config, TrainArgs};
 
 /// Runs `train`.
 pub fn train_cmd(args: TrainArgs) -> Result<()> {
-    let cfg = config(&args)?;
+    let ranks = Ranks::start()?;
+    let cfg = config(&args).map_err(|e| ranks.fail(e))?;
     let mut bar = Bar::default();
-    let report = train::train(&cfg, &mut bar)?;
+    let obs: &mut dyn train::Observer = if ranks.rank() == 0 { &mut bar } else { &mut Quiet };
+    let report = train::train_with(&cfg, obs, ranks.comm()).map_err(|e| ranks.fail(e))?;
     bar.clear();
+    if ranks.rank() != 0 {
+        return Ok(());
+    }
     let mut summary = serde_json::json!({
         "baseline_test_accuracy": report.baseline_test.as_ref().map(|r| r.accuracy),
         "test_accuracy": report.test.as_ref().map(|r| r.accuracy),

@@ -12,7 +12,7 @@ use crate::task::{Example, Task, TaskKind};
 use crate::tokenizer::TextTokenizer;
 
 /// One row's prediction.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Prediction {
     /// `FILE:LINE` of the row.
     pub origin: String,
@@ -61,6 +61,27 @@ pub struct TaskMetrics {
 }
 
 impl EvalResult {
+    /// The metrics of `predictions` (exact match when `exact_match`: the rows' greedy
+    /// generations against their gold targets).
+    pub fn from_predictions(predictions: Vec<Prediction>, exact_match: bool) -> Self {
+        let n = predictions.len();
+        let correct = predictions.iter().filter(|p| p.predicted == p.gold).count();
+        let exact = exact_match.then(|| {
+            let hits = predictions
+                .iter()
+                .filter(|p| p.generated.as_deref().is_some_and(|g| matches_exactly(g, &p.gold)))
+                .count();
+            hits as f64 / n.max(1) as f64
+        });
+        EvalResult {
+            n,
+            accuracy: correct as f64 / n.max(1) as f64,
+            exact_match: exact,
+            predictions,
+            tasks: Vec::new(),
+        }
+    }
+
     /// Joins the results of several tasks: `parts` holds each task id, the data-set positions of
     /// its rows and its result. Accuracy and exact match are the means over the tasks (each task
     /// counts the same, whatever its size); predictions go back to the positions given.
@@ -320,22 +341,7 @@ impl<'a> Scorer<'a> {
             }
             done(predictions.len());
         }
-        let n = predictions.len();
-        let correct = predictions.iter().filter(|p| p.predicted == p.gold).count();
-        let exact = exact_match.then(|| {
-            let hits = predictions
-                .iter()
-                .filter(|p| p.generated.as_deref().is_some_and(|g| matches_exactly(g, &p.gold)))
-                .count();
-            hits as f64 / n.max(1) as f64
-        });
-        Ok(EvalResult {
-            n,
-            accuracy: correct as f64 / n.max(1) as f64,
-            exact_match: exact,
-            predictions,
-            tasks: Vec::new(),
-        })
+        Ok(EvalResult::from_predictions(predictions, exact_match))
     }
 
     /// Hidden states `[B, T, D]` of a batch of rows (after the adapter's key/value prefix, if any).

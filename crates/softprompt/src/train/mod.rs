@@ -13,6 +13,7 @@
 //! where an uninterrupted one would be.
 
 pub mod checkpoint;
+pub mod collective;
 pub mod dept;
 pub mod late_prompt;
 pub mod learned;
@@ -20,6 +21,7 @@ pub mod learner;
 pub mod multitask;
 pub mod optim;
 pub mod output;
+pub mod parallel;
 pub mod prefix;
 pub mod prepare;
 pub mod step;
@@ -38,6 +40,7 @@ use crate::infer::evaluate::{EvalResult, Scorer};
 use crate::loss::ClassifierHead;
 use crate::task::{Example, Task};
 pub use checkpoint::Progress;
+pub use collective::{Collective, Single};
 pub use learner::{new_learner, save_adapter, Learned, LearnedPrompt, Learner, HEAD_BIAS, HEAD_WEIGHT};
 pub use output::OutputDir;
 pub use prepare::{prepare, Prepared, TaskSplit};
@@ -126,10 +129,21 @@ fn evaluate_split(
             }
             other => other.cloned(),
         };
-        let r = Scorer::new(&p.model, task, task_prompt.as_ref(), head)?
+        let scorer = Scorer::new(&p.model, task, task_prompt.as_ref(), head)?
             .with_prefix(entry.prefix)
-            .with_input_update(entry.update)
-            .evaluate(rows, p.cfg.eval_batch, exact_match)?;
+            .with_input_update(entry.update);
+        let comm = &*p.comm;
+        let r = if comm.size() == 1 {
+            scorer.evaluate(rows, p.cfg.eval_batch, exact_match)?
+        } else {
+            // Each rank scores its share of the rows; every rank gets all predictions.
+            let mine = &rows[collective::share(rows.len(), comm.rank(), comm.size())];
+            let local = match mine.is_empty() {
+                true => Vec::new(),
+                false => scorer.evaluate(mine, p.cfg.eval_batch, exact_match)?.predictions,
+            };
+            EvalResult::from_predictions(parallel::gather_predictions(comm, &local)?, exact_match)
+        };
         parts.push((id, (position..position + rows.len()).collect(), r));
         position += rows.len();
     }
@@ -262,13 +276,29 @@ fn per_task(r: &EvalResult) -> String {
 /// end) when asked; a run that fails leaves what was there before unchanged (see
 /// [`OutputDir`]).
 pub fn train(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<TrainReport> {
+    train_with(cfg, obs, std::rc::Rc::new(Single))
+}
+
+/// [`train`] as one of the processes of `comm` (data parallelism, see [`parallel`]): every
+/// rank loads the model and data and takes its share of each batch and evaluation; the ranks
+/// take the same optimiser steps. Only rank 0 claims, writes and commits the output folder;
+/// the options, model files and data must be the same on every rank (checked at start).
+pub fn train_with(
+    cfg: &TrainConfig,
+    obs: &mut dyn Observer,
+    comm: std::rc::Rc<dyn Collective>,
+) -> Result<TrainReport> {
     cfg.validate()?;
+    if comm.rank() != 0 {
+        let scratch = parallel::Scratch::new(comm.rank())?;
+        return run(cfg, scratch.path(), obs, &mut false, comm.clone(), Some(&scratch));
+    }
     for w in cfg.options_without_effect() {
         obs.message(&format!("warning: {w}"));
     }
     let out = OutputDir::claim(cfg)?;
     let mut training = false;
-    match run(cfg, out.work(), obs, &mut training) {
+    match run(cfg, out.work(), obs, &mut training, comm, None) {
         Ok(report) => {
             out.commit()?;
             Ok(report)
@@ -277,10 +307,24 @@ pub fn train(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<TrainReport> {
     }
 }
 
-/// The job of [`train`], writing into `work`; sets `training` once the training loop starts.
-fn run(cfg: &TrainConfig, work: &Path, obs: &mut dyn Observer, training: &mut bool) -> Result<TrainReport> {
+/// The job of [`train`], writing into `work` (rank 0; the other ranks of `comm` write nothing
+/// and receive rank 0's files in `scratch`); sets `training` once the training loop starts.
+fn run(
+    cfg: &TrainConfig,
+    work: &Path,
+    obs: &mut dyn Observer,
+    training: &mut bool,
+    comm: std::rc::Rc<dyn Collective>,
+    scratch: Option<&parallel::Scratch>,
+) -> Result<TrainReport> {
     let mut p = prepare(cfg, obs)?;
     p.out_dir = work.to_path_buf();
+    p.comm = comm.clone();
+    let comm = &*comm;
+    let writer = comm.rank() == 0;
+    if comm.size() > 1 {
+        collective::check_same(comm, "options, model files or data", &parallel::inputs_digest(&p)?)?;
+    }
     let baseline_test = match &cfg.baseline_template {
         Some(t) => evaluate_baseline(&p, t)?,
         None => None,
@@ -298,7 +342,9 @@ fn run(cfg: &TrainConfig, work: &Path, obs: &mut dyn Observer, training: &mut bo
     let mut progress = Progress::default();
     if cfg.resume {
         let last_dir = work.join(output::CHECKPOINT_DIR);
-        progress = learner.restore(checkpoint::load_checkpoint(&last_dir)?, &last_dir)?;
+        let files = ["state.json", "state.safetensors"];
+        let read_from = parallel::mirror(comm, &last_dir, &files, scratch, output::CHECKPOINT_DIR)?;
+        progress = learner.restore(checkpoint::load_checkpoint(&read_from)?, &last_dir)?;
         if progress.step >= total {
             bail!(
                 "nothing to resume: the checkpoint in {} is at step {}, and this run has {total} \
@@ -315,7 +361,16 @@ fn run(cfg: &TrainConfig, work: &Path, obs: &mut dyn Observer, training: &mut bo
         ));
     }
     let mut order = p.data_order();
-    let mut metrics = output::open_metrics(work, cfg.resume.then_some(progress.step))?;
+    let mut metrics = match writer {
+        true => Some(output::open_metrics(work, cfg.resume.then_some(progress.step))?),
+        false => None,
+    };
+    let mut log = |line: serde_json::Value| -> Result<()> {
+        if let Some(m) = metrics.as_mut() {
+            writeln!(m, "{line}")?;
+        }
+        Ok(())
+    };
     obs.start(total, progress.step);
     *training = true;
     let first_step = progress.step;
@@ -329,11 +384,9 @@ fn run(cfg: &TrainConfig, work: &Path, obs: &mut dyn Observer, training: &mut bo
         progress.step = n;
         let eps = examples_per_step / t0.elapsed().as_secs_f64().max(1e-9);
         obs.step(n, s.loss, s.lr, eps);
-        writeln!(
-            metrics,
-            "{}",
-            serde_json::json!({"step": n, "loss": s.loss, "lr": s.lr, "grad_norm": s.grad_norm, "examples_per_s": eps})
-        )?;
+        let line =
+            serde_json::json!({"step": n, "loss": s.loss, "lr": s.lr, "grad_norm": s.grad_norm, "examples_per_s": eps});
+        log(line)?;
         progress.losses.push((n, s.loss));
         if !((cfg.eval_every > 0 && n % cfg.eval_every == 0) || n == total) {
             continue;
@@ -344,7 +397,7 @@ fn run(cfg: &TrainConfig, work: &Path, obs: &mut dyn Observer, training: &mut bo
             if !r.tasks.is_empty() {
                 line["dev_tasks"] = serde_json::to_value(&r.tasks)?;
             }
-            writeln!(metrics, "{line}")?;
+            log(line)?;
             obs.message(&format!(
                 "step {n}: dev accuracy {:.1}% ({} rows){}{}",
                 100.0 * r.accuracy,
@@ -353,7 +406,9 @@ fn run(cfg: &TrainConfig, work: &Path, obs: &mut dyn Observer, training: &mut bo
                 if improved { ", best so far" } else { "" }
             ));
         }
-        checkpoint(&p, &learner, &progress, improved)?;
+        if writer {
+            checkpoint(&p, &learner, &progress, improved)?;
+        }
         if cfg.patience.is_some_and(|pat| progress.evals_since_best >= pat) {
             obs.message(&format!(
                 "early stopping at step {n}: no dev improvement in {} evaluations",
@@ -365,7 +420,16 @@ fn run(cfg: &TrainConfig, work: &Path, obs: &mut dyn Observer, training: &mut bo
     }
     let train_seconds = started.elapsed().as_secs_f64();
     *training = false;
+    // The best adapter is in rank 0's folder; the other ranks test a copy of it.
+    let adapter_files = [
+        adapter::ADAPTER_CONFIG,
+        adapter::ADAPTER_WEIGHTS,
+        adapter::run_files::TASK_FILE,
+        adapter::run_files::PROMPT_FILE,
+    ];
+    p.out_dir = parallel::mirror(comm, work, &adapter_files, scratch, "best")?;
     let test = evaluate_test(&p)?;
+    comm.barrier()?;
     if let Some(r) = &test {
         obs.message(&format!(
             "trained prompt on test ({} rows): accuracy {:.1}%{}",

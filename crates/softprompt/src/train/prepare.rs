@@ -28,6 +28,9 @@ pub struct Prepared {
     pub train: Vec<Example>,
     /// Training rows whose fields were truncated.
     pub(crate) truncated_train: usize,
+    /// The processes that train together ([`super::collective::Single`] unless
+    /// [`super::train_with`] was given others).
+    pub(crate) comm: std::rc::Rc<dyn super::Collective>,
 }
 
 /// One task of a run: its definition (template, labels) and its encoded dev and test rows.
@@ -266,5 +269,6 @@ pub fn prepare(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<Prepared> {
         tasks,
         train,
         truncated_train,
+        comm: std::rc::Rc::new(super::collective::Single),
     })
 }

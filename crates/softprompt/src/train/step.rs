@@ -8,7 +8,9 @@ use rand::SeedableRng;
 use std::collections::{BTreeMap, HashMap};
 
 use super::learner::{Learner, HEAD_BIAS, HEAD_WEIGHT};
+use super::collective::share;
 use super::optim::{clip_grad_norm, learning_rate};
+use super::parallel::{normaliser, sum_gradients};
 use super::Prepared;
 use crate::backbone::profile::{span, Direction};
 use crate::backbone::Model;
@@ -81,7 +83,9 @@ pub fn total_steps(cfg: &TrainConfig, train_rows: usize) -> Result<usize> {
     Ok(steps)
 }
 
-/// One optimiser step's loss and gradients (averaged over the micro-batches).
+/// One optimiser step's loss and gradients (averaged over the micro-batches). With several
+/// processes ([`Prepared`]'s collective) each takes its share of every micro-batch, weighted by
+/// its share of the micro-batch's loss normaliser, and the sums over the ranks are returned.
 pub fn compute_gradients(
     p: &Prepared,
     learner: &Learner,
@@ -91,7 +95,11 @@ pub fn compute_gradients(
     let cfg = &p.cfg;
     let model = &p.model.backbone;
     let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
-    let mut add = |name: &str, g: Tensor| -> Result<()> {
+    let comm = &*p.comm;
+    // This rank's share of the current micro-batch's loss normaliser (1 for one process).
+    let mut weight = 1f64;
+    let mut add = |name: &str, g: Tensor, weight: f64| -> Result<()> {
+        let g = if weight == 1.0 { g } else { (g * weight)? };
         let g = (g / cfg.accumulation as f64)?;
         let sum = match grads.remove(name) {
             Some(prev) => (prev + g)?,
@@ -102,17 +110,25 @@ pub fn compute_gradients(
     };
     let mut loss_sum = 0f32;
     for micro in 0..cfg.accumulation {
-        let rows: Vec<&Example> = order
+        let all: Vec<&Example> = order
             .rows(step, micro, cfg.accumulation, cfg.batch)
             .into_iter()
             .map(|i| &p.train[i])
             .collect();
+        let rows = &all[share(all.len(), comm.rank(), comm.size())];
+        if rows.is_empty() {
+            continue;
+        }
+        if comm.size() > 1 {
+            let classifier = learner.head.is_some();
+            weight = normaliser(rows, classifier) as f64 / normaliser(&all, classifier).max(1) as f64;
+        }
         let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed ^ ((step as u64) << 16) ^ micro as u64);
         // What is learned, as a graph over its parameters: the prompt `[p, hidden]` spliced into
         // the input, or the flat key/value prefix every attention layer reads.
         let learned = span("prompt", Direction::Forward, || learner.prompt.forward_train(&mut rng))?;
         let batch = span("splice", Direction::Forward, || {
-            make_batch(&rows, learner.head.is_none(), model.device())
+            make_batch(rows, learner.head.is_none(), model.device())
         })?;
         let (hidden, tape) = learner.prompt.model_forward(&**model, &batch, &learned.detach())?;
         let (loss, d_hidden) = span("head+loss", Direction::Forward, || -> Result<_> {
@@ -120,8 +136,8 @@ pub fn compute_gradients(
                 (Model::Encoder(enc), Some(head)) => {
                     let gold: Vec<u32> = rows.iter().map(|e| e.gold as u32).collect();
                     let h = head.loss(enc.as_ref(), &hidden, &gold)?;
-                    add(HEAD_WEIGHT, h.d_weight)?;
-                    add(HEAD_BIAS, h.d_bias)?;
+                    add(HEAD_WEIGHT, h.d_weight, weight)?;
+                    add(HEAD_BIAS, h.d_bias, weight)?;
                     (h.loss, h.d_hidden)
                 }
                 (Model::Causal(lm), None) => lm_loss(lm.as_ref(), &batch, &hidden)?,
@@ -134,12 +150,15 @@ pub fn compute_gradients(
             let store = (&learned * d_learned.detach())?.sum_all()?.backward()?;
             for (name, var) in learner.prompt.vars() {
                 if let Some(g) = store.get(var.as_tensor()) {
-                    add(&name, g.clone())?;
+                    add(&name, g.clone(), weight)?;
                 }
             }
             Ok(())
         })?;
-        loss_sum += loss / cfg.accumulation as f32;
+        loss_sum += loss * weight as f32 / cfg.accumulation as f32;
+    }
+    if comm.size() > 1 {
+        sum_gradients(comm, &learner.params(), &mut grads, &mut loss_sum)?;
     }
     Ok((loss_sum, grads))
 }
