@@ -24,7 +24,8 @@ use crate::tokenizer::TextTokenizer;
 /// What a request asks for.
 #[derive(Clone)]
 pub struct GenRequest {
-    /// Token ids after the adapter's prompt (at least one).
+    /// Token ids after the adapter's prompt (at least one, unless the prompt has embeddings
+    /// to run: [`PromptCache::embeds`]).
     pub ids: Vec<u32>,
     /// The adapter's keys and values ([`PromptCache::none`] for the plain model).
     pub prompt: Arc<PromptCache>,
@@ -76,7 +77,8 @@ pub enum Event {
         reason: FinishReason,
         /// Last text released.
         text: String,
-        /// Prompt tokens (the request's, without the adapter's virtual tokens).
+        /// Prompt tokens: the request's tokens and embeddings ([`PromptCache::embeds`]),
+        /// without the adapter's virtual tokens.
         prompt_tokens: usize,
         /// Tokens generated (the end-of-sequence token not counted).
         completion_tokens: usize,
@@ -147,8 +149,8 @@ impl<'a, K: Clone + PartialEq> Engine<'a, K> {
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Vec<(K, Event)>> {
         req.sampling.validate()?;
-        if req.ids.is_empty() {
-            bail!("the prompt is empty: at least one token is needed");
+        if req.ids.is_empty() && req.prompt.embeds.is_none() {
+            bail!("the prompt is empty: at least one token or embedding is needed");
         }
         let max_pos = self.lm.info().max_positions;
         let total = req.prompt.len() + req.ids.len();
@@ -160,10 +162,26 @@ impl<'a, K: Clone + PartialEq> Engine<'a, K> {
             );
         }
         let mut cache = req.prompt.cache.clone();
-        let embeds = req.prompt.input_embeds(self.lm, &req.ids)?;
+        // the request's own embeddings run as an adapter's prompt is (once, exact products)
+        let after_embeds = match &req.prompt.embeds {
+            Some(e) => {
+                let mask = Tensor::ones((1, e.dim(0)?), DType::U32, e.device())?;
+                Some(
+                    self.lm
+                        .forward_cached(&BackboneInput::new(&e.unsqueeze(0)?, &mask), &mut cache)?,
+                )
+            }
+            None => None,
+        };
         // generation: quantized weights multiply 8-bit activations, as llama.cpp does
         let logits: Vec<f32> = rounding_scope(Rounding::Inference, || -> Result<Vec<f32>> {
-            let hidden = prefill(self.lm, &embeds, &mut cache, chunk, progress)?;
+            let hidden = match after_embeds {
+                Some(h) if req.ids.is_empty() => h,
+                _ => {
+                    let embeds = req.prompt.input_embeds(self.lm, &req.ids)?;
+                    prefill(self.lm, &embeds, &mut cache, chunk, progress)?
+                }
+            };
             let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?.squeeze(1)?;
             Ok(inference_logits(self.lm, &last)?
                 .squeeze(0)?
@@ -175,7 +193,7 @@ impl<'a, K: Clone + PartialEq> Engine<'a, K> {
             cache,
             pending: 0,
             generated: 0,
-            prompt_tokens: req.ids.len(),
+            prompt_tokens: req.ids.len() + req.prompt.embeds_len(),
             max_tokens: req.max_tokens,
             sampler: Sampler::new(req.sampling),
             text: TextStream::new(req.stop),

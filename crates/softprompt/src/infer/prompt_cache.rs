@@ -20,6 +20,14 @@ pub struct PromptCache {
     /// A DePT adapter's update of the input embeddings `[rows, hidden]`: row `j` is added to
     /// the request's `j`-th token ([`PromptCache::input_embeds`]); `None` for the others.
     pub input_update: Option<Tensor>,
+    /// The prompt `[p, hidden]` the cache was run from (prompt tuning, p-tuning, residual,
+    /// multitask, DePT's prompt); `None` for a K/V prefix or the plain model. Kept so that a
+    /// composition of adapters ([`super::compose`]) can run it after another adapter's prompt.
+    pub source: Option<Tensor>,
+    /// Embeddings `[n, hidden]` not run yet: a request's own soft prompt (the server's
+    /// `prompt_embeds`), run at the request's prefill after [`PromptCache::cache`] and before
+    /// its tokens, exactly as an adapter's prompt is run (see [`PromptCache::with_embeds`]).
+    pub embeds: Option<Tensor>,
 }
 
 impl PromptCache {
@@ -28,14 +36,46 @@ impl PromptCache {
         Self::default()
     }
 
-    /// Number of virtual positions before a request's tokens.
+    /// Number of virtual positions before a request's tokens (the cached ones and the
+    /// embeddings still to run).
     pub fn len(&self) -> usize {
-        self.cache.len()
+        self.cache.len() + self.embeds_len()
+    }
+
+    /// Number of rows of [`PromptCache::embeds`] (0 without).
+    pub fn embeds_len(&self) -> usize {
+        self.embeds.as_ref().map_or(0, |e| e.dim(0).unwrap_or(0))
     }
 
     /// Whether this is the plain model.
     pub fn is_empty(&self) -> bool {
-        self.cache.is_empty()
+        self.len() == 0
+    }
+
+    /// This prompt followed by the embeddings `embeds` `[n, hidden]` (`n > 0`), run at each
+    /// request's prefill; refused when they do not fit the model, or when this prompt already
+    /// has embeddings or adds a DePT update to the tokens that follow its own prompt.
+    pub fn with_embeds(&self, lm: &dyn CausalLm, embeds: Tensor) -> Result<Self> {
+        let (n, d) = embeds.dims2()?;
+        if d != lm.info().hidden || n == 0 {
+            bail!(
+                "embeddings of shape [{n}, {d}] do not fit a model of hidden size {}",
+                lm.info().hidden
+            );
+        }
+        if self.embeds.is_some() {
+            bail!("the prompt already has embeddings to run");
+        }
+        if self.input_update.is_some() {
+            bail!(
+                "a DePT adapter adds its update to the tokens right after its prompt; embeddings cannot come between"
+            );
+        }
+        let table = lm.embedding_table();
+        Ok(Self {
+            embeds: Some(embeds.to_device(table.device())?.to_dtype(table.dtype())?),
+            ..self.clone()
+        })
     }
 
     /// The input embeddings `[1, n, hidden]` of a request's tokens `ids` after this prompt: the
@@ -79,7 +119,8 @@ impl PromptCache {
         lm.forward_cached(&BackboneInput::new(&embeds, &mask), &mut cache)?;
         Ok(Self {
             cache,
-            input_update: None,
+            source: Some(embeds.squeeze(0)?),
+            ..Self::default()
         })
     }
 
@@ -121,7 +162,7 @@ impl PromptCache {
                         mask,
                         next_pos: None,
                     },
-                    input_update: None,
+                    ..Self::default()
                 })
             }
             None => {
