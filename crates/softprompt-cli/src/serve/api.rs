@@ -125,6 +125,10 @@ pub struct CommonFields {
     /// The task of a multitask adapter (an extension; required for those, refused for others).
     #[serde(default)]
     pub task_id: Option<usize>,
+    /// Adapters applied together, in order (an extension; `model` then names the base model
+    /// or is left out).
+    #[serde(default)]
+    pub adapters: Option<Vec<String>>,
     /// Seed of the sequence's generator.
     #[serde(default)]
     pub seed: Option<u64>,
@@ -160,8 +164,11 @@ pub struct CommonFields {
 /// `POST /v1/completions`.
 #[derive(Debug)]
 pub struct CompletionBody {
-    /// The text to continue.
-    pub prompt: Prompt,
+    /// The text to continue (after `prompt_embeds`, when given).
+    pub prompt: Option<Prompt>,
+    /// vLLM's prompt embeddings: base64 of a `torch.save`d tensor `[tokens, hidden]`, one or
+    /// a list of one.
+    pub prompt_embeds: Option<Prompt>,
     /// Include the prompt in the text (`echo`): refused unless false.
     pub echo: bool,
     /// The rest.
@@ -173,35 +180,82 @@ pub struct CompletionBody {
 /// loses the name of the one at fault.
 #[derive(Deserialize)]
 struct CompletionOwn {
-    prompt: Prompt,
+    #[serde(default)]
+    prompt: Option<Prompt>,
+    #[serde(default)]
+    prompt_embeds: Option<Prompt>,
     #[serde(default)]
     echo: bool,
 }
 
 impl JsonBody for CompletionBody {
     fn from_object(object: &Value) -> Result<Self, ApiError> {
-        let CompletionOwn { prompt, echo } = typed(object)?;
+        let CompletionOwn {
+            prompt,
+            prompt_embeds,
+            echo,
+        } = typed(object)?;
         Ok(Self {
             prompt,
+            prompt_embeds,
             echo,
             common: typed(object)?,
         })
     }
 }
 
+/// Longest `prompt` text (the completions route takes larger bodies, for `prompt_embeds`).
+pub const MAX_PROMPT_BYTES: usize = 1 << 20;
+
+/// What a completion starts from: embeddings (base64, decoded later), then text; at least one.
+#[derive(Debug)]
+pub struct CompletionInput {
+    /// The text after the embeddings (`None`: none, or empty with embeddings).
+    pub text: Option<String>,
+    /// `prompt_embeds`: the base64 of a `torch.save` file.
+    pub embeds: Option<String>,
+}
+
 impl CompletionBody {
-    /// Checks the request: the one prompt's text and the generation parameters (`max_tokens`
-    /// defaults to `limits.default_max_tokens`, 16 as OpenAI's).
-    pub fn check(self, limits: &Limits) -> Result<(String, Params), ApiError> {
+    /// Checks the request: the one prompt's text and/or embeddings and the generation
+    /// parameters (`max_tokens` defaults to `limits.default_max_tokens`, 16 as OpenAI's).
+    pub fn check(self, limits: &Limits) -> Result<(CompletionInput, Params), ApiError> {
         if self.echo {
             return Err(ApiError::bad("echo is not supported"));
         }
-        let text = match self.prompt {
-            Prompt::One(t) => t,
-            Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
-            Prompt::Many(v) => return Err(ApiError::bad(format!("one prompt per request, got {}", v.len()))),
+        let embeds = self.prompt_embeds.map(|p| one_prompt(p, "prompt_embeds")).transpose()?;
+        let text = match self.prompt.map(|p| one_prompt(p, "prompt")).transpose()? {
+            Some(t) if t.is_empty() && embeds.is_some() => None,
+            Some(t) => Some(t),
+            None if embeds.is_some() => None,
+            None => {
+                return Err(ApiError::bad(
+                    "invalid request: missing field `prompt` (a text; or `prompt_embeds`, or both)",
+                ))
+            }
         };
-        Ok((text, self.common.check(limits, limits.default_max_tokens)?))
+        if let Some(t) = text.as_ref().filter(|t| t.len() > MAX_PROMPT_BYTES) {
+            return Err(ApiError::new(
+                413,
+                "invalid_request_error",
+                "prompt_too_large",
+                format!("`prompt` is {} bytes; at most {MAX_PROMPT_BYTES}", t.len()),
+            ));
+        }
+        let params = self.common.check(limits, limits.default_max_tokens)?;
+        Ok((CompletionInput { text, embeds }, params))
+    }
+}
+
+/// The one entry of a `prompt` or `prompt_embeds` field (a string, or a list of one).
+fn one_prompt(p: Prompt, field: &str) -> Result<String, ApiError> {
+    match p {
+        Prompt::One(t) => Ok(t),
+        Prompt::Many(mut v) if v.len() == 1 => Ok(v.remove(0)),
+        Prompt::Many(v) => Err(ApiError::bad(format!(
+            "`{field}`: one prompt per request, got a list of {}",
+            v.len()
+        ))),
     }
 }
 
@@ -258,6 +312,8 @@ pub struct Params {
     pub logprobs: bool,
     /// The task of a multitask adapter.
     pub task_id: Option<usize>,
+    /// Adapters applied together, in order.
+    pub adapters: Option<Vec<String>>,
 }
 
 /// Limits the server enforces.
@@ -404,6 +460,7 @@ impl CommonFields {
             stream: self.stream,
             logprobs,
             task_id: self.task_id,
+            adapters: self.adapters,
         })
     }
 }

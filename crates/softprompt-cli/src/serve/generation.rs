@@ -11,7 +11,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 use softprompt::infer::engine::{Completion, Event, GenRequest};
-use softprompt::infer::prompt_cache::PromptCache;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -19,11 +18,12 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::api::{self, ApiError, ChatBody, CompletionBody, Params};
-use super::routes::{authorize, body_bytes, require_generating, server_error, unavailable, unknown_model};
+use super::routes::{authorize, body_bytes, require_generating, server_error, unavailable};
 use super::worker::{GenJob, Job, Reply};
-use super::AppState;
+use super::{compose, prompt_embeds, AppState};
 
-/// `POST /v1/completions`: a text prompt, completed with the named adapter.
+/// `POST /v1/completions`: a text prompt, and/or embeddings before it (`prompt_embeds`),
+/// completed with the named adapter or adapters.
 pub(super) async fn completions(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -31,13 +31,35 @@ pub(super) async fn completions(
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
     require_generating(&s)?;
-    let (text, params) = api::parse::<CompletionBody>(&body_bytes(body)?)?.check(&s.limits)?;
-    let ids = s
-        .model
-        .tokenizer
-        .encode(&text, true)
-        .map_err(|e| ApiError::bad(format!("{e:#}")))?;
-    run(s, params, ids, Kind::Completion).await
+    let (input, params) = api::parse::<CompletionBody>(&body_bytes(body)?)?.check(&s.limits)?;
+    let ids = match &input.text {
+        Some(text) => s
+            .model
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| ApiError::bad(format!("{e:#}")))?,
+        None => Vec::new(),
+    };
+    let embeds = match &input.embeds {
+        Some(b64) => {
+            let info = s.model.backbone.info();
+            let expect = prompt_embeds::Expect {
+                hidden: info.hidden,
+                max_tokens: info.max_positions.saturating_sub(1),
+            };
+            let tensor = prompt_embeds::decode(b64, expect).map_err(|e| {
+                ApiError::new(
+                    400,
+                    "invalid_request_error",
+                    "invalid_prompt_embeds",
+                    format!("`prompt_embeds` {e}"),
+                )
+            })?;
+            Some(tensor)
+        }
+        None => None,
+    };
+    run(s, params, ids, embeds, Kind::Completion).await
 }
 
 /// `POST /v1/chat/completions`: the messages rendered through the model's chat template, then
@@ -56,7 +78,7 @@ pub(super) async fn chat_completions(
         .tokenizer
         .encode(&text, false)
         .map_err(|e| ApiError::bad(format!("{e:#}")))?;
-    run(s, params, ids, Kind::Chat).await
+    run(s, params, ids, None, Kind::Chat).await
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -73,21 +95,34 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Resolves the adapter, checks the lengths, hands the request to the worker and answers.
-async fn run(s: Arc<AppState>, params: Params, ids: Vec<u32>, kind: Kind) -> Result<Response, ApiError> {
-    let name = params.model.clone().unwrap_or_else(|| s.base_name.clone());
-    let prompt = if name == s.base_name {
-        if let Some(t) = params.task_id {
-            return Err(ApiError::bad(format!(
-                "task_id {t} was given for the base model (task ids are for multitask adapters)"
-            )));
-        }
-        Arc::new(PromptCache::none())
-    } else {
-        let found = s.adapters.read().unwrap().get(&name).map(|a| a.prompt(params.task_id));
-        found.ok_or_else(|| unknown_model(&name))?.map_err(ApiError::bad)?
-    };
-    if ids.is_empty() {
+/// Resolves the adapter(s), puts the request's embeddings (if any) after their prompt,
+/// checks the lengths, hands the request to the worker and answers.
+async fn run(
+    s: Arc<AppState>,
+    params: Params,
+    ids: Vec<u32>,
+    embeds: Option<candle_core::Tensor>,
+    kind: Kind,
+) -> Result<Response, ApiError> {
+    let (name, mut prompt) = compose::request_prompt(&s, &params).await?;
+    let adapter_positions = prompt.len();
+    if let Some(e) = embeds {
+        let lm = s
+            .model
+            .backbone
+            .causal()
+            .ok_or_else(|| server_error("the model does not generate".into()))?;
+        let with = prompt.with_embeds(lm, e).map_err(|e| {
+            ApiError::new(
+                400,
+                "invalid_request_error",
+                "invalid_prompt_embeds",
+                format!("`prompt_embeds` with `{name}`: {e:#}"),
+            )
+        })?;
+        prompt = Arc::new(with);
+    }
+    if ids.is_empty() && prompt.embeds.is_none() {
         return Err(ApiError::bad("the prompt is empty"));
     }
     let context = s.model.backbone.info().max_positions;
@@ -97,9 +132,9 @@ async fn run(s: Arc<AppState>, params: Params, ids: Vec<u32>, kind: Kind) -> Res
             "invalid_request_error",
             "context_length_exceeded",
             format!(
-                "the prompt has {} tokens (+{} adapter positions); the model's context is {context}",
+                "the prompt has {} tokens and {} embeddings (+{adapter_positions} adapter positions); the model's context is {context}",
                 ids.len(),
-                prompt.len()
+                prompt.embeds_len(),
             ),
         ));
     }

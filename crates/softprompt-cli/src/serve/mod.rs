@@ -19,9 +19,15 @@ mod api;
 mod body_tests;
 #[cfg(test)]
 mod browser_tests;
+mod compose;
+#[cfg(test)]
+mod compose_tests;
+#[cfg(test)]
+mod embeds_tests;
 mod generation;
 mod json_body;
 mod metrics;
+mod prompt_embeds;
 mod routes;
 #[cfg(test)]
 mod tests;
@@ -147,6 +153,8 @@ pub struct AppState {
     pub base_name: String,
     /// Adapters by name (loaded and unloaded at run time through `/v1/adapters`).
     pub adapters: RwLock<BTreeMap<String, Served>>,
+    /// Compositions of adapters built for requests (`adapters`), kept for the next ones.
+    pub compositions: compose::Compositions,
     /// The folder adapters are loaded from.
     pub adapters_dir: Option<PathBuf>,
     /// The model thread.
@@ -268,6 +276,7 @@ pub fn state(
         model,
         base_name,
         adapters: RwLock::new(adapters),
+        compositions: Default::default(),
         adapters_dir: opts.adapters_dir,
         worker,
         metrics,

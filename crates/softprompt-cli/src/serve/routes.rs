@@ -21,6 +21,10 @@ use super::{generation, AppState, Served};
 /// Largest request body.
 pub const BODY_LIMIT: usize = 1 << 20;
 
+/// Largest `/v1/completions` body: room for `prompt_embeds` of
+/// [`super::prompt_embeds::MAX_EMBEDS_BYTES`] in base64, and the rest of the request.
+pub const COMPLETIONS_BODY_LIMIT: usize = super::prompt_embeds::MAX_EMBEDS_BYTES / 3 * 4 + BODY_LIMIT;
+
 /// All routes over `state`.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
@@ -28,7 +32,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
-        .route("/v1/completions", post(generation::completions))
+        .route(
+            "/v1/completions",
+            post(generation::completions).layer(DefaultBodyLimit::max(COMPLETIONS_BODY_LIMIT)),
+        )
         .route("/v1/chat/completions", post(generation::chat_completions))
         .route("/v1/classify", post(classify))
         .route("/v1/adapters", post(load_adapter))

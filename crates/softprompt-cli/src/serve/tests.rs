@@ -7,7 +7,7 @@ use super::*;
 use std::io::{BufRead, BufReader};
 use std::sync::OnceLock;
 
-fn fixture(name: &str) -> PathBuf {
+pub(super) fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../fixtures/peft")
         .join(name)
@@ -27,7 +27,7 @@ pub(super) fn model() -> Arc<LoadedModel> {
 }
 
 /// Copies the PEFT files of fixture adapter `name` into a new folder `to`.
-fn copy_adapter(name: &str, to: &std::path::Path) {
+pub(super) fn copy_adapter(name: &str, to: &std::path::Path) {
     std::fs::create_dir_all(to).unwrap();
     for f in [ADAPTER_CONFIG, softprompt::adapter::ADAPTER_WEIGHTS] {
         std::fs::copy(fixture(name).join(f), to.join(f)).unwrap();
@@ -136,7 +136,12 @@ fn start_in(api_key: Option<String>, max_queue: usize) -> (String, PathBuf) {
 }
 
 /// Serves `adapters` on `model` from 127.0.0.1:0 in a thread of its own; returns the base URL.
-fn launch(model: Arc<LoadedModel>, base: &str, adapters: BTreeMap<String, Served>, opts: ServerOptions) -> String {
+pub(super) fn launch(
+    model: Arc<LoadedModel>,
+    base: &str,
+    adapters: BTreeMap<String, Served>,
+    opts: ServerOptions,
+) -> String {
     let st = state(model, base.into(), adapters, opts).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -160,7 +165,8 @@ fn start(api_key: Option<String>, max_queue: usize) -> String {
     start_in(api_key, max_queue).0
 }
 
-fn shared() -> &'static (String, PathBuf) {
+/// The server shared by the tests and its adapters folder (started on first use).
+pub(super) fn shared() -> &'static (String, PathBuf) {
     static SERVER: OnceLock<(String, PathBuf)> = OnceLock::new();
     SERVER.get_or_init(|| start_in(None, 64))
 }
@@ -361,6 +367,9 @@ fn bad_requests_get_json_errors_and_the_server_keeps_serving() {
     }
     let big = json!({"prompt": "x".repeat(routes::BODY_LIMIT + 10)}).to_string();
     assert_eq!(post(&url, &big).0, 413);
+    // the route takes bodies large enough for `prompt_embeds`, and no larger
+    let huge = json!({"prompt_embeds": "x".repeat(routes::COMPLETIONS_BODY_LIMIT + 10)}).to_string();
+    assert_eq!(post(&url, &huge).0, 413);
     let long = json!({"prompt": "hello ".repeat(9000), "max_tokens": 1}).to_string();
     let (status, err) = post(&url, &long);
     assert_eq!(status, 400);
