@@ -155,4 +155,14 @@ fn info_names_the_features_that_apply() {
     let (code, out, err) = softprompt(&["info", "fixtures/transformers/llama_rope_llama3"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("rotary scaling llama3 (factor"), "{out}");
+    let (code, out, err) = softprompt(&["info", "fixtures/transformers/gpt2/model.gguf"]);
+    assert_eq!(code, 0, "{err}");
+    for feature in [
+        "architecture:   Gpt2 (gpt2)",
+        "learned absolute positions (64 rows",
+        "tied head (the token embedding table)",
+        "composed candle ops",
+    ] {
+        assert!(out.contains(feature), "{feature} missing from:\n{out}");
+    }
 }
