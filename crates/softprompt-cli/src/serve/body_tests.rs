@@ -150,6 +150,21 @@ fn checks_after_parsing_are_400s() {
         ),
         (Route::Completions, r#"{"prompt": "hi", "echo": true}"#, "echo"),
         (Route::Completions, r#"{"prompt": null}"#, "field `prompt`"),
+        (
+            Route::Completions,
+            r#"{"prompt_embeds": ["a", "b"]}"#,
+            "`prompt_embeds`: one prompt per request, got a list of 2",
+        ),
+        (
+            Route::Completions,
+            r#"{"adapters": ["a"]}"#,
+            "missing field `prompt` (a text; or `prompt_embeds`",
+        ),
+        (
+            Route::Completions,
+            r#"{"prompt": "hi", "adapters": "a"}"#,
+            "field `adapters`",
+        ),
         (Route::Chat, r#"{"messages": []}"#, "`messages` is empty"),
         (Route::Classify, r#"{"model": "m", "input": []}"#, "empty list"),
         (Route::Classify, r#"{"model": "m", "input": [1]}"#, "input[0]"),
@@ -165,6 +180,11 @@ fn checks_after_parsing_are_400s() {
 fn well_formed_bodies_are_accepted() {
     for (route, body) in [
         (Route::Completions, json!({"prompt": "hi"})),
+        (
+            Route::Completions,
+            json!({"prompt_embeds": "AAAA", "adapters": ["a", "b"]}),
+        ),
+        (Route::Completions, json!({"prompt": "", "prompt_embeds": ["AAAA"]})),
         (
             Route::Completions,
             json!({"prompt": ["hi"], "max_completion_tokens": 3, "stop": null, "logprobs": 2, "user": {"x": 1}}),
@@ -278,7 +298,9 @@ fn message() -> impl Strategy<Value = Value> {
 fn field_value(field: &'static str) -> BoxedStrategy<Value> {
     let texts = || prop::collection::vec(any::<String>().prop_map(Value::String), 0..6).prop_map(Value::Array);
     let fitting: BoxedStrategy<Value> = match field {
-        "prompt" | "stop" => prop_oneof![any::<String>().prop_map(Value::String), texts()].boxed(),
+        "prompt" | "stop" | "prompt_embeds" | "adapters" => {
+            prop_oneof![any::<String>().prop_map(Value::String), texts()].boxed()
+        }
         "messages" => prop::collection::vec(message(), 0..4).prop_map(Value::Array).boxed(),
         "input" => prop_oneof![
             any::<String>().prop_map(Value::String),
@@ -310,8 +332,9 @@ fn field_value(field: &'static str) -> BoxedStrategy<Value> {
 /// The fields a route reads (every one of [`api::CommonFields`] for the generation routes),
 /// and one it does not know.
 fn fields(route: Route) -> Vec<&'static str> {
-    const COMMON: [&str; 17] = [
+    const COMMON: [&str; 18] = [
         "model",
+        "adapters",
         "max_tokens",
         "max_completion_tokens",
         "temperature",
@@ -330,7 +353,7 @@ fn fields(route: Route) -> Vec<&'static str> {
         "unknown_extra",
     ];
     match route {
-        Route::Completions => [&["prompt", "echo"][..], &COMMON].concat(),
+        Route::Completions => [&["prompt", "prompt_embeds", "echo"][..], &COMMON].concat(),
         Route::Chat => [&["messages"][..], &COMMON].concat(),
         Route::Classify => vec!["model", "input", "unknown_extra"],
         Route::Adapters => vec!["name", "unknown_extra"],
