@@ -442,6 +442,11 @@ fn what_gpt2_does_not_run_is_refused() {
         let e = load_edited(|c| c[field] = value, plain);
         assert!(e.contains(words), "{field}: {e}");
     }
+    let e = load_edited(|c| c["tie_word_embeddings"] = serde_json::json!(false), plain);
+    assert!(
+        e.contains("`tie_word_embeddings` is false") && e.contains("`lm_head.weight`"),
+        "{e}"
+    );
     let e = load_edited(|_| {}, KernelPath::Fused.into());
     assert!(e.contains("composed candle ops only"), "{e}");
     let e = load_edited(|_| {}, WeightStorage::File.into());
