@@ -59,7 +59,7 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Train a soft prompt (prompt tuning, p-tuning, prefix tuning, a Cartridge or multitask
     /// prompt tuning) and save a PEFT-compatible adapter.
-    Train(Box<train_config::TrainArgs>),
+    Train(Box<train_cmd::TrainCmdArgs>),
     /// Score a JSONL set with an adapter, or with a hand-written template (zero-shot); prints
     /// JSON. With --templates FILE: every template of FILE zero-shot, each one's accuracy and
     /// their spread.

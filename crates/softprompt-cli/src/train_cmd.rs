@@ -9,9 +9,28 @@ use crate::progress::Bar;
 use crate::ranks::Ranks;
 use crate::train_config::{config, TrainArgs};
 
+/// Arguments of `train`: the training options, and the threads of this process.
+#[derive(clap::Args)]
+pub struct TrainCmdArgs {
+    /// The training options.
+    #[command(flatten)]
+    pub options: TrainArgs,
+    /// Compute threads of this process (of each rank under mpirun or srun) [default: the cores
+    /// it was given: all, or those the launcher bound it to].
+    #[arg(long, value_parser = crate::args::whole("--threads", 1, "compute threads of this process"))]
+    pub threads: Option<usize>,
+}
+
 /// Runs `train`.
-pub fn train_cmd(args: TrainArgs) -> Result<()> {
+pub fn train_cmd(cmd: TrainCmdArgs) -> Result<()> {
+    let TrainCmdArgs { options: args, threads } = cmd;
     let ranks = Ranks::start()?;
+    if let Some(n) = threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .map_err(|e| ranks.fail(anyhow::anyhow!("--threads {n}: {e}")))?;
+    }
     let cfg = config(&args).map_err(|e| ranks.fail(e))?;
     let mut bar = Bar::default();
     let obs: &mut dyn train::Observer = if ranks.rank() == 0 { &mut bar } else { &mut Quiet };
