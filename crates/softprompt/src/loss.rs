@@ -27,18 +27,52 @@ pub fn softmax_cross_entropy(logits: &Tensor, targets: &[u32]) -> Result<(f32, T
     Ok((loss, dlogits))
 }
 
+/// [`softmax_cross_entropy`] with a weight per row: `Σ wᵢ·CEᵢ / N` (the mean over the rows,
+/// not over the weights, as PEFT's CPT loss) and d(loss)/d(logits) `= wᵢ·(softmax − onehot) / N`.
+pub fn weighted_softmax_cross_entropy(logits: &Tensor, targets: &[u32], weights: &[f32]) -> Result<(f32, Tensor)> {
+    let n = targets.len();
+    if weights.len() != n {
+        bail!("{} loss weights for {n} targets", weights.len());
+    }
+    let (_, dlogits) = softmax_cross_entropy(logits, targets)?;
+    let log_probs = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let picked: Vec<f32> = log_probs
+        .gather(&Tensor::new(targets, logits.device())?.unsqueeze(1)?, 1)?
+        .flatten_all()?
+        .to_vec1()?;
+    let loss = -picked.iter().zip(weights).map(|(lp, w)| lp * w).sum::<f32>() / n as f32;
+    let w = Tensor::new(weights, logits.device())?.unsqueeze(1)?;
+    Ok((loss, dlogits.broadcast_mul(&w)?))
+}
+
 /// Causal-LM loss (mean cross-entropy over the target tokens) and d(loss)/d(hidden) `[B,T,D]`.
 /// The vocabulary head runs only at the loss positions.
 pub fn lm_loss(backbone: &dyn CausalLm, batch: &Batch, hidden: &Tensor) -> Result<(f32, Tensor)> {
+    lm_loss_at(backbone, hidden, &batch.loss_positions, &batch.loss_targets, None)
+}
+
+/// [`lm_loss`] at the flat positions `positions` (`b·T + t`, each predicting the token of
+/// `targets`), each cross-entropy weighted by `weights` when given
+/// ([`weighted_softmax_cross_entropy`]).
+pub fn lm_loss_at(
+    backbone: &dyn CausalLm,
+    hidden: &Tensor,
+    positions: &[u32],
+    targets: &[u32],
+    weights: Option<&[f32]>,
+) -> Result<(f32, Tensor)> {
     let (b, t, d) = hidden.dims3()?;
     let device = hidden.device();
-    if batch.loss_positions.is_empty() {
+    if positions.is_empty() {
         bail!("the batch has no target tokens");
     }
-    let pos = Tensor::new(batch.loss_positions.as_slice(), device)?;
+    let pos = Tensor::new(positions, device)?;
     let rows = hidden.reshape((b * t, d))?.index_select(&pos, 0)?;
     let logits = lm_logits(backbone, &rows)?;
-    let (loss, dlogits) = softmax_cross_entropy(&logits, &batch.loss_targets)?;
+    let (loss, dlogits) = match weights {
+        None => softmax_cross_entropy(&logits, targets)?,
+        Some(w) => weighted_softmax_cross_entropy(&logits, targets, w)?,
+    };
     let d_rows = dlogits.matmul(backbone.lm_head())?;
     let d_hidden = Tensor::zeros((b * t, d), DType::F32, device)?.index_add(&pos, &d_rows, 0)?;
     Ok((loss, d_hidden.reshape((b, t, d))?))

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 const TOL: f32 = 2e-3;
 
-const ALL_ADAPTERS: [&str; 10] = [
+const ALL_ADAPTERS: [&str; 11] = [
     "smollm2_prompt_tuning_text",
     "smollm2_prompt_tuning_random",
     "smollm2_p_tuning_mlp",
@@ -23,6 +23,7 @@ const ALL_ADAPTERS: [&str; 10] = [
     "smollm2_multitask_prompt_tuning",
     "minilm_seqcls_prompt_tuning",
     "minilm_seqcls_p_tuning_mlp",
+    "smollm2_cpt",
 ];
 
 /// `[P; word embeddings of ids]` and the mask with ones for the virtual tokens.

@@ -16,6 +16,9 @@ pub enum PeftType {
     /// `MULTITASK_PROMPT_TUNING`: a shared prompt times per-task low-rank factors (Wang et al.
     /// 2023).
     MultitaskPromptTuning,
+    /// `CPT`: context-aware prompt tuning, a prompt of real in-context examples (Blau et al.
+    /// 2024), prepended like prompt tuning.
+    Cpt,
 }
 
 impl PeftType {
@@ -27,6 +30,7 @@ impl PeftType {
             PeftType::PrefixTuning => "PREFIX_TUNING",
             PeftType::Cartridge => "CARTRIDGE",
             PeftType::MultitaskPromptTuning => "MULTITASK_PROMPT_TUNING",
+            PeftType::Cpt => "CPT",
         }
     }
 
@@ -44,10 +48,11 @@ impl PeftType {
             "PREFIX_TUNING" => PeftType::PrefixTuning,
             "CARTRIDGE" => PeftType::Cartridge,
             "MULTITASK_PROMPT_TUNING" => PeftType::MultitaskPromptTuning,
+            "CPT" => PeftType::Cpt,
             other => {
                 bail!(
                     "unknown peft_type `{other}` (supported: PROMPT_TUNING, P_TUNING, PREFIX_TUNING, CARTRIDGE, \
-                     MULTITASK_PROMPT_TUNING)"
+                     MULTITASK_PROMPT_TUNING, CPT)"
                 )
             }
         })

@@ -53,6 +53,7 @@ pub const WHOLE_NUMBER_OPTIONS: &[(&str, u64, &str)] = &[
     ("seed", 0, "the seed of initialisation and data order"),
     ("max_len", 1, "the longest sequence, in tokens"),
     ("eval_batch", 1, "rows per evaluation batch"),
+    ("cpt_examples", 1, "training rows in CPT's context"),
 ];
 
 /// The least value of whole-number option `name` and what it counts (`(0, "")` for a name
@@ -72,7 +73,7 @@ pub fn below_least(name: &str, shown: &str) -> String {
 }
 
 /// Refuses whole-number option `name` holding `v` below its least value.
-fn check_least(name: &str, v: usize) -> Result<()> {
+pub(super) fn check_least(name: &str, v: usize) -> Result<()> {
     if (v as u64) < whole_number_range(name).0 {
         bail!("{}", below_least(name, &v.to_string()));
     }
@@ -183,6 +184,7 @@ impl TrainConfig {
         }
         self.check_prefix_init()?;
         self.check_multitask()?;
+        self.check_cpt()?;
         self.check_verbalizer()?;
         run_template(self)?;
         self.check_init_from()?;
@@ -372,8 +374,6 @@ pub fn run_template(cfg: &TrainConfig) -> Result<Template> {
             option("num_virtual_tokens")
         );
     }
-    let t = if t.num_virtual_tokens() == 0 && !cfg.method.is_kv_prefix() {
-        Template::parse(&format!("[soft:{}]{}", cfg.num_virtual_tokens, cfg.template)).with_context(what)?
     if cfg.method == Method::LatePromptTuning && !virtual_tokens_lead(&t) {
         bail!(
             "option `template`: method `late-prompt-tuning` puts its prompt in front of the input \
@@ -382,6 +382,8 @@ pub fn run_template(cfg: &TrainConfig) -> Result<Template> {
              (`num_virtual_tokens` are then prepended)"
         );
     }
+    let t = if t.num_virtual_tokens() == 0 && !cfg.method.is_kv_prefix() {
+        Template::parse(&format!("[soft:{}]{}", cfg.num_virtual_tokens, cfg.template)).with_context(what)?
     } else {
         t
     };
@@ -390,8 +392,6 @@ pub fn run_template(cfg: &TrainConfig) -> Result<Template> {
     Ok(t)
 }
 
-/// Refuses a template without any input field (only soft tokens and text).
-fn check_reads_a_field(t: &Template, name: &str, target_field: &str) -> Result<()> {
 /// Whether the template's virtual tokens, if any, are one `[soft:N]` at its very start (the
 /// layout late prompt tuning's readers rebuild: [`crate::template::Template::without_leading_soft`]).
 fn virtual_tokens_lead(t: &Template) -> bool {
@@ -405,6 +405,8 @@ fn virtual_tokens_lead(t: &Template) -> bool {
     soft.is_empty() || (soft == [0] && t.without_leading_soft().is_some())
 }
 
+/// Refuses a template without any input field (only soft tokens and text).
+fn check_reads_a_field(t: &Template, name: &str, target_field: &str) -> Result<()> {
     if t.fields().is_empty() {
         bail!(
             "{} `{}` reads no field of the rows (only the target `{target_field}`), so every row \

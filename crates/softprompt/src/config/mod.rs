@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 mod checks;
+mod cpt;
 #[cfg(feature = "cli")]
 pub mod flags;
 mod kinds;
@@ -26,6 +27,7 @@ mod no_effect;
 use flags::WholeNumber;
 
 pub use crate::backbone::{KernelPath, WeightStorage};
+pub use crate::prompt::cpt::CptLossWeighting;
 pub use crate::prompt::encoder::EncoderKind;
 pub use crate::prompt::Method;
 use crate::prompt::{EncoderSpec, PrefixSpec};
@@ -68,7 +70,7 @@ pub struct TrainConfig {
     #[cfg_attr(feature = "cli", arg(skip))]
     pub verbalizer: BTreeMap<String, String>,
     /// Prompt tuning, p-tuning, prefix tuning, Cartridge, multitask prompt tuning, residual
-    /// prompt tuning, DePT or late prompt tuning.
+    /// prompt tuning, DePT, late prompt tuning or CPT.
     #[cfg_attr(feature = "cli", arg(long))]
     pub method: Method,
     /// Virtual tokens to prepend when the template has none; for a key/value prefix
@@ -138,6 +140,26 @@ pub struct TrainConfig {
     /// Multitask prompt tuning: the rank of each task's factors (PEFT's `num_ranks`).
     #[cfg_attr(feature = "cli", arg(long, value_parser = WholeNumber::<usize>::option("num_ranks")))]
     pub num_ranks: usize,
+    /// CPT: the training rows (the first N of `train`) rendered with the template into the
+    /// context that is the prompt.
+    #[cfg_attr(feature = "cli", arg(long, value_parser = WholeNumber::<usize>::option("cpt_examples")))]
+    pub cpt_examples: usize,
+    /// CPT: how the loss weighs the labels (PEFT's `opt_weighted_loss_type`): `none` (all 1) or
+    /// `decay` (the query's 1, each earlier context example `cpt_loss_decay_factor` times the
+    /// next).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub cpt_weighted_loss: CptLossWeighting,
+    /// CPT: the factor of `decay` (PEFT's `opt_loss_decay_factor`).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub cpt_loss_decay_factor: f64,
+    /// CPT: the bound on the change of an input token's embedding, times √(hidden/2048) (PEFT's
+    /// `opt_projection_epsilon`).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub cpt_projection_epsilon: f64,
+    /// CPT: the bound on the change of a template token's embedding, times √(hidden/2048)
+    /// (PEFT's `opt_projection_format_epsilon`).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub cpt_projection_format_epsilon: f64,
     /// Peak learning rate.
     #[cfg_attr(feature = "cli", arg(long))]
     pub lr: f64,
@@ -257,6 +279,11 @@ impl Default for TrainConfig {
             init_task: 0,
             tasks: Vec::new(),
             num_ranks: 1,
+            cpt_examples: 4,
+            cpt_weighted_loss: CptLossWeighting::None,
+            cpt_loss_decay_factor: 1.0,
+            cpt_projection_epsilon: 0.1,
+            cpt_projection_format_epsilon: 0.1,
             lr: 0.03,
             weight_decay: 0.0,
             beta1: 0.9,
@@ -297,7 +324,8 @@ impl TrainConfig {
             | Method::MultitaskPromptTuning
             | Method::ResidualPromptTuning
             | Method::Dept
-            | Method::LatePromptTuning => None,
+            | Method::LatePromptTuning
+            | Method::Cpt => None,
             Method::PTuning => Some(EncoderSpec::new(
                 self.encoder,
                 self.encoder_hidden,
@@ -326,7 +354,8 @@ impl TrainConfig {
             | Method::MultitaskPromptTuning
             | Method::ResidualPromptTuning
             | Method::Dept
-            | Method::LatePromptTuning => None,
+            | Method::LatePromptTuning
+            | Method::Cpt => None,
         }
     }
 

@@ -109,7 +109,9 @@ impl TrainConfig {
         checks
             .into_iter()
             .filter(|(applies, _, _)| *applies)
-            .map(|(_, name, why)| format!("{} is set but has no effect: {why}", super::option(name)))
+            .map(|(_, name, why)| (name, why))
+            .chain(self.cpt_options_without_effect())
+            .map(|(name, why)| format!("{} is set but has no effect: {why}", super::option(name)))
             .collect()
     }
 }

@@ -39,6 +39,12 @@ pub enum Method {
     /// as a prompt-tuning-shaped adapter plus the layer (`late_prompt_insert_layer`); readers
     /// turn it into per-layer keys and values. Llama family only.
     LatePromptTuning,
+    /// Blau et al. 2024 (PEFT's CPT, context-aware prompt tuning): the prompt is a context of
+    /// `cpt_examples` training rows rendered with the template, prepended; their embeddings
+    /// learn an offset kept within a bound per token type (`cpt_projection_epsilon`,
+    /// `cpt_projection_format_epsilon`; label tokens stay fixed), and the loss also covers the
+    /// context's labels (`cpt_weighted_loss`, `cpt_loss_decay_factor`).
+    Cpt,
 }
 
 impl Method {

@@ -14,6 +14,7 @@
 //! trainer can call `(P * dP).sum_all()?.backward()?` with `dP = d(loss)/dP` from the frozen
 //! backbone and read the gradients of [`SoftPrompt::vars`].
 
+pub mod cpt;
 pub mod encoder;
 pub mod init;
 pub mod method;

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use super::Prepared;
 use crate::adapter::{PeftConfig, TaskType};
-use crate::backbone::{Backbone, BackboneInput, KvCache, Tape};
+use crate::backbone::{Backbone, BackboneInput, CausalLm, KvCache, Tape};
 use crate::batch::{prompt_gradient, splice_embeddings, Batch};
 use crate::prompt::prefix::{flat_gradient, flat_to_cache};
 use crate::prompt::{KvPrefix, PromptInit, SoftPrompt};
@@ -58,6 +58,17 @@ pub trait LearnedPrompt: std::fmt::Debug + Send + Sync {
     /// `dept_lr`, so theirs is `dept_lr / lr`); 1 for the others.
     fn lr_scale(&self, _name: &str, _cfg: &crate::config::TrainConfig) -> f64 {
         1.0
+    }
+
+    /// The causal-LM loss of a micro-batch and d(loss)/d(hidden states): the mean cross-entropy
+    /// of the target tokens ([`crate::loss::lm_loss`]); CPT adds its context's labels.
+    fn lm_loss(&self, lm: &dyn CausalLm, batch: &Batch, hidden: &Tensor) -> Result<(f32, Tensor)> {
+        crate::loss::lm_loss(lm, batch, hidden)
+    }
+
+    /// Runs after every optimiser step (CPT projects its offset back within its bounds).
+    fn after_step(&self) -> Result<()> {
+        Ok(())
     }
 
     /// The PEFT `adapter_config.json` of this learned part (`init`: how it started).

@@ -7,6 +7,7 @@ use rand::SeedableRng;
 use std::path::Path;
 
 use super::checkpoint::{self, Checkpoint, Progress};
+use super::cpt::CptPrompt;
 use super::dept::DeptPrompt;
 pub use super::learned::{Learned, LearnedPrompt};
 use super::optim::{AdamW, AdamWConfig};
@@ -134,9 +135,14 @@ pub fn new_learner(p: &Prepared) -> Result<Learner> {
         }
         _ => e,
     };
-    let prompt: Learned = match cfg.prefix_spec() {
-        Some(spec) => Box::new(super::prefix::new_prefix(p, spec, &init, &mut rng).map_err(name_the_folder)?),
-        None => {
+    let prompt: Learned = match (cfg.prefix_spec(), &p.cpt) {
+        (None, Some(context)) => Box::new(CptPrompt::new(
+            context.clone(),
+            bb.embedding_table(),
+            Some(cfg.model.clone()),
+        )?),
+        (Some(spec), _) => Box::new(super::prefix::new_prefix(p, spec, &init, &mut rng).map_err(name_the_folder)?),
+        (None, None) => {
             let n = p.task().template.num_virtual_tokens();
             let start = initial_prompt(
                 &init,
@@ -153,13 +159,13 @@ pub fn new_learner(p: &Prepared) -> Result<Learner> {
                     Box::new(SoftPrompt::residual(&start, cfg.residual_bottleneck, &mut rng)?)
                 }
                 Method::Dept => Box::new(DeptPrompt::new(&start, cfg.max_len, cfg.dept_rank, &mut rng)?),
+                Method::LatePromptTuning => Box::new(super::late_prompt::LatePrompt::new(p, &start)?),
                 _ => Box::new(SoftPrompt::new(&start, cfg.encoder_spec().as_ref(), &mut rng)?),
             };
             if cfg.init == InitKind::From {
                 continue_from_raw(cfg, &mut prompt)?;
             }
             prompt
-                Method::LatePromptTuning => Box::new(super::late_prompt::LatePrompt::new(p, &start)?),
         }
     };
     let head = if cfg.task == TaskKind::SeqCls {

@@ -14,6 +14,7 @@
 
 pub mod checkpoint;
 pub mod collective;
+pub mod cpt;
 pub mod dept;
 pub mod late_prompt;
 pub mod learned;

@@ -85,6 +85,9 @@ fn check_resume_options(cfg: &TrainConfig, state_json: &Path) -> Result<()> {
     if cfg.method == crate::config::Method::LatePromptTuning {
         pairs.push(("insert_layer", json(&saved.insert_layer), json(&cfg.insert_layer)));
     }
+    if cfg.method == crate::config::Method::Cpt {
+        pairs.push(("cpt_examples", json(&saved.cpt_examples), json(&cfg.cpt_examples)));
+    }
     if cfg.method == crate::config::Method::Dept {
         pairs.push(("dept_rank", json(&saved.dept_rank), json(&cfg.dept_rank)));
         pairs.push(("max_len", json(&saved.max_len), json(&cfg.max_len)));

@@ -10,6 +10,7 @@ use crate::config::{option, run_template, Method, TaskData, TrainConfig};
 use crate::data::{field_text, read_jsonl, DataSet};
 use crate::model_source;
 use crate::task::{assign_task, Example, Task, TaskKind};
+use crate::template::Template;
 
 /// Everything prepared for training: model, task(s), encoded data.
 pub struct Prepared {
@@ -28,6 +29,8 @@ pub struct Prepared {
     pub train: Vec<Example>,
     /// Training rows whose fields were truncated.
     pub(crate) truncated_train: usize,
+    /// CPT's context (method `cpt`), built from the first training rows.
+    pub cpt: Option<crate::prompt::cpt::CptConfig>,
     /// The processes that train together ([`super::collective::Single`] unless
     /// [`super::train_with`] was given others).
     pub(crate) comm: std::rc::Rc<dyn super::Collective>,
@@ -220,8 +223,9 @@ pub fn prepare(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<Prepared> {
     let mut tasks = Vec::with_capacity(files.len());
     let mut train = Vec::new();
     let mut truncated_train = 0;
+    let mut cpt = None;
     for (id, (f, labels)) in files.into_iter().zip(labels).enumerate() {
-        let task = Task::new(
+        let mut task = Task::new(
             cfg.task,
             run_template(cfg)?,
             labels,
@@ -229,6 +233,12 @@ pub fn prepare(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<Prepared> {
             &model.tokenizer,
             cfg.max_len,
         )?;
+        if cfg.method == Method::Cpt {
+            task.template = Template::parse(&cfg.template)?.with_target(&cfg.target_field)?;
+            let context = super::cpt::build_context(cfg, &task, &f.train, &model.tokenizer)?;
+            task.template = super::cpt::run_template(cfg, context.len())?;
+            cpt = Some(context);
+        }
         let encode = |ds: &DataSet| task.encode_set(ds, &model.tokenizer);
         let mut rows = encode(&f.train)?;
         if rows.truncated > 0 {
@@ -269,6 +279,7 @@ pub fn prepare(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<Prepared> {
         tasks,
         train,
         truncated_train,
+        cpt,
         comm: std::rc::Rc::new(super::collective::Single),
     })
 }

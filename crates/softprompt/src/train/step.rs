@@ -7,8 +7,8 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use std::collections::{BTreeMap, HashMap};
 
-use super::learner::{Learner, HEAD_BIAS, HEAD_WEIGHT};
 use super::collective::share;
+use super::learner::{Learner, HEAD_BIAS, HEAD_WEIGHT};
 use super::optim::{clip_grad_norm, learning_rate};
 use super::parallel::{normaliser, sum_gradients};
 use super::Prepared;
@@ -16,7 +16,6 @@ use crate::backbone::profile::{span, Direction};
 use crate::backbone::Model;
 use crate::batch::make_batch;
 use crate::config::TrainConfig;
-use crate::loss::lm_loss;
 use crate::task::Example;
 
 /// The rows of micro-batch `micro` of step `step` (1-based): a pure function of the seed (each
@@ -140,7 +139,7 @@ pub fn compute_gradients(
                     add(HEAD_BIAS, h.d_bias, weight)?;
                     (h.loss, h.d_hidden)
                 }
-                (Model::Causal(lm), None) => lm_loss(lm.as_ref(), &batch, &hidden)?,
+                (Model::Causal(lm), None) => learner.prompt.lm_loss(lm.as_ref(), &batch, &hidden)?,
                 _ => bail!("a classification head trains on an encoder, the LM loss on a causal model"),
             })
         })?;
@@ -220,7 +219,8 @@ pub fn step(
     let lr = learning_rate(cfg.lr, cfg.schedule, step, cfg.warmup, total);
     span("optimiser", Direction::Backward, || {
         let scale = |name: &str| learner.prompt.lr_scale(name, cfg);
-        learner.optimizer.update_scaled(&learner.params(), &grads, lr, &scale)
+        learner.optimizer.update_scaled(&learner.params(), &grads, lr, &scale)?;
+        learner.prompt.after_step()
     })?;
     let largest = largest_magnitude(&learner.params())?;
     if !largest.is_finite() {

@@ -7,6 +7,7 @@ use serde_json::{Map, Value};
 use super::{MethodConfig, PeftConfig, PromptTuningFields};
 use crate::adapter::peft_types::{PeftType, TaskType};
 use crate::adapter::python_json::write_python_json;
+use crate::prompt::cpt::{CptConfig, CptLossWeighting};
 use crate::prompt::EncoderKind;
 
 impl PromptTuningFields {
@@ -120,6 +121,10 @@ impl PeftConfig {
                 m.insert("num_ranks".into(), Value::from(*num_ranks as u64));
                 m.insert("num_tasks".into(), Value::from(*num_tasks as u64));
             }
+            MethodConfig::Cpt {
+                cpt,
+                tokenizer_name_or_path,
+            } => write_cpt(cpt, tokenizer_name_or_path, &mut m),
         }
         Value::Object(m)
     }
@@ -179,6 +184,7 @@ impl PeftConfig {
                     num_tasks: at_least_1("num_tasks")?,
                 }
             }
+            PeftType::Cpt => read_cpt(&fields)?,
         };
         let task_type = match fields.opt_str("task_type")? {
             None => None,
@@ -308,8 +314,92 @@ fn known_fields(t: PeftType) -> Vec<&'static str> {
             "num_ranks",
             "num_tasks",
         ][..],
+        PeftType::Cpt => &CPT_FIELDS[..],
     });
     v
+}
+
+/// The JSON fields of a CPT config beside the common ones.
+const CPT_FIELDS: [&str; 8] = [
+    "cpt_token_ids",
+    "cpt_mask",
+    "cpt_tokens_type_mask",
+    "opt_weighted_loss_type",
+    "opt_loss_decay_factor",
+    "opt_projection_epsilon",
+    "opt_projection_format_epsilon",
+    "tokenizer_name_or_path",
+];
+
+/// A list of integers, field `name` (null or missing: `None`).
+fn int_list(fields: &crate::json_fields::JsonFields, name: &str) -> Result<Option<Vec<i64>>> {
+    match fields.opt_value(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| {
+                v.as_i64()
+                    .with_context(|| format!("field `{name}` should hold integers, found {v}"))
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some),
+        Some(v) => bail!("field `{name}` should be a list of integers, found {v}"),
+    }
+}
+
+/// A CPT config as PEFT's `CPTConfig.__post_init__` completes it: no token ids means `[0]`,
+/// no masks mean ones; the lists must have one length, which is `num_virtual_tokens`.
+fn read_cpt(fields: &crate::json_fields::JsonFields) -> Result<MethodConfig> {
+    let non_negative = |name: &str, list: Vec<i64>| -> Result<Vec<u32>> {
+        list.into_iter()
+            .map(|x| {
+                u32::try_from(x).with_context(|| format!("field `{name}` holds {x}; its entries must be in 0..2³²"))
+            })
+            .collect()
+    };
+    let token_ids = non_negative("cpt_token_ids", int_list(fields, "cpt_token_ids")?.unwrap_or(vec![0]))?;
+    let n = token_ids.len();
+    let types = non_negative(
+        "cpt_tokens_type_mask",
+        int_list(fields, "cpt_tokens_type_mask")?.unwrap_or(vec![1; n]),
+    )?;
+    let weighted_loss = match fields.opt_str("opt_weighted_loss_type")? {
+        None => CptLossWeighting::None,
+        Some(s) => CptLossWeighting::from_peft_name(&s).context("field `opt_weighted_loss_type`")?,
+    };
+    let cpt = CptConfig {
+        mask: int_list(fields, "cpt_mask")?.unwrap_or(vec![1; n]),
+        token_ids,
+        types,
+        weighted_loss,
+        decay_factor: fields.opt_f64("opt_loss_decay_factor")?.unwrap_or(1.0),
+        projection_epsilon: fields.opt_f64("opt_projection_epsilon")?.unwrap_or(0.1),
+        projection_format_epsilon: fields.opt_f64("opt_projection_format_epsilon")?.unwrap_or(0.1),
+    };
+    cpt.check()?;
+    if let Some(v) = fields.opt_usize("num_virtual_tokens")? {
+        if v != n {
+            bail!("field `num_virtual_tokens` is {v}, but `cpt_token_ids` holds {n} tokens (PEFT sets it to their number)");
+        }
+    }
+    Ok(MethodConfig::Cpt {
+        cpt,
+        tokenizer_name_or_path: fields.opt_str("tokenizer_name_or_path")?,
+    })
+}
+
+fn write_cpt(cpt: &CptConfig, tokenizer: &Option<String>, m: &mut Map<String, Value>) {
+    let ints = |v: Vec<i64>| Value::Array(v.into_iter().map(Value::from).collect());
+    let float = |x: f64| serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number);
+    let [ids, mask, types, loss, decay, eps, format_eps, tok] = CPT_FIELDS;
+    m.insert(ids.into(), ints(cpt.token_ids.iter().map(|&x| x as i64).collect()));
+    m.insert(mask.into(), ints(cpt.mask.clone()));
+    m.insert(types.into(), ints(cpt.types.iter().map(|&x| x as i64).collect()));
+    m.insert(loss.into(), Value::String(cpt.weighted_loss.peft_name().into()));
+    m.insert(decay.into(), float(cpt.decay_factor));
+    m.insert(eps.into(), float(cpt.projection_epsilon));
+    m.insert(format_eps.into(), float(cpt.projection_format_epsilon));
+    m.insert(tok.into(), tokenizer.clone().map_or(Value::Null, Value::String));
 }
 
 fn kind_of(v: &Value) -> &'static str {

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use super::peft_types::{PeftType, TaskType};
 use super::PEFT_FORMAT_VERSION;
 use crate::backbone::ModelInfo;
+use crate::prompt::cpt::CptConfig;
 use crate::prompt::{EncoderKind, EncoderSpec, PromptInit, SoftPrompt};
 
 mod json;
@@ -71,6 +72,13 @@ pub enum MethodConfig {
         /// Number of tasks.
         num_tasks: usize,
     },
+    /// `CPTConfig`: the context, its token types and how it learns.
+    Cpt {
+        /// `cpt_token_ids`, `cpt_mask`, `cpt_tokens_type_mask` and the `opt_*` fields.
+        cpt: CptConfig,
+        /// `tokenizer_name_or_path` (PEFT keeps it; it does not read it to load an adapter).
+        tokenizer_name_or_path: Option<String>,
+    },
 }
 
 /// The fields prompt tuning and multitask prompt tuning share.
@@ -95,6 +103,7 @@ impl MethodConfig {
             MethodConfig::PrefixTuning { .. } => PeftType::PrefixTuning,
             MethodConfig::Cartridge { .. } => PeftType::Cartridge,
             MethodConfig::MultitaskPromptTuning { .. } => PeftType::MultitaskPromptTuning,
+            MethodConfig::Cpt { .. } => PeftType::Cpt,
         }
     }
 
@@ -246,6 +255,14 @@ impl PeftConfig {
             MethodConfig::MultitaskPromptTuning {
                 num_tasks, num_ranks, ..
             } => Some((*num_tasks, *num_ranks)),
+            _ => None,
+        }
+    }
+
+    /// A CPT adapter's context and options; `None` for the other methods.
+    pub fn cpt(&self) -> Option<&CptConfig> {
+        match &self.method {
+            MethodConfig::Cpt { cpt, .. } => Some(cpt),
             _ => None,
         }
     }
