@@ -9,8 +9,8 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::tiny::{rand, tiny_llama, tiny_llama_in};
 use common::*;
-use softprompt::adapter::{load_peft, PeftType, LATE_PROMPT_LAYER};
-use softprompt::backbone::{BackboneInput, CausalLm, KvCache};
+use softprompt::adapter::{load_peft, PeftType, LATE_PROMPT_LAYER, LATE_PROMPT_PLACEHOLDER};
+use softprompt::backbone::{Backbone, BackboneInput, CausalLm, KvCache};
 use softprompt::batch::{make_batch, Batch};
 use softprompt::data::read_jsonl;
 use softprompt::infer::evaluate::Scorer;
@@ -63,7 +63,8 @@ fn gradient_matches_finite_differences_through_the_upper_layers() {
     let (p, d) = (2, 16);
     let mut s = 11u64;
     let start = rand(&[p, d], 1.0, &mut s);
-    let prompt = LatePrompt::with_layer(&start, 1, true).unwrap();
+    let placeholder = rand(&[p, d], 1.0, &mut s);
+    let prompt = LatePrompt::with_layer(&start, &placeholder, 1, true).unwrap();
     let batch = two_rows();
     let real = batch.mask.to_dtype(DType::F64).unwrap().unsqueeze(2).unwrap();
     let r = rand(&[2, 6, d], 1.0, &mut s).broadcast_mul(&real).unwrap();
@@ -99,10 +100,16 @@ fn gradient_matches_finite_differences_through_the_upper_layers() {
 /// Hidden states at the input positions of the training layout (lower layers on the
 /// placeholder, the prompt spliced in at the layer, the layers above), and after the adapter's
 /// keys and values (what the readers run), for the rows of `batch` one by one.
-fn training_and_reader_hidden(model: &dyn CausalLm, prompt: &Tensor, layer: usize, batch: &Batch) -> (Tensor, Tensor) {
-    let learner = LatePrompt::with_layer(prompt, layer, false).unwrap();
+fn training_and_reader_hidden(
+    model: &dyn CausalLm,
+    prompt: &Tensor,
+    placeholder: &Tensor,
+    layer: usize,
+    batch: &Batch,
+) -> (Tensor, Tensor) {
+    let learner = LatePrompt::with_layer(prompt, placeholder, layer, false).unwrap();
     let (train_h, _) = learner.model_forward(model, batch, prompt).unwrap();
-    let cache = late_prompt_cache(model, prompt, layer).unwrap();
+    let cache = late_prompt_cache(model, prompt, placeholder, layer).unwrap();
     let p = prompt.dim(0).unwrap();
     let (b, t) = batch.shape;
     let ids = batch.ids.narrow(1, p, t - p).unwrap();
@@ -123,11 +130,12 @@ fn the_adapters_keys_and_values_give_the_training_layouts_hidden_states() {
     let batch = two_rows();
     let mut s = 5u64;
     let prompt = rand(&[2, 16], 1.0, &mut s);
+    let placeholder = rand(&[2, 16], 1.0, &mut s);
     for layer in [0, 1] {
         for dtype in [DType::F64, DType::F32] {
             let model = tiny_llama_in(dtype);
-            let prompt = prompt.to_dtype(dtype).unwrap();
-            let (a, b) = training_and_reader_hidden(model.as_ref(), &prompt, layer, &batch);
+            let (prompt, placeholder) = (prompt.to_dtype(dtype).unwrap(), placeholder.to_dtype(dtype).unwrap());
+            let (a, b) = training_and_reader_hidden(model.as_ref(), &prompt, &placeholder, layer, &batch);
             let diff = max_abs_diff(&a.to_dtype(DType::F32).unwrap(), &b.to_dtype(DType::F32).unwrap());
             assert!(diff < 1e-5, "layer {layer}, {dtype:?}: training vs reader {diff}");
         }
@@ -140,10 +148,12 @@ fn fused_layers_equal_composed_ones() {
     let batch = two_rows();
     let mut s = 21u64;
     let prompt = rand(&[2, 16], 1.0, &mut s);
+    let placeholder = rand(&[2, 16], 1.0, &mut s);
     let r = rand(&[2, 6, 16], 1.0, &mut s);
     let run = |model: &dyn CausalLm, dtype: DType| {
         let prompt = prompt.to_dtype(dtype).unwrap();
-        let learner = LatePrompt::with_layer(&prompt, 1, true).unwrap();
+        let placeholder = placeholder.to_dtype(dtype).unwrap();
+        let learner = LatePrompt::with_layer(&prompt, &placeholder, 1, true).unwrap();
         let (h, tape) = learner.model_forward(model, &batch, &prompt).unwrap();
         // Summed over the rows: the fused layers report the gradient of positions every row
         // shares (the prompt) at row 0 only.
@@ -167,6 +177,31 @@ fn fused_layers_equal_composed_ones() {
     }
 }
 
+#[test]
+fn step_zero_is_prompt_tuning_with_the_same_init() {
+    // The prompt starts as the placeholder's hidden states at its layer: the model then computes
+    // what prompt tuning computes with the placeholder as its prompt.
+    let model = tiny_llama();
+    let batch = two_rows();
+    let mut s = 31u64;
+    let init = rand(&[2, 16], 1.0, &mut s);
+    let mask = Tensor::ones((1, 2), DType::U32, &Device::Cpu).unwrap();
+    let lifted = model
+        .forward_layers(&BackboneInput::new(&init.unsqueeze(0).unwrap(), &mask), 0..1, None)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let late = LatePrompt::with_layer(&lifted, &init, 1, false).unwrap();
+    let (h_late, _) = late.model_forward(&model, &batch, &lifted).unwrap();
+    let embeds = softprompt::batch::splice_embeddings(&model, &batch, Some(&init)).unwrap();
+    let h_pt = model.forward(&BackboneInput::new(&embeds, &batch.mask)).unwrap();
+    let diff = max_abs_diff(
+        &h_late.to_dtype(DType::F32).unwrap(),
+        &h_pt.to_dtype(DType::F32).unwrap(),
+    );
+    assert!(diff < 1e-6, "late prompt at step 0 vs prompt tuning: {diff}");
+}
+
 /// Four capital-city rows in one batch, copied into `dir/data`; the output `dir/NAME`.
 fn tiny(dir: &Path, name: &str) -> TrainConfig {
     TrainConfig {
@@ -179,7 +214,7 @@ fn tiny(dir: &Path, name: &str) -> TrainConfig {
         task: TaskKind::Generate,
         method: Method::LatePromptTuning,
         init: InitKind::Random,
-        lr: 0.01,
+        lr: 0.3,
         warmup: 0,
         schedule: Schedule::Constant,
         steps: Some(8),
@@ -257,6 +292,7 @@ fn late_prompt_tuning_trains_saves_and_reloads() {
     assert_eq!(a.prompt_embeddings.dims(), &[4, 576]);
     assert_eq!(a.tensors[LATE_PROMPT_LAYER].dims(), &[1]);
     assert_eq!(a.late_prompt_layer().unwrap(), Some(15));
+    assert_eq!(a.tensors[LATE_PROMPT_PLACEHOLDER].dims(), &[4, 576]);
     let task: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(cfg.output.join("softprompt.json")).unwrap()).unwrap();
     assert_eq!(task["method"], "late-prompt-tuning");

@@ -51,6 +51,10 @@ pub const DEPT_B: &str = "dept_update_b";
 /// (`prompt_embeddings`) replaces. An adapter holding it is read by
 /// [`crate::infer::late_prompt`], never as an input prompt.
 pub const LATE_PROMPT_LAYER: &str = "late_prompt_insert_layer";
+/// Late prompt tuning's placeholder `[p, d]` in `adapter_model.safetensors` (softprompt's name):
+/// the input embeddings of the prompt's reserved positions, which the layers below
+/// [`LATE_PROMPT_LAYER`] run on.
+pub const LATE_PROMPT_PLACEHOLDER: &str = "late_prompt_placeholder";
 /// Tensor names of a sequence-classification head as PEFT saves it (`modules_to_save`).
 pub const CLASSIFIER_WEIGHT: &str = "base_model.classifier.weight";
 /// See [`CLASSIFIER_WEIGHT`].

@@ -4,28 +4,30 @@
 //! Every row has `p` reserved positions in front (the template's leading `[soft:p]`). One
 //! training step:
 //! ```text
-//! x_L = layers[0..L]( splice(embed(ids), placeholder = 0 at the reserved positions) )   no tape
+//! x_L = layers[0..L]( splice(embed(ids), E at the reserved positions) )   no tape
 //! h   = layers[L..]( splice(x_L, P at the reserved positions) ), final norm             taped
 //! dP  = Σ over the reserved positions of d loss / d x_L'   (the backward stops at layer L)
 //! ```
-//! `x_L` does not depend on `P`, so it is computed without a tape, and, with
+//! `E` (the placeholder) is the initial prompt in word-embedding space and `P` starts as `E`'s
+//! hidden states at `L`, so step 0 equals prompt tuning's with the same init. `x_L` does not
+//! depend on `P`, so it is computed without a tape, and, with
 //! `cache_lower_layers`, once per training row (kept by the row's token ids, on the device, for
 //! the rest of the run): later epochs run only the layers from `L` on. For inference the adapter
 //! is a per-layer key/value prefix (`crate::infer::late_prompt`).
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 use super::learned::LearnedPrompt;
 use super::Prepared;
-use crate::adapter::{PeftConfig, TaskType, LATE_PROMPT_LAYER};
+use crate::adapter::{PeftConfig, TaskType, LATE_PROMPT_LAYER, LATE_PROMPT_PLACEHOLDER};
 use crate::backbone::{Backbone, BackboneInput, KvCache, Tape};
 use crate::batch::{prompt_gradient, splice_embeddings, splice_rows, Batch};
-use crate::config::option;
-use crate::infer::late_prompt::{late_prompt_cache, placeholder};
+use crate::config::{option, InitKind};
+use crate::infer::late_prompt::late_prompt_cache;
 use crate::prompt::{PromptInit, SoftPrompt};
 use crate::task::Example;
 use crate::template::Token;
@@ -37,6 +39,8 @@ pub const LOWER_CACHE_BUDGET: usize = 1 << 30;
 /// A late prompt: the matrix, the layer it enters at, and the lower layers' outputs seen so far.
 pub struct LatePrompt {
     prompt: SoftPrompt,
+    /// The reserved positions' input embeddings `[p, d]` (fixed).
+    placeholder: Tensor,
     layer: usize,
     /// Row token ids (virtual positions hold 0) → the residual stream entering `layer`
     /// `[len, d]`; `None` when caching is off.
@@ -54,7 +58,8 @@ impl std::fmt::Debug for LatePrompt {
 }
 
 impl LatePrompt {
-    /// The prompt starting at `init [p, d]`, entering at option `insert_layer` (default: half
+    /// The prompt over the placeholder `init [p, d]`, starting as its hidden states at the
+    /// prompt's layer (`init = "from"` a late-prompt adapter: its prompt and placeholder), entering at option `insert_layer` (default: half
     /// the model's layers), the lower layers cached as option `cache_lower_layers` says (by
     /// default when the training rows' outputs fit [`LOWER_CACHE_BUDGET`]; said on stderr when
     /// not cached).
@@ -88,14 +93,47 @@ impl LatePrompt {
             };
             eprintln!("late prompt tuning: the lower layers' outputs are not cached ({why}); every step runs layers 0..{layer} too");
         }
-        Self::with_layer(init, layer, cache)
+        // The reserved positions' input embeddings are the initial prompt (word-embedding
+        // space), and the prompt starts as their hidden states at `layer`: step 0 is prompt
+        // tuning's step 0 with the same init. `init = "from"` a late-prompt adapter continues it
+        // as saved, placeholder and all.
+        let saved = match (p.cfg.init, &p.cfg.init_from) {
+            (InitKind::From, Some(dir)) => crate::adapter::load_peft(dir)?
+                .tensors
+                .get(LATE_PROMPT_PLACEHOLDER)
+                .cloned(),
+            _ => None,
+        };
+        let model = &*p.model.backbone;
+        let (start, placeholder) = match saved {
+            Some(placeholder) => (
+                init.clone(),
+                placeholder.to_dtype(init.dtype())?.to_device(init.device())?,
+            ),
+            None => {
+                let mask = Tensor::ones((1, init.dim(0)?), DType::U32, init.device())?;
+                let rows = init.unsqueeze(0)?;
+                let lifted = model.forward_layers(&BackboneInput::new(&rows, &mask), 0..layer, None)?;
+                (lifted.squeeze(0)?, init.clone())
+            }
+        };
+        Self::with_layer(&start, &placeholder, layer, cache)
     }
 
-    /// The prompt starting at `init [p, d]`, entering at decoder layer `layer`; with `cache`,
-    /// each training row's lower layers run once.
-    pub fn with_layer(init: &Tensor, layer: usize, cache: bool) -> Result<Self> {
+    /// The prompt starting at `init [p, d]` over the reserved positions' input embeddings
+    /// `placeholder [p, d]`, entering at decoder layer `layer`; with `cache`, each training row's
+    /// lower layers run once.
+    pub fn with_layer(init: &Tensor, placeholder: &Tensor, layer: usize, cache: bool) -> Result<Self> {
+        if placeholder.dims() != init.dims() {
+            bail!(
+                "a late prompt of shape {:?} over a placeholder of shape {:?}",
+                init.dims(),
+                placeholder.dims()
+            );
+        }
         Ok(Self {
             prompt: SoftPrompt::prompt_tuning(init)?,
+            placeholder: placeholder.detach(),
             layer,
             lower: cache.then(|| Mutex::new(HashMap::new())),
         })
@@ -118,10 +156,7 @@ impl LatePrompt {
     /// at padding), with the placeholder at the reserved positions: from the cache where a row
     /// is in it, the others run through layers `0..layer` together (and cached).
     fn lower_hidden(&self, model: &dyn Backbone, batch: &Batch) -> Result<Tensor> {
-        let table = model.embedding_table();
-        let p = self.prompt.num_virtual_tokens();
-        let zeros = placeholder(p, model.info().hidden, table.dtype(), table.device())?.squeeze(0)?;
-        let embeds = splice_embeddings(model, batch, Some(&zeros))?;
+        let embeds = splice_embeddings(model, batch, Some(&self.placeholder))?;
         let run = |rows: &[usize]| -> Result<Tensor> {
             let index = Tensor::new(
                 rows.iter().map(|&r| r as u32).collect::<Vec<_>>().as_slice(),
@@ -200,10 +235,26 @@ impl LearnedPrompt for LatePrompt {
         self.prompt.vars()
     }
     fn tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        self.prompt.tensors()
+        let mut out = self.prompt.tensors()?;
+        out.push((LATE_PROMPT_PLACEHOLDER.to_string(), self.placeholder.copy()?));
+        Ok(out)
     }
     fn set_from(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
-        self.prompt.set_from(tensors)
+        let t = tensors.get(LATE_PROMPT_PLACEHOLDER).with_context(|| {
+            format!("tensor `{LATE_PROMPT_PLACEHOLDER}` is missing (needed to restore a late prompt)")
+        })?;
+        if t.dims() != self.placeholder.dims() {
+            bail!(
+                "tensor `{LATE_PROMPT_PLACEHOLDER}` has shape {:?}, expected {:?}",
+                t.dims(),
+                self.placeholder.dims()
+            );
+        }
+        self.prompt.set_from(tensors)?;
+        self.placeholder = t
+            .to_dtype(self.placeholder.dtype())?
+            .to_device(self.placeholder.device())?;
+        Ok(())
     }
     fn device(&self) -> Device {
         self.prompt.embedding().device().clone()
@@ -218,7 +269,7 @@ impl LearnedPrompt for LatePrompt {
         prompt_gradient(batch, &d_layer, self.prompt.num_virtual_tokens())
     }
     fn eval_parts(&self, model: &dyn Backbone) -> Result<(Option<Tensor>, Option<KvCache>)> {
-        let cache = late_prompt_cache(model, &self.prompt.forward()?.detach(), self.layer)
+        let cache = late_prompt_cache(model, &self.prompt.forward()?.detach(), &self.placeholder, self.layer)
             .context("the late prompt's keys and values")?;
         Ok((None, Some(cache)))
     }
@@ -233,6 +284,12 @@ impl LearnedPrompt for LatePrompt {
     fn peft_tensors(&self) -> Result<(Tensor, Vec<(String, Tensor)>)> {
         let prompt = self.prompt.forward()?.detach();
         let layer = Tensor::new(&[self.layer as f32], prompt.device())?;
-        Ok((prompt, vec![(LATE_PROMPT_LAYER.to_string(), layer)]))
+        Ok((
+            prompt,
+            vec![
+                (LATE_PROMPT_LAYER.to_string(), layer),
+                (LATE_PROMPT_PLACEHOLDER.to_string(), self.placeholder.copy()?),
+            ],
+        ))
     }
 }
