@@ -370,6 +370,13 @@ fn bad_requests_get_json_errors_and_the_server_keeps_serving() {
     // the route takes bodies large enough for `prompt_embeds`, and no larger
     let huge = json!({"prompt_embeds": "x".repeat(routes::COMPLETIONS_BODY_LIMIT + 10)}).to_string();
     assert_eq!(post(&url, &huge).0, 413);
+    let large = json!({"prompt_embeds": "A".repeat(2 * routes::BODY_LIMIT)}).to_string();
+    let (status, err) = post(&url, &large);
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (400, &json!("invalid_prompt_embeds")),
+        "{err}"
+    );
     let long = json!({"prompt": "hello ".repeat(9000), "max_tokens": 1}).to_string();
     let (status, err) = post(&url, &long);
     assert_eq!(status, 400);
