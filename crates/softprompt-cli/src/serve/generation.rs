@@ -40,14 +40,18 @@ pub(super) async fn completions(
             .map_err(|e| ApiError::bad(format!("{e:#}")))?,
         None => Vec::new(),
     };
-    let embeds = match &input.embeds {
+    let embeds = match input.embeds {
         Some(b64) => {
             let info = s.model.backbone.info();
             let expect = prompt_embeds::Expect {
                 hidden: info.hidden,
                 max_tokens: info.max_positions.saturating_sub(1),
             };
-            let tensor = prompt_embeds::decode(b64, expect).map_err(|e| {
+            // up to 8 MiB to decode and convert: off the async threads
+            let decoded = tokio::task::spawn_blocking(move || prompt_embeds::decode(&b64, expect))
+                .await
+                .map_err(|e| server_error(format!("{e}")))?;
+            let tensor = decoded.map_err(|e| {
                 ApiError::new(
                     400,
                     "invalid_request_error",
