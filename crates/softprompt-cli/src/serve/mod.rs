@@ -31,6 +31,9 @@ mod prompt_embeds;
 mod routes;
 #[cfg(test)]
 mod tests;
+mod watch;
+#[cfg(test)]
+mod watch_tests;
 mod worker;
 
 use anyhow::{bail, Context, Result};
@@ -67,6 +70,11 @@ pub struct ServeArgs {
     /// Most requests queued or generating at once; more are answered 503 with Retry-After.
     #[arg(long, default_value_t = 64, value_parser = crate::args::whole("--max-queue", 1, "requests queued or generating at once"))]
     max_queue: usize,
+    /// Scan the --adapters folder every SECONDS: a new or changed adapter folder is loaded once
+    /// its files have stayed the same for one period (the version served before stays until
+    /// the new one has loaded), a removed one is unloaded. For replicas sharing one folder.
+    #[arg(long, value_name = "SECONDS", requires = "adapters", value_parser = crate::args::whole("--watch-adapters", 1, "seconds between scans of the adapters folder"))]
+    watch_adapters: Option<usize>,
 }
 
 /// One served adapter: the keys and values generation starts from and, for an adapter trained
@@ -244,8 +252,21 @@ fn base_name(spec: &str) -> String {
 
 /// Binds `addr` and serves until `shutdown` resolves (in-flight requests are finished).
 /// Returns the bound address through `on_bound` before serving.
+#[cfg(test)]
 pub async fn run_server(
     state: AppState,
+    addr: SocketAddr,
+    on_bound: impl FnOnce(SocketAddr),
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    run_shared(Arc::new(state), addr, on_bound, shutdown).await
+}
+
+/// Binds `addr` and serves `state` (shared with the adapters folder's watcher) until `shutdown`
+/// resolves (in-flight requests are finished). Returns the bound address through `on_bound`
+/// before serving.
+async fn run_shared(
+    state: Arc<AppState>,
     addr: SocketAddr,
     on_bound: impl FnOnce(SocketAddr),
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -254,7 +275,7 @@ pub async fn run_server(
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
     on_bound(listener.local_addr()?);
-    axum::serve(listener, routes::router(Arc::new(state)))
+    axum::serve(listener, routes::router(state))
         .with_graceful_shutdown(shutdown)
         .await?;
     Ok(())
@@ -322,11 +343,15 @@ pub fn serve_cmd(args: ServeArgs) -> Result<()> {
             adapters_dir: args.adapters.clone(),
         },
     )?;
+    let state = Arc::new(state);
+    if let Some(seconds) = args.watch_adapters {
+        watch::spawn(state.clone(), std::time::Duration::from_secs(seconds as u64));
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(run_server(
+    runtime.block_on(run_shared(
         state,
         SocketAddr::new(ip, args.port),
         |a| println!("listening on http://{a}"),
