@@ -18,7 +18,7 @@ use softprompt::infer::session::{self, ScoreOptions};
 use softprompt::prompt::cpt::{CptConfig, CptLossWeighting, CPT_DELTA, CPT_EMBEDDING};
 use softprompt::task::{Example, TaskKind};
 use softprompt::template::Token;
-use softprompt::train::cpt::cpt_loss;
+use softprompt::train::cpt::{cpt_loss, loss_positions};
 use softprompt::train::optim::Schedule;
 use softprompt::train::{self, Method, Quiet, TrainConfig};
 use std::collections::HashMap;
@@ -117,6 +117,9 @@ fn loss_examples(p: usize) -> Vec<Example> {
 fn our_loss(model: &LoadedModel, prompt: &Tensor, cpt: &CptConfig) -> f32 {
     let examples = loss_examples(cpt.len());
     let refs: Vec<&Example> = examples.iter().collect();
+    // PEFT's mean runs over 12 positions: 3 context labels in each of the 3 rows and each row's
+    // one target token (what several processes share a micro-batch by).
+    assert_eq!(loss_positions(cpt, &refs), 12);
     let batch = make_batch(&refs, true, &Device::Cpu).unwrap();
     let embeds = splice_embeddings(&*model.backbone, &batch, Some(prompt)).unwrap();
     let hidden = model

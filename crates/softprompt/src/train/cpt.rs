@@ -26,7 +26,7 @@ use crate::data::{field_text, DataSet};
 use crate::loss::lm_loss_at;
 use crate::prompt::cpt::{CptConfig, CPT_DELTA, CPT_EMBEDDING};
 use crate::prompt::PromptInit;
-use crate::task::Task;
+use crate::task::{Example, Task};
 use crate::template::{Segment, Template};
 use crate::tokenizer::TextTokenizer;
 
@@ -154,6 +154,15 @@ pub fn cpt_loss(lm: &dyn CausalLm, batch: &Batch, hidden: &Tensor, cpt: &CptConf
         weights.extend(std::iter::repeat_n(w, batch.loss_positions.len()));
     }
     lm_loss_at(lm, hidden, &positions, &targets, Some(&weights))
+}
+
+/// The number of positions [`cpt_loss`] averages over for `rows`: each row's context labels,
+/// and its target tokens when the query's labels count (several processes share a micro-batch
+/// by it).
+pub fn loss_positions(cpt: &CptConfig, rows: &[&Example]) -> usize {
+    let (context, query) = cpt.loss_weights();
+    let targets: usize = rows.iter().map(|e| e.target.len()).sum();
+    rows.len() * context.len() + if query.is_some() { targets } else { 0 }
 }
 
 /// CPT's learned prompt: the context's frozen word embeddings `E [p, d]` plus the offset `Δ`,

@@ -120,7 +120,12 @@ pub fn compute_gradients(
         }
         if comm.size() > 1 {
             let classifier = learner.head.is_some();
-            weight = normaliser(rows, classifier) as f64 / normaliser(&all, classifier).max(1) as f64;
+            // CPT's loss also averages over every row's context labels.
+            let norm = |r: &[&Example]| match &p.cpt {
+                Some(c) => super::cpt::loss_positions(c, r),
+                None => normaliser(r, classifier),
+            };
+            weight = norm(rows) as f64 / norm(&all).max(1) as f64;
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed ^ ((step as u64) << 16) ^ micro as u64);
         // What is learned, as a graph over its parameters: the prompt `[p, hidden]` spliced into
