@@ -66,10 +66,12 @@ impl Ranks {
     /// aborts every rank (a rank that merely returned would leave the others waiting in a
     /// collective). One process returns the error.
     pub fn fail(&self, err: anyhow::Error) -> anyhow::Error {
-        #[cfg(feature = "mpi")]
-        if let Some(mpi) = self.mpi.as_ref().filter(|m| m.size() > 1) {
-            eprintln!("error (rank {} of {}): {err:#}", mpi.rank(), mpi.size());
-            mpi.abort(1);
+        if self.comm.size() > 1 {
+            eprintln!("error (rank {} of {}): {err:#}", self.rank(), self.comm.size());
+            #[cfg(feature = "mpi")]
+            if let Some(mpi) = &self.mpi {
+                mpi.abort(1);
+            }
         }
         err
     }
