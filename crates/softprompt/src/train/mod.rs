@@ -284,11 +284,7 @@ pub fn train(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<TrainReport> {
 /// rank loads the model and data and takes its share of each batch and evaluation; the ranks
 /// take the same optimiser steps. Only rank 0 claims, writes and commits the output folder;
 /// the options, model files and data must be the same on every rank (checked at start).
-pub fn train_with(
-    cfg: &TrainConfig,
-    obs: &mut dyn Observer,
-    comm: std::rc::Rc<dyn Collective>,
-) -> Result<TrainReport> {
+pub fn train_with(cfg: &TrainConfig, obs: &mut dyn Observer, comm: std::rc::Rc<dyn Collective>) -> Result<TrainReport> {
     cfg.validate()?;
     if comm.rank() != 0 {
         let scratch = parallel::Scratch::new(comm.rank())?;
