@@ -3,7 +3,9 @@
 //! adapter's keys and values (what every reader uses) give the training layout's hidden states;
 //! on the real SmolLM2 training lowers the loss, caching the lower layers changes nothing, and
 //! the saved adapter scores through the readers (`eval`'s session, the run's test evaluation,
-//! generation's prompt cache) as at the end of training; the options are checked by name.
+//! generation's prompt cache) as at the end of training; a resumed run (its lower-layer cache
+//! rebuilt) equals an uninterrupted one bit for bit; step 0 is prompt tuning's; the options are
+//! checked by name.
 
 mod common;
 use candle_core::{DType, Device, Tensor};
@@ -339,4 +341,18 @@ fn options_are_checked_by_name() {
     };
     let w = other.options_without_effect().join("\n");
     assert!(w.contains("insert_layer"), "{w}");
+}
+
+#[test]
+fn resumed_late_prompt_tuning_equals_uninterrupted() {
+    // The lower layers' cache starts empty again after a resume: the rows' outputs, computed
+    // in other batches, must be the same numbers.
+    let tmp = scratch("late-prompt-resume");
+    let full = TrainConfig {
+        steps: Some(4),
+        batch: 2,
+        eval_every: 0,
+        ..tiny(tmp.path(), "full")
+    };
+    resume_equals_uninterrupted(&full, tmp.path().join("part"));
 }
