@@ -356,3 +356,21 @@ fn resumed_late_prompt_tuning_equals_uninterrupted() {
     };
     resume_equals_uninterrupted(&full, tmp.path().join("part"));
 }
+
+#[test]
+fn other_families_refuse_by_name() {
+    let model = load_model("minilm-l6");
+    let embeds = Tensor::zeros((1, 3, 384), DType::F32, &Device::Cpu).unwrap();
+    let mask = Tensor::ones((1, 3), DType::U32, &Device::Cpu).unwrap();
+    let input = BackboneInput::new(&embeds, &mask);
+    let e = format!("{:#}", model.backbone.forward_layers(&input, 0..3, None).unwrap_err());
+    assert!(
+        e.contains("late prompt tuning runs on Llama-family models") && e.contains("Bert"),
+        "{e}"
+    );
+    let Err(e) = model.backbone.forward_train_from(&input, 3) else {
+        panic!("an encoder ran late prompt tuning's training forward")
+    };
+    let e = format!("{e:#}");
+    assert!(e.contains("late prompt tuning runs on Llama-family models"), "{e}");
+}
