@@ -1,5 +1,6 @@
 //! Data-parallel training under `mpirun` (feature `mpi`): N ∈ {1, 2, 3} ranks train the adapter
-//! one process trains (to rounding: every tensor within [`BOUND`] of its largest magnitude),
+//! one process trains (to rounding: every tensor within [`BOUND`] of its largest magnitude;
+//! prompt tuning with the LM loss, a classification head, prefix tuning),
 //! `--resume` continues a checkpoint written with another number of ranks, a rank killed with
 //! SIGKILL ends the job in bounded time with its last checkpoint intact and resumable, and a
 //! rank whose data differs from rank 0's is refused at start.
@@ -197,6 +198,30 @@ fn one_two_and_three_ranks_train_the_adapter_one_process_trains() {
     let (config, out) = capital_config(tmp.path(), "capital-ranks3");
     train(3, &config, &[]);
     assert_same_run(&single, &out, "capital, 3 ranks");
+}
+
+#[test]
+fn two_ranks_train_a_classification_head_and_a_prefix_as_one_process_does() {
+    if !mpi_ready() {
+        return;
+    }
+    let tmp = tempfile::Builder::new().prefix("softprompt-mpi-").tempdir().unwrap();
+    // A head on MiniLM (its loss a mean over rows) and prefix tuning's K/V and MLP on SmolLM2.
+    for example in ["minilm-sentiment-prompt", "sentiment-prefix"] {
+        let config = root().join(format!("examples/{example}.toml"));
+        let outs: Vec<PathBuf> = [0, 2]
+            .into_iter()
+            .map(|ranks| {
+                let out = tmp.path().join(format!("{example}-{ranks}"));
+                let output = out.to_str().unwrap();
+                let flags = ["--steps", "3", "--batch", "5", "--eval-every", "0"];
+                let rows = ["--dev-rows", "4", "--test-rows", "4", "--output", output];
+                train(ranks, &config, &[&flags[..], &rows[..]].concat());
+                out
+            })
+            .collect();
+        assert_same_run(&outs[0], &outs[1], example);
+    }
 }
 
 #[test]
