@@ -74,7 +74,7 @@ def cell(values):
 def figures(names):
     rs = [result(n) for n in names]
     text = cell([r["test_accuracy"] for r in rs])
-    if "test_exact_match" in rs[0]:
+    if rs[0].get("test_exact_match") is not None:
         text += " / " + cell([r["test_exact_match"] for r in rs])
     return text
 lines = ["| target | start | seeds | SPoT similarity to the target's 10-step probe (average / best-matched tokens) | test accuracy@1 / greedy exact match (%) |",
