@@ -23,12 +23,18 @@ pub fn similar_cmd(args: SimilarArgs) -> Result<()> {
     if args.adapters.len() < 2 {
         bail!("give two or more adapter folders to compare");
     }
-    let prompts: Vec<_> = args
+    let adapters: Vec<_> = args
         .adapters
         .iter()
-        .map(|dir| Ok(softprompt::adapter::load_peft(dir)?.prompt_embeddings))
+        .map(|dir| softprompt::adapter::load_peft(dir))
         .collect::<Result<_>>()?;
     let name = |i: usize| args.adapters[i].display().to_string();
+    let layers = adapters
+        .iter()
+        .map(|a| a.late_prompt_layer())
+        .collect::<Result<Vec<_>>>()?;
+    same_entry_layer(&layers, name)?;
+    let prompts: Vec<_> = adapters.into_iter().map(|a| a.prompt_embeddings).collect();
     let mut pairs: Vec<(usize, usize, PromptSimilarity)> = Vec::new();
     for i in 0..prompts.len() {
         for j in i + 1..prompts.len() {
@@ -65,4 +71,47 @@ pub fn similar_cmd(args: SimilarArgs) -> Result<()> {
         println!("  {:.4}  {}", s.average_tokens, name(*j));
     }
     Ok(())
+}
+
+/// Refuses to compare prompts that enter the model at different layers: input embeddings
+/// (`None`) with a late prompt's hidden states, or late prompts of two layers. `name` names the
+/// adapter at an index.
+fn same_entry_layer(layers: &[Option<usize>], name: impl Fn(usize) -> String) -> Result<()> {
+    let entry = |layer: Option<usize>| match layer {
+        None => "the input embeddings".to_string(),
+        Some(l) => format!("layer {l} (late prompt tuning)"),
+    };
+    if let Some(i) = layers.iter().position(|l| *l != layers[0]) {
+        bail!(
+            "{} enters the model at {} and {} at {}: their prompts live in different spaces and \
+             cannot be compared",
+            name(0),
+            entry(layers[0]),
+            name(i),
+            entry(layers[i])
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompts_entering_at_different_layers_are_not_compared() {
+        let name = |i: usize| format!("a{i}");
+        assert!(same_entry_layer(&[None, None], name).is_ok());
+        assert!(same_entry_layer(&[Some(15), Some(15)], name).is_ok());
+        let e = format!("{:#}", same_entry_layer(&[None, None, Some(15)], name).unwrap_err());
+        assert!(
+            e.contains("a0 enters the model at the input embeddings and a2 at layer 15"),
+            "{e}"
+        );
+        let e = format!("{:#}", same_entry_layer(&[Some(3), Some(15)], name).unwrap_err());
+        assert!(
+            e.contains("layer 3 (late prompt tuning)") && e.contains("a1 at layer 15"),
+            "{e}"
+        );
+    }
 }
