@@ -218,23 +218,35 @@ pub fn load_adapter(model: &LoadedModel, dir: &Path, name: &str) -> Result<Serve
     Served::load(model, &path).with_context(|| format!("adapter `{name}`"))
 }
 
-/// Loads every adapter in `dir` (sub-folders holding `adapter_config.json`) for `model`.
-pub fn load_adapters(model: &LoadedModel, dir: &Path) -> Result<BTreeMap<String, Served>> {
-    let mut out = BTreeMap::new();
-    let entries =
-        std::fs::read_dir(dir).with_context(|| format!("cannot read the adapters folder {}", dir.display()))?;
-    for entry in entries {
+/// The adapter folders of a folder: those with a plain name, by name, and the paths of those
+/// without one (never served).
+pub type AdapterFolders = (Vec<(String, PathBuf)>, Vec<PathBuf>);
+
+/// The adapter folders of `dir` (sub-folders holding `adapter_config.json`).
+pub fn adapter_folders(dir: &Path) -> std::io::Result<AdapterFolders> {
+    let (mut plain, mut other) = (vec![], vec![]);
+    for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
         if !path.join(ADAPTER_CONFIG).is_file() {
             continue;
         }
-        let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
-            continue;
-        };
-        if !plain_name(&name) {
-            eprintln!("skipping adapter folder {}: not a plain name", path.display());
-            continue;
+        match path.file_name().and_then(|n| n.to_str()).filter(|n| plain_name(n)) {
+            Some(name) => plain.push((name.to_string(), path)),
+            None => other.push(path),
         }
+    }
+    Ok((plain, other))
+}
+
+/// Loads every adapter in `dir` (sub-folders holding `adapter_config.json`) for `model`.
+pub fn load_adapters(model: &LoadedModel, dir: &Path) -> Result<BTreeMap<String, Served>> {
+    let (plain, other) =
+        adapter_folders(dir).with_context(|| format!("cannot read the adapters folder {}", dir.display()))?;
+    for path in other {
+        eprintln!("skipping adapter folder {}: not a plain name", path.display());
+    }
+    let mut out = BTreeMap::new();
+    for (name, path) in plain {
         let served = Served::load(model, &path).with_context(|| format!("adapter `{name}`"))?;
         out.insert(name, served);
     }

@@ -13,8 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use super::{plain_name, AppState, Served};
-use softprompt::adapter::ADAPTER_CONFIG;
+use super::{adapter_folders, AppState, Served};
 
 /// What an adapter folder holds: each file's name, size and modification time.
 type Signature = Vec<(String, u64, Option<SystemTime>)>;
@@ -103,23 +102,13 @@ impl Watcher {
 /// The adapter folders of `dir` (plain names holding `adapter_config.json`) and what each holds.
 /// A folder that cannot be read is left out (as if not there yet).
 fn scan(dir: &Path) -> BTreeMap<String, Signature> {
-    let mut out = BTreeMap::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return out;
+    let Ok((plain, _)) = adapter_folders(dir) else {
+        return BTreeMap::new();
     };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
-            continue;
-        };
-        if !plain_name(&name) || !path.join(ADAPTER_CONFIG).is_file() {
-            continue;
-        }
-        if let Some(version) = signature(&path) {
-            out.insert(name, version);
-        }
-    }
-    out
+    plain
+        .into_iter()
+        .filter_map(|(name, path)| Some((name, signature(&path)?)))
+        .collect()
 }
 
 /// The files directly in `folder` with their sizes and modification times, by name.
